@@ -1,0 +1,90 @@
+"""One source of truth for a DRDM model's settings; saved inside every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+__all__ = ["DRDMConfig"]
+
+
+@dataclass
+class DRDMConfig:
+    """Everything needed to rebuild a model and reproduce its generations.
+
+    Defaults are the reference implementation's (SPEC sections 3-6); ``size`` is the model's
+    isotropic side S in pixels.
+    """
+
+    ndim: int = 2
+    size: int = 256
+    n_steps: int = 80                       # T; t is 0-based, 0..T-1
+    in_channels: int = 1
+    channels: Tuple[int, int, int] = (10, 20, 40)
+    time_dim: int = 100
+    # forward sampler (SPEC 3)
+    control_grid: int = 64                  # control points per axis, covering 2x the field of view
+    scales: Tuple[int, ...] = (64, 32, 16, 8)
+    sigma: float = 4e-5                     # fraction of the control grid
+    noise_ratio: float = 0.08               # disturbance field amplitude relative to sigma
+    alpha: float = 0.6                      # n_t = floor(t^alpha)
+    beta: float = 1.3                       # n_{t:1} = clamp(floor(2 t^beta / 3), 1, max_compositions)
+    max_compositions: int = 200
+    field_scale: str = "reference"          # 'reference' (x S/64, as trained upstream) or 'geometric' (x 2)
+    sampler_padding: str = "border"
+    # recovery (SPEC 6)
+    k_recursions: int = 2                   # K, internal recursions of the network
+    compose_padding: str = "zeros"          # reverse-loop composition: zeros (2D cardiac) / border (3D)
+    image_interp: str = "cubic"             # image fed to the network each step: cubic (2D) / linear (3D)
+    schedule: str = "reference"             # default loop: 'reference' (all T steps) or 'paper' (T' steps)
+    extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        self.scales = tuple(int(s) for s in self.scales)
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        if self.size % 8:
+            raise ValueError(f"model side S must be divisible by 8, got {self.size}")
+        if self.ndim == 3 and self.image_interp == "cubic":
+            self.image_interp = "linear"
+        if self.schedule not in ("reference", "paper"):
+            raise ValueError(f"schedule must be 'reference' or 'paper', got {self.schedule!r}")
+
+    @classmethod
+    def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":
+        """Reference settings for 2D (cardiac config) or 3D (lct config)."""
+        if ndim == 2:
+            return cls(ndim=2, size=size or 256, compose_padding="zeros", image_interp="cubic", **kw)
+        return cls(ndim=3, size=size or 128, compose_padding="border", image_interp="linear", **kw)
+
+    def field_factor(self) -> float:
+        """Multiplier from control-grid fractions to image fractions (S/64 upstream, 2 geometric)."""
+        if self.field_scale == "reference":
+            return self.size / self.control_grid
+        if self.field_scale == "geometric":
+            return 2.0
+        return float(self.field_scale)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        d["scales"] = list(self.scales)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DRDMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        kw = {k: v for k, v in d.items() if k in names}
+        cfg = cls(**kw)
+        if unknown:
+            cfg.extra = dict(cfg.extra, ignored_keys=sorted(unknown))
+        return cfg
+
+    def replace(self, **kw) -> "DRDMConfig":
+        return dataclasses.replace(self, **kw)
