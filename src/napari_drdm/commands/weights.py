@@ -1,0 +1,38 @@
+"""``drdm weights``: list the bundled and user weights with their provenance."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("weights", help="list available weights and how they were trained")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def run(args) -> int:
+    from ..weights import list_weights
+    items = list_weights()
+    if args.json:
+        print(json.dumps(items, indent=2, sort_keys=True))
+        return 0
+    if not items:
+        print("no weights bundled; pass a checkpoint file to --weights")
+        return 0
+    for e in items:
+        where = "bundled" if e.get("bundled") else "user"
+        print(f"{e['name']:<12} {e.get('ndim', '?')}D S={e.get('size', '?'):<4} {where:<8} {e['path']}")
+        if e.get("aliases"):
+            print(f"    aliases: {', '.join(e['aliases'])}")
+        if e.get("description"):
+            print(f"    {e['description']}")
+        prov = e.get("provenance") or {}
+        for key in ("trained_on", "steps", "wall_time_h", "device", "command", "data_sha256"):
+            if key in prov:
+                val = prov[key]
+                if isinstance(val, (dict, list)):
+                    val = json.dumps(val)
+                print(f"    {key}: {val}")
+        if e.get("sha256"):
+            print(f"    sha256: {e['sha256']}")
+    return 0

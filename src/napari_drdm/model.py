@@ -1,0 +1,334 @@
+"""The DRDM model object: config + network + device, and generation on images of any size.
+
+>>> from napari_drdm import load_model
+>>> model = load_model("brain2d")                  # bundled weights, or a path to a checkpoint
+>>> res = model.generate(image, labels, t_prime=45, seed=0)
+>>> res.image, res.labels, res.ddf, res.metrics
+
+Images of any size and spacing are resampled to the model's isotropic S^d grid (centred,
+padded with background to a square/cube in physical units), the deformation is generated there
+and resized back to the original grid (displacements rescaled), and the original-resolution image
+and labels are warped with it (paper Section 3.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, file_sha256, read_checkpoint
+from .core.config import DRDMConfig
+from .core.forward import ForwardSampler
+from .core.metrics import field_metrics
+from .core.network import DRDMNet
+from .core.recovery import recover, reverse_timesteps
+from .core.spatial import resample_affine, warp, warp_labels
+
+__all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device"]
+
+
+def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """cuda > mps > cpu unless told; ``"auto"`` or None means choose."""
+    if device is not None and str(device) != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class ModelGrid:
+    """Mapping between an image's own grid and the model's isotropic S^d grid.
+
+    Model index m reads original (continuous) index ``scale * m + offset`` on each axis.
+    """
+
+    shape: tuple            # original spatial shape
+    spacing: tuple          # original spacing (mm)
+    size: int               # model side S
+    scale: tuple
+    offset: tuple
+
+    @property
+    def identity(self) -> bool:
+        return all(n == self.size for n in self.shape) and all(abs(a - 1) < 1e-12 for a in self.scale) \
+            and all(abs(b) < 1e-12 for b in self.offset)
+
+    @property
+    def model_spacing(self) -> float:
+        return float(self.scale[0] * self.spacing[0])
+
+    @classmethod
+    def fit(cls, shape: Sequence[int], spacing: Optional[Sequence[float]], size: int) -> "ModelGrid":
+        shape = tuple(int(n) for n in shape)
+        sp = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * len(shape)))
+        if len(sp) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in sp):
+            raise ValueError(f"spacing must be {len(shape)} positive numbers, got {spacing}")
+        extent = max(n * s for n, s in zip(shape, sp))
+        h = extent / size
+        scale = tuple(h / s for s in sp)
+        offset = tuple((0.5 * h - extent / 2 + n * s / 2) / s - 0.5 for n, s in zip(shape, sp))
+        return cls(shape, sp, int(size), scale, offset)
+
+    def to_model(self, x: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+        """(B, C, *shape) -> (B, C, S...) (zeros outside)."""
+        if self.identity:
+            return x
+        return resample_affine(x, (self.size,) * len(self.shape), self.scale, self.offset, mode, "zeros")
+
+    def field_to_original(self, ddf: torch.Tensor) -> torch.Tensor:
+        """Model-grid pixel field (B, d, S...) -> original-grid pixel field (B, d, *shape)."""
+        if self.identity:
+            return ddf
+        nd = len(self.shape)
+        inv_scale = [1.0 / a for a in self.scale]
+        inv_off = [-b / a for a, b in zip(self.scale, self.offset)]
+        out = resample_affine(ddf, self.shape, inv_scale, inv_off, "linear", "border")
+        a = torch.tensor(self.scale, dtype=ddf.dtype, device=ddf.device).view(1, nd, *([1] * nd))
+        return out * a
+
+
+@dataclass
+class Frame:
+    """One displayable state: a forward frame (t' = 1..T') or a recovery step."""
+
+    phase: str                     # "forward" or "recovery"
+    index: int                     # 1-based within the phase
+    total: int                     # frames in this phase
+    t: int                         # diffusion time (forward: t'; recovery: t fed to the network)
+    ddf: np.ndarray                # total field on the original grid, pixels, (d, *shape)
+    image: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    metrics: Optional[Dict[str, float]] = None
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray                      # deformed image, original grid and dtype
+    labels: Optional[np.ndarray]           # deformed labels (same values as the input), or None
+    ddf: np.ndarray                        # recovered field phi, original grid, pixels (d, *shape)
+    forward_ddf: np.ndarray                # psi_{T':1}, original grid, pixels
+    metrics: Dict[str, float]              # of phi on the model grid (paper Table 1 protocol)
+    forward_metrics: Dict[str, float]      # of psi_{T':1} on the model grid
+    t_prime: int = 0
+    seed: Optional[int] = None
+    schedule: str = "paper"
+    k: int = 2
+    frames: List[Frame] = field(default_factory=list)
+
+
+def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarray:
+    a = np.asarray(image)
+    if a.ndim != ndim:
+        hint = ""
+        if a.ndim == ndim + 1 and a.shape[-1] in (3, 4):
+            hint = " (it looks like an RGB/RGBA image: convert it to a single grey-level channel)"
+        elif a.ndim == ndim + 1:
+            hint = f" (for a stack, pick one {ndim}D slice or frame)"
+        raise ValueError(f"{name} must be {ndim}D for this model, got shape {a.shape}{hint}")
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise TypeError(f"{name} must be real numeric, got dtype {a.dtype}")
+    if a.dtype != bool and not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values; replace them before generating")
+    if min(a.shape) < 2:
+        raise ValueError(f"{name} is too small: shape {a.shape}")
+    return a
+
+
+def _check_labels(labels: np.ndarray, shape) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.shape != tuple(shape):
+        raise ValueError(f"labels shape {lab.shape} does not match the image shape {tuple(shape)}")
+    if lab.dtype == bool:
+        return lab.astype(np.uint8)
+    if not np.issubdtype(lab.dtype, np.integer):
+        if np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            return lab.astype(np.int64)
+        raise TypeError(f"labels must hold integer class values, got dtype {lab.dtype} with non-integer values; "
+                        f"a soft/probability map is not a label map")
+    return lab
+
+
+class DRDM:
+    """A loaded DRDM: network + configuration + device."""
+
+    def __init__(self, net: DRDMNet, config: DRDMConfig, device=None, name: str = "",
+                 sha256: str = "", provenance: Optional[Dict[str, Any]] = None):
+        self.config = config
+        self.device = pick_device(device)
+        self.net = net.to(self.device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.name = name
+        self.sha256 = sha256
+        self.provenance = provenance or {}
+        self.sampler = ForwardSampler(config)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path, device=None, size: Optional[int] = None, name: str = "") -> "DRDM":
+        state, cfg, prov = read_checkpoint(path, size=size)
+        net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit a {cfg.ndim}D DRDM network: "
+                                  f"{str(e).splitlines()[0]}") from None
+        return cls(net, cfg, device, name=name or Path(path).stem, sha256=file_sha256(path), provenance=prov)
+
+    @property
+    def ndim(self) -> int:
+        return self.config.ndim
+
+    @property
+    def size(self) -> int:
+        return self.config.size
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "ndim": self.ndim, "size": self.size,
+                "device": str(self.device), "config": self.config.to_dict()}
+
+    # ------------------------------------------------------------------ helpers
+    def _net(self, x, t, k):
+        return self.net(x, t, k)
+
+    def _seeded_draws(self, seeds: Sequence[int]):
+        per = [self.sampler.draw(1, torch.Generator().manual_seed(int(s))) for s in seeds]
+        return [torch.cat([p[i] for p in per], 0).to(self.device) for i in range(len(per[0]))]
+
+    def prepare(self, image: np.ndarray, spacing=None):
+        """Validate, normalise and resample an image to the model grid: (grid, model tensor (1,1,S..), min, max)."""
+        a = _check_image(image, self.ndim)
+        grid = ModelGrid.fit(a.shape, spacing, self.size)
+        x = torch.as_tensor(a.astype(np.float32), device=self.device)[None, None]
+        lo, hi = float(x.min()), float(x.max())
+        xn = (x - lo) / (hi - lo + 1e-7)
+        return grid, grid.to_model(xn), lo, hi
+
+    def _render(self, grid: ModelGrid, ddf_model: torch.Tensor, x_orig: torch.Tensor, lo: float, hi: float,
+                lab: Optional[torch.Tensor], image_interp: str, label_interp: str):
+        ddf = grid.field_to_original(ddf_model)
+        img = warp(x_orig - lo, ddf, image_interp, "zeros") + lo
+        img = img.clamp(lo, hi)
+        labels = warp_labels(lab, ddf, label_interp) if lab is not None else None
+        return ddf, img, labels
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def iter_generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
+                      seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
+                      frames: bool = True, render: bool = True, frame_metrics: bool = False,
+                      image_interp: Optional[str] = None, label_interp: str = "nearest",
+                      ) -> Iterator[Frame]:
+        """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
+
+        With ``frames=False`` only the final result is computed (use :meth:`generate`).
+        """
+        cfg = self.config
+        schedule = schedule or cfg.schedule
+        k = int(k or cfg.k_recursions)
+        t_prime = int(t_prime)
+        reverse_timesteps(t_prime, cfg.n_steps, schedule)  # validates
+        image_interp = image_interp or cfg.image_interp
+        a = _check_image(image, self.ndim)
+        lab_np = _check_labels(labels, a.shape) if labels is not None else None
+        grid, x_model, lo, hi = self.prepare(a, spacing)
+        x_orig = torch.as_tensor(a.astype(np.float32), device=self.device)[None, None]
+        lab = torch.as_tensor(lab_np.astype(np.int64), device=self.device)[None, None] if lab_np is not None else None
+
+        draws = self._seeded_draws([seed])
+        fwd = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False, return_frames=frames)
+        psi = fwd.forward_ddf
+
+        def make_frame(phase, idx, total, t, ddf_m):
+            ddf, img, labs = (self._render(grid, ddf_m, x_orig, lo, hi, lab, image_interp, label_interp)
+                              if render else (grid.field_to_original(ddf_m), None, None))
+            met = field_metrics(ddf_m[0], side=self.size) if frame_metrics else None
+            return Frame(phase, idx, total, t, ddf[0].cpu().numpy(),
+                         img[0, 0].cpu().numpy() if img is not None else None,
+                         labs[0, 0].cpu().numpy() if labs is not None else None, met)
+
+        if frames:
+            for i, f in enumerate(fwd.frames, start=1):
+                yield make_frame("forward", i, t_prime, i, f)
+        phi = psi
+        if t_prime > 0 or schedule == "reference":
+            steps = recover(self._net, x_model, psi, t_prime, None, schedule, k, cfg.n_steps,
+                            cfg.compose_padding, cfg.image_interp)
+            for fr in steps:
+                phi = fr.ddf
+                if frames:
+                    yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
+        ddf, img, labs = self._render(grid, phi, x_orig, lo, hi, lab, image_interp, label_interp)
+        out_img = img[0, 0].cpu().numpy()
+        if np.issubdtype(a.dtype, np.integer):
+            info = np.iinfo(a.dtype)
+            out_img = np.clip(np.rint(out_img), info.min, info.max)
+        out_img = out_img.astype(a.dtype, copy=False)
+        out_lab = labs[0, 0].cpu().numpy().astype(lab_np.dtype) if labs is not None else None
+        return GenerationResult(
+            image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
+            forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
+            metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
+            t_prime=t_prime, seed=seed, schedule=schedule, k=k)
+
+    def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
+                 seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
+                 return_frames: bool = False, label_interp: str = "nearest",
+                 image_interp: Optional[str] = None) -> GenerationResult:
+        """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`."""
+        gen = self.iter_generate(image, labels, t_prime, seed, schedule, k, spacing, frames=return_frames,
+                                 label_interp=label_interp, image_interp=image_interp)
+        collected: List[Frame] = []
+        while True:
+            try:
+                collected.append(next(gen))
+            except StopIteration as stop:
+                res = stop.value
+                break
+        res.frames = collected
+        return res
+
+    @torch.inference_mode()
+    def generate_model_grid(self, x_model: torch.Tensor, t_prime: int, seeds: Sequence[int],
+                            schedule: Optional[str] = None, k: Optional[int] = None):
+        """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
+
+        Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
+        ``seeds[b]`` for its forward draw, so results do not depend on the batch composition
+        (up to float rounding).
+        """
+        cfg = self.config
+        schedule = schedule or cfg.schedule
+        k = int(k or cfg.k_recursions)
+        if x_model.shape[0] != len(seeds):
+            raise ValueError(f"{x_model.shape[0]} images but {len(seeds)} seeds")
+        draws = self._seeded_draws(seeds)
+        psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
+        phi = psi
+        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime), None, schedule, k,
+                          cfg.n_steps, cfg.compose_padding, cfg.image_interp):
+            phi = fr.ddf
+        return phi, psi
+
+
+def load_model(name_or_path: Union[str, Path] = "brain2d", device=None, size: Optional[int] = None) -> DRDM:
+    """Load bundled weights by name (see ``drdm weights``) or a checkpoint file.
+
+    Accepted files: the project's ``.safetensors`` and the reference implementation's ``.pth``
+    state_dicts (loaded with ``weights_only=True``: a weights file cannot run code).  ``size``
+    overrides the model side S (useful for reference checkpoints, which do not record it).
+    """
+    from .weights import resolve_weights
+
+    path, name = resolve_weights(name_or_path)
+    return DRDM.from_checkpoint(path, device=device, size=size, name=name)

@@ -1,0 +1,66 @@
+"""Registry of bundled weights: ``registry.json`` beside this file maps names to files.
+
+Each entry: ``file`` (relative to this folder), ``sha256``, ``ndim``, ``size``, ``description``,
+``aliases`` and ``provenance`` (how it was trained).  ``DRDM_WEIGHTS_DIR`` (os.pathsep-separated)
+adds folders whose ``*.safetensors`` files are also loadable by their stem name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Tuple, Union
+
+__all__ = ["registry", "resolve_weights", "list_weights", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+
+def registry() -> Dict[str, dict]:
+    reg_file = WEIGHTS_DIR / "registry.json"
+    if not reg_file.exists():
+        return {}
+    with open(reg_file) as f:
+        return json.load(f)
+
+
+def _extra_dirs() -> List[Path]:
+    env = os.environ.get("DRDM_WEIGHTS_DIR", "")
+    return [Path(p) for p in env.split(os.pathsep) if p]
+
+
+def list_weights() -> List[dict]:
+    """Bundled and user-folder weights, one dict per model."""
+    out = []
+    for name, entry in registry().items():
+        e = dict(entry, name=name, path=str(WEIGHTS_DIR / entry["file"]), bundled=True)
+        out.append(e)
+    for d in _extra_dirs():
+        for p in sorted(d.glob("*.safetensors")):
+            out.append({"name": p.stem, "path": str(p), "bundled": False})
+    return out
+
+
+def resolve_weights(name_or_path: Union[str, Path]) -> Tuple[Path, str]:
+    """A checkpoint path and a display name for a bundled name, alias or file path."""
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    if p.suffix.lower() in (".safetensors", ".pth", ".pt") or os.sep in s or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"weights file not found: {p}")
+        return p, p.stem
+    reg = registry()
+    for name, entry in reg.items():
+        if s == name or s in entry.get("aliases", []):
+            path = WEIGHTS_DIR / entry["file"]
+            if not path.exists():
+                raise FileNotFoundError(f"bundled weights {name!r} are registered but {path} is missing "
+                                        f"(a broken installation?)")
+            return path, name
+    for d in _extra_dirs():
+        cand = d / f"{s}.safetensors"
+        if cand.exists():
+            return cand, s
+    known = sorted(list(reg) + [a for e in reg.values() for a in e.get("aliases", [])])
+    raise KeyError(f"unknown weights {s!r}: not a file and not a bundled name; known names: "
+                   f"{', '.join(known) or '(none bundled)'}")
