@@ -1,0 +1,149 @@
+"""Properties of the core that hold for any input (no reference data needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_drdm.core.config import DRDMConfig
+from napari_drdm.core.forward import ForwardSampler, schedule_counts
+from napari_drdm.core.losses import true_negdet
+from napari_drdm.core.metrics import field_metrics, folding_pct, jacobian_determinant, strict_folding_pct
+from napari_drdm.core.network import DRDMNet
+from napari_drdm.core.spatial import compose, resize_field, warp, warp_labels
+
+
+def smooth_field(nd, size, amp, seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((batch, nd) + (4,) * nd, generator=g)
+    mode = "bilinear" if nd == 2 else "trilinear"
+    return F.interpolate(z, size=(size,) * nd, mode=mode, align_corners=True) * amp
+
+
+def smooth_image(nd, size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand((1, 1) + (6,) * nd, generator=g)
+    mode = "bilinear" if nd == 2 else "trilinear"
+    return F.interpolate(z, size=(size,) * nd, mode=mode, align_corners=True)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_compose_with_zero_is_identity(nd):
+    a = smooth_field(nd, 16, 2.0)
+    z = torch.zeros_like(a)
+    torch.testing.assert_close(compose(a, z), a)
+    torch.testing.assert_close(compose(z, a), a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_warp_by_composition_equals_two_warps(nd):
+    size = 32 if nd == 2 else 20
+    grids = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * nd, indexing="ij")
+    img = (0.5 + 0.25 * sum(torch.sin(g / (6.0 + i)) for i, g in enumerate(grids)))[None, None]
+    a, b = smooth_field(nd, size, 1.0, 2), smooth_field(nd, size, 1.0, 3)
+    once = warp(img, compose(a, b, "border"), "linear", "border")
+    twice = warp(warp(img, b, "linear", "border"), a, "linear", "border")
+    inner = (slice(None), slice(None)) + (slice(3, -3),) * nd
+    assert (once - twice)[inner].abs().max() < 5e-3
+
+
+def test_warp_identity_and_translation():
+    img = smooth_image(2, 20)
+    torch.testing.assert_close(warp(img, torch.zeros(1, 2, 20, 20)), img, atol=1e-6, rtol=0)
+    shift = torch.zeros(1, 2, 20, 20)
+    shift[:, 1] = 1.0  # pull from one column to the right
+    out = warp(img, shift, "linear", "border")
+    torch.testing.assert_close(out[..., :-1], img[..., 1:], atol=1e-5, rtol=0)
+
+
+def test_jacobian_of_known_affine():
+    n = 21
+    A = np.array([[0.2, -0.1], [0.3, 0.05]])  # displacement gradient
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    u = np.stack([A[0, 0] * ii + A[0, 1] * jj, A[1, 0] * ii + A[1, 1] * jj])
+    det = jacobian_determinant(u)
+    np.testing.assert_allclose(det, np.linalg.det(np.eye(2) + A), rtol=1e-12)
+    A3 = np.array([[0.1, 0.2, 0.0], [-0.3, 0.0, 0.1], [0.05, 0.1, -0.2]])
+    g = np.meshgrid(*[np.arange(9)] * 3, indexing="ij")
+    u3 = np.stack([sum(A3[c, k] * g[k] for k in range(3)) for c in range(3)])
+    np.testing.assert_allclose(jacobian_determinant(u3), np.linalg.det(np.eye(3) + A3), rtol=1e-12)
+    flip = np.stack([-2 * ii, np.zeros_like(jj)]).astype(float)  # x -> -x: det = -1 everywhere
+    assert folding_pct(flip) == 100.0 and strict_folding_pct(flip) == 100.0
+
+
+def test_displacement_metrics_units():
+    u = np.zeros((2, 50, 100))
+    u[1] = 10.0  # 10 pixels along columns; side = 100
+    m = field_metrics(u)
+    assert m["max_disp_pct"] == pytest.approx(10.0) and m["mean_disp_pct"] == pytest.approx(10.0)
+    assert field_metrics(u, spacing=(2.0, 1.0))["max_disp_pct"] == pytest.approx(10.0)
+
+
+def test_schedule_integers():
+    nt, nt1 = schedule_counts(torch.arange(80))
+    assert nt[0] == 0 and nt1[0] == 1 and nt[32] == 8 and nt[79] == 13 and nt1[79] == 195
+    assert torch.all(torch.diff(nt) >= 0) and torch.all(torch.diff(nt1) >= 0)
+    ref = [int(np.floor(np.float32(t) ** np.float32(0.6))) for t in range(80)]
+    assert nt.tolist() == ref
+
+
+def test_label_warp_keeps_values():
+    lab = torch.zeros(1, 1, 32, 32, dtype=torch.int64)
+    lab[..., 5:20, 4:15] = 7
+    lab[..., 18:30, 12:28] = 300
+    f = smooth_field(2, 32, 3.0)
+    for method in ("nearest", "linear_argmax"):
+        out = warp_labels(lab, f, method)
+        assert out.dtype == lab.dtype
+        assert set(torch.unique(out).tolist()) <= {0, 7, 300}
+    with pytest.raises(TypeError):
+        warp_labels(lab.float(), f)
+
+
+def test_resize_field_scales_displacements():
+    u = torch.ones(1, 2, 10, 20) * torch.tensor([2.0, 3.0]).view(1, 2, 1, 1)
+    r = resize_field(u, (20, 10))
+    torch.testing.assert_close(r[0, 0], torch.full((20, 10), 4.0))
+    torch.testing.assert_close(r[0, 1], torch.full((20, 10), 1.5))
+
+
+def test_sampler_seeded_and_frames():
+    cfg = DRDMConfig.default(2, 32)
+    fs = ForwardSampler(cfg)
+    a = fs.sample(20, batch=1, generator=torch.Generator().manual_seed(3), return_frames=True)
+    b = fs.sample(20, batch=1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a.forward_ddf, b.forward_ddf, rtol=0, atol=0)
+    assert len(a.frames) == 20
+    torch.testing.assert_close(a.frames[-1], a.forward_ddf, rtol=0, atol=0)
+    mags = [float(f.norm(dim=1).max()) for f in a.frames]
+    assert mags[-1] > mags[0]
+
+
+def test_sampler_3d_shapes_and_scale_option():
+    cfg = DRDMConfig.default(3, 16)
+    out = ForwardSampler(cfg).sample([5, 30], generator=torch.Generator().manual_seed(0))
+    assert out.forward_ddf.shape == (2, 3, 16, 16, 16) and out.step_ddf.shape == (2, 3, 16, 16, 16)
+    geo = ForwardSampler(cfg.replace(field_scale="geometric")).sample(30, batch=1, generator=torch.Generator().manual_seed(1))
+    ref = ForwardSampler(cfg).sample(30, batch=1, generator=torch.Generator().manual_seed(1))
+    ratio = geo.forward_ddf.abs().max() / ref.forward_ddf.abs().max()
+    assert float(ratio) == pytest.approx(2.0 / (16 / 64), rel=1e-4)
+
+
+def test_network_shapes_and_clamp():
+    net = DRDMNet(2).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.inference_mode():
+        out = net(x, torch.tensor([0, 79]), 2)
+    assert out.shape == (2, 2, 16, 16) and float(out.abs().max()) <= 15 / 16
+    with pytest.raises(ValueError):
+        net.check_input(torch.rand(1, 1, 12, 12), torch.tensor([0]))
+
+
+def test_true_negdet_penalty():
+    ok = smooth_field(2, 32, 0.5 / 32)
+    assert float(true_negdet(ok)) == 0.0
+    ii = torch.arange(32.0).view(1, 32, 1).expand(1, 32, 32)
+    fold = torch.zeros(1, 2, 32, 32)
+    fold[:, 0] = -2 * ii / 32  # x -> -x along rows: det = -1
+    assert float(true_negdet(fold)) == pytest.approx(1.0, rel=1e-5)
