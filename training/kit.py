@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from .kit_convert import Item, gz_bytes, to_canonical
-from .kit_fetch import FetchError, Log, default_cache_dir, extract_members, fetch_archive, sha256_file
+from .kit_fetch import (
+    FetchError,
+    Log,
+    default_cache_dir,
+    extract_members,
+    fetch_archive,
+    sha256_file,
+)
 from .kit_sources import CATALOGUE, SPLITS, Catalogue, Entry, Source
 
 KIT_VERSION = 1  # bump when a converter's output changes, so cached outputs are rebuilt
@@ -239,7 +246,7 @@ def _run_args(args: argparse.Namespace) -> int:
     try:
         failed = build_kit(args.out, args.cache, args.sources)
     except (KeyError, KitError, FetchError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc.args[0] if exc.args else exc}")
         return 2
     print(f"kit in {args.out} ({time.perf_counter() - start:.1f} s)")
     for key, msg in failed.items():

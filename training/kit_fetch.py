@@ -100,7 +100,7 @@ def _download(archive: Archive, dest: Path) -> None:
     elif archive.client.startswith("pip-"):
         _run(_pip_command(archive, dest), archive, cwd=dest)
     elif archive.client == "npm":
-        _run(["npm", "pack", f"{archive.name}@{archive.version}", "--silent"], archive, cwd=dest)
+        _run(["npm", "pack", f"{archive.name}@{archive.version}"], archive, cwd=dest)
     else:
         raise FetchError(f"{archive.label}: unknown client (known: {', '.join(CLIENTS)})")
 
@@ -140,13 +140,20 @@ def _run(cmd: list[str], archive: Archive, cwd: Path) -> None:
     except subprocess.TimeoutExpired as exc:
         raise FetchError(f"{archive.label}: '{' '.join(cmd[:3])}' timed out") from exc
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        text = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        tail = _gist(text.splitlines())
         hint = ""
         if archive.client == "pip-sdist-nobuild":
             hint = " (this interpreter needs numpy, setuptools and wheel installed)"
         raise FetchError(
             f"{archive.label}: '{' '.join(cmd[:3])}' failed{hint}: " + " | ".join(tail)
         )
+
+
+def _gist(lines: list[str]) -> list[str]:
+    """The first line that mentions an error, then the last three lines."""
+    first = [ln for ln in lines if "error" in ln.lower()][:1]
+    return first + [ln for ln in lines[-3:] if ln not in first]
 
 
 def extract_members(

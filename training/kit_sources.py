@@ -141,10 +141,12 @@ def _brainbrowser(files: Files) -> list[Item]:
 
 
 KM = "usr/share/doc/insighttoolkit5-examples/examples/Data/"
+KM_T1 = KM + "KmeansTest_T1UCharRaw.nii.gz"
+KM_SEG = KM + "KmeansTest_T1KmeansPrelimSegmentation.nii.gz"
 
 
 def _itk_kmeans(files: Files) -> list[Item]:
-    t1m, segm = KM + "KmeansTest_T1UCharRaw.nii.gz", KM + "KmeansTest_T1KmeansPrelimSegmentation.nii.gz"
+    t1m, segm = KM_T1, KM_SEG
     t1, aff = load_nifti(files[t1m])
     seg, _ = load_nifti(files[segm])
     return [
@@ -256,12 +258,12 @@ SOURCES = (
         "pyradiomics", "3.0.1", "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5",
         "BSD-3-Clause package; case provenance undocumented", client="pip-sdist-nobuild"),
         (Entry("lung1", "lung1", (LUNG.format("image"), LUNG.format("label")), _lung1,
-               never_ship="full-size CT of undocumented provenance; ship a downsampled copy only"),)),
+               never_ship="full-size CT of undocumented provenance; ship downsampled only"),)),
     Source("insighttoolkit5-examples", _apt(
         "insighttoolkit5-examples", "5.2.1-5+deb12u1",
         "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69", "Apache-2.0"),
         (Entry("itk_kmeans_head", "itk_kmeans_head",
-               (KM + "KmeansTest_T1UCharRaw.nii.gz", KM + "KmeansTest_T1KmeansPrelimSegmentation.nii.gz"),
+               (KM_T1, KM_SEG),
                _itk_kmeans),
          Entry("itk_rat_thorax", "itk_rat_thorax",
                tuple(KM + f"RatLungSlice{i}.{e}" for i in (1, 2) for e in ("mha", "raw")),
