@@ -1,0 +1,104 @@
+"""napari reader for NIfTI files (``*.nii``, ``*.nii.gz``).
+
+* The array keeps the file's own axis order (i, j, k), as :mod:`napari_drdm.io` does; a 4D file
+  (i, j, k, t) gets its time axis moved first so napari's sliders show time and the last two
+  axes are displayed.  Trailing singleton axes of a 2D image stored as (i, j, 1) are dropped.
+* ``scale`` = voxel spacing (mm), ``translate`` = the affine's origin column; the full 4x4
+  ``affine``, the ``nifti_header`` and the ``spacing`` go into the layer's metadata so the writer
+  can put them back unchanged.
+* Label maps become labels layers: integer (or integer-valued) data whose file name contains
+  ``label``, ``seg`` or ``mask``, or integer data with few distinct values (at most 64).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Union
+
+import numpy as np
+
+__all__ = ["napari_get_reader", "read_nifti_layers", "looks_like_labels"]
+
+MAX_LABEL_VALUES = 64
+_LABEL_WORDS = re.compile(r"(label|seg|mask)", re.IGNORECASE)
+
+
+def _is_nifti(path: str) -> bool:
+    p = str(path).lower()
+    return p.endswith(".nii") or p.endswith(".nii.gz")
+
+
+def napari_get_reader(path: Union[str, List[str]]) -> Optional[Callable]:
+    """Return a reader function for NIfTI paths, None for anything else."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_is_nifti(p) for p in paths):
+        return None
+    return read_nifti_layers
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
+    """Integer-valued data named like a label map, or integer data with few distinct values."""
+    a = np.asarray(data)
+    if a.dtype == bool:
+        return True
+    named = bool(_LABEL_WORDS.search(name))
+    if np.issubdtype(a.dtype, np.integer):
+        if named:
+            return True
+        flat = a.reshape(-1)
+        step = max(1, flat.size // 200_000)        # quick look first: big CT volumes leave early
+        if np.unique(flat[::step]).size > MAX_LABEL_VALUES:
+            return False
+        return np.unique(flat).size <= MAX_LABEL_VALUES
+    if named and np.issubdtype(a.dtype, np.floating):
+        return bool(np.all(np.isfinite(a)) and np.all(a == np.round(a)) and a.size and a.min() >= 0)
+    return False
+
+
+def read_nifti_layers(path: Union[str, List[str]]) -> List[tuple]:
+    """Read NIfTI file(s) as napari LayerData tuples (image or labels)."""
+    from .io import read_image
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    out = []
+    for p in paths:
+        vol = read_image(p)
+        data = np.asarray(vol.data)
+        aff = np.asarray(vol.affine, dtype=np.float64)
+        spacing = [float(s) for s in vol.spacing]
+        time_first = False
+        while data.ndim > 2 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)
+            zooms = vol.header.get_zooms() if vol.header is not None else ()
+            dt = float(zooms[3]) if len(zooms) > 3 and float(zooms[3]) > 0 else 1.0
+            scale = [dt] + spacing[:3]
+            translate = [0.0] + [float(v) for v in aff[:3, 3]]
+            time_first = True
+        else:
+            nd = min(data.ndim, 3)
+            scale = spacing[:nd] + [1.0] * (data.ndim - nd)
+            translate = [float(v) for v in aff[:nd, 3]] + [0.0] * (data.ndim - nd)
+        scale = [s if np.isfinite(s) and s > 0 else 1.0 for s in scale]
+        name = _stem(p)
+        meta: dict[str, Any] = {"affine": aff, "nifti_header": vol.header, "spacing": tuple(spacing),
+                                "source_path": str(p)}
+        if time_first:
+            meta["drdm_time_first"] = True
+        kwargs = {"name": name, "scale": scale, "translate": translate, "metadata": meta}
+        if looks_like_labels(data, name):
+            if not np.issubdtype(data.dtype, np.integer):
+                data = data.astype(np.int32)
+            out.append((data, kwargs, "labels"))
+        else:
+            out.append((data, kwargs, "image"))
+    return out

@@ -1,0 +1,846 @@
+"""The DRDM explorer: deform an image step by step with DRDM and watch it being recovered.
+
+A thin Qt view (qtpy only) over :mod:`._worker` (the generation loop, in a napari thread worker)
+and :mod:`._layers` (what is stored per frame, within a memory budget).  The UI thread only reads
+the frame store and updates layers, a few times per second.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._layers import DEFAULT_BUDGET_MIB, FrameStore, label_dtype, plan_frames
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["ExplorerWidget"]
+
+BROWSE = "Browse..."
+NO_LABELS = "(none)"
+REFERENCE_SUFFIXES = (".pth", ".pt")
+_JACOBIAN_CMAP = None
+
+
+def jacobian_colormap():
+    """Blue (det < 1, compression) - white (det = 1) - red (det > 1, expansion) over contrast [0, 2]."""
+    global _JACOBIAN_CMAP
+    if _JACOBIAN_CMAP is None:
+        from napari.utils.colormaps import Colormap
+        _JACOBIAN_CMAP = Colormap(
+            colors=[[0.02, 0.19, 0.38, 1], [0.26, 0.58, 0.76, 1], [1, 1, 1, 1], [0.84, 0.38, 0.30, 1],
+                    [0.40, 0.0, 0.12, 1]],
+            controls=[0.0, 0.25, 0.5, 0.75, 1.0], name="drdm jacobian (centred at 1)")
+    return _JACOBIAN_CMAP
+
+
+@dataclass
+class _Inputs:
+    """What a run needs, read from the chosen layers (the spatial block the model will see)."""
+
+    image_layer: Any
+    labels_layer: Any
+    image: np.ndarray                       # (*spatial)
+    labels: Optional[np.ndarray]
+    spacing: Tuple[float, ...]              # spatial spacing
+    lead_index: Tuple[int, ...]             # indices of the leading (stack/time) axes, () if none
+    describe: str
+
+
+@dataclass
+class _Run:
+    """One generation and its layers."""
+
+    id: int
+    base: str
+    inputs: _Inputs
+    params: Dict[str, Any]
+    store: FrameStore
+    out_scale: Tuple[float, ...]
+    out_translate: Tuple[float, ...]
+    out_affine: Optional[np.ndarray]
+    worker: Any = None
+    layers: Dict[str, Any] = field(default_factory=dict)
+    shown: int = 0
+    running: bool = True
+    cancelled: bool = False
+    t_start: float = 0.0
+    t_first: Optional[float] = None
+    result: Any = None
+
+
+def _layer_affine_meta(layer) -> Optional[np.ndarray]:
+    md = getattr(layer, "metadata", None) or {}
+    aff = md.get("affine")
+    if aff is None:
+        return None
+    a = np.asarray(aff, dtype=np.float64)
+    return a if a.shape == (4, 4) else None
+
+
+class ExplorerWidget(QWidget):
+    """Dock widget: image (+ labels) -> DRDM forward deformation and recovery, frame by frame."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._runs: List[_Run] = []
+        self._run_counter = 0
+        self._model = None
+        self._model_error: Optional[str] = None
+        self._model_request = 0
+        self._model_loading = False
+        self._validation_cache: Dict[tuple, Optional[str]] = {}
+        self._build_ui()
+        self._connect_viewer()
+        self._timer = QTimer(self)
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._flush)
+        self._refresh_layer_choices()
+        self._on_model_choice()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self):
+        outer = QVBoxLayout(self)
+
+        box_in = QGroupBox("Input")
+        f = QFormLayout(box_in)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("Image layer to deform. A stack (3D or 2D+t) with a 2D model uses the "
+                                    "slice currently shown by the viewer's sliders.")
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("Optional label map, deformed with the same fields (nearest neighbour).")
+        self.input_info = QLabel("")
+        self.input_info.setWordWrap(True)
+        f.addRow("Image", self.image_combo)
+        f.addRow("Labels", self.labels_combo)
+        f.addRow(self.input_info)
+        outer.addWidget(box_in)
+
+        box_m = QGroupBox("Model")
+        f = QFormLayout(box_m)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Bundled weights, or Browse... for a checkpoint file (.safetensors "
+                                    "from this project, or a reference-implementation .pth state_dict).")
+        from ..weights import list_weights
+        try:
+            entries = list_weights()
+        except Exception:  # a broken registry must not break the widget
+            entries = []
+        for e in entries:
+            desc = f"{e['name']}"
+            if e.get("ndim"):
+                desc += f" ({e['ndim']}D, S={e.get('size', '?')})"
+            self.model_combo.addItem(desc, e["path"] if not e.get("bundled") else e["name"])
+        self.model_combo.addItem(BROWSE, None)
+        self.size_spin = QSpinBox()
+        self.size_spin.setRange(8, 1024)
+        self.size_spin.setSingleStep(8)
+        self.size_spin.setValue(256)
+        self.size_spin.setToolTip("Model side S for reference .pth checkpoints (they do not record it).")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto: cuda > mps > cpu")
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        f.addRow("Model", self.model_combo)
+        f.addRow("S (.pth)", self.size_spin)
+        f.addRow("Device", self.device_combo)
+        f.addRow(self.model_info)
+        outer.addWidget(box_m)
+
+        box_p = QGroupBox("Generation")
+        f = QFormLayout(box_p)
+        self.tprime_spin = QSpinBox()
+        self.tprime_spin.setRange(0, 80)
+        self.tprime_spin.setValue(45)
+        self.tprime_spin.setToolTip("T': number of forward diffusion steps (0..T); larger = stronger deformation.")
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2 ** 31 - 1)
+        self.seed_spin.setValue(0)
+        self.new_seed_btn = QPushButton("new seed")
+        seed_row = QHBoxLayout()
+        seed_row.addWidget(self.seed_spin, 1)
+        seed_row.addWidget(self.new_seed_btn)
+        self.schedule_combo = QComboBox()
+        self.schedule_combo.addItems(["reference", "paper"])
+        self.schedule_combo.setToolTip("reference: all T reverse steps (the authors' code); "
+                                       "paper: T' reverse steps (Algorithm 2 as printed).")
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 10)
+        self.k_spin.setValue(2)
+        self.k_spin.setToolTip("K: internal recursions of the network per reverse step.")
+        self.budget_spin = QSpinBox()
+        self.budget_spin.setRange(16, 1 << 20)
+        self.budget_spin.setSingleStep(256)
+        self.budget_spin.setValue(DEFAULT_BUDGET_MIB)
+        self.budget_spin.setSuffix(" MiB")
+        self.budget_spin.setToolTip("Memory for the stored frames. Over it, frames are stored compactly "
+                                    "(float16) and then only every k-th frame is kept.")
+        f.addRow("T'", self.tprime_spin)
+        f.addRow("Seed", seed_row)
+        f.addRow("Schedule", self.schedule_combo)
+        f.addRow("K", self.k_spin)
+        f.addRow("Frame memory", self.budget_spin)
+        outer.addWidget(box_p)
+
+        self.reason_label = QLabel("")
+        self.reason_label.setWordWrap(True)
+        self.reason_label.setStyleSheet("color: #e0a040;")
+        outer.addWidget(self.reason_label)
+        self.plan_label = QLabel("")
+        self.plan_label.setWordWrap(True)
+        outer.addWidget(self.plan_label)
+
+        row = QHBoxLayout()
+        self.run_btn = QPushButton("Run")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        row.addWidget(self.run_btn)
+        row.addWidget(self.cancel_btn)
+        outer.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m frames")
+        outer.addWidget(self.progress)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        outer.addWidget(self.status_label)
+
+        box_r = QGroupBox("Frame on screen")
+        v = QVBoxLayout(box_r)
+        row = QHBoxLayout()
+        self.prev_btn = QPushButton("◀")
+        self.next_btn = QPushButton("▶")
+        self.prev_btn.setToolTip("previous frame")
+        self.next_btn.setToolTip("next frame")
+        self.follow_check = QCheckBox("follow new frames")
+        self.follow_check.setChecked(True)
+        row.addWidget(self.prev_btn)
+        row.addWidget(self.next_btn)
+        row.addWidget(self.follow_check, 1)
+        v.addLayout(row)
+        self.readout = QLabel("no run yet")
+        self.readout.setWordWrap(True)
+        self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addWidget(self.readout)
+        outer.addWidget(box_r)
+        outer.addStretch(1)
+
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.new_seed_btn.clicked.connect(self.new_seed)
+        self.prev_btn.clicked.connect(lambda: self.step(-1))
+        self.next_btn.clicked.connect(lambda: self.step(+1))
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
+        self.device_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
+        self.size_spin.editingFinished.connect(self._on_model_choice)
+        for w in (self.image_combo, self.labels_combo, self.schedule_combo):
+            w.currentIndexChanged.connect(lambda _i: self.validate())
+        for w in (self.tprime_spin, self.k_spin, self.budget_spin):
+            w.valueChanged.connect(lambda _v: self.validate())
+
+    def _connect_viewer(self):
+        ev = self.viewer.layers.events
+        ev.inserted.connect(self._on_layers_changed)
+        ev.removed.connect(self._on_layers_changed)
+        ev.moved.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_dims)
+        self.viewer.layers.selection.events.active.connect(lambda _e=None: self.update_readout())
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+
+    # ------------------------------------------------------------------ layer choices
+    def _on_layers_changed(self, event=None):
+        if event is not None and getattr(event, "type", "") == "inserted":
+            try:
+                event.value.events.name.connect(self._on_layers_changed)
+            except Exception:
+                pass
+        self._refresh_layer_choices()
+
+    def _image_layers(self):
+        from napari.layers import Image
+        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not self._is_output(ly)]
+
+    def _labels_candidates(self):
+        from napari.layers import Image, Labels
+        labs = [ly for ly in self.viewer.layers if isinstance(ly, Labels) and not self._is_output(ly)]
+        imgs = [ly for ly in self.viewer.layers if isinstance(ly, Image) and not self._is_output(ly)
+                and not ly.rgb]
+        return labs + imgs
+
+    @staticmethod
+    def _is_output(layer) -> bool:
+        return "drdm_run" in (getattr(layer, "metadata", None) or {})
+
+    def _refresh_layer_choices(self):
+        cur_img = self.image_combo.currentText()
+        cur_lab = self.labels_combo.currentText()
+        imgs = [ly.name for ly in self._image_layers()]
+        labs = [ly.name if ly.__class__.__name__ == "Labels" else f"{ly.name} (image)"
+                for ly in self._labels_candidates()]
+        for combo, names, cur, extra in ((self.image_combo, imgs, cur_img, []),
+                                         (self.labels_combo, labs, cur_lab, [NO_LABELS])):
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(extra + names)
+            if cur in extra + names:
+                combo.setCurrentText(cur)
+            combo.blockSignals(False)
+        if not cur_lab or cur_lab == NO_LABELS or cur_lab not in labs:
+            # default: a labels layer whose shape matches the chosen image
+            img = self._chosen_image()
+            for ly in self._labels_candidates():
+                if ly.__class__.__name__ == "Labels" and img is not None and ly.data.shape == img.data.shape:
+                    self.labels_combo.setCurrentText(ly.name)
+                    break
+        self.validate()
+
+    def _chosen_image(self):
+        name = self.image_combo.currentText()
+        return next((ly for ly in self._image_layers() if ly.name == name), None)
+
+    def _chosen_labels(self):
+        text = self.labels_combo.currentText()
+        if not text or text == NO_LABELS:
+            return None
+        for ly in self._labels_candidates():
+            shown = ly.name if ly.__class__.__name__ == "Labels" else f"{ly.name} (image)"
+            if shown == text:
+                return ly
+        return None
+
+    def set_image_layer(self, name: str):
+        self.image_combo.setCurrentText(name)
+
+    def set_labels_layer(self, name: Optional[str]):
+        if name is None:
+            self.labels_combo.setCurrentText(NO_LABELS)
+            return
+        idx = self.labels_combo.findText(name)
+        if idx < 0:
+            idx = self.labels_combo.findText(f"{name} (image)")
+        self.labels_combo.setCurrentIndex(idx)
+
+    # ------------------------------------------------------------------ model
+    def _on_model_activated(self, index: int):
+        if self.model_combo.itemText(index) == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(self, "DRDM checkpoint", "",
+                                                  "DRDM checkpoints (*.safetensors *.pth *.pt);;All files (*)")
+            if path:
+                self.set_checkpoint(path)
+            else:
+                self.model_combo.setCurrentIndex(max(0, self._last_model_index))
+
+    def set_checkpoint(self, path: str, size: Optional[int] = None):
+        """Add a checkpoint file to the model list and select it (what Browse... does)."""
+        path = str(path)
+        if size is not None:
+            self.size_spin.setValue(int(size))
+        idx = self.model_combo.findData(path)
+        if idx < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, Path(path).name, path)
+            idx = self.model_combo.findData(path)
+        if self.model_combo.currentIndex() == idx:
+            self._on_model_choice()
+        else:
+            self.model_combo.setCurrentIndex(idx)
+
+    def _model_source(self) -> Tuple[Optional[str], Optional[int], str]:
+        src = self.model_combo.currentData()
+        is_ref = src is not None and str(src).lower().endswith(REFERENCE_SUFFIXES)
+        self.size_spin.setEnabled(bool(is_ref))
+        return src, (self.size_spin.value() if is_ref else None), self.device_combo.currentText()
+
+    def _on_model_choice(self):
+        if self.model_combo.currentText() != BROWSE:
+            self._last_model_index = self.model_combo.currentIndex()
+        else:
+            self._last_model_index = getattr(self, "_last_model_index", -1)
+        src, size, device = self._model_source()
+        self._model = None
+        self._model_error = None
+        if src is None:
+            self._model_loading = False
+            self.model_info.setText("")
+            self.validate()
+            return
+        self._model_request += 1
+        req = self._model_request
+        self._model_loading = True
+        self.model_info.setText(f"loading {Path(str(src)).name} ...")
+        self.validate()
+        from napari.qt.threading import create_worker
+
+        from ._worker import try_load_model
+        worker = create_worker(try_load_model, str(src), size, device, _start_thread=False)
+        worker.returned.connect(lambda res, req=req: self._on_model_loaded(req, *res))
+        self._model_worker = worker
+        worker.start()
+
+    def _on_model_loaded(self, req: int, model, error):
+        if req != self._model_request:
+            return
+        self._model_loading = False
+        if error is not None:
+            self._model = None
+            self._model_error = f"Model {Path(str(self._model_source()[0])).name} on "\
+                f"{self.device_combo.currentText()} cannot be used: {error}"
+            self.model_info.setText("")
+        else:
+            self._model = model
+            cfg = model.config
+            self.tprime_spin.setMaximum(cfg.n_steps)
+            self.schedule_combo.setCurrentText(cfg.schedule)
+            self.k_spin.setValue(int(cfg.k_recursions))
+            self.model_info.setText(f"{model.name}: {model.ndim}D, S={model.size}, T={cfg.n_steps}, "
+                                    f"on {model.device}")
+        self.validate()
+
+    @property
+    def model(self):
+        return self._model
+
+    def model_ready(self) -> bool:
+        return self._model is not None and not self._model_loading
+
+    # ------------------------------------------------------------------ validation
+    def _read_inputs(self) -> _Inputs:
+        """The arrays a run would use; raises ValueError with the reason when they are unusable."""
+        img_layer = self._chosen_image()
+        if img_layer is None:
+            raise ValueError("No image layer: open an image or a sample (File > Open Sample > napari-drdm).")
+        if self._model is None:
+            if self._model_loading:
+                raise ValueError("Loading the model ...")
+            if self._model_error:
+                raise ValueError(self._model_error)
+            raise ValueError("Choose a model: a bundled one or Browse... for a checkpoint file.")
+        nd = self._model.ndim
+        name = img_layer.name
+        if getattr(img_layer, "rgb", False):
+            raise ValueError(f"Image '{name}' is RGB/RGBA: DRDM needs a single-channel grey-level image.")
+        if getattr(img_layer, "multiscale", False):
+            raise ValueError(f"Image '{name}' is multiscale: not supported, open a single-resolution image.")
+        data = img_layer.data
+        if data.ndim < nd:
+            raise ValueError(f"Image '{name}' is {data.ndim}D but the model is {nd}D: choose a {nd}D image "
+                             f"or a {data.ndim}D model.")
+        if data.ndim > nd + 2:
+            raise ValueError(f"Image '{name}' is {data.ndim}D: at most {nd + 2}D (a {nd}D image with up to two "
+                             f"stack axes) for this {nd}D model.")
+        dt = np.dtype(data.dtype)
+        if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating) or dt == bool):
+            raise ValueError(f"Image '{name}' has dtype {dt}: a real-valued image is needed.")
+        lead = data.ndim - nd
+        idx: Tuple[int, ...] = ()
+        if lead:
+            pos = img_layer.world_to_data(self.viewer.dims.point)
+            idx = tuple(int(np.clip(np.round(pos[a]), 0, data.shape[a] - 1)) for a in range(lead))
+        image = np.asarray(data[idx] if lead else data)
+        if min(image.shape) < 2:
+            raise ValueError(f"Image '{name}' is too small: shape {image.shape}.")
+        spacing = tuple(float(s) for s in np.asarray(img_layer.scale)[lead:])
+        if any(not np.isfinite(s) or s <= 0 for s in spacing):
+            raise ValueError(f"Image '{name}' has an unusable scale {tuple(img_layer.scale)}.")
+        key = ("img", id(img_layer), id(data), idx)
+        if key not in self._validation_cache:
+            self._validation_cache[key] = None if np.all(np.isfinite(image)) else \
+                f"Image '{name}' contains NaN or infinite values{' in this slice' if lead else ''}: replace them first."
+        if self._validation_cache[key]:
+            raise ValueError(self._validation_cache[key])
+        labels = None
+        lab_layer = self._chosen_labels()
+        if lab_layer is not None:
+            ldata = lab_layer.data
+            lname = lab_layer.name
+            if getattr(lab_layer, "multiscale", False):
+                raise ValueError(f"Labels '{lname}' are multiscale: not supported.")
+            if tuple(ldata.shape) == tuple(data.shape):
+                labels = np.asarray(ldata[idx] if lead else ldata)
+            elif tuple(ldata.shape) == tuple(image.shape):
+                labels = np.asarray(ldata)
+            else:
+                raise ValueError(f"Labels '{lname}' have shape {tuple(ldata.shape)} but the image '{name}' has "
+                                 f"{tuple(data.shape)}" + (f" (slice {tuple(image.shape)})" if lead else "")
+                                 + ": they must match.")
+            ldt = np.dtype(labels.dtype)
+            if ldt == bool:
+                labels = labels.astype(np.uint8)
+            elif not np.issubdtype(ldt, np.integer):
+                lkey = ("lab", id(lab_layer), id(ldata), idx)
+                if lkey not in self._validation_cache:
+                    ok = np.issubdtype(ldt, np.floating) and np.all(np.isfinite(labels)) \
+                        and np.all(labels == np.round(labels))
+                    self._validation_cache[lkey] = None if ok else \
+                        (f"Labels '{lname}' hold non-integer float values (dtype {ldt}): a label map needs integer "
+                         f"classes, not a probability map.")
+                if self._validation_cache[lkey]:
+                    raise ValueError(self._validation_cache[lkey])
+                labels = labels.astype(np.int32)
+        if len(self._validation_cache) > 64:
+            self._validation_cache.clear()
+        shape_txt = "x".join(str(n) for n in image.shape)
+        sp_txt = "x".join(f"{s:g}" for s in spacing)
+        if lead:
+            where = ", ".join(f"axis {a} = {i}" for a, i in enumerate(idx))
+            desc = f"{nd}D slice ({where}) of the {data.ndim}D '{name}': {shape_txt}, spacing {sp_txt}"
+        else:
+            desc = f"{nd}D '{name}': {shape_txt}, spacing {sp_txt}"
+        if labels is not None:
+            desc += f"; labels '{lab_layer.name}'"
+        return _Inputs(img_layer, lab_layer, image, labels, spacing, idx, desc)
+
+    def _plan_for(self, inp: _Inputs):
+        from ..core.recovery import reverse_timesteps
+        cfg = self._model.config
+        t_prime = self.tprime_spin.value()
+        schedule = self.schedule_combo.currentText()
+        n_rec = len(reverse_timesteps(t_prime, cfg.n_steps, schedule)) if (t_prime > 0 or schedule == "reference") \
+            else 0
+        lo, hi = float(np.min(inp.image)), float(np.max(inp.image))
+        return plan_frames(inp.image.shape, t_prime, n_rec, label_dtype(inp.labels), (lo, hi),
+                           self.budget_spin.value() * 2 ** 20)
+
+    def validate(self) -> bool:
+        """Check the inputs; enable Run or show why not. Returns whether Run is possible."""
+        if not hasattr(self, "run_btn"):
+            return False
+        try:
+            inp = self._read_inputs()
+            plan = self._plan_for(inp)
+        except ValueError as e:
+            self.reason_label.setText(str(e))
+            self.input_info.setText("")
+            self.plan_label.setText("")
+            self.run_btn.setEnabled(False)
+            return False
+        self.reason_label.setText("")
+        self.input_info.setText(inp.describe)
+        self.plan_label.setText(plan.describe())
+        self.run_btn.setEnabled(not self.running)
+        return True
+
+    @property
+    def reason(self) -> str:
+        return self.reason_label.text()
+
+    @property
+    def running(self) -> bool:
+        return any(r.running for r in self._runs)
+
+    # ------------------------------------------------------------------ run
+    def new_seed(self):
+        self.seed_spin.setValue(random.randrange(0, 100000))
+
+    def run(self):
+        """Start a generation in a worker thread (no-op with the reason shown if inputs are invalid)."""
+        if self.running or not self.validate():
+            return None
+        from napari.qt.threading import create_worker
+
+        from ._worker import explore
+        inp = self._read_inputs()
+        plan = self._plan_for(inp)
+        model = self._model
+        params = {"t_prime": self.tprime_spin.value(), "seed": self.seed_spin.value(),
+                  "schedule": self.schedule_combo.currentText(), "k": self.k_spin.value(),
+                  "model": model.name, "device": str(model.device)}
+        lead = len(inp.lead_index)
+        store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=lead)
+        self._run_counter += 1
+        base = f"{inp.image_layer.name} DRDM T'{params['t_prime']} s{params['seed']}"
+        if params["schedule"] != model.config.schedule or params["k"] != model.config.k_recursions:
+            base += f" {params['schedule']} K{params['k']}"
+        if lead:
+            base += " @" + ",".join(str(i) for i in inp.lead_index)
+        layer = inp.image_layer
+        scale = tuple(float(s) for s in layer.scale)
+        translate = [float(t) for t in layer.translate]
+        for a, i in enumerate(inp.lead_index):
+            translate[a] += i * scale[a]
+        aff = _layer_affine_meta(layer)
+        if aff is not None:
+            md = layer.metadata or {}
+            if md.get("drdm_time_first") or layer.ndim > 3:
+                aff = None                           # the affine does not describe the stack axes
+            elif lead:
+                aff = aff.copy()
+                for a, i in enumerate(inp.lead_index):
+                    aff[:3, 3] += aff[:3, a] * i
+        run = _Run(self._run_counter, base, inp, params, store, scale, tuple(translate), aff)
+        self._runs.append(run)
+        self.progress.setRange(0, max(1, plan.n_total))
+        self.progress.setValue(0)
+        self.plan_label.setText(plan.describe())
+        self.status_label.setText(f"running {base} ...")
+        worker = create_worker(explore, model, inp.image, inp.labels, inp.spacing, params["t_prime"],
+                               params["seed"], params["schedule"], params["k"], store, _start_thread=False)
+        worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
+        worker.returned.connect(lambda res, run=run: self._on_returned(run, res))
+        worker.errored.connect(lambda e, run=run: self._on_error(run, e))
+        worker.aborted.connect(lambda run=run: self._on_aborted(run))
+        worker.finished.connect(lambda run=run: self._on_finished(run))
+        run.worker = worker
+        run.t_start = time.perf_counter()
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._timer.start()
+        worker.start()
+        return worker
+
+    def cancel(self):
+        """Stop the running generation after the current step; computed frames stay."""
+        for r in self._runs:
+            if r.running and r.worker is not None:
+                r.cancelled = True
+                r.worker.quit()
+                self.status_label.setText("cancelling after the current step ...")
+
+    def _on_yield(self, run: _Run, info: dict):
+        if run.t_first is None:
+            run.t_first = time.perf_counter() - run.t_start
+        self.progress.setValue(info["done"])
+        what = f"forward t'={info['t']}" if info["forward"] else \
+            f"recovery step {info['index']}/{info['phase_total']} (t={info['t']})"
+        self.status_label.setText(f"running {run.base}: frame {info['done']}/{info['total']}, {what}")
+        if run.shown == 0 and run.store.n > 0:
+            self._flush()                 # the first frame shows at once
+
+    def _on_returned(self, run: _Run, result):
+        run.result = result
+        self._flush()
+        self._add_final_layers(run, result)
+        m = result.metrics
+        took = time.perf_counter() - run.t_start
+        first = f", first frame after {run.t_first:.2f} s" if run.t_first is not None else ""
+        self.status_label.setText(
+            f"done in {took:.1f} s{first}. Recovered field (model grid, paper protocol): max {m['max_disp_pct']:.2f} %, "
+            f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} %.")
+
+    def _on_error(self, run: _Run, error):
+        run.running = False
+        self.status_label.setText(f"error: {type(error).__name__}: {error}")
+
+    def _on_aborted(self, run: _Run):
+        run.cancelled = True
+        self._flush()
+        self.status_label.setText(f"cancelled after {run.store.n_seen} of {run.store.plan.n_total} frames; "
+                                  f"the {run.store.n} computed frames are kept (no final layers).")
+
+    def _on_finished(self, run: _Run):
+        run.running = False
+        self._flush()
+        if not self.running:
+            self._timer.stop()
+        self.cancel_btn.setEnabled(False)
+        self.validate()
+        self.update_readout()
+
+    # ------------------------------------------------------------------ layers
+    def _frame_kwargs(self, run: _Run) -> dict:
+        md = {"drdm_run": run.id, "drdm_frame_axis": True, "drdm": dict(run.params),
+              "spacing": run.inputs.spacing}
+        if run.out_affine is not None:
+            md["affine"] = run.out_affine
+        return {"scale": (1.0,) + run.out_scale, "translate": (0.0,) + run.out_translate, "metadata": md}
+
+    def _create_layers(self, run: _Run):
+        st = run.store
+        v = self.viewer
+        src = run.inputs.image_layer
+        kw = self._frame_kwargs(run)
+        lay = run.layers
+        cl = tuple(float(c) for c in src.contrast_limits)
+        if st.plan.image_dtype == np.uint8:
+            lo, hi = st.plan.image_range
+            cl = tuple(float(np.clip((c - lo) / (hi - lo + 1e-12) * 255, 0, 255)) for c in cl)
+        if cl[1] <= cl[0]:
+            cl = (cl[0], cl[0] + 1)
+        lay["image"] = v.add_image(st.view("image"), name=f"{run.base} frames", colormap=src.colormap,
+                                   contrast_limits=cl, gamma=src.gamma, **kw)
+        if "labels" in st.buffers:
+            lay["labels"] = v.add_labels(st.view("labels"), name=f"{run.base} labels", opacity=0.45, **kw)
+            lab_src = run.inputs.labels_layer
+            if lab_src is not None and lab_src.__class__.__name__ == "Labels":
+                try:
+                    lay["labels"].colormap = lab_src.colormap
+                except Exception:
+                    pass
+        lay["jacobian"] = v.add_image(st.view("jacobian"), name=f"{run.base} jacobian", colormap=jacobian_colormap(),
+                                      contrast_limits=(0.0, 2.0), visible=False, **kw)
+        lay["folding"] = v.add_labels(st.view("folding"), name=f"{run.base} folding (det<=0)",
+                                      colormap={None: "transparent", 0: "transparent", 1: "magenta"},
+                                      opacity=0.9, **kw)
+        if "grid" in st.buffers:
+            lay["grid"] = v.add_image(st.view("grid"), name=f"{run.base} grid", colormap="cyan",
+                                      blending="additive", contrast_limits=(0.0, 255.0), opacity=0.5, **kw)
+        vec_kw = dict(kw)
+        vec_kw["metadata"] = dict(kw["metadata"], drdm_vectors="pull-back: from x towards x + u(x)")
+        lay["vectors"] = v.add_vectors(st.vectors_data(), name=f"{run.base} vectors", edge_color="yellow",
+                                       edge_width=max(0.5, 0.3 * min(run.inputs.image.shape[-2:]) / 64),
+                                       vector_style="arrow", visible=False, **vec_kw)
+        v.layers.selection.active = lay["image"]
+
+    def _flush(self):
+        for run in self._runs:
+            st = run.store
+            n = st.n
+            if n == 0 or n == run.shown:
+                continue
+            if not run.layers:
+                self._create_layers(run)
+            else:
+                for key, layer in run.layers.items():
+                    if layer not in self.viewer.layers:
+                        continue
+                    layer.data = st.vectors_data() if key == "vectors" else st.view(key)
+            run.shown = n
+            if self.follow_check.isChecked() and run.running:
+                self._set_frame(run, n - 1)
+        self.update_readout()
+
+    def _add_final_layers(self, run: _Run, res):
+        v = self.viewer
+        src = run.inputs.image_layer
+        lead = len(run.inputs.lead_index)
+        shape1 = (1,) * lead
+        md = {"drdm_run": run.id, "drdm": dict(run.params, metrics=res.metrics, forward_metrics=res.forward_metrics),
+              "spacing": run.inputs.spacing}
+        if run.out_affine is not None:
+            md["affine"] = run.out_affine
+        src_md = src.metadata or {}
+        if src_md.get("nifti_header") is not None and not lead:
+            md["nifti_header"] = src_md["nifti_header"]
+        kw = {"scale": run.out_scale, "translate": run.out_translate}
+        img = res.image.reshape(shape1 + res.image.shape)
+        run.layers_final = {}
+        run.layers_final["image"] = v.add_image(img, name=f"{run.base} recovered image", colormap=src.colormap,
+                                                contrast_limits=src.contrast_limits, visible=False,
+                                                metadata=dict(md), **kw)
+        if res.labels is not None:
+            lmd = dict(md)
+            lab_src = run.inputs.labels_layer
+            lmd.pop("nifti_header", None)
+            if lab_src is not None and (lab_src.metadata or {}).get("nifti_header") is not None and not lead:
+                lmd["nifti_header"] = lab_src.metadata["nifti_header"]
+            labels = res.labels
+            if not np.issubdtype(labels.dtype, np.integer):
+                labels = labels.astype(np.int32)
+            run.layers_final["labels"] = v.add_labels(labels.reshape(shape1 + labels.shape),
+                                                      name=f"{run.base} recovered labels", visible=False,
+                                                      metadata=lmd, **kw)
+        ddf = np.asarray(res.ddf, dtype=np.float32)
+        sp = np.asarray(run.inputs.spacing, dtype=np.float32).reshape((-1,) + (1,) * (ddf.ndim - 1))
+        mag = np.sqrt(np.sum((ddf * sp) ** 2, axis=0))
+        fmd = {k: val for k, val in md.items() if k != "nifti_header"}
+        if lead == 1 and ddf.shape[0] == 2 and src.ndim == 3:
+            # a slice of a 3D stack: save the field as a one-slice 3D field (no motion across slices)
+            ddf_save = np.concatenate([np.zeros((1,) + ddf.shape[1:], np.float32), ddf], 0)[:, None]
+            fmd["spacing"] = tuple(float(s) for s in src.scale)
+        else:
+            ddf_save = ddf
+        fmd["drdm_ddf"] = ddf_save
+        fmd["drdm_ddf_convention"] = ("pull-back, pixels (d, *spatial); saved as NIfTI (*spatial, 1, d) in mm: "
+                                      "component c = displacement along array axis c")
+        run.layers_final["field"] = v.add_image(mag.reshape(shape1 + mag.shape),
+                                                name=f"{run.base} recovered field |u| (mm)", colormap="magma",
+                                                visible=False, metadata=fmd, **kw)
+
+    # ------------------------------------------------------------------ frames on screen
+    def _frame_axis(self, run: _Run) -> Optional[int]:
+        layer = run.layers.get("image") or run.layers.get("jacobian")
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        return self.viewer.dims.ndim - layer.ndim
+
+    def _current_frame(self, run: _Run) -> Optional[int]:
+        ax = self._frame_axis(run)
+        if ax is None or run.store.n == 0:
+            return None
+        j = int(round(float(self.viewer.dims.point[ax])))
+        return int(np.clip(j, 0, run.store.n - 1))
+
+    def _set_frame(self, run: _Run, j: int):
+        ax = self._frame_axis(run)
+        if ax is None:
+            return
+        j = int(np.clip(j, 0, max(0, run.store.n - 1)))
+        self.viewer.dims.set_point(ax, float(j))
+
+    def _readout_run(self) -> Optional[_Run]:
+        active = self.viewer.layers.selection.active
+        rid = (getattr(active, "metadata", None) or {}).get("drdm_run") if active is not None else None
+        for r in reversed(self._runs):
+            if r.layers and (rid is None or r.id == rid):
+                return r
+        return None
+
+    def step(self, delta: int):
+        """Move the frame slider by ``delta`` frames (the ◀ ▶ buttons)."""
+        run = self._readout_run()
+        if run is None:
+            return
+        j = self._current_frame(run)
+        if j is not None:
+            if run.running:
+                self.follow_check.setChecked(False)   # the user takes over the slider
+            self._set_frame(run, j + delta)
+
+    def _on_dims(self, event=None):
+        self.update_readout()
+        img = self._chosen_image()
+        if not self.running and img is not None and self._model is not None and img.ndim > self._model.ndim:
+            self.validate()                      # the slice a 2D model would use has changed
+
+    def readout_metrics(self) -> Optional[dict]:
+        run = self._readout_run()
+        if run is None:
+            return None
+        j = self._current_frame(run)
+        return None if j is None else run.store.metrics[j]
+
+    def update_readout(self):
+        run = self._readout_run()
+        if run is None:
+            return
+        j = self._current_frame(run)
+        if j is None:
+            return
+        m = run.store.metrics[j]
+        if m["phase"] == "forward":
+            what = f"forward t'={m['t']} of {m['total']}"
+        else:
+            what = f"recovery step {m['index']}/{m['total']} (t={m['t']})"
+        self.readout.setText(
+            f"<b>{run.base}</b><br>frame {j + 1}/{run.store.n} shown (#{m['frame'] + 1} of {m['n_total']}): {what}<br>"
+            f"max displacement {m['max_disp_pct']:.2f} % of side, mean {m['mean_disp_pct']:.2f} %<br>"
+            f"folding {m['folding_pct']:.3f} % (min det J {m['min_jacobian']:.3f})")
+
+    def closeEvent(self, event):  # stop work when the dock closes
+        self.cancel()
+        self._timer.stop()
+        super().closeEvent(event)

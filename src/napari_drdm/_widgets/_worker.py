@@ -1,0 +1,89 @@
+"""The explorer's background work, Qt-free: model loading (cached) and a frame generator.
+
+:func:`explore` wraps :meth:`DRDM.iter_generate`: for every frame it computes, off the UI thread,
+what the layers need (Jacobian, folding, warped grid, vectors, readout metrics) and writes it into a
+:class:`~._layers.FrameStore`; it yields a small progress dict per frame (so a GUI worker can stop
+between any two steps) and returns the :class:`~napari_drdm.model.GenerationResult`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._layers import FrameStore, grid_lines, pack_frame, vector_lattice
+
+__all__ = ["load_model_cached", "try_load_model", "explore", "model_key"]
+
+_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 2
+
+
+def model_key(source: str, size: Optional[int], device: str) -> tuple:
+    return (str(source), int(size) if size else None, str(device or "auto"))
+
+
+def load_model_cached(source: str, size: Optional[int] = None, device: str = "auto"):
+    """``load_model`` with a small process-wide cache (switching back and forth is instant)."""
+    key = model_key(source, size, device)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    from ..model import load_model
+
+    model = load_model(source, device=None if device == "auto" else device, size=size)
+    with _CACHE_LOCK:
+        _CACHE[key] = model
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return model
+
+
+def try_load_model(source: str, size: Optional[int] = None, device: str = "auto") -> Tuple[Any, Optional[str]]:
+    """(model, None) or (None, reason): an unusable checkpoint or device is an expected outcome in a GUI."""
+    try:
+        return load_model_cached(source, size, device), None
+    except Exception as e:  # noqa: BLE001 - shown to the user as the reason Run is disabled
+        return None, f"{type(e).__name__}: {e}"
+
+
+def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,
+            seed: int, schedule: str, k: int, store: FrameStore) -> Iterator[Dict[str, Any]]:
+    """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult."""
+    import torch
+
+    from ..core.spatial import warp
+
+    shape = tuple(image.shape)
+    t0 = time.perf_counter()
+    gen = model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
+                              spacing=spacing, frames=True, render=True)
+    grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
+    lattice = vector_lattice(shape)
+    n_forward = store.plan.n_forward
+    i = 0
+    while True:
+        try:
+            fr = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if store.wants(i):
+            warped = None
+            if grid_t is not None:
+                with torch.no_grad():
+                    warped = warp(grid_t, torch.as_tensor(fr.ddf)[None], "linear", "zeros")[0, 0].numpy()
+            packed = pack_frame(fr.ddf, fr.image, fr.labels, warped, store.plan, spacing, lattice)
+            store.add(packed, {"phase": fr.phase, "index": fr.index, "total": fr.total, "t": fr.t,
+                               "frame": i, "n_total": store.plan.n_total})
+        i += 1
+        store.n_seen = i
+        yield {"done": i, "total": store.plan.n_total, "kept": store.n, "phase": fr.phase,
+               "index": fr.index, "phase_total": fr.total, "t": fr.t,
+               "elapsed": time.perf_counter() - t0, "forward": i <= n_forward}
+    return result

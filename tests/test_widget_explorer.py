@@ -1,0 +1,266 @@
+"""The DRDM explorer dock widget under Xvfb (pytest-xvfb), with tiny random checkpoints."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("qtpy")
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_checkpoint(path, ndim, size):
+    from napari_drdm.checkpoint import write_checkpoint
+    from napari_drdm.core.config import DRDMConfig
+    from napari_drdm.core.network import DRDMNet
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    write_checkpoint(path, DRDMNet(ndim).state_dict(), DRDMConfig.default(ndim, size=size), {"note": "random test"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny2d(tmp_path_factory):
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors", 2, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny3d(tmp_path_factory):
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny3d.safetensors", 3, 16)
+
+
+def _image(shape=(48, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[-2], : shape[-1]]
+    disc = ((yy - shape[-2] / 2) ** 2 + (xx - shape[-1] / 2) ** 2 < (min(shape[-2:]) / 3) ** 2)
+    img = disc * 100.0 + rng.normal(0, 5, shape[-2:])
+    img = np.broadcast_to(img, shape).astype(np.float32).copy()
+    lab = np.broadcast_to(disc.astype(np.uint8), shape).copy()
+    return img, lab
+
+
+def _open(viewer):
+    _dw, widget = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM explorer")
+    return widget
+
+
+def _with_model(qtbot, widget, ckpt):
+    widget.set_checkpoint(ckpt)
+    qtbot.waitUntil(widget.model_ready, timeout=30000)
+
+
+def _run_and_wait(qtbot, widget, t_prime=3, schedule="paper", timeout=60000):
+    widget.tprime_spin.setValue(t_prime)
+    widget.schedule_combo.setCurrentText(schedule)
+    assert widget.run_btn.isEnabled(), widget.reason
+    worker = widget.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+    return worker
+
+
+def test_import_is_cheap():
+    code = ("import sys, napari_drdm, napari_drdm._reader, napari_drdm._writer, napari_drdm._widgets._explorer; "
+            "assert 'torch' not in sys.modules, 'torch imported at plugin import'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dock_widget_opens_through_manifest(make_napari_viewer):
+    from napari_drdm._widgets._explorer import ExplorerWidget
+    viewer = make_napari_viewer()
+    widget = _open(viewer)
+    assert isinstance(widget, ExplorerWidget)
+    assert not widget.run_btn.isEnabled()
+    assert "image" in widget.reason.lower()
+
+
+def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
+    viewer = make_napari_viewer()
+    img, lab = _image((48, 40))
+    viewer.add_image(img, name="img", scale=(1.0, 1.2))
+    viewer.add_labels(lab, name="lab", scale=(1.0, 1.2))
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny2d)
+    assert widget.labels_combo.currentText() == "lab"       # matching labels picked by default
+    widget.seed_spin.setValue(7)
+    _run_and_wait(qtbot, widget, t_prime=3, schedule="paper")
+    n = 3 + 3                                                # forward t'=1..3, then 3 reverse steps
+    base = "img DRDM T'3 s7 paper K2"
+    names = [ly.name for ly in viewer.layers]
+    for suffix, shape in [("frames", (n, 48, 40)), ("labels", (n, 48, 40)), ("jacobian", (n, 48, 40)),
+                          ("folding (det<=0)", (n, 48, 40)), ("grid", (n, 48, 40)),
+                          ("recovered image", (48, 40)), ("recovered labels", (48, 40)),
+                          ("recovered field |u| (mm)", (48, 40))]:
+        name = f"{base} {suffix}"
+        assert name in names, (name, names)
+        layer = viewer.layers[name]
+        assert layer.data.shape == shape, (name, layer.data.shape)
+        np.testing.assert_allclose(layer.scale[-2:], (1.0, 1.2))
+    vec = viewer.layers[f"{base} vectors"]
+    assert vec.data.shape[1:] == (2, 3) and set(np.unique(vec.data[:, 0, 0])) == set(range(n))
+    # labels keep their classes; the field is saved as a vector field
+    assert set(np.unique(viewer.layers[f"{base} labels"].data)) <= {0, 1}
+    field = viewer.layers[f"{base} recovered field |u| (mm)"]
+    assert field.metadata["drdm_ddf"].shape == (2, 48, 40)
+    jac = viewer.layers[f"{base} jacobian"]
+    assert tuple(jac.contrast_limits) == (0.0, 2.0)
+    # readout follows the slider; the step buttons move it
+    frames = viewer.layers[f"{base} frames"]
+    viewer.layers.selection.active = frames
+    axis = viewer.dims.ndim - frames.ndim
+    viewer.dims.set_point(axis, 0)
+    m0 = widget.readout_metrics()
+    assert m0["phase"] == "forward" and m0["t"] == 1
+    assert "forward t'=1" in widget.readout.text()
+    widget.step(+1)
+    assert widget.readout_metrics()["t"] == 2
+    viewer.dims.set_point(axis, n - 1)
+    m = widget.readout_metrics()
+    assert m["phase"] == "recovery" and m["index"] == 3
+    assert {"max_disp_pct", "mean_disp_pct", "folding_pct"} <= set(m)
+    widget.step(-1)
+    assert widget.readout_metrics()["index"] == 2
+    assert "done" in widget.status_label.text()
+    assert widget.run_btn.isEnabled()
+
+
+def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):
+    viewer = make_napari_viewer()
+    img, _ = _image((32, 32))
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny2d)
+    widget.tprime_spin.setValue(3)
+    widget.schedule_combo.setCurrentText("reference")        # 3 + 80 frames: plenty of time to cancel
+    seen = {}
+
+    def cancel_on_first(info):
+        if "at_cancel" not in seen:
+            seen["at_cancel"] = run.store.n_seen
+            widget.cancel()
+
+    worker = widget.run()
+    run = widget._runs[-1]
+    worker.yielded.connect(cancel_on_first)
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    total = run.store.plan.n_total
+    assert total == 83
+    assert run.cancelled
+    assert 1 <= run.store.n < total
+    assert run.store.n_seen - seen["at_cancel"] <= 2            # stopped within a step of the request
+    frames = viewer.layers[f"{run.base} frames"]
+    assert frames.data.shape[0] == run.store.n                 # what was computed stays
+    assert not any("recovered" in ly.name for ly in viewer.layers)
+    assert "cancelled" in widget.status_label.text()
+    assert widget.run_btn.isEnabled() and not widget.cancel_btn.isEnabled()
+
+
+def test_invalid_inputs_disable_run(make_napari_viewer, qtbot, tiny2d, tiny3d):
+    viewer = make_napari_viewer()
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny2d)
+    assert not widget.run_btn.isEnabled() and "No image layer" in widget.reason
+
+    img, lab = _image((32, 32))
+    viewer.add_image(img, name="ok")
+    assert widget.run_btn.isEnabled(), widget.reason
+
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="rgb", rgb=True)
+    widget.set_image_layer("rgb")
+    assert not widget.run_btn.isEnabled() and "RGB" in widget.reason
+
+    bad = img.copy()
+    bad[3, 4] = np.nan
+    viewer.add_image(bad, name="nan")
+    widget.set_image_layer("nan")
+    assert not widget.run_btn.isEnabled() and "NaN" in widget.reason
+
+    widget.set_image_layer("ok")
+    viewer.add_labels(np.zeros((30, 32), np.uint8), name="small labels")
+    widget.set_labels_layer("small labels")
+    assert not widget.run_btn.isEnabled() and "shape" in widget.reason
+
+    viewer.add_image(np.full((32, 32), 0.5, np.float32), name="probabilities")
+    widget.set_labels_layer("probabilities")
+    assert not widget.run_btn.isEnabled() and "float" in widget.reason
+
+    viewer.add_image((lab * 2).astype(np.float32), name="float classes")   # integer-valued floats are fine
+    widget.set_labels_layer("float classes")
+    assert widget.run_btn.isEnabled(), widget.reason
+    widget.set_labels_layer(None)
+
+    _with_model(qtbot, widget, tiny3d)                    # a 3D model cannot take a 2D image
+    widget.set_image_layer("ok")
+    assert not widget.run_btn.isEnabled() and "2D but the model is 3D" in widget.reason
+
+    widget.device_combo.setCurrentText("cuda")
+    import torch
+    if not torch.cuda.is_available():
+        qtbot.waitUntil(lambda: not widget._model_loading, timeout=30000)
+        assert not widget.run_btn.isEnabled() and "cuda" in widget.reason.lower()
+
+
+def test_slice_of_a_stack_with_a_2d_model(make_napari_viewer, qtbot, tiny2d):
+    viewer = make_napari_viewer()
+    img, lab = _image((5, 32, 24))
+    viewer.add_image(img, name="stack", scale=(3.0, 1.0, 1.5), translate=(10.0, 0.0, 0.0))
+    viewer.add_labels(lab, name="stack labels", scale=(3.0, 1.0, 1.5), translate=(10.0, 0.0, 0.0))
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny2d)
+    viewer.dims.set_point(0, 10.0 + 2 * 3.0)                  # slice 2
+    assert widget.run_btn.isEnabled(), widget.reason
+    assert "axis 0 = 2" in widget.input_info.text()
+    _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+    run = widget._runs[-1]
+    frames = viewer.layers[f"{run.base} frames"]
+    assert run.base.endswith("@2")
+    assert frames.data.shape == (4, 1, 32, 24)
+    np.testing.assert_allclose(frames.scale, (1.0, 3.0, 1.0, 1.5))
+    np.testing.assert_allclose(frames.translate, (0.0, 16.0, 0.0, 0.0))
+    rec = viewer.layers[f"{run.base} recovered labels"]
+    assert rec.data.shape == (1, 32, 24)
+    assert viewer.layers[f"{run.base} recovered field |u| (mm)"].metadata["drdm_ddf"].shape == (3, 1, 32, 24)
+
+
+def test_3d_run_within_budget(make_napari_viewer, qtbot, tiny3d):
+    viewer = make_napari_viewer()
+    img, lab = _image((12, 16, 16))
+    viewer.add_image(img, name="vol", scale=(2.0, 1.0, 1.0))
+    viewer.add_labels(lab, name="vol labels", scale=(2.0, 1.0, 1.0))
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny3d)
+    assert widget.run_btn.isEnabled(), widget.reason
+    _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+    run = widget._runs[-1]
+    assert viewer.layers[f"{run.base} frames"].data.shape == (4, 12, 16, 16)
+    assert viewer.layers[f"{run.base} recovered image"].data.shape == (12, 16, 16)
+    assert "frames: all 4 frames" in widget.plan_label.text()
+
+
+def test_frame_plan_budget():
+    from napari_drdm._widgets._layers import plan_frames
+    shape = (128, 128, 128)
+    full = plan_frames(shape, 45, 80, np.dtype(np.uint8), (0, 1), budget_bytes=64 * 2 ** 30)
+    assert not full.compact and full.n_kept == 125
+    plan = plan_frames(shape, 45, 80, np.dtype(np.uint8), (0, 1), budget_bytes=2 ** 30)
+    assert plan.compact and plan.total_bytes <= 2 ** 30
+    assert 44 in plan.keep and 124 in plan.keep and 0 in plan.keep     # last forward and last frame kept
+    assert plan.image_dtype == np.float16 and plan.jacobian_dtype == np.float16
+    assert "every" in plan.describe() and "budget" in plan.describe()
+    ct = plan_frames(shape, 45, 80, None, (-1024, 70000), budget_bytes=2 ** 30)
+    assert ct.image_dtype == np.uint8                                   # float16 cannot hold that range
+    tiny = plan_frames((400, 400, 400), 45, 80, None, (0, 1), budget_bytes=2 ** 20)
+    assert tiny.keep == [124]
