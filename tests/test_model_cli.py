@@ -1,0 +1,187 @@
+"""The model object, checkpoint safety and the `drdm generate/evaluate/weights` commands."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_checkpoint, ref_path
+from napari_drdm.checkpoint import CheckpointError, read_checkpoint
+from napari_drdm.cli import main
+from napari_drdm.model import DRDM, ModelGrid, load_model
+
+
+def blob_image(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    c = rng.uniform(-0.3, 0.3, len(shape))
+    r2 = sum((g - ci) ** 2 for g, ci in zip(grids, c))
+    img = np.exp(-r2 / 0.2) * 1000
+    lab = (r2 < 0.15).astype(np.uint8) + (r2 < 0.05).astype(np.uint8)
+    return img.astype(np.int16), lab
+
+
+def test_generate_any_size_keeps_shape_dtype_labels(tiny_ckpt2d):
+    model = load_model(tiny_ckpt2d, device="cpu")
+    img, lab = blob_image((40, 52))
+    res = model.generate(img, lab * 5, t_prime=4, seed=1, schedule="paper", spacing=(1.5, 1.0))
+    assert res.image.shape == img.shape and res.image.dtype == img.dtype
+    assert res.labels.shape == lab.shape and set(np.unique(res.labels)) <= {0, 5, 10}
+    assert res.ddf.shape == (2, 40, 52) and res.forward_ddf.shape == (2, 40, 52)
+    assert img.min() <= res.image.min() and res.image.max() <= img.max()
+    res2 = model.generate(img, lab * 5, t_prime=4, seed=1, schedule="paper", spacing=(1.5, 1.0))
+    np.testing.assert_array_equal(res.ddf, res2.ddf)
+
+
+def test_frames_count_and_order(tiny_ckpt2d):
+    model = load_model(tiny_ckpt2d, device="cpu")
+    img, lab = blob_image((32, 32))
+    res = model.generate(img, lab, t_prime=3, seed=0, schedule="paper", return_frames=True)
+    phases = [(f.phase, f.index, f.t) for f in res.frames]
+    assert phases == [("forward", 1, 1), ("forward", 2, 2), ("forward", 3, 3),
+                      ("recovery", 1, 2), ("recovery", 2, 1), ("recovery", 3, 0)]
+    np.testing.assert_allclose(res.frames[-1].ddf, res.ddf, atol=1e-6)
+    res_ref = model.generate(img, lab, t_prime=3, seed=0, schedule="reference", return_frames=True)
+    assert sum(f.phase == "recovery" for f in res_ref.frames) == 80
+
+
+def test_model_grid_roundtrip_mapping():
+    g = ModelGrid.fit((40, 80), (2.0, 1.0), 32)
+    assert g.scale[0] == pytest.approx(80 / 32 / 2) and g.scale[1] == pytest.approx(80 / 32)
+    u = torch.zeros(1, 2, 32, 32)
+    u[:, 1] = 1.0  # one model pixel along columns = 2.5 original pixels
+    back = g.field_to_original(u)
+    assert back.shape == (1, 2, 40, 80)
+    torch.testing.assert_close(back[0, 1], torch.full((40, 80), 2.5))
+    assert ModelGrid.fit((32, 32), None, 32).identity
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.zeros((8, 8, 8, 2)), "must be 2D"),
+    (np.zeros((16, 16, 3)), "RGB"),
+    (np.full((16, 16), np.nan), "NaN"),
+])
+def test_bad_images(tiny_ckpt2d, bad, msg):
+    model = load_model(tiny_ckpt2d, device="cpu")
+    with pytest.raises(ValueError, match=msg):
+        model.generate(bad, t_prime=2)
+
+
+def test_bad_labels(tiny_ckpt2d):
+    model = load_model(tiny_ckpt2d, device="cpu")
+    img, lab = blob_image((32, 32))
+    with pytest.raises(ValueError, match="does not match"):
+        model.generate(img, lab[:-1], t_prime=2)
+    with pytest.raises(TypeError, match="integer"):
+        model.generate(img, lab * 0.5, t_prime=2)
+    with pytest.raises(ValueError, match="T'"):
+        model.generate(img, lab, t_prime=81)
+
+
+def test_checkpoint_safety_and_errors(tmp_path, tiny_ckpt3d):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(corrupt)
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, evil)
+    with pytest.raises(CheckpointError):
+        read_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+    # a 3D checkpoint is refused for a 2D image, with a clear message
+    model = load_model(tiny_ckpt3d, device="cpu")
+    assert model.ndim == 3
+    with pytest.raises(ValueError, match="must be 3D"):
+        model.generate(np.zeros((32, 32)), t_prime=2)
+    with pytest.raises(KeyError, match="unknown weights"):
+        load_model("no-such-model")
+
+
+def test_reference_checkpoint_loads_strict():
+    model = DRDM.from_checkpoint(ref_path("upstream_cmr2d.pth"), device="cpu")
+    n = sum(p.numel() for name, p in model.net.named_parameters() if name != "time_embed.weight")
+    assert model.ndim == 2 and model.size == 256 and n == 435435
+
+
+def _nifti(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+def test_cli_generate_3d_nifti_with_labels(tmp_path, tiny_ckpt3d):
+    img, lab = blob_image((20, 24, 18))
+    aff = np.diag([1.2, 1.0, 2.0, 1.0])
+    aff[:3, 3] = [10, -20, 5]
+    ip = _nifti(tmp_path / "vol.nii.gz", img, aff)
+    lp = _nifti(tmp_path / "vol_label.nii.gz", lab, aff)
+    out = tmp_path / "out"
+    rc = main(["generate", ip, "--labels", lp, "--weights", str(tiny_ckpt3d), "--t-prime", "3", "--seed", "4",
+               "--schedule", "paper", "--out", str(out)])
+    assert rc == 0
+    im = nib.load(out / "vol_image.nii.gz")
+    lb = nib.load(out / "vol_labels.nii.gz")
+    dd = nib.load(out / "vol_ddf.nii.gz")
+    np.testing.assert_allclose(im.affine, aff)
+    np.testing.assert_allclose(lb.affine, aff)
+    assert im.get_data_dtype() == np.int16
+    assert set(np.unique(np.asanyarray(lb.dataobj))) <= {0, 1, 2}
+    assert dd.shape == (20, 24, 18, 1, 3)
+    side = json.loads((out / "vol.json").read_text())
+    assert side["seed"] == 4 and side["t_prime"] == 3 and side["schedule"] == "paper"
+    assert len(side["weights_sha256"]) == 64 and "folding_pct" in side["metrics"]
+    # refuses to overwrite
+    rc = main(["generate", ip, "--labels", lp, "--weights", str(tiny_ckpt3d), "--t-prime", "3", "--out", str(out)])
+    assert rc == 1
+
+
+def test_cli_generate_png_and_errors(tmp_path, tiny_ckpt2d, capsys):
+    from PIL import Image
+    img, _ = blob_image((30, 36))
+    png = tmp_path / "slice.png"
+    Image.fromarray((img / 4).astype(np.uint8)).save(png)
+    assert main(["generate", str(png), "--weights", str(tiny_ckpt2d), "--t-prime", "2", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "slice_image.nii.gz").exists()
+    rgb = tmp_path / "rgb.png"
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[..., 0] = 200
+    Image.fromarray(arr).save(rgb)
+    assert main(["generate", str(rgb), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o2")]) == 1
+    assert "colour image" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nope.nii.gz"), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o3")]) == 1
+    assert "not found" in capsys.readouterr().err
+    vol = _nifti(tmp_path / "v.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+    assert main(["generate", vol, "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o4")]) == 1
+    assert "3D" in capsys.readouterr().err
+
+
+def test_cli_evaluate_json(tmp_path, tiny_ckpt2d, capsys):
+    imgs = np.stack([blob_image((32, 32), s)[0] for s in range(3)]).astype(np.float32)
+    npz = tmp_path / "slices.npz"
+    np.savez(npz, images=imgs)
+    rc = main(["evaluate", "--weights", str(tiny_ckpt2d), "--images", str(npz), "--t-prime", "2", "5",
+               "--samples", "3", "--schedule", "paper", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["schedule"] == "paper" and [r["t_prime"] for r in out["results"]] == [2, 5]
+    r = out["results"][1]
+    assert r["n"] == 3 and set(r["max_disp_pct"]) >= {"mean", "sd"} and "folding_pct" in r["forward"]
+    assert r["seconds_per_image"] > 0
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).parent / "drdm"
+    assert exe.exists(), "the `drdm` console script is not installed in this environment"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "generate" in out.stdout and "evaluate" in out.stdout
