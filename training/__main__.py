@@ -1,0 +1,114 @@
+"""``python -m training {kit,prepare,train,export}``: the DRDM training command line.
+
+    python -m training kit --out cache/kit
+    python -m training prepare --config training/configs/brain2d.yaml
+    python -m training train   --config training/configs/brain2d.yaml --run runs/brain2d
+    python -m training train   --run runs/brain2d --resume [--set budget.max_minutes=100]
+    torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run runs/b2d
+    python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
+
+See training/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _add_kit(sub) -> None:
+    try:
+        from .kit import add_kit_parser
+    except ImportError as e:
+        err = str(e)
+        p = sub.add_parser("kit", help="build the training data kit (unavailable: see --help)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def _missing(_args):
+            print(f"error: the data kit module training/kit.py cannot be imported ({err})", file=sys.stderr)
+            return 2
+        p.set_defaults(func=_missing)
+        return
+    add_kit_parser(sub)
+
+
+def _config_args(p, required: bool):
+    p.add_argument("--config", required=required, help="YAML training configuration (training/configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key, e.g. --set train.steps=2000 (repeatable)")
+
+
+def _cmd_prepare(args) -> int:
+    from .settings import load_config
+    from .data import prepare
+    cfg = load_config(args.config, args.set)
+    out = args.out or cfg["data"].get("prepared")
+    if not out:
+        print("error: give --out or set data.prepared in the configuration", file=sys.stderr)
+        return 2
+    prepare(cfg, out)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .settings import load_config
+    from .train import latest_checkpoint, train
+    run = Path(args.run)
+    if args.resume and (run / "config.yaml").exists():
+        if args.config:
+            print(f"note: --resume uses {run / 'config.yaml'}; --config {args.config} is ignored "
+                  f"(use --set to change keys)", file=sys.stderr)
+        import yaml
+        cfg = load_config(base=yaml.safe_load((run / "config.yaml").read_text()), sets=args.set)
+    elif args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        print("error: --config is required for a new run", file=sys.stderr)
+        return 2
+    if args.resume and latest_checkpoint(run) is None:
+        print(f"note: no checkpoint in {run}; starting from scratch", file=sys.stderr)
+    train(cfg, run, resume=args.resume, argv=["python", "-m", "training"] + list(args.argv))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import main_export
+    return main_export(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_kit(sub)
+    p = sub.add_parser("prepare", help="preprocess the kit into one compact .npz for training")
+    _config_args(p, True)
+    p.add_argument("--out", default=None, help="output file (default: data.prepared of the config)")
+    p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("train", help="train (or --resume) a DRDM network")
+    _config_args(p, False)
+    p.add_argument("--run", required=True, help="run directory (checkpoints, log, config)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("export", help="write a run's weights as a bundled .safetensors checkpoint")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--checkpoint", default=None, help="a specific checkpoint (default: the latest)")
+    p.add_argument("--name", default=None, help="model name stored in the config (default: the run's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--validate", action="store_true",
+                   help="run the configured validation on these weights now and record it")
+    p.set_defaults(func=_cmd_export)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Batched, on-device training augmentation (SPEC section 5), seedable with a torch.Generator.
+
+All random numbers of a batch are drawn up front, in a fixed order and always the same amount
+whatever the probabilities decide, so a generator state fully determines the result.  Spatial
+transforms are a single ``affine_grid`` / ``grid_sample`` per batch (bilinear, zeros), so an
+image is interpolated once.
+
+2D: rotation U(-max_rotation_deg, max_rotation_deg) and translation U(-max_translation,
+max_translation) of the side per axis, together with probability ``p_affine``.
+3D: rotation about a random axis (uniform on the sphere) with probability ``p_rotate3d``;
+isotropic crop of ratio U(crop_min, 1) at a random position, resized back, with probability
+``p_crop3d``.
+Both: flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
+[0, 1]); intensity (``p_intensity``): subtract a threshold U(0, threshold_max), clamp at 0,
+multiply by a gain N(1, gain_std) and add an offset N(0, offset_std).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d"]
+
+AUGMENT_DEFAULTS: Dict[str, Any] = {
+    "enabled": True,
+    "p_affine": 0.8, "max_rotation_deg": 180.0, "max_translation": 0.125,   # 2D
+    "p_rotate3d": 0.6, "p_crop3d": 0.8, "crop_min": 0.6,                    # 3D
+    "p_flip": 0.5, "p_autocontrast": 0.5,
+    "p_intensity": 1.0, "threshold_max": 0.2, "gain_std": 0.1, "offset_std": 0.1,
+}
+
+
+def _u(n, g, device, lo=0.0, hi=1.0, *shape):
+    return lo + (hi - lo) * torch.rand((n,) + shape, generator=g, device=device)
+
+
+def affine_2d(B: int, cfg: Dict[str, Any], g: Optional[torch.Generator], device) -> torch.Tensor:
+    """(B, 2, 3) affine_grid matrices: rotation + translation with probability p_affine."""
+    sel = (_u(B, g, device) < cfg["p_affine"]).to(torch.float32)
+    ang = _u(B, g, device, -1.0, 1.0) * math.radians(cfg["max_rotation_deg"]) * sel
+    # translation as a fraction of the side -> normalised units (side = 2)
+    tr = _u(B, g, device, -1.0, 1.0, 2) * (2.0 * cfg["max_translation"]) * sel[:, None]
+    c, s = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([c, -s, tr[:, 0]], 1), torch.stack([s, c, tr[:, 1]], 1)], 1)
+    return theta
+
+
+def affine_3d(B: int, cfg: Dict[str, Any], g: Optional[torch.Generator], device) -> torch.Tensor:
+    """(B, 3, 4) matrices: rotation about a random axis (p_rotate3d) after an isotropic crop (p_crop3d)."""
+    sel_r = (_u(B, g, device) < cfg["p_rotate3d"]).to(torch.float32)
+    axis = torch.randn((B, 3), generator=g, device=device)
+    axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    ang = _u(B, g, device, -1.0, 1.0) * math.radians(cfg["max_rotation_deg"]) * sel_r
+    sel_c = (_u(B, g, device) < cfg["p_crop3d"]).to(torch.float32)
+    ratio = 1.0 - (1.0 - _u(B, g, device, cfg["crop_min"], 1.0)) * sel_c
+    centre = _u(B, g, device, -1.0, 1.0, 3) * (1.0 - ratio)[:, None]
+    K = torch.zeros((B, 3, 3), device=device)
+    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    K = K - K.transpose(1, 2)
+    eye = torch.eye(3, device=device).expand(B, 3, 3)
+    R = eye + torch.sin(ang)[:, None, None] * K + (1 - torch.cos(ang))[:, None, None] * (K @ K)
+    return torch.cat([R * ratio[:, None, None], centre[:, :, None]], dim=2)
+
+
+def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Optional[torch.Generator] = None
+            ) -> torch.Tensor:
+    """Augment a batch (B, C, S^d) of images in [0, 1]; returns a new float32 tensor, same shape.
+
+    Output range: [offset, gain * 1 + offset] per image (the intensity part is not re-clamped).
+    """
+    cfg = dict(AUGMENT_DEFAULTS, **(cfg or {}))
+    if not cfg.get("enabled", True):
+        return x
+    x = x.to(torch.float32)
+    B, nd, dev, g = x.shape[0], x.dim() - 2, x.device, generator
+    theta = affine_2d(B, cfg, g, dev) if nd == 2 else affine_3d(B, cfg, g, dev)
+    flips = _u(B, g, dev, 0.0, 1.0, nd) < cfg["p_flip"]
+    sel_ac = _u(B, g, dev) < cfg["p_autocontrast"]
+    sel_in = (_u(B, g, dev) < cfg["p_intensity"]).to(torch.float32)
+    thr = _u(B, g, dev, 0.0, cfg["threshold_max"]) * sel_in
+    gain = 1.0 + torch.randn(B, generator=g, device=dev) * cfg["gain_std"] * sel_in
+    offset = torch.randn(B, generator=g, device=dev) * cfg["offset_std"] * sel_in
+
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    view = (B,) + (1,) * (nd + 1)
+    for a in range(nd):
+        x = torch.where(flips[:, a].view(view), x.flip(2 + a), x)
+    flat = x.reshape(B, -1)
+    lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
+    stretched = (x - lo) / (hi - lo).clamp_min(1e-6)
+    x = torch.where(sel_ac.view(view) & (hi - lo > 1e-6), stretched, x)
+    x = torch.relu(x - thr.view(view))
+    return x * gain.view(view) + offset.view(view)

@@ -1,0 +1,400 @@
+"""Training data: kit records -> one compact prepared file -> an in-memory batch sampler.
+
+``prepare(cfg)`` turns the data kit (NIfTI volumes, see ``training/kit.py``) into a single
+``.npz`` holding uint8 images already preprocessed for the model grid (SPEC section 5):
+
+* every volume is scaled robustly (0.5-99.5 percentiles -> [0, 1]), its background removed
+  (threshold, largest connected component, holes filled slice-wise), cropped to the foreground
+  bounding box, and resampled isotropically (physical spacing, anti-aliased) into a cube of side
+  S covering the largest physical extent, centred, zero padded;
+* 2D: every slice of that cube along the configured axes whose foreground covers at least
+  ``min_foreground`` of the slice, min-max to [0, 1] per slice; if the training set would exceed
+  ``max_mb`` (compressed file size) the training slices are subsampled with a constant stride (recorded in the metadata);
+* 3D: the cube itself, min-max to [0, 1] per volume.
+
+Splits follow the kit's subjects (``load_kit(kit_dir, split)``).  ``data: {kind: synthetic}``
+builds smooth random blob images instead, so tests never download anything.  The metadata
+records the kit's source sha256s; the prepared file's own sha256 goes to ``<file>.json``.
+
+:class:`SliceBank` keeps the prepared images on the training device and serves batches in a
+per-epoch permutation (sharded over distributed ranks) whose state is two integers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ensure_core", "preprocess_volume", "synthetic_images", "prepare", "load_prepared",
+           "prepared_info", "SliceBank", "file_sha256"]
+
+SPLITS = ("train", "val")
+
+
+def ensure_core():
+    """Make ``napari_drdm`` importable from a source checkout (``src/`` layout, not installed)."""
+    try:
+        import napari_drdm  # noqa: F401
+    except ImportError:
+        src = Path(__file__).resolve().parents[1] / "src"
+        if (src / "napari_drdm").is_dir():
+            sys.path.insert(0, str(src))
+
+
+ensure_core()
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing of one image / volume
+# ----------------------------------------------------------------------------------------------
+def _foreground_mask(v: np.ndarray, threshold: float) -> np.ndarray:
+    """v > threshold, largest connected component, holes filled in every slice plane."""
+    from scipy import ndimage as ndi
+    mask = v > threshold
+    lab, n = ndi.label(mask)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        mask = lab == int(np.argmax(sizes))
+    nd = v.ndim
+    if nd == 2:
+        return ndi.binary_fill_holes(mask)
+    filled = mask.copy()
+    for ax in range(nd):  # planar structuring element = hole filling slice by slice along `ax`
+        st = np.zeros((3,) * nd, dtype=bool)
+        sl = [slice(None)] * nd
+        sl[ax] = 1
+        st[tuple(sl)] = ndi.generate_binary_structure(nd - 1, 1)
+        filled |= ndi.binary_fill_holes(mask, structure=st)
+    return filled
+
+
+def preprocess_volume(vol: np.ndarray, spacing: Sequence[float], size: int, bg_threshold: float = 0.08,
+                      margin_px: int = 2):
+    """Image/volume (2D or 3D array) -> (image on an isotropic S^d grid in [0, 1], foreground mask).
+
+    Intensities: robust scaling (0.5 / 99.5 percentiles) clipped to [0, 1]; everything outside
+    the foreground mask set to 0.  Geometry: crop to the mask's bounding box (+ margin), then
+    an isotropic grid of spacing ``max_k(extent_k) / S`` centred on the box, linear interpolation
+    after a Gaussian anti-aliasing blur of sigma ``(zoom - 1) / 2`` per axis, zero padding.
+    """
+    from scipy import ndimage as ndi
+    v = np.nan_to_num(np.asarray(vol, dtype=np.float32))
+    nd = v.ndim
+    sp = np.asarray([float(s) for s in spacing][:nd], dtype=np.float64)
+    if sp.shape[0] != nd or np.any(sp <= 0):
+        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {v.shape}")
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    v = np.clip((v - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
+    mask = _foreground_mask(v, bg_threshold)
+    if not mask.any():
+        return None, None
+    v = v * mask
+    idx = np.nonzero(mask)
+    box = tuple(slice(max(int(i.min()) - margin_px, 0), min(int(i.max()) + margin_px + 1, n))
+                for i, n in zip(idx, v.shape))
+    v, m = v[box], mask[box].astype(np.float32)
+    extent = np.asarray(v.shape) * sp
+    iso = float(extent.max()) / size
+    zoom = iso / sp                              # input pixels per output pixel, per axis
+    sigma = np.maximum(0.0, (zoom - 1.0) / 2.0)
+    if np.any(sigma > 0):
+        v = ndi.gaussian_filter(v, sigma=sigma, mode="constant")
+    offset = (np.asarray(v.shape) - 1) / 2.0 - (size - 1) / 2.0 * zoom
+    kw = dict(matrix=zoom, offset=offset, output_shape=(size,) * nd, order=1, mode="constant", cval=0.0)
+    out = ndi.affine_transform(v, **kw)
+    fg = ndi.affine_transform(m, **kw) > 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32), fg
+
+
+def _minmax_u8(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    a = (a - a.min()) / (a.max() - a.min() + 1e-7)
+    return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
+
+
+def _slices(cube: np.ndarray, fg: np.ndarray, axes: Sequence[int], min_foreground: float):
+    """(images uint8 (n, S, S), axis, index) of the foreground slices of a cube (or the 2D image)."""
+    if cube.ndim == 2:
+        ok = fg.mean() >= min_foreground and cube.max() > 0
+        return ([_minmax_u8(cube)], [-1], [0]) if ok else ([], [], [])
+    ims, ax_l, ix_l = [], [], []
+    for ax in axes:
+        for i in range(cube.shape[ax]):
+            f = np.take(fg, i, axis=ax)
+            if f.mean() < min_foreground:
+                continue
+            s = np.take(cube, i, axis=ax)
+            if s.max() <= 0:
+                continue
+            ims.append(_minmax_u8(s))
+            ax_l.append(ax)
+            ix_l.append(i)
+    return ims, ax_l, ix_l
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic data (tests / CI): smooth random blobs
+# ----------------------------------------------------------------------------------------------
+def synthetic_images(n: int, size: int, ndim: int, seed: int = 0) -> np.ndarray:
+    """n smooth random 'anatomies' (uint8, (n, S^d)): an ellipsoidal body with Gaussian blobs."""
+    rng = np.random.RandomState(seed)
+    ax = np.linspace(-1, 1, size, dtype=np.float32)
+    X = np.stack(np.meshgrid(*([ax] * ndim), indexing="ij"), 0)
+    out = np.empty((n,) + (size,) * ndim, dtype=np.uint8)
+    for k in range(n):
+        radii = rng.uniform(0.55, 0.9, ndim)
+        centre = rng.uniform(-0.08, 0.08, ndim)
+        r2 = sum(((X[i] - centre[i]) / radii[i]) ** 2 for i in range(ndim))
+        body = 1.0 / (1.0 + np.exp((r2 - 1.0) * 25.0))
+        img = 0.35 * body
+        for _ in range(rng.randint(3, 8)):
+            c = centre + rng.uniform(-0.5, 0.5, ndim) * radii
+            w = rng.uniform(0.06, 0.25)
+            d2 = sum((X[i] - c[i]) ** 2 for i in range(ndim))
+            img = img + rng.uniform(-0.3, 0.6) * np.exp(-d2 / (2 * w * w)) * body
+        img = np.clip(img, 0, None) * (body > 0.05)
+        out[k] = _minmax_u8(img)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# kit access
+# ----------------------------------------------------------------------------------------------
+def _field(rec: Any, *names, default=None):
+    for name in names:
+        if isinstance(rec, dict) and name in rec:
+            return rec[name]
+        if hasattr(rec, name):
+            return getattr(rec, name)
+    return default
+
+
+def _load_kit(kit_dir: str, split: str):
+    try:
+        from . import kit as kit_mod
+    except ImportError as e:
+        raise RuntimeError(f"training/kit.py is not available ({e}); build the kit first or use "
+                           f"`data: {{kind: synthetic}}`") from None
+    return list(kit_mod.load_kit(kit_dir, split))
+
+
+def _manifest_sources(kit_dir: str) -> Dict[str, Any]:
+    """The kit manifest's sha256 and, for every train/val image, its own and its sources' sha256."""
+    p = Path(kit_dir) / "manifest.json"
+    if not p.exists():
+        return {"manifest": None, "files": []}
+    man = json.loads(p.read_text())
+    files = []
+    for r in man.get("files", []):
+        if r.get("role", "image") != "image" or r.get("split") not in SPLITS:
+            continue
+        src = r.get("source") or {}
+        files.append({"path": r.get("path"), "sha256": r.get("sha256"), "subject": r.get("subject"),
+                      "split": r.get("split"), "package": src.get("package"), "version": src.get("version"),
+                      "client": src.get("client"), "archive_sha256": src.get("archive_sha256"),
+                      "inputs": r.get("inputs"), "never_ship": r.get("never_ship")})
+    return {"manifest": str(p), "manifest_sha256": file_sha256(p), "kit_version": man.get("kit_version"),
+            "splits": man.get("splits"), "files": files}
+
+
+def _read_image(path: str):
+    """(array with singleton axes dropped, spacing of the kept axes) from a NIfTI file."""
+    import nibabel as nib
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    zooms = list(img.header.get_zooms()) + [1.0] * arr.ndim
+    keep = [i for i, n in enumerate(arr.shape) if n != 1]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{path}: image of shape {arr.shape} is neither 2D nor 3D")
+    return arr, [float(zooms[i]) for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------
+def _prepare_split(records, dcfg, ndim: int, size: int, log) -> Dict[str, Any]:
+    ims, src, axs, idxs, sources = [], [], [], [], []
+    for r in records:
+        path = _field(r, "image_path", "image")
+        arr, hdr_sp = _read_image(path)
+        rec_sp = _field(r, "spacing")
+        sp = [float(v) for v in rec_sp] if rec_sp is not None and len(rec_sp) == arr.ndim else hdr_sp
+        entry = {"image": str(path), "subject": str(_field(r, "subject", default="")), "shape": list(arr.shape),
+                 "spacing": [float(s) for s in sp]}
+        if ndim == 3 and arr.ndim != 3:
+            log(f"  skip {path}: {arr.ndim}D image for a 3D model")
+            continue
+        up = size * min(sp) / max(n * s for n, s in zip(arr.shape, sp))
+        if up > float(dcfg.get("max_upsample") or float("inf")):
+            log(f"  skip {path}: would be upsampled {up:.1f}x (> data.max_upsample)")
+            continue
+        cube, fg = preprocess_volume(arr, sp, size, dcfg["bg_threshold"])
+        if cube is None:
+            log(f"  skip {path}: no foreground")
+            continue
+        k = len(sources)
+        sources.append(entry)
+        if ndim == 3:
+            ims.append(_minmax_u8(cube)); src.append(k); axs.append(-1); idxs.append(0)
+            log(f"  {Path(path).name}: {arr.shape} @ {tuple(round(s, 3) for s in sp)} mm -> 1 volume")
+            continue
+        s_ims, s_ax, s_ix = _slices(cube, fg, dcfg["axes"], dcfg["min_foreground"])
+        ims += s_ims; src += [k] * len(s_ims); axs += s_ax; idxs += s_ix
+        log(f"  {Path(path).name}: {arr.shape} @ {tuple(round(s, 3) for s in sp)} mm -> {len(s_ims)} slices")
+    shape = (0,) + (size,) * ndim
+    return {"images": np.stack(ims) if ims else np.zeros(shape, np.uint8), "source": np.asarray(src, np.int16),
+            "axis": np.asarray(axs, np.int8), "index": np.asarray(idxs, np.int16), "sources": sources}
+
+
+def prepare(cfg: Dict[str, Any], out: Optional[str] = None, log=print) -> str:
+    """Build the prepared dataset file described by ``cfg['data']``; returns its path."""
+    dcfg, mcfg = cfg["data"], cfg["model"]
+    ndim, size = int(mcfg["ndim"]), int(mcfg["size"])
+    out = Path(out or dcfg["prepared"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta: Dict[str, Any] = {"format": "napari-drdm-prepared/1", "ndim": ndim, "size": size, "kind": dcfg["kind"],
+                            "data_config": dcfg}
+    arrays: Dict[str, np.ndarray] = {}
+    if dcfg["kind"] == "synthetic":
+        n = int(dcfg.get("n_synthetic", 64))
+        for i, split in enumerate(SPLITS):
+            count = n if split == "train" else max(2, n // 8)
+            arrays[f"{split}_images"] = synthetic_images(count, size, ndim, seed=int(dcfg.get("seed", 0)) * 7 + i)
+        meta["sources"] = {"synthetic": {"seed": int(dcfg.get("seed", 0)), "n": n}}
+    elif dcfg["kind"] == "kit":
+        kit_dir = dcfg["kit_dir"]
+        meta["kit"] = _manifest_sources(kit_dir)
+        for split in SPLITS:
+            recs = _load_kit(kit_dir, split)
+            log(f"{split}: {len(recs)} kit records")
+            res = _prepare_split(recs, dcfg, ndim, size, log)
+            for key in ("images", "source", "axis", "index"):
+                arrays[f"{split}_{key}"] = res[key]
+            meta[f"{split}_sources"] = res["sources"]
+    else:
+        raise ValueError(f"data.kind must be 'kit' or 'synthetic', got {dcfg['kind']!r}")
+    tmp = out.with_name(out.name + ".part.npz")
+    _write(tmp, meta, arrays)
+    limit = float(dcfg.get("max_mb", 40)) * 1e6
+    n_tr = int(arrays["train_images"].shape[0])
+    if tmp.stat().st_size > limit and n_tr > 1:
+        # subsample the training images with a constant stride until the file fits
+        stride = int(math.ceil(tmp.stat().st_size / limit))
+        while True:
+            sub = {k: (v[::stride] if k.startswith("train_") else v) for k, v in arrays.items()}
+            meta["subsample"] = {"stride": stride, "before": n_tr, "after": int(sub["train_images"].shape[0]),
+                                 "rule": "train images kept at indices 0, stride, 2*stride, ... of the kit order"}
+            _write(tmp, meta, sub)
+            if tmp.stat().st_size <= limit or stride >= n_tr:
+                break
+            stride += 1
+        log(f"subsampled train {n_tr} -> {meta['subsample']['after']} (stride {stride}) to stay under "
+            f"{dcfg.get('max_mb', 40)} MB")
+    os.replace(tmp, out)
+    info = {"path": str(out), "sha256": file_sha256(out), "bytes": out.stat().st_size, "counts": meta["counts"],
+            "kit_manifest_sha256": meta.get("kit", {}).get("manifest_sha256"), "subsample": meta.get("subsample")}
+    Path(str(out) + ".json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    log(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]}..., {meta['counts']})")
+    return str(out)
+
+
+def _write(path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]):
+    meta["counts"] = {s: int(arrays[f"{s}_images"].shape[0]) for s in SPLITS}
+    with open(path, "wb") as f:
+        np.savez_compressed(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
+
+
+def load_prepared(path: str) -> Dict[str, Any]:
+    """{'train': uint8 array, 'val': uint8 array, 'meta': dict, 'sha256': str} from a prepared file."""
+    with np.load(path, allow_pickle=False) as z:
+        out = {s: z[f"{s}_images"] for s in SPLITS}
+        out["meta"] = json.loads(str(z["meta"]))
+    out["sha256"] = file_sha256(path)
+    return out
+
+
+def prepared_info(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The provenance part of a prepared dataset (what a checkpoint should remember)."""
+    m = data["meta"]
+    return {"prepared_sha256": data["sha256"], "kind": m.get("kind"), "counts": m.get("counts"),
+            "subsample": m.get("subsample"), "kit": m.get("kit"), "synthetic": m.get("sources"),
+            "train_sources": m.get("train_sources"), "val_sources": m.get("val_sources")}
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+# ----------------------------------------------------------------------------------------------
+class SliceBank:
+    """Prepared uint8 images held on a device, served as float batches (B, 1, S^d) in [0, 1].
+
+    Order: one permutation per epoch, seeded by (seed, epoch) and identical on every rank; rank r
+    takes every world-th element from position r (equal lengths, remainder dropped).  The sampler
+    state is just (epoch, cursor), so resuming is exact.
+    """
+
+    def __init__(self, images, batch_size: int, device=None, seed: int = 0, rank: int = 0, world: int = 1):
+        data = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if data.dtype != torch.uint8:
+            raise TypeError(f"SliceBank wants uint8 images, got {data.dtype}")
+        if data.shape[0] < 1:
+            raise ValueError("SliceBank got no images")
+        self.data = data.to(device) if device is not None else data
+        self.batch_size, self.seed, self.rank, self.world = int(batch_size), int(seed), int(rank), int(world)
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order()
+
+    def __len__(self):
+        return int(self.data.shape[0])
+
+    def _epoch_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self), generator=g)
+        if len(self) < self.world:
+            perm = perm.repeat(math.ceil(self.world / len(self)))
+        per = perm.numel() // self.world
+        return perm[self.rank::self.world][:per]
+
+    def next_indices(self) -> torch.Tensor:
+        out = []
+        while len(out) < self.batch_size:
+            take = min(self.batch_size - len(out), self._order.numel() - self.cursor)
+            out.extend(self._order[self.cursor:self.cursor + take].tolist())
+            self.cursor += take
+            if self.cursor >= self._order.numel():
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._epoch_order()
+        return torch.as_tensor(out, dtype=torch.int64)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.data[idx.to(self.data.device)]
+        return (x.to(torch.float32) / 255.0).unsqueeze(1)
+
+    def next_batch(self) -> torch.Tensor:
+        return self.batch(self.next_indices())
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s: Dict[str, int]):
+        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
+        self._order = self._epoch_order()

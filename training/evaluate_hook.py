@@ -1,0 +1,114 @@
+"""Cheap periodic validation on held-out subjects.
+
+Two kinds of numbers, both on a fixed, seeded selection of validation images so that successive
+validations are comparable:
+
+* ``val/loss/*``: the training loss terms at a few fixed t (fixed forward-process draws);
+* ``val/T{T'}/{forward|paper|reference}/*``: paper Table 1 metrics (``field_metrics``: max and
+  mean displacement in % of S, folding in % of pixels with det <= 0) of the forward field
+  psi_{T':1} and of the field recovered by the reverse loop (``recover``) with each schedule,
+  averaged over the images.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data import ensure_core
+
+ensure_core()
+
+from napari_drdm.core.config import DRDMConfig  # noqa: E402
+from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.losses import drdm_losses  # noqa: E402
+from napari_drdm.core.metrics import field_metrics  # noqa: E402
+from napari_drdm.core.recovery import recover  # noqa: E402
+from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
+
+__all__ = ["VALIDATION_DEFAULTS", "Validator"]
+
+VALIDATION_DEFAULTS: Dict[str, Any] = {
+    "every": 1000,          # steps between validations (0 = never)
+    "at_end": True,         # also validate when train.steps is reached
+    "n_images": 2,          # validation images (evenly spaced through the val split)
+    "t_primes": [30, 45],   # T' of the Table-1 metrics
+    "schedules": ["paper", "reference"],
+    "loss_t": [10, 40, 70],  # t values of the validation loss
+    "seed": 1234,
+}
+
+
+class Validator:
+    def __init__(self, model_cfg: DRDMConfig, images: np.ndarray, vcfg: Dict[str, Any], loss_cfg: Dict[str, Any],
+                 device, autocast_dtype: Optional[torch.dtype] = None):
+        self.mcfg, self.v, self.loss_cfg, self.device = model_cfg, dict(VALIDATION_DEFAULTS, **vcfg), loss_cfg, device
+        self.autocast_dtype = autocast_dtype
+        n = min(int(self.v["n_images"]), len(images))
+        pick = np.linspace(0, len(images) - 1, n).round().astype(int) if n else np.zeros(0, int)
+        self.images = torch.as_tensor(images[pick]).to(torch.float32).div(255.0).unsqueeze(1).to(device)
+        self.sampler = ForwardSampler(model_cfg)
+
+    def __bool__(self):
+        return self.images.shape[0] > 0
+
+    def _net(self, net):
+        def fn(x, t, k):
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                return net(x, t, k=k).float()
+        return fn
+
+    @torch.no_grad()
+    def run(self, net) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        if not self:
+            return out
+        was_training = net.training
+        net.eval()
+        try:
+            fn = self._net(net)
+            out.update(self._loss(fn))
+            out.update(self._table1(fn))
+        finally:
+            net.train(was_training)
+        return out
+
+    def _loss(self, fn) -> Dict[str, float]:
+        cfg, S, B = self.mcfg, self.mcfg.size, self.images.shape[0]
+        sums: Dict[str, float] = {}
+        ts = [int(t) for t in self.v["loss_t"] if 0 <= int(t) < cfg.n_steps]
+        for t in ts:
+            g = torch.Generator().manual_seed(int(self.v["seed"]) * 101 + t)
+            fs = self.sampler.sample(t, batch=B, generator=g, device=self.device)
+            img_t = warp(self.images, fs.forward_ddf, "linear", "zeros")
+            tt = torch.full((B,), t, dtype=torch.int64, device=self.device)
+            psi_hat = fn(img_t, tt, cfg.k_recursions)
+            terms = drdm_losses(psi_hat, px_to_frac(fs.step_ddf, S), padding=self.loss_cfg["padding"],
+                                w_dist=self.loss_cfg["w_dist"], w_ang=self.loss_cfg["w_ang"],
+                                w_reg=self.loss_cfg["w_reg"], w_true_negdet=self.loss_cfg["true_negdet_weight"])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / max(len(ts), 1)
+        return {f"val/loss/{k}": v for k, v in sums.items()}
+
+    def _table1(self, fn) -> Dict[str, float]:
+        cfg, S, B = self.mcfg, self.mcfg.size, self.images.shape[0]
+        out: Dict[str, float] = {}
+        for tp in self.v["t_primes"]:
+            tp = int(tp)
+            g = torch.Generator().manual_seed(int(self.v["seed"]) * 977 + tp)
+            fwd = self.sampler.sample(tp, batch=B, generator=g, device=self.device, return_step=False).forward_ddf
+            fields: Dict[str, torch.Tensor] = {"forward": fwd}
+            for sched in self.v["schedules"]:
+                last = None
+                for last in recover(fn, self.images, fwd, tp, schedule=sched, k=cfg.k_recursions,
+                                    n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
+                                    image_interp=cfg.image_interp):
+                    pass
+                fields[sched] = last.ddf if last is not None else fwd
+            for name, f in fields.items():
+                per: List[Dict[str, float]] = [field_metrics(f[i], side=S) for i in range(B)]
+                for key in ("max_disp_pct", "mean_disp_pct", "folding_pct"):
+                    out[f"val/T{tp}/{name}/{key}"] = float(np.mean([p[key] for p in per]))
+        return out

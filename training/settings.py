@@ -1,0 +1,88 @@
+"""Training configuration: defaults, YAML loading, ``--set`` overrides, the model part as DRDMConfig.
+
+Sections (every key is described in training/README.md): ``name``, ``model`` (any
+:class:`~napari_drdm.core.config.DRDMConfig` field; unspecified ones take
+``DRDMConfig.default(ndim)``), ``data``, ``augment``, ``loss``, ``optim``, ``train``,
+``validation``, ``budget``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from .augment import AUGMENT_DEFAULTS
+from .data import ensure_core
+from .evaluate_hook import VALIDATION_DEFAULTS
+
+ensure_core()
+
+from napari_drdm.core.config import DRDMConfig  # noqa: E402
+
+__all__ = ["DEFAULTS", "apply_overrides", "load_config", "model_config"]
+
+DEFAULTS: Dict[str, Any] = {
+    "name": "run",
+    "model": {"ndim": 2, "size": 128},     # any DRDMConfig field; the rest are DRDMConfig.default(ndim)
+    "data": {"kind": "kit", "kit_dir": "cache/kit", "prepared": None, "axes": [0, 1, 2],
+             "min_foreground": 0.15, "bg_threshold": 0.08, "max_mb": 40, "max_upsample": 2.0,
+             "n_synthetic": 64, "seed": 0},
+    "augment": dict(AUGMENT_DEFAULTS),
+    "loss": {"padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1},
+    "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0},
+    "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,
+              "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 10},
+    "validation": dict(VALIDATION_DEFAULTS),
+    "budget": {"max_minutes": None},
+}
+
+
+# ------------------------------------------------------------------------------------- config
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(cfg: Dict[str, Any], sets: Sequence[str]) -> Dict[str, Any]:
+    """``["train.steps=2000", "budget.max_minutes=90"]`` -> cfg with those keys replaced (YAML values)."""
+    cfg = copy.deepcopy(cfg)
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. train.steps=1000), got {item!r}")
+        key, val = item.split("=", 1)
+        node = cfg
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Optional[Dict] = None) -> Dict[str, Any]:
+    """DEFAULTS <- YAML file (or ``base``) <- ``--set`` overrides; validated."""
+    user = base if base is not None else (yaml.safe_load(Path(path).read_text()) if path else {})
+    cfg = apply_overrides(_merge(DEFAULTS, user or {}), sets)
+    model_config(cfg)  # validates the model part
+    if cfg["data"]["kind"] not in ("kit", "synthetic"):
+        raise ValueError(f"data.kind must be 'kit' or 'synthetic', got {cfg['data']['kind']!r}")
+    return cfg
+
+
+def model_config(cfg: Dict[str, Any]) -> DRDMConfig:
+    """The ``model`` part of a training config as a :class:`DRDMConfig`."""
+    m = dict(cfg["model"])
+    ndim, size = int(m.pop("ndim", 2)), m.pop("size", None)
+    unknown = sorted(set(m) - set(DRDMConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown model keys {unknown}; valid: {sorted(DRDMConfig.__dataclass_fields__)}")
+    mc = DRDMConfig.default(ndim, size=size).replace(**m)
+    try:
+        mc.field_factor()
+    except (TypeError, ValueError):
+        raise ValueError(f"model.field_scale must be 'reference', 'geometric' or a number, "
+                         f"got {mc.field_scale!r}") from None
+    return mc

@@ -1,0 +1,425 @@
+"""The DRDM training loop (paper Algorithm 1, SPEC section 5).
+
+Per step and sample: t ~ U{0..T-1}; (psi_{t:1}, psi_t) from the forward sampler (pixels, float32);
+I_t = warp(I0, psi_{t:1}) (bilinear, zeros); psi_hat = net(I_t, t, K); loss =
+drdm_losses(psi_hat, psi_t / S) = dist + ang + 10 reg (+ true_negdet_weight * relu(-det(I + grad)))
+and an Adam step.  CPU or CUDA (bf16 autocast on the network only); several processes with
+``torchrun`` (DistributedDataParallel, nccl on CUDA, gloo on CPU).  Each rank has its own RNG
+streams; rank 0 logs and checkpoints.  A checkpoint holds everything needed to continue exactly
+(model, optimiser, step, every rank's generator states, the data sampler position).
+
+Files in the run directory: ``config.yaml`` (the effective configuration), ``train_log.jsonl``
+(one JSON object per logged step / validation), ``checkpoints/step_XXXXXXXX.pt`` (``torch.load(
+weights_only=True)`` compatible).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import yaml
+
+from .augment import augment
+from .data import SliceBank, ensure_core, load_prepared, prepare, prepared_info, synthetic_images
+from .evaluate_hook import Validator
+from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
+
+ensure_core()
+
+from napari_drdm.core.config import DRDMConfig  # noqa: E402
+from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.losses import drdm_losses  # noqa: E402
+from napari_drdm.core.network import DRDMNet  # noqa: E402
+from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
+
+__all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "latest_checkpoint",
+           "load_training_checkpoint"]
+
+CKPT_FORMAT = "napari-drdm-train/1"
+
+
+# ------------------------------------------------------------------------------ environment
+class Env:
+    """Process placement: rank, world size, device, autocast dtype."""
+
+    def __init__(self, tcfg: Dict[str, Any]):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want = tcfg["device"]
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device(want)
+        amp = "off" if tcfg["amp"] in (False, None, "off", "none") else str(tcfg["amp"])
+        if amp not in ("off", "auto", "bf16"):
+            raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+        use_bf16 = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        if int(tcfg.get("threads") or 0) > 0:
+            torch.set_num_threads(int(tcfg["threads"]))
+        self.distributed = self.world > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.world} x {torch.cuda.get_device_name(self.device)}"
+        return f"{self.world} x cpu ({torch.get_num_threads()} threads)"
+
+    def any_flag(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        return values
+
+    def gather(self, obj):
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(run_dir) -> Optional[Path]:
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_training_checkpoint(path) -> Dict[str, Any]:
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of this trainer")
+    return ck
+
+
+def _save_atomic(obj: Dict[str, Any], path: Path, keep: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-max(int(keep), 1)]:
+        old.unlink()
+
+
+def _plain(o):
+    """Plain Python values only (what torch.load(weights_only=True) accepts besides tensors)."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, torch.Tensor) or o is None:
+        return o
+    for kind in (bool, int, float, str):
+        if isinstance(o, kind):
+            return kind(o)
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "training"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _rng_state(gens: Dict[str, torch.Generator], device) -> Dict[str, Any]:
+    st = {k: g.get_state() for k, g in gens.items()}
+    st["torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(gens: Dict[str, torch.Generator], st: Dict[str, Any], device):
+    for k, g in gens.items():
+        g.set_state(st[k])
+    torch.set_rng_state(st["torch"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _generators(seed: int, rank: int, device) -> Dict[str, torch.Generator]:
+    out = {}
+    for i, name in enumerate(("field", "aug")):
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed) * 1_000_003 + rank * 7919 + i * 104_729 + 17)
+        out[name] = g
+    return out
+
+
+def _draws(mcfg: DRDMConfig, B: int, g: torch.Generator, device) -> List[torch.Tensor]:
+    """The sampler's 8 standard-normal fields (ForwardSampler.draw order), drawn on ``device``."""
+    return [torch.randn((B, mcfg.ndim) + (s,) * mcfg.ndim, generator=g, device=device)
+            for _ in range(2) for s in mcfg.scales]
+
+
+def _dataset(cfg: Dict[str, Any], env: Optional[Env] = None) -> Dict[str, Any]:
+    """The prepared data of a config (train / val uint8 arrays, sha256, metadata)."""
+    d, m = cfg["data"], cfg["model"]
+    if d.get("prepared"):
+        p = Path(d["prepared"])
+        if not p.exists():
+            if d["kind"] != "synthetic":
+                raise FileNotFoundError(f"prepared data {p} not found: run `python -m training prepare "
+                                        f"--config <this config>` first")
+            if env is None or env.main:
+                prepare(cfg, log=lambda *_: None)
+            if env is not None:
+                env.barrier()
+        return load_prepared(str(p))
+    if d["kind"] != "synthetic":
+        raise ValueError("data.prepared must name the prepared file for data.kind 'kit'")
+    import hashlib
+    n, seed = int(d.get("n_synthetic", 64)), int(d.get("seed", 0))
+    tr = synthetic_images(n, int(m["size"]), int(m["ndim"]), seed=seed * 7)
+    va = synthetic_images(max(2, n // 8), int(m["size"]), int(m["ndim"]), seed=seed * 7 + 1)
+    sha = hashlib.sha256(tr.tobytes() + va.tobytes()).hexdigest()
+    return {"train": tr, "val": va, "sha256": sha, "meta": {"kind": "synthetic", "counts": {"train": n},
+                                                            "sources": {"synthetic": {"seed": seed, "n": n}}}}
+
+
+class _Log:
+    def __init__(self, path: Optional[Path]):
+        self.f = open(path, "a") if path else None
+
+    def write(self, rec: Dict[str, Any]):
+        if self.f:
+            self.f.write(json.dumps(rec, sort_keys=True) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+# -------------------------------------------------------------------------------------- train
+def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Sequence[str]] = None,
+          echo=print) -> Dict[str, Any]:
+    """Train until ``train.steps`` or the ``budget.max_minutes`` wall-clock budget; returns a summary."""
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    tcfg, lcfg, ocfg = cfg["train"], cfg["loss"], cfg["optim"]
+    env = Env(tcfg)
+    say = echo if env.main else (lambda *a, **k: None)
+    ckpt_path = latest_checkpoint(run_dir) if resume else None
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume or choose another --run")
+    ck = load_training_checkpoint(ckpt_path) if ckpt_path else None
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    mcfg = model_config(cfg)
+    S, T, K, dev = mcfg.size, mcfg.n_steps, mcfg.k_recursions, env.device
+
+    data = _dataset(cfg, env)
+    bank = SliceBank(data["train"], int(tcfg["batch_size"]), device=dev, seed=int(tcfg["seed"]),
+                     rank=env.rank, world=env.world)
+    torch.manual_seed(int(tcfg["seed"]))
+    model = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim).to(dev)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=float(ocfg["lr"]),
+                           betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
+    gens = _generators(int(tcfg["seed"]), env.rank, dev)
+    step, history, last_val, wall_before = 0, [], None, 0.0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history, last_val = int(ck["step"]), list(ck["history"]), ck.get("last_val")
+        wall_before = float(ck.get("wall_s_total", 0.0))
+        bank.load_state_dict(ck["bank"])
+        if int(ck["world_size"]) == env.world and ck.get("batch_size") == int(tcfg["batch_size"]):
+            _set_rng_state(gens, ck["rng"][env.rank], dev)
+        else:  # a different layout cannot continue the same streams: reseed deterministically
+            say(f"note: checkpoint written with world size {ck['world_size']}, now {env.world}: RNG reseeded")
+            gens = _generators(int(tcfg["seed"]) + step, env.rank, dev)
+        if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
+            say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
+        say(f"resumed {ckpt_path} at step {step}")
+    net = model
+    if env.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if dev.type == "cuda" else None)
+    sampler = ForwardSampler(mcfg)
+    validator = Validator(mcfg, data["val"], cfg["validation"], lcfg, dev, env.autocast_dtype) if env.main else None
+    log = _Log(run_dir / "train_log.jsonl" if env.main else None)
+    entry = {"argv": list(argv if argv is not None else sys.argv), "start_step": step, "device": env.describe(),
+             "world_size": env.world, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": _git_commit(),
+             "torch": torch.__version__, "prepared_sha256": data["sha256"]}
+    say(f"training {cfg.get('name')} on {entry['device']}: S={S} ndim={mcfg.ndim} batch {tcfg['batch_size']}"
+        f"/rank, steps {step}->{tcfg['steps']}, {len(bank)} train images, {model.n_trainable()} parameters")
+
+    stop = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stop["signal"] = signum
+    old_handler = signal.signal(signal.SIGTERM, _on_signal) if _is_main_thread() else None
+
+    max_min = cfg["budget"].get("max_minutes")
+    target, log_every = int(tcfg["steps"]), max(int(tcfg["log_every"]), 1)
+    ck_every, v_every = int(tcfg["checkpoint_every"]), int(cfg["validation"].get("every") or 0)
+    clip, warm, base_lr = float(ocfg.get("grad_clip") or 0.0), int(ocfg.get("warmup_steps") or 0), float(ocfg["lr"])
+    acc: Dict[str, float] = {}
+    n_acc, t_int, reason = 0, time.time(), "steps"
+    bar = _progress(env.main, step, target)
+
+    def save(tag: str):
+        states = env.gather(_rng_state(gens, dev))
+        if env.main:
+            now = dict(entry, end_step=step, wall_s=time.time() - t_start, stop_reason=tag)
+            obj = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "bank": bank.state_dict(), "rng": states, "world_size": env.world,
+                   "batch_size": int(tcfg["batch_size"]), "config": _plain(cfg), "model_config": _plain(mcfg.to_dict()),
+                   "history": _plain(history + [now]), "data": _plain(prepared_info(data)), "last_val": _plain(last_val),
+                   "wall_s_total": wall_before + time.time() - t_start}
+            _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
+        env.barrier()
+
+    while step < target:
+        if warm:
+            for gr in opt.param_groups:
+                gr["lr"] = base_lr * min(1.0, (step + 1) / warm)
+        x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
+        B = x0.shape[0]
+        t = torch.randint(0, T, (B,), generator=gens["field"], device=dev)
+        fs = sampler.sample(t, draws=_draws(mcfg, B, gens["field"], dev), device=dev)
+        img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+        with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
+            psi_hat = net(img_t, t, k=K)
+        terms = drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
+                            w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
+                            w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        opt.step()
+        step += 1
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + float(v.detach())
+        acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gnorm)
+        n_acc += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", refresh=False)
+        if step % log_every == 0 or step == target:
+            keys = sorted(acc)
+            vals = env.mean(torch.tensor([acc[k] / n_acc for k in keys], dtype=torch.float64, device=dev))
+            dt = time.time() - t_int
+            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "it_s": n_acc / max(dt, 1e-9),
+                   "samples_s": n_acc * B * env.world / max(dt, 1e-9), "epoch": bank.epoch,
+                   "elapsed_min": (time.time() - t_start) / 60}
+            rec.update({k: float(v) for k, v in zip(keys, vals.tolist())})
+            log.write(rec)
+            acc, n_acc, t_int = {}, 0, time.time()
+        if (v_every and step % v_every == 0) or (step == target and cfg["validation"].get("at_end")):
+            last_val = _validate(validator, model, step, log, say, env)
+        over = max_min is not None and (time.time() - t_start) / 60.0 >= float(max_min)
+        if env.any_flag(over or stop["signal"] is not None) and step < target:
+            reason = "signal" if stop["signal"] is not None else "budget"
+            break
+        if ck_every and step % ck_every == 0 and step < target:
+            save("periodic")
+    digests = env.gather(_param_digest(model))
+    entry["ranks_in_sync"] = len(set(digests)) == 1
+    save(reason)
+    if bar is not None:
+        bar.close()
+    if old_handler is not None:
+        signal.signal(signal.SIGTERM, old_handler)
+    log.write({"event": "stop", "step": step, "reason": reason, "elapsed_min": (time.time() - t_start) / 60,
+               "world_size": env.world, "param_sha256": digests, "ranks_in_sync": entry["ranks_in_sync"]})
+    log.close()
+    say(f"stopped at step {step} ({reason}) after {(time.time() - t_start) / 60:.1f} min")
+    return {"step": step, "reason": reason, "last_val": last_val, "run_dir": str(run_dir)}
+
+
+def _validate(validator, model, step, log, say, env):
+    res = None
+    if validator is not None and validator:
+        t0 = time.time()
+        res = validator.run(model)
+        res["step"] = step
+        log.write(dict(res, event="validation", seconds=time.time() - t0))
+        say("val @%d: " % step + ", ".join(f"{k[4:]}={v:.3g}" for k, v in res.items()
+                                           if k.endswith(("total", "folding_pct", "mean_disp_pct"))))
+    env.barrier()
+    return res
+
+
+def _param_digest(model) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(main: bool, step: int, target: int):
+    if not main:
+        return None
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(total=target, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0 if tty else 60.0,
+                file=sys.stderr)
+
+
+# --------------------------------------------------------------------- local multi-process (CPU)
+def _spawn_worker(rank: int, world: int, port: int, cfg: Dict[str, Any], run_dir: str, resume: bool):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        train(cfg, run_dir, resume=resume, echo=lambda *a, **k: None)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_local(world: int, cfg: Dict[str, Any], run_dir, resume: bool = False):
+    """Run ``train`` in ``world`` local processes (gloo on CPU), like ``torchrun --nproc-per-node``."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawn_worker, args=(world, port, cfg, str(run_dir), resume), nprocs=world, join=True)
