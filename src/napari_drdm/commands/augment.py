@@ -1,0 +1,182 @@
+"""``drdm augment``: Algorithm 3, a segmentation training set of DRDM-deformed images + labels + fields.
+
+    drdm augment IN [IN ...] OUT --per-image N --t-prime SPEC [--weights NAME_OR_PATH] [--seed N]
+    drdm augment --reproduce MANIFEST ROW_ID OUTDIR
+    drdm augment --merge OUT
+
+The engine is :mod:`napari_drdm.augment`; ``synthesize-pairs`` shares this module's options.
+See docs/export.md for the naming rule, the outputs and the manifest.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from . import add_model_args
+
+EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
+          "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
+          "N outputs of each image.  Labels are paired by name: case01.nii.gz + case01_label/_labels/_seg.*, "
+          "or IN/images/ + IN/labels/ with matching names.")
+
+
+def add_common(p, mode: str):
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...) and the output folder")
+    p.add_argument("--per-image", "-n", type=int, default=1, help="outputs per input image (default 1)")
+    add_model_args(p, required=False)
+    p.add_argument("--seed", type=int, default=0, help="run seed; each output's seed is derived from it, "
+                   "the input's name and the output index (default 0)")
+    p.add_argument("--schedule", choices=["paper", "reference"], default=None,
+                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    p.add_argument("--k", type=int, default=None, help="internal recursions K (default: the model's)")
+    p.add_argument("--batch", type=int, default=4, help="samples per network pass (default 4)")
+    p.add_argument("--inverse", action="store_true", help="also write the inverse field (fixed-point inversion; "
+                   "its residual goes to the manifest)")
+    p.add_argument("--inverse-iterations", type=int, default=50)
+    p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="complete an interrupted run in OUT (finished outputs are verified by sha256 and kept)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty OUT, replacing same-named files")
+    p.add_argument("--shard", default=None, metavar="i/n",
+                   help="process only inputs j with j %% n == i (0-based); under torchrun RANK/WORLD_SIZE are used")
+    p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--reproduce", nargs=3, metavar=("MANIFEST", "ROW_ID", "OUTDIR"),
+                   help="regenerate one manifest row into OUTDIR and compare with the recorded sha256")
+    p.add_argument("--merge", action="store_true", help="only rebuild OUT/manifest.json and .csv from the journals")
+    return p
+
+
+def add_parser(sub):
+    p = sub.add_parser("augment", help="Algorithm 3: augmented segmentation set (images, labels, fields, manifest)",
+                       description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    add_common(p, "augment")
+    p.add_argument("--t-prime", default="reference", help="T' SPEC (default 'reference')")
+    return p
+
+
+def _shard(args):
+    env_n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if args.shard:
+        try:
+            i, n = (int(v) for v in str(args.shard).split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {args.shard}: expected 0 <= i < n")
+        return i, n, False
+    if env_n > 1:
+        return int(os.environ.get("RANK", "0")), env_n, True
+    return 0, 1, False
+
+
+def _init_dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if not dist.is_available() or "MASTER_ADDR" not in os.environ:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist
+
+
+def run_mode(args, opts_kw: dict) -> int:
+    import torch
+    from ..augment import ExportOptions, reproduce_row, run_export
+    from ..dataset_io import write_manifest
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.reproduce:
+        manifest, row_id, out = args.reproduce
+        res = reproduce_row(manifest, row_id, out, device=args.device)
+        for k, p in res["paths"].items():
+            print(f"  {k}: {p}  {'identical' if res['identical'][k] else 'DIFFERS from the manifest'}")
+        return 0 if all(res["identical"].values()) else 1
+    if args.merge:
+        if len(args.paths) != 1:
+            raise ValueError("--merge takes the output folder only")
+        m = write_manifest(args.paths[0])
+        print(f"{args.paths[0]}/manifest.json: {m['n_rows']} rows, {m['n_missing']} missing")
+        return 0
+    if len(args.paths) < 2:
+        raise ValueError("give at least one input and the output folder: IN [IN ...] OUT")
+    if args.per_image < 1:
+        raise ValueError("--per-image must be >= 1")
+    inputs, out = args.paths[:-1], args.paths[-1]
+    i, n, from_env = _shard(args)
+    device = args.device
+    if from_env and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', i)) % torch.cuda.device_count()}"
+    dist = _init_dist() if from_env else None
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    opts = ExportOptions(per_image=args.per_image, seed=args.seed, schedule=args.schedule, k=args.k,
+                         batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
+                         label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
+                         resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict, **opts_kw)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="out", desc=f"{args.command} {i}/{n}" if n > 1 else args.command,
+                   position=i if n > 1 else 0, dynamic_ncols=True)
+
+    def say(msg):
+        (bar.write if bar is not None else print)(msg, file=sys.stderr)
+
+    def progress(ev):
+        if bar is not None:
+            if bar.total != ev.total:
+                bar.total = ev.total
+                bar.refresh()
+            if ev.kind == "row":
+                bar.update(ev.done - bar.n)
+        if ev.message:
+            say(f"drdm {args.command}: {ev.message}")
+
+    done = [0]
+
+    def track(ev):
+        done[0] = ev.done
+        progress(ev)
+
+    try:
+        summary = run_export(inputs, out, opts, progress=track)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"drdm {args.command}: interrupted after {done[0]} new outputs; every finished output is in "
+              f"{out}/manifest.json. Rerun the same command with --resume to complete the set.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if bar is not None:
+            bar.close()
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"{e.strerror}. Finished outputs are listed in {out}/manifest.json; free some "
+                          f"space and rerun with --resume") from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if dist is not None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            m = write_manifest(out)
+            summary.update(complete=m["complete"], n_rows=m["n_rows"], n_missing=m["n_missing"])
+        dist.destroy_process_group()
+    state = "complete" if summary.get("complete") else f"incomplete ({summary.get('n_missing', '?')} missing)"
+    print(f"{summary['written']} outputs written ({summary.get('previously_done', 0)} already done); "
+          f"{summary.get('n_rows', '?')} rows in {summary['manifest']}: {state}")
+    if summary.get("manifest_error"):
+        print(summary["manifest_error"], file=sys.stderr)
+    return 0
+
+
+def run(args) -> int:
+    return run_mode(args, {"mode": "augment", "t_prime": args.t_prime})

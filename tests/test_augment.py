@@ -1,0 +1,402 @@
+"""Dataset export (Algorithms 3 and 4): `drdm augment`, `drdm synthesize-pairs`, manifest,
+reproduction, resume, bad inputs, sharding, inverse fields and the on-the-fly transform.
+
+Tiny random checkpoints (2D S=32, 3D S=16), T' of 1-3 with the paper loop: a few network passes
+per test.  "Smooth" checkpoints have a zeroed output head, so phi is the forward field psi_{T':1}
+(smooth, mostly invertible): used where a test needs a well-behaved field.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_drdm import augment as aug
+from napari_drdm.augment import ExportOptions, InputError, invert_field, reproduce_row, run_export
+from napari_drdm.cli import main
+from napari_drdm.dataset_io import discover, load_manifest, parse_t_prime, verify_row
+from napari_drdm.outputs import nifti_array_to_ddf
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ckpt(path, ndim, size, smooth=False):
+    from napari_drdm.checkpoint import write_checkpoint
+    from napari_drdm.core.config import DRDMConfig
+    from napari_drdm.core.network import DRDMNet
+    torch.manual_seed(0)
+    state = DRDMNet(ndim).state_dict()
+    kw = {}
+    if smooth:      # phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
+        state["conv_out.weight"].zero_()
+        state["conv_out.bias"].zero_()
+        kw = {"field_scale": "geometric", "sigma": 8e-5}
+    write_checkpoint(path, state, DRDMConfig.default(ndim, size=size, **kw), {"note": "tests only"}, overwrite=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    return {"2d": _ckpt(d / "rand2d.safetensors", 2, 32), "3d": _ckpt(d / "rand3d.safetensors", 3, 16),
+            "smooth2d": _ckpt(d / "smooth2d.safetensors", 2, 32, smooth=True)}
+
+
+AFF2 = np.array([[0.8, 0, 0, 10.0], [0, 0.9, 0, -5.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]])
+AFF3 = np.array([[-1.2, 0, 0, 50.0], [0, 1.0, 0, -20.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+
+
+def _phantom(shape, seed=0, noise=10.0):
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r2 = sum(g ** 2 for g in grids)
+    img = 800 * np.exp(-r2 * 3) + 200 * np.tanh(4 * grids[0]) + rng.normal(0, noise, shape)
+    lab = np.zeros(shape, np.uint8)
+    lab[r2 < 0.3] = 2
+    lab[(r2 >= 0.3) & (r2 < 0.6)] = 5
+    return img.astype(np.int16), lab
+
+
+def _save(path, arr, aff, descrip=b"drdm test"):
+    im = nib.Nifti1Image(arr, aff)
+    im.header["descrip"] = descrip
+    im.header.set_xyzt_units("mm", "sec")
+    nib.save(im, str(path))
+
+
+@pytest.fixture
+def folder2d(tmp_path):
+    d = tmp_path / "in2d"
+    d.mkdir()
+    for k, shape in enumerate([(40, 36), (30, 44)]):
+        img, lab = _phantom(shape, k)
+        _save(d / f"case{k}.nii.gz", img, AFF2)
+        _save(d / f"case{k}_label.nii.gz", lab, AFF2)
+    return d
+
+
+def _opts(**kw):
+    base = dict(per_image=2, t_prime="1", schedule="paper", batch=2)
+    base.update(kw)
+    return ExportOptions(**base)
+
+
+# ------------------------------------------------------------------------------------ spec
+def test_t_prime_specs():
+    assert parse_t_prime("45", 3) == [45, 45, 45]
+    assert parse_t_prime("40,45,50", 4) == [40, 45, 50, 40]
+    assert parse_t_prime("40:52:2", 7) == [40, 42, 44, 46, 48, 50, 52]       # stop included
+    ref = parse_t_prime("reference", 32)
+    assert ref[:7] == [48, 50, 50, 52, 52, 54, 54] and ref[-1] == 80         # reference script, 32 augmentations
+    assert parse_t_prime("reference", 40)[-1] == 80                          # capped at T
+    for bad in ("abc", "90", "5:1:0", ""):
+        with pytest.raises(ValueError, match="T'"):
+            parse_t_prime(bad, 2)
+
+
+def test_naming_rules(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.nii.gz", "a_label.nii.gz", "b.nrrd", "b_seg.nii", "c.png", "c_labels.png", "d.nii.gz",
+                 "orphan_label.nii.gz", "notes.txt"):
+        (flat / name).write_bytes(b"x")
+    samples, skipped = discover(flat)
+    got = {s.name: (Path(s.image).name, s.labels and Path(s.labels).name) for s in samples}
+    assert got == {"a": ("a.nii.gz", "a_label.nii.gz"), "b": ("b.nrrd", "b_seg.nii"),
+                   "c": ("c.png", "c_labels.png"), "d": ("d.nii.gz", None)}
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert "without a matching image" in reasons["orphan_label.nii.gz"] and "unsupported" in reasons["notes.txt"]
+    split = tmp_path / "split"
+    (split / "images").mkdir(parents=True)
+    (split / "labels").mkdir()
+    for name in ("x.nii.gz", "y.nii.gz"):
+        (split / "images" / name).write_bytes(b"x")
+    (split / "labels" / "x.nii.gz").write_bytes(b"x")
+    (split / "labels" / "y_seg.nii.gz").write_bytes(b"x")
+    samples, _ = discover([split, flat / "a.nii.gz"])        # a list of inputs; a file finds its labels beside it
+    assert [(s.name, Path(s.labels).parent.name) for s in samples] == [("x", "labels"), ("y", "labels"), ("a", "flat")]
+
+
+# ------------------------------------------------------------------------------------ Algorithm 3
+def test_augment_2d_3d_folder_labels_affines_manifest_reproduce(tmp_path, ckpts, monkeypatch, capsys):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    img2, lab2 = _phantom((40, 36))
+    _save(d / "slice.nii.gz", img2, AFF2)
+    _save(d / "slice_label.nii.gz", lab2, AFF2)
+    img3, lab3 = _phantom((20, 18, 16), 1)
+    _save(d / "vol.nii.gz", img3.astype(np.float32), AFF3)
+    _save(d / "vol_seg.nii.gz", lab3, AFF3)
+    # no --weights: the model of each input's dimension (the bundled ones, here tiny stand-ins)
+    monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: ckpts["2d"], 3: ckpts["3d"]})
+    out = tmp_path / "out"
+    n = 3
+    summary = run_export(d, out, _opts(per_image=n))
+    assert summary["complete"] and summary["written"] == 2 * n
+    for name, img, lab, aff in (("slice", img2, lab2, AFF2), ("vol", img3.astype(np.float32), lab3, AFF3)):
+        for i in range(n):
+            im = nib.load(str(out / "images" / f"{name}_aug{i:03d}.nii.gz"))
+            lb = nib.load(str(out / "labels" / f"{name}_aug{i:03d}.nii.gz"))
+            ddf = nib.load(str(out / "ddfs" / f"{name}_aug{i:03d}_ddf.nii.gz"))
+            for x in (im, lb, ddf):
+                np.testing.assert_allclose(x.affine, aff)
+                assert x.header["descrip"].tobytes().startswith(b"drdm test")  # the input's header travels
+            a = np.asanyarray(im.dataobj)
+            assert a.dtype == img.dtype and a.shape == img.shape
+            assert img.min() <= a.min() and a.max() <= img.max()
+            assert set(np.unique(np.asanyarray(lb.dataobj))) <= set(np.unique(lab))
+            assert np.asanyarray(lb.dataobj).dtype == lab.dtype
+            assert ddf.shape == img.shape + ((1,) if img.ndim == 3 else (1, 1)) + (img.ndim,)
+            assert ddf.header.get_intent()[0] == "vector"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["n_rows"] == 2 * n
+    rows = {r["row_id"]: r for r in m["rows"]}
+    r = rows["vol_aug001"]
+    assert r["model"] == "rand3d" and r["t_prime"] == 1 and r["schedule"] == "paper" and r["k"] == 2
+    assert len(r["source_sha256"]) == 64 and {"max_disp_pct", "mean_disp_pct", "folding_pct", "seed"} <= set(r)
+    csv_lines = (out / "manifest.csv").read_text().splitlines()
+    assert len(csv_lines) == 2 * n + 1 and csv_lines[0].startswith("row_id,")
+    # a row that shared its batch with another output is regenerated bit for bit
+    batched = [k for k, v in rows.items() if v["batch_size"] > 1 and v["batch_index"] == 1][0]
+    res = reproduce_row(out / "manifest.json", batched, tmp_path / "again")
+    assert res["identical"] and all(res["identical"].values()), res
+    assert main(["augment", "--reproduce", str(out), "slice_aug002", str(tmp_path / "again2")]) == 0
+    # a second run without a flag refuses and says why
+    capsys.readouterr()
+    assert main(["augment", str(d), str(out), "-n", "1", "--t-prime", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and "--overwrite" in err
+
+
+def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
+    out = tmp_path / "out"
+    opts = _opts(per_image=3, weights=ckpts["2d"], inverse=True)
+    seen = []
+
+    def hook(ev):
+        if ev.kind == "row":
+            seen.append(ev.row["row_id"])
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_export(folder2d, out, opts, progress=hook)
+    m = json.loads((out / "manifest.json").read_text())      # valid manifest of what finished
+    assert m["n_rows"] == 2 and not m["complete"] and m["n_missing"] == 4
+    # what a killed writer may leave: a temporary file and an output of an unfinished row
+    (out / "images" / ".case1_aug000.nii.gz.part-999999999.nii.gz").write_bytes(b"half")
+    (out / "images" / "case1_aug000.nii.gz").write_bytes(b"truncated")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_export(folder2d, out, opts)
+    with pytest.raises(FileExistsError, match="different settings"):
+        run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], seed=5, resume=True))
+    summary = run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], inverse=True, resume=True))
+    assert summary["complete"] and summary["written"] == 4 and summary["previously_done"] == 2
+    m = json.loads((out / "manifest.json").read_text())
+    ids = [r["row_id"] for r in m["rows"]]
+    assert len(ids) == len(set(ids)) == 6
+    assert all(verify_row(out, r) for r in m["rows"])
+    assert not list(out.rglob("*.part-*"))
+    for p in out.rglob("*.nii.gz"):
+        nib.load(str(p)).get_fdata()                              # every file is complete
+    # nothing left to do
+    assert run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], inverse=True, resume=True))["written"] == 0
+
+
+def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "napari_drdm.cli", "augment", str(folder2d), str(out), "-n", "40", "--t-prime", "2",
+           "--schedule", "paper", "--weights", ckpts["2d"], "--batch", "1", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out / "journal-0-of-1.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 120 and proc.poll() is None:
+        if journal.exists() and journal.read_text().count('"type": "row"') >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert 2 <= m["n_rows"] < 80 and all(verify_row(out, r) for r in m["rows"])
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path, folder2d, ckpts, capsys):
+    (folder2d / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    img, _ = _phantom((40, 36))
+    _save(folder2d / "mism.nii.gz", img, AFF2)
+    _save(folder2d / "mism_label.nii.gz", np.zeros((20, 20), np.uint8), AFF2)
+    _save(folder2d / "fourd.nii.gz", np.zeros((8, 8, 8, 3), np.float32), AFF2)
+    (folder2d / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    rc = main(["augment", str(folder2d), str(out), "-n", "1", "--t-prime", "1", "--schedule", "paper",
+               "--weights", ckpts["2d"], "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    for name, why in (("broken.nii.gz", "unreadable"), ("mism_label.nii.gz", "does not match"),
+                      ("fourd.nii.gz", "4D"), ("notes.txt", "unsupported")):
+        assert name in err and why in err, (name, err)
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(r["name"] for r in m["rows"]) == ["case0", "case1"] and m["complete"]
+    assert len(m["skipped"]) == 4
+    with pytest.raises(InputError, match="broken.nii.gz"):
+        run_export(folder2d, tmp_path / "strict", _opts(per_image=1, weights=ckpts["2d"], strict=True))
+
+
+def test_full_disk_stops_with_valid_manifest(tmp_path, folder2d, ckpts, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real = nib.save
+    calls = [0]
+
+    def save(img, path):
+        calls[0] += 1
+        if calls[0] == 7:              # mid-way through the 3rd output
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(img, path)
+
+    monkeypatch.setattr(nib, "save", save)
+    args = ["augment", str(folder2d), str(out), "-n", "2", "--t-prime", "1", "--schedule", "paper",
+            "--weights", ckpts["2d"], "--no-progress", "--batch", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "disk full while writing" in err and "--resume" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["n_rows"] == 2 and all(verify_row(out, r) for r in m["rows"])
+    assert not list(out.rglob("*.part-*"))
+    monkeypatch.setattr(nib, "save", real)
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_shards_merge_and_batch_one_is_batch_independent(tmp_path, folder2d, ckpts):
+    one = tmp_path / "one"
+    run_export(folder2d, one, _opts(weights=ckpts["2d"], batch=1))
+    shards = tmp_path / "sharded"
+    for i in range(2):
+        s = run_export(folder2d, shards, _opts(weights=ckpts["2d"], batch=1, shard=(i, 2)))
+    assert s["complete"]
+    a = {r["row_id"]: r for r in load_manifest(one)["rows"]}
+    b = {r["row_id"]: r for r in load_manifest(shards / "manifest.json")["rows"]}
+    assert set(a) == set(b) and len(a) == 4
+    assert all(a[k]["image_sha256"] == b[k]["image_sha256"] and a[k]["ddf_sha256"] == b[k]["ddf_sha256"] for k in a)
+
+
+def test_layer_inputs_are_saved_and_reproducible(tmp_path, ckpts):
+    from napari_drdm.dataset_io import ArrayInput
+    img, lab = _phantom((36, 32))
+    out = tmp_path / "out"
+    s = run_export([ArrayInput("my layer", img.astype(np.float32), lab, AFF2)], out, _opts(weights=ckpts["2d"]))
+    assert s["complete"] and (out / "sources" / "my_layer.nii.gz").exists()
+    assert reproduce_row(out, "my_layer_aug001", tmp_path / "again")["identical"]["labels"]
+
+
+# ------------------------------------------------------------------------------------ Algorithm 4
+def test_synthesize_pairs_consistent(tmp_path, ckpts):
+    from napari_drdm.core.spatial import warp
+    d = tmp_path / "smooth"
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir()
+    for k, shape in enumerate([(40, 36), (30, 44)]):
+        img, lab = _phantom(shape, k, noise=0)
+        _save(d / "images" / f"case{k}.nii.gz", img.astype(np.float32), AFF2)
+        _save(d / "labels" / f"case{k}.nii.gz", lab, AFF2)
+    out = tmp_path / "pairs"
+    rc = main(["synthesize-pairs", str(d), str(out), "-n", "2", "--t-prime-aug", "10", "--t-prime-syn", "10",
+               "--schedule", "paper", "--weights", ckpts["smooth2d"], "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["n_rows"] == 4
+    row = m["rows"][0]
+    assert {"t_prime_aug", "t_prime_syn", "seed_aug", "seed_syn", "moving", "fixed", "ddf", "moving_labels",
+            "fixed_labels"} <= set(row)
+    for r in m["rows"]:
+        src = nib.load(r["source"])
+        mv, fx, ddf = (nib.load(str(out / r[k])) for k in ("moving", "fixed", "ddf"))
+        for x in (mv, fx, ddf):
+            np.testing.assert_allclose(x.affine, src.affine)
+        assert mv.shape == fx.shape == src.shape
+        u = nifti_array_to_ddf(np.asanyarray(ddf.dataobj), src.header.get_zooms())
+        mvf = torch.as_tensor(np.asanyarray(mv.dataobj).astype(np.float32))[None, None]
+        pred = warp(mvf, torch.as_tensor(u)[None], "linear", "border")[0, 0].numpy()
+        fxa = np.asanyarray(fx.dataobj).astype(np.float32)
+        rng = float(fxa.max() - fxa.min())
+        inner = (slice(4, -4), slice(4, -4))
+        # fixed(x) = I0(x + phi(x)) with phi = compose(phi_syn, phi_aug) ~ moving(x + phi_syn(x))
+        err = np.abs(pred - fxa)[inner]
+        assert np.median(err) < 0.02 * rng, np.median(err) / rng
+        assert np.abs(u).max() > 0.5                               # a real deformation, not the identity
+        assert np.median(err) < 0.2 * np.median(np.abs(fxa - np.asanyarray(mv.dataobj))[inner])
+        labs = np.unique(np.asanyarray(nib.load(str(out / r["fixed_labels"])).dataobj))
+        assert set(labs) <= {0, 2, 5}
+    res = reproduce_row(out, m["rows"][-1]["row_id"], tmp_path / "again")
+    assert all(res["identical"].values())
+
+
+# ------------------------------------------------------------------------------------ inverse field
+def test_inverse_field_residual_small():
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
+    u = torch.stack([2.0 * torch.sin(xx / 40 * 2 * np.pi), 1.5 * torch.cos(yy / 48 * 2 * np.pi)])[None]
+    v, res = invert_field(u, (0.5, 2.0))
+    assert res["inverse_residual_max_px"] < 0.05 and res["inverse_residual_max_mm"] < 0.1
+    from napari_drdm.core.spatial import warp
+    img = torch.exp(-((yy - 24) ** 2 + (xx - 20) ** 2) / 60)[None, None]
+    back = warp(warp(img, u), v)                      # warping by u, then by v, gives the image back
+    assert float((back - img)[..., 4:-4, 4:-4].abs().max()) < 0.02
+
+
+def test_inverse_in_manifest(tmp_path, folder2d, ckpts):
+    out = tmp_path / "out"
+    run_export(folder2d, out, _opts(weights=ckpts["smooth2d"], t_prime="10", inverse=True, per_image=1))
+    rows = load_manifest(out)["rows"]
+    assert all(r["inverse_residual_max_mm"] < 0.5 and (out / r["inverse_ddf"]).exists() for r in rows)
+
+
+# ------------------------------------------------------------------------------------ on the fly
+def test_dict_transform(ckpts):
+    from napari_drdm.core.spatial import warp_labels
+    from napari_drdm.transforms import DRDMTransform
+    img, lab = _phantom((36, 32))
+    data = {"image": img[None].astype(np.float32), "label": lab[None], "meta": "kept"}
+    t = DRDMTransform(ckpts["smooth2d"], t_prime="2:3", schedule="paper", ddf_key="ddf", seed=1)
+    out = t(data)
+    assert out["meta"] == "kept" and out["image"].shape == (1, 36, 32) and out["label"].dtype == np.uint8
+    assert set(np.unique(out["label"])) <= {0, 2, 5} and out["ddf"].shape == (2, 36, 32)
+    assert not np.array_equal(out["image"], data["image"])
+    # image and labels moved by the same field
+    again = warp_labels(torch.as_tensor(lab.astype(np.int64))[None, None], torch.as_tensor(out["ddf"])[None])
+    np.testing.assert_array_equal(again[0, 0].numpy(), out["label"][0])
+    t2 = DRDMTransform(ckpts["smooth2d"], t_prime="2:3", schedule="paper", ddf_key="ddf", seed=1)
+    np.testing.assert_array_equal(t2(data)["image"], out["image"])           # seeded: repeatable
+    ten = t(torch.as_tensor(data["image"]))                                  # array in, same type out
+    assert isinstance(ten, torch.Tensor) and ten.shape == (1, 36, 32)
+    from torch.utils.data import DataLoader
+    batch = next(iter(DataLoader([data, data], batch_size=2, collate_fn=lambda b: [t(x) for x in b])))
+    assert len(batch) == 2
+    assert t({"image": data["image"], "label": data["label"]}) is not None
+    with pytest.raises(KeyError, match="label"):
+        t({"image": data["image"]})
+
+
+def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):
+    monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: "no_such_model", 3: "no_such_model"})
+    with pytest.raises(ValueError, match="no --weights given.*no_such_model"):
+        run_export(folder2d, tmp_path / "o", _opts())
