@@ -1,0 +1,117 @@
+"""The DRDM dataset export dock widget under Xvfb (pytest-xvfb), with a tiny random checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("qtpy")
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny2d(tmp_path_factory):
+    import torch
+    from napari_drdm.checkpoint import write_checkpoint
+    from napari_drdm.core.config import DRDMConfig
+    from napari_drdm.core.network import DRDMNet
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors"
+    write_checkpoint(path, DRDMNet(2).state_dict(), DRDMConfig.default(2, size=32), {"note": "random test"})
+    return str(path)
+
+
+def _layers(viewer, shape=(40, 36)):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    disc = (yy - shape[0] / 2) ** 2 + (xx - shape[1] / 2) ** 2 < (min(shape) / 3) ** 2
+    viewer.add_image((disc * 100.0 + yy).astype(np.float32), name="brain", scale=(0.8, 1.2))
+    viewer.add_labels(disc.astype(np.uint8) * 3, name="tissue", scale=(0.8, 1.2))
+
+
+def _widget(viewer, tiny, out, n=2):
+    from napari_drdm._widgets._export import ExportWidget
+    w = ExportWidget(viewer)
+    w.weights_edit.setText(tiny)
+    w.n_spin.setValue(n)
+    w.tprime_edit.setText("1")
+    w.schedule.setCurrentText("paper")
+    w.out_edit.setText(str(out))
+    return w
+
+
+def test_export_layers_with_preview(make_napari_viewer, qtbot, tiny2d, tmp_path):
+    viewer = make_napari_viewer()
+    _layers(viewer)
+    out = tmp_path / "export"
+    w = _widget(viewer, tiny2d, out)
+    w.labels_combo.setCurrentText("tissue")
+    w.preview_spin.setValue(2)
+    assert w.run_btn.isEnabled(), w.status.text()
+    w.start()
+    assert w.running and w.cancel_btn.isEnabled()
+    qtbot.waitUntil(lambda: not w.running, timeout=120000)
+    assert w.summary["status"] == "complete" and w.summary["complete"], w.summary
+    names = [ly.name for ly in viewer.layers]
+    assert "brain_aug000" in names and "brain_aug001" in names and "brain_aug000 labels" in names
+    lab = viewer.layers["brain_aug000 labels"].data
+    assert set(np.unique(lab)) <= {0, 3}
+    np.testing.assert_allclose(viewer.layers["brain_aug000"].scale, (0.8, 1.2), rtol=1e-6)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["n_rows"] == 2 and (out / "sources" / "brain.nii.gz").exists() and (out / "labels").is_dir()
+    assert "complete" in w.status.text()
+    assert w.run_btn.isEnabled()            # ready for another run (which would refuse: the folder is not empty)
+
+
+def test_export_validation_messages(make_napari_viewer, tiny2d, tmp_path):
+    from napari_drdm._widgets._export import ExportWidget
+    viewer = make_napari_viewer()
+    _dw, w = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM dataset export")   # npe2 manifest
+    assert isinstance(w, ExportWidget)
+    w.weights_edit.setText(tiny2d)
+    w.tprime_edit.setText("1")
+    w.out_edit.setText(str(tmp_path / "o"))
+    assert not w.run_btn.isEnabled() and "image layer" in w.status.text()
+    _layers(viewer)
+    assert w.run_btn.isEnabled()
+    w.tprime_edit.setText("99")
+    assert not w.run_btn.isEnabled() and "T'" in w.status.text()
+    w.tprime_edit.setText("1")
+    w.source.setCurrentText("Folder")
+    assert not w.run_btn.isEnabled() and "input folder" in w.status.text()
+    w.folder_edit.setText(str(tmp_path))
+    w.mode.setCurrentIndex(1)
+    assert w.tprime_syn_edit.isEnabled() and w.run_btn.isEnabled()
+
+
+def test_export_cancel_and_refusal(make_napari_viewer, qtbot, tiny2d, tmp_path):
+    viewer = make_napari_viewer()
+    _layers(viewer)
+    out = tmp_path / "export"
+    w = _widget(viewer, tiny2d, out, n=40)
+    w.batch_spin.setValue(1)
+    w.preview_spin.setValue(0)
+    w.start()
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.running, timeout=120000)
+    assert w.summary["status"] == "cancelled", w.summary
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["n_rows"] < 40 and not m["complete"]
+    w.start()                                # same folder, no resume: refused, with the reason shown
+    qtbot.waitUntil(lambda: not w.running, timeout=60000)
+    assert w.summary["status"] == "error" and "not empty" in w.status.text()
+    w.existing.setCurrentText("resume")
+    w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=120000)
+    assert w.summary["status"] == "complete" and w.summary["complete"]
