@@ -4,7 +4,7 @@
     python -m training prepare --config training/configs/brain2d.yaml
     python -m training train   --config training/configs/brain2d.yaml --run runs/brain2d
     python -m training train   --run runs/brain2d --resume [--set budget.max_minutes=100]
-    torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run runs/b2d
+    torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run-dir runs/b2d
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
 
 See training/README.md.
@@ -68,7 +68,12 @@ def _cmd_train(args) -> int:
         return 2
     if args.resume and latest_checkpoint(run) is None:
         print(f"note: no checkpoint in {run}; starting from scratch", file=sys.stderr)
-    train(cfg, run, resume=args.resume, argv=["python", "-m", "training"] + list(args.argv))
+    import os
+    launcher = ["python", "-m", "training"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
+                    f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m", "training"]
+    train(cfg, run, resume=args.resume, argv=launcher + list(args.argv))
     return 0
 
 
@@ -88,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("train", help="train (or --resume) a DRDM network")
     _config_args(p, False)
-    p.add_argument("--run", required=True, help="run directory (checkpoints, log, config)")
+    p.add_argument("--run-dir", "--run", dest="run", required=True,
+                   help="run directory (checkpoints, log, config); spell it --run-dir under torchrun, "
+                        "whose own parser takes --run for its --run-path")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("export", help="write a run's weights as a bundled .safetensors checkpoint")

@@ -88,6 +88,8 @@ def preprocess_volume(vol: np.ndarray, spacing: Sequence[float], size: int, bg_t
                       margin_px: int = 2):
     """Image/volume (2D or 3D array) -> (image on an isotropic S^d grid in [0, 1], foreground mask).
 
+    ``margin_px``: margin around the foreground box, in pixels of the finest axis.
+
     Intensities: robust scaling (0.5 / 99.5 percentiles) clipped to [0, 1]; everything outside
     the foreground mask set to 0.  Geometry: crop to the mask's bounding box (+ margin), then
     an isotropic grid of spacing ``max_k(extent_k) / S`` centred on the box, linear interpolation
@@ -108,8 +110,9 @@ def preprocess_volume(vol: np.ndarray, spacing: Sequence[float], size: int, bg_t
         return None, None
     v = v * mask
     idx = np.nonzero(mask)
-    box = tuple(slice(max(int(i.min()) - margin_px, 0), min(int(i.max()) + margin_px + 1, n))
-                for i, n in zip(idx, v.shape))
+    margin = [int(math.ceil(margin_px * sp.min() / s)) for s in sp]   # the same physical margin on every axis
+    box = tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
+                for i, n, m in zip(idx, v.shape, margin))
     v, m = v[box], mask[box].astype(np.float32)
     extent = np.asarray(v.shape) * sp
     iso = float(extent.max()) / size
@@ -318,16 +321,25 @@ def prepare(cfg: Dict[str, Any], out: Optional[str] = None, log=print) -> str:
 
 
 def _write(path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]):
+    """A compressed .npz (np.load reads it) that is byte-for-byte reproducible: fixed member
+    order and timestamps (numpy's savez stamps the current time, so its sha256 changes per write)."""
+    import zipfile
     meta["counts"] = {s: int(arrays[f"{s}_images"].shape[0]) for s in SPLITS}
-    with open(path, "wb") as f:
-        np.savez_compressed(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
+    members = dict(sorted(arrays.items()))
+    members["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in members.items():
+            zi = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(zi, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
 
 
 def load_prepared(path: str) -> Dict[str, Any]:
     """{'train': uint8 array, 'val': uint8 array, 'meta': dict, 'sha256': str} from a prepared file."""
     with np.load(path, allow_pickle=False) as z:
         out = {s: z[f"{s}_images"] for s in SPLITS}
-        out["meta"] = json.loads(str(z["meta"]))
+        out["meta"] = json.loads(str(z["meta"].reshape(-1)[0]))
     out["sha256"] = file_sha256(path)
     return out
 

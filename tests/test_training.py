@@ -1,0 +1,201 @@
+"""Training pipeline (training/): data, augmentation, loop, exact resume, DDP, export. CPU, 1 thread."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "src"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from training.augment import augment  # noqa: E402
+from training.data import SliceBank, file_sha256, load_prepared, prepare, preprocess_volume  # noqa: E402
+from training.export import export_run  # noqa: E402
+from training.settings import load_config, model_config  # noqa: E402
+from training.train import latest_checkpoint, load_training_checkpoint, spawn_local, train  # noqa: E402
+
+from napari_drdm.checkpoint import read_checkpoint  # noqa: E402
+from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.losses import true_negdet  # noqa: E402
+from napari_drdm.core.network import DRDMNet  # noqa: E402
+
+CONFIGS = ROOT / "training" / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**sets):
+    return load_config(CONFIGS / "tiny.yaml", [f"{k}={v}" for k, v in sets.items()])
+
+
+def _log(run):
+    return [json.loads(line) for line in (Path(run) / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The tiny config trained 4 steps without interruption."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny(**{"validation.at_end": "false"}), run, argv=["test", "straight"], echo=lambda *a: None)
+    return run
+
+
+def test_tiny_trains_with_finite_losses(straight_run):
+    steps = [r for r in _log(straight_run) if "total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for k in ("total", "dist", "ang", "reg", "reg_l1", "true_negdet", "lr", "it_s"):
+            assert np.isfinite(r[k]), (k, r)
+    assert (_log(straight_run)[-1]["event"], _log(straight_run)[-1]["reason"]) == ("stop", "steps")
+
+
+def test_resume_is_bit_identical(straight_run, tmp_path):
+    run = tmp_path / "split"
+    # first half, with a validation at its end: it must not disturb any random stream
+    train(tiny(**{"train.steps": 2}), run, echo=lambda *a: None)
+    with pytest.raises(FileExistsError):
+        train(tiny(), run, echo=lambda *a: None)
+    train(tiny(**{"validation.at_end": "false"}), run, resume=True, echo=lambda *a: None)
+    a = load_training_checkpoint(latest_checkpoint(straight_run))
+    b = load_training_checkpoint(latest_checkpoint(run))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+    assert a["bank"] == b["bank"]
+    assert all(torch.equal(a["rng"][0][k], b["rng"][0][k]) for k in ("field", "aug", "torch"))
+    assert [h["start_step"] for h in b["history"]] == [0, 2]
+    assert any(r.get("event") == "validation" and r["step"] == 2 for r in _log(run))
+
+
+def test_budget_stops_cleanly_and_saves(tmp_path):
+    res = train(tiny(**{"budget.max_minutes": 0, "validation.at_end": "false"}), tmp_path / "b", echo=lambda *a: None)
+    assert res["reason"] == "budget" and res["step"] == 1
+    assert load_training_checkpoint(latest_checkpoint(tmp_path / "b"))["step"] == 1
+
+
+def test_two_process_gloo_ranks_stay_in_sync(tmp_path):
+    run = tmp_path / "ddp"
+    spawn_local(2, tiny(**{"train.steps": 2, "validation.at_end": "false"}), run)
+    stop = _log(run)[-1]
+    assert stop["event"] == "stop" and stop["world_size"] == 2 and stop["step"] == 2
+    assert stop["ranks_in_sync"] and len(set(stop["param_sha256"])) == 1
+    ck = load_training_checkpoint(latest_checkpoint(run))
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["field"], ck["rng"][1]["field"])
+
+
+def test_export_loads_strictly(straight_run, tmp_path):
+    out, sha = export_run(straight_run, tmp_path / "tiny.safetensors")
+    assert sha == file_sha256(out)
+    state, cfg, prov = read_checkpoint(out)
+    net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+    net.load_state_dict(state, strict=True)
+    assert (cfg.ndim, cfg.size, cfg.field_scale) == (2, 32, "reference")
+    assert prov["steps"] == 4 and prov["commands"] == ["test straight"]
+    assert len(prov["data"]["prepared_sha256"]) == 64 and prov["training_config"]["name"] == "tiny"
+
+
+def test_augment_shapes_ranges_and_seeding():
+    g = torch.Generator().manual_seed(0)
+    x2 = torch.rand(6, 1, 32, 32)
+    y2 = augment(x2, None, torch.Generator().manual_seed(3))
+    assert y2.shape == x2.shape and torch.isfinite(y2).all()
+    assert y2.min() >= -1.0 and y2.max() <= 2.0
+    assert torch.equal(y2, augment(x2, None, torch.Generator().manual_seed(3)))
+    assert not torch.equal(y2, augment(x2, None, torch.Generator().manual_seed(4)))
+    geo_only = augment(x2, {"p_intensity": 0.0, "p_autocontrast": 0.0}, g)
+    assert geo_only.min() >= 0.0 and geo_only.max() <= 1.0 + 1e-6
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0}
+    assert torch.allclose(augment(x2, ident, g), x2, atol=1e-5)
+    x3 = torch.rand(2, 1, 16, 16, 16)
+    y3 = augment(x3, {"p_rotate3d": 1.0, "p_crop3d": 1.0}, g)
+    assert y3.shape == x3.shape and torch.isfinite(y3).all() and y3.max() <= 2.0
+    assert torch.allclose(augment(x3, dict(ident, p_rotate3d=0.0, p_crop3d=0.0), g), x3, atol=1e-5)
+
+
+def test_true_negdet_zero_when_smooth_positive_when_folded():
+    S = 32
+    assert float(true_negdet(torch.zeros(1, 2, S, S))) == 0.0
+    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+    smooth = torch.stack([torch.sin(xx / 5), torch.cos(yy / 7)])[None] * 0.5 / S   # 0.5 px, gentle
+    assert float(true_negdet(smooth)) == 0.0
+    folded = torch.stack([-2.0 * yy, torch.zeros_like(xx)])[None] / S               # d(u0)/dy = -2: det = -1
+    assert float(true_negdet(folded)) == pytest.approx(1.0)
+    assert float(true_negdet(torch.zeros(1, 3, 8, 8, 8))) == 0.0
+
+
+def test_configs_and_numeric_field_scale():
+    b2, b3 = load_config(CONFIGS / "brain2d.yaml"), load_config(CONFIGS / "brain3d.yaml")
+    m2, m3 = model_config(b2), model_config(b3)
+    assert (m2.ndim, m2.size, m2.field_factor()) == (2, 128, 4.0)
+    assert (m3.ndim, m3.size, m3.field_factor(), m3.compose_padding) == (3, 64, 2.0, "border")
+    with pytest.raises(ValueError):
+        model_config(dict(b2, model={"ndim": 2, "size": 32, "field_scale": "bogus"}))
+    with pytest.raises(ValueError):
+        model_config(dict(b2, model={"ndim": 2, "size": 32, "no_such_key": 1}))
+    # a number (or a numeric string) is used as the factor; at S=128, 2.0 == 'reference' (128/64)
+    draws = ForwardSampler(m2).draw(1, torch.Generator().manual_seed(0))
+    ref = ForwardSampler(m2.replace(field_scale="reference")).sample(20, batch=1, draws=draws)
+    for fs in (2.0, "2.0"):
+        out = ForwardSampler(m2.replace(field_scale=fs)).sample(20, batch=1, draws=draws)
+        assert torch.equal(out.forward_ddf, ref.forward_ddf)
+    four = ForwardSampler(m2).sample(20, batch=1, draws=draws)
+    assert torch.allclose(four.forward_ddf, 2 * ref.forward_ddf, rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_synthetic_and_slice_bank(tmp_path):
+    cfg = tiny(**{"data.prepared": str(tmp_path / "syn.npz"), "data.n_synthetic": 8})
+    path = prepare(cfg, log=lambda *a: None)
+    data = load_prepared(path)
+    info = json.loads(Path(path + ".json").read_text())
+    assert info["sha256"] == data["sha256"] and data["train"].shape == (8, 32, 32) and data["train"].dtype == np.uint8
+    bank = SliceBank(data["train"], 3, seed=1)
+    first = [bank.next_indices() for _ in range(3)]
+    state = bank.state_dict()
+    after = [bank.next_indices() for _ in range(3)]
+    bank2 = SliceBank(data["train"], 3, seed=1)
+    bank2.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, [bank2.next_indices() for _ in range(3)]))
+    assert sorted(torch.cat(first).tolist()[:8]) == list(range(8))          # one epoch = a permutation
+    shards = [set(SliceBank(data["train"], 4, seed=1, rank=r, world=2).next_indices().tolist()) for r in (0, 1)]
+    assert not shards[0] & shards[1]
+    x = bank.next_batch()
+    assert x.shape == (3, 1, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_preprocess_volume_isotropic_cube():
+    vol = np.zeros((40, 30, 12), np.float32)
+    vol[8:32, 5:25, 2:10] = 100.0 + np.random.RandomState(0).rand(24, 20, 8).astype(np.float32)
+    cube, fg = preprocess_volume(vol, (1.0, 1.0, 3.0), 16)
+    assert cube.shape == fg.shape == (16, 16, 16)
+    assert 0.0 <= cube.min() and cube.max() <= 1.0 and cube[0, 0, 0] == 0.0
+    # a 24 x 20 x 24 mm box (+ margins) centred in the cube: it spans most of its longest axes
+    spans = [np.ptp(np.nonzero(fg.any(axis=tuple(j for j in range(3) if j != i)))[0]) + 1 for i in range(3)]
+    assert max(spans) >= 12 and min(spans) >= 9 and 0.25 < fg.mean() < 0.9
+    img, fg2 = preprocess_volume(vol[:, :, 5], (1.0, 1.0), 16)
+    assert img.shape == (16, 16) and fg2.any()
+
+
+def test_cli_help_and_prepare(tmp_path, capsys):
+    from training.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train" in capsys.readouterr().out
+    out = tmp_path / "p.npz"
+    assert main(["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(out),
+                 "--set", "data.n_synthetic=4"]) == 0
+    assert load_prepared(str(out))["train"].shape[0] == 4
