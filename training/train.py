@@ -169,16 +169,21 @@ def _rng_state(gens: Dict[str, torch.Generator], device) -> Dict[str, Any]:
 
 def _set_rng_state(gens: Dict[str, torch.Generator], st: Dict[str, Any], device):
     for k, g in gens.items():
-        g.set_state(st[k])
+        if k in st:
+            g.set_state(st[k])
     torch.set_rng_state(st["torch"])
     if device.type == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
 def _generators(seed: int, rank: int, device) -> Dict[str, torch.Generator]:
+    """Per-rank streams: 'field' (forward draws, on the device), 'aug' (augmentation, on the device)
+    and, off the CPU, 't' (time steps, on the host so the sampler's schedule needs no device sync;
+    on the CPU the time steps come from 'field')."""
     out = {}
-    for i, name in enumerate(("field", "aug")):
-        g = torch.Generator(device=device)
+    names = ("field", "aug") if torch.device(device).type == "cpu" else ("field", "aug", "t")
+    for i, name in enumerate(names):
+        g = torch.Generator(device="cpu" if name == "t" else device)
         g.manual_seed(int(seed) * 1_000_003 + rank * 7919 + i * 104_729 + 17)
         out[name] = g
     return out
@@ -294,8 +299,9 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     target, log_every = int(tcfg["steps"]), max(int(tcfg["log_every"]), 1)
     ck_every, v_every = int(tcfg["checkpoint_every"]), int(cfg["validation"].get("every") or 0)
     clip, warm, base_lr = float(ocfg.get("grad_clip") or 0.0), int(ocfg.get("warmup_steps") or 0), float(ocfg["lr"])
-    acc: Dict[str, float] = {}
-    n_acc, t_int, reason = 0, time.time(), "steps"
+    acc: Optional[torch.Tensor] = None      # running sums on the device (no host sync per step)
+    keys: List[str] = []
+    n_acc, n_skip, t_int, reason = 0, 0, time.time(), "steps"
     bar = _progress(env.main, step, target)
 
     def save(tag: str):
@@ -316,36 +322,40 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                 gr["lr"] = base_lr * min(1.0, (step + 1) / warm)
         x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
         B = x0.shape[0]
-        t = torch.randint(0, T, (B,), generator=gens["field"], device=dev)
+        t = torch.randint(0, T, (B,), generator=gens.get("t", gens["field"]))      # host tensor
         fs = sampler.sample(t, draws=_draws(mcfg, B, gens["field"], dev), device=dev)
         img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-            psi_hat = net(img_t, t, k=K)
+            psi_hat = net(img_t, t.to(dev, non_blocking=True), k=K)
         terms = drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
                             w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
                             w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-        opt.step()
+        if env.any_flag(not bool(torch.isfinite(gnorm))):   # skip (on every rank) a non-finite update
+            opt.zero_grad(set_to_none=True)
+            n_skip += 1
+        else:
+            opt.step()
         step += 1
-        for k, v in terms.items():
-            acc[k] = acc.get(k, 0.0) + float(v.detach())
-        acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gnorm)
+        keys = keys or sorted(terms) + ["grad_norm"]
+        row = torch.stack([terms[k].detach() for k in keys[:-1]] + [gnorm.detach()]).to(torch.float64)
+        acc = row if acc is None else acc + row
         n_acc += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", refresh=False)
         if step % log_every == 0 or step == target:
-            keys = sorted(acc)
-            vals = env.mean(torch.tensor([acc[k] / n_acc for k in keys], dtype=torch.float64, device=dev))
+            vals = env.mean(acc / n_acc).tolist()
             dt = time.time() - t_int
             rec = {"step": step, "lr": opt.param_groups[0]["lr"], "it_s": n_acc / max(dt, 1e-9),
                    "samples_s": n_acc * B * env.world / max(dt, 1e-9), "epoch": bank.epoch,
-                   "elapsed_min": (time.time() - t_start) / 60}
-            rec.update({k: float(v) for k, v in zip(keys, vals.tolist())})
+                   "elapsed_min": (time.time() - t_start) / 60, "skipped_nonfinite": n_skip}
+            rec.update(dict(zip(keys, vals)))
             log.write(rec)
-            acc, n_acc, t_int = {}, 0, time.time()
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['total']:.4g}", refresh=False)
+            acc, n_acc, t_int = None, 0, time.time()
         if (v_every and step % v_every == 0) or (step == target and cfg["validation"].get("at_end")):
             last_val = _validate(validator, model, step, log, say, env)
         over = max_min is not None and (time.time() - t_start) / 60.0 >= float(max_min)
