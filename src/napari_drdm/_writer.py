@@ -24,7 +24,7 @@ def affine_for_layer(meta: Dict[str, Any], n_spatial: int) -> np.ndarray:
     aff = md.get("affine")
     if aff is not None:
         a = np.asarray(aff, dtype=np.float64)
-        if a.shape == (4, 4) and np.all(np.isfinite(a)):
+        if a.shape == (4, 4) and np.all(np.isfinite(a)) and abs(np.linalg.det(a[:3, :3])) > 1e-12:
             return a
     scale = list(meta.get("scale") if meta.get("scale") is not None else [])
     translate = list(meta.get("translate") if meta.get("translate") is not None else [])

@@ -80,7 +80,9 @@ class _Run:
     out_translate: Tuple[float, ...]
     out_affine: Optional[np.ndarray]
     worker: Any = None
+    kinds: Tuple[str, ...] = ()                                    # layers this run makes, in order
     layers: Dict[str, Any] = field(default_factory=dict)
+    layer_n: Dict[str, int] = field(default_factory=dict)         # frames each layer shows
     shown: int = 0
     running: bool = True
     cancelled: bool = False
@@ -95,7 +97,8 @@ def _layer_affine_meta(layer) -> Optional[np.ndarray]:
     if aff is None:
         return None
     a = np.asarray(aff, dtype=np.float64)
-    return a if a.shape == (4, 4) else None
+    ok = a.shape == (4, 4) and np.all(np.isfinite(a)) and abs(np.linalg.det(a[:3, :3])) > 1e-12
+    return a if ok else None
 
 
 class ExplorerWidget(QWidget):
@@ -114,7 +117,7 @@ class ExplorerWidget(QWidget):
         self._build_ui()
         self._connect_viewer()
         self._timer = QTimer(self)
-        self._timer.setInterval(100)
+        self._timer.setInterval(200)
         self._timer.timeout.connect(self._flush)
         self._refresh_layer_choices()
         self._on_model_choice()
@@ -161,11 +164,19 @@ class ExplorerWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto: cuda > mps > cpu")
+        self.threads_spin = QSpinBox()
+        import os
+        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
+        from ._worker import default_threads
+        self.threads_spin.setValue(default_threads())
+        self.threads_spin.setToolTip("CPU threads for generation (all cores but one by default, so the viewer "
+                                     "stays responsive).")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         f.addRow("Model", self.model_combo)
         f.addRow("S (.pth)", self.size_spin)
         f.addRow("Device", self.device_combo)
+        f.addRow("CPU threads", self.threads_spin)
         f.addRow(self.model_info)
         outer.addWidget(box_m)
 
@@ -592,13 +603,17 @@ class ExplorerWidget(QWidget):
                 for a, i in enumerate(inp.lead_index):
                     aff[:3, 3] += aff[:3, a] * i
         run = _Run(self._run_counter, base, inp, params, store, scale, tuple(translate), aff)
+        run.kinds = ("image",) + (("labels",) if "labels" in store.buffers else ()) + \
+            ("folding", "grid", "jacobian", "vectors")
         self._runs.append(run)
         self.progress.setRange(0, max(1, plan.n_total))
         self.progress.setValue(0)
         self.plan_label.setText(plan.describe())
         self.status_label.setText(f"running {base} ...")
         worker = create_worker(explore, model, inp.image, inp.labels, inp.spacing, params["t_prime"],
-                               params["seed"], params["schedule"], params["k"], store, _start_thread=False)
+                               params["seed"], params["schedule"], params["k"], store,
+                               threads=self.threads_spin.value() if model.device.type == "cpu" else None,
+                               _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))
         worker.errored.connect(lambda e, run=run: self._on_error(run, e))
@@ -632,7 +647,7 @@ class ExplorerWidget(QWidget):
 
     def _on_returned(self, run: _Run, result):
         run.result = result
-        self._flush()
+        self._flush(complete=True)
         self._add_final_layers(run, result)
         m = result.metrics
         took = time.perf_counter() - run.t_start
@@ -647,13 +662,13 @@ class ExplorerWidget(QWidget):
 
     def _on_aborted(self, run: _Run):
         run.cancelled = True
-        self._flush()
+        self._flush(complete=True)
         self.status_label.setText(f"cancelled after {run.store.n_seen} of {run.store.plan.n_total} frames; "
                                   f"the {run.store.n} computed frames are kept (no final layers).")
 
     def _on_finished(self, run: _Run):
         run.running = False
-        self._flush()
+        self._flush(complete=True)
         if not self.running:
             self._timer.stop()
         self.cancel_btn.setEnabled(False)
@@ -668,59 +683,85 @@ class ExplorerWidget(QWidget):
             md["affine"] = run.out_affine
         return {"scale": (1.0,) + run.out_scale, "translate": (0.0,) + run.out_translate, "metadata": md}
 
-    def _create_layers(self, run: _Run):
+    def _create_layer(self, run: _Run, key: str):
         st = run.store
         v = self.viewer
         src = run.inputs.image_layer
         kw = self._frame_kwargs(run)
-        lay = run.layers
-        cl = tuple(float(c) for c in src.contrast_limits)
-        if st.plan.image_dtype == np.uint8:
-            lo, hi = st.plan.image_range
-            cl = tuple(float(np.clip((c - lo) / (hi - lo + 1e-12) * 255, 0, 255)) for c in cl)
-        if cl[1] <= cl[0]:
-            cl = (cl[0], cl[0] + 1)
-        lay["image"] = v.add_image(st.view("image"), name=f"{run.base} frames", colormap=src.colormap,
-                                   contrast_limits=cl, gamma=src.gamma, **kw)
-        if "labels" in st.buffers:
-            lay["labels"] = v.add_labels(st.view("labels"), name=f"{run.base} labels", opacity=0.45, **kw)
+        n = st.n                                   # read once: the worker keeps adding frames
+        data = st.vectors_data(n) if key == "vectors" else st.view(key, n)
+        if key == "image":
+            cl = tuple(float(c) for c in src.contrast_limits)
+            if st.plan.image_dtype == np.uint8:
+                lo, hi = st.plan.image_range
+                cl = tuple(float(np.clip((c - lo) / (hi - lo + 1e-12) * 255, 0, 255)) for c in cl)
+            if cl[1] <= cl[0]:
+                cl = (cl[0], cl[0] + 1)
+            layer = v.add_image(data, name=f"{run.base} frames", colormap=src.colormap, contrast_limits=cl,
+                                gamma=src.gamma, **kw)
+        elif key == "labels":
+            layer = v.add_labels(data, name=f"{run.base} labels", opacity=0.45, **kw)
             lab_src = run.inputs.labels_layer
             if lab_src is not None and lab_src.__class__.__name__ == "Labels":
                 try:
-                    lay["labels"].colormap = lab_src.colormap
-                except Exception:
+                    layer.colormap = lab_src.colormap
+                except Exception:  # noqa: BLE001 - a colormap that does not transfer is cosmetic
                     pass
-        lay["jacobian"] = v.add_image(st.view("jacobian"), name=f"{run.base} jacobian", colormap=jacobian_colormap(),
-                                      contrast_limits=(0.0, 2.0), visible=False, **kw)
-        lay["folding"] = v.add_labels(st.view("folding"), name=f"{run.base} folding (det<=0)",
-                                      colormap={None: "transparent", 0: "transparent", 1: "magenta"},
-                                      opacity=0.9, **kw)
-        if "grid" in st.buffers:
-            lay["grid"] = v.add_image(st.view("grid"), name=f"{run.base} grid", colormap="cyan",
-                                      blending="additive", contrast_limits=(0.0, 255.0), opacity=0.5, **kw)
-        vec_kw = dict(kw)
-        vec_kw["metadata"] = dict(kw["metadata"], drdm_vectors="pull-back: from x towards x + u(x)")
-        lay["vectors"] = v.add_vectors(st.vectors_data(), name=f"{run.base} vectors", edge_color="yellow",
-                                       edge_width=max(0.5, 0.3 * min(run.inputs.image.shape[-2:]) / 64),
-                                       vector_style="arrow", visible=False, **vec_kw)
-        v.layers.selection.active = lay["image"]
+        elif key == "jacobian":
+            layer = v.add_image(data, name=f"{run.base} jacobian", colormap=jacobian_colormap(),
+                                contrast_limits=(0.0, 2.0), visible=False, **kw)
+        elif key == "folding":
+            layer = v.add_labels(data, name=f"{run.base} folding (det<=0)",
+                                 colormap={None: "transparent", 0: "transparent", 1: "magenta"}, opacity=0.9, **kw)
+        elif key == "grid":
+            layer = v.add_image(data, name=f"{run.base} grid", colormap="cyan", blending="additive",
+                                contrast_limits=(0.0, 255.0), opacity=0.5, **kw)
+        elif key == "vectors":
+            kw["metadata"] = dict(kw["metadata"], drdm_vectors="pull-back: from x towards x + u(x), pixels")
+            layer = v.add_vectors(data, name=f"{run.base} vectors", edge_color="yellow",
+                                  edge_width=max(0.5, 0.3 * min(run.inputs.image.shape[-2:]) / 64),
+                                  vector_style="arrow", visible=False, **kw)
+        else:  # pragma: no cover
+            raise KeyError(key)
+        run.layers[key] = layer
+        run.layer_n[key] = n
+        layer.events.visible.connect(lambda _e=None, run=run, key=key: self._update_layer(run, key))
 
-    def _flush(self):
+    def _update_layer(self, run: _Run, key: str, force: bool = False):
+        layer = run.layers.get(key)
+        st = run.store
+        n = st.n                                   # read once: the worker keeps adding frames
+        if layer is None or layer not in self.viewer.layers or run.layer_n.get(key) == n:
+            return False
+        if not layer.visible and not force:
+            return False                 # hidden layers catch up when shown or when the run ends
+        layer.data = st.vectors_data(n) if key == "vectors" else st.view(key, n)
+        run.layer_n[key] = n
+        return True
+
+    def _flush(self, complete: bool = False):
+        """Show new frames. Layers are created one per tick (the frames layer first, so the first frame
+        appears at once); ``complete`` creates and updates everything (end of a run)."""
         for run in self._runs:
             st = run.store
-            n = st.n
-            if n == 0 or n == run.shown:
+            if st.n == 0:
                 continue
-            if not run.layers:
-                self._create_layers(run)
-            else:
-                for key, layer in run.layers.items():
-                    if layer not in self.viewer.layers:
-                        continue
-                    layer.data = st.vectors_data() if key == "vectors" else st.view(key)
-            run.shown = n
-            if self.follow_check.isChecked() and run.running:
+            created = False
+            for key in run.kinds:
+                if key not in run.layers:
+                    self._create_layer(run, key)
+                    created = True
+                    if not complete:
+                        break
+            changed = created
+            for key in list(run.layers):
+                changed |= self._update_layer(run, key, force=complete)
+            if complete and "image" in run.layers and run.layers["image"] in self.viewer.layers:
+                self.viewer.layers.selection.active = run.layers["image"]
+            n = run.layer_n.get("image", st.n)
+            if changed and self.follow_check.isChecked() and (run.running or run.shown < n):
                 self._set_frame(run, n - 1)
+            run.shown = n
         self.update_readout()
 
     def _add_final_layers(self, run: _Run, res):

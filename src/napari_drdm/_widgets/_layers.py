@@ -252,11 +252,13 @@ class FrameStore:
         self.metrics.append(dict(info, **packed["metrics"]))
         self.n = j + 1
 
-    def view(self, key: str) -> np.ndarray:
-        return self.buffers[key][: max(self.n, 1)]
+    def view(self, key: str, n: Optional[int] = None) -> np.ndarray:
+        """The first ``n`` (default: all computed) frames of one buffer (a view, no copy)."""
+        n = self.n if n is None else n
+        return self.buffers[key][: max(n, 1)]
 
-    def vectors_data(self) -> np.ndarray:
-        n = self.n
+    def vectors_data(self, n: Optional[int] = None) -> np.ndarray:
+        n = self.n if n is None else n
         if n == 0:
             return np.zeros((0, 2, 1 + self.lead_ndim + len(self.plan.shape)), np.float32)
         return np.concatenate(self.vectors[:n], axis=0)

@@ -52,12 +52,30 @@ def try_load_model(source: str, size: Optional[int] = None, device: str = "auto"
         return None, f"{type(e).__name__}: {e}"
 
 
+def default_threads() -> int:
+    """CPU threads for generation: all cores but one, so the viewer (and its software OpenGL) keeps one.
+
+    On a busy 2-core machine two torch threads can be several times slower than one (the OpenMP
+    threads wait on each other while other processes hold the cores).
+    """
+    import os
+    n = os.cpu_count() or 1
+    return max(1, n - 1)
+
+
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,
-            seed: int, schedule: str, k: int, store: FrameStore) -> Iterator[Dict[str, Any]]:
-    """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult."""
+            seed: int, schedule: str, k: int, store: FrameStore, threads: Optional[int] = None,
+            ) -> Iterator[Dict[str, Any]]:
+    """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult.
+
+    ``threads``: torch CPU threads for this (worker) thread; None leaves torch's setting alone.
+    """
     import torch
 
     from ..core.spatial import warp
+
+    if threads:
+        torch.set_num_threads(int(threads))
 
     shape = tuple(image.shape)
     t0 = time.perf_counter()
