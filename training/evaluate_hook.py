@@ -32,7 +32,7 @@ __all__ = ["VALIDATION_DEFAULTS", "Validator"]
 VALIDATION_DEFAULTS: Dict[str, Any] = {
     "every": 1000,          # steps between validations (0 = never)
     "at_end": True,         # also validate when train.steps is reached
-    "n_images": 2,          # validation images (evenly spaced through the val split)
+    "n_images": 2,          # validation images (centres of n equal parts of the val split)
     "t_primes": [30, 45],   # T' of the Table-1 metrics
     "schedules": ["paper", "reference"],
     "loss_t": [10, 40, 70],  # t values of the validation loss
@@ -46,7 +46,7 @@ class Validator:
         self.mcfg, self.v, self.loss_cfg, self.device = model_cfg, dict(VALIDATION_DEFAULTS, **vcfg), loss_cfg, device
         self.autocast_dtype = autocast_dtype
         n = min(int(self.v["n_images"]), len(images))
-        pick = np.linspace(0, len(images) - 1, n).round().astype(int) if n else np.zeros(0, int)
+        pick = ((np.arange(n) + 0.5) * len(images) / max(n, 1)).astype(int)   # centres of n equal parts
         self.images = torch.as_tensor(images[pick]).to(torch.float32).div(255.0).unsqueeze(1).to(device)
         self.sampler = ForwardSampler(model_cfg)
 

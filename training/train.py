@@ -71,7 +71,10 @@ class Env:
         self.distributed = self.world > 1
         if self.distributed and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world)
+            import datetime
+            # rank 0 validates while the others wait in a barrier: allow long validations
+            torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world,
+                                                 timeout=datetime.timedelta(hours=2))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
