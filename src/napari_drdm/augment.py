@@ -332,6 +332,15 @@ def _batches(window: List[Tuple[dict, List[Job]]], size: int) -> List[List[Tuple
 
 
 # ---------------------------------------------------------------------------------- the run
+def _kept_records(out: Path, own_name: str, done: Dict[str, dict]) -> List[dict]:
+    """This shard's verified rows and their batch records (its journal is rewritten with them)."""
+    own = [r for r in read_records(out) if r.pop("_journal") == own_name]
+    rows = [r for r in own if r.get("type") == "row" and r["row_id"] in done
+            and r.get("written_at") == done[r["row_id"]].get("written_at")]
+    used = {r.get("batch_id") for r in rows}
+    return [r for r in own if r.get("type") == "batch" and r["batch_id"] in used] + rows
+
+
 def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int = 0,
                 should_stop: Optional[Callable[[], bool]] = None) -> Iterator[ExportEvent]:
     """Run Algorithm 3/4 over ``inputs`` (folders/files, see :func:`discover`); yield one event per
@@ -364,37 +373,30 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
     for a in arrays:
         a.save(out / "sources")
     own_name = f"journal-{i_shard}-of-{n_shard}.jsonl"
-    kept: List[dict] = []
-    if opts.resume and (out / own_name).exists():
-        # keep this shard's verified rows (and their batch records); drop everything else of it
-        own = [r for r in read_records(out) if r["_journal"] == own_name]
-        kept = [r for r in own if r.get("type") == "row" and r["row_id"] in done
-                and r.get("written_at") == done[r["row_id"]].get("written_at")]
-        used = {r.get("batch_id") for r in kept}
-        kept = [r for r in own if r.get("type") == "batch" and r["batch_id"] in used] + kept
-    journal = Journal(out / own_name, keep=[{k: v for k, v in r.items() if k != "_journal"} for r in kept])
-
-    mine = samples[i_shard::n_shard]
+    journal = Journal(out / own_name, keep=_kept_records(out, own_name, done) if opts.resume else ())
     plan = []
-    for s in mine:
+    for s in samples[i_shard::n_shard]:
         jobs = _jobs(s, opts, digits)
         have = [j for j in jobs if j.row_id in done]
-        if have:
-            sha = path_sha256(s.image)
-            lsha = path_sha256(s.labels) if s.labels else None
-            have = [j for j in have if done[j.row_id].get("source_sha256") == sha
-                    and done[j.row_id].get("labels_source_sha256") == lsha]
-        pend = [j for j in jobs if j not in have]
-        plan.append((s, pend))
+        if have:   # finished rows count only if made from the same input files
+            try:
+                sha = (path_sha256(s.image), path_sha256(s.labels) if s.labels else None)
+            except OSError:
+                sha = None
+            have = [j for j in have if sha == (done[j.row_id].get("source_sha256"),
+                                               done[j.row_id].get("labels_source_sha256"))]
+        plan.append((s, [j for j in jobs if j not in have]))
+    n_prev = sum(len(_jobs(s, opts, digits)) - len(p) for s, p in plan)
     total = sum(len(p) for _, p in plan)
-    counts = {}
+    counts: Dict[tuple, int] = {}
     for j in _jobs(Sample("x", ""), opts, digits):
         counts[j.key] = counts.get(j.key, 0) + 1
+    # enough images per window that each T' group can fill a batch (bounded, for memory)
     window_n = max(1, min(8, math.ceil(opts.batch / min(counts.values()))))
     provider = ModelProvider(opts.weights, opts.device, opts.size, model)
-    n_done, n_prev, status = 0, len(done), "complete"
+    n_done, status = 0, "complete"
     try:
-        for s in skipped:
+        for s in (skipped if i_shard == 0 else []):      # discovery is the same in every shard: report once
             journal.append({"type": "skip", "path": s.path, "reason": s.reason})
             yield ExportEvent("skip", n_done, total, f"skipped {s.path}: {s.reason}")
         if n_prev:

@@ -165,11 +165,15 @@ def run_mode(args, opts_kw: dict) -> int:
         if bar is not None:
             bar.close()
     if dist is not None:
-        dist.barrier()
-        if dist.get_rank() == 0:
+        dist.barrier()                       # every rank has finished its shard: rank 0 merges
+        rank = dist.get_rank()
+        if rank == 0:
             m = write_manifest(out)
             summary.update(complete=m["complete"], n_rows=m["n_rows"], n_missing=m["n_missing"])
         dist.destroy_process_group()
+        if rank != 0:
+            print(f"rank {rank}: {summary['written']} outputs written ({summary.get('previously_done', 0)} already done)")
+            return 0
     state = "complete" if summary.get("complete") else f"incomplete ({summary.get('n_missing', '?')} missing)"
     print(f"{summary['written']} outputs written ({summary.get('previously_done', 0)} already done); "
           f"{summary.get('n_rows', '?')} rows in {summary['manifest']}: {state}")
