@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -300,13 +299,25 @@ def test_shards_merge_and_batch_one_is_batch_independent(tmp_path, folder2d, ckp
     assert all(a[k]["image_sha256"] == b[k]["image_sha256"] and a[k]["ddf_sha256"] == b[k]["ddf_sha256"] for k in a)
 
 
+def test_overwrite_starts_afresh(tmp_path, folder2d, ckpts):
+    out = tmp_path / "out"
+    run_export(folder2d, out, _opts(weights=ckpts["2d"], per_image=2))
+    s = run_export(folder2d, out, _opts(weights=ckpts["2d"], per_image=1, t_prime="2", overwrite=True))
+    m = load_manifest(out / "manifest.json")
+    assert s["complete"] and sorted(r["row_id"] for r in m["rows"]) == ["case0_aug000", "case1_aug000"]
+    assert all(r["t_prime"] == 2 and verify_row(out, r) for r in m["rows"])
+
+
 def test_layer_inputs_are_saved_and_reproducible(tmp_path, ckpts):
     from napari_drdm.dataset_io import ArrayInput
     img, lab = _phantom((36, 32))
     out = tmp_path / "out"
     s = run_export([ArrayInput("my layer", img.astype(np.float32), lab, AFF2)], out, _opts(weights=ckpts["2d"]))
     assert s["complete"] and (out / "sources" / "my_layer.nii.gz").exists()
-    assert reproduce_row(out, "my_layer_aug001", tmp_path / "again")["identical"]["labels"]
+    moved = tmp_path / "moved"
+    out.rename(moved)                                   # reproducible even after moving the folder
+    res = reproduce_row(moved, "my_layer_aug001", tmp_path / "again")
+    assert all(res["identical"].values())
 
 
 # ------------------------------------------------------------------------------------ Algorithm 4
@@ -400,3 +411,19 @@ def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):
     monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: "no_such_model", 3: "no_such_model"})
     with pytest.raises(ValueError, match="no --weights given.*no_such_model"):
         run_export(folder2d, tmp_path / "o", _opts())
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_one_manifest(tmp_path, folder2d, ckpts):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "out"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29581", "-m", "napari_drdm.cli", "augment",
+           str(folder2d), str(out), "-n", "2", "--t-prime", "1", "--schedule", "paper", "--weights", ckpts["2d"],
+           "--threads", "1", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("journal-*")) == ["journal-0-of-2.jsonl", "journal-1-of-2.jsonl"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["n_rows"] == 4 and all(verify_row(out, r) for r in m["rows"])

@@ -274,7 +274,8 @@ def _jobs(sample: Sample, opts: ExportOptions, digits: int) -> List[Job]:
         else:
             job = Job(sample.name, i, rid, (tp[i], ts[i]), (derive_seed(opts.seed, sample.name, i, "aug"),
                                                             derive_seed(opts.seed, sample.name, i, "syn")))
-            job.paths = {"moving": f"moving/{rid}.nii.gz", "fixed": f"fixed/{rid}.nii.gz", "ddf": f"ddfs/{rid}_ddf.nii.gz"}
+            job.paths = {"moving": f"moving/{rid}.nii.gz", "fixed": f"fixed/{rid}.nii.gz",
+                         "ddf": f"ddfs/{rid}_ddf.nii.gz"}
             if sample.labels:
                 job.paths.update(moving_labels=f"moving_labels/{rid}.nii.gz", fixed_labels=f"fixed_labels/{rid}.nii.gz")
         if opts.inverse:
@@ -481,7 +482,16 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto") -> 
     w = run.get("weights")
     provider = ModelProvider(None if w in (None, "auto") else w, device, run.get("size"), model)
     members, cache = [], {}
+    here = Path(manifest) if Path(manifest).is_dir() else Path(manifest).parent
+
+    def find(path):   # layer inputs live in OUT/sources: follow the folder if it was moved
+        if path is None or Path(path).exists() or Path(path).parent.name != "sources":
+            return path
+        alt = here / "sources" / Path(path).name
+        return str(alt) if alt.exists() else path
+
     for mem in batch["members"]:
+        mem = dict(mem, source=find(mem["source"]), labels_source=find(mem["labels_source"]))
         key = (mem["source"], mem["labels_source"])
         if key not in cache:
             s = Sample(mem["name"], mem["source"], mem["labels_source"])

@@ -284,9 +284,12 @@ class Journal:
         self._f = open(self.path, "a")
 
     def append(self, record: dict):
-        self._f.write(json.dumps(record, sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e} while appending to the journal {self.path}") from None
 
     def close(self):
         if not self._f.closed:
@@ -428,7 +431,8 @@ def _is_empty(out: Path) -> bool:
     if not out.exists():
         return True
     names = [p.name for p in out.iterdir() if not (p.name.startswith(".") and ".part-" in p.name)]
-    side = all(n in _SIDE_FILES or (n.startswith("journal-") and n.endswith(".jsonl")) for n in names)
+    side = all(n in _SIDE_FILES or n == "sources" or (n.startswith("journal-") and n.endswith(".jsonl"))
+               for n in names)
     return not names or (side and not collect(out)[0])
 
 

@@ -138,7 +138,8 @@ class DRDMTransform:
         for key in keys:
             a, ch = self._channels(self._to_numpy(data[key]))
             x = torch.as_tensor(a.astype(np.float32), device=model.device)[None]
-            lo, hi = x.amin(dim=tuple(range(2, x.dim())), keepdim=True), x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+            axes = tuple(range(2, x.dim()))
+            lo, hi = x.amin(dim=axes, keepdim=True), x.amax(dim=axes, keepdim=True)
             w = torch.maximum(torch.minimum(warp(x - lo, ddf, model.config.image_interp, "zeros") + lo, hi), lo)
             w = w[0].cpu().numpy()
             if np.issubdtype(a.dtype, np.integer):

@@ -23,7 +23,7 @@ EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] w
 
 def add_common(p, mode: str):
     p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...) and the output folder")
+                   help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...), output folder")
     p.add_argument("--per-image", "-n", type=int, default=1, help="outputs per input image (default 1)")
     add_model_args(p, required=False)
     p.add_argument("--seed", type=int, default=0, help="run seed; each output's seed is derived from it, "
@@ -39,7 +39,8 @@ def add_common(p, mode: str):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="complete an interrupted run in OUT (finished outputs are verified by sha256 and kept)")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty OUT, replacing same-named files")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty OUT, replacing same-named files")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="process only inputs j with j %% n == i (0-based); under torchrun RANK/WORLD_SIZE are used")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of skipping it")
@@ -172,7 +173,8 @@ def run_mode(args, opts_kw: dict) -> int:
             summary.update(complete=m["complete"], n_rows=m["n_rows"], n_missing=m["n_missing"])
         dist.destroy_process_group()
         if rank != 0:
-            print(f"rank {rank}: {summary['written']} outputs written ({summary.get('previously_done', 0)} already done)")
+            print(f"rank {rank}: {summary['written']} outputs written "
+                  f"({summary.get('previously_done', 0)} already done)")
             return 0
     state = "complete" if summary.get("complete") else f"incomplete ({summary.get('n_missing', '?')} missing)"
     print(f"{summary['written']} outputs written ({summary.get('previously_done', 0)} already done); "
