@@ -91,6 +91,20 @@ class _Run:
     result: Any = None
 
 
+def _if_alive(method):
+    """Skip a callback once the Qt side of the widget is gone (a model load or a run may outlive it)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            self.objectName()
+        except RuntimeError:
+            return None
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
 def _layer_affine_meta(layer) -> Optional[np.ndarray]:
     md = getattr(layer, "metadata", None) or {}
     aff = md.get("affine")
@@ -148,8 +162,9 @@ class ExplorerWidget(QWidget):
         from ..weights import list_weights
         try:
             entries = list_weights()
-        except Exception:  # a broken registry must not break the widget
+        except Exception:  # noqa: BLE001 - a broken registry must not break the widget
             entries = []
+        self._known_models = entries
         for e in entries:
             desc = f"{e['name']}"
             if e.get("ndim"):
@@ -275,15 +290,32 @@ class ExplorerWidget(QWidget):
 
     def _connect_viewer(self):
         ev = self.viewer.layers.events
-        ev.inserted.connect(self._on_layers_changed)
-        ev.removed.connect(self._on_layers_changed)
-        ev.moved.connect(self._on_layers_changed)
-        self.viewer.dims.events.current_step.connect(self._on_dims)
-        self.viewer.layers.selection.events.active.connect(lambda _e=None: self.update_readout())
+        on_active = self._on_active_layer
+        conns = [(ev.inserted, self._on_layers_changed), (ev.removed, self._on_layers_changed),
+                 (ev.moved, self._on_layers_changed), (self.viewer.dims.events.current_step, self._on_dims),
+                 (self.viewer.layers.selection.events.active, on_active)]
+        for emitter, cb in conns:
+            emitter.connect(cb)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)
+        runs = self._runs
+
+        def _teardown(*_args, conns=conns, runs=runs):
+            for emitter, cb in conns:
+                try:
+                    emitter.disconnect(cb)
+                except Exception:  # noqa: BLE001 - the viewer may be gone already
+                    pass
+            for r in runs:
+                if r.running and r.worker is not None:
+                    r.worker.quit()
+        self.destroyed.connect(_teardown)
+
+    def _on_active_layer(self, event=None):
+        self.update_readout()
 
     # ------------------------------------------------------------------ layer choices
+    @_if_alive
     def _on_layers_changed(self, event=None):
         if event is not None and getattr(event, "type", "") == "inserted":
             try:
@@ -412,6 +444,7 @@ class ExplorerWidget(QWidget):
         self._model_worker = worker
         worker.start()
 
+    @_if_alive
     def _on_model_loaded(self, req: int, model, error):
         if req != self._model_request:
             return
@@ -519,6 +552,9 @@ class ExplorerWidget(QWidget):
         if lead:
             where = ", ".join(f"axis {a} = {i}" for a, i in enumerate(idx))
             desc = f"{nd}D slice ({where}) of the {data.ndim}D '{name}': {shape_txt}, spacing {sp_txt}"
+            other = [e["name"] for e in self._known_models if e.get("ndim") == data.ndim]
+            if other and data.ndim in (2, 3):
+                desc += f" (the {data.ndim}D model '{other[0]}' would deform the whole volume)"
         else:
             desc = f"{nd}D '{name}': {shape_txt}, spacing {sp_txt}"
         if labels is not None:
@@ -635,6 +671,7 @@ class ExplorerWidget(QWidget):
                 r.worker.quit()
                 self.status_label.setText("cancelling after the current step ...")
 
+    @_if_alive
     def _on_yield(self, run: _Run, info: dict):
         if run.t_first is None:
             run.t_first = time.perf_counter() - run.t_start
@@ -645,6 +682,7 @@ class ExplorerWidget(QWidget):
         if run.shown == 0 and run.store.n > 0:
             self._flush()                 # the first frame shows at once
 
+    @_if_alive
     def _on_returned(self, run: _Run, result):
         run.result = result
         self._flush(complete=True)
@@ -656,16 +694,19 @@ class ExplorerWidget(QWidget):
             f"done in {took:.1f} s{first}. Recovered field (model grid, paper protocol): max {m['max_disp_pct']:.2f} %, "
             f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} %.")
 
+    @_if_alive
     def _on_error(self, run: _Run, error):
         run.running = False
         self.status_label.setText(f"error: {type(error).__name__}: {error}")
 
+    @_if_alive
     def _on_aborted(self, run: _Run):
         run.cancelled = True
         self._flush(complete=True)
         self.status_label.setText(f"cancelled after {run.store.n_seen} of {run.store.plan.n_total} frames; "
                                   f"the {run.store.n} computed frames are kept (no final layers).")
 
+    @_if_alive
     def _on_finished(self, run: _Run):
         run.running = False
         self._flush(complete=True)
@@ -700,7 +741,7 @@ class ExplorerWidget(QWidget):
             layer = v.add_image(data, name=f"{run.base} frames", colormap=src.colormap, contrast_limits=cl,
                                 gamma=src.gamma, **kw)
         elif key == "labels":
-            layer = v.add_labels(data, name=f"{run.base} labels", opacity=0.45, **kw)
+            layer = v.add_labels(data, name=f"{run.base} labels", opacity=0.35, **kw)
             lab_src = run.inputs.labels_layer
             if lab_src is not None and lab_src.__class__.__name__ == "Labels":
                 try:
@@ -725,8 +766,11 @@ class ExplorerWidget(QWidget):
             raise KeyError(key)
         run.layers[key] = layer
         run.layer_n[key] = n
+        if key == "image":
+            self._label_frame_axis(run)
         layer.events.visible.connect(lambda _e=None, run=run, key=key: self._update_layer(run, key))
 
+    @_if_alive
     def _update_layer(self, run: _Run, key: str, force: bool = False):
         layer = run.layers.get(key)
         st = run.store
@@ -739,6 +783,7 @@ class ExplorerWidget(QWidget):
         run.layer_n[key] = n
         return True
 
+    @_if_alive
     def _flush(self, complete: bool = False):
         """Show new frames. Layers are created one per tick (the frames layer first, so the first frame
         appears at once); ``complete`` creates and updates everything (end of a run)."""
@@ -818,6 +863,16 @@ class ExplorerWidget(QWidget):
             return None
         return self.viewer.dims.ndim - layer.ndim
 
+    def _label_frame_axis(self, run: _Run):
+        """Name the frame slider 'frame' unless the user has named that axis."""
+        ax = self._frame_axis(run)
+        if ax is None:
+            return
+        labels = list(self.viewer.dims.axis_labels)
+        if ax < len(labels) and str(labels[ax]).lstrip("-").isdigit():
+            labels[ax] = "frame"
+            self.viewer.dims.axis_labels = labels
+
     def _current_frame(self, run: _Run) -> Optional[int]:
         ax = self._frame_axis(run)
         if ax is None or run.store.n == 0:
@@ -851,6 +906,7 @@ class ExplorerWidget(QWidget):
                 self.follow_check.setChecked(False)   # the user takes over the slider
             self._set_frame(run, j + delta)
 
+    @_if_alive
     def _on_dims(self, event=None):
         self.update_readout()
         img = self._chosen_image()
@@ -864,6 +920,7 @@ class ExplorerWidget(QWidget):
         j = self._current_frame(run)
         return None if j is None else run.store.metrics[j]
 
+    @_if_alive
     def update_readout(self):
         run = self._readout_run()
         if run is None:
