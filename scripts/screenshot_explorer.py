@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshot_explorer.png"))
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--size", type=int, default=256, help="S for a reference .pth checkpoint")
-    ap.add_argument("--t-prime", type=int, default=45)
+    ap.add_argument("--t-prime", type=int, default=20)
+    ap.add_argument("--schedule", default="paper", choices=["paper", "reference", "model"],
+                    help="'model' keeps the model's own default")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--frame", default="last", help="'last', 'last-forward' or a frame number (0-based)")
     args = ap.parse_args(argv)
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
         return 1
     widget.tprime_spin.setValue(args.t_prime)
     widget.seed_spin.setValue(args.seed)
+    if args.schedule != "model":
+        widget.schedule_combo.setCurrentText(args.schedule)
     if not widget.run_btn.isEnabled():
         print(f"cannot run: {widget.reason}", file=sys.stderr)
         return 1
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     viewer.window.screenshot(str(out), canvas_only=False)
     out.with_suffix(".png.txt").write_text(
-        f"DRDM explorer screenshot: 2D brain sample, T'={args.t_prime}, seed {args.seed}, frame {j + 1}/{run.store.n}\n"
+        f"DRDM explorer screenshot: 2D brain sample, T'={args.t_prime}, seed {args.seed}, "
+        f"schedule {widget.schedule_combo.currentText()}, frame {j + 1}/{run.store.n}\n"
         f"model: {what}\n{widget.status_label.text()}\n")
     print(f"wrote {out}")
     viewer.close()

@@ -89,6 +89,7 @@ class _Run:
     t_start: float = 0.0
     t_first: Optional[float] = None
     result: Any = None
+    last_info: Optional[dict] = None
 
 
 def _if_alive(method):
@@ -673,14 +674,21 @@ class ExplorerWidget(QWidget):
 
     @_if_alive
     def _on_yield(self, run: _Run, info: dict):
+        """Per frame: only bookkeeping; the widgets and layers are refreshed by the timer (5 per second)."""
         if run.t_first is None:
             run.t_first = time.perf_counter() - run.t_start
+        run.last_info = info
+        if run.shown == 0 and run.store.n > 0:
+            self._flush()                 # the first frame shows at once
+
+    def _show_progress(self, run: _Run):
+        info = run.last_info
+        if info is None or not run.running or run.cancelled:
+            return
         self.progress.setValue(info["done"])
         what = f"forward t'={info['t']}" if info["forward"] else \
             f"recovery step {info['index']}/{info['phase_total']} (t={info['t']})"
         self.status_label.setText(f"running {run.base}: frame {info['done']}/{info['total']}, {what}")
-        if run.shown == 0 and run.store.n > 0:
-            self._flush()                 # the first frame shows at once
 
     @_if_alive
     def _on_returned(self, run: _Run, result):
@@ -710,6 +718,8 @@ class ExplorerWidget(QWidget):
     def _on_finished(self, run: _Run):
         run.running = False
         self._flush(complete=True)
+        if run.last_info is not None:
+            self.progress.setValue(run.last_info["done"])
         if not self.running:
             self._timer.stop()
         self.cancel_btn.setEnabled(False)
@@ -789,6 +799,7 @@ class ExplorerWidget(QWidget):
         appears at once); ``complete`` creates and updates everything (end of a run)."""
         for run in self._runs:
             st = run.store
+            self._show_progress(run)
             if st.n == 0:
                 continue
             created = False
