@@ -264,3 +264,65 @@ def test_frame_plan_budget():
     assert ct.image_dtype == np.uint8                                   # float16 cannot hold that range
     tiny = plan_frames((400, 400, 400), 45, 80, None, (0, 1), budget_bytes=2 ** 20)
     assert tiny.keep == [124]
+
+
+def test_manifest_menus_samples_and_export_widget(make_napari_viewer):
+    from napari._app_model import get_app_model
+    viewer = make_napari_viewer()
+    ids = [item.command.id for item in get_app_model().menus.get_menu("napari/layers/transform")
+           if hasattr(item, "command")]
+    assert "napari-drdm.explorer" in ids and "napari-drdm.export" in ids
+    try:
+        from napari_drdm._widgets._export import ExportWidget
+    except ImportError:
+        ExportWidget = None
+    if ExportWidget is not None:
+        _dw, w = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM dataset export")
+        assert isinstance(w, ExportWidget)
+    try:
+        import napari_drdm._sample_data  # noqa: F401
+    except ImportError:
+        pytest.skip("sample data module not there yet")
+    for key in ("brain2d", "cardiac_cine", "brain3d", "lung3d"):
+        layers = viewer.open_sample("napari-drdm", key)
+        assert layers and layers[0].data.ndim in (2, 3)
+
+
+def test_explorer_on_the_cine_sample_uses_the_current_frame(make_napari_viewer, qtbot, tiny2d):
+    try:
+        import napari_drdm._sample_data  # noqa: F401
+    except ImportError:
+        pytest.skip("sample data module not there yet")
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-drdm", "cardiac_cine")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, tiny2d)
+    viewer.dims.set_current_step(0, 5)
+    assert widget.run_btn.isEnabled(), widget.reason
+    assert "axis 0 = 5" in widget.input_info.text()
+    _run_and_wait(qtbot, widget, t_prime=1, schedule="paper")
+    run = widget._runs[-1]
+    assert viewer.layers[f"{run.base} frames"].data.shape == (2, 1, 256, 256)
+    assert run.base.endswith("@5")
+
+
+def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer, qtbot):
+    from pathlib import Path
+    viewer = make_napari_viewer()
+    img, lab = _image((32, 32))
+    viewer.add_image(img, name="img")
+    viewer.add_labels(lab, name="lab")
+    widget = _open(viewer)
+    assert widget.labels_combo.currentText() == "lab"
+    widget.set_labels_layer(None)
+    viewer.add_labels(lab, name="lab2")                   # new layers do not override the user's choice
+    assert widget.labels_combo.currentText() == "(none)"
+    ref = Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream_cmr2d.pth"
+    if not ref.exists():
+        pytest.skip("reference checkpoint not available")
+    widget.set_checkpoint(str(ref), size=64)
+    assert widget.size_spin.isEnabled()
+    qtbot.waitUntil(widget.model_ready, timeout=30000)
+    assert widget.model.size == 64 and widget.model.ndim == 2
+    assert "S=64" in widget.model_info.text()
+    assert widget.run_btn.isEnabled(), widget.reason

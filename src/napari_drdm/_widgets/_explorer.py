@@ -129,6 +129,7 @@ class ExplorerWidget(QWidget):
         self._model_request = 0
         self._model_loading = False
         self._validation_cache: Dict[tuple, Optional[str]] = {}
+        self._labels_touched = False          # the user chose labels (or none): stop choosing for them
         self._build_ui()
         self._connect_viewer()
         self._timer = QTimer(self)
@@ -284,7 +285,9 @@ class ExplorerWidget(QWidget):
         self.model_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
         self.device_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
         self.size_spin.editingFinished.connect(self._on_model_choice)
-        for w in (self.image_combo, self.labels_combo, self.schedule_combo):
+        self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self.validate()))
+        self.labels_combo.activated.connect(self._on_labels_activated)
+        for w in (self.labels_combo, self.schedule_combo):
             w.currentIndexChanged.connect(lambda _i: self.validate())
         for w in (self.tprime_spin, self.k_spin, self.budget_spin):
             w.valueChanged.connect(lambda _v: self.validate())
@@ -354,14 +357,22 @@ class ExplorerWidget(QWidget):
             if cur in extra + names:
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
-        if not cur_lab or cur_lab == NO_LABELS or cur_lab not in labs:
-            # default: a labels layer whose shape matches the chosen image
-            img = self._chosen_image()
-            for ly in self._labels_candidates():
-                if ly.__class__.__name__ == "Labels" and img is not None and ly.data.shape == img.data.shape:
-                    self.labels_combo.setCurrentText(ly.name)
-                    break
+        self._auto_labels()
         self.validate()
+
+    def _auto_labels(self):
+        """Until the user picks labels, choose a labels layer with the image's shape (or none)."""
+        if self._labels_touched:
+            return
+        img = self._chosen_image()
+        pick = NO_LABELS
+        for ly in self._labels_candidates():
+            if ly.__class__.__name__ == "Labels" and img is not None and ly.data.shape == img.data.shape:
+                pick = ly.name
+                break
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.setCurrentText(pick)
+        self.labels_combo.blockSignals(False)
 
     def _chosen_image(self):
         name = self.image_combo.currentText()
@@ -380,7 +391,12 @@ class ExplorerWidget(QWidget):
     def set_image_layer(self, name: str):
         self.image_combo.setCurrentText(name)
 
+    def _on_labels_activated(self, _index: int):
+        self._labels_touched = True
+
     def set_labels_layer(self, name: Optional[str]):
+        """Choose the labels layer by name (None: no labels), as the user would."""
+        self._labels_touched = True
         if name is None:
             self.labels_combo.setCurrentText(NO_LABELS)
             return
