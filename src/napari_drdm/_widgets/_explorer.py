@@ -475,8 +475,11 @@ class ExplorerWidget(QWidget):
             self._model = model
             cfg = model.config
             self.tprime_spin.setMaximum(cfg.n_steps)
-            self.schedule_combo.setCurrentText(cfg.schedule)
-            self.k_spin.setValue(int(cfg.k_recursions))
+            src = self._model_source()[:2]
+            if getattr(self, "_defaults_from", None) != src:   # a new model (not just a new device)
+                self._defaults_from = src
+                self.schedule_combo.setCurrentText(cfg.schedule)
+                self.k_spin.setValue(int(cfg.k_recursions))
             self.model_info.setText(f"{model.name}: {model.ndim}D, S={model.size}, T={cfg.n_steps}, "
                                     f"on {model.device}")
         self.validate()
