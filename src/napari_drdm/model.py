@@ -162,7 +162,7 @@ class DRDM:
     """A loaded DRDM: network + configuration + device."""
 
     def __init__(self, net: DRDMNet, config: DRDMConfig, device=None, name: str = "",
-                 sha256: str = "", provenance: Optional[Dict[str, Any]] = None):
+                 sha256: str = "", provenance: Optional[Dict[str, Any]] = None, fast: bool = True):
         self.config = config
         self.device = pick_device(device)
         self.net = net.to(self.device).eval()
@@ -172,6 +172,18 @@ class DRDM:
         self.sha256 = sha256
         self.provenance = provenance or {}
         self.sampler = ForwardSampler(config)
+        self.fast = fast
+
+    @property
+    def fast(self) -> bool:
+        """True (default): the optimised inference engine (core/fast.py) and the fast forward
+        sampler, same numbers up to float rounding; False: the plain implementation."""
+        return self._fast
+
+    @fast.setter
+    def fast(self, value: bool):
+        self._fast = bool(value)
+        self.sampler.fast = self._fast
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -199,7 +211,9 @@ class DRDM:
 
     # ------------------------------------------------------------------ helpers
     def _net(self, x, t, k):
-        return self.net(x, t, k)
+        if self._fast:
+            return self.net.engine()(x, t, k)
+        return self.net.forward_plain(x, t, k)
 
     def _seeded_draws(self, seeds: Sequence[int]):
         per = [self.sampler.draw(1, torch.Generator().manual_seed(int(s))) for s in seeds]

@@ -10,6 +10,7 @@ Fields returned by :class:`ForwardSampler` are in **pixels of the model grid** (
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import DRDMConfig
-from .spatial import compose, frac_to_px, warp
+from .spatial import compose, frac_to_px, sampling_grid, warp
 
-__all__ = ["schedule_counts", "n_t", "n_t1", "ForwardSample", "ForwardSampler"]
+__all__ = ["schedule_counts", "n_t", "n_t1", "ForwardSample", "ForwardSampler", "LazyFrames"]
 
 
 def schedule_counts(t, alpha: float = 0.6, beta: float = 1.3, max_compositions: int = 200):
@@ -51,15 +52,44 @@ class ForwardSample:
     forward_ddf: torch.Tensor               # psi_{t:1}, (B, d, S, ...)
     step_ddf: Optional[torch.Tensor]        # psi_t, the one-step field the network learns to undo
     t: torch.Tensor                         # (B,) int64
-    frames: Optional[List[torch.Tensor]] = None   # psi_{t':1} for t' = 1..max(t) (B, d, S...) each
+    frames: Optional[Sequence[torch.Tensor]] = None   # psi_{t':1} for t' = 1..max(t) (B, d, S...) each
+                                                      # (a list, or LazyFrames from a fast sampler)
     grid: Optional[Dict[str, torch.Tensor]] = None  # 64-grid intermediates (v, noise_field, v0, D64, d64)
 
 
-class ForwardSampler:
-    """Seedable forward sampler.  ``draws`` may be injected (the golden tests feed stored draws)."""
+class LazyFrames(Sequence):
+    """Forward frames psi_{t':1} (t' = 1..T'), each converted from the control grid to the image
+    grid when it is read and not kept: a 128^3 frame is 25 MB, all 79 of them 2 GB, while
+    the control-grid states they come from are 3 MB each.  Reading a frame twice converts it twice."""
 
-    def __init__(self, config: DRDMConfig):
+    def __init__(self, states: List[torch.Tensor], convert):
+        self._states = states
+        self._convert = convert
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._convert(s) for s in self._states[i]]
+        return self._convert(self._states[i])
+
+    def __iter__(self):
+        for s in self._states:
+            yield self._convert(s)
+
+
+class ForwardSampler:
+    """Seedable forward sampler.  ``draws`` may be injected (the golden tests feed stored draws).
+
+    ``fast=True`` (default) takes the cheaper routes that give the same numbers (see
+    :meth:`integrate` and :meth:`to_image`) and returns frames lazily (:class:`LazyFrames`);
+    ``fast=False`` runs the plain implementation.
+    """
+
+    def __init__(self, config: DRDMConfig, fast: bool = True):
         self.config = config
+        self.fast = bool(fast)
 
     # ----- random draws ---------------------------------------------------------------------
     def draw(self, batch: int, generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
@@ -104,6 +134,8 @@ class ForwardSampler:
         Samples whose count is reached are left untouched (the reference instead resamples them by
         an identity field, a 1e-7-level difference measured in GOLDEN section 4.3).
         """
+        if self.fast:
+            return self._integrate_fast(field, counts, keep_at)
         cfg = self.config
         c = cfg.control_grid
         counts = counts.to(torch.int64).cpu()
@@ -126,6 +158,84 @@ class ForwardSampler:
                 kept[j + 1] = acc
         return acc, kept
 
+    def _integrate_fast(self, field: torch.Tensor, counts: torch.Tensor, keep_at: Optional[Sequence[int]] = None):
+        """:meth:`integrate` with the same numbers, cheaper:
+
+        * the sampling grid of ``field`` is built once: every composition resamples the running
+          field at x + field(x), the same grid each time (plain ``warp`` rebuilt it n times);
+        * the first composition, of the zero field, is ``field + 0``: skipped (``field`` itself).
+        Repeated squaring would need only log2(n) compositions but is not the same computation
+        with bilinear resampling (benchmarks/README.md quantifies it); it is not used.
+        """
+        cfg = self.config
+        counts = counts.to(torch.int64).cpu()
+        total = int(counts.max()) if counts.numel() else 0
+        want = set(int(k) for k in keep_at) if keep_at is not None else set()
+        kept = {}
+        acc = torch.zeros_like(field)
+        if 0 in want:
+            kept[0] = acc.clone()
+        if total == 0:
+            return acc, kept
+        grid = sampling_grid(frac_to_px(field, cfg.control_grid)).to(field.dtype)
+        on_cpu = field.device.type == "cpu"
+        bshape = (-1,) + (1,) * (field.dim() - 1)
+        for j in range(total):
+            active = counts > j
+            all_active = bool(active.all())
+            if j == 0:
+                new = field.clone()
+            elif all_active or not on_cpu:
+                new = field + F.grid_sample(acc, grid, mode="bilinear", padding_mode=cfg.sampler_padding,
+                                            align_corners=True)
+            else:   # CPU: update only the samples still running
+                idx = torch.nonzero(active).flatten()
+                upd = field[idx] + F.grid_sample(acc[idx], grid[idx], mode="bilinear",
+                                                 padding_mode=cfg.sampler_padding, align_corners=True)
+                new = acc.index_copy(0, idx, upd)
+            if not all_active and (j == 0 or not on_cpu):
+                # finished samples keep their state (no host sync per step on accelerators)
+                new = torch.where(active.to(field.device).view(bshape), new, acc)
+            acc = new
+            if (j + 1) in want:
+                kept[j + 1] = acc
+        return acc, kept
+
+    def _to_image_crop(self, grid_field: torch.Tensor, S: int) -> torch.Tensor:
+        """:meth:`to_image` without building the 2S^d upsampled field.
+
+        align_corners=False upsampling from c to 2S points reads source coordinate
+        (i + 0.5) * c / (2S) - 0.5 for output index i; the kept block i in [S/2, 3S/2) reads
+        only source points ~c/4 .. 3c/4.  Upsampling just that slab [r0, r1) by the same scale
+        factor gives the same coordinates shifted by r0 when r0 * 2S / c is an integer, so the
+        same interpolation weights: bit-identical when 2S / c is a power of two (S = 64, 128,
+        256, ... with c = 64), otherwise equal up to float rounding of the scale.  In 3D at
+        S = 128 this avoids a 200 MB intermediate per frame.
+        """
+        cfg = self.config
+        nd = cfg.ndim
+        c = grid_field.shape[2]
+        m = 2.0 * S / c
+        step = c // math.gcd(2 * S, c)          # r0 must be a multiple of this
+        lo_src = (S // 2 + 0.5) / m - 0.5
+        hi_src = (S // 2 + S - 0.5) / m - 0.5
+        r0 = max(0, (int(math.floor(lo_src)) // step) * step)
+        r1 = min(c, int(math.floor(hi_src)) + 2)
+        off = int(round(r0 * m))
+        lo = S // 2 - off                         # the kept block's first index in the slab's output
+        if r0 * 2 * S != off * c or lo < 0 or lo + S > int(math.floor((r1 - r0) * m)):
+            return None                           # geometry not covered: caller uses the full path
+        slab = grid_field[(slice(None), slice(None)) + (slice(r0, r1),) * nd]
+        if cfg.field_scale == "reference":
+            scaled = (slab * S) / cfg.control_grid
+        else:
+            scaled = slab * cfg.field_factor()
+        mode = "bilinear" if nd == 2 else "trilinear"
+        up = F.interpolate(scaled, scale_factor=(m,) * nd, mode=mode, align_corners=False,
+                           recompute_scale_factor=False)
+        crop = up[(slice(None), slice(None)) + (slice(lo, lo + S),) * nd]
+        return frac_to_px(crop, S)
+
     def to_image(self, grid_field: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
         """Control-grid field (fraction of the grid) -> pixel field on the S^d image grid.
 
@@ -134,6 +244,10 @@ class ForwardSampler:
         """
         cfg = self.config
         S = int(size or cfg.size)
+        if self.fast:
+            out = self._to_image_crop(grid_field, S)
+            if out is not None:
+                return out
         mode = "bilinear" if cfg.ndim == 2 else "trilinear"
         if cfg.field_scale == "reference":
             scaled = (grid_field * S) / cfg.control_grid
@@ -179,7 +293,8 @@ class ForwardSampler:
             step = self.to_image(d)
         frames = None
         if return_frames:
-            frames = [self.to_image(kept[k]) for k in keep]
+            frames = LazyFrames([kept[k] for k in keep], self.to_image) if self.fast \
+                else [self.to_image(kept[k]) for k in keep]
         grid = None
         if return_grid:
             grid = {"v": v, "noise_field": noise, "v0": v0, "D64": D}

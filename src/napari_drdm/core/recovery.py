@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .network import DRDMNet
 from .spatial import compose, frac_to_px, warp, warp_labels
 
 __all__ = ["RecoveryFrame", "reverse_timesteps", "recover"]
@@ -49,7 +50,7 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
             labels0: Optional[torch.Tensor] = None, schedule: str = "paper", k: int = 2,
             n_steps: int = 80, compose_padding: str = "zeros", image_interp: str = "cubic",
             label_interp: str = "nearest", net_input: Optional[torch.Tensor] = None,
-            labels_every_step: bool = True,
+            labels_every_step: bool = True, fast: Optional[bool] = None,
             ) -> Iterator[RecoveryFrame]:
     """Yield one :class:`RecoveryFrame` per reverse step.
 
@@ -58,7 +59,12 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
     forward_ddf: psi_{T':1} in pixels; labels0: integer (B, 1, S...) or None.
     ``net_input``: optional different tensor to feed the network (defaults to image0).
     ``labels_every_step=False`` warps the labels only at the last step (faster batch export).
+    ``fast``: for a :class:`~napari_drdm.core.network.DRDMNet`, True runs its optimised inference
+    engine (core/fast.py), False its plain modules; None (default) calls ``net`` as given (a
+    DRDMNet then follows its ``fast`` attribute, off by default; DRDM models pass the engine).
     """
+    if fast is not None and isinstance(net, DRDMNet):
+        net = net.engine() if fast else net.forward_plain
     S = image0.shape[2]
     steps = reverse_timesteps(t_prime, n_steps, schedule)
     phi = forward_ddf

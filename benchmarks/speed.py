@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""How fast DRDM generates: the optimised default path against plain eager PyTorch.
+
+    python benchmarks/speed.py                       # 2D 128/256 and 3D 64/128, table on stdout
+    python benchmarks/speed.py --json out.json       # also machine-readable (``--json -``: stdout)
+    python benchmarks/speed.py --sizes 2d256 --repeats 9 --threads 2
+
+Per size (batch 1 unless said otherwise; medians over ``--repeats`` interleaved runs, the
+default path and the plain one taking turns so that a drifting machine affects both alike):
+
+* ``network_pass_s``       one U-Net pass (the "bare network forward"), default path and plain;
+* ``network_forward_s``    the network with its K = 2 recursions (two passes + two resamplings);
+* ``reverse_step_s``       one reverse step of Algorithm 2 as ``recover`` runs it: network
+                           (K passes), composition, image resampling;
+* ``forward_sampler_s``    psi_{T':1} at T' = 45 (the compositions on the 64-grid, upsampling);
+* ``generation_s``         a whole generation at T' = 45 (sampler + reverse loop) for both
+                           loop lengths: ``paper`` (45 steps) and ``reference`` (80 steps).
+                           2D: measured end to end; 3D: sampler + steps x median step time
+                           (``generation_method`` says which);
+* ``samples_per_s``        whole generations per second (default schedule) at batch 1 and at the
+                           best of ``--batch-sizes``;
+* ``peak_memory``          CPU: peak resident set size (ru_maxrss) of a separate process that
+                           runs a generation with all frames rendered and dropped, and its growth
+                           over the process after set-up; CUDA: torch.cuda.max_memory_allocated.
+
+Top-level JSON keys ``overhead_ratio`` (reverse step / (K x network pass), default path, per size)
+and ``speedup_vs_eager`` (plain eager float32 step / default-path step, batch 1, same run).
+
+Weights: random initialisation (timing does not depend on them) unless ``--checkpoint`` gives a
+file of the right dimension.  Only public tools are used (time.perf_counter, resource).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from napari_drdm.core.config import DRDMConfig  # noqa: E402
+from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
+from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.network import DRDMNet  # noqa: E402
+from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
+from napari_drdm.core.spatial import warp  # noqa: E402
+
+T_PRIME = 45
+DEFAULT_SIZES = "2d128,2d256,3d64,3d128"
+
+
+# ---------------------------------------------------------------------------- helpers
+def parse_size(tag: str):
+    tag = tag.strip().lower()
+    if len(tag) < 3 or tag[0] not in "23" or tag[1] != "d" or not tag[2:].isdigit():
+        raise argparse.ArgumentTypeError(f"size {tag!r}: expected e.g. 2d256 or 3d64")
+    nd, S = int(tag[0]), int(tag[2:])
+    if S % 8:
+        raise argparse.ArgumentTypeError(f"size {tag!r}: the side must be divisible by 8")
+    return tag, nd, S
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def med(xs):
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def summary(xs):
+    xs = [float(x) for x in xs]
+    return {"median": med(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None, "n": len(xs)}
+
+
+def phantom(nd: int, S: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A smooth test image in [0, 1]: an ellipsoid with soft edges plus low-frequency texture."""
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.linspace(-1, 1, S) for _ in range(nd)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    radii = torch.tensor([0.7, 0.55, 0.6][:nd]).view(nd, *([1] * nd))
+    r = ((grid / radii) ** 2).sum(0).sqrt()
+    body = torch.sigmoid((1 - r) * 12)
+    tex = torch.rand((batch, 1) + (6,) * nd, generator=g)
+    mode = "bilinear" if nd == 2 else "trilinear"
+    tex = torch.nn.functional.interpolate(tex, size=(S,) * nd, mode=mode, align_corners=True)
+    img = body * (0.6 + 0.4 * tex)
+    img = img - img.amin(dim=tuple(range(1, nd + 2)), keepdim=True)
+    return img / img.amax(dim=tuple(range(1, nd + 2)), keepdim=True)
+
+
+def make_net(nd: int, checkpoint, device):
+    net = None
+    if checkpoint:
+        from napari_drdm.checkpoint import read_checkpoint
+        state, cfg, _ = read_checkpoint(checkpoint)
+        if cfg.ndim == nd:
+            net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+            net.load_state_dict(state, strict=True)
+    if net is None:
+        torch.manual_seed(0)
+        net = DRDMNet(nd)
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def environment(device, args):
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": _cpu_capability(),
+        "onednn": _onednn_version(),
+        "mkldnn_fusion_available": mkldnn_fusion_available(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return env
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_capability():
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - old torch
+        return None
+
+
+def _onednn_version():
+    for line in torch.__config__.show().splitlines():
+        if "MKL-DNN" in line or "oneDNN" in line:
+            return line.strip(" -")
+    return None
+
+
+# ---------------------------------------------------------------------------- one size
+class Bench:
+    def __init__(self, tag, nd, S, args, device):
+        self.tag, self.nd, self.S, self.args, self.device = tag, nd, S, args, device
+        self.cfg = DRDMConfig.default(nd, S)
+        self.net = make_net(nd, args.checkpoint, device)
+        self.engine = self.net.engine()
+        self.K = self.cfg.k_recursions
+        self.sampler = ForwardSampler(self.cfg, fast=True)
+        self.sampler_plain = ForwardSampler(self.cfg, fast=False)
+        self.x0 = phantom(nd, S).to(device)
+        r = args.repeats
+        # 3D is slow on a CPU: fewer repeats there (said in the output)
+        if device.type == "cpu" and nd == 3:
+            r = max(1, r // 2) if S <= 64 else max(1, args.repeats_3d_large)
+        self.repeats = r
+
+    def psi(self, batch=1, seed=0):
+        draws = [self.sampler.draw(1, torch.Generator().manual_seed(seed + b)) for b in range(batch)]
+        draws = [torch.cat([d[i] for d in draws]).to(self.device) for i in range(len(draws[0]))]
+        return self.sampler.sample(T_PRIME, batch=batch, draws=draws, return_step=False).forward_ddf
+
+    def stepper(self, fast, batch=1, schedule="reference", engine=None):
+        x0 = self.x0.expand(batch, *self.x0.shape[1:]).contiguous()
+        net = engine if engine is not None else (self.net.engine() if fast else self.net.forward_plain)
+        gen = recover(net, x0, self.psi(batch), T_PRIME, None, schedule, self.K, self.cfg.n_steps,
+                      self.cfg.compose_padding, self.cfg.image_interp)
+        return gen
+
+    def time_steps(self, makers, n):
+        """Interleaved: one step of each maker per round, n rounds (+1 warm-up)."""
+        gens = {k: m() for k, m in makers.items()}
+        times = {k: [] for k in makers}
+        for rnd in range(n + 1):
+            for k, g in gens.items():
+                dt, fr = timed(lambda: next(g), self.device)
+                if rnd > 0:
+                    times[k].append(dt)
+        for g in gens.values():
+            g.close()
+        return times
+
+    def run(self, log):
+        args, dev, S, nd = self.args, self.device, self.S, self.nd
+        res = {"ndim": nd, "size": S, "K": self.K, "repeats": self.repeats, "t_prime": T_PRIME,
+               "image_interp": self.cfg.image_interp, "compose_padding": self.cfg.compose_padding,
+               "engine_backend": self.engine.backend(dev)}
+        x = self.x0
+        t = torch.full((1,), 40, dtype=torch.int64, device=dev)
+        with torch.inference_mode():
+            # --- bare network: one pass, and the K-recursive forward
+            passes = {"default": [], "plain": []}
+            fwd = {"default": [], "plain": []}
+            fns = {"default": (lambda: self.engine.single_pass(x, t), lambda: self.engine(x, t, self.K)),
+                   "plain": (lambda: self.net.single_pass(x, t), lambda: self.net.forward_plain(x, t, self.K))}
+            if args.no_eager:
+                fns.pop("plain")
+            for k, (p1, _) in fns.items():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
+                p1()
+            for _ in range(self.repeats):
+                for k, (p1, pk) in fns.items():
+                    passes[k].append(timed(p1, dev)[0])
+                for k, (p1, pk) in fns.items():
+                    fwd[k].append(timed(pk, dev)[0])
+            res["network_pass_s"] = {k: summary(v) for k, v in passes.items() if v}
+            res["network_forward_s"] = {k: summary(v) for k, v in fwd.items() if v}
+            log(f"  network pass      default {med(passes['default']) * 1e3:9.1f} ms"
+                + ("" if args.no_eager else f"   plain {med(passes['plain']) * 1e3:9.1f} ms"))
+
+            # --- one reverse step (batch 1), interleaved
+            makers = {"default": lambda: self.stepper(True)}
+            if not args.no_eager:
+                makers["plain"] = lambda: self.stepper(False)
+            if args.compile:
+                ceng = InferenceEngine(self.net, fuse=False, compile=True)
+                makers["compiled"] = lambda: self.stepper(True, engine=ceng)
+            if args.amp and dev.type == "cuda":
+                for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                    eng = InferenceEngine(self.net, amp_dtype=dt)
+                    makers[name] = (lambda e=eng: self.stepper(True, engine=e))
+            steps = self.time_steps(makers, self.repeats)
+            res["reverse_step_s"] = {k: summary(v) for k, v in steps.items()}
+            step_d = med(steps["default"])
+            log(f"  reverse step      default {step_d * 1e3:9.1f} ms"
+                + ("" if args.no_eager else f"   plain {med(steps['plain']) * 1e3:9.1f} ms")
+                + "".join(f"   {k} {med(v) * 1e3:9.1f} ms" for k, v in steps.items() if k not in ("default", "plain")))
+            res["overhead_ratio"] = step_d / (self.K * med(passes["default"]))
+            if not args.no_eager:
+                res["overhead_ratio_plain"] = med(steps["plain"]) / (self.K * med(passes["plain"]))
+                res["speedup_vs_eager"] = med(steps["plain"]) / step_d
+                res["network_speedup_vs_eager"] = med(passes["plain"]) / med(passes["default"])
+
+            # --- forward sampler alone (T' = 45, batch 1)
+            smp = {"default": [], "plain": []}
+            draws = self.sampler.draw(1, torch.Generator().manual_seed(0))
+            draws = [d.to(dev) for d in draws]
+            for _ in range(max(self.repeats, 3)):
+                smp["default"].append(timed(lambda: self.sampler.sample(T_PRIME, batch=1, draws=draws,
+                                                                        return_step=False), dev)[0])
+                smp["plain"].append(timed(lambda: self.sampler_plain.sample(T_PRIME, batch=1, draws=draws,
+                                                                            return_step=False), dev)[0])
+            res["forward_sampler_s"] = {k: summary(v) for k, v in smp.items()}
+            log(f"  forward sampler   default {med(smp['default']) * 1e3:9.1f} ms   plain {med(smp['plain']) * 1e3:9.1f} ms")
+
+            # --- whole generations at T' = 45
+            gens = {}
+            n_steps = {s: len(reverse_timesteps(T_PRIME, self.cfg.n_steps, s)) for s in ("paper", "reference")}
+            measure = args.gen_repeats > 0 and (nd == 2 or dev.type == "cuda" or args.measure_3d_generation)
+            for sched in ("paper", "reference"):
+                if measure:
+                    ts = []
+                    for _ in range(args.gen_repeats):
+                        def whole():
+                            psi = self.psi(1)
+                            for _fr in recover(self.engine, self.x0, psi, T_PRIME, None, sched, self.K,
+                                               self.cfg.n_steps, self.cfg.compose_padding, self.cfg.image_interp):
+                                pass
+                        ts.append(timed(whole, dev)[0])
+                    gens[sched] = summary(ts)
+                else:
+                    est = med(smp["default"]) + n_steps[sched] * step_d
+                    gens[sched] = {"median": est, "n": 0}
+            res["generation_s"] = gens
+            res["generation_method"] = "measured" if measure else "extrapolated: sampler + steps x median step"
+            res["generation_steps"] = n_steps
+            log(f"  generation T'=45  paper ({n_steps['paper']} steps) {gens['paper']['median']:8.2f} s   "
+                f"reference ({n_steps['reference']} steps) {gens['reference']['median']:8.2f} s"
+                + ("" if measure else "   (extrapolated from the step time)"))
+
+            # --- batches: samples per second (default schedule)
+            sched = self.cfg.schedule
+            per_batch = {}
+            for B in self.batch_sizes():
+                if B == 1:
+                    st = step_d
+                else:
+                    n = max(2, self.repeats // 2)
+                    st = med(self.time_steps({"b": lambda B=B: self.stepper(True, batch=B)}, n)["b"])
+                draws_b = [self.sampler.draw(B, torch.Generator().manual_seed(1))]
+                db = [d.to(dev) for d in draws_b[0]]
+                ts_s = med([timed(lambda: self.sampler.sample(T_PRIME, batch=B, draws=db, return_step=False),
+                                  dev)[0] for _ in range(2)])
+                gen_t = ts_s + n_steps[sched] * st
+                per_batch[B] = {"step_s": st, "step_s_per_sample": st / B, "sampler_s": ts_s,
+                                "generation_s": gen_t, "samples_per_s": B / gen_t}
+            best = max(per_batch, key=lambda b: per_batch[b]["samples_per_s"])
+            res["batches"] = {str(b): v for b, v in per_batch.items()}
+            res["samples_per_s"] = {"schedule": sched, "batch1": per_batch[1]["samples_per_s"],
+                                    "best": per_batch[best]["samples_per_s"], "best_batch": best}
+            log(f"  samples/s ({sched} schedule, T'=45)  batch 1: {per_batch[1]['samples_per_s']:.4f}   "
+                f"best: {per_batch[best]['samples_per_s']:.4f} at batch {best}   "
+                + "  ".join(f"[B={b}: step {v['step_s'] * 1e3:.0f} ms]" for b, v in per_batch.items()))
+
+        # --- peak memory
+        if dev.type == "cuda":
+            res["peak_memory"] = self.cuda_memory()
+        elif not args.no_memory_probe:
+            res["peak_memory"] = memory_probe(self.tag, args)
+        if "peak_memory" in res:
+            pm = res["peak_memory"]
+            log("  peak memory       " + ", ".join(f"{k} {v}" for k, v in pm.items() if k != "what"))
+        if args.amp and dev.type == "cuda":
+            res["amp_metrics"] = amp_metrics(self, args, log)
+        return res
+
+    def batch_sizes(self):
+        sizes = [int(b) for b in self.args.batch_sizes.split(",") if b.strip()]
+        if 1 not in sizes:
+            sizes = [1] + sizes
+        if self.device.type == "cpu" and self.nd == 3:
+            sizes = [b for b in sizes if b <= (2 if self.S <= 64 else 1)]
+        return sorted(set(sizes))
+
+    def cuda_memory(self):
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        with torch.inference_mode():
+            for i, _fr in enumerate(self.stepper(True, schedule="paper")):
+                if i >= 2:
+                    break
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        return {"what": "torch.cuda.max_memory_allocated during 3 reverse steps at batch 1 (incl. sampler)",
+                "peak_mib": round(peak / 2 ** 20, 1), "growth_mib": round((peak - base) / 2 ** 20, 1)}
+
+
+# ---------------------------------------------------------------------------- memory probe (CPU)
+def _rss_mib():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
+def _maxrss_mib():
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2 ** 20
+
+
+def memory_probe(tag, args):
+    """Run a generation with frames in a fresh process and read its peak RSS."""
+    cmd = [sys.executable, __file__, "--_probe", tag, "--threads", str(torch.get_num_threads())]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"what": "probe failed", "error": r.stderr[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def probe_main(tag, args):
+    from napari_drdm.model import DRDM
+    _, nd, S = parse_size(tag)
+    cfg = DRDMConfig.default(nd, S)
+    net = make_net(nd, args.checkpoint, torch.device("cpu"))
+    model = DRDM(net, cfg, "cpu")
+    img = phantom(nd, S)[0, 0].numpy()
+    base_rss, base_peak = _rss_mib(), _maxrss_mib()
+    # a GUI-like run: every forward frame and the first recovery frames rendered (field, image),
+    # handed over and dropped; 3D 128 is slow on a CPU, so only a few recovery steps there
+    n_rec = {2: 10 ** 9}.get(nd, 3 if S <= 64 else 2)
+    n_fwd = n_seen = 0
+    gen = model.iter_generate(img, t_prime=T_PRIME, seed=0, schedule="paper", frames=True)
+    for fr in gen:
+        if fr.phase == "forward":
+            n_fwd += 1
+        else:
+            n_seen += 1
+            if n_seen >= n_rec:
+                break
+    gen.close()
+    peak = _maxrss_mib()
+    print(json.dumps({"what": f"ru_maxrss of a fresh process: {n_fwd} forward + {n_seen} recovery frames "
+                              f"rendered and dropped (T'=45, paper schedule)",
+                      "peak_rss_mib": round(peak, 1), "growth_mib": round(peak - max(base_rss, 0), 1),
+                      "rss_after_setup_mib": round(base_rss, 1), "peak_before_run_mib": round(base_peak, 1)}))
+
+
+# ---------------------------------------------------------------------------- mixed precision (CUDA)
+def amp_metrics(bench: Bench, args, log):
+    """Table 1 metrics of whole generations under each precision, same seeds and images."""
+    from napari_drdm.core.metrics import field_metrics
+    dev, cfg = bench.device, bench.cfg
+    images = load_images(args, bench.nd, bench.S, dev)
+    variants = {"fp32_plain": dict(plain=True), "fp32": dict(), "bf16": dict(amp_dtype=torch.bfloat16),
+                "fp16": dict(amp_dtype=torch.float16)}
+    out = {}
+    for name, opt in variants.items():
+        tf32 = torch.backends.cudnn.allow_tf32
+        rows = []
+        for seed in range(args.amp_seeds):
+            img = images[seed % len(images)][None]
+            psi = bench.psi(1, seed=1000 + seed)
+            net = bench.net.forward_plain if opt.get("plain") else \
+                InferenceEngine(bench.net, amp_dtype=opt.get("amp_dtype"))
+            with torch.inference_mode():
+                for sched in ("paper", "reference"):
+                    phi = psi
+                    for fr in recover(net, img, psi, T_PRIME, None, sched, bench.K, cfg.n_steps,
+                                      cfg.compose_padding, cfg.image_interp):
+                        phi = fr.ddf
+                    m = field_metrics(phi[0], side=bench.S)
+                    rows.append({"seed": seed, "schedule": sched, **{k: float(v) for k, v in m.items()}})
+        agg = {}
+        for sched in ("paper", "reference"):
+            sel = [r for r in rows if r["schedule"] == sched]
+            agg[sched] = {k: {"mean": float(np.mean([r[k] for r in sel])), "sd": float(np.std([r[k] for r in sel], ddof=1))
+                              if len(sel) > 1 else 0.0} for k in ("max_disp_pct", "mean_disp_pct", "folding_pct")}
+        out[name] = {"cudnn_allow_tf32": tf32, "n": args.amp_seeds, "metrics": agg}
+        log(f"  Table 1 ({name:10s}) paper: " + " / ".join(f"{agg['paper'][k]['mean']:.2f}" for k in
+                                                          ("max_disp_pct", "mean_disp_pct", "folding_pct"))
+            + "   reference: " + " / ".join(f"{agg['reference'][k]['mean']:.2f}" for k in
+                                           ("max_disp_pct", "mean_disp_pct", "folding_pct")))
+    return out
+
+
+def load_images(args, nd, S, dev):
+    """ACDC slices (reference data) when given/found and 2D at their size, else phantoms."""
+    cand = [args.images] if args.images else []
+    ref = os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference"))
+    cand.append(os.path.join(ref, "acdc_slices256.npz"))
+    for c in cand:
+        if c and nd == 2 and os.path.exists(c):
+            a = np.load(c)["images"].astype(np.float32)
+            x = torch.from_numpy(a)[:, None]
+            if a.shape[-1] != S:
+                x = torch.nn.functional.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            return ((x - lo) / (hi - lo + 1e-7)).to(dev)
+    return phantom(nd, S, batch=8, seed=3).to(dev)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list of 2dS/3dS (default {DEFAULT_SIZES})")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed repeats per figure in 2D (3D on a CPU: half at 64^3, --repeats-3d-large above)")
+    ap.add_argument("--repeats-3d-large", type=int, default=1, help="repeats for 3D sizes above 64 on a CPU")
+    ap.add_argument("--gen-repeats", type=int, default=1,
+                    help="whole generations timed per schedule (2D; 0: extrapolate from the step time)")
+    ap.add_argument("--measure-3d-generation", action="store_true",
+                    help="time whole 3D generations too (slow on a CPU) instead of extrapolating")
+    ap.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes for samples/s (3D on a CPU: <= 2 / 1)")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the results as JSON to PATH ('-' or no value: stdout)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's default)")
+    ap.add_argument("--checkpoint", default=None, help="weights to use (default: random initialisation)")
+    ap.add_argument("--images", default=None, help="npz with 'images' (N, S, S) for --amp metrics")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the generic engine")
+    ap.add_argument("--amp", action="store_true", help="CUDA: also bf16/fp16 step times and Table 1 metrics")
+    ap.add_argument("--amp-seeds", type=int, default=10, help="generations per precision for --amp metrics")
+    ap.add_argument("--no-eager", action="store_true", help="skip the plain eager baseline")
+    ap.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the peak-memory subprocess")
+    ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._probe:
+        probe_main(args._probe, args)
+        return 0
+    from napari_drdm.model import pick_device
+    device = pick_device(None if args.device == "auto" else args.device)
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    to_stdout = args.json == "-"
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if to_stdout else (lambda s: print(s, flush=True))
+
+    env = environment(device, args)
+    log(f"DRDM speed benchmark - {env['device']} ({env.get('gpu') or env['cpu_model']}), "
+        f"{env['torch_threads']} threads, torch {env['torch']}, numpy {env['numpy']}, python {env['python']}")
+    log(f"  oneDNN: {env['onednn']}; CPU capability {env['cpu_capability']}; load average at start "
+        f"{env['load_average_at_start']}")
+    log(f"  T'={T_PRIME}; medians over interleaved repeats; 'default' = the project's default path "
+        f"(core/fast.py), 'plain' = eager float32 modules")
+    results = {"environment": env, "sizes": {}, "overhead_ratio": {}, "speedup_vs_eager": {}}
+    t_all = time.perf_counter()
+    for tag, nd, S in sizes:
+        t0 = time.perf_counter()
+        b = Bench(tag, nd, S, args, device)
+        log(f"\n{tag}: {nd}D {S}^{nd}, batch 1, K={b.K}, {b.repeats} repeat(s), engine backend "
+            f"'{b.engine.backend(device)}'")
+        r = b.run(log)
+        r["wall_s"] = time.perf_counter() - t0
+        results["sizes"][tag] = r
+        results["overhead_ratio"][tag] = r["overhead_ratio"]
+        if "speedup_vs_eager" in r:
+            results["speedup_vs_eager"][tag] = r["speedup_vs_eager"]
+        log(f"  => overhead ratio {r['overhead_ratio']:.3f} (step / (K x pass), default path)"
+            + (f";  speedup vs eager {r['speedup_vs_eager']:.2f}x (step), network pass "
+               f"{r['network_speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "")
+            + f"   [{r['wall_s']:.0f} s]")
+        del b
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["total_wall_s"] = time.perf_counter() - t_all
+    log(f"\nload average at end {env['load_average_at_end']}; total {env['total_wall_s']:.0f} s")
+    if args.json:
+        text = json.dumps(results, indent=1, default=float)
+        if to_stdout:
+            print(text)
+        else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text)
+            log(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

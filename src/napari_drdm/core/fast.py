@@ -1,0 +1,493 @@
+"""The optimised inference path of DRDM: same numbers as the plain modules, less time.
+
+What it does (each item is measured in ``benchmarks/speed.py``; see ``benchmarks/README.md``):
+
+* **No autograd**: ``torch.inference_mode`` (DRDM.generate, recover, the benchmark) or
+  ``torch.no_grad`` when the caller is outside inference mode.
+* **Memory layout**: activations are kept channels-last (``channels_last`` in 2D,
+  ``channels_last_3d`` in 3D).  On the CPU, oneDNN's NHWC convolution kernels are about 1.3x
+  faster than the blocked NCHW ones for these narrow layers (10/20/40 channels) and no layout
+  reorders are needed between layers (the plain NCHW network spends ~15 % of a pass in reorders).
+* **Fused kernels (CPU, oneDNN)**: in every ACNN-II block the second convolution carries the
+  LeakyReLU as a post-op, and the third convolution adds the residual in place
+  (``conv(f) + r`` written into ``r``'s buffer).  Instance normalisation is computed as one
+  ``var_mean`` and one multiply-add in the channels-last layout (the stock op returns NCHW).
+* **Time embeddings**: the per-level MLPs are evaluated once per diffusion time t and cached;
+  when every sample of a batch has the same t (always the case in the reverse loop) the
+  additive embeddings are folded into the biases of the preceding convolutions.
+* **Weights** are converted to the working layout once and cached; the cache is rebuilt
+  automatically when a parameter changes (in-place updates bump a tensor's version counter),
+  when the network moves to another device, or on :meth:`InferenceEngine.refresh`.
+* **CUDA** (generic path): channels-last, cuDNN autotuning (``cudnn.benchmark``) for the
+  duration of a call, and optional mixed precision (``amp_dtype=torch.bfloat16`` or
+  ``torch.float16``; off by default: it changes the output by more than 1e-4).
+* **torch.compile**: optional (``compile=True``), off by default; on the two-core CPU it does
+  not beat the fused oneDNN path (measured in the benchmark with ``--compile``).
+
+Exactness: with float32 the engine's output equals :meth:`DRDMNet.forward` up to float rounding
+(different summation orders inside the convolutions and the normalisation statistics):
+1e-6 of the output's scale, far inside the golden tolerances (tests/test_fast_path.py).
+
+Use it through :class:`~napari_drdm.core.network.DRDMNet` (its ``forward`` routes here when it
+is in eval mode and no gradient is needed; ``DRDMNet(..., fast=False)`` or ``net.fast = False``
+keeps the plain path) or directly::
+
+    engine = InferenceEngine(net)          # or net.engine()
+    u = engine(x, t, k=2)                  # same as net(x, t, k) in eval mode
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .spatial import frac_to_px, warp
+
+__all__ = ["InferenceEngine", "mkldnn_fusion_available", "channels_last_format"]
+
+
+def mkldnn_fusion_available() -> bool:
+    """True when this PyTorch build has oneDNN's fused convolution operators (x86/ARM CPU builds)."""
+    try:
+        ops = torch.ops.mkldnn
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_convolution_pointwise") \
+            and hasattr(ops, "_convolution_pointwise_")
+    except (AttributeError, RuntimeError):  # pragma: no cover - exotic builds
+        return False
+
+
+def _cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - old PyTorch
+        return ""
+
+
+def channels_last_format(ndim: int):
+    """The channels-last memory format for ``ndim`` spatial axes."""
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+class _Conv:
+    """One convolution's parameters in the engine's working layout."""
+
+    __slots__ = ("w", "b", "padding", "stride", "dilation", "output_padding", "transposed", "cout")
+
+    def __init__(self, m: nn.Module, fmt, dtype, pad_to: int = 0):
+        w = m.weight.detach().to(dtype)
+        b = m.bias.detach().to(dtype) if m.bias is not None else None
+        self.cout = int(w.shape[0])
+        if pad_to and self.cout % pad_to and not isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            # zero output channels up to a multiple of the CPU's vector width (see _block)
+            P = -(-self.cout // pad_to) * pad_to
+            w = torch.cat([w, w.new_zeros((P - self.cout,) + tuple(w.shape[1:]))])
+            b = torch.cat([b, b.new_zeros(P - self.cout)]) if b is not None else None
+        self.w = w.contiguous(memory_format=fmt) if fmt is not None else w.contiguous()
+        self.b = b.contiguous() if b is not None else None
+        self.padding = list(m.padding)
+        self.stride = list(m.stride)
+        self.dilation = list(m.dilation)
+        self.transposed = isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+        self.output_padding = list(m.output_padding) if self.transposed else None
+
+
+class InferenceEngine:
+    """Inference-only evaluation of a :class:`~napari_drdm.core.network.DRDMNet`.
+
+    Holds no parameters of its own: it reads the network's and caches converted copies.
+
+    Parameters
+    ----------
+    net: the network (any device; the engine follows it).
+    channels_last: keep activations channels-last; default: yes.
+    fuse: use oneDNN fused convolutions on the CPU; default: when available.
+    amp_dtype: ``torch.bfloat16`` / ``torch.float16`` for CUDA autocast; ignored on the CPU.
+    compile: wrap the single pass in ``torch.compile`` (generic path only; optional, off by default).
+    cudnn_benchmark: let cuDNN pick the fastest algorithms (CUDA only; default: yes).
+    """
+
+    def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
+                 amp_dtype: Optional[torch.dtype] = None, compile: bool = False, cudnn_benchmark: bool = True,
+                 pool: Optional[bool] = None, pad_channels: Optional[bool] = None):
+        if amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+        self.net = net
+        self.ndim = int(net.ndim)
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.fuse_requested = fuse
+        self.amp_dtype = None if amp_dtype == torch.float32 else amp_dtype
+        self.compile = bool(compile)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
+        self._sig = None
+        self._convs: Dict[str, _Conv] = {}
+        self._norms: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._emb_cache: Dict[tuple, List[torch.Tensor]] = {}
+        self._compiled = None
+        self._last_t = (None, None, None)
+        self._backend = "generic"
+        self._pool = None
+        self._pool_key = None
+        self.pool = pool
+        self.pad_channels = pad_channels
+        self.slope = self._find_slope(net)
+
+    # ------------------------------------------------------------------ caches
+    @staticmethod
+    def _find_slope(net) -> float:
+        for m in net.modules():
+            if isinstance(m, nn.LeakyReLU):
+                return float(m.negative_slope)
+        return 1e-6
+
+    def _signature(self):
+        ps = list(self.net.parameters())
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in ps)
+
+    def refresh(self):
+        """Forget cached weights, embeddings and work tensors (rebuilt automatically on changes)."""
+        self._sig = None
+        self._pool, self._pool_key = None, None
+        self._emb_cache.clear()
+        self._compiled = None
+
+    def _fmt(self):
+        return channels_last_format(self.ndim) if self.channels_last else None
+
+    def backend(self, device: Optional[torch.device] = None) -> str:
+        """'mkldnn' (fused oneDNN, CPU) or 'generic' (PyTorch functional ops, any device)."""
+        device = device if device is not None else next(self.net.parameters()).device
+        fuse = self.fuse_requested
+        if fuse is None:
+            fuse = device.type == "cpu" and mkldnn_fusion_available() and self.channels_last
+        if fuse and not (device.type == "cpu" and mkldnn_fusion_available()):
+            raise RuntimeError("fused oneDNN kernels need a CPU build of PyTorch with oneDNN (mkldnn)")
+        if fuse and not self.channels_last:
+            raise ValueError("the fused oneDNN path works in the channels-last layout")
+        return "mkldnn" if fuse else "generic"
+
+    def _pad_quantum(self, device) -> int:
+        """Output-channel multiple for the block convolutions (0: no padding).
+
+        oneDNN's direct NHWC kernels work on blocks of 8 (AVX2) output channels; 10 or 20 leave a
+        partial block that is handled slowly: measured on an AVX2 CPU, 10->16 output channels
+        ran 1.3x (2D) to 1.25x (3D) faster than 10->10.  Only enabled where measured (AVX2)."""
+        pad = self.pad_channels
+        if pad is None:
+            pad = self.backend(device) == "mkldnn" and self._pool_wanted(device) and _cpu_capability() == "AVX2"
+        if not pad:
+            return 0
+        return 16 if str(_cpu_capability()).startswith("AVX512") else 8
+
+    def _pool_wanted(self, device) -> bool:
+        return self.backend(device) == "mkldnn" and self.pool is not False
+
+    def _sync(self):
+        sig = self._signature()
+        if sig == self._sig:
+            return
+        net = self.net
+        fmt = self._fmt()
+        dtype = next(net.parameters()).dtype
+        convs, norms = {}, {}
+        q = self._pad_quantum(next(net.parameters()).device)
+        for name, m in net.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                in_block = name.endswith((".conv0", ".convs.0", ".convs.1"))
+                convs[name] = _Conv(m, fmt, dtype, pad_to=q if in_block else 0)
+            elif isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
+                norms[name] = (m.weight.detach(), m.bias.detach(), float(m.eps))
+        self._convs, self._norms = convs, norms
+        self._emb_cache.clear()
+        self._compiled = None
+        self._sig = sig
+
+    def _embeddings(self, t: torch.Tensor, device) -> Tuple[List[torch.Tensor], bool]:
+        """Per-level embedding vectors [te1, te2, te3, te_mid, te4, te5, te_out].
+
+        Uniform t (one value for the whole batch): vectors of shape (C,), cached per t.
+        Mixed t: (B, C) per sample (not cached).
+        """
+        net = self.net
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            # one device->host read per time tensor (the K passes of a step share it)
+            try:
+                ver = t._version
+            except RuntimeError:          # inference tensors have no version counter
+                ver = None
+            if t is not self._last_t[0] or ver != self._last_t[1]:
+                self._last_t = (t, ver, t.tolist())
+            tl = self._last_t[2]
+        elif isinstance(t, torch.Tensor):
+            tl = t.tolist()
+        else:
+            tl = [int(t)]
+        uniform = all(v == tl[0] for v in tl)
+        mods = (net.te1, net.te2, net.te3, net.te_mid, net.te4, net.te5, net.te_out)
+        if uniform:
+            key = (int(tl[0]), device)
+            got = self._emb_cache.get(key)
+            if got is None:
+                tt = torch.tensor([int(tl[0])], dtype=torch.int64, device=device)
+                emb = net.time_embed(tt)
+                got = [m(emb)[0].contiguous() for m in mods]
+                if len(self._emb_cache) > 4 * net.n_steps:
+                    self._emb_cache.clear()
+                self._emb_cache[key] = got
+            return got, True
+        tt = t if isinstance(t, torch.Tensor) else torch.tensor(tl, dtype=torch.int64)
+        emb = net.time_embed(tt.to(device))
+        return [m(emb) for m in mods], False
+
+    # ------------------------------------------------------------------ building blocks
+    def _bc(self, e: torch.Tensor, uniform: bool) -> torch.Tensor:
+        """Embedding vector -> broadcastable (1 or B, C, 1, ...)."""
+        if uniform:
+            return e.view(1, -1, *([1] * self.ndim))
+        return e.view(e.shape[0], e.shape[1], *([1] * self.ndim))
+
+    # Work tensors.  On the CPU (oneDNN path) every intermediate comes from a free list keyed by
+    # shape and goes back to it as soon as it is dead: glibc hands large blocks back to the OS
+    # when they are freed, and a fresh allocation then page-faults (zero-fills) all of its
+    # pages again; at 128^3 that was 0.6 million faults and ~20 % of a pass.  Convolutions
+    # write into such a buffer through oneDNN's in-place "dst += conv(x)" form after zeroing it
+    # (conv(x) + 0 is exactly conv(x)).
+    def _alloc(self, shape, like: torch.Tensor):
+        shape = tuple(int(v) for v in shape)
+        if self._pool is not None:
+            lst = self._pool.get((shape, like.dtype))
+            if lst:
+                return lst.pop()
+        fmt = self._fmt()
+        return torch.empty(shape, dtype=like.dtype, device=like.device,
+                           memory_format=fmt if fmt is not None else torch.contiguous_format)
+
+    def _free(self, *ts):
+        if self._pool is not None:
+            for t in ts:
+                self._pool.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+    def _out_shape(self, x, c: _Conv):
+        k = c.w.shape[2:]
+        sp = []
+        for i, n in enumerate(x.shape[2:]):
+            if c.transposed:
+                sp.append((n - 1) * c.stride[i] - 2 * c.padding[i] + c.dilation[i] * (k[i] - 1)
+                          + c.output_padding[i] + 1)
+            else:
+                sp.append((n + 2 * c.padding[i] - c.dilation[i] * (k[i] - 1) - 1) // c.stride[i] + 1)
+        cout = c.w.shape[1] if c.transposed else c.w.shape[0]
+        return (x.shape[0], cout) + tuple(sp)
+
+    def _conv(self, x, c: _Conv, bias=None, post: Optional[str] = None):
+        b = c.b if bias is None else bias
+        if self._backend == "mkldnn":
+            if c.transposed:
+                y = torch.ops.mkldnn._convolution_transpose_pointwise(
+                    x, c.w, b, c.padding, c.output_padding, c.stride, c.dilation, 1, "none", [], "")
+                return F.leaky_relu_(y, self.slope) if post == "leaky_relu" else y
+            if self._pool is not None:
+                y = self._alloc(self._out_shape(x, c), x).zero_()
+                torch.ops.mkldnn._convolution_pointwise_(
+                    y, x, c.w, b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
+                return F.leaky_relu_(y, self.slope) if post == "leaky_relu" else y
+            if post == "leaky_relu":
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, c.w, b, c.padding, c.stride, c.dilation, 1, "leaky_relu", [self.slope], "")
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.w, b, c.padding, c.stride, c.dilation, 1, "none", [], "")
+        if c.transposed:
+            fn = F.conv_transpose2d if self.ndim == 2 else F.conv_transpose3d
+            y = fn(x, c.w, b, c.stride, c.padding, c.output_padding, 1, c.dilation)
+        else:
+            fn = F.conv2d if self.ndim == 2 else F.conv3d
+            y = fn(x, c.w, b, c.stride, c.padding, c.dilation, 1)
+        return F.leaky_relu(y, self.slope) if post == "leaky_relu" else y
+
+    def _conv_add_(self, x, other, c: _Conv):
+        """other <- conv(x) + other (in place where the backend allows)."""
+        if self._backend == "mkldnn":
+            return torch.ops.mkldnn._convolution_pointwise_(
+                other, x, c.w, c.b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
+        y = self._conv(x, c)
+        return y.add_(other)
+
+    def _leaky(self, r):
+        if self._pool is not None:
+            return torch.ops.aten.leaky_relu.out(r, self.slope, out=self._alloc(r.shape, r))
+        return F.leaky_relu(r, self.slope)
+
+    def _norm_(self, r, name):
+        """Instance norm, in place where possible."""
+        w, b, eps = self._norms[name]
+        if self._backend == "mkldnn":
+            # Channels-last instance norm (the stock op returns NCHW and its var_mean over
+            # non-contiguous axes is 6x slower): two-pass statistics,
+            # y = (x - mean) * (rsqrt(var + eps) * w) + b.
+            dims = tuple(range(2, 2 + self.ndim))
+            mean = r.mean(dim=dims, keepdim=True)
+            r.sub_(mean)
+            sq = torch.mul(r, r, out=self._alloc(r.shape, r))
+            var = sq.mean(dim=dims, keepdim=True)
+            self._free(sq)
+            scale = torch.rsqrt(var + eps) * self._bc(w, True)
+            return torch.addcmul(self._bc(b, True), r, scale, out=r)
+        y = F.instance_norm(r, None, None, w, b, True, 0.0, eps)
+        fmt = self._fmt()
+        return y.contiguous(memory_format=fmt) if fmt is not None else y
+
+    def _block(self, prefix: str, x, norm: bool):
+        c0 = self._convs[prefix + ".conv0"]
+        if c0.w.shape[0] != c0.cout:
+            return self._block_padded(prefix, x, norm)
+        r = self._conv(x, c0)
+        fmt = self._fmt()
+        if fmt is not None and not r.is_contiguous(memory_format=fmt):
+            # a 1-channel input is ambiguous (NCHW == NHWC) and oneDNN may answer NCHW
+            r = r.contiguous(memory_format=fmt)
+        if norm:
+            r = self._norm_(r, prefix + ".ln")
+        a = self._leaky(r)
+        f = self._conv(a, self._convs[prefix + ".convs.0"], post="leaky_relu")
+        self._free(a)
+        out = self._conv_add_(f, r, self._convs[prefix + ".convs.1"])     # conv(f) + r, into r
+        self._free(f)
+        return F.leaky_relu_(out, self.slope)
+
+    def _compact(self, y, C):
+        """The first C channels of a padded work tensor, as a dense tensor (then y is freed)."""
+        out = self._alloc((y.shape[0], C) + tuple(y.shape[2:]), y).copy_(y[:, :C])
+        self._free(y)
+        return out
+
+    def _block_padded(self, prefix: str, x, norm: bool):
+        """:meth:`_block` with output channels padded by zero filters (oneDNN path only):
+        the same numbers, each padded result compacted back to C channels by one copy."""
+        c0, c1, c2 = (self._convs[prefix + k] for k in (".conv0", ".convs.0", ".convs.1"))
+        C = c0.cout
+        r = self._compact(self._conv(x, c0), C)
+        if norm:
+            r = self._norm_(r, prefix + ".ln")
+        a = self._leaky(r)
+        f = F.leaky_relu_(self._compact(self._conv(a, c1), C), self.slope)
+        self._free(a)
+        g = self._conv(f, c2)
+        self._free(f)
+        r.add_(g[:, :C])                                                   # conv(f) + r
+        self._free(g)
+        return F.leaky_relu_(r, self.slope)
+
+    def _stage(self, name: str, x, norm: bool):
+        for i in range(3):
+            y = self._block(f"{name}.{i}", x, norm)
+            self._free(x)                                  # a stage's input is dead after use
+            x = y
+        return x
+
+    def _down(self, name, x, e, uniform):
+        c = self._convs[name]
+        if uniform and c.b is not None:
+            return self._conv(x, c, bias=c.b + e)          # time embedding folded into the bias
+        return self._conv(x, c).add_(self._bc(e, uniform))
+
+    def _up_cat(self, name, skip, h, e, uniform):
+        """cat([skip, up(h)]) + e, written once into a channels-last buffer."""
+        c = self._convs[name]
+        cs = skip.shape[1]
+        if uniform and c.b is not None:
+            up = self._conv(h, c, bias=c.b + e[cs:])
+        else:
+            up = self._conv(h, c).add_(self._bc(e[..., cs:], uniform))
+        self._free(h)
+        out = self._alloc((skip.shape[0], cs + up.shape[1]) + tuple(skip.shape[2:]), up)
+        torch.add(skip, self._bc(e[..., :cs], uniform), out=out[:, :cs])
+        out[:, cs:].copy_(up)
+        self._free(skip)
+        return out
+
+    # ------------------------------------------------------------------ the network
+    def _body(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The U-Net up to its last convolution (raw output, before the clamp)."""
+        E, uni = self._embeddings(t, x.device)
+        e1, e2, e3, emid, e4, e5, eout = E
+        fmt = self._fmt()
+        h = torch.add(x, self._bc(e1, uni), out=self._alloc(x.shape, x))
+        if fmt is not None and not h.is_contiguous(memory_format=fmt):
+            h = h.contiguous(memory_format=fmt)
+        h1 = self._stage("b1", h, True)
+        h2 = self._stage("b2", self._down("down1", h1, e2, uni), True)
+        h3 = self._stage("b3", self._down("down2", h2, e3, uni), True)
+        h = self._conv(h3, self._convs["down3"]).mul_(self._bc(emid, uni))
+        h = self._stage("b_mid", h, True)
+        h = self._stage("b4", self._up_cat("up1", h3, h, e4, uni), False)
+        h = self._stage("b5", self._up_cat("up2", h2, h, e5, uni), False)
+        h = self._stage("b_out", self._up_cat("up3", h1, h, eout, uni), False)
+        u = self._conv(h, self._convs["conv_out"])
+        self._free(h)
+        return u
+
+    def _single_pass_impl(self, x: torch.Tensor, t) -> torch.Tensor:
+        with torch.inference_mode():          # work tensors never leave this block
+            u = self._body(x, t)
+        S = x.shape[2]
+        # same operations as DRDMNet.single_pass: clamp to +-(S-1) pixels, back to fractions of S
+        # (outside inference mode when the caller is: the result is then an ordinary tensor)
+        out = (torch.clamp(u.float() * S, 1 - S, S - 1) / S).contiguous()
+        self._free(u)
+        return out
+
+    @staticmethod
+    def _grad_off():
+        # inference_mode when the caller is in it (DRDM.generate, recover, the benchmark); else
+        # no_grad, so that the outputs stay ordinary tensors (an inference tensor cannot be
+        # modified in place or saved for backward later, e.g. in a training loop's validation)
+        return contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.no_grad()
+
+    def _context(self, device):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._grad_off())
+        if device.type == "cuda":
+            if self.cudnn_benchmark:
+                stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True,
+                                                               deterministic=False,
+                                                               allow_tf32=torch.backends.cudnn.allow_tf32))
+            if self.amp_dtype is not None:
+                stack.enter_context(torch.autocast("cuda", dtype=self.amp_dtype))
+        return stack
+
+    def single_pass(self, x: torch.Tensor, t) -> torch.Tensor:
+        """One U-Net pass, as :meth:`DRDMNet.single_pass` (fraction of S, clamped)."""
+        self._sync()
+        self._backend = self.backend(x.device)
+        if self._pool_wanted(x.device):
+            key = (tuple(x.shape), x.dtype, x.device)
+            if key != self._pool_key:          # keep the work tensors of one input shape only
+                self._pool, self._pool_key = {}, key
+        else:
+            self._pool, self._pool_key = None, None
+        with self._context(x.device):
+            if self.compile and self._backend == "generic":
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._single_pass_impl, dynamic=False)
+                return self._compiled(x, t)
+            return self._single_pass_impl(x, t)
+
+    def forward(self, x: torch.Tensor, t, k: int = 2) -> torch.Tensor:
+        """Paper eq. 12 with K = k recursions, as :meth:`DRDMNet.forward`.
+
+        t: an int (one time for the batch) or an int64 tensor (B,).
+        """
+        if not isinstance(t, torch.Tensor):
+            t = int(t)
+        S = x.shape[2]
+        with self._grad_off():
+            running = self.single_pass(x, t)
+            for _ in range(int(k) - 1):
+                xk = warp(x, frac_to_px(running, S), "linear", "zeros")
+                step = self.single_pass(xk, t)
+                running = step + warp(running, frac_to_px(step, S), "linear", "border")
+        return running
+
+    __call__ = forward
