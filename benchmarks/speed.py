@@ -207,13 +207,29 @@ class Bench:
                       self.cfg.compose_padding, self.cfg.image_interp)
         return gen
 
-    def time_steps(self, makers, n):
-        """Interleaved: one step of each maker per round, n rounds (+1 warm-up)."""
-        gens = {k: m() for k, m in makers.items()}
-        times = {k: [] for k in makers}
+    def time_steps(self, makers, n, log=None):
+        """Interleaved: one step of each maker per round, n rounds (+1 warm-up).  An optional
+        variant (not 'default'/'plain') that fails is reported and dropped."""
+        gens, times = {}, {}
+        for k, m in makers.items():
+            try:
+                gens[k] = m()
+                times[k] = []
+            except Exception as e:  # noqa: BLE001 - optional variants must not stop the run
+                if k in ("default", "plain", "b"):
+                    raise
+                (log or print)(f"  variant {k} failed: {type(e).__name__}: {e}")
         for rnd in range(n + 1):
-            for k, g in gens.items():
-                dt, fr = timed(lambda: next(g), self.device)
+            for k in list(gens):
+                try:
+                    dt, fr = timed(lambda: next(gens[k]), self.device)
+                except Exception as e:  # noqa: BLE001
+                    if k in ("default", "plain", "b"):
+                        raise
+                    (log or print)(f"  variant {k} failed: {type(e).__name__}: {str(e)[:300]}")
+                    gens.pop(k).close()
+                    times.pop(k)
+                    continue
                 if rnd > 0:
                     times[k].append(dt)
         for g in gens.values():
@@ -254,11 +270,16 @@ class Bench:
             if args.compile:
                 ceng = InferenceEngine(self.net, fuse=False, compile=True)
                 makers["compiled"] = lambda: self.stepper(True, engine=ceng)
+            if dev.type == "cuda":           # is channels-last the right layout on this GPU?
+                eng_nchw = InferenceEngine(self.net, channels_last=False)
+                makers["default_nchw"] = lambda: self.stepper(True, engine=eng_nchw)
+                eng_graph = InferenceEngine(self.net, cuda_graphs=True)     # opt-in CUDA graphs
+                makers["cudagraph"] = lambda: self.stepper(True, engine=eng_graph)
             if args.amp and dev.type == "cuda":
                 for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
                     eng = InferenceEngine(self.net, amp_dtype=dt)
                     makers[name] = (lambda e=eng: self.stepper(True, engine=e))
-            steps = self.time_steps(makers, self.repeats)
+            steps = self.time_steps(makers, self.repeats, log)
             res["reverse_step_s"] = {k: summary(v) for k, v in steps.items()}
             step_d = med(steps["default"])
             log(f"  reverse step      default {step_d * 1e3:9.1f} ms"
@@ -311,15 +332,19 @@ class Bench:
             sched = self.cfg.schedule
             per_batch = {}
             for B in self.batch_sizes():
-                if B == 1:
-                    st = step_d
-                else:
-                    n = max(2, self.repeats // 2)
-                    st = med(self.time_steps({"b": lambda B=B: self.stepper(True, batch=B)}, n)["b"])
-                draws_b = [self.sampler.draw(B, torch.Generator().manual_seed(1))]
-                db = [d.to(dev) for d in draws_b[0]]
-                ts_s = med([timed(lambda: self.sampler.sample(T_PRIME, batch=B, draws=db, return_step=False),
-                                  dev)[0] for _ in range(2)])
+                try:
+                    if B == 1:
+                        st = step_d
+                    else:
+                        n = max(2, self.repeats // 2)
+                        st = med(self.time_steps({"b": lambda B=B: self.stepper(True, batch=B)}, n)["b"])
+                    db = [d.to(dev) for d in self.sampler.draw(B, torch.Generator().manual_seed(1))]
+                    ts_s = med([timed(lambda: self.sampler.sample(T_PRIME, batch=B, draws=db, return_step=False),
+                                      dev)[0] for _ in range(2)])
+                except torch.cuda.OutOfMemoryError:
+                    log(f"  batch {B}: out of GPU memory, skipped")
+                    torch.cuda.empty_cache()
+                    break
                 gen_t = ts_s + n_steps[sched] * st
                 per_batch[B] = {"step_s": st, "step_s_per_sample": st / B, "sampler_s": ts_s,
                                 "generation_s": gen_t, "samples_per_s": B / gen_t}
@@ -339,8 +364,9 @@ class Bench:
         if "peak_memory" in res:
             pm = res["peak_memory"]
             log("  peak memory       " + ", ".join(f"{k} {v}" for k, v in pm.items() if k != "what"))
-        if args.amp and dev.type == "cuda":
-            res["amp_metrics"] = amp_metrics(self, args, log)
+        n_t1 = args.table1 or (args.amp_seeds if args.amp and dev.type == "cuda" else 0)
+        if n_t1 and nd == 2:                          # Table 1 is a 2D table
+            res["table1"] = table1_metrics(self, args, log, n_t1)
         return res
 
     def batch_sizes(self):
@@ -349,6 +375,8 @@ class Bench:
             sizes = [1] + sizes
         if self.device.type == "cpu" and self.nd == 3:
             sizes = [b for b in sizes if b <= (2 if self.S <= 64 else 1)]
+        elif self.nd == 3:                  # GPU: activations grow as B * S^3
+            sizes = [b for b in sizes if b * (self.S // 64) ** 3 <= 16]
         return sorted(set(sizes))
 
     def cuda_memory(self):
@@ -421,40 +449,62 @@ def probe_main(tag, args):
 
 
 # ---------------------------------------------------------------------------- mixed precision (CUDA)
-def amp_metrics(bench: Bench, args, log):
-    """Table 1 metrics of whole generations under each precision, same seeds and images."""
+def table1_metrics(bench: Bench, args, log, n_seeds: int):
+    """Table 1 metrics (max %, mean %, folding %) of whole generations at T'=45 in both loops,
+    plain path against the default path (and, on CUDA, each precision): same seeds, same images.
+
+    ``*_strict`` variants switch cuDNN's TF32 off (true float32 convolutions); PyTorch's default
+    lets cuDNN use TF32 for float32 convolutions on Ampere and later GPUs."""
     from napari_drdm.core.metrics import field_metrics
     dev, cfg = bench.device, bench.cfg
     images = load_images(args, bench.nd, bench.S, dev)
-    variants = {"fp32_plain": dict(plain=True), "fp32": dict(), "bf16": dict(amp_dtype=torch.bfloat16),
-                "fp16": dict(amp_dtype=torch.float16)}
+    variants = {
+        "fp32_plain": (bench.net.forward_plain, None),
+        "fp32": (InferenceEngine(bench.net), None),
+    }
+    if dev.type == "cuda":
+        variants = {
+            "fp32_plain_strict": (bench.net.forward_plain, False),
+            "fp32_plain": (bench.net.forward_plain, None),
+            "fp32_strict": (InferenceEngine(bench.net), False),
+            "fp32": (InferenceEngine(bench.net), None),
+            "bf16": (InferenceEngine(bench.net, amp_dtype=torch.bfloat16), None),
+            "fp16": (InferenceEngine(bench.net, amp_dtype=torch.float16), None),
+        }
+    keys = ("max_disp_pct", "mean_disp_pct", "folding_pct")
     out = {}
-    for name, opt in variants.items():
-        tf32 = torch.backends.cudnn.allow_tf32
+    default_tf32 = torch.backends.cudnn.allow_tf32
+    for name, (net, tf32) in variants.items():
+        torch.backends.cudnn.allow_tf32 = default_tf32 if tf32 is None else tf32
         rows = []
-        for seed in range(args.amp_seeds):
-            img = images[seed % len(images)][None]
-            psi = bench.psi(1, seed=1000 + seed)
-            net = bench.net.forward_plain if opt.get("plain") else \
-                InferenceEngine(bench.net, amp_dtype=opt.get("amp_dtype"))
-            with torch.inference_mode():
-                for sched in ("paper", "reference"):
-                    phi = psi
-                    for fr in recover(net, img, psi, T_PRIME, None, sched, bench.K, cfg.n_steps,
-                                      cfg.compose_padding, cfg.image_interp):
-                        phi = fr.ddf
-                    m = field_metrics(phi[0], side=bench.S)
-                    rows.append({"seed": seed, "schedule": sched, **{k: float(v) for k, v in m.items()}})
+        t0 = time.perf_counter()
+        try:
+            for seed in range(n_seeds):
+                img = images[seed % len(images)][None]
+                psi = bench.psi(1, seed=1000 + seed)
+                with torch.inference_mode():
+                    for sched in ("paper", "reference"):
+                        phi = psi
+                        for fr in recover(net, img, psi, T_PRIME, None, sched, bench.K, cfg.n_steps,
+                                          cfg.compose_padding, cfg.image_interp):
+                            phi = fr.ddf
+                        m = field_metrics(phi[0], side=bench.S)
+                        rows.append({"seed": seed, "schedule": sched, **{k: float(m[k]) for k in keys}})
+        finally:
+            torch.backends.cudnn.allow_tf32 = default_tf32
         agg = {}
         for sched in ("paper", "reference"):
             sel = [r for r in rows if r["schedule"] == sched]
-            agg[sched] = {k: {"mean": float(np.mean([r[k] for r in sel])), "sd": float(np.std([r[k] for r in sel], ddof=1))
-                              if len(sel) > 1 else 0.0} for k in ("max_disp_pct", "mean_disp_pct", "folding_pct")}
-        out[name] = {"cudnn_allow_tf32": tf32, "n": args.amp_seeds, "metrics": agg}
-        log(f"  Table 1 ({name:10s}) paper: " + " / ".join(f"{agg['paper'][k]['mean']:.2f}" for k in
-                                                          ("max_disp_pct", "mean_disp_pct", "folding_pct"))
-            + "   reference: " + " / ".join(f"{agg['reference'][k]['mean']:.2f}" for k in
-                                           ("max_disp_pct", "mean_disp_pct", "folding_pct")))
+            agg[sched] = {k: {"mean": float(np.mean([r[k] for r in sel])),
+                              "sd": float(np.std([r[k] for r in sel], ddof=1)) if len(sel) > 1 else 0.0}
+                          for k in keys}
+        out[name] = {"cudnn_allow_tf32": (default_tf32 if tf32 is None else tf32) if dev.type == "cuda" else None,
+                     "n": n_seeds,
+                     "metrics": agg, "rows": rows, "wall_s": time.perf_counter() - t0}
+        log(f"  Table 1 {name:18s} paper: " + " / ".join(
+            f"{agg['paper'][k]['mean']:.2f}+-{agg['paper'][k]['sd']:.2f}" for k in keys)
+            + "   reference: " + " / ".join(
+            f"{agg['reference'][k]['mean']:.2f}+-{agg['reference'][k]['sd']:.2f}" for k in keys))
     return out
 
 
@@ -497,6 +547,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the generic engine")
     ap.add_argument("--amp", action="store_true", help="CUDA: also bf16/fp16 step times and Table 1 metrics")
     ap.add_argument("--amp-seeds", type=int, default=10, help="generations per precision for --amp metrics")
+    ap.add_argument("--table1", type=int, default=0, metavar="N",
+                    help="2D: Table 1 metrics of N whole generations per loop, plain vs default path "
+                         "(and each precision on CUDA); slow on a CPU")
     ap.add_argument("--no-eager", action="store_true", help="skip the plain eager baseline")
     ap.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the peak-memory subprocess")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
@@ -540,18 +593,25 @@ def main(argv=None):
         del b
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if args.json and not to_stdout:           # partial results survive a time limit
+            write_json(args.json, results)
     env["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     env["total_wall_s"] = time.perf_counter() - t_all
     log(f"\nload average at end {env['load_average_at_end']}; total {env['total_wall_s']:.0f} s")
     if args.json:
-        text = json.dumps(results, indent=1, default=float)
         if to_stdout:
-            print(text)
+            print(json.dumps(results, indent=1, default=float))
         else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+            write_json(args.json, results)
             log(f"JSON written to {args.json}")
     return 0
+
+
+def write_json(path, results):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,41 @@
-"""The optimised inference path of DRDM: same numbers as the plain modules, less time.
+"""The optimised inference path of DRDM: the same numbers as the plain modules, less time.
 
-What it does (each item is measured in ``benchmarks/speed.py``; see ``benchmarks/README.md``):
+What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/README.md``):
 
-* **No autograd**: ``torch.inference_mode`` (DRDM.generate, recover, the benchmark) or
-  ``torch.no_grad`` when the caller is outside inference mode.
-* **Memory layout**: activations are kept channels-last (``channels_last`` in 2D,
-  ``channels_last_3d`` in 3D).  On the CPU, oneDNN's NHWC convolution kernels are about 1.3x
-  faster than the blocked NCHW ones for these narrow layers (10/20/40 channels) and no layout
-  reorders are needed between layers (the plain NCHW network spends ~15 % of a pass in reorders).
-* **Fused kernels (CPU, oneDNN)**: in every ACNN-II block the second convolution carries the
-  LeakyReLU as a post-op, and the third convolution adds the residual in place
-  (``conv(f) + r`` written into ``r``'s buffer).  Instance normalisation is computed as one
-  ``var_mean`` and one multiply-add in the channels-last layout (the stock op returns NCHW).
-* **Time embeddings**: the per-level MLPs are evaluated once per diffusion time t and cached;
-  when every sample of a batch has the same t (always the case in the reverse loop) the
-  additive embeddings are folded into the biases of the preceding convolutions.
-* **Weights** are converted to the working layout once and cached; the cache is rebuilt
-  automatically when a parameter changes (in-place updates bump a tensor's version counter),
-  when the network moves to another device, or on :meth:`InferenceEngine.refresh`.
-* **CUDA** (generic path): channels-last, cuDNN autotuning (``cudnn.benchmark``) for the
-  duration of a call, and optional mixed precision (``amp_dtype=torch.bfloat16`` or
-  ``torch.float16``; off by default: it changes the output by more than 1e-4).
-* **torch.compile**: optional (``compile=True``), off by default; on the two-core CPU it does
-  not beat the fused oneDNN path (measured in the benchmark with ``--compile``).
+* **No autograd**: the work runs under ``torch.inference_mode``; results are ordinary tensors
+  when the caller is outside inference mode (``torch.no_grad`` there).
+* **Memory layout**: activations stay channels-last (``channels_last`` / ``channels_last_3d``).
+  On the CPU, oneDNN's NHWC kernels are faster than the blocked NCHW ones for these narrow layers
+  (10/20/40 channels) and no layout reorders are needed between layers (the plain NCHW network
+  spends ~10 % of a pass reordering).
+* **Fused CPU kernels (oneDNN)**: in every ACNN-II block the third convolution adds the residual
+  in place (``r += conv(f)``), instance normalisation is a two-pass channels-last computation
+  done in place (the stock op returns NCHW and its ``var_mean`` over non-contiguous axes is 6x
+  slower), and every convolution writes into a reused buffer (see ``_alloc``).
+* **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
+  a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
+  copy or elementwise step that follows anyway.
+* **Time embeddings**: the per-level MLPs run once per diffusion time t (cached); when a batch
+  shares one t (always so in the reverse loop) they are folded into the preceding biases.
+* **Weights** are converted once and cached; the cache follows in-place parameter updates
+  (version counters), ``load_state_dict``, device moves, or :meth:`InferenceEngine.refresh`.
+* **CUDA** (generic path): channels-last, cuDNN autotuning for the duration of a call, optional
+  mixed precision (``amp_dtype=torch.bfloat16`` / ``torch.float16``; off by default: outputs move
+  by more than 1e-4), optional CUDA-graph replay (``cuda_graphs=True``).
+* **torch.compile**: optional (``compile=True``, generic path), off by default: on the two-core
+  CPU it did not beat the oneDNN path (``benchmarks/speed.py --compile``).
 
-Exactness: with float32 the engine's output equals :meth:`DRDMNet.forward` up to float rounding
-(different summation orders inside the convolutions and the normalisation statistics):
-1e-6 of the output's scale, far inside the golden tolerances (tests/test_fast_path.py).
+Exactness: in float32 the output equals :meth:`DRDMNet.forward_plain` up to float rounding
+(other summation orders inside convolutions and normalisation statistics): ~1e-6 for outputs of
+~0.02, inside the golden tolerances (tests/test_fast_path.py).
 
-Use it through :class:`~napari_drdm.core.network.DRDMNet` (its ``forward`` routes here when it
-is in eval mode and no gradient is needed; ``DRDMNet(..., fast=False)`` or ``net.fast = False``
-keeps the plain path) or directly::
+Use::
 
-    engine = InferenceEngine(net)          # or net.engine()
-    u = engine(x, t, k=2)                  # same as net(x, t, k) in eval mode
+    engine = net.engine()                 # cached InferenceEngine(net); net.engine(**options) for others
+    u = engine(x, t, k=2)                 # = net.forward_plain(x, t, k) up to rounding
+
+``DRDM`` models use it by default (``model.fast``); a bare ``DRDMNet`` routes ``forward`` here in
+eval mode without gradients when ``net.fast`` is set.
 """
 from __future__ import annotations
 
@@ -107,11 +109,14 @@ class InferenceEngine:
     amp_dtype: ``torch.bfloat16`` / ``torch.float16`` for CUDA autocast; ignored on the CPU.
     compile: wrap the single pass in ``torch.compile`` (generic path only; optional, off by default).
     cudnn_benchmark: let cuDNN pick the fastest algorithms (CUDA only; default: yes).
+    pool: reuse work tensors (oneDNN path; default: yes).
+    pad_channels: pad block output channels to the CPU's vector block (default: on AVX2).
+    cuda_graphs: replay each (shape, K) forward from a captured CUDA graph (opt-in, CUDA only).
     """
 
     def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
                  amp_dtype: Optional[torch.dtype] = None, compile: bool = False, cudnn_benchmark: bool = True,
-                 pool: Optional[bool] = None, pad_channels: Optional[bool] = None):
+                 pool: Optional[bool] = None, pad_channels: Optional[bool] = None, cuda_graphs: bool = False):
         if amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
         self.net = net
@@ -132,6 +137,9 @@ class InferenceEngine:
         self._pool_key = None
         self.pool = pool
         self.pad_channels = pad_channels
+        self.cuda_graphs = bool(cuda_graphs)
+        self._capturing = False
+        self._graphs: Dict[tuple, tuple] = {}
         self.slope = self._find_slope(net)
 
     # ------------------------------------------------------------------ caches
@@ -150,6 +158,7 @@ class InferenceEngine:
         """Forget cached weights, embeddings and work tensors (rebuilt automatically on changes)."""
         self._sig = None
         self._pool, self._pool_key = None, None
+        self._graphs = {}
         self._emb_cache.clear()
         self._compiled = None
 
@@ -211,6 +220,10 @@ class InferenceEngine:
         Mixed t: (B, C) per sample (not cached).
         """
         net = self.net
+        mods = (net.te1, net.te2, net.te3, net.te_mid, net.te4, net.te5, net.te_out)
+        if self._capturing:      # CUDA graph capture: no host reads, per-sample vectors
+            emb = net.time_embed(t)
+            return [m(emb) for m in mods], False
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             # one device->host read per time tensor (the K passes of a step share it)
             try:
@@ -225,7 +238,6 @@ class InferenceEngine:
         else:
             tl = [int(t)]
         uniform = all(v == tl[0] for v in tl)
-        mods = (net.te1, net.te2, net.te3, net.te_mid, net.te4, net.te5, net.te_out)
         if uniform:
             key = (int(tl[0]), device)
             got = self._emb_cache.get(key)
@@ -479,6 +491,8 @@ class InferenceEngine:
 
         t: an int (one time for the batch) or an int64 tensor (B,).
         """
+        if self.cuda_graphs and x.is_cuda and not self._capturing:
+            return self._graph_forward(x, t, int(k))
         if not isinstance(t, torch.Tensor):
             t = int(t)
         S = x.shape[2]
@@ -491,3 +505,40 @@ class InferenceEngine:
         return running
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ CUDA graphs (opt-in)
+    def _graph_forward(self, x: torch.Tensor, t, k: int) -> torch.Tensor:
+        """forward() replayed from a captured CUDA graph: one launch for the ~300 kernels of a
+        step's network part, which at small sizes are bound by launch and Python overhead.
+        One graph per (shape, dtype, k); inputs are copied into static buffers."""
+        self._sync()
+        tt = t if isinstance(t, torch.Tensor) else torch.full((x.shape[0],), int(t), dtype=torch.int64)
+        tt = tt.to(device=x.device, dtype=torch.int64)
+        key = (tuple(x.shape), x.dtype, x.device, k, self._sig)
+        g = self._graphs.get(key)
+        if g is None:
+            if len(self._graphs) >= 8:
+                self._graphs.clear()
+            g = self._graphs[key] = self._capture(x, tt, k)
+        static_x, static_t, graph, static_out = g
+        static_x.copy_(x)
+        static_t.copy_(tt)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x, t, k):
+        static_x, static_t = x.clone(), t.clone()
+        self._capturing = True
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):           # warm-up: cuDNN autotuning, cached grids
+                for _ in range(3):
+                    self.forward(static_x, static_t, k)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(static_x, static_t, k)
+        finally:
+            self._capturing = False
+        return static_x, static_t, graph, static_out
