@@ -21,7 +21,6 @@ per-epoch permutation (sharded over distributed ranks) whose state is two intege
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -50,13 +49,7 @@ def ensure_core():
 
 ensure_core()
 
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from napari_drdm.checkpoint import file_sha256  # noqa: E402  (one implementation for the project)
 
 
 # ----------------------------------------------------------------------------------------------
