@@ -82,6 +82,35 @@ def test_resume_is_bit_identical(straight_run, tmp_path):
     assert any(r.get("event") == "validation" and r["step"] == 2 for r in _log(run))
 
 
+def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
+    """SIGTERM mid-run: the step in flight is abandoned (or finished), the state saved; resuming
+    reaches exactly the uninterrupted run's parameters."""
+    import os
+    import signal
+    import subprocess
+    import time
+    run = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "training", "train", "--config", str(CONFIGS / "tiny.yaml"), "--run", str(run),
+           "--set", "validation.at_end=false", "--set", "train.steps=400", "--set", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")])))
+    log = run / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"step": 1' in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    stop = _log(run)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "signal" and 1 <= stop["step"] < 400
+    if stop["step"] < 4:
+        train(tiny(**{"validation.at_end": "false"}), run, resume=True, echo=lambda *a: None)
+        a = load_training_checkpoint(latest_checkpoint(straight_run))
+        b = load_training_checkpoint(latest_checkpoint(run))
+        assert b["step"] == 4
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_budget_stops_cleanly_and_saves(tmp_path):
     res = train(tiny(**{"budget.max_minutes": 0, "validation.at_end": "false"}), tmp_path / "b", echo=lambda *a: None)
     assert res["reason"] == "budget" and res["step"] == 1

@@ -292,10 +292,17 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     say(f"training {cfg.get('name')} on {entry['device']}: S={S} ndim={mcfg.ndim} batch {tcfg['batch_size']}"
         f"/rank, steps {step}->{tcfg['steps']}, {len(bank)} train images, {model.n_trainable()} parameters")
 
-    stop = {"signal": None}
+    # SIGTERM: stop after the current step, save, exit 0.  In a single process the step in
+    # flight is abandoned instead when the signal arrives before the update (a slow CPU step may
+    # outlive the grace period before SIGKILL): its random streams and data position are rolled
+    # back, so the saved state is exactly the one before that step.
+    stop = {"signal": None, "abortable": False}
 
     def _on_signal(signum, _frame):
         stop["signal"] = signum
+        if stop["abortable"]:
+            stop["abortable"] = False
+            raise _StepAborted()
     old_handler = signal.signal(signal.SIGTERM, _on_signal) if _is_main_thread() else None
 
     max_min = cfg["budget"].get("max_minutes")
@@ -319,14 +326,10 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
 
-    while step < target:
-        if warm:
-            for gr in opt.param_groups:
-                gr["lr"] = base_lr * min(1.0, (step + 1) / warm)
+    def forward_backward():
         x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
-        B = x0.shape[0]
-        t = torch.randint(0, T, (B,), generator=gens.get("t", gens["field"]))      # host tensor
-        fs = sampler.sample(t, draws=_draws(mcfg, B, gens["field"], dev), device=dev)
+        t = torch.randint(0, T, (x0.shape[0],), generator=gens.get("t", gens["field"]))      # host tensor
+        fs = sampler.sample(t, draws=_draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
         img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
             psi_hat = net(img_t, t.to(dev, non_blocking=True), k=K)
@@ -335,6 +338,27 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                             w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
+        return terms, x0.shape[0]
+
+    while step < target:
+        if stop["signal"] is not None and not env.distributed:
+            reason = "signal"
+            break
+        if warm:
+            for gr in opt.param_groups:
+                gr["lr"] = base_lr * min(1.0, (step + 1) / warm)
+        snap = ({k: g.get_state() for k, g in gens.items()}, bank.state_dict()) if not env.distributed else None
+        try:
+            stop["abortable"] = snap is not None and stop["signal"] is None
+            terms, B = forward_backward()
+            stop["abortable"] = False
+        except _StepAborted:
+            for k, st in snap[0].items():
+                gens[k].set_state(st)
+            bank.load_state_dict(snap[1])
+            opt.zero_grad(set_to_none=True)
+            reason = "signal"
+            break
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         if env.any_flag(not bool(torch.isfinite(gnorm))):   # skip (on every rank) a non-finite update
             opt.zero_grad(set_to_none=True)
@@ -379,6 +403,10 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     log.close()
     say(f"stopped at step {step} ({reason}) after {(time.time() - t_start) / 60:.1f} min")
     return {"step": step, "reason": reason, "last_val": last_val, "run_dir": str(run_dir)}
+
+
+class _StepAborted(Exception):
+    """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
 
 
 def _validate(validator, model, step, log, say, env):
