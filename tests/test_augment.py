@@ -220,7 +220,7 @@ def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
 
 def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "napari_drdm.cli", "augment", str(folder2d), str(out), "-n", "40", "--t-prime", "2",
+    cmd = [sys.executable, "-m", "napari_drdm.cli", "augment", str(folder2d), str(out), "-n", "400", "--t-prime", "2",
            "--schedule", "paper", "--weights", ckpts["2d"], "--batch", "1", "--threads", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = out / "journal-0-of-1.jsonl"
@@ -240,7 +240,7 @@ def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     assert proc.returncode == 130, err
     assert "--resume" in err
     m = json.loads((out / "manifest.json").read_text())
-    assert 2 <= m["n_rows"] < 80 and all(verify_row(out, r) for r in m["rows"])
+    assert 2 <= m["n_rows"] < 800 and all(verify_row(out, r) for r in m["rows"])
 
 
 def test_bad_inputs_are_reported_and_skipped(tmp_path, folder2d, ckpts, capsys):
