@@ -145,7 +145,7 @@ def load_cases(args):
     from napari_drdm.model import load_model
     cases = []
     for nd, key, model_name in ((2, "brain2d", "brain2d"), (3, "brain3d", "brain3d")):
-        if nd == 3 and args.samples_3d <= 0:
+        if (args.samples if nd == 2 else args.samples_3d) <= 0:
             continue
         model = load_model(model_name, device=args.device)
         s = load_sample(key)

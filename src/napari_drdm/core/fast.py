@@ -279,7 +279,9 @@ class InferenceEngine:
     def _free(self, *ts):
         if self._pool is not None:
             for t in ts:
-                self._pool.setdefault((tuple(t.shape), t.dtype), []).append(t)
+                lst = self._pool.setdefault((tuple(t.shape), t.dtype), [])
+                if len(lst) < 4:            # bounded
+                    lst.append(t)
 
     def _out_shape(self, x, c: _Conv):
         k = c.w.shape[2:]
