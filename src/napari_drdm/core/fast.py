@@ -140,6 +140,9 @@ class InferenceEngine:
         self.cuda_graphs = bool(cuda_graphs)
         self._capturing = False
         self._graphs: Dict[tuple, tuple] = {}
+        self._mods = None
+        self._shapes: Dict[tuple, tuple] = {}
+        self._prepacked: Dict[tuple, torch.Tensor] = {}
         self.slope = self._find_slope(net)
 
     # ------------------------------------------------------------------ caches
@@ -151,12 +154,20 @@ class InferenceEngine:
         return 1e-6
 
     def _signature(self):
-        ps = list(self.net.parameters())
-        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in ps)
+        # called every pass: read the parameter dicts of a cached module list (walking the module
+        # tree each time cost ~1.4 ms per pass); a device or dtype move changes data_ptr, an
+        # in-place update (load_state_dict, an optimiser step) the version counter.  Replacing a
+        # submodule needs refresh().
+        if self._mods is None:
+            self._mods = [m for m in self.net.modules() if m._parameters]
+        return tuple((p.data_ptr(), p._version) for m in self._mods for p in m._parameters.values()
+                     if p is not None)
 
     def refresh(self):
-        """Forget cached weights, embeddings and work tensors (rebuilt automatically on changes)."""
+        """Forget cached weights, embeddings and work tensors (rebuilt automatically on changes,
+        except when a submodule of the network is replaced: then call this)."""
         self._sig = None
+        self._mods = None
         self._pool, self._pool_key = None, None
         self._graphs = {}
         self._emb_cache.clear()
@@ -209,6 +220,7 @@ class InferenceEngine:
             elif isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
                 norms[name] = (m.weight.detach(), m.bias.detach(), float(m.eps))
         self._convs, self._norms = convs, norms
+        self._prepacked, self._shapes = {}, {}
         self._emb_cache.clear()
         self._compiled = None
         self._sig = sig
@@ -267,7 +279,7 @@ class InferenceEngine:
     # write into such a buffer through oneDNN's in-place "dst += conv(x)" form after zeroing it
     # (conv(x) + 0 is exactly conv(x)).
     def _alloc(self, shape, like: torch.Tensor):
-        shape = tuple(int(v) for v in shape)
+        shape = tuple(shape)
         if self._pool is not None:
             lst = self._pool.get((shape, like.dtype))
             if lst:
@@ -284,6 +296,26 @@ class InferenceEngine:
                     lst.append(t)
 
     def _out_shape(self, x, c: _Conv):
+        key = (id(c), x.shape)
+        got = self._shapes.get(key)
+        if got is None:
+            got = self._shapes[key] = self._out_shape_calc(x, c)
+        return got
+
+    def _packed(self, x, c: _Conv):
+        """The weight in oneDNN's own layout for this input shape (saves a reorder per call)."""
+        key = (id(c), x.shape)
+        got = self._prepacked.get(key)
+        if got is None:
+            try:
+                got = torch.ops.mkldnn._reorder_convolution_weight(
+                    c.w, c.padding, c.stride, c.dilation, 1, list(x.shape))
+            except (RuntimeError, AttributeError):      # pragma: no cover - builds without it
+                got = c.w
+            self._prepacked[key] = got
+        return got
+
+    def _out_shape_calc(self, x, c: _Conv):
         k = c.w.shape[2:]
         sp = []
         for i, n in enumerate(x.shape[2:]):
@@ -305,7 +337,7 @@ class InferenceEngine:
             if self._pool is not None:
                 y = self._alloc(self._out_shape(x, c), x).zero_()
                 torch.ops.mkldnn._convolution_pointwise_(
-                    y, x, c.w, b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
+                    y, x, self._packed(x, c), b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
                 return F.leaky_relu_(y, self.slope) if post == "leaky_relu" else y
             if post == "leaky_relu":
                 return torch.ops.mkldnn._convolution_pointwise(
@@ -324,7 +356,8 @@ class InferenceEngine:
         """other <- conv(x) + other (in place where the backend allows)."""
         if self._backend == "mkldnn":
             return torch.ops.mkldnn._convolution_pointwise_(
-                other, x, c.w, c.b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
+                other, x, self._packed(x, c), c.b, c.padding, c.stride, c.dilation, 1, "add", None, None, [],
+                None)
         y = self._conv(x, c)
         return y.add_(other)
 
