@@ -280,3 +280,28 @@ def test_speed_benchmark_smoke(tmp_path):
     size = res["sizes"]["2d32"]
     for key in ("reverse_step_s", "network_pass_s", "generation_s", "forward_sampler_s", "samples_per_s"):
         assert key in size, key
+
+
+def test_engine_thread_safe():
+    """Two threads sharing one engine (GUI worker + export) get the single-threaded answers."""
+    import threading
+    net = _net(2)
+    eng = net.engine()
+    xs = [_img(2, 32, seed=s) for s in range(4)]
+    t = torch.tensor([9])
+    with torch.inference_mode():
+        want = [eng(x, t, 2) for x in xs]
+    got = {}
+
+    def work(i):
+        with torch.inference_mode():
+            for _ in range(5):
+                got[i] = eng(xs[i], t, 2)
+
+    th = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for h in th:
+        h.start()
+    for h in th:
+        h.join()
+    for i in range(4):
+        assert torch.equal(got[i], want[i])

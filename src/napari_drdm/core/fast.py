@@ -40,6 +40,7 @@ eval mode without gradients when ``net.fast`` is set.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -141,6 +142,7 @@ class InferenceEngine:
         self._capturing = False
         self._graphs: Dict[tuple, tuple] = {}
         self._mods = None
+        self._lock = threading.RLock()
         self._shapes: Dict[tuple, tuple] = {}
         self._prepacked: Dict[tuple, torch.Tensor] = {}
         self.slope = self._find_slope(net)
@@ -505,7 +507,14 @@ class InferenceEngine:
         return stack
 
     def single_pass(self, x: torch.Tensor, t) -> torch.Tensor:
-        """One U-Net pass, as :meth:`DRDMNet.single_pass` (fraction of S, clamped)."""
+        """One U-Net pass, as :meth:`DRDMNet.single_pass` (fraction of S, clamped).
+
+        Thread-safe: calls on one engine are serialised (they share work buffers); on a CPU two
+        generations at once would compete for the same cores anyway."""
+        with self._lock:
+            return self._single_pass_locked(x, t)
+
+    def _single_pass_locked(self, x: torch.Tensor, t) -> torch.Tensor:
         self._sync()
         self._backend = self.backend(x.device)
         if self._pool_wanted(x.device):
@@ -546,20 +555,21 @@ class InferenceEngine:
         """forward() replayed from a captured CUDA graph: one launch for the ~300 kernels of a
         step's network part, which at small sizes are bound by launch and Python overhead.
         One graph per (shape, dtype, k); inputs are copied into static buffers."""
-        self._sync()
         tt = t if isinstance(t, torch.Tensor) else torch.full((x.shape[0],), int(t), dtype=torch.int64)
         tt = tt.to(device=x.device, dtype=torch.int64)
-        key = (tuple(x.shape), x.dtype, x.device, k, self._sig)
-        g = self._graphs.get(key)
-        if g is None:
-            if len(self._graphs) >= 8:
-                self._graphs.clear()
-            g = self._graphs[key] = self._capture(x, tt, k)
-        static_x, static_t, graph, static_out = g
-        static_x.copy_(x)
-        static_t.copy_(tt)
-        graph.replay()
-        return static_out.clone()
+        with self._lock:
+            self._sync()
+            key = (tuple(x.shape), x.dtype, x.device, k, self._sig)
+            g = self._graphs.get(key)
+            if g is None:
+                if len(self._graphs) >= 8:
+                    self._graphs.clear()
+                g = self._graphs[key] = self._capture(x, tt, k)
+            static_x, static_t, graph, static_out = g
+            static_x.copy_(x)
+            static_t.copy_(tt)
+            graph.replay()
+            return static_out.clone()
 
     def _capture(self, x, t, k):
         static_x, static_t = x.clone(), t.clone()
