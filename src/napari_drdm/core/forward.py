@@ -150,10 +150,13 @@ class ForwardSampler:
             active = counts > j
             if bool(active.all()):
                 acc = field + warp(acc, field_px, "linear", cfg.sampler_padding)
-            else:
-                idx = torch.nonzero(active).flatten().to(field.device)
+            elif field.device.type == "cpu":
+                idx = torch.nonzero(active).flatten()
                 upd = field[idx] + warp(acc[idx], field_px[idx], "linear", cfg.sampler_padding)
                 acc = acc.index_copy(0, idx, upd)
+            else:  # accelerators: full-batch update + mask, no host sync or gather per iteration
+                mask = active.to(field.device).view(-1, *([1] * (field.dim() - 1)))
+                acc = torch.where(mask, field + warp(acc, field_px, "linear", cfg.sampler_padding), acc)
             if (j + 1) in want:
                 kept[j + 1] = acc
         return acc, kept
