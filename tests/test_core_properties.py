@@ -120,6 +120,28 @@ def test_sampler_seeded_and_frames():
     assert mags[-1] > mags[0]
 
 
+@pytest.mark.parametrize("ndim,size", [(2, 32), (3, 16)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_sampler_iter_frames_equals_sample(ndim, size, fast):
+    """Progressive forward frames (the explorer's first frame comes after one composition) are the
+    very numbers of a whole-pass sample, including t' sharing a composition count and T' = 0."""
+    fs = ForwardSampler(DRDMConfig.default(ndim, size), fast=fast)
+    for tp in (0, 2, 17):
+        draws = fs.draw(1, torch.Generator().manual_seed(tp))
+        ref = fs.sample(tp, batch=1, draws=draws, return_step=False, return_frames=True)
+        it, got = fs.iter_frames(tp, draws), []
+        while True:
+            try:
+                got.append(next(it))
+            except StopIteration as stop:
+                final = stop.value
+                break
+        assert len(got) == len(ref.frames) == tp
+        for a, b in zip(got, ref.frames):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(final, ref.forward_ddf, rtol=0, atol=0)
+
+
 def test_sampler_3d_shapes_and_scale_option():
     cfg = DRDMConfig.default(3, 16)
     out = ForwardSampler(cfg).sample([5, 30], generator=torch.Generator().manual_seed(0))

@@ -260,8 +260,8 @@ class DRDM:
         lab = torch.as_tensor(lab_np.astype(np.int64), device=self.device)[None, None] if lab_np is not None else None
 
         draws = self._seeded_draws([seed])
-        fwd = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False, return_frames=frames)
-        psi = fwd.forward_ddf
+        if not frames:
+            psi = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False).forward_ddf
 
         def make_frame(phase, idx, total, t, ddf_m):
             ddf, img, labs = (self._render(grid, ddf_m, x_orig, lo, hi, lab, image_interp, label_interp)
@@ -271,8 +271,16 @@ class DRDM:
                          img[0, 0].cpu().numpy() if img is not None else None,
                          labs[0, 0].cpu().numpy() if labs is not None else None, met)
 
-        if frames:
-            for i, f in enumerate(fwd.frames, start=1):
+        if frames:          # frames as the forward pass integrates them: the first one comes at once
+            fwd_frames = self.sampler.iter_frames(t_prime, draws)
+            i = 0
+            while True:
+                try:
+                    f = next(fwd_frames)
+                except StopIteration as stop:
+                    psi = stop.value
+                    break
+                i += 1
                 yield make_frame("forward", i, t_prime, i, f)
         phi = psi
         if t_prime > 0 or schedule == "reference":

@@ -170,16 +170,26 @@ class ForwardSampler:
         Repeated squaring would need only log2(n) compositions but is not the same computation
         with bilinear resampling (benchmarks/README.md quantifies it); it is not used.
         """
+        kept = {}
+        acc = torch.zeros_like(field)
+        for n, acc in self._iter_integrate_fast(field, counts, keep_at):
+            if n is not None:
+                kept[n] = acc
+        return acc, kept
+
+    def _iter_integrate_fast(self, field: torch.Tensor, counts: torch.Tensor, keep_at: Optional[Sequence[int]] = None):
+        """Generator behind :meth:`_integrate_fast`: yields ``(n, state)`` as soon as the state after
+        ``n`` compositions (``n`` in ``keep_at``) exists, then ``(None, final state)``."""
         cfg = self.config
         counts = counts.to(torch.int64).cpu()
         total = int(counts.max()) if counts.numel() else 0
         want = set(int(k) for k in keep_at) if keep_at is not None else set()
-        kept = {}
         acc = torch.zeros_like(field)
         if 0 in want:
-            kept[0] = acc.clone()
+            yield 0, acc.clone()
         if total == 0:
-            return acc, kept
+            yield None, acc
+            return
         grid = sampling_grid(frac_to_px(field, cfg.control_grid)).to(field.dtype)
         on_cpu = field.device.type == "cpu"
         bshape = (-1,) + (1,) * (field.dim() - 1)
@@ -201,8 +211,8 @@ class ForwardSampler:
                 new = torch.where(active.to(field.device).view(bshape), new, acc)
             acc = new
             if (j + 1) in want:
-                kept[j + 1] = acc
-        return acc, kept
+                yield j + 1, acc
+        yield None, acc
 
     def _to_image_crop(self, grid_field: torch.Tensor, S: int) -> torch.Tensor:
         """:meth:`to_image` without building the 2S^d upsampled field.
@@ -262,6 +272,38 @@ class ForwardSampler:
         return frac_to_px(crop, S)
 
     # ----- public ---------------------------------------------------------------------------
+    def iter_frames(self, t_prime: int, draws: Sequence[torch.Tensor], device=None):
+        """Forward frames of one sample as they are integrated (for display): yields psi_{t':1} at
+        image resolution for t' = 1..t_prime, then returns psi_{t_prime:1}.
+
+        The same numbers as ``sample(t_prime, batch=1, draws=draws, return_frames=True)``; the first
+        frame is ready after one composition instead of after all of them (3D: ~1 s sooner).
+        """
+        cfg = self.config
+        draws = [d.to(device) if device is not None else d for d in draws]
+        if draws[0].shape[0] != 1:
+            raise ValueError("iter_frames draws one sample (batch 1)")
+        if not self.fast:
+            res = self.sample(int(t_prime), batch=1, draws=draws, return_step=False, return_frames=True)
+            yield from res.frames
+            return res.forward_ddf
+        _v, _noise, v0 = self.base_fields(draws)
+        counts = [int(schedule_counts(k, cfg.alpha, cfg.beta, cfg.max_compositions)[1])
+                  for k in range(1, int(t_prime) + 1)]
+        repeats: Dict[int, int] = {}
+        for n in counts:
+            repeats[n] = repeats.get(n, 0) + 1
+        n_final = int(schedule_counts(int(t_prime), cfg.alpha, cfg.beta, cfg.max_compositions)[1])
+        final = None
+        for n, state in self._iter_integrate_fast(v0, torch.tensor([n_final]), counts):
+            if n is None:
+                final = state
+                break
+            img = self.to_image(state)
+            for _ in range(repeats[n]):       # several t' may share one composition count
+                yield img
+        return self.to_image(final)
+
     def sample(self, t: Union[int, Sequence[int], torch.Tensor], batch: Optional[int] = None,
                generator: Optional[torch.Generator] = None, draws: Optional[Sequence[torch.Tensor]] = None,
                device=None, return_step: bool = True, return_frames: bool = False,
