@@ -57,15 +57,20 @@ def ref_net3d():
     return net.eval()
 
 
-def make_tiny_checkpoint(path, ndim: int = 2, size: int = 32, seed: int = 0, **cfg_kw):
-    """A randomly initialised checkpoint of the real architecture (for CLI/GUI tests)."""
+def make_tiny_checkpoint(path, ndim: int = 2, size: int = 32, seed: int = 0, silent_head: bool = False, **cfg_kw):
+    """A randomly initialised checkpoint of the real architecture (for CLI/GUI tests).
+
+    ``silent_head``: zero output convolution, so the recovery adds nothing (phi = psi_{T':1})."""
     from napari_drdm.checkpoint import write_checkpoint
     from napari_drdm.core.config import DRDMConfig
     from napari_drdm.core.network import DRDMNet
     torch.manual_seed(seed)
-    net = DRDMNet(ndim)
+    state = DRDMNet(ndim).state_dict()
+    if silent_head:
+        state["conv_out.weight"].zero_()
+        state["conv_out.bias"].zero_()
     cfg = DRDMConfig.default(ndim, size=size, **cfg_kw)
-    write_checkpoint(path, net.state_dict(), cfg, {"note": "random init, tests only"}, overwrite=True)
+    write_checkpoint(path, state, cfg, {"note": "random init, tests only"}, overwrite=True)
     return path
 
 

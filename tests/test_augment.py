@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import make_tiny_checkpoint
 import torch
 
 from napari_drdm import augment as aug
@@ -36,18 +37,9 @@ def _one_thread():
 
 
 def _ckpt(path, ndim, size, smooth=False):
-    from napari_drdm.checkpoint import write_checkpoint
-    from napari_drdm.core.config import DRDMConfig
-    from napari_drdm.core.network import DRDMNet
-    torch.manual_seed(0)
-    state = DRDMNet(ndim).state_dict()
-    kw = {}
-    if smooth:      # phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
-        state["conv_out.weight"].zero_()
-        state["conv_out.bias"].zero_()
-        kw = {"field_scale": "geometric", "sigma": 8e-5}
-    write_checkpoint(path, state, DRDMConfig.default(ndim, size=size, **kw), {"note": "tests only"}, overwrite=True)
-    return str(path)
+    # smooth: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
+    kw = {"field_scale": "geometric", "sigma": 8e-5} if smooth else {}
+    return str(make_tiny_checkpoint(path, ndim, size, silent_head=smooth, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_tiny_checkpoint
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
@@ -23,14 +24,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny2d(tmp_path_factory):
-    import torch
-    from napari_drdm.checkpoint import write_checkpoint
-    from napari_drdm.core.config import DRDMConfig
-    from napari_drdm.core.network import DRDMNet
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors"
-    write_checkpoint(path, DRDMNet(2).state_dict(), DRDMConfig.default(2, size=32), {"note": "random test"})
-    return str(path)
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors", 2, 32))
 
 
 def _layers(viewer, shape=(40, 36)):

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import make_tiny_checkpoint
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
@@ -23,13 +24,7 @@ def _one_thread():
 
 
 def _tiny_checkpoint(path, ndim, size):
-    from napari_drdm.checkpoint import write_checkpoint
-    from napari_drdm.core.config import DRDMConfig
-    from napari_drdm.core.network import DRDMNet
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    write_checkpoint(path, DRDMNet(ndim).state_dict(), DRDMConfig.default(ndim, size=size), {"note": "random test"})
-    return str(path)
+    return str(make_tiny_checkpoint(path, ndim, size))
 
 
 @pytest.fixture(scope="module")

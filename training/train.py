@@ -327,11 +327,18 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
 
+    fixed: Dict[str, Any] = {}   # train.overfit_batch: the first batch, reused at every step
+
     def forward_backward():
-        x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
-        t = torch.randint(0, T, (x0.shape[0],), generator=gens.get("t", gens["field"]))      # host tensor
-        fs = sampler.sample(t, draws=_draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
-        img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+        if fixed:
+            x0, t, fs, img_t = fixed["batch"]
+        else:
+            x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
+            t = torch.randint(0, T, (x0.shape[0],), generator=gens.get("t", gens["field"]))      # host tensor
+            fs = sampler.sample(t, draws=_draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
+            img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+            if tcfg.get("overfit_batch"):
+                fixed["batch"] = (x0, t, fs, img_t)
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
             psi_hat = net(img_t, t.to(dev, non_blocking=True), k=K)
         terms = drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
