@@ -18,6 +18,7 @@ Timings depend on the machine's load; run it on an otherwise idle machine and qu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -37,7 +38,6 @@ def _wait(app, cond, timeout, what):
 def run_one(viewer, app, sample: str, model: str, t_prime: int, seed: int, threads: int) -> dict:
     from qtpy.QtCore import QTimer
 
-    viewer.layers.clear()
     viewer.open_sample("napari-drdm", sample)
     _dock, w = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM explorer")
     w.device_combo.setCurrentText("cpu")
@@ -89,7 +89,6 @@ def run_one(viewer, app, sample: str, model: str, t_prime: int, seed: int, threa
         "plan": w.plan_label.text(),
         "status": w.status_label.text(),
     }
-    viewer.window.remove_dock_widget(_dock)
     return out
 
 
@@ -107,18 +106,20 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     models = {"brain2d": "brain2d", "brain3d": "brain3d"}
-    viewer = napari.Viewer(show=True, title="napari-drdm explorer timing")
-    app = QApplication.instance()
     results = []
     for sample in [s.strip() for s in args.samples.split(",") if s.strip()]:
         model = models.get(sample, "brain3d" if "3d" in sample else "brain2d")
+        viewer = napari.Viewer(show=True, title="napari-drdm explorer timing")   # a fresh one per sample
+        app = QApplication.instance()
         r = run_one(viewer, app, sample, model, args.t_prime, args.seed, args.threads)
+        viewer.close()
+        del viewer
+        gc.collect()
         results.append(r)
         print(f"{sample}: model {model}, T'={r['t_prime']} {r['schedule']} K={r['k']}, {r['frames']} frames: "
               f"first frame {r['first_frame_on_screen_s']} s on screen, run {r['run_s']} s, "
               f"UI longest gap {r['ui_max_gap_s']} s (p99 {r['ui_p99_gap_s']} s)\n  {r['plan']}\n  {r['status']}",
               flush=True)
-    viewer.close()
     info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "napari": napari.__version__, "load_avg_at_end": os.getloadavg(), "results": results}
     if args.json:
