@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from napari_drdm.core.config import DRDMConfig
 from napari_drdm.core.forward import ForwardSampler, schedule_counts
+from napari_drdm.core.generators import Returning
 from napari_drdm.core.losses import true_negdet
 from napari_drdm.core.metrics import field_metrics, folding_pct, jacobian_determinant, strict_folding_pct
 from napari_drdm.core.network import DRDMNet
@@ -129,13 +130,9 @@ def test_sampler_iter_frames_equals_sample(ndim, size, fast):
     for tp in (0, 2, 17):
         draws = fs.draw(1, torch.Generator().manual_seed(tp))
         ref = fs.sample(tp, batch=1, draws=draws, return_step=False, return_frames=True)
-        it, got = fs.iter_frames(tp, draws), []
-        while True:
-            try:
-                got.append(next(it))
-            except StopIteration as stop:
-                final = stop.value
-                break
+        it = Returning(fs.iter_frames(tp, draws))
+        got = list(it)
+        final = it.value
         assert len(got) == len(ref.frames) == tp
         for a, b in zip(got, ref.frames):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

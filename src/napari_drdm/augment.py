@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .core.generators import Returning
 from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, load_manifest, parse_t_prime, path_sha256,
                          prepare_output_folder, read_records, write_manifest)
 
@@ -450,14 +451,11 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
 def run_export(inputs, out_dir, opts: ExportOptions, model=None, progress: Optional[Callable] = None,
                should_stop=None) -> dict:
     """Consume :func:`iter_export`; ``progress(event)`` is called for every event."""
-    gen = iter_export(inputs, out_dir, opts, model=model, should_stop=should_stop)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value
+    gen = Returning(iter_export(inputs, out_dir, opts, model=model, should_stop=should_stop))
+    for ev in gen:
         if progress is not None:
             progress(ev)
+    return gen.value
 
 
 # ---------------------------------------------------------------------------------- reproduction

@@ -22,6 +22,7 @@ import torch
 from .checkpoint import CheckpointError, file_sha256, read_checkpoint
 from .core.config import DRDMConfig
 from .core.forward import ForwardSampler
+from .core.generators import Returning
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover, reverse_timesteps
@@ -272,16 +273,10 @@ class DRDM:
                          labs[0, 0].cpu().numpy() if labs is not None else None, met)
 
         if frames:          # frames as the forward pass integrates them: the first one comes at once
-            fwd_frames = self.sampler.iter_frames(t_prime, draws)
-            i = 0
-            while True:
-                try:
-                    f = next(fwd_frames)
-                except StopIteration as stop:
-                    psi = stop.value
-                    break
-                i += 1
+            fwd_frames = Returning(self.sampler.iter_frames(t_prime, draws))
+            for i, f in enumerate(fwd_frames, start=1):
                 yield make_frame("forward", i, t_prime, i, f)
+            psi = fwd_frames.value
         phi = psi
         if t_prime > 0 or schedule == "reference":
             steps = recover(self._net, x_model, psi, t_prime, None, schedule, k, cfg.n_steps,
@@ -308,15 +303,11 @@ class DRDM:
                  return_frames: bool = False, label_interp: str = "nearest",
                  image_interp: Optional[str] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`."""
-        gen = self.iter_generate(image, labels, t_prime, seed, schedule, k, spacing, frames=return_frames,
-                                 label_interp=label_interp, image_interp=image_interp)
-        collected: List[Frame] = []
-        while True:
-            try:
-                collected.append(next(gen))
-            except StopIteration as stop:
-                res = stop.value
-                break
+        gen = Returning(self.iter_generate(image, labels, t_prime, seed, schedule, k, spacing,
+                                           frames=return_frames, label_interp=label_interp,
+                                           image_interp=image_interp))
+        collected: List[Frame] = list(gen)
+        res = gen.value
         res.frames = collected
         return res
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.generators import Returning
 from ._layers import FrameStore, grid_lines, pack_frame, vector_lattice
 
 __all__ = ["load_model_cached", "try_load_model", "explore", "model_key"]
@@ -79,18 +80,13 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
 
     shape = tuple(image.shape)
     t0 = time.perf_counter()
-    gen = model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
-                              spacing=spacing, frames=True, render=True)
+    gen = Returning(model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
+                                        spacing=spacing, frames=True, render=True))
     grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
     lattice = vector_lattice(shape)
     n_forward = store.plan.n_forward
     i = 0
-    while True:
-        try:
-            fr = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    for fr in gen:
         if store.wants(i):
             warped = None
             if grid_t is not None:
@@ -104,4 +100,4 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
         yield {"done": i, "total": store.plan.n_total, "kept": store.n, "phase": fr.phase,
                "index": fr.index, "phase_total": fr.total, "t": fr.t,
                "elapsed": time.perf_counter() - t0, "forward": i <= n_forward}
-    return result
+    return gen.value
