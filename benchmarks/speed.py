@@ -364,7 +364,7 @@ class Bench:
         if "peak_memory" in res:
             pm = res["peak_memory"]
             log("  peak memory       " + ", ".join(f"{k} {v}" for k, v in pm.items() if k != "what"))
-        n_t1 = args.table1 or (args.amp_seeds if args.amp and dev.type == "cuda" else 0)
+        n_t1 = args.table1 or (args.amp_seeds if args.amp else 0)
         if n_t1 and nd == 2:                          # Table 1 is a 2D table
             res["table1"] = table1_metrics(self, args, log, n_t1)
         return res
@@ -478,7 +478,9 @@ def probe_main(tag, args):
 # ---------------------------------------------------------------------------- mixed precision (CUDA)
 def table1_metrics(bench: Bench, args, log, n_seeds: int):
     """Table 1 metrics (max %, mean %, folding %) of whole generations at T'=45 in both loops,
-    plain path against the default path (and, on CUDA, each precision): same seeds, same images.
+    plain path against the default path (and each precision: measured on CUDA, emulated on a CPU
+    with ``--amp``): same seeds, same images.  Also how far one network pass of each variant lands
+    from the plain float32 one (``single_pass_deviation``).
 
     ``*_strict`` variants switch cuDNN's TF32 off (true float32 convolutions); PyTorch's default
     lets cuDNN use TF32 for float32 convolutions on Ampere and later GPUs."""
@@ -498,8 +500,18 @@ def table1_metrics(bench: Bench, args, log, n_seeds: int):
             "bf16": (InferenceEngine(bench.net, amp_dtype=torch.bfloat16), None),
             "fp16": (InferenceEngine(bench.net, amp_dtype=torch.float16), None),
         }
+    elif args.amp:
+        # no GPU: autocast's bf16/fp16 numerics reproduced on this device (autocast_emulation.py);
+        # what they do to the outputs, not to the time
+        from autocast_emulation import EmulatedAutocastEngine
+        variants["fp32_generic"] = (InferenceEngine(bench.net, fuse=False), None)
+        variants["bf16_emulated"] = (EmulatedAutocastEngine(bench.net, torch.bfloat16), None)
+        variants["fp16_emulated"] = (EmulatedAutocastEngine(bench.net, torch.float16), None)
     keys = ("max_disp_pct", "mean_disp_pct", "folding_pct")
-    out = {}
+    out = {"single_pass_deviation": pass_deviation(bench, variants, images)}
+    for name, d in out["single_pass_deviation"].items():
+        log(f"  one network pass, {name:18s} vs fp32_plain: mean |diff| {d['mean_abs']:.2e} "
+            f"({100 * d['mean_rel']:.2f} % of the mean |output|), max |diff| {d['max_abs']:.2e}")
     default_tf32 = torch.backends.cudnn.allow_tf32
     for name, (net, tf32) in variants.items():
         torch.backends.cudnn.allow_tf32 = default_tf32 if tf32 is None else tf32
@@ -532,6 +544,27 @@ def table1_metrics(bench: Bench, args, log, n_seeds: int):
             f"{agg['paper'][k]['mean']:.2f}+-{agg['paper'][k]['sd']:.2f}" for k in keys)
             + "   reference: " + " / ".join(
             f"{agg['reference'][k]['mean']:.2f}+-{agg['reference'][k]['sd']:.2f}" for k in keys))
+    return out
+
+
+def pass_deviation(bench: Bench, variants, images, ts=(10, 40, 70)):
+    """How far one network pass (K = 1) of each variant lands from the plain float32 pass, on the
+    Table 1 images at a few diffusion times: mean and max |difference|, in fractions of S."""
+    out = {}
+    with torch.inference_mode():
+        refs = [(img[None], t, bench.net.single_pass(img[None], torch.tensor([t], device=bench.device)))
+                for img in images for t in ts]
+        scale = float(torch.stack([r.abs().mean() for _, _, r in refs]).mean())
+        for name, (net, _) in variants.items():
+            if name.startswith("fp32_plain"):
+                continue
+            one = getattr(net, "single_pass", None)
+            if one is None:
+                continue
+            diffs = [(one(x, torch.tensor([t], device=bench.device)).float() - r).abs() for x, t, r in refs]
+            mean_abs = float(torch.stack([d.mean() for d in diffs]).mean())
+            out[name] = {"mean_abs": mean_abs, "mean_rel": mean_abs / scale,
+                         "max_abs": float(max(d.max() for d in diffs)), "ts": list(ts), "n_images": len(images)}
     return out
 
 
@@ -572,7 +605,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None, help="weights to use (default: random initialisation)")
     ap.add_argument("--images", default=None, help="npz with 'images' (N, S, S) for --amp metrics")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the generic engine")
-    ap.add_argument("--amp", action="store_true", help="CUDA: also bf16/fp16 step times and Table 1 metrics")
+    ap.add_argument("--amp", action="store_true", help="bf16/fp16 autocast: on CUDA their step times and Table 1 metrics; on a "
+                         "CPU their Table 1 metrics, computed with autocast's numerics emulated "
+                         "(benchmarks/autocast_emulation.py)")
     ap.add_argument("--amp-seeds", type=int, default=10, help="generations per precision for --amp metrics")
     ap.add_argument("--table1", type=int, default=0, metavar="N",
                     help="2D: Table 1 metrics of N whole generations per loop, plain vs default path "
