@@ -127,6 +127,23 @@ def make_net(nd: int, checkpoint, device):
     return net
 
 
+def warm_allocator(mib: int = 16) -> None:
+    """Raise glibc malloc's dynamic mmap/trim thresholds before anything is timed.
+
+    glibc serves blocks above its mmap threshold (128 KiB at start) with fresh mmaps, returns
+    them to the OS when freed, and page-faults (zero-fills) them again on the next allocation;
+    the threshold only rises when such a block is freed.  The plain eager path allocates its
+    activations afresh every pass (2.6-5 MiB at 256^2), so until some large block has been freed
+    in the process it runs 10-20 % slower than it does in any process that has (measured at 2D
+    256: 131-136 ms per pass cold, 114-116 ms warm; the default path pools its buffers and is
+    unaffected).  Freeing one 16 MiB block puts every path in its steady, best state."""
+    if platform.system() != "Linux":
+        return
+    big = torch.empty(mib << 18)          # mib MiB of float32
+    big[:: 1024].zero_()                  # touch it
+    del big
+
+
 def environment(device, args):
     env = {
         "python": platform.python_version(),
@@ -613,6 +630,9 @@ def main(argv=None):
                     help="2D: Table 1 metrics of N whole generations per loop, plain vs default path "
                          "(and each precision on CUDA); slow on a CPU")
     ap.add_argument("--no-eager", action="store_true", help="skip the plain eager baseline")
+    ap.add_argument("--cold-allocator", action="store_true",
+                    help="skip the malloc warm-up (warm_allocator): the plain path then page-faults "
+                         "its activations on every pass and looks 10-20 %% slower")
     ap.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the peak-memory subprocess")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -624,11 +644,14 @@ def main(argv=None):
         return 0
     from napari_drdm.model import pick_device
     device = pick_device(None if args.device == "auto" else args.device)
+    if not args.cold_allocator:
+        warm_allocator()
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     to_stdout = args.json == "-"
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if to_stdout else (lambda s: print(s, flush=True))
 
     env = environment(device, args)
+    env["allocator_warmed"] = not args.cold_allocator
     log(f"DRDM speed benchmark - {env['device']} ({env.get('gpu') or env['cpu_model']}), "
         f"{env['torch_threads']} threads, torch {env['torch']}, numpy {env['numpy']}, python {env['python']}")
     log(f"  oneDNN: {env['onednn']}; CPU capability {env['cpu_capability']}; load average at start "

@@ -305,3 +305,20 @@ def test_engine_thread_safe():
         h.join()
     for i in range(4):
         assert torch.equal(got[i], want[i])
+
+
+def test_engine_with_a_network_built_under_inference_mode():
+    """Parameters created under torch.inference_mode have no version counter; the engine still
+    follows in-place weight changes (load_state_dict inside inference mode)."""
+    with torch.inference_mode():
+        net = _net(2)
+        other = _net(2, seed=5)
+        x = _img(2, 32)
+        t = torch.tensor([20])
+        eng = net.engine()
+        before = eng(x, t, k=2)
+        torch.testing.assert_close(before, net.forward_plain(x, t, 2), atol=1e-5, rtol=0)
+        net.load_state_dict(other.state_dict())          # copy_ in place: same data_ptr
+        after = eng(x, t, k=2)
+        torch.testing.assert_close(after, other.forward_plain(x, t, 2), atol=1e-5, rtol=0)
+        assert (after - before).abs().max() > 1e-4

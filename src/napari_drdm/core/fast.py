@@ -164,8 +164,19 @@ class InferenceEngine:
         # submodule needs refresh().
         if self._mods is None:
             self._mods = [m for m in self.net.modules() if m._parameters]
-        return tuple((p.data_ptr(), p._version) for m in self._mods for p in m._parameters.values()
+        return tuple((p.data_ptr(), self._stamp(p)) for m in self._mods for p in m._parameters.values()
                      if p is not None)
+
+    @staticmethod
+    def _stamp(p: torch.Tensor):
+        try:
+            return p._version
+        except RuntimeError:
+            # an inference tensor (a network built or loaded under torch.inference_mode) has no
+            # version counter: fingerprint its values instead (~3 us per tensor, only then)
+            with torch.inference_mode():
+                q = p.detach().float()
+                return (float(q.sum()), float((q * q).sum()))
 
     def refresh(self):
         """Forget cached weights, embeddings and work tensors (rebuilt automatically on changes,
