@@ -94,6 +94,20 @@ def test_resume_is_bit_identical(straight_run, tmp_path):
     assert any(r.get("event") == "validation" and r["step"] == 2 for r in _log(run))
 
 
+def test_resume_applies_the_configured_learning_rate(tmp_path):
+    run = tmp_path / "lr"
+    train(tiny(**{"train.steps": 2, "validation.at_end": "false"}), run, echo=lambda *a: None)
+    lr0 = float(tiny()["optim"]["lr"])
+    said = []
+    train(tiny(**{"validation.at_end": "false", "optim.lr": lr0 / 4}), run, resume=True,
+          echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    lrs = [r["lr"] for r in _log(run) if "lr" in r]
+    assert lrs[0] == pytest.approx(lr0) and lrs[-1] == pytest.approx(lr0 / 4), lrs
+    assert any("learning rate" in m for m in said), said
+    ck = load_training_checkpoint(latest_checkpoint(run))
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr0 / 4)
+
+
 def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
     """SIGTERM mid-run: the step in flight is abandoned (or finished), the state saved; resuming
     reaches exactly the uninterrupted run's parameters."""
