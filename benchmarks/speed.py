@@ -492,7 +492,7 @@ def probe_main(tag, args):
                       "rss_after_setup_mib": round(base_rss, 1), "peak_during_setup_mib": round(base_peak, 1)}))
 
 
-# ---------------------------------------------------------------------------- mixed precision (CUDA)
+# ---------------------------------------------------------------------------- Table 1; mixed precision
 def table1_metrics(bench: Bench, args, log, n_seeds: int):
     """Table 1 metrics (max %, mean %, folding %) of whole generations at T'=45 in both loops,
     plain path against the default path (and each precision: measured on CUDA, emulated on a CPU
@@ -573,10 +573,8 @@ def pass_deviation(bench: Bench, variants, images, ts=(10, 40, 70)):
                 for img in images for t in ts]
         scale = float(torch.stack([r.abs().mean() for _, _, r in refs]).mean())
         for name, (net, _) in variants.items():
-            if name.startswith("fp32_plain"):
-                continue
             one = getattr(net, "single_pass", None)
-            if one is None:
+            if one is None:                 # the plain variants (bound forward_plain): the reference
                 continue
             diffs = [(one(x, torch.tensor([t], device=bench.device)).float() - r).abs() for x, t, r in refs]
             mean_abs = float(torch.stack([d.mean() for d in diffs]).mean())
@@ -628,7 +626,7 @@ def main(argv=None):
     ap.add_argument("--amp-seeds", type=int, default=10, help="generations per precision for --amp metrics")
     ap.add_argument("--table1", type=int, default=0, metavar="N",
                     help="2D: Table 1 metrics of N whole generations per loop, plain vs default path "
-                         "(and each precision on CUDA); slow on a CPU")
+                         "(and each precision with --amp); slow on a CPU")
     ap.add_argument("--no-eager", action="store_true", help="skip the plain eager baseline")
     ap.add_argument("--cold-allocator", action="store_true",
                     help="skip the malloc warm-up (warm_allocator): the plain path then page-faults "

@@ -271,11 +271,11 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         opt.load_state_dict(ck["optimizer"])
         # the optimiser's state carries the learning rate it was saved with; the configuration's
         # applies (resume with --set optim.lr=... to continue at another rate; Adam's moments stay)
-        saved_lr = opt.param_groups[0]["lr"]
+        saved_lr, lr = opt.param_groups[0]["lr"], float(ocfg["lr"])
         for gr in opt.param_groups:
-            gr["lr"] = float(ocfg["lr"])
-        if saved_lr != float(ocfg["lr"]):
-            say(f"learning rate {saved_lr:g} -> {float(ocfg['lr']):g} (optim.lr of the configuration)")
+            gr["lr"] = lr
+        if saved_lr != lr:
+            say(f"learning rate {saved_lr:g} -> {lr:g} (optim.lr of the configuration)")
         step, history, last_val = int(ck["step"]), list(ck["history"]), ck.get("last_val")
         wall_before = float(ck.get("wall_s_total", 0.0))
         bank.load_state_dict(ck["bank"])

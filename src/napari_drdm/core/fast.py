@@ -172,7 +172,7 @@ class InferenceEngine:
         try:
             return p._version
         except RuntimeError:
-            # an inference tensor (a network built or loaded under torch.inference_mode) has no
+            # an inference tensor (a network built under torch.inference_mode) has no
             # version counter: fingerprint its values instead (~3 us per tensor, only then)
             with torch.inference_mode():
                 q = p.detach().float()
