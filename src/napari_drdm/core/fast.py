@@ -49,7 +49,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native as _native
 from .spatial import frac_to_px, warp
+
+_NATIVE_STAGES = ("b1", "b2", "b5", "b_out")    # the 10/20-channel stages at full and half resolution
 
 __all__ = ["InferenceEngine", "mkldnn_fusion_available", "channels_last_format"]
 
@@ -115,11 +118,15 @@ class InferenceEngine:
     pool: reuse work tensors (oneDNN path; default: yes).
     pad_channels: pad block output channels to the CPU's vector block (default: on AVX2).
     cuda_graphs: replay each (shape, K) forward from a captured CUDA graph (opt-in, CUDA only).
+    native: run the 2D network's two finest levels in the compiled kernels of
+        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default: when they build.
+        ``True`` raises if they cannot be used.
     """
 
     def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
                  amp_dtype: Optional[torch.dtype] = None, compile: bool = False, cudnn_benchmark: bool = True,
-                 pool: Optional[bool] = None, pad_channels: Optional[bool] = None, cuda_graphs: bool = False):
+                 pool: Optional[bool] = None, pad_channels: Optional[bool] = None, cuda_graphs: bool = False,
+                 native: Optional[bool] = None):
         if amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
         self.net = net
@@ -148,6 +155,9 @@ class InferenceEngine:
         self._shapes: Dict[tuple, tuple] = {}
         self._prepacked: Dict[tuple, torch.Tensor] = {}
         self.slope = self._find_slope(net)
+        self.native = native
+        self._runner = None
+        self._native_fits = False
 
     # ------------------------------------------------------------------ caches
     @staticmethod
@@ -184,6 +194,7 @@ class InferenceEngine:
         self._sig = None
         self._mods = None
         self._pool, self._pool_key = None, None
+        self._runner = None
         self._graphs = {}
         self._emb_cache.clear()
         self._compiled = None
@@ -216,6 +227,22 @@ class InferenceEngine:
             return 0
         return 16 if str(_cpu_capability()).startswith("AVX512") else 8
 
+    def native_in_use(self, device: Optional[torch.device] = None) -> bool:
+        """Whether passes run the compiled kernels of :mod:`~napari_drdm.core.native` (see ``native``)."""
+        device = device if device is not None else next(self.net.parameters()).device
+        if self.native is False or self.backend(device) != "mkldnn" or not self._pool_wanted(device):
+            ok, why = False, "off for this engine (native=False, no oneDNN path or no work-tensor pool)"
+        else:
+            self._sync()
+            lib = _native.load()
+            ok = lib is not None and self._native_fits
+            why = _native.status() if lib is None else "the network's layers do not fit the native kernels"
+        if self.native is True and not ok:
+            raise RuntimeError(f"native kernels requested but not usable: {why}")
+        if ok and self._runner is None:
+            self._runner = _native.Runner(_native.load())
+        return ok
+
     def _pool_wanted(self, device) -> bool:
         return self.backend(device) == "mkldnn" and self.pool is not False
 
@@ -235,6 +262,11 @@ class InferenceEngine:
             elif isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
                 norms[name] = (m.weight.detach(), m.bias.detach(), float(m.eps))
         self._convs, self._norms = convs, norms
+        self._native_fits = self.ndim == 2 and dtype == torch.float32 and all(
+            _native.supports(m) for name, m in net.named_modules()
+            if name == "conv_out" or name.split(".")[0] in _NATIVE_STAGES and isinstance(m, nn.Conv2d))
+        if self._runner is not None:
+            self._runner.reset()
         self._prepacked, self._shapes = {}, {}
         self._emb_cache.clear()
         self._compiled = None
@@ -472,6 +504,8 @@ class InferenceEngine:
     # ------------------------------------------------------------------ the network
     def _body(self, x: torch.Tensor, t) -> torch.Tensor:
         """The U-Net up to its last convolution (raw output, before the clamp)."""
+        if self._backend == "mkldnn" and x.dtype == torch.float32 and self.native_in_use(x.device):
+            return _native.body2d(self, x, t, self._runner, torch.get_num_threads())
         E, uni = self._embeddings(t, x.device)
         e1, e2, e3, emid, e4, e5, eout = E
         fmt = self._fmt()
@@ -497,7 +531,9 @@ class InferenceEngine:
         # same operations as DRDMNet.single_pass: clamp to +-(S-1) pixels, back to fractions of S
         # (outside inference mode when the caller is: the result is then an ordinary tensor)
         out = (torch.clamp(u.float() * S, 1 - S, S - 1) / S).contiguous()
-        self._free(u)
+        fmt = self._fmt()
+        if fmt is not None and u.is_contiguous(memory_format=fmt):
+            self._free(u)                     # a pooled work tensor (the native path's is not)
         return out
 
     @staticmethod
@@ -534,6 +570,8 @@ class InferenceEngine:
             key = (tuple(x.shape), x.dtype, x.device)
             if key != self._pool_key:          # keep the work tensors of one input shape only
                 self._pool, self._pool_key = {}, key
+                if self._runner is not None:
+                    self._runner.pool = {}
         else:
             self._pool, self._pool_key = None, None
         with self._context(x.device):
