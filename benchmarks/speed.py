@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core import native as native_kernels  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
 from napari_drdm.core.spatial import warp  # noqa: E402
@@ -201,7 +202,7 @@ class Bench:
         self.tag, self.nd, self.S, self.args, self.device = tag, nd, S, args, device
         self.cfg = DRDMConfig.default(nd, S)
         self.net = make_net(nd, args.checkpoint, device)
-        self.engine = self.net.engine()
+        self.engine = self.net.engine(native=False) if args.no_native else self.net.engine()
         self.K = self.cfg.k_recursions
         self.sampler = ForwardSampler(self.cfg, fast=True)
         self.sampler_plain = ForwardSampler(self.cfg, fast=False)
@@ -257,7 +258,7 @@ class Bench:
         args, dev, S, nd = self.args, self.device, self.S, self.nd
         res = {"ndim": nd, "size": S, "K": self.K, "repeats": self.repeats, "t_prime": T_PRIME,
                "image_interp": self.cfg.image_interp, "compose_padding": self.cfg.compose_padding,
-               "engine_backend": self.engine.backend(dev)}
+               "engine_backend": self.engine.backend(dev), "native_kernels": self.engine.native_in_use(dev)}
         x = self.x0
         t = torch.full((1,), 40, dtype=torch.int64, device=dev)
         with torch.inference_mode():
@@ -268,6 +269,10 @@ class Bench:
                    "plain": (lambda: self.net.single_pass(x, t), lambda: self.net.forward_plain(x, t, self.K))}
             if args.no_eager:
                 fns.pop("plain")
+            if res["native_kernels"]:
+                eng1 = InferenceEngine(self.net, native=False)
+                fns["onednn_only"] = (lambda: eng1.single_pass(x, t), lambda: eng1(x, t, self.K))
+                passes["onednn_only"], fwd["onednn_only"] = [], []
             for k, (p1, _) in fns.items():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
                 p1()
             for _ in range(self.repeats):
@@ -278,12 +283,16 @@ class Bench:
             res["network_pass_s"] = {k: summary(v) for k, v in passes.items() if v}
             res["network_forward_s"] = {k: summary(v) for k, v in fwd.items() if v}
             log(f"  network pass      default {med(passes['default']) * 1e3:9.1f} ms"
-                + ("" if args.no_eager else f"   plain {med(passes['plain']) * 1e3:9.1f} ms"))
+                + ("" if args.no_eager else f"   plain {med(passes['plain']) * 1e3:9.1f} ms")
+                + (f"   onednn_only {med(passes['onednn_only']) * 1e3:9.1f} ms" if passes.get("onednn_only") else ""))
 
             # --- one reverse step (batch 1), interleaved
             makers = {"default": lambda: self.stepper(True)}
             if not args.no_eager:
                 makers["plain"] = lambda: self.stepper(False)
+            if res["native_kernels"]:      # what the native kernels add over the oneDNN-only path
+                eng_onednn = InferenceEngine(self.net, native=False)
+                makers["onednn_only"] = lambda: self.stepper(True, engine=eng_onednn)
             if args.compile:
                 ceng = InferenceEngine(self.net, fuse=False, compile=True)
                 makers["compiled"] = lambda: self.stepper(True, engine=ceng)
@@ -628,6 +637,8 @@ def main(argv=None):
                     help="2D: Table 1 metrics of N whole generations per loop, plain vs default path "
                          "(and each precision with --amp); slow on a CPU")
     ap.add_argument("--no-eager", action="store_true", help="skip the plain eager baseline")
+    ap.add_argument("--no-native", action="store_true",
+                    help="default path without the compiled native kernels (core/native.py): oneDNN only")
     ap.add_argument("--cold-allocator", action="store_true",
                     help="skip the malloc warm-up (warm_allocator): the plain path then page-faults "
                          "its activations on every pass and looks 10-20 %% slower")
@@ -650,10 +661,16 @@ def main(argv=None):
 
     env = environment(device, args)
     env["allocator_warmed"] = not args.cold_allocator
+    if device.type == "cpu" and not args.no_native:
+        native_kernels.load()
+    env["native_kernels"] = "off (--no-native)" if args.no_native else \
+        f"{native_kernels.status()}; {native_kernels.auto_enabled()[1]}"
     log(f"DRDM speed benchmark - {env['device']} ({env.get('gpu') or env['cpu_model']}), "
         f"{env['torch_threads']} threads, torch {env['torch']}, numpy {env['numpy']}, python {env['python']}")
     log(f"  oneDNN: {env['onednn']}; CPU capability {env['cpu_capability']}; load average at start "
         f"{env['load_average_at_start']}")
+    if device.type == "cpu":
+        log(f"  native kernels: {env['native_kernels']}")
     log(f"  T'={T_PRIME}; medians over interleaved repeats; 'default' = the project's default path "
         f"(core/fast.py), 'plain' = eager float32 modules")
     results = {"environment": env, "sizes": {}, "overhead_ratio": {}, "speedup_vs_eager": {}}

@@ -235,8 +235,13 @@ class InferenceEngine:
         else:
             self._sync()
             lib = _native.load()
-            ok = lib is not None and self._native_fits
-            why = _native.status() if lib is None else "the network's layers do not fit the native kernels"
+            auto, auto_why = _native.auto_enabled()
+            if lib is None:
+                ok, why = False, _native.status()
+            elif not self._native_fits:
+                ok, why = False, "the network's layers do not fit the native kernels"
+            else:
+                ok, why = self.native is True or auto, auto_why
         if self.native is True and not ok:
             raise RuntimeError(f"native kernels requested but not usable: {why}")
         if ok and self._runner is None:

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["load", "status", "pack_conv3x3", "PAD", "body2d", "supports"]
+__all__ = ["load", "status", "auto_enabled", "build_library", "pack_conv3x3", "PAD", "body2d", "supports", "Planes", "Runner"]
 
 PAD = 3                      # border of every plane buffer: the largest dilation of the 3x3 convolutions
 SLACK = 16                   # floats after the last plane (vector loads of the last row)
@@ -80,7 +80,7 @@ def status() -> str:
     return str(_state["reason"])
 
 
-def _build(cc: str, simd: bool) -> Path:
+def _build(cc: str, simd: bool, out_dir: Optional[Path] = None) -> Path:
     src = _SOURCE.read_bytes()
     flags = _flags(simd)
     try:
@@ -88,7 +88,7 @@ def _build(cc: str, simd: bool) -> Path:
     except (OSError, subprocess.SubprocessError):
         ver = []
     key = hashlib.sha256(src + repr((flags, ver, platform.machine(), _ABI)).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
+    out_dir = Path(out_dir) if out_dir is not None else _cache_dir()
     target = out_dir / f"drdm_kernels_{key}{'_avx2' if simd else ''}.so"
     if target.exists():
         return target
@@ -120,6 +120,19 @@ def _bind(lib):
     return lib
 
 
+def build_library(simd: Optional[bool] = None, cache_dir: Optional[Path] = None, cc: Optional[str] = None):
+    """Compile (or reuse) the kernel library and load it: a separate handle each call (tests use
+    this for the portable build); raises on failure.  The engine uses :func:`load`."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    path = _build(cc, _cpu_has_avx2_fma() if simd is None else bool(simd), cache_dir)
+    lib = _bind(ctypes.CDLL(str(path)))
+    if lib.drdm_kernels_abi() != _ABI:
+        raise RuntimeError(f"stale kernel library {path} (ABI mismatch)")
+    return lib
+
+
 def load():
     """The compiled kernel library (ctypes), or None (see :func:`status`).  Built once per process."""
     if _state["tried"]:
@@ -138,18 +151,39 @@ def load():
         if cc is None:
             _state["reason"] = "no C compiler found (set CC); oneDNN path used"
             return None
-        simd = _cpu_has_avx2_fma()
         try:
-            path = _build(cc, simd)
-            lib = _bind(ctypes.CDLL(str(path)))
-            if lib.drdm_kernels_abi() != _ABI:
-                raise RuntimeError("stale kernel library (ABI mismatch)")
-        except Exception as exc:  # compiler missing OpenMP, read-only cache, ...
+            lib = build_library(cc=cc)
+        except Exception as exc:  # compiler without OpenMP, read-only cache, ...
             _state["reason"] = f"build failed ({exc}); oneDNN path used"
             return None
-        _state["lib"], _state["path"] = lib, str(path)
-        _state["reason"] = f"native kernels in use ({'AVX2/FMA' if lib.drdm_kernels_simd() else 'portable C'}; {path.name})"
+        _state["lib"], _state["path"] = lib, lib._name
+        _state["reason"] = (f"native kernels built ({'AVX2/FMA' if lib.drdm_kernels_simd() else 'portable C'}; "
+                            f"{Path(lib._name).name})")
         return lib
+
+
+def auto_enabled() -> Tuple[bool, str]:
+    """Whether engines use the kernels unasked (``native=None``), and why not.
+
+    Only where they were measured faster than oneDNN: the AVX2/FMA build on CPUs whose best
+    PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
+    build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
+    anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
+    if os.environ.get("NAPARI_DRDM_NATIVE", "").strip().lower() in ("1", "on", "true", "yes"):
+        return load() is not None, "forced on by NAPARI_DRDM_NATIVE=1"
+    lib = load()
+    if lib is None:
+        return False, status()
+    if not lib.drdm_kernels_simd():
+        return False, "portable C build, not measured against oneDNN (native=True or NAPARI_DRDM_NATIVE=1 to use it)"
+    try:
+        cap = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - old PyTorch
+        cap = "unknown"
+    if cap != "AVX2":
+        return False, (f"measured faster than oneDNN on AVX2 CPUs; this one runs {cap} kernels "
+                       "(native=True or NAPARI_DRDM_NATIVE=1 to use them)")
+    return True, "in use by default (AVX2/FMA CPU)"
 
 
 # ---------------------------------------------------------------------------- weights and buffers

@@ -1,0 +1,235 @@
+"""The compiled CPU kernels (core/native.py, core/_native/kernels.c) against PyTorch references,
+and the engine's use of them (same numbers as the plain network up to float rounding)."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_drdm.core import native
+from napari_drdm.core.fast import InferenceEngine
+from napari_drdm.core.network import DRDMNet
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the native kernels are optional")
+P = native.PAD
+
+
+@pytest.fixture(scope="module", params=["simd", "portable"])
+def lib(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    if request.param == "simd":
+        got = native.load()
+        assert got is not None, native.status()       # with a compiler, the build must work
+        return got
+    return native.build_library(simd=False, cache_dir=tmp_path_factory.mktemp("kernels"))
+
+
+def planes_of(x: torch.Tensor) -> native.Planes:
+    B, C, H, W = x.shape
+    r = native.Runner(None)
+    p = r.planes(B, C, H, W)
+    view = p.buf[:B * C * (H + 2 * P) * (W + 2 * P)].view(B, C, H + 2 * P, W + 2 * P)
+    view[:, :, P:P + H, P:P + W] = x
+    return p
+
+
+def border_is_zero(p: native.Planes) -> bool:
+    B, C, H, W = p.B, p.C, p.H, p.W
+    view = p.buf[:B * C * (H + 2 * P) * (W + 2 * P)].view(B, C, H + 2 * P, W + 2 * P).clone()
+    view[:, :, P:P + H, P:P + W] = 0
+    return bool((view == 0).all())
+
+
+def run_conv(lib, x, w, b, dil, mode, res=None, slope=1e-2, threads=2):
+    B, Cin, H, W = x.shape
+    Cout = w.shape[0]
+    wp, bp = native.pack_conv3x3(w, b, Cout)
+    src = planes_of(x)
+    out = planes_of(torch.zeros(B, Cout, H, W)) if res is None else planes_of(res)
+    out2 = planes_of(torch.zeros(B, Cout, H, W))
+    lib.drdm_conv3x3(src.ptr, B, Cin, P, out.ptr, Cout, P, H, W, dil, wp.data_ptr(), bp.data_ptr(), mode,
+                     out.ptr if res is not None else None, out2.ptr if mode == native.MODE_STORE_AND_LEAKY else None,
+                     slope, threads)
+    assert border_is_zero(out) and border_is_zero(out2)
+    return out.dense(), out2.dense()
+
+
+@pytest.mark.parametrize("Cin,Cout,H,W,dil", [(10, 10, 9, 32, 1), (10, 10, 11, 24, 3), (1, 10, 7, 8, 1),
+                                              (20, 7, 5, 12, 1), (3, 2, 6, 20, 3), (4, 4, 4, 4, 1)])
+def test_conv3x3_matches_pytorch(lib, Cin, Cout, H, W, dil):
+    g = torch.Generator().manual_seed(Cin * 100 + Cout + W)
+    x = torch.randn(2, Cin, H, W, generator=g)
+    w = torch.randn(Cout, Cin, 3, 3, generator=g) * 0.3
+    b = torch.randn(Cout, generator=g)
+    ref = F.conv2d(x, w, b, padding=dil, dilation=dil)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    got, _ = run_conv(lib, x, w, b, dil, native.MODE_STORE)
+    torch.testing.assert_close(got, ref, **tol)
+    got, _ = run_conv(lib, x, w, b, dil, native.MODE_LEAKY)
+    torch.testing.assert_close(got, F.leaky_relu(ref, 1e-2), **tol)
+    r = torch.randn(2, Cout, H, W, generator=g)
+    got, _ = run_conv(lib, x, w, b, dil, native.MODE_RES_LEAKY, res=r)       # in place: out is res
+    torch.testing.assert_close(got, F.leaky_relu(ref + r, 1e-2), **tol)
+    got, got2 = run_conv(lib, x, w, b, dil, native.MODE_STORE_AND_LEAKY)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got2, F.leaky_relu(ref, 1e-2), **tol)
+
+
+def test_conv3x3_dense_output(lib):
+    x = torch.randn(1, 10, 8, 16)
+    w, b = torch.randn(2, 10, 3, 3), torch.randn(2)
+    wp, bp = native.pack_conv3x3(w, b, 2)
+    src = planes_of(x)
+    out = torch.full((1, 2, 8, 16), float("nan"))
+    lib.drdm_conv3x3(src.ptr, 1, 10, P, out.data_ptr(), 2, 0, 8, 16, 1, wp.data_ptr(), bp.data_ptr(), 0, None, None,
+                     0.0, 1)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H,W", [(16, 24), (5, 12), (33, 7)])
+def test_instance_norm_and_leaky(lib, H, W):
+    g = torch.Generator().manual_seed(H * W)
+    x = torch.randn(2, 3, H, W, generator=g) * 3 + 1
+    gamma, beta = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    r, a = planes_of(x), planes_of(torch.zeros_like(x))
+    lib.drdm_instnorm_leaky(r.ptr, 2, 3, P, H, W, gamma.data_ptr(), beta.data_ptr(), 1e-5, a.ptr, 0.1, 2)
+    ref = F.instance_norm(x, weight=gamma, bias=beta, eps=1e-5)
+    torch.testing.assert_close(r.dense(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.dense(), F.leaky_relu(ref, 0.1), atol=1e-5, rtol=1e-5)
+    assert border_is_zero(r) and border_is_zero(a)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_layout_copies(lib, per_sample):
+    B, C, H, W = 2, 3, 5, 12
+    x = torch.randn(B, C, H, W)
+    add = torch.randn(B, C) if per_sample else torch.randn(C)
+    stride = C if per_sample else 0
+    expect = x + (add[:, :, None, None] if per_sample else add[None, :, None, None])
+    # channels-last -> planes (into channels 2..4 of a 6-channel buffer) and back
+    dst = planes_of(torch.zeros(B, 6, H, W))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    lib.drdm_nhwc_to_planes(nhwc.data_ptr(), C, dst.ptr, P, 6, 2, B, H, W, add.contiguous().data_ptr(), stride, 2)
+    torch.testing.assert_close(dst.dense()[:, 2:5], expect)
+    assert (dst.dense()[:, :2] == 0).all() and (dst.dense()[:, 5:] == 0).all() and border_is_zero(dst)
+    # planes -> planes with an add, from a dense (P=0) source
+    dst2 = planes_of(torch.zeros(B, C, H, W))
+    xc = x.contiguous()
+    lib.drdm_planes_add(xc.data_ptr(), 0, C, dst2.ptr, P, C, 0, B, H, W, add.contiguous().data_ptr(), stride, 2)
+    torch.testing.assert_close(dst2.dense(), expect)
+    # planes -> channels-last
+    back = torch.empty(B, C, H, W).contiguous(memory_format=torch.channels_last)
+    lib.drdm_planes_to_nhwc(dst2.ptr, P, C, back.data_ptr(), B, H, W, 2)
+    torch.testing.assert_close(back, expect)
+
+
+# ---------------------------------------------------------------------------- the engine
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = DRDMNet(2).eval()
+    with torch.no_grad():          # non-trivial normalisation parameters
+        for name, p in net.named_parameters():
+            if name.endswith(".ln.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".ln.bias"):
+                p.uniform_(-0.3, 0.3)
+    return net
+
+
+@pytest.mark.parametrize("S,t", [(16, [3]), (24, [40]), (40, [5, 5]), (32, [1, 70])])
+def test_engine_native_matches_plain(S, t):
+    """Level-2 widths with a partial vector (S/2 = 12, 20), batches, mixed t."""
+    torch.set_num_threads(1)
+    net = _net()
+    eng = InferenceEngine(net, native=True)            # (the default too on AVX2 CPUs)
+    assert eng.native_in_use(), native.status()
+    g = torch.Generator().manual_seed(S)
+    x = torch.rand(len(t), 1, S, S, generator=g)
+    tt = torch.tensor(t)
+    with torch.no_grad():
+        got, ref = eng.single_pass(x, tt), net.single_pass(x, tt)
+        assert (got - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()) / 0.1)
+        torch.testing.assert_close(eng(x, tt, 2), net.forward_plain(x, tt, 2), atol=1e-4, rtol=0)
+        # the oneDNN-only path agrees as well
+        torch.testing.assert_close(InferenceEngine(net, native=False).single_pass(x, tt), ref, atol=1e-5, rtol=0)
+
+
+def test_engine_native_follows_weight_changes():
+    torch.set_num_threads(1)
+    net = _net(1)
+    eng = InferenceEngine(net, native=True)
+    x, t = torch.rand(1, 1, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        before = eng.single_pass(x, t)
+        net.b1[0].convs[0].weight.mul_(1.5)              # a level-1 (native) layer
+        after = eng.single_pass(x, t)
+        assert (after - before).abs().max() > 1e-4
+        torch.testing.assert_close(after, net.single_pass(x, t), atol=1e-5, rtol=0)
+
+
+def test_engine_native_true_needs_2d():
+    net3 = DRDMNet(3).eval()
+    with pytest.raises(RuntimeError, match="native kernels requested"):
+        InferenceEngine(net3, native=True).native_in_use(torch.device("cpu"))
+    assert not InferenceEngine(net3).native_in_use(torch.device("cpu"))
+
+
+def _in_subprocess(code: str, **env):
+    e = dict(os.environ, **env)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+_PROBE = """
+    import torch
+    from napari_drdm.core import native
+    from napari_drdm.core.fast import InferenceEngine
+    from napari_drdm.core.network import DRDMNet
+    torch.manual_seed(0)
+    net = DRDMNet(2).eval()
+    eng = InferenceEngine(net)
+    x, t = torch.rand(1, 1, 16, 16), torch.tensor([3])
+    with torch.no_grad():
+        d = (eng.single_pass(x, t) - net.single_pass(x, t)).abs().max().item()
+    print(eng.native_in_use(), d < 1e-5)
+    print(native.status())
+    try:
+        InferenceEngine(net, native=True).native_in_use()
+        print("no error")
+    except RuntimeError as exc:
+        print("error:", exc)
+"""
+
+
+def test_disabled_by_environment_falls_back_to_onednn():
+    out = _in_subprocess(_PROBE, NAPARI_DRDM_NATIVE="0").splitlines()
+    assert out[0] == "False True"
+    assert "NAPARI_DRDM_NATIVE=0" in out[1]
+    assert out[2].startswith("error: native kernels requested but not usable")
+
+
+def test_failed_build_falls_back_to_onednn(tmp_path):
+    out = _in_subprocess(_PROBE, CC="false", NAPARI_DRDM_CACHE=str(tmp_path)).splitlines()
+    assert out[0] == "False True"
+    assert out[1].startswith("build failed") and "oneDNN path used" in out[1]
+    assert not any(p.suffix == ".so" for p in tmp_path.iterdir())           # no half-written library
+
+
+def test_default_only_where_measured(monkeypatch):
+    """Unasked, the kernels run only on AVX2 CPUs (measured there); native=True overrides."""
+    net = _net(2)
+    monkeypatch.delenv("NAPARI_DRDM_NATIVE", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    auto, why = native.auto_enabled()
+    assert not auto and "AVX512" in why
+    assert not InferenceEngine(net).native_in_use(torch.device("cpu"))
+    assert InferenceEngine(net, native=True).native_in_use(torch.device("cpu"))
+    monkeypatch.setenv("NAPARI_DRDM_NATIVE", "1")
+    assert InferenceEngine(net).native_in_use(torch.device("cpu"))
