@@ -15,6 +15,11 @@ What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/READM
 * **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
   a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
   copy or elementwise step that follows anyway.
+* **Native kernels** (2D, AVX2 CPUs; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
+  stages at full and half resolution run in compiled C kernels that vectorise over the width
+  (no padded channels) and fuse bias, LeakyReLU, the residual add and instance normalisation;
+  oneDNN keeps the coarse levels.  Built on first use with the system C compiler; without one,
+  the oneDNN path above is used.
 * **Time embeddings**: the per-level MLPs run once per diffusion time t (cached); when a batch
   shares one t (always so in the reverse loop) they are folded into the preceding biases.
 * **Weights** are converted once and cached; the cache follows in-place parameter updates
