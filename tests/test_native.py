@@ -30,49 +30,58 @@ def lib(request, tmp_path_factory):
 
 
 def planes_of(x: torch.Tensor) -> native.Planes:
-    B, C, H, W = x.shape
-    r = native.Runner(None)
-    p = r.planes(B, C, H, W)
-    view = p.buf[:B * C * (H + 2 * P) * (W + 2 * P)].view(B, C, H + 2 * P, W + 2 * P)
-    view[:, :, P:P + H, P:P + W] = x
+    p = native.Runner(None).planes(x.shape[0], x.shape[1], tuple(x.shape[2:]))
+    inner = tuple(slice(P, P + n) for n in x.shape[2:])
+    p._padded_view()[(slice(None), slice(None)) + inner] = x
     return p
 
 
 def border_is_zero(p: native.Planes) -> bool:
-    B, C, H, W = p.B, p.C, p.H, p.W
-    view = p.buf[:B * C * (H + 2 * P) * (W + 2 * P)].view(B, C, H + 2 * P, W + 2 * P).clone()
-    view[:, :, P:P + H, P:P + W] = 0
+    view = p._padded_view().clone()
+    view[(slice(None), slice(None)) + tuple(slice(P, P + n) for n in p.spatial)] = 0
     return bool((view == 0).all())
 
 
+def dhw(x):
+    return (1,) * (5 - x.dim()) + tuple(x.shape[2:])
+
+
 def run_conv(lib, x, w, b, dil, mode, res=None, slope=1e-2, threads=2):
-    B, Cin, H, W = x.shape
+    B, Cin = x.shape[:2]
     Cout = w.shape[0]
-    wp, bp = native.pack_conv3x3(w, b, Cout)
+    wp, bp = native.pack_conv(w, b, Cout)
     src = planes_of(x)
-    out = planes_of(torch.zeros(B, Cout, H, W)) if res is None else planes_of(res)
-    out2 = planes_of(torch.zeros(B, Cout, H, W))
-    lib.drdm_conv3x3(src.ptr, B, Cin, P, out.ptr, Cout, P, H, W, dil, wp.data_ptr(), bp.data_ptr(), mode,
-                     out.ptr if res is not None else None, out2.ptr if mode == native.MODE_STORE_AND_LEAKY else None,
-                     slope, threads)
+    zeros = torch.zeros((B, Cout) + tuple(x.shape[2:]))
+    out = planes_of(zeros) if res is None else planes_of(res)
+    out2 = planes_of(zeros)
+    lib.drdm_conv(x.dim() - 2, src.ptr, B, Cin, P, out.ptr, Cout, P, *dhw(x), dil, wp.data_ptr(), bp.data_ptr(),
+                  mode, out.ptr if res is not None else None,
+                  out2.ptr if mode == native.MODE_STORE_AND_LEAKY else None, slope, threads)
     assert border_is_zero(out) and border_is_zero(out2)
     return out.dense(), out2.dense()
 
 
-@pytest.mark.parametrize("Cin,Cout,H,W,dil", [(10, 10, 9, 32, 1), (10, 10, 11, 24, 3), (1, 10, 7, 8, 1),
-                                              (20, 7, 5, 12, 1), (3, 2, 6, 20, 3), (4, 4, 4, 4, 1)])
-def test_conv3x3_matches_pytorch(lib, Cin, Cout, H, W, dil):
-    g = torch.Generator().manual_seed(Cin * 100 + Cout + W)
-    x = torch.randn(2, Cin, H, W, generator=g)
-    w = torch.randn(Cout, Cin, 3, 3, generator=g) * 0.3
+CONV_CASES = [(10, 10, (9, 32), 1), (10, 10, (11, 24), 3), (1, 10, (7, 8), 1), (20, 7, (5, 12), 1),
+              (3, 2, (6, 20), 3), (4, 4, (4, 4), 1),
+              (10, 10, (4, 5, 16), 1), (5, 10, (7, 6, 12), 3), (2, 3, (3, 4, 4), 1)]
+
+
+@pytest.mark.parametrize("Cin,Cout,spatial,dil", CONV_CASES)
+def test_conv_matches_pytorch(lib, Cin, Cout, spatial, dil):
+    """2D and 3D; widths with a partial vector (12, 20, 4); every fused store mode."""
+    nd = len(spatial)
+    conv = F.conv2d if nd == 2 else F.conv3d
+    g = torch.Generator().manual_seed(Cin * 100 + Cout + spatial[-1])
+    x = torch.randn((2, Cin) + spatial, generator=g)
+    w = torch.randn((Cout, Cin) + (3,) * nd, generator=g) * 0.3
     b = torch.randn(Cout, generator=g)
-    ref = F.conv2d(x, w, b, padding=dil, dilation=dil)
+    ref = conv(x, w, b, padding=dil, dilation=dil)
     tol = dict(atol=1e-5, rtol=1e-5)
     got, _ = run_conv(lib, x, w, b, dil, native.MODE_STORE)
     torch.testing.assert_close(got, ref, **tol)
     got, _ = run_conv(lib, x, w, b, dil, native.MODE_LEAKY)
     torch.testing.assert_close(got, F.leaky_relu(ref, 1e-2), **tol)
-    r = torch.randn(2, Cout, H, W, generator=g)
+    r = torch.randn(ref.shape, generator=g)
     got, _ = run_conv(lib, x, w, b, dil, native.MODE_RES_LEAKY, res=r)       # in place: out is res
     torch.testing.assert_close(got, F.leaky_relu(ref + r, 1e-2), **tol)
     got, got2 = run_conv(lib, x, w, b, dil, native.MODE_STORE_AND_LEAKY)
@@ -80,24 +89,28 @@ def test_conv3x3_matches_pytorch(lib, Cin, Cout, H, W, dil):
     torch.testing.assert_close(got2, F.leaky_relu(ref, 1e-2), **tol)
 
 
-def test_conv3x3_dense_output(lib):
-    x = torch.randn(1, 10, 8, 16)
-    w, b = torch.randn(2, 10, 3, 3), torch.randn(2)
-    wp, bp = native.pack_conv3x3(w, b, 2)
+@pytest.mark.parametrize("spatial", [(8, 16), (4, 6, 8)])
+def test_conv_dense_output(lib, spatial):
+    nd = len(spatial)
+    x = torch.randn((1, 10) + spatial)
+    w, b = torch.randn((2, 10) + (3,) * nd), torch.randn(2)
+    wp, bp = native.pack_conv(w, b, 2)
     src = planes_of(x)
-    out = torch.full((1, 2, 8, 16), float("nan"))
-    lib.drdm_conv3x3(src.ptr, 1, 10, P, out.data_ptr(), 2, 0, 8, 16, 1, wp.data_ptr(), bp.data_ptr(), 0, None, None,
-                     0.0, 1)
-    torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), atol=1e-5, rtol=1e-5)
+    out = torch.full((1, 2) + spatial, float("nan"))
+    lib.drdm_conv(nd, src.ptr, 1, 10, P, out.data_ptr(), 2, 0, *dhw(x), 1, wp.data_ptr(), bp.data_ptr(), 0, None,
+                  None, 0.0, 1)
+    ref = (F.conv2d if nd == 2 else F.conv3d)(x, w, b, padding=1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("H,W", [(16, 24), (5, 12), (33, 7)])
-def test_instance_norm_and_leaky(lib, H, W):
-    g = torch.Generator().manual_seed(H * W)
-    x = torch.randn(2, 3, H, W, generator=g) * 3 + 1
+@pytest.mark.parametrize("spatial", [(16, 24), (5, 12), (33, 7), (3, 5, 12)])
+def test_instance_norm_and_leaky(lib, spatial):
+    g = torch.Generator().manual_seed(sum(spatial))
+    x = torch.randn((2, 3) + spatial, generator=g) * 3 + 1
     gamma, beta = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
     r, a = planes_of(x), planes_of(torch.zeros_like(x))
-    lib.drdm_instnorm_leaky(r.ptr, 2, 3, P, H, W, gamma.data_ptr(), beta.data_ptr(), 1e-5, a.ptr, 0.1, 2)
+    lib.drdm_instnorm_leaky(x.dim() - 2, r.ptr, 2, 3, P, *dhw(x), gamma.data_ptr(), beta.data_ptr(), 1e-5, a.ptr,
+                            0.1, 2)
     ref = F.instance_norm(x, weight=gamma, bias=beta, eps=1e-5)
     torch.testing.assert_close(r.dense(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.dense(), F.leaky_relu(ref, 0.1), atol=1e-5, rtol=1e-5)
@@ -105,33 +118,39 @@ def test_instance_norm_and_leaky(lib, H, W):
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_layout_copies(lib, per_sample):
-    B, C, H, W = 2, 3, 5, 12
-    x = torch.randn(B, C, H, W)
+@pytest.mark.parametrize("spatial", [(5, 12), (3, 4, 8)])
+def test_layout_copies(lib, per_sample, spatial):
+    B, C = 2, 3
+    nd = len(spatial)
+    fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
+    x = torch.randn((B, C) + spatial)
     add = torch.randn(B, C) if per_sample else torch.randn(C)
     stride = C if per_sample else 0
-    expect = x + (add[:, :, None, None] if per_sample else add[None, :, None, None])
+    bshape = (B, C) + (1,) * nd if per_sample else (1, C) + (1,) * nd
+    expect = x + add.reshape(bshape)
     # channels-last -> planes (into channels 2..4 of a 6-channel buffer) and back
-    dst = planes_of(torch.zeros(B, 6, H, W))
-    nhwc = x.contiguous(memory_format=torch.channels_last)
-    lib.drdm_nhwc_to_planes(nhwc.data_ptr(), C, dst.ptr, P, 6, 2, B, H, W, add.contiguous().data_ptr(), stride, 2)
+    dst = planes_of(torch.zeros((B, 6) + spatial))
+    nhwc = x.contiguous(memory_format=fmt)
+    lib.drdm_nhwc_to_planes(nd, nhwc.data_ptr(), C, dst.ptr, P, 6, 2, B, *dhw(x), add.contiguous().data_ptr(), stride,
+                            2)
     torch.testing.assert_close(dst.dense()[:, 2:5], expect)
     assert (dst.dense()[:, :2] == 0).all() and (dst.dense()[:, 5:] == 0).all() and border_is_zero(dst)
     # planes -> planes with an add, from a dense (P=0) source
-    dst2 = planes_of(torch.zeros(B, C, H, W))
+    dst2 = planes_of(torch.zeros_like(x))
     xc = x.contiguous()
-    lib.drdm_planes_add(xc.data_ptr(), 0, C, dst2.ptr, P, C, 0, B, H, W, add.contiguous().data_ptr(), stride, 2)
+    lib.drdm_planes_add(nd, xc.data_ptr(), 0, C, dst2.ptr, P, C, 0, B, *dhw(x), add.contiguous().data_ptr(), stride,
+                        2)
     torch.testing.assert_close(dst2.dense(), expect)
     # planes -> channels-last
-    back = torch.empty(B, C, H, W).contiguous(memory_format=torch.channels_last)
-    lib.drdm_planes_to_nhwc(dst2.ptr, P, C, back.data_ptr(), B, H, W, 2)
+    back = torch.empty_like(x).contiguous(memory_format=fmt)
+    lib.drdm_planes_to_nhwc(nd, dst2.ptr, P, C, back.data_ptr(), B, *dhw(x), 2)
     torch.testing.assert_close(back, expect)
 
 
 # ---------------------------------------------------------------------------- the engine
-def _net(seed=0):
+def _net(seed=0, ndim=2):
     torch.manual_seed(seed)
-    net = DRDMNet(2).eval()
+    net = DRDMNet(ndim).eval()
     with torch.no_grad():          # non-trivial normalisation parameters
         for name, p in net.named_parameters():
             if name.endswith(".ln.weight"):
@@ -141,15 +160,16 @@ def _net(seed=0):
     return net
 
 
-@pytest.mark.parametrize("S,t", [(16, [3]), (24, [40]), (40, [5, 5]), (32, [1, 70])])
-def test_engine_native_matches_plain(S, t):
-    """Level-2 widths with a partial vector (S/2 = 12, 20), batches, mixed t."""
+@pytest.mark.parametrize("ndim,S,t", [(2, 16, [3]), (2, 24, [40]), (2, 40, [5, 5]), (2, 32, [1, 70]),
+                                     (3, 16, [7]), (3, 24, [2, 60])])
+def test_engine_native_matches_plain(ndim, S, t):
+    """Level-2 widths with a partial vector (S/2 = 12, 20), batches, mixed t, 2D and 3D."""
     torch.set_num_threads(1)
-    net = _net()
+    net = _net(ndim=ndim)
     eng = InferenceEngine(net, native=True)            # (the default too on AVX2 CPUs)
     assert eng.native_in_use(), native.status()
     g = torch.Generator().manual_seed(S)
-    x = torch.rand(len(t), 1, S, S, generator=g)
+    x = torch.rand((len(t), 1) + (S,) * ndim, generator=g)
     tt = torch.tensor(t)
     with torch.no_grad():
         got, ref = eng.single_pass(x, tt), net.single_pass(x, tt)
@@ -172,11 +192,11 @@ def test_engine_native_follows_weight_changes():
         torch.testing.assert_close(after, net.single_pass(x, t), atol=1e-5, rtol=0)
 
 
-def test_engine_native_true_needs_2d():
-    net3 = DRDMNet(3).eval()
+def test_engine_native_true_needs_fitting_layers():
+    net = DRDMNet(2).eval().double()                    # float64: not for these kernels
     with pytest.raises(RuntimeError, match="native kernels requested"):
-        InferenceEngine(net3, native=True).native_in_use(torch.device("cpu"))
-    assert not InferenceEngine(net3).native_in_use(torch.device("cpu"))
+        InferenceEngine(net, native=True).native_in_use(torch.device("cpu"))
+    assert not InferenceEngine(net).native_in_use(torch.device("cpu"))
 
 
 def _in_subprocess(code: str, **env):

@@ -272,9 +272,9 @@ class InferenceEngine:
             elif isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
                 norms[name] = (m.weight.detach(), m.bias.detach(), float(m.eps))
         self._convs, self._norms = convs, norms
-        self._native_fits = self.ndim == 2 and dtype == torch.float32 and all(
+        self._native_fits = dtype == torch.float32 and all(
             _native.supports(m) for name, m in net.named_modules()
-            if name == "conv_out" or name.split(".")[0] in _NATIVE_STAGES and isinstance(m, nn.Conv2d))
+            if name == "conv_out" or name.split(".")[0] in _NATIVE_STAGES and isinstance(m, (nn.Conv2d, nn.Conv3d)))
         if self._runner is not None:
             self._runner.reset()
         self._prepacked, self._shapes = {}, {}
@@ -515,7 +515,7 @@ class InferenceEngine:
     def _body(self, x: torch.Tensor, t) -> torch.Tensor:
         """The U-Net up to its last convolution (raw output, before the clamp)."""
         if self._backend == "mkldnn" and x.dtype == torch.float32 and self.native_in_use(x.device):
-            return _native.body2d(self, x, t, self._runner, torch.get_num_threads())
+            return _native.body(self, x, t, self._runner, torch.get_num_threads())
         E, uni = self._embeddings(t, x.device)
         e1, e2, e3, emid, e4, e5, eout = E
         fmt = self._fmt()

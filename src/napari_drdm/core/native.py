@@ -1,12 +1,12 @@
-"""Native CPU kernels for the 2D network's two finest levels (optional, built on first use).
+"""Native CPU kernels for the network's two finest levels (optional, built on first use).
 
-The 2D network spends most of a pass in its 10- and 20-channel layers at full and half
-resolution.  oneDNN's AVX2 convolutions compute output channels in blocks of 8, so 10 channels
-cost 16 and 20 cost 24.  ``_native/kernels.c`` vectorises over the image width instead and
-fuses bias, LeakyReLU, the residual add and instance normalisation around the convolutions;
-:func:`body2d` runs the network with those kernels for the levels at full and half resolution
-and oneDNN (through :class:`~napari_drdm.core.fast.InferenceEngine`) for the rest.  Same
-numbers up to float rounding (other summation orders).
+The network spends most of a pass in its 10- and 20-channel layers at full and half resolution.
+oneDNN's AVX2 convolutions compute output channels in blocks of 8, so 10 channels cost 16 and 20
+cost 24.  ``_native/kernels.c`` vectorises over the image width instead and fuses bias,
+LeakyReLU, the residual add and instance normalisation around the convolutions; :func:`body`
+runs the network (2D or 3D) with those kernels for the levels at full and half resolution and
+oneDNN (through :class:`~napari_drdm.core.fast.InferenceEngine`) for the rest.  Same numbers up
+to float rounding (other summation orders).
 
 Building: the C source is compiled once per machine type with the system C compiler (``$CC``
 or ``cc``) and OpenMP into ``~/.cache/napari-drdm`` (``$NAPARI_DRDM_CACHE`` to move it) and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -31,12 +32,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["load", "status", "auto_enabled", "build_library", "pack_conv3x3", "PAD", "body2d", "supports", "Planes", "Runner"]
+__all__ = ["load", "status", "auto_enabled", "build_library", "pack_conv", "PAD", "body", "supports", "Planes", "Runner"]
 
 PAD = 3                      # border of every plane buffer: the largest dilation of the 3x3 convolutions
 SLACK = 16                   # floats after the last plane (vector loads of the last row)
 MODE_STORE, MODE_LEAKY, MODE_RES_LEAKY, MODE_STORE_AND_LEAKY = 0, 1, 2, 3
-_ABI = 1
+_ABI = 2
 _SOURCE = Path(__file__).with_name("_native") / "kernels.c"
 
 _lock = threading.Lock()
@@ -109,12 +110,12 @@ def _build(cc: str, simd: bool, out_dir: Optional[Path] = None) -> Path:
 
 def _bind(lib):
     vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.drdm_conv3x3.argtypes = [vp, i, i, i, vp, i, i, i, i, i, vp, vp, i, vp, vp, f, i]
-    lib.drdm_instnorm_leaky.argtypes = [vp, i, i, i, i, i, vp, vp, f, vp, f, i]
-    lib.drdm_planes_add.argtypes = [vp, i, i, vp, i, i, i, i, i, i, vp, i, i]
-    lib.drdm_nhwc_to_planes.argtypes = [vp, i, vp, i, i, i, i, i, i, vp, i, i]
-    lib.drdm_planes_to_nhwc.argtypes = [vp, i, i, vp, i, i, i, i]
-    for name in ("drdm_conv3x3", "drdm_instnorm_leaky", "drdm_planes_add", "drdm_nhwc_to_planes",
+    lib.drdm_conv.argtypes = [i, vp, i, i, i, vp, i, i, i, i, i, i, vp, vp, i, vp, vp, f, i]
+    lib.drdm_instnorm_leaky.argtypes = [i, vp, i, i, i, i, i, i, vp, vp, f, vp, f, i]
+    lib.drdm_planes_add.argtypes = [i, vp, i, i, vp, i, i, i, i, i, i, i, vp, i, i]
+    lib.drdm_nhwc_to_planes.argtypes = [i, vp, i, vp, i, i, i, i, i, i, i, vp, i, i]
+    lib.drdm_planes_to_nhwc.argtypes = [i, vp, i, i, vp, i, i, i, i, i]
+    for name in ("drdm_conv", "drdm_instnorm_leaky", "drdm_planes_add", "drdm_nhwc_to_planes",
                  "drdm_planes_to_nhwc"):
         getattr(lib, name).restype = None
     return lib
@@ -187,39 +188,56 @@ def auto_enabled() -> Tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------- weights and buffers
-def pack_conv3x3(w: torch.Tensor, b: Optional[torch.Tensor], cout: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Cout, Cin, 3, 3) weights -> blocks of 5 output channels, each laid out [ci][ky][kx][j]."""
+def pack_conv(w: torch.Tensor, b: Optional[torch.Tensor], cout: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Cout, Cin, [3,] 3, 3) weights -> blocks of 5 output channels, each laid out [ci][kz][ky][kx][j]."""
     w = w[:cout].detach().float().contiguous()
-    blocks = [w[s:s + 5].permute(1, 2, 3, 0).reshape(-1) for s in range(0, cout, 5)]
+    order = tuple(range(1, w.dim())) + (0,)
+    blocks = [w[s:s + 5].permute(*order).reshape(-1) for s in range(0, cout, 5)]
     bias = (b[:cout].detach().float() if b is not None else torch.zeros(cout)).contiguous()
     return torch.cat(blocks).contiguous(), bias
 
 
 def supports(m) -> bool:
-    """True for a 3x3, stride-1 convolution with padding = dilation <= PAD and no groups."""
+    """True for a 3x3 (2D) / 3x3x3 (3D), stride-1 convolution with padding = dilation <= PAD."""
     import torch.nn as nn
-    return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (3, 3) and tuple(m.stride) == (1, 1)
-            and m.groups == 1 and m.padding_mode == "zeros" and m.dilation[0] == m.dilation[1]
-            and tuple(m.padding) == tuple(m.dilation) and m.dilation[0] <= PAD)
+    if not isinstance(m, (nn.Conv2d, nn.Conv3d)):
+        return False
+    nd = 2 if isinstance(m, nn.Conv2d) else 3
+    d = tuple(m.dilation)
+    return (tuple(m.kernel_size) == (3,) * nd and tuple(m.stride) == (1,) * nd and m.groups == 1
+            and m.padding_mode == "zeros" and d == (d[0],) * nd and tuple(m.padding) == d and d[0] <= PAD)
 
 
 class Planes:
-    """A (B, C, H, W) float32 image stored as zero-bordered planes (see kernels.c)."""
+    """A (B, C, *spatial) float32 image (2D or 3D) stored as zero-bordered planes (see kernels.c)."""
 
-    __slots__ = ("buf", "B", "C", "H", "W")
+    __slots__ = ("buf", "B", "C", "spatial")
 
-    def __init__(self, buf: torch.Tensor, B: int, C: int, H: int, W: int):
-        self.buf, self.B, self.C, self.H, self.W = buf, B, C, H, W
+    def __init__(self, buf: torch.Tensor, B: int, C: int, spatial: Tuple[int, ...]):
+        self.buf, self.B, self.C, self.spatial = buf, B, C, tuple(spatial)
+
+    @property
+    def nd(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def dhw(self) -> Tuple[int, int, int]:
+        """(D, H, W); D = 1 in 2D."""
+        return (1,) * (3 - self.nd) + self.spatial
 
     @property
     def ptr(self) -> int:
         return self.buf.data_ptr()
 
+    def _padded_view(self) -> torch.Tensor:
+        shape = tuple(n + 2 * PAD for n in self.spatial)
+        n = self.B * self.C * math.prod(shape)
+        return self.buf[:n].view(self.B, self.C, *shape)
+
     def dense(self) -> torch.Tensor:
-        """A (B, C, H, W) copy without the border (tests, debugging)."""
-        P = PAD
-        v = self.buf[: self.B * self.C * (self.H + 2 * P) * (self.W + 2 * P)]
-        return v.view(self.B, self.C, self.H + 2 * P, self.W + 2 * P)[:, :, P:P + self.H, P:P + self.W].clone()
+        """A (B, C, *spatial) copy without the border (tests, debugging)."""
+        inner = tuple(slice(PAD, PAD + n) for n in self.spatial)
+        return self._padded_view()[(slice(None), slice(None)) + inner].clone()
 
 
 class Runner:
@@ -227,34 +245,33 @@ class Runner:
 
     def __init__(self, lib):
         self.lib = lib
-        self.weights: Dict[str, Tuple[torch.Tensor, torch.Tensor, int, int, int]] = {}
+        self.weights: Dict[str, tuple] = {}
         self.pool: Dict[tuple, List[torch.Tensor]] = {}
-        self.pool_key = None
 
     def reset(self):
         self.weights = {}
         self.pool = {}
 
-    def planes(self, B, C, H, W) -> Planes:
-        key = (B, C, H, W)
+    def planes(self, B: int, C: int, spatial: Tuple[int, ...]) -> Planes:
+        key = (B, C) + tuple(spatial)
         lst = self.pool.get(key)
         if lst:
-            return Planes(lst.pop(), B, C, H, W)
-        n = B * C * (H + 2 * PAD) * (W + 2 * PAD) + SLACK
-        return Planes(torch.zeros(n), B, C, H, W)        # zero borders, never written
+            return Planes(lst.pop(), B, C, spatial)
+        n = B * C * math.prod(s + 2 * PAD for s in spatial) + SLACK
+        return Planes(torch.zeros(n), B, C, spatial)        # zero borders, never written
 
     def free(self, *ps: Planes):
         for p in ps:
-            lst = self.pool.setdefault((p.B, p.C, p.H, p.W), [])
+            lst = self.pool.setdefault((p.B, p.C) + p.spatial, [])
             if len(lst) < 6:
                 lst.append(p.buf)
 
     def packed(self, eng, name: str):
-        """(packed weights, bias, Cout, Cin, dilation) of one of the engine's 3x3 convolutions."""
+        """(packed weights, bias, Cout, Cin, dilation) of one of the engine's 3x3(x3) convolutions."""
         got = self.weights.get(name)
         if got is None:
             c = eng._convs[name]
-            wp, bp = pack_conv3x3(c.w, c.b, c.cout)
+            wp, bp = pack_conv(c.w, c.b, c.cout)
             got = self.weights[name] = (wp, bp, c.cout, int(c.w.shape[1]), int(c.dilation[0]))
         return got
 
@@ -271,10 +288,11 @@ class Runner:
         if cin != src.C:
             raise ValueError(f"{name}: expected {cin} input channels, got {src.C}")
         if out is None:
-            out = self.planes(src.B, cout, src.H, src.W)
-        self.lib.drdm_conv3x3(src.ptr, src.B, cin, PAD, out.ptr, cout, PAD, src.H, src.W, dil, wp.data_ptr(),
-                              bp.data_ptr(), mode, res.ptr if res is not None else None,
-                              out2.ptr if out2 is not None else None, eng.slope, threads)
+            out = self.planes(src.B, cout, src.spatial)
+        D, H, W = src.dhw
+        self.lib.drdm_conv(src.nd, src.ptr, src.B, cin, PAD, out.ptr, cout, PAD, D, H, W, dil, wp.data_ptr(),
+                           bp.data_ptr(), mode, res.ptr if res is not None else None,
+                           out2.ptr if out2 is not None else None, eng.slope, threads)
         return out
 
 
@@ -288,16 +306,16 @@ def _add_vec(e: torch.Tensor, uniform: bool, lo: int, hi: int) -> Tuple[torch.Te
 def _block(runner: Runner, eng, p: str, h: Planes, norm: bool, threads: int) -> Planes:
     """One ACNN-II block on planes: r = conv0(h) [-> instance norm]; a = act(r);
     f = act(convs0(a)); r <- act(convs1(f) + r).  h is freed."""
-    lib = runner.lib
     if norm:
         r = runner.conv(eng, p + ".conv0", h, MODE_STORE, threads=threads)
         runner.free(h)
-        a = runner.planes(r.B, r.C, r.H, r.W)
+        a = runner.planes(r.B, r.C, r.spatial)
         g, bt, eps = runner.norm(eng, p + ".ln")
-        lib.drdm_instnorm_leaky(r.ptr, r.B, r.C, PAD, r.H, r.W, g.data_ptr(), bt.data_ptr(), eps, a.ptr,
-                                eng.slope, threads)
+        D, H, W = r.dhw
+        runner.lib.drdm_instnorm_leaky(r.nd, r.ptr, r.B, r.C, PAD, D, H, W, g.data_ptr(), bt.data_ptr(), eps,
+                                       a.ptr, eng.slope, threads)
     else:
-        a = runner.planes(h.B, eng._convs[p + ".conv0"].cout, h.H, h.W)
+        a = runner.planes(h.B, eng._convs[p + ".conv0"].cout, h.spatial)
         r = runner.conv(eng, p + ".conv0", h, MODE_STORE_AND_LEAKY, out2=a, threads=threads)
         runner.free(h)
     f = runner.conv(eng, p + ".convs.0", a, MODE_LEAKY, threads=threads)
@@ -313,18 +331,26 @@ def _stage(runner, eng, name, h, norm, threads) -> Planes:
     return h
 
 
+def _channels_last(nd: int):
+    return torch.channels_last if nd == 2 else torch.channels_last_3d
+
+
 def _to_nhwc(runner, eng, p: Planes, like: torch.Tensor, threads: int) -> torch.Tensor:
-    out = eng._alloc((p.B, p.C, p.H, p.W), like)            # channels-last work tensor
-    runner.lib.drdm_planes_to_nhwc(p.ptr, PAD, p.C, out.data_ptr(), p.B, p.H, p.W, threads)
+    out = eng._alloc((p.B, p.C) + p.spatial, like)            # channels-last work tensor
+    if not out.is_contiguous(memory_format=_channels_last(p.nd)):     # pragma: no cover - pool invariant
+        out = torch.empty_like(out, memory_format=_channels_last(p.nd))
+    D, H, W = p.dhw
+    runner.lib.drdm_planes_to_nhwc(p.nd, p.ptr, PAD, p.C, out.data_ptr(), p.B, D, H, W, threads)
     return out
 
 
 def _nhwc_into(runner, t: torch.Tensor, dst: Planes, c0: int, add: Optional[Tuple[torch.Tensor, int]],
                threads: int):
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        t = t.contiguous(memory_format=torch.channels_last)
-    B, C, H, W = t.shape
-    runner.lib.drdm_nhwc_to_planes(t.data_ptr(), C, dst.ptr, PAD, dst.C, c0, B, H, W,
+    fmt = _channels_last(dst.nd)
+    if not t.is_contiguous(memory_format=fmt):
+        t = t.contiguous(memory_format=fmt)
+    D, H, W = dst.dhw
+    runner.lib.drdm_nhwc_to_planes(dst.nd, t.data_ptr(), t.shape[1], dst.ptr, PAD, dst.C, c0, t.shape[0], D, H, W,
                                    add[0].data_ptr() if add is not None else None, add[1] if add else 0, threads)
 
 
@@ -337,35 +363,43 @@ def _up_cat(runner, eng, name, skip: Planes, h: torch.Tensor, e, uniform, thread
     else:
         up, add_up = eng._conv(h, c), _add_vec(e, uniform, cs, e.shape[-1])
     eng._free(h)
-    out = runner.planes(skip.B, cs + up.shape[1], skip.H, skip.W)
+    out = runner.planes(skip.B, cs + up.shape[1], skip.spatial)
     es, st = _add_vec(e, uniform, 0, cs)
-    runner.lib.drdm_planes_add(skip.ptr, PAD, cs, out.ptr, PAD, out.C, 0, skip.B, skip.H, skip.W, es.data_ptr(), st,
-                               threads)
+    D, H, W = skip.dhw
+    runner.lib.drdm_planes_add(skip.nd, skip.ptr, PAD, cs, out.ptr, PAD, out.C, 0, skip.B, D, H, W, es.data_ptr(),
+                               st, threads)
     _nhwc_into(runner, up, out, cs, add_up, threads)
     runner.free(skip)
     return out
 
 
-def body2d(eng, x: torch.Tensor, t, runner: Runner, threads: int) -> torch.Tensor:
-    """The 2D U-Net up to its last convolution (raw output, a dense (B, d, H, W) tensor):
+def _from_nhwc(runner, eng, t: torch.Tensor, threads: int) -> Planes:
+    p = runner.planes(t.shape[0], t.shape[1], tuple(t.shape[2:]))
+    _nhwc_into(runner, t, p, 0, None, threads)
+    eng._free(t)
+    return p
+
+
+def body(eng, x: torch.Tensor, t, runner: Runner, threads: int) -> torch.Tensor:
+    """The U-Net up to its last convolution (raw output, a dense (B, d, *spatial) tensor):
     levels 1-2 (b1, b2, b5, b_out, conv_out) in native kernels, the rest through ``eng``."""
     lib = runner.lib
     E, uni = eng._embeddings(t, x.device)
     e1, e2, e3, emid, e4, e5, eout = E
-    B, Cin, H, W = x.shape
+    B, Cin = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    nd = len(spatial)
+    D, H, W = (1,) * (3 - nd) + spatial
     xc = x.float().contiguous()
-    X = runner.planes(B, Cin, H, W)
+    X = runner.planes(B, Cin, spatial)
     a1, s1 = _add_vec(e1, uni, 0, Cin)
-    lib.drdm_planes_add(xc.data_ptr(), 0, Cin, X.ptr, PAD, Cin, 0, B, H, W, a1.data_ptr(), s1, threads)
+    lib.drdm_planes_add(nd, xc.data_ptr(), 0, Cin, X.ptr, PAD, Cin, 0, B, D, H, W, a1.data_ptr(), s1, threads)
     h1 = _stage(runner, eng, "b1", X, True, threads)
 
     n1 = _to_nhwc(runner, eng, h1, xc, threads)
     d = eng._down("down1", n1, e2, uni)
     eng._free(n1)
-    X2 = runner.planes(B, d.shape[1], d.shape[2], d.shape[3])
-    _nhwc_into(runner, d, X2, 0, None, threads)
-    eng._free(d)
-    h2 = _stage(runner, eng, "b2", X2, True, threads)
+    h2 = _stage(runner, eng, "b2", _from_nhwc(runner, eng, d, threads), True, threads)
 
     n2 = _to_nhwc(runner, eng, h2, xc, threads)
     h3 = eng._stage("b3", eng._down("down2", n2, e3, uni), True)
@@ -379,10 +413,9 @@ def body2d(eng, x: torch.Tensor, t, runner: Runner, threads: int) -> torch.Tenso
     runner.free(h)
     h = _stage(runner, eng, "b_out", _up_cat(runner, eng, "up3", h1, n, eout, uni, threads), False, threads)
 
-    c = eng._convs["conv_out"]
     wp, bp, cout, cin, dil = runner.packed(eng, "conv_out")
-    u = torch.empty((B, cout, H, W), dtype=torch.float32)
-    lib.drdm_conv3x3(h.ptr, B, cin, PAD, u.data_ptr(), cout, 0, H, W, dil, wp.data_ptr(), bp.data_ptr(),
-                     MODE_STORE, None, None, eng.slope, threads)
+    u = torch.empty((B, cout) + spatial, dtype=torch.float32)
+    lib.drdm_conv(nd, h.ptr, B, cin, PAD, u.data_ptr(), cout, 0, D, H, W, dil, wp.data_ptr(), bp.data_ptr(),
+                  MODE_STORE, None, None, eng.slope, threads)
     runner.free(h)
-    return u if c.w.dtype == torch.float32 else u.to(c.w.dtype)
+    return u

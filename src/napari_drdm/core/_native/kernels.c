@@ -1,13 +1,15 @@
-/* Native CPU kernels for the 2D DRDM network's full- and half-resolution levels.
+/* Native CPU kernels for the DRDM network's full- and half-resolution levels (2D and 3D).
  *
  * Compiled on first use by napari_drdm/core/native.py (C compiler + OpenMP; AVX2/FMA
  * intrinsics on x86-64 CPUs that have them, plain C loops elsewhere) and called through ctypes.
  *
- * Layout ("padded planes"): one float32 plane per (sample, channel), each with a zero border of
- * P pixels on every side: row stride RS = W + 2P, plane stride PS = (H + 2P) * RS, pixel (y, x)
- * at offset (y + P) * RS + (x + P).  Borders are never written, so a 3x3 convolution with
- * dilation d <= P needs no edge cases.  Buffers carry 16 floats of slack after the last plane
- * (vector loads of the last row may run past it).
+ * Layout ("padded planes"): one float32 plane (2D) or volume (3D) per (sample, channel), each
+ * with a zero border of P pixels on every side of every spatial axis: row stride RS = W + 2P,
+ * slice stride SS = (H + 2P) * RS, plane stride PS = (D + 2PZ) * SS with PZ = P in 3D and D = 1,
+ * PZ = 0 in 2D; pixel (z, y, x) at offset (z + PZ) * SS + (y + P) * RS + (x + P).  Borders are
+ * never written, so a 3x3(x3) convolution with dilation d <= P needs no edge cases.  Buffers carry
+ * 16 floats of slack after the last plane (vector loads of the last row may run past it).  P = 0
+ * means a dense NCHW / NCDHW tensor.
  *
  * Why: the network's level-1 layers have 10 channels.  oneDNN's NHWC kernels compute output
  * channels in blocks of 8 (AVX2), so 10 channels cost 16; these kernels vectorise over the
@@ -29,7 +31,7 @@
 
 enum { MODE_STORE = 0, MODE_LEAKY = 1, MODE_RES_LEAKY = 2, MODE_STORE_AND_LEAKY = 3 };
 
-int drdm_kernels_abi(void) { return 1; }
+int drdm_kernels_abi(void) { return 2; }
 int drdm_kernels_simd(void) { return DRDM_AVX2; }
 
 static inline float leakyf(float v, float s) { return v > 0.0f ? v : v * s; }
@@ -45,30 +47,32 @@ AI __m256i lane_mask(int n) {
 
 /* One tile: NB output channels x NV vectors of 8 pixels of one output row.  `nlast` < 8 makes
  * the last vector partial (masked stores). */
-AI void tile(const float *in, long PS, long RS, int Cin, int dil, const float *wb, const float *bias,
-             const int NB, const int NV, int nlast, float *out, long OPS, int mode, const float *res,
-             float *out2, __m256 slope)
+AI void tile(const float *in, long PS, long SS, long RS, int Cin, int dil, const float *wb, const float *bias,
+             const int KZ, const int NB, const int NV, int nlast, float *out, long OPS, int mode,
+             const float *res, float *out2, __m256 slope)
 {
     __m256 a0[5], a1[5];
 #pragma GCC unroll 5
     for (int j = 0; j < NB; j++) { a0[j] = _mm256_set1_ps(bias[j]); a1[j] = a0[j]; }
     for (int ci = 0; ci < Cin; ci++) {
-        const float *p = in + ci * PS;
+        for (int kz = 0; kz < KZ; kz++) {
+            const float *p = in + ci * PS + (KZ == 3 ? (long)(kz - 1) * dil * SS : 0);
 #pragma GCC unroll 3
-        for (int ky = 0; ky < 3; ky++) {
-            const float *row = p + (long)(ky - 1) * dil * RS;
+            for (int ky = 0; ky < 3; ky++) {
+                const float *row = p + (long)(ky - 1) * dil * RS;
 #pragma GCC unroll 3
-            for (int kx = 0; kx < 3; kx++) {
-                const float *q = row + (kx - 1) * dil;
-                __m256 x0 = _mm256_loadu_ps(q);
-                __m256 x1 = NV > 1 ? _mm256_loadu_ps(q + 8) : x0;
+                for (int kx = 0; kx < 3; kx++) {
+                    const float *q = row + (kx - 1) * dil;
+                    __m256 x0 = _mm256_loadu_ps(q);
+                    __m256 x1 = NV > 1 ? _mm256_loadu_ps(q + 8) : x0;
 #pragma GCC unroll 5
-                for (int j = 0; j < NB; j++) {
-                    __m256 w = _mm256_broadcast_ss(wb + j);
-                    a0[j] = _mm256_fmadd_ps(w, x0, a0[j]);
-                    if (NV > 1) a1[j] = _mm256_fmadd_ps(w, x1, a1[j]);
+                    for (int j = 0; j < NB; j++) {
+                        __m256 w = _mm256_broadcast_ss(wb + j);
+                        a0[j] = _mm256_fmadd_ps(w, x0, a0[j]);
+                        if (NV > 1) a1[j] = _mm256_fmadd_ps(w, x1, a1[j]);
+                    }
+                    wb += NB;
                 }
-                wb += NB;
             }
         }
     }
@@ -97,74 +101,96 @@ AI void tile(const float *in, long PS, long RS, int Cin, int dil, const float *w
     }
 }
 
-#define ROW_FOR(NB)                                                                              \
-    {                                                                                            \
-        int x = 0;                                                                               \
-        for (; x + 16 <= W; x += 16)                                                             \
-            tile(ib + x, PS, RS, Cin, dil, wb, bb, NB, 2, 8, ob + x, OPS, mode, rb ? rb + x : 0, \
-                 o2 ? o2 + x : 0, slope);                                                        \
-        for (; x < W; x += 8)                                                                    \
-            tile(ib + x, PS, RS, Cin, dil, wb, bb, NB, 1, W - x < 8 ? W - x : 8, ob + x, OPS,    \
-                 mode, rb ? rb + x : 0, o2 ? o2 + x : 0, slope);                                 \
+#define ROW_FOR(KZ, NB)                                                                            \
+    {                                                                                              \
+        int x = 0;                                                                                 \
+        for (; x + 16 <= W; x += 16)                                                               \
+            tile(ib + x, PS, SS, RS, Cin, dil, wb, bb, KZ, NB, 2, 8, ob + x, OPS, mode,            \
+                 rb ? rb + x : 0, o2 ? o2 + x : 0, slope);                                         \
+        for (; x < W; x += 8)                                                                      \
+            tile(ib + x, PS, SS, RS, Cin, dil, wb, bb, KZ, NB, 1, W - x < 8 ? W - x : 8, ob + x,   \
+                 OPS, mode, rb ? rb + x : 0, o2 ? o2 + x : 0, slope);                              \
+    }
+#define ROW_NB(KZ)                 \
+    switch (nb) {                  \
+    case 5: ROW_FOR(KZ, 5) break;  \
+    case 4: ROW_FOR(KZ, 4) break;  \
+    case 3: ROW_FOR(KZ, 3) break;  \
+    case 2: ROW_FOR(KZ, 2) break;  \
+    default: ROW_FOR(KZ, 1) break; \
     }
 #endif
 
-/* 3x3 convolution, stride 1, padding = dilation (<= P_in), on padded planes.
- * in: B x Cin planes (border P_in); out, res, out2: B x Cout planes (border P_out; P_out may be 0
- * for a dense NCHW output).  wpk: weights packed in blocks of 5 output channels, each block
- * [ci][ky][kx][j] (see native.py: pack_conv3x3).  mode: MODE_*.  res may alias out. */
-void drdm_conv3x3(const float *in, int B, int Cin, int P_in, float *out, int Cout, int P_out, int H, int W,
-                  int dil, const float *wpk, const float *bias, int mode, const float *res, float *out2,
-                  float slope_f, int nthreads)
+/* Strides of a padded buffer (see the layout above); nd = 2 or 3, D = 1 in 2D. */
+typedef struct { long RS, SS, PS; int P, PZ; } geom_t;
+static geom_t geom(int nd, int P, int D, int H, int W)
 {
-    const long RS = W + 2 * P_in, PS = (long)(H + 2 * P_in) * RS;
-    const long ORS = W + 2 * P_out, OPS = (long)(H + 2 * P_out) * ORS;
-    const int ncob = (Cout + 4) / 5;
+    geom_t g;
+    g.P = P;
+    g.PZ = nd == 3 ? P : 0;
+    g.RS = W + 2 * P;
+    g.SS = (long)(H + 2 * P) * g.RS;
+    g.PS = (long)(D + 2 * g.PZ) * g.SS;
+    return g;
+}
+static inline long at(const geom_t *g, int z, int y) { return (z + g->PZ) * g->SS + (y + g->P) * g->RS + g->P; }
+
+/* 3x3 (2D) or 3x3x3 (3D) convolution, stride 1, padding = dilation (<= P_in), on padded planes.
+ * in: B x Cin planes (border P_in); out, res, out2: B x Cout planes (border P_out; P_out may be 0
+ * for a dense output).  wpk: weights packed in blocks of 5 output channels, each block
+ * [ci][kz][ky][kx][j] (see native.py: pack_conv).  mode: MODE_*.  res may alias out. */
+void drdm_conv(int nd, const float *in, int B, int Cin, int P_in, float *out, int Cout, int P_out, int D, int H,
+               int W, int dil, const float *wpk, const float *bias, int mode, const float *res, float *out2,
+               float slope_f, int nthreads)
+{
+    const geom_t gi = geom(nd, P_in, D, H, W), go = geom(nd, P_out, D, H, W);
+    const long PS = gi.PS, SS = gi.SS, RS = gi.RS, OPS = go.PS;
+    const int ncob = (Cout + 4) / 5, KZ = nd == 3 ? 3 : 1, taps = 9 * KZ;
 #if DRDM_AVX2
     const __m256 slope = _mm256_set1_ps(slope_f);
 #endif
-#pragma omp parallel for num_threads(nthreads) collapse(3) schedule(static)
+#pragma omp parallel for num_threads(nthreads) collapse(4) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int cob = 0; cob < ncob; cob++) {
-            for (int y = 0; y < H; y++) {
-                int nb = Cout - cob * 5;
-                if (nb > 5) nb = 5;
-                const float *wb = wpk + (long)cob * 5 * Cin * 9;
-                const float *bb = bias + cob * 5;
-                const float *ib = in + (long)b * Cin * PS + (y + P_in) * RS + P_in;
-                long oo = ((long)b * Cout + cob * 5) * OPS + (y + P_out) * ORS + P_out;
-                float *ob = out + oo;
-                const float *rb = res ? res + oo : 0;
-                float *o2 = out2 ? out2 + oo : 0;
+            for (int z = 0; z < D; z++) {
+                for (int y = 0; y < H; y++) {
+                    int nb = Cout - cob * 5;
+                    if (nb > 5) nb = 5;
+                    const float *wb = wpk + (long)cob * 5 * Cin * taps;
+                    const float *bb = bias + cob * 5;
+                    const float *ib = in + (long)b * Cin * PS + at(&gi, z, y);
+                    long oo = ((long)b * Cout + cob * 5) * OPS + at(&go, z, y);
+                    float *ob = out + oo;
+                    const float *rb = res ? res + oo : 0;
+                    float *o2 = out2 ? out2 + oo : 0;
 #if DRDM_AVX2
-                switch (nb) {
-                case 5: ROW_FOR(5) break;
-                case 4: ROW_FOR(4) break;
-                case 3: ROW_FOR(3) break;
-                case 2: ROW_FOR(2) break;
-                default: ROW_FOR(1) break;
-                }
+                    if (KZ == 3) { ROW_NB(3) } else { ROW_NB(1) }
 #else
-                float acc[W];
-                for (int j = 0; j < nb; j++) {
-                    for (int x = 0; x < W; x++) acc[x] = bb[j];
-                    for (int ci = 0; ci < Cin; ci++)
-                        for (int ky = 0; ky < 3; ky++)
-                            for (int kx = 0; kx < 3; kx++) {
-                                const float wv = wb[((ci * 3 + ky) * 3 + kx) * nb + j];
-                                const float *q = ib + ci * PS + (long)(ky - 1) * dil * RS + (kx - 1) * dil;
-                                for (int x = 0; x < W; x++) acc[x] += wv * q[x];
-                            }
-                    float *orow = ob + j * OPS;
-                    for (int x = 0; x < W; x++) {
-                        float v = acc[x];
-                        if (mode == MODE_RES_LEAKY) v = leakyf(v + rb[j * OPS + x], slope_f);
-                        else if (mode == MODE_LEAKY) v = leakyf(v, slope_f);
-                        orow[x] = v;
-                        if (mode == MODE_STORE_AND_LEAKY) o2[j * OPS + x] = leakyf(v, slope_f);
+                    float acc[W];
+                    for (int j = 0; j < nb; j++) {
+                        for (int x = 0; x < W; x++) acc[x] = bb[j];
+                        const float *w = wb + j;
+                        for (int ci = 0; ci < Cin; ci++)
+                            for (int kz = 0; kz < KZ; kz++)
+                                for (int ky = 0; ky < 3; ky++)
+                                    for (int kx = 0; kx < 3; kx++) {
+                                        const float wv = *w;
+                                        w += nb;
+                                        const float *q = ib + ci * PS + (KZ == 3 ? (long)(kz - 1) * dil * SS : 0)
+                                                         + (long)(ky - 1) * dil * RS + (kx - 1) * dil;
+                                        for (int x = 0; x < W; x++) acc[x] += wv * q[x];
+                                    }
+                        float *orow = ob + j * OPS;
+                        for (int x = 0; x < W; x++) {
+                            float v = acc[x];
+                            if (mode == MODE_RES_LEAKY) v = leakyf(v + rb[j * OPS + x], slope_f);
+                            else if (mode == MODE_LEAKY) v = leakyf(v, slope_f);
+                            orow[x] = v;
+                            if (mode == MODE_STORE_AND_LEAKY) o2[j * OPS + x] = leakyf(v, slope_f);
+                        }
                     }
-                }
 #endif
+                }
             }
         }
     }
@@ -221,81 +247,91 @@ static void norm_leaky_row(float *restrict row, float *restrict out, int W, floa
 /* Instance normalisation in place on B x C padded planes, then a <- LeakyReLU(r) (if a).
  * Statistics in double: mean, then the biased variance of (x - mean); y = (x - mean) * scale + beta
  * with scale = gamma / sqrt(var + eps) (gamma, beta per channel; NULL = 1, 0). */
-void drdm_instnorm_leaky(float *r, int B, int C, int P, int H, int W, const float *gamma, const float *beta,
-                         float eps, float *a, float slope, int nthreads)
+void drdm_instnorm_leaky(int nd, float *r, int B, int C, int P, int D, int H, int W, const float *gamma,
+                         const float *beta, float eps, float *a, float slope, int nthreads)
 {
-    const long RS = W + 2 * P, PS = (long)(H + 2 * P) * RS;
-    const double n = (double)H * W;
+    const geom_t g = geom(nd, P, D, H, W);
+    const double n = (double)D * H * W;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int pl = 0; pl < B * C; pl++) {
         int c = pl % C;
-        float *base = r + (long)pl * PS + P * RS + P;
+        float *base = r + (long)pl * g.PS;
         double s = 0.0;
-        for (int y = 0; y < H; y++) s += row_sum(base + y * RS, W);
+        for (int z = 0; z < D; z++)
+            for (int y = 0; y < H; y++) s += row_sum(base + at(&g, z, y), W);
         const double mean = s / n;
         const float mf = (float)mean;
         double v = 0.0;
-        for (int y = 0; y < H; y++) v += row_sqdev(base + y * RS, W, mf);
+        for (int z = 0; z < D; z++)
+            for (int y = 0; y < H; y++) v += row_sqdev(base + at(&g, z, y), W, mf);
         const double var = v / n;
         const float scale = (float)((gamma ? gamma[c] : 1.0) / sqrt(var + (double)eps));
         const float shift = beta ? beta[c] : 0.0f;
-        float *abase = a ? a + (long)pl * PS + P * RS + P : 0;
-        for (int y = 0; y < H; y++) {
-            float *restrict row = base + y * RS;
-            if (abase) norm_leaky_row(row, abase + y * RS, W, mf, scale, shift, slope);
-            else
-                for (int x = 0; x < W; x++) row[x] = (row[x] - mf) * scale + shift;
-        }
-    }
-}
-
-/* dst[b, c0 + c] = src[b, c] + add[b * add_bstride + c]  (planes; P_src 0 = dense NCHW source) */
-void drdm_planes_add(const float *src, int P_src, int Cs, float *dst, int P_dst, int Cd, int c0, int B, int H,
-                     int W, const float *add, int add_bstride, int nthreads)
-{
-    const long SRS = W + 2 * P_src, SPS = (long)(H + 2 * P_src) * SRS;
-    const long DRS = W + 2 * P_dst, DPS = (long)(H + 2 * P_dst) * DRS;
-#pragma omp parallel for num_threads(nthreads) collapse(2) schedule(static)
-    for (int pl = 0; pl < B * Cs; pl++) {
-        for (int y = 0; y < H; y++) {
-            int b = pl / Cs, c = pl % Cs;
-            const float e = add ? add[(long)b * add_bstride + c] : 0.0f;
-            const float *s = src + (long)pl * SPS + (y + P_src) * SRS + P_src;
-            float *d = dst + ((long)b * Cd + c0 + c) * DPS + (y + P_dst) * DRS + P_dst;
-            for (int x = 0; x < W; x++) d[x] = s[x] + e;
-        }
-    }
-}
-
-/* channels-last (B, H, W, Cs) -> planes dst[b, c0 + c] (+ add[b * add_bstride + c]) */
-void drdm_nhwc_to_planes(const float *src, int Cs, float *dst, int P_dst, int Cd, int c0, int B, int H, int W,
-                         const float *add, int add_bstride, int nthreads)
-{
-    const long DRS = W + 2 * P_dst, DPS = (long)(H + 2 * P_dst) * DRS;
-#pragma omp parallel for num_threads(nthreads) collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int y = 0; y < H; y++) {
-            const float *s = src + (((long)b * H + y) * W) * Cs;
-            for (int c = 0; c < Cs; c++) {
-                const float e = add ? add[(long)b * add_bstride + c] : 0.0f;
-                float *d = dst + ((long)b * Cd + c0 + c) * DPS + (y + P_dst) * DRS + P_dst;
-                for (int x = 0; x < W; x++) d[x] = s[(long)x * Cs + c] + e;
+        float *abase = a ? a + (long)pl * g.PS : 0;
+        for (int z = 0; z < D; z++) {
+            for (int y = 0; y < H; y++) {
+                float *restrict row = base + at(&g, z, y);
+                if (abase) norm_leaky_row(row, abase + at(&g, z, y), W, mf, scale, shift, slope);
+                else
+                    for (int x = 0; x < W; x++) row[x] = (row[x] - mf) * scale + shift;
             }
         }
     }
 }
 
-/* planes (B, C, border P_src) -> channels-last (B, H, W, C) */
-void drdm_planes_to_nhwc(const float *src, int P_src, int C, float *dst, int B, int H, int W, int nthreads)
+/* dst[b, c0 + c] = src[b, c] + add[b * add_bstride + c]  (planes; P_src 0 = dense source) */
+void drdm_planes_add(int nd, const float *src, int P_src, int Cs, float *dst, int P_dst, int Cd, int c0, int B,
+                     int D, int H, int W, const float *add, int add_bstride, int nthreads)
 {
-    const long SRS = W + 2 * P_src, SPS = (long)(H + 2 * P_src) * SRS;
-#pragma omp parallel for num_threads(nthreads) collapse(2) schedule(static)
+    const geom_t gs = geom(nd, P_src, D, H, W), gd = geom(nd, P_dst, D, H, W);
+#pragma omp parallel for num_threads(nthreads) collapse(3) schedule(static)
+    for (int pl = 0; pl < B * Cs; pl++) {
+        for (int z = 0; z < D; z++) {
+            for (int y = 0; y < H; y++) {
+                int b = pl / Cs, c = pl % Cs;
+                const float e = add ? add[(long)b * add_bstride + c] : 0.0f;
+                const float *s = src + (long)pl * gs.PS + at(&gs, z, y);
+                float *d = dst + ((long)b * Cd + c0 + c) * gd.PS + at(&gd, z, y);
+                for (int x = 0; x < W; x++) d[x] = s[x] + e;
+            }
+        }
+    }
+}
+
+/* channels-last (B, [D,] H, W, Cs) -> planes dst[b, c0 + c] (+ add[b * add_bstride + c]) */
+void drdm_nhwc_to_planes(int nd, const float *src, int Cs, float *dst, int P_dst, int Cd, int c0, int B, int D,
+                         int H, int W, const float *add, int add_bstride, int nthreads)
+{
+    const geom_t gd = geom(nd, P_dst, D, H, W);
+#pragma omp parallel for num_threads(nthreads) collapse(3) schedule(static)
     for (int b = 0; b < B; b++) {
-        for (int y = 0; y < H; y++) {
-            float *d = dst + (((long)b * H + y) * W) * C;
-            for (int c = 0; c < C; c++) {
-                const float *s = src + ((long)b * C + c) * SPS + (y + P_src) * SRS + P_src;
-                for (int x = 0; x < W; x++) d[(long)x * C + c] = s[x];
+        for (int z = 0; z < D; z++) {
+            for (int y = 0; y < H; y++) {
+                const float *s = src + ((((long)b * D + z) * H + y) * W) * Cs;
+                for (int c = 0; c < Cs; c++) {
+                    const float e = add ? add[(long)b * add_bstride + c] : 0.0f;
+                    float *d = dst + ((long)b * Cd + c0 + c) * gd.PS + at(&gd, z, y);
+                    for (int x = 0; x < W; x++) d[x] = s[(long)x * Cs + c] + e;
+                }
+            }
+        }
+    }
+}
+
+/* planes (B, C, border P_src) -> channels-last (B, [D,] H, W, C) */
+void drdm_planes_to_nhwc(int nd, const float *src, int P_src, int C, float *dst, int B, int D, int H, int W,
+                         int nthreads)
+{
+    const geom_t gs = geom(nd, P_src, D, H, W);
+#pragma omp parallel for num_threads(nthreads) collapse(3) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int z = 0; z < D; z++) {
+            for (int y = 0; y < H; y++) {
+                float *d = dst + ((((long)b * D + z) * H + y) * W) * C;
+                for (int c = 0; c < C; c++) {
+                    const float *s = src + ((long)b * C + c) * gs.PS + at(&gs, z, y);
+                    for (int x = 0; x < W; x++) d[(long)x * C + c] = s[x];
+                }
             }
         }
     }
