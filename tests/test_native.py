@@ -253,3 +253,15 @@ def test_default_only_where_measured(monkeypatch):
     assert InferenceEngine(net, native=True).native_in_use(torch.device("cpu"))
     monkeypatch.setenv("NAPARI_DRDM_NATIVE", "1")
     assert InferenceEngine(net).native_in_use(torch.device("cpu"))
+
+
+def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    (tmp_path / "tmp").mkdir()
+    out = _in_subprocess("""
+        from napari_drdm.core import native
+        print(native.load() is not None, native._state["path"])
+    """, NAPARI_DRDM_CACHE=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    ok, path = out.split()
+    assert ok == "True" and path.startswith(str(tmp_path / "tmp" / "napari-drdm-"))

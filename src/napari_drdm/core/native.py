@@ -89,13 +89,22 @@ def _build(cc: str, simd: bool, out_dir: Optional[Path] = None) -> Path:
     except (OSError, subprocess.SubprocessError):
         ver = []
     key = hashlib.sha256(src + repr((flags, ver, platform.machine(), _ABI)).encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir is not None else _cache_dir()
-    target = out_dir / f"drdm_kernels_{key}{'_avx2' if simd else ''}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    name = f"drdm_kernels_{key}{'_avx2' if simd else ''}.so"
+    dirs = [Path(out_dir)] if out_dir is not None else [
+        _cache_dir(), Path(tempfile.gettempdir()) / f"napari-drdm-{getattr(os, 'getuid', lambda: 0)()}"]
+    for d in dirs:
+        if (d / name).exists():
+            return d / name
+    for i, d in enumerate(dirs):              # the cache, or a private temporary folder if it is read-only
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
+            break
+        except OSError:
+            if i == len(dirs) - 1:
+                raise
     os.close(fd)
+    target = d / name
     try:
         proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)
