@@ -265,3 +265,18 @@ def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path):
     """, NAPARI_DRDM_CACHE=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
     ok, path = out.split()
     assert ok == "True" and path.startswith(str(tmp_path / "tmp" / "napari-drdm-"))
+
+
+def test_cli_info_reports_the_inference_path(capsys):
+    import json
+
+    from napari_drdm.cli import main
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] in ("cpu", "cuda", "mps")
+    assert info["native_kernels"]["built"] is (native.load() is not None)
+    if info["device"] == "cpu" and info["onednn_fused_convolutions"]:
+        assert info["inference_path"] == ("oneDNN + native kernels" if native.auto_enabled()[0] else "oneDNN")
+    assert main(["info"]) == 0
+    assert "inference_path:" in capsys.readouterr().out

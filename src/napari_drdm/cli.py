@@ -11,7 +11,7 @@ from typing import List, Optional
 from . import __version__
 
 #: sub-command modules, in help order
-COMMANDS = ["generate", "evaluate", "augment", "synthesize_pairs", "weights"]
+COMMANDS = ["generate", "evaluate", "augment", "synthesize_pairs", "weights", "info"]
 
 
 def build_parser() -> argparse.ArgumentParser:
