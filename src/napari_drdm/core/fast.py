@@ -15,7 +15,7 @@ What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/READM
 * **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
   a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
   copy or elementwise step that follows anyway.
-* **Native kernels** (2D, AVX2 CPUs; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
+* **Native kernels** (2D and 3D, AVX2 CPUs; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
   stages at full and half resolution run in compiled C kernels that vectorise over the width
   (no padded channels) and fuse bias, LeakyReLU, the residual add and instance normalisation;
   oneDNN keeps the coarse levels.  Built on first use with the system C compiler; without one,
@@ -123,9 +123,10 @@ class InferenceEngine:
     pool: reuse work tensors (oneDNN path; default: yes).
     pad_channels: pad block output channels to the CPU's vector block (default: on AVX2).
     cuda_graphs: replay each (shape, K) forward from a captured CUDA graph (opt-in, CUDA only).
-    native: run the 2D network's two finest levels in the compiled kernels of
-        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default: when they build.
-        ``True`` raises if they cannot be used.
+    native: run the network's two finest levels in the compiled kernels of
+        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default: when they build and
+        the CPU is one they were measured on (AVX2, see ``native.auto_enabled``).  ``True`` uses
+        them wherever they build and raises if they cannot be used.
     """
 
     def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
