@@ -269,9 +269,9 @@ class Bench:
                    "plain": (lambda: self.net.single_pass(x, t), lambda: self.net.forward_plain(x, t, self.K))}
             if args.no_eager:
                 fns.pop("plain")
-            if res["native_kernels"]:
-                eng1 = InferenceEngine(self.net, native=False)
-                fns["onednn_only"] = (lambda: eng1.single_pass(x, t), lambda: eng1(x, t, self.K))
+            eng_onednn = InferenceEngine(self.net, native=False) if res["native_kernels"] else None
+            if eng_onednn is not None:      # what the native kernels add over the oneDNN-only path
+                fns["onednn_only"] = (lambda: eng_onednn.single_pass(x, t), lambda: eng_onednn(x, t, self.K))
                 passes["onednn_only"], fwd["onednn_only"] = [], []
             for k, (p1, _) in fns.items():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
                 p1()
@@ -290,8 +290,7 @@ class Bench:
             makers = {"default": lambda: self.stepper(True)}
             if not args.no_eager:
                 makers["plain"] = lambda: self.stepper(False)
-            if res["native_kernels"]:      # what the native kernels add over the oneDNN-only path
-                eng_onednn = InferenceEngine(self.net, native=False)
+            if eng_onednn is not None:
                 makers["onednn_only"] = lambda: self.stepper(True, engine=eng_onednn)
             if args.compile:
                 ceng = InferenceEngine(self.net, fuse=False, compile=True)

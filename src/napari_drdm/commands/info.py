@@ -31,9 +31,9 @@ def collect() -> dict:
         "torch_threads": torch.get_num_threads(),
         "onednn_fused_convolutions": mkldnn_fusion_available(),
     }
-    native.load()
+    built = native.load() is not None
     used, why = native.auto_enabled()
-    info["native_kernels"] = {"built": native.load() is not None, "status": native.status(),
+    info["native_kernels"] = {"built": built, "status": native.status(),
                               "used_by_default_on_cpu": used, "reason": why}
     if dev.type == "cpu":
         info["inference_path"] = ("oneDNN + native kernels" if used else "oneDNN") if mkldnn_fusion_available() \

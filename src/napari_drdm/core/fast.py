@@ -72,11 +72,7 @@ def mkldnn_fusion_available() -> bool:
         return False
 
 
-def _cpu_capability() -> str:
-    try:
-        return str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # pragma: no cover - old PyTorch
-        return ""
+_cpu_capability = _native.cpu_capability
 
 
 def channels_last_format(ndim: int):
@@ -164,6 +160,7 @@ class InferenceEngine:
         self.native = native
         self._runner = None
         self._native_fits = False
+        self._native_key, self._native_on = None, False
 
     # ------------------------------------------------------------------ caches
     @staticmethod
@@ -236,10 +233,18 @@ class InferenceEngine:
     def native_in_use(self, device: Optional[torch.device] = None) -> bool:
         """Whether passes run the compiled kernels of :mod:`~napari_drdm.core.native` (see ``native``)."""
         device = device if device is not None else next(self.net.parameters()).device
+        self._sync()
+        return self._native_wanted(device)
+
+    def _native_wanted(self, device) -> bool:
+        """:meth:`native_in_use` for an engine already synced (once per pass); decided once per
+        weight signature, device type and option."""
+        key = (self._sig, device.type, self.native)
+        if key == self._native_key:
+            return self._native_on
         if self.native is False or self.backend(device) != "mkldnn" or not self._pool_wanted(device):
             ok, why = False, "off for this engine (native=False, no oneDNN path or no work-tensor pool)"
         else:
-            self._sync()
             lib = _native.load()
             auto, auto_why = _native.auto_enabled()
             if lib is None:
@@ -252,6 +257,7 @@ class InferenceEngine:
             raise RuntimeError(f"native kernels requested but not usable: {why}")
         if ok and self._runner is None:
             self._runner = _native.Runner(_native.load())
+        self._native_key, self._native_on = key, ok
         return ok
 
     def _pool_wanted(self, device) -> bool:
@@ -497,14 +503,20 @@ class InferenceEngine:
             return self._conv(x, c, bias=c.b + e)          # time embedding folded into the bias
         return self._conv(x, c).add_(self._bc(e, uniform))
 
+    def _up(self, name, h, e, cs, uniform):
+        """(up(h), folded): the transposed convolution, with the embedding channels e[cs:] folded
+        into its bias when the batch shares one t (folded = True); otherwise the caller adds them."""
+        c = self._convs[name]
+        if uniform and c.b is not None:
+            return self._conv(h, c, bias=c.b + e[cs:]), True
+        return self._conv(h, c), False
+
     def _up_cat(self, name, skip, h, e, uniform):
         """cat([skip, up(h)]) + e, written once into a channels-last buffer."""
-        c = self._convs[name]
         cs = skip.shape[1]
-        if uniform and c.b is not None:
-            up = self._conv(h, c, bias=c.b + e[cs:])
-        else:
-            up = self._conv(h, c).add_(self._bc(e[..., cs:], uniform))
+        up, folded = self._up(name, h, e, cs, uniform)
+        if not folded:
+            up.add_(self._bc(e[..., cs:], uniform))
         self._free(h)
         out = self._alloc((skip.shape[0], cs + up.shape[1]) + tuple(skip.shape[2:]), up)
         torch.add(skip, self._bc(e[..., :cs], uniform), out=out[:, :cs])
@@ -515,7 +527,7 @@ class InferenceEngine:
     # ------------------------------------------------------------------ the network
     def _body(self, x: torch.Tensor, t) -> torch.Tensor:
         """The U-Net up to its last convolution (raw output, before the clamp)."""
-        if self._backend == "mkldnn" and x.dtype == torch.float32 and self.native_in_use(x.device):
+        if self._backend == "mkldnn" and x.dtype == torch.float32 and self._native_wanted(x.device):
             return _native.body(self, x, t, self._runner, torch.get_num_threads())
         E, uni = self._embeddings(t, x.device)
         e1, e2, e3, emid, e4, e5, eout = E

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["load", "status", "auto_enabled", "build_library", "pack_conv", "PAD", "body", "supports", "Planes", "Runner"]
+__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "pack_conv", "PAD", "body", "supports", "Planes", "Runner"]
 
 PAD = 3                      # border of every plane buffer: the largest dilation of the 3x3 convolutions
 SLACK = 16                   # floats after the last plane (vector loads of the last row)
@@ -44,13 +44,18 @@ _lock = threading.Lock()
 _state: Dict[str, object] = {"lib": None, "tried": False, "reason": "not tried yet", "path": None}
 
 
+def cpu_capability() -> str:
+    """PyTorch's CPU kernel level here ("AVX2", "AVX512", "DEFAULT", ...; "" if unknown)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - old PyTorch
+        return ""
+
+
 def _cpu_has_avx2_fma() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        cap = str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # pragma: no cover - old PyTorch
-        return False
+    cap = cpu_capability()
     return cap.startswith("AVX2") or cap.startswith("AVX512")
 
 
@@ -186,10 +191,7 @@ def auto_enabled() -> Tuple[bool, str]:
         return False, status()
     if not lib.drdm_kernels_simd():
         return False, "portable C build, not measured against oneDNN (native=True or NAPARI_DRDM_NATIVE=1 to use it)"
-    try:
-        cap = str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # pragma: no cover - old PyTorch
-        cap = "unknown"
+    cap = cpu_capability() or "unknown"
     if cap != "AVX2":
         return False, (f"measured faster than oneDNN on AVX2 CPUs; this one runs {cap} kernels "
                        "(native=True or NAPARI_DRDM_NATIVE=1 to use them)")
@@ -365,12 +367,9 @@ def _nhwc_into(runner, t: torch.Tensor, dst: Planes, c0: int, add: Optional[Tupl
 
 def _up_cat(runner, eng, name, skip: Planes, h: torch.Tensor, e, uniform, threads) -> Planes:
     """cat([skip, up(h)]) + e as planes (skip and h are freed)."""
-    c = eng._convs[name]
     cs = skip.C
-    if uniform and c.b is not None:
-        up, add_up = eng._conv(h, c, bias=c.b + e[cs:]), None      # embedding folded into the bias
-    else:
-        up, add_up = eng._conv(h, c), _add_vec(e, uniform, cs, e.shape[-1])
+    up, folded = eng._up(name, h, e, cs, uniform)
+    add_up = None if folded else _add_vec(e, uniform, cs, e.shape[-1])
     eng._free(h)
     out = runner.planes(skip.B, cs + up.shape[1], skip.spatial)
     es, st = _add_vec(e, uniform, 0, cs)
