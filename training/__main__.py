@@ -66,6 +66,8 @@ def _cmd_train(args) -> int:
     else:
         print("error: --config is required for a new run", file=sys.stderr)
         return 2
+    if args.init:
+        cfg["init"] = args.init
     if args.resume and latest_checkpoint(run) is None:
         print(f"note: no checkpoint in {run}; starting from scratch", file=sys.stderr)
     import os
@@ -73,7 +75,12 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launcher = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
                     f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m", "training"]
-    train(cfg, run, resume=args.resume, argv=launcher + list(args.argv))
+    from .train import InitError
+    try:
+        train(cfg, run, resume=args.resume, argv=launcher + list(args.argv))
+    except InitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -97,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (checkpoints, log, config); spell it --run-dir under torchrun, "
                         "whose own parser takes --run for its --run-path")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start a new run from these weights (file or bundled name; same as --set init=...)")
     p.set_defaults(func=_cmd_train)
+    from .convert_upstream import add_arguments, run as _convert
+    p = sub.add_parser("convert-upstream", help="convert the authors' published 2D checkpoint (cmr2d)")
+    add_arguments(p)
+    p.set_defaults(func=_convert)
     p = sub.add_parser("export", help="write a run's weights as a bundled .safetensors checkpoint")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", required=True, help="output .safetensors path")

@@ -49,6 +49,7 @@ def provenance_of(ck: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:
             "kit_files": kit.get("files"),
             "synthetic": data.get("synthetic") if data.get("kind") == "synthetic" else None,
         },
+        "init": ck.get("init"),
         "final_validation": ck.get("last_val"),
         "training_config": ck.get("config"),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

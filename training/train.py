@@ -261,7 +261,12 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                      rank=env.rank, world=env.world)
     torch.manual_seed(int(tcfg["seed"]))
     model = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim).to(dev)
-    scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
+    init_info = None
+    if ck is None and cfg.get("init"):
+        init_info = load_init(model, cfg["init"])
+        say(f"initialised from {init_info['source']} (sha256 {init_info['sha256'][:12]}...)")
+    elif ck is None:
+        scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=float(ocfg["lr"]),
                            betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
     gens = _generators(int(tcfg["seed"]), env.rank, dev)
@@ -277,6 +282,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if saved_lr != lr:
             say(f"learning rate {saved_lr:g} -> {lr:g} (optim.lr of the configuration)")
         step, history, last_val = int(ck["step"]), list(ck["history"]), ck.get("last_val")
+        init_info = ck.get("init")
         wall_before = float(ck.get("wall_s_total", 0.0))
         bank.load_state_dict(ck["bank"])
         if int(ck["world_size"]) == env.world and ck.get("batch_size") == int(tcfg["batch_size"]):
@@ -330,6 +336,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                    "bank": bank.state_dict(), "rng": states, "world_size": env.world,
                    "batch_size": int(tcfg["batch_size"]), "config": _plain(cfg), "model_config": _plain(mcfg.to_dict()),
                    "history": _plain(history + [now]), "data": _plain(prepared_info(data)), "last_val": _plain(last_val),
+                   "init": _plain(init_info),
                    "wall_s_total": wall_before + time.time() - t_start}
             _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
@@ -422,6 +429,55 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
 
 class _StepAborted(Exception):
     """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
+
+
+class InitError(ValueError):
+    """Starting weights (``init``) that cannot seed the configured network."""
+
+
+def load_init(model: DRDMNet, source) -> Dict[str, Any]:
+    """Load starting weights into ``model`` (strict: every tensor present, same shapes).
+
+    Args:
+        model: the freshly built network of the run's ``model`` configuration.
+        source: a weights file (``.safetensors``, reference ``.pth``, or a training checkpoint
+            ``step_*.pt``) or the name of a bundled model (``cmr2d``, ``brain2d``...).
+
+    Returns:
+        The provenance of the starting weights (source, sha256, their own config and provenance),
+        stored in every checkpoint of the run and carried into the export.
+    """
+    from napari_drdm.checkpoint import CheckpointError, file_sha256, read_checkpoint
+    path = Path(str(source))
+    if not path.exists():
+        try:
+            from napari_drdm.weights import resolve_weights
+            path = Path(resolve_weights(str(source))[0])
+        except Exception:
+            raise InitError(f"init: {source!r} is neither a weights file nor a bundled model name") from None
+    try:
+        if path.suffix == ".pt" and path.name.startswith("step_"):
+            ck = load_training_checkpoint(path)
+            state, icfg, iprov = ck["model"], model_config(ck["config"]).to_dict(), {"training_checkpoint": path.name,
+                                                                                     "steps": int(ck["step"])}
+        else:
+            state, c, iprov = read_checkpoint(path)
+            icfg = c.to_dict()
+    except CheckpointError as e:
+        raise InitError(f"init: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+           if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected
+                                                                    else []) + ([f"shape {bad[:3]}"] if bad else [])
+        raise InitError(f"init: {path} does not fit the configured network (model.ndim/channels/n_steps): "
+                        + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return {"source": str(source), "file": path.name, "sha256": file_sha256(path), "config": icfg,
+            "provenance": iprov}
 
 
 def scale_head(model: DRDMNet, scale: float):
