@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError, file_sha256, read_checkpoint
 from .core.config import DRDMConfig
+from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
 from .core.metrics import field_metrics
@@ -28,7 +29,26 @@ from .core.network import DRDMNet
 from .core.recovery import recover, reverse_timesteps
 from .core.spatial import resample_affine, warp, warp_labels
 
-__all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device"]
+__all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
+           "guard_mode"]
+
+#: fold-guard methods (core/foldguard.py; README "Fold-free deformations"):
+#: "final" corrects the recovered field (and each displayed frame) once; "step" also corrects every
+#: reverse step's field before it is composed; "chain" corrects the accumulated field after every step.
+GUARD_MODES = ("final", "step", "chain")
+#: the method ``fold_guard=True`` selects (chosen by benchmarks/fold_guard.py)
+DEFAULT_GUARD_MODE = "final"
+
+
+def guard_mode(value) -> Optional[str]:
+    """Normalise a ``fold_guard`` argument: False/None/"off" -> None, True -> the default method."""
+    if value is None or value is False or value == "off":
+        return None
+    if value is True or value == "on":
+        return DEFAULT_GUARD_MODE
+    if isinstance(value, str) and value in GUARD_MODES:
+        return value
+    raise ValueError(f"fold_guard must be True, False or one of {GUARD_MODES}, got {value!r}")
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -86,16 +106,23 @@ class ModelGrid:
             return x
         return resample_affine(x, (self.size,) * len(self.shape), self.scale, self.offset, mode, "zeros")
 
-    def field_to_original(self, ddf: torch.Tensor) -> torch.Tensor:
-        """Model-grid pixel field (B, d, S...) -> original-grid pixel field (B, d, *shape)."""
+    def field_to_original(self, ddf: torch.Tensor, fold_guard: bool = False) -> torch.Tensor:
+        """Model-grid pixel field (B, d, S...) -> original-grid pixel field (B, d, *shape).
+
+        Args:
+            ddf: pixel field on the model grid.
+            fold_guard: make the resampled field fold-free on the original grid (resampling a
+                fold-free field can fold: the guard holds per grid, see core/foldguard.py).
+        """
         if self.identity:
-            return ddf
+            return guard_field(ddf)[0] if fold_guard else ddf
         nd = len(self.shape)
         inv_scale = [1.0 / a for a in self.scale]
         inv_off = [-b / a for a, b in zip(self.scale, self.offset)]
         out = resample_affine(ddf, self.shape, inv_scale, inv_off, "linear", "border")
         a = torch.tensor(self.scale, dtype=ddf.dtype, device=ddf.device).view(1, nd, *([1] * nd))
-        return out * a
+        out = out * a
+        return guard_field(out)[0] if fold_guard else out
 
 
 @dataclass
@@ -110,6 +137,7 @@ class Frame:
     image: Optional[np.ndarray] = None
     labels: Optional[np.ndarray] = None
     metrics: Optional[Dict[str, float]] = None
+    guard: Optional[Dict[str, Any]] = None   # fold guard on this frame: pixels folded before / changed
 
 
 @dataclass
@@ -125,6 +153,7 @@ class GenerationResult:
     schedule: str = "paper"
     k: int = 2
     frames: List[Frame] = field(default_factory=list)
+    guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
 
 def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarray:
@@ -230,8 +259,8 @@ class DRDM:
         return grid, grid.to_model(xn), lo, hi
 
     def _render(self, grid: ModelGrid, ddf_model: torch.Tensor, x_orig: torch.Tensor, lo: float, hi: float,
-                lab: Optional[torch.Tensor], image_interp: str, label_interp: str):
-        ddf = grid.field_to_original(ddf_model)
+                lab: Optional[torch.Tensor], image_interp: str, label_interp: str, fold_guard: bool = False):
+        ddf = grid.field_to_original(ddf_model, fold_guard)
         img = warp(x_orig - lo, ddf, image_interp, "zeros") + lo
         img = img.clamp(lo, hi)
         labels = warp_labels(lab, ddf, label_interp) if lab is not None else None
@@ -243,11 +272,15 @@ class DRDM:
                       seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                       frames: bool = True, render: bool = True, frame_metrics: bool = False,
                       image_interp: Optional[str] = None, label_interp: str = "nearest",
-                      ) -> Iterator[Frame]:
+                      fold_guard=False) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
+        ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
+        recovery frame's field fold-free, on the model grid and on the image's own grid
+        (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
         """
+        gmode = guard_mode(fold_guard)
         cfg = self.config
         schedule = schedule or cfg.schedule
         k = int(k or cfg.k_recursions)
@@ -265,12 +298,17 @@ class DRDM:
             psi = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False).forward_ddf
 
         def make_frame(phase, idx, total, t, ddf_m):
-            ddf, img, labs = (self._render(grid, ddf_m, x_orig, lo, hi, lab, image_interp, label_interp)
-                              if render else (grid.field_to_original(ddf_m), None, None))
+            ginfo = None
+            if gmode is not None and phase == "recovery":
+                ddf_m, rep = guard_field(ddf_m)
+                ginfo = {"folded_px_before": rep.folded_before[0], "changed_px": rep.changed[0]}
+            ddf, img, labs = (self._render(grid, ddf_m, x_orig, lo, hi, lab, image_interp, label_interp,
+                                           ginfo is not None)
+                              if render else (grid.field_to_original(ddf_m, ginfo is not None), None, None))
             met = field_metrics(ddf_m[0], side=self.size) if frame_metrics else None
             return Frame(phase, idx, total, t, ddf[0].cpu().numpy(),
                          img[0, 0].cpu().numpy() if img is not None else None,
-                         labs[0, 0].cpu().numpy() if labs is not None else None, met)
+                         labs[0, 0].cpu().numpy() if labs is not None else None, met, ginfo)
 
         if frames:          # frames as the forward pass integrates them: the first one comes at once
             fwd_frames = Returning(self.sampler.iter_frames(t_prime, draws))
@@ -278,14 +316,18 @@ class DRDM:
                 yield make_frame("forward", i, t_prime, i, f)
             psi = fwd_frames.value
         phi = psi
+        hooks = _GuardHooks(gmode)
         if t_prime > 0 or schedule == "reference":
             steps = recover(self._net, x_model, psi, t_prime, None, schedule, k, cfg.n_steps,
-                            cfg.compose_padding, cfg.image_interp)
+                            cfg.compose_padding, cfg.image_interp, **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
                 if frames:
                     yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
-        ddf, img, labs = self._render(grid, phi, x_orig, lo, hi, lab, image_interp, label_interp)
+        guard_info = None
+        if gmode is not None:
+            phi, guard_info = hooks.finish(phi, self.size)
+        ddf, img, labs = self._render(grid, phi, x_orig, lo, hi, lab, image_interp, label_interp, gmode is not None)
         out_img = img[0, 0].cpu().numpy()
         if np.issubdtype(a.dtype, np.integer):
             info = np.iinfo(a.dtype)
@@ -296,16 +338,19 @@ class DRDM:
             image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
-            t_prime=t_prime, seed=seed, schedule=schedule, k=k)
+            t_prime=t_prime, seed=seed, schedule=schedule, k=k, guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                  return_frames: bool = False, label_interp: str = "nearest",
-                 image_interp: Optional[str] = None) -> GenerationResult:
-        """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`."""
+                 image_interp: Optional[str] = None, fold_guard=False) -> GenerationResult:
+        """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
+
+        ``fold_guard``: see :meth:`iter_generate` (True: ``res.ddf`` is fold-free on the image's grid).
+        """
         gen = Returning(self.iter_generate(image, labels, t_prime, seed, schedule, k, spacing,
                                            frames=return_frames, label_interp=label_interp,
-                                           image_interp=image_interp))
+                                           image_interp=image_interp, fold_guard=fold_guard))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -313,13 +358,18 @@ class DRDM:
 
     @torch.inference_mode()
     def generate_model_grid(self, x_model: torch.Tensor, t_prime: int, seeds: Sequence[int],
-                            schedule: Optional[str] = None, k: Optional[int] = None):
+                            schedule: Optional[str] = None, k: Optional[int] = None, fold_guard=False,
+                            guard_report: Optional[dict] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
         ``seeds[b]`` for its forward draw, so results do not depend on the batch composition
-        (up to float rounding).
+        (up to float rounding).  ``fold_guard``: phi is fold-free on the model grid (resize it with
+        ``ModelGrid.field_to_original(..., fold_guard=True)``); ``guard_report``, a dict, receives
+        what the guard did (see :class:`_GuardHooks`).
         """
+        gmode = guard_mode(fold_guard)
+        hooks = _GuardHooks(gmode)
         cfg = self.config
         schedule = schedule or cfg.schedule
         k = int(k or cfg.k_recursions)
@@ -329,9 +379,42 @@ class DRDM:
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
         for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime), None, schedule, k,
-                          cfg.n_steps, cfg.compose_padding, cfg.image_interp):
+                          cfg.n_steps, cfg.compose_padding, cfg.image_interp, **hooks.kwargs()):
             phi = fr.ddf
+        if gmode is not None:
+            phi, info = hooks.finish(phi, self.size)
+            if guard_report is not None:
+                guard_report.update(info)
         return phi, psi
+
+
+class _GuardHooks:
+    """The fold guard's place in the reverse loop for one method, and its bookkeeping."""
+
+    def __init__(self, mode: Optional[str]):
+        self.mode = mode
+        self.step_folded = 0          # pixels corrected inside the loop ("step", "chain")
+
+    def _count(self, u):
+        out, rep = guard_field(u)
+        self.step_folded += sum(rep.folded_before)
+        return out
+
+    def kwargs(self) -> dict:
+        if self.mode == "step":
+            return {"step_guard": self._count}
+        if self.mode == "chain":
+            return {"field_guard": self._count}
+        return {}
+
+    def finish(self, phi: torch.Tensor, side: int):
+        """Guard the recovered field; returns (field, report dict with per-sample lists)."""
+        out, rep = guard_field(phi)
+        npx = float(np.prod(phi.shape[2:]))
+        return out, {"method": self.mode, "side": side,
+                     "folded_pct_before": [100.0 * c / npx for c in rep.folded_before],
+                     "changed_pct": [100.0 * c / npx for c in rep.changed], "fallback_scale": rep.fallback,
+                     "corrected_in_loop_px": self.step_folded}
 
 
 def load_model(name_or_path: Union[str, Path] = "brain2d", device=None, size: Optional[int] = None) -> DRDM:

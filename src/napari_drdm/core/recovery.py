@@ -51,6 +51,7 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
             n_steps: int = 80, compose_padding: str = "zeros", image_interp: str = "cubic",
             label_interp: str = "nearest", net_input: Optional[torch.Tensor] = None,
             labels_every_step: bool = True, fast: Optional[bool] = None,
+            step_guard: Optional[Callable] = None, field_guard: Optional[Callable] = None,
             ) -> Iterator[RecoveryFrame]:
     """Yield one :class:`RecoveryFrame` per reverse step.
 
@@ -62,6 +63,9 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
     ``fast``: for a :class:`~napari_drdm.core.network.DRDMNet`, True runs its optimised inference
     engine (core/fast.py), False its plain modules; None (default) calls ``net`` as given (a
     DRDMNet then follows its ``fast`` attribute, off by default; DRDM models pass the engine).
+    ``step_guard`` / ``field_guard``: optional functions of a pixel field returning a corrected one
+    (the fold guard, core/foldguard.py): ``step_guard`` corrects each step's psi_hat before it is
+    composed, ``field_guard`` the accumulated field after each composition (what the next step sees).
     """
     if fast is not None and isinstance(net, DRDMNet):
         net = net.engine() if fast else net.forward_plain
@@ -74,7 +78,11 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
     for i, t in enumerate(steps, start=1):
         tt = torch.full((B,), t, dtype=torch.int64, device=image0.device)
         u = frac_to_px(net(current, tt, k), S)
+        if step_guard is not None:
+            u = step_guard(u)
         phi = compose(u, phi, compose_padding)
+        if field_guard is not None:
+            phi = field_guard(phi)
         current = warp(net_img0, phi, image_interp, "zeros")
         img = current if net_input is None else warp(image0, phi, image_interp, "zeros")
         lab = None
