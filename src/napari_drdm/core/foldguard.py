@@ -55,6 +55,7 @@ import torch.nn.functional as F
 __all__ = ["fold_mask", "guard_field", "GuardReport", "DEFAULT_MARGIN"]
 
 DEFAULT_MARGIN = 1e-3
+_CHUNK_VOXELS = 1 << 21          # fold_mask works on slabs of about this many pixels (memory bound)
 
 
 def _check(u: torch.Tensor) -> int:
@@ -104,6 +105,19 @@ def fold_mask(u: torch.Tensor, margin: float = DEFAULT_MARGIN, exact: bool = Tru
         bool tensor (B, *spatial).
     """
     nd = _check(u)
+    n0 = u.shape[2]
+    rows = max(2, _CHUNK_VOXELS // max(1, int(u[0, 0, 0].numel())))
+    if n0 > rows:                  # large volumes in slabs along the first axis, with a 1-pixel halo
+        parts = []
+        for a in range(0, n0, rows):
+            lo, hi = max(a - 1, 0), min(a + rows + 1, n0)
+            m = _fold_mask(u[:, :, lo:hi], margin, exact, nd)
+            parts.append(m[:, a - lo:a - lo + min(rows, n0 - a)])
+        return torch.cat(parts, 1)
+    return _fold_mask(u, margin, exact, nd)
+
+
+def _fold_mask(u: torch.Tensor, margin: float, exact: bool, nd: int) -> torch.Tensor:
     u = u.detach().to(torch.float64 if exact else torch.float32)
     cols = []                          # per axis: (forward, backward, central) columns of I + J
     for k in range(nd):

@@ -1,0 +1,124 @@
+"""The fold guard (issue 13) measured on unseen images: folding, displacement, inverse residual, time.
+
+For each model and T', every selected image is generated once without the guard and once with it
+(same seed; see ``napari_drdm.fold_report``): 2D on the held-out sets of
+``benchmarks/make_eval_sets.py`` (cardiac, brain, CT slices), 3D on the kit's val/test volumes
+(ITK KmeansTest head, brainbrowser head, lung1 CT), resampled to the model grid.  Prints one
+summary line per (model, T', method) and writes everything to JSON.
+
+    PYTHONPATH=src python benchmarks/fold_guard.py --eval cache/eval --kit cache/kit \\
+        --json benchmarks/results/fold_guard.json
+
+Timing: the ratio with/without the guard is taken inside one run, generation by generation
+("final": the guard's own time over the loop's time; other methods: a second loop, interleaved).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_drdm import load_model
+from napari_drdm.fold_report import compare_guard, summarise_rows
+
+SETS_2D = ("cardiac", "brain", "ct")
+VOLUMES_3D = ("itk_kmeans_head/itk_kmeans_t1.nii.gz", "brainbrowser_head/brainbrowser_structural1.nii.gz",
+              "lung1/lung1_ct.nii.gz")
+
+
+def _images_2d(eval_dir: Path, per_set: int):
+    out = []
+    for name in SETS_2D:
+        imgs = np.load(eval_dir / f"unseen2d_{name}.npz")["images"]
+        pick = np.linspace(0, len(imgs) - 1, per_set).round().astype(int) if per_set < len(imgs) else range(len(imgs))
+        out += [(f"{name}[{i}]", imgs[i], None) for i in pick]
+    return out
+
+
+def _volumes_3d(kit: Path, n: int):
+    import nibabel as nib
+    out = []
+    for rel in VOLUMES_3D[:n]:
+        im = nib.load(str(kit / rel))
+        a = np.asanyarray(im.dataobj).astype(np.float32)
+        while a.ndim > 3:
+            a = a[..., 0]
+        out.append((rel, a, tuple(float(z) for z in im.header.get_zooms()[:3])))
+    return out
+
+
+def _line(tag, s):
+    off, on = s["off"], s["on"]
+    return (f"{tag}: n={s['n']}  folding % off {off['folding_pct_mean']:.3f} (strict {off['strict_folding_pct_mean']:.3f}, "
+            f"any fold in {100 * off['share_with_any_strict_fold']:.0f} %) -> on {on['folding_pct_mean']:.3f} "
+            f"(strict {on['strict_folding_pct_mean']:.3f}, any fold in {100 * on['share_with_any_strict_fold']:.0f} %)  "
+            f"mean disp {off['mean_disp_pct_mean']:.3f} -> {on['mean_disp_pct_mean']:.3f} % "
+            f"(paired {s['mean_disp_change_pct']:+.2f} %, worst {s['max_abs_mean_disp_change_pct']:.2f} %)  "
+            f"max disp {off['max_disp_pct_mean']:.2f} -> {on['max_disp_pct_mean']:.2f} %  "
+            f"inverse residual {off['inverse_residual_mean_px']:.4f} -> {on['inverse_residual_mean_px']:.4f} px "
+            f"(max {off['inverse_residual_max_px_mean']:.3f} -> {on['inverse_residual_max_px_mean']:.3f})  "
+            f"time {off['seconds_per_generation']:.2f} -> {on['seconds_per_generation']:.2f} s "
+            f"(x{s['time_ratio']:.3f})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eval", default="cache/eval", help="folder of make_eval_sets.py (unseen2d_*.npz)")
+    ap.add_argument("--kit", default="cache/kit", help="data kit folder (3D volumes)")
+    ap.add_argument("--models", default="cmr2d,brain2d,brain3d")
+    ap.add_argument("--t-prime", default="30,45,70", help="2D T' values")
+    ap.add_argument("--t-prime-3d", default="45", help="3D T' values")
+    ap.add_argument("--per-set", type=int, default=1, help="2D images per set (cardiac, brain, CT)")
+    ap.add_argument("--volumes", type=int, default=2, help="3D volumes (of %d)" % len(VOLUMES_3D))
+    ap.add_argument("--methods", default="final", help="guard methods to compare with no guard, e.g. final,step")
+    ap.add_argument("--other-methods-at", default="45",
+                    help="T' values at which methods other than 'final' run (they need a second reverse loop)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    methods = [m for m in a.methods.split(",") if m]
+    other_at = {int(v) for v in a.other_methods_at.split(",") if v}
+    results = {"command": " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+               "torch": torch.__version__, "threads": a.threads, "machine": platform.processor() or platform.machine(),
+               "runs": []}
+    for name in [m for m in a.models.split(",") if m]:
+        model = load_model(name, device="cpu")
+        if model.ndim == 2:
+            images, tps = _images_2d(Path(a.eval), a.per_set), [int(v) for v in a.t_prime.split(",")]
+        else:
+            images, tps = _volumes_3d(Path(a.kit), a.volumes), [int(v) for v in a.t_prime_3d.split(",")]
+        prepared = [(tag, model.prepare(img, sp)[1]) for tag, img, sp in images]
+        for tp in tps:
+            for method in methods:
+                if method != "final" and tp not in other_at:
+                    continue
+                rows = []
+                for i, (tag, x) in enumerate(prepared):
+                    row = compare_guard(model, x, tp, [a.seed + i], method=method)[0]
+                    row["image"] = tag
+                    rows.append(row)
+                    print(f"  {name} T'={tp} {method} {tag}: folding {row['off']['folding_pct']:.3f} -> "
+                          f"{row['on']['folding_pct']:.3f} %, strict {row['off']['strict_folding_pct']:.3f} -> "
+                          f"{row['on']['strict_folding_pct']:.3f} %, {row['seconds_off']:.1f} -> "
+                          f"{row['seconds_on']:.1f} s", flush=True)
+                s = summarise_rows(rows)
+                print(_line(f"{name} (S={model.size}) T'={tp} {method}", s), flush=True)
+                results["runs"].append({"model": name, "size": model.size, "ndim": model.ndim, "t_prime": tp,
+                                        "method": method, "schedule": model.config.schedule, "summary": s,
+                                        "rows": rows})
+                if a.json:
+                    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
