@@ -64,6 +64,7 @@ class ExportOptions:
     overwrite: bool = False
     shard: Tuple[int, int] = (0, 1)
     strict: bool = False                  # stop at the first unusable input instead of skipping it
+    fold_guard: bool = False              # written fields fold-free on the input's grid (core/foldguard.py)
 
     def settings(self) -> dict:
         d = asdict(self)
@@ -226,10 +227,11 @@ def compute_batch(members: List[Tuple[dict, Job]], opts: ExportOptions) -> List[
     seeds = [j.seeds[0] for _, j in members]
     x = torch.cat([ls["x_model"] for ls, _ in members])
     key = members[0][1].key
-    phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k)
+    phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k,
+                                         fold_guard=opts.fold_guard)
     outs = []
     for b, (ls, job) in enumerate(members):
-        ddf = ls["grid"].field_to_original(phi_m[b:b + 1])
+        ddf = ls["grid"].field_to_original(phi_m[b:b + 1], opts.fold_guard)
         o = {"metrics": field_metrics(phi_m[b], side=model.size)}
         if opts.mode == "pairs":
             o["moving"], o["moving_labels"] = _render(ls, ddf, opts.label_interp)
@@ -242,9 +244,9 @@ def compute_batch(members: List[Tuple[dict, Job]], opts: ExportOptions) -> List[
     if opts.mode == "pairs":
         xs = torch.cat([model.prepare(o["moving"], ls["spacing"])[1] for o, (ls, _) in zip(outs, members)])
         phi_s, _ = model.generate_model_grid(xs, key[1], [j.seeds[1] for _, j in members],
-                                             schedule=opts.schedule, k=opts.k)
+                                             schedule=opts.schedule, k=opts.k, fold_guard=opts.fold_guard)
         for b, (o, (ls, job)) in enumerate(zip(outs, members)):
-            syn = ls["grid"].field_to_original(phi_s[b:b + 1])
+            syn = ls["grid"].field_to_original(phi_s[b:b + 1], opts.fold_guard)
             total = compose(syn, o.pop("phi_aug"), "border")
             o["fixed"], o["fixed_labels"] = _render(ls, total, opts.label_interp)
             o["ddf_t"] = syn
@@ -297,7 +299,7 @@ def _write(out: Path, ls: dict, job: Job, o: dict, opts: ExportOptions, overwrit
            "source": s.image, "source_sha256": ls["source_sha256"], "labels_source": s.labels,
            "labels_source_sha256": ls["labels_source_sha256"],
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
-           "label_interp": opts.label_interp, "model": model.name, "model_sha256": model.sha256,
+           "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name, "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
     if opts.mode == "pairs":
         row.update(t_prime_aug=job.key[0], t_prime_syn=job.key[1], seed_aug=job.seeds[0], seed_syn=job.seeds[1])
@@ -476,7 +478,7 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto") -> 
     run = m["run"]
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"], k=row["k"], label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
-                         per_image=1, device=device)
+                         per_image=1, device=device, fold_guard=bool(row.get("fold_guard", False)))
     w = run.get("weights")
     provider = ModelProvider(None if w in (None, "auto") else w, device, run.get("size"), model)
     members, cache = [], {}

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["field_row", "compare_guard", "summarise_rows"]
+__all__ = ["field_row", "guard_rows", "compare_guard", "summarise_rows", "GuardCollector"]
 
 
 def field_row(phi_px, side: int, inverse_iterations: int = 50) -> Dict[str, float]:
@@ -58,7 +58,6 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
         ``[{"off": row, "on": row, "seconds_off": s, "seconds_on": s, "guard": {...}}]``, the
         seconds being the batch's time divided by its size.
     """
-    from .core.foldguard import guard_field
     from .model import guard_mode
     method = guard_mode(method)
     if method is None:
@@ -67,20 +66,40 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
     t0 = time.perf_counter()
     phi_off, _ = model.generate_model_grid(x_model, t_prime, seeds, schedule=schedule, k=k)
     t_off = (time.perf_counter() - t0) / n
-    t0 = time.perf_counter()
     if method == "final":
-        phi_on, rep = guard_field(phi_off)
-        info = rep.as_dict()
-        t_on = t_off + (time.perf_counter() - t0) / n
-    else:
-        info = {}
-        phi_on, _ = model.generate_model_grid(x_model, t_prime, seeds, schedule=schedule, k=k,
-                                              fold_guard=method, guard_report=info)
-        t_on = (time.perf_counter() - t0) / n
+        return guard_rows(phi_off, model.size, seeds, t_off, inverse_iterations)
+    t0 = time.perf_counter()
+    info: dict = {}
+    phi_on, _ = model.generate_model_grid(x_model, t_prime, seeds, schedule=schedule, k=k,
+                                          fold_guard=method, guard_report=info)
+    t_on = (time.perf_counter() - t0) / n
+    return _rows(phi_off, phi_on, model.size, seeds, t_off, t_on, info, inverse_iterations)
+
+
+def guard_rows(phi_off, side: int, seeds: Sequence[int], seconds_off: float,
+               inverse_iterations: int = 50) -> List[dict]:
+    """Rows of :func:`compare_guard` for the "final" method, from unguarded recovered fields.
+
+    Args:
+        phi_off: unguarded recovered fields (B, d, S...), pixels, model grid.
+        side: model side S.
+        seeds: the seed of each sample (recorded only).
+        seconds_off: time per generation of the reverse loop that made ``phi_off``.
+        inverse_iterations: fixed-point iterations of the inverse field.
+    """
+    from .core.foldguard import guard_field
+    t0 = time.perf_counter()
+    phi_on, rep = guard_field(phi_off)
+    t_on = seconds_off + (time.perf_counter() - t0) / len(seeds)
+    return _rows(phi_off, phi_on, side, seeds, seconds_off, t_on, rep.as_dict(), inverse_iterations)
+
+
+def _rows(phi_off, phi_on, side, seeds, t_off, t_on, info, inverse_iterations):
+    n = len(seeds)
     out = []
     for b in range(n):
-        out.append({"seed": int(seeds[b]), "off": field_row(phi_off[b], model.size, inverse_iterations),
-                    "on": field_row(phi_on[b], model.size, inverse_iterations),
+        out.append({"seed": int(seeds[b]), "off": field_row(phi_off[b], side, inverse_iterations),
+                    "on": field_row(phi_on[b], side, inverse_iterations),
                     "seconds_off": t_off, "seconds_on": t_on,
                     "guard": {key: (val[b] if isinstance(val, list) else val) for key, val in info.items()}})
     return out
@@ -115,3 +134,19 @@ def summarise_rows(rows: List[dict]) -> dict:
          for row in rows if row["off"]["mean_disp_pct"] > 0), default=0.0))
     summary["time_ratio"] = on["seconds_per_generation"] / off["seconds_per_generation"]
     return summary
+
+
+class GuardCollector:
+    """For ``drdm evaluate --fold-guard``: called with each batch's unguarded fields, it measures the
+    "final" guard on them (no second reverse loop); :meth:`results` gives one summary per T'."""
+
+    def __init__(self, side: int, inverse_iterations: int = 50):
+        self.side, self.inverse_iterations = side, inverse_iterations
+        self.rows: Dict[int, List[dict]] = {}
+
+    def __call__(self, t_prime: int, phi_off, seeds: Sequence[int], seconds: float):
+        rows = guard_rows(phi_off, self.side, seeds, seconds / len(seeds), self.inverse_iterations)
+        self.rows.setdefault(int(t_prime), []).extend(rows)
+
+    def results(self) -> List[dict]:
+        return [dict(summarise_rows(rows), t_prime=tp, method="final") for tp, rows in self.rows.items()]

@@ -35,7 +35,7 @@ class DRDMTransform:
                  prob: float = 1.0, schedule: Optional[str] = None, k: Optional[int] = None,
                  spacing: Optional[Sequence[float]] = None, channel_dim: Optional[int] = 0,
                  label_interp: str = "nearest", ddf_key: Optional[str] = None, device: str = "cpu",
-                 allow_missing_keys: bool = False, seed: Optional[int] = None):
+                 allow_missing_keys: bool = False, seed: Optional[int] = None, fold_guard: bool = False):
         self.weights = weights
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
         self.t_values = sorted(set(parse_t_prime(t_prime, 1000)))
@@ -43,6 +43,7 @@ class DRDMTransform:
         self.spacing, self.channel_dim = spacing, channel_dim
         self.label_interp, self.ddf_key, self.device = label_interp, ddf_key, device
         self.allow_missing_keys = allow_missing_keys
+        self.fold_guard = fold_guard
         self._model = weights if (weights is not None and not isinstance(weights, str)) else None
         self._rng: Optional[np.random.Generator] = None
         self._worker = None
@@ -132,7 +133,7 @@ class DRDMTransform:
         spacing = self.spacing or getattr(data[keys[0]], "pixdim", None)
         spacing = [float(s) for s in spacing][: first.ndim - 1] if spacing is not None else None
         res = model.generate(first[0], None, t_prime=t_prime, seed=seed, schedule=self.schedule, k=self.k,
-                             spacing=spacing, label_interp=self.label_interp)
+                             spacing=spacing, label_interp=self.label_interp, fold_guard=self.fold_guard)
         ddf = torch.as_tensor(res.ddf, device=model.device)[None]
         out = dict(data)
         for key in keys:

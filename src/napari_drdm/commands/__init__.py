@@ -12,6 +12,15 @@ def add_model_args(p, default=None, required=True):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
+def add_fold_guard_arg(p, default: bool):
+    """--fold-guard / --no-fold-guard (README "Fold-free deformations" says why each default)."""
+    import argparse
+    state = "on" if default else "off"
+    p.add_argument("--fold-guard", action=argparse.BooleanOptionalAction, default=default,
+                   help=f"make every written field fold-free, det(I + grad phi) > 0 at every pixel/voxel under the "
+                        f"central and the strict (2^d one-sided) Jacobian, with a local correction (default: {state})")
+
+
 def load_from_args(args):
     import torch
     from ..model import load_model

@@ -13,7 +13,7 @@ import errno
 import os
 import sys
 
-from . import add_model_args
+from . import add_fold_guard_arg, add_model_args
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -36,6 +36,7 @@ def add_common(p, mode: str):
                    "its residual goes to the manifest)")
     p.add_argument("--inverse-iterations", type=int, default=50)
     p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    add_fold_guard_arg(p, default=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="complete an interrupted run in OUT (finished outputs are verified by sha256 and kept)")
@@ -121,7 +122,8 @@ def run_mode(args, opts_kw: dict) -> int:
     opts = ExportOptions(per_image=args.per_image, seed=args.seed, schedule=args.schedule, k=args.k,
                          batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
                          label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
-                         resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict, **opts_kw)
+                         resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict,
+                         fold_guard=args.fold_guard, **opts_kw)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm

@@ -32,6 +32,10 @@ def add_parser(sub):
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print only the JSON object (default prints it too)")
     p.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    p.add_argument("--fold-guard", action="store_true",
+                   help="also report every generation with and without the fold guard (same seeds): folding "
+                        "(central and strict; mean and share of generations with any fold), max/mean displacement, "
+                        "inverse-field residual, time per generation (key 'fold_guard')")
     return p
 
 
@@ -83,7 +87,8 @@ def _stats(values):
             "min": float(v.min()), "max": float(v.max())}
 
 
-def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False):
+def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
+             on_batch=None):
     import torch
     from ..core.metrics import field_metrics
     prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
@@ -97,7 +102,10 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             ids = list(range(start, min(samples, start + batch)))
             x = torch.cat([prepared[i % len(prepared)] for i in ids], 0)
             seeds = [seed_offset + i for i in ids]
+            tb = time.perf_counter()
             phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k)
+            if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
+                on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):
                 rows.append((field_metrics(phi[b], side=model.size), field_metrics(psi[b], side=model.size)))
             done += len(ids)
@@ -122,11 +130,17 @@ def run(args) -> int:
     model = load_from_args(args)
     axes = tuple(int(a) for a in str(args.slice_axes).split(",") if a.strip())
     images = collect_images(args.images, model.ndim, args.slices, axes)
+    guard = None
+    if args.fold_guard:
+        from ..fold_report import GuardCollector
+        guard = GuardCollector(model.size)
     results = evaluate(model, images, args.t_prime, args.samples, args.schedule, args.k, args.batch,
-                       args.seed_offset, args.progress)
+                       args.seed_offset, args.progress, on_batch=guard)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
            "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0"},
            "results": results}
+    if guard is not None:
+        out["fold_guard"] = guard.results()
     print(json.dumps(out, indent=None if args.json else 2))
     return 0

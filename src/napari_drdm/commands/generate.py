@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import add_model_args, load_from_args
+from . import add_fold_guard_arg, add_model_args, load_from_args
 
 
 def add_parser(sub):
@@ -18,6 +18,7 @@ def add_parser(sub):
                    help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
     p.add_argument("--k", type=int, default=None, help="internal recursions K (default: the model's, 2)")
     p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    add_fold_guard_arg(p, default=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default=None, help="output file prefix (default: input name)")
     p.add_argument("--forward-ddf", action="store_true", help="also write the forward field psi_{T':1}")
@@ -56,18 +57,22 @@ def run(args) -> int:
                          f"{model.name!r} are a {model.ndim}D model")
     t0 = time.perf_counter()
     res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
-                         k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp)
+                         k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
+                         fold_guard=args.fold_guard)
     secs = time.perf_counter() - t0
     vol.spacing = tuple(vol.spacing[: data.ndim])
     extra = {"input": str(Path(args.image).resolve()), "labels_input": str(Path(args.labels).resolve()) if args.labels else None,
              "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
-             "seconds": round(secs, 3), "model_size": model.size,
+             "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
              "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
     paths = write_result(args.out, args.prefix or _stem(args.image), res, vol, lab_vol, overwrite=args.overwrite,
                          extra=extra, write_forward=args.forward_ddf)
     m = res.metrics
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule}: max {m['max_disp_pct']:.2f} % / "
           f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
+    if res.guard is not None:
+        print(f"fold guard: {res.guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before "
+              f"(central or strict check), {res.guard['changed_pct'][0]:.3f} % changed; the written field is fold-free")
     for k, p in paths.items():
         print(f"  {k}: {p}")
     return 0
