@@ -25,19 +25,24 @@ How a field is corrected (:func:`guard_field`)
 1. Fields with no marked pixel are returned **unchanged** (the same tensor, bit for bit); in a
    batch, only the samples with folds are touched.
 2. Local smoothing: the region R = marked pixels dilated by ``radius`` (a (2r+1)^d box) is
-   replaced by the 3^d box average of the field (replicate padding at the image border, so a
-   border pixel averages with itself and its inner neighbours: no zero displacement is pulled in
-   from outside the image); pixels outside R keep their exact values.  The masks are recomputed
-   and the step repeated; every ``grow_every`` rounds without reaching zero folds the radius grows
-   by one.  Averaging lowers the differences inside R (the average of a field whose differences
-   along an axis are all > -1 has differences > -1 too), which removes the compression that made
-   the determinant non-positive; since the field is averaged rather than scaled, it keeps its size.
-3. Guaranteed termination: after ``max_rounds`` rounds, any sample still marked is blended
-   towards zero displacement, u <- s u for s = 1/2, 1/4, ..., 2^-8 and finally s = 0, taking the
-   first s that passes.  s = 0 is the identity map, whose determinants are all exactly 1 under
-   both estimators, in 2D and 3D, inside and at the border: the loop cannot end with a fold.
-   (It has never been needed in the measurements recorded in benchmarks/README.md: the report's
-   ``fallback`` counter says when it is.)
+   replaced by the (2h+1)^d box average of the field (h = ``half``; replicate padding at the image
+   border, so a border pixel averages with itself and its inner neighbours: no zero displacement
+   is pulled in from outside the image); pixels outside R keep their exact values.  The masks are
+   recomputed and the step repeated; after ``grow_every`` rounds without fewer marked pixels, r and
+   h grow by one (capped by ``max_radius`` / ``max_half``, so that the change stays local).
+   Averaging is what removes a fold: the differences of an averaged field are averages of the
+   differences, so the local compression (a difference below -1 along an axis, or a strongly
+   sheared cell) is spread over its neighbours, whose determinants were positive; the field keeps
+   its size (it is averaged, not scaled), which is why the mean displacement hardly changes.
+   Repeated, the region tends to a smooth interpolation of the values around it (in the continuous
+   2D case a harmonic map, which is one-to-one inside a convex region bounded by a one-to-one map:
+   Rado-Kneser-Choquet), but no discrete theorem promises that every fold goes, hence stage 3.
+3. Guaranteed termination: after ``max_rounds`` rounds, a sample still marked is scaled towards
+   zero displacement on a neighbourhood of what is left, u <- s u for s = 1/2, 1/4, 0, the
+   neighbourhood doubling until it covers the image.  With s = 0 on the whole image the field is
+   the identity map, whose determinants are all exactly 1 under both estimators, in 2D and 3D,
+   inside and at the border: the loop cannot end with a fold.  (It was never needed in the
+   measurements recorded in benchmarks/README.md; the report's ``fallback`` says when it is.)
 
 So the returned field passes both checks at every pixel/voxel, border included, in 2D and 3D, by
 construction: the last thing done to it is the check.  The guard is grid-local: a field resampled
@@ -157,11 +162,11 @@ class GuardReport:
                 "changed": list(self.changed), "fallback_scale": list(self.fallback)}
 
 
-def _box_average(u: torch.Tensor) -> torch.Tensor:
+def _box_average(u: torch.Tensor, half: int) -> torch.Tensor:
     nd = u.dim() - 2
-    pad = F.pad(u, (1, 1) * nd, mode="replicate")
+    pad = F.pad(u, (half, half) * nd, mode="replicate")
     pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
-    return pool(pad, 3, stride=1)
+    return pool(pad, 2 * half + 1, stride=1)
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -172,16 +177,60 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return pool(mask[:, None].to(torch.float32), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
 
 
-def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1, grow_every: int = 8,
-                max_rounds: int = 200) -> Tuple[torch.Tensor, GuardReport]:
+def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half, max_rounds):
+    """Stage 2 of the module docstring on one sample: returns (field, mask left, rounds)."""
+    r, h, rounds, best, since, exact = radius, half, 0, int(m.sum()), 0, False
+    while rounds < max_rounds:
+        if not bool(m.any()):
+            if exact:
+                break
+            exact = True                       # passed in float32: the float64 check decides
+            m = fold_mask(v, margin)
+            continue
+        v = torch.where(_dilate(m, r)[:, None], _box_average(v, h), v)
+        m = fold_mask(v, margin, exact)
+        rounds += 1
+        n = int(m.sum())
+        if n < best:
+            best, since = n, 0
+        else:
+            since += 1
+        if since >= grow_every:                # stalled: a wider region and a wider average
+            r, h, since = min(r + 1, max_radius), min(h + 1, max_half), 0
+    if not exact:
+        m = fold_mask(v, margin)
+    return v, m, rounds
+
+
+def _scale_locally(v, m, margin, radius):
+    """Stage 3 (fallback): u <- s u on a growing neighbourhood of the folds, s = 1/2, 1/4, 0.
+
+    Ends at the latest when the neighbourhood covers the image with s = 0: the identity map."""
+    r = max(1, radius)
+    while True:
+        region = _dilate(m, r)[:, None]
+        for s in (0.5, 0.25, 0.0):
+            cand = torch.where(region, v * s, v)
+            if not bool(fold_mask(cand, margin).any()):
+                return cand, s
+        if bool(region.all()):                 # unreachable: s = 0 on everything is the identity
+            raise AssertionError("the identity map was flagged as folding")
+        r *= 2
+
+
+def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1, half: int = 1,
+                grow_every: int = 2, max_radius: int = 4, max_half: int = 3,
+                max_rounds: int = 1000) -> Tuple[torch.Tensor, GuardReport]:
     """Return a fold-free version of ``u`` (see the module docstring) and a :class:`GuardReport`.
 
     Args:
         u: pixel displacement field (B, d, *spatial), d = 2 or 3, any float dtype and device.
         margin: every determinant of the result is > margin (float64 arithmetic on the result).
         radius: initial dilation of the marked pixels (box of side 2 radius + 1).
-        grow_every: smoothing rounds without success before the radius grows by one.
-        max_rounds: smoothing rounds before the fallback (scaling towards zero) is used.
+        half: initial half-width of the box average (box of side 2 half + 1).
+        grow_every: smoothing rounds without fewer marked pixels before radius and half grow by one.
+        max_radius, max_half: caps on that growth (keeps the change local).
+        max_rounds: smoothing rounds before the fallback (local scaling towards zero) is used.
 
     Returns:
         (field, report): ``field`` is ``u`` itself when nothing folds, otherwise a new tensor whose
@@ -197,40 +246,11 @@ def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1
     if not bool(per.any()):
         return u, rep
     out = u.clone()
-    idx = torch.nonzero(per).flatten().tolist()
-    for b in idx:
-        v = out[b:b + 1]
-        m = bad[b:b + 1]
-        r, rounds, best = int(radius), 0, int(per[b])
-        since, exact = 0, False
-        while rounds < max_rounds:
-            if not bool(m.any()):
-                if exact:
-                    break
-                exact = True                       # passed in float32: the float64 check decides
-                m = fold_mask(v, margin)
-                continue
-            region = _dilate(m, r)[:, None]
-            v = torch.where(region, _box_average(v), v)
-            m = fold_mask(v, margin, exact)
-            rounds += 1
-            n = int(m.sum())
-            if n < best:
-                best, since = n, 0
-            else:
-                since += 1
-            if since >= grow_every:
-                r, since = r + 1, 0
-        rep.rounds[b] = rounds
-        if not exact:
-            m = fold_mask(v, margin)
-        if bool(m.any()):                              # fallback: scale towards the identity map
-            base, s = v, 1.0
-            while bool(m.any()):
-                s = s / 2 if s > 2 ** -8 else 0.0
-                v = base * s
-                m = fold_mask(v, margin)
-            rep.fallback[b] = s
+    for b in torch.nonzero(per).flatten().tolist():
+        v, m, rep.rounds[b] = _smooth_locally(out[b:b + 1], bad[b:b + 1], margin, int(radius), int(half),
+                                              int(grow_every), int(max_radius), int(max_half), int(max_rounds))
+        if bool(m.any()):
+            v, rep.fallback[b] = _scale_locally(v, m, margin, int(radius))
         rep.changed[b] = int((v != u[b:b + 1]).any(1).sum())
         out[b:b + 1] = v
     return out, rep
