@@ -323,3 +323,40 @@ def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer,
     assert widget.model.size == 64 and widget.model.ndim == 2
     assert "S=64" in widget.model_info.text()
     assert widget.run_btn.isEnabled(), widget.reason
+
+
+def test_fold_guard_checkbox_shows_folds_before_and_none_after(make_napari_viewer, qtbot, tmp_path):
+    from napari_drdm.core.metrics import folding_pct, strict_folding_pct
+    ckpt = str(make_tiny_checkpoint(tmp_path / "folds2d.safetensors", 2, 32, seed=1))  # its recovery folds
+    viewer = make_napari_viewer()
+    img, _ = _image((40, 44))
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, ckpt)
+    widget.set_labels_layer(None)
+    assert not widget.guard_check.isChecked()               # off by default in the explorer
+    widget.guard_check.setChecked(True)
+    _run_and_wait(qtbot, widget, t_prime=30, schedule="paper", timeout=120000)
+    base = "img DRDM T'30 s0 paper K2 guard"
+    fold = viewer.layers[f"{base} folding (det<=0)"].data
+    store = widget._readout_run().store
+    rec = [j for j, m in enumerate(store.metrics) if m["phase"] == "recovery"]
+    assert rec and not fold[rec].any()                       # every recovery frame shown fold-free
+    assert all(store.metrics[j]["folding_pct"] == 0 for j in rec)
+    assert sum(store.metrics[j]["guard_folded_px"] for j in rec) > 0      # ... and it had folds to remove
+    ddf = viewer.layers[f"{base} recovered field |u| (mm)"].metadata["drdm_ddf"]
+    assert folding_pct(ddf) == 0 and strict_folding_pct(ddf) == 0
+    viewer.layers.selection.active = viewer.layers[f"{base} frames"]
+    viewer.dims.set_point(viewer.dims.ndim - 3, rec[-1])
+    widget.update_readout()
+    assert "fold guard:" in widget.readout.text() and "Fold guard:" in widget.status_label.text()
+
+
+def test_export_widget_fold_guard_default_on(make_napari_viewer):
+    from napari_drdm._widgets._export import ExportWidget
+    viewer = make_napari_viewer()
+    _dw, w = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM dataset export")
+    assert isinstance(w, ExportWidget) and w.guard_check.isChecked()
+    assert w.options().fold_guard is True
+    w.guard_check.setChecked(False)
+    assert w.options().fold_guard is False

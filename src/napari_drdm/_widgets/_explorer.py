@@ -203,6 +203,11 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         f.addRow("Schedule", self.schedule_combo)
         f.addRow("K", self.k_spin)
         f.addRow("Frame memory", self.budget_spin)
+        self.guard_check = QCheckBox("fold guard")
+        self.guard_check.setToolTip("Make every recovery frame and the result fold-free (det(I + grad phi) > 0 "
+                                    "everywhere, central and strict checks) by a local correction; the readout "
+                                    "shows how many pixels folded before it. Off: the model's own fields.")
+        f.addRow("", self.guard_check)
         outer.addWidget(box_p)
 
         self.reason_label = QLabel("")
@@ -608,13 +613,15 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         model = self._model
         params = {"t_prime": self.tprime_spin.value(), "seed": self.seed_spin.value(),
                   "schedule": self.schedule_combo.currentText(), "k": self.k_spin.value(),
-                  "model": model.name, "device": str(model.device)}
+                  "model": model.name, "device": str(model.device), "fold_guard": self.guard_check.isChecked()}
         lead = len(inp.lead_index)
         store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=lead)
         self._run_counter += 1
         base = f"{inp.image_layer.name} DRDM T'{params['t_prime']} s{params['seed']}"
         if params["schedule"] != model.config.schedule or params["k"] != model.config.k_recursions:
             base += f" {params['schedule']} K{params['k']}"
+        if params["fold_guard"]:
+            base += " guard"
         if lead:
             base += " @" + ",".join(str(i) for i in inp.lead_index)
         layer = inp.image_layer
@@ -642,7 +649,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         worker = create_worker(explore, model, inp.image, inp.labels, inp.spacing, params["t_prime"],
                                params["seed"], params["schedule"], params["k"], store,
                                threads=self.threads_spin.value() if model.device.type == "cpu" else None,
-                               _start_thread=False)
+                               fold_guard=params["fold_guard"], _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))
         worker.errored.connect(lambda e, run=run: self._on_error(run, e))
@@ -692,7 +699,9 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         first = f", first frame after {run.t_first:.2f} s" if run.t_first is not None else ""
         self.status_label.setText(
             f"done in {took:.1f} s{first}. Recovered field (model grid, paper protocol): max {m['max_disp_pct']:.2f} %, "
-            f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} %.")
+            f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} %."
+            + (f" Fold guard: {result.guard['folded_pct_before'][0]:.3f} % of pixels folded before, "
+               f"{result.guard['changed_pct'][0]:.3f} % changed." if result.guard else ""))
 
     @_if_alive
     def _on_error(self, run: _Run, error):
@@ -767,7 +776,9 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.readout.setText(
             f"<b>{run.base}</b><br>frame {j + 1}/{run.store.n} shown (#{m['frame'] + 1} of {m['n_total']}): {what}<br>"
             f"max displacement {m['max_disp_pct']:.2f} % of side, mean {m['mean_disp_pct']:.2f} %<br>"
-            f"folding {m['folding_pct']:.3f} % (min det J {m['min_jacobian']:.3f})")
+            f"folding {m['folding_pct']:.3f} % (min det J {m['min_jacobian']:.3f})"
+            + (f"<br>fold guard: {m['guard_folded_px']} px folded before (model grid), "
+               f"{m['guard_changed_px']} px corrected, 0 after" if "guard_folded_px" in m else ""))
 
     def closeEvent(self, event):  # stop work when the dock closes
         self.cancel()

@@ -108,6 +108,12 @@ class ExportWidget(QWidget):
         form.addRow("Batch", self.batch_spin)
         self.inverse_check = QCheckBox("also write the inverse field", self)
         form.addRow("", self.inverse_check)
+        self.guard_check = QCheckBox("fold guard: every written field fold-free", self)
+        self.guard_check.setChecked(True)
+        self.guard_check.setToolTip("det(I + grad phi) > 0 at every pixel/voxel of each written field (central and "
+                                    "strict Jacobian checks), by a local correction around the folds; "
+                                    "README 'Fold-free deformations'")
+        form.addRow("", self.guard_check)
         self.existing = QComboBox(self)
         self.existing.addItems(list(EXISTING))
         form.addRow("Existing outputs", self.existing)
@@ -228,7 +234,8 @@ class ExportWidget(QWidget):
                              t_prime=self.tprime_edit.text().strip(), t_prime_syn=self.tprime_syn_edit.text().strip(),
                              seed=self.seed_spin.value(), schedule=None if sched == "model default" else sched,
                              batch=self.batch_spin.value(), inverse=self.inverse_check.isChecked(),
-                             weights=self.weights_edit.text().strip() or None, resume=resume, overwrite=overwrite)
+                             weights=self.weights_edit.text().strip() or None, resume=resume, overwrite=overwrite,
+                             fold_guard=self.guard_check.isChecked())
 
     # ------------------------------------------------------------------ run
     def start(self):

@@ -66,10 +66,12 @@ def default_threads() -> int:
 
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,
             seed: int, schedule: str, k: int, store: FrameStore, threads: Optional[int] = None,
-            ) -> Iterator[Dict[str, Any]]:
+            fold_guard: bool = False) -> Iterator[Dict[str, Any]]:
     """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult.
 
     ``threads``: torch CPU threads for this (worker) thread; None leaves torch's setting alone.
+    ``fold_guard``: every recovery frame's field is made fold-free; its metrics then carry
+    ``guard_folded_px`` (pixels folded before the correction, model grid) and ``guard_changed_px``.
     """
     import torch
 
@@ -81,7 +83,7 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     shape = tuple(image.shape)
     t0 = time.perf_counter()
     gen = Returning(model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
-                                        spacing=spacing, frames=True, render=True))
+                                        spacing=spacing, frames=True, render=True, fold_guard=fold_guard))
     grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
     lattice = vector_lattice(shape)
     n_forward = store.plan.n_forward
@@ -93,8 +95,11 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
                 with torch.no_grad():
                     warped = warp(grid_t, torch.as_tensor(fr.ddf)[None], "linear", "zeros")[0, 0].numpy()
             packed = pack_frame(fr.ddf, fr.image, fr.labels, warped, store.plan, spacing, lattice)
-            store.add(packed, {"phase": fr.phase, "index": fr.index, "total": fr.total, "t": fr.t,
-                               "frame": i, "n_total": store.plan.n_total})
+            meta = {"phase": fr.phase, "index": fr.index, "total": fr.total, "t": fr.t,
+                    "frame": i, "n_total": store.plan.n_total}
+            if fr.guard is not None:
+                meta.update(guard_folded_px=fr.guard["folded_px_before"], guard_changed_px=fr.guard["changed_px"])
+            store.add(packed, meta)
         i += 1
         store.n_seen = i
         yield {"done": i, "total": store.plan.n_total, "kept": store.n, "phase": fr.phase,
