@@ -32,9 +32,9 @@ VOLUMES_3D = ("itk_kmeans_head/itk_kmeans_t1.nii.gz", "brainbrowser_head/brainbr
               "lung1/lung1_ct.nii.gz")
 
 
-def _images_2d(eval_dir: Path, per_set: int):
+def _images_2d(eval_dir: Path, per_set: int, sets=SETS_2D):
     out = []
-    for name in SETS_2D:
+    for name in sets:
         imgs = np.load(eval_dir / f"unseen2d_{name}.npz")["images"]
         pick = np.linspace(0, len(imgs) - 1, per_set).round().astype(int) if per_set < len(imgs) else range(len(imgs))
         out += [(f"{name}[{i}]", imgs[i], None) for i in pick]
@@ -67,6 +67,30 @@ def _line(tag, s):
             f"(x{s['time_ratio']:.3f})")
 
 
+def frame_timing(model, image, t_prime: int, schedule: str, repeats: int) -> dict:
+    """Explorer-like runs (every frame rendered) with the guard off and on, interleaved: seconds per
+    recovery frame, and the share of recovery frames shown fold-free."""
+    from napari_drdm.core.metrics import folding_pct, strict_folding_pct
+    per = {False: [], True: []}
+    clean = []
+    for _ in range(repeats):
+        for guard in (False, True):
+            t_last, times = time.perf_counter(), []
+            for fr in model.iter_generate(image, None, t_prime=t_prime, seed=0, schedule=schedule,
+                                          frames=True, render=True, fold_guard=guard):
+                now = time.perf_counter()
+                if fr.phase == "recovery":
+                    times.append(now - t_last)
+                    if guard:
+                        clean.append(folding_pct(fr.ddf) == 0 and strict_folding_pct(fr.ddf) == 0)
+                t_last = time.perf_counter()      # the checks above are not counted
+            per[guard].append(float(np.mean(times)))
+    off, on = float(np.median(per[False])), float(np.median(per[True]))
+    return {"t_prime": t_prime, "schedule": schedule, "repeats": repeats, "seconds_per_recovery_frame_off": off,
+            "seconds_per_recovery_frame_on": on, "ratio": on / off, "runs_off": per[False], "runs_on": per[True],
+            "share_of_recovery_frames_fold_free": float(np.mean(clean))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval", default="cache/eval", help="folder of make_eval_sets.py (unseen2d_*.npz)")
@@ -75,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--t-prime", default="30,45,70", help="2D T' values")
     ap.add_argument("--t-prime-3d", default="45", help="3D T' values")
     ap.add_argument("--per-set", type=int, default=1, help="2D images per set (cardiac, brain, CT)")
+    ap.add_argument("--sets", default=",".join(SETS_2D), help="2D sets to use")
     ap.add_argument("--volumes", type=int, default=2, help="3D volumes (of %d)" % len(VOLUMES_3D))
     ap.add_argument("--methods", default="final", help="guard methods to compare with no guard, e.g. final,step")
     ap.add_argument("--other-methods-at", default="45",
@@ -82,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--frames", action="store_true",
+                    help="instead: explorer-like frame timing (first model, first image, first 2D T', paper loop)")
+    ap.add_argument("--repeats", type=int, default=2, help="--frames: interleaved off/on runs")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     methods = [m for m in a.methods.split(",") if m]
@@ -89,10 +117,23 @@ def main(argv=None) -> int:
     results = {"command": " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "torch": torch.__version__, "threads": a.threads, "machine": platform.processor() or platform.machine(),
                "runs": []}
+    if a.frames:
+        name = a.models.split(",")[0]
+        model = load_model(name, device="cpu")
+        tag, img, _ = _images_2d(Path(a.eval), 1, [s for s in a.sets.split(",") if s][:1])[0]
+        r = frame_timing(model, img, int(a.t_prime.split(",")[0]), "paper", a.repeats)
+        results["frames"] = dict(r, model=name, image=tag)
+        print(f"{name} {tag} T'={r['t_prime']} paper loop, every frame rendered: {r['seconds_per_recovery_frame_off']:.3f} "
+              f"-> {r['seconds_per_recovery_frame_on']:.3f} s per recovery frame (x{r['ratio']:.2f}); recovery frames "
+              f"fold-free with the guard: {100 * r['share_of_recovery_frames_fold_free']:.0f} %")
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=1))
+        return 0
     for name in [m for m in a.models.split(",") if m]:
         model = load_model(name, device="cpu")
         if model.ndim == 2:
-            images, tps = _images_2d(Path(a.eval), a.per_set), [int(v) for v in a.t_prime.split(",")]
+            images = _images_2d(Path(a.eval), a.per_set, [s for s in a.sets.split(",") if s])
+            tps = [int(v) for v in a.t_prime.split(",")]
         else:
             images, tps = _volumes_3d(Path(a.kit), a.volumes), [int(v) for v in a.t_prime_3d.split(",")]
         prepared = [(tag, model.prepare(img, sp)[1]) for tag, img, sp in images]
