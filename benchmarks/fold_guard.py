@@ -91,6 +91,27 @@ def frame_timing(model, image, t_prime: int, schedule: str, repeats: int) -> dic
             "share_of_recovery_frames_fold_free": float(np.mean(clean))}
 
 
+def table(paths) -> str:
+    """Markdown rows (README) from result files of this script."""
+    out = ["| model | T' | method | n | folding % off -> on (strict) | generations with any fold off -> on "
+           "(central / strict) | mean disp % off -> on (paired change, worst) | max disp % | inverse residual "
+           "mean px | time / generation | ratio |", "|" + " --- |" * 11]
+    for p in paths:
+        for r in json.loads(Path(p).read_text()).get("runs", []):
+            s, off, on = r["summary"], r["summary"]["off"], r["summary"]["on"]
+            out.append(
+                f"| {r['model']} ({r['ndim']}D, S={r['size']}) | {r['t_prime']} | {r['method']} | {s['n']} | "
+                f"{off['folding_pct_mean']:.3f} ({off['strict_folding_pct_mean']:.3f}) -> {on['folding_pct_mean']:.3f} "
+                f"({on['strict_folding_pct_mean']:.3f}) | {100 * off['share_with_any_fold']:.0f} / "
+                f"{100 * off['share_with_any_strict_fold']:.0f} % -> {100 * on['share_with_any_fold']:.0f} / "
+                f"{100 * on['share_with_any_strict_fold']:.0f} % | {off['mean_disp_pct_mean']:.3f} -> "
+                f"{on['mean_disp_pct_mean']:.3f} ({s['mean_disp_change_pct']:+.2f} %, {s['max_abs_mean_disp_change_pct']:.2f} %) | "
+                f"{off['max_disp_pct_mean']:.2f} -> {on['max_disp_pct_mean']:.2f} | {off['inverse_residual_mean_px']:.3f} -> "
+                f"{on['inverse_residual_mean_px']:.3f} | {off['seconds_per_generation']:.1f} -> "
+                f"{on['seconds_per_generation']:.1f} s | x{s['time_ratio']:.3f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval", default="cache/eval", help="folder of make_eval_sets.py (unseen2d_*.npz)")
@@ -110,7 +131,12 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", action="store_true",
                     help="instead: explorer-like frame timing (first model, first image, first 2D T', paper loop)")
     ap.add_argument("--repeats", type=int, default=2, help="--frames: interleaved off/on runs")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="instead: print the README table of these result files")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table))
+        return 0
     torch.set_num_threads(a.threads)
     methods = [m for m in a.methods.split(",") if m]
     other_at = {int(v) for v in a.other_methods_at.split(",") if v}

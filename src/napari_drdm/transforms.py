@@ -10,6 +10,8 @@ Arrays are channel-first by default, as in MONAI: (C, *spatial); pass ``channel_
 arrays without a channel axis.  Every channel of every image key is warped by the same field
 (image interpolation), label keys by nearest neighbour (values preserved).  The network sees the
 first channel of the first image key.  ``ddf_key`` stores the field, (d, *spatial) in pixels.
+``fold_guard=True`` makes that field fold-free (det(I + grad phi) > 0 everywhere; README "Fold-free
+deformations"); it is off by default, like ``DRDM.generate``.
 
 Randomness: ``set_random_state(seed)`` (MONAI's ``Randomizable`` API) makes a run repeatable; with
 no seed, draws come from torch's global generator, which ``DataLoader`` seeds differently in
