@@ -232,3 +232,15 @@ def test_cli_evaluate_fold_guard(tmp_path, capsys):
     assert g["off"]["folding_pct_mean"] == pytest.approx(out["results"][0]["folding_pct"]["mean"])
     for key in ("max_disp_pct_mean", "mean_disp_pct_mean", "inverse_residual_mean_px", "seconds_per_generation"):
         assert key in g["on"] and key in g["off"]
+
+
+def test_dilation_is_the_box_dilation_and_handles_any_radius():
+    from napari_drdm.core.foldguard import _dilate
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 30, 41), (1, 9, 12, 10)]:
+        m = torch.rand(shape, generator=g) > 0.97
+        pool = F.max_pool2d if len(shape) == 3 else F.max_pool3d
+        for r in (1, 2, 5):
+            ref = pool(m[:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
+            assert torch.equal(_dilate(m, r), ref)
+        assert bool(_dilate(m, 10 ** 6).all())                 # the fallback's last neighbourhood

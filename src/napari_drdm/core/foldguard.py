@@ -170,11 +170,21 @@ def _box_average(u: torch.Tensor, half: int) -> torch.Tensor:
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Dilation by a (2 radius + 1)^d box, one axis at a time (cost linear in the radius)."""
     if radius <= 0:
         return mask
     nd = mask.dim() - 1
     pool = F.max_pool2d if nd == 2 else F.max_pool3d
-    return pool(mask[:, None].to(torch.float32), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    x = mask[:, None].to(torch.float32)
+    for ax in range(nd):
+        r = min(int(radius), x.shape[2 + ax] - 1)
+        if r <= 0:
+            continue
+        k = [1] * nd
+        pad = [0] * nd
+        k[ax], pad[ax] = 2 * r + 1, r
+        x = pool(x, tuple(k), stride=1, padding=tuple(pad))
+    return x[:, 0] > 0
 
 
 def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half, max_rounds):
