@@ -69,7 +69,11 @@ def _line(tag, s):
 
 def frame_timing(model, image, t_prime: int, schedule: str, repeats: int) -> dict:
     """Explorer-like runs (every frame rendered) with the guard off and on, interleaved: seconds per
-    recovery frame, and the share of recovery frames shown fold-free."""
+    recovery frame, and the share of recovery frames shown fold-free.
+
+    Args:
+        model: a loaded DRDM; image: one 2D image; t_prime, schedule: the loop; repeats: off/on pairs.
+    """
     from napari_drdm.core.metrics import folding_pct, strict_folding_pct
     per = {False: [], True: []}
     clean = []
@@ -92,7 +96,11 @@ def frame_timing(model, image, t_prime: int, schedule: str, repeats: int) -> dic
 
 
 def table(paths) -> str:
-    """Markdown rows (README) from result files of this script."""
+    """Markdown rows (README) from result files of this script.
+
+    Args:
+        paths: JSON files written with --json.
+    """
     out = ["| model | T' | method | n | folding % off -> on (strict) | generations with any fold off -> on "
            "(central / strict) | mean disp % off -> on (paired change, worst) | max disp % | inverse residual "
            "mean px | time / generation | ratio |", "|" + " --- |" * 11]

@@ -145,6 +145,7 @@ class GuardCollector:
         self.rows: Dict[int, List[dict]] = {}
 
     def __call__(self, t_prime: int, phi_off, seeds: Sequence[int], seconds: float):
+        """Args: t_prime: T'; phi_off: the batch's unguarded fields; seeds: their seeds; seconds: the batch's time."""
         rows = guard_rows(phi_off, self.side, seeds, seconds / len(seeds), self.inverse_iterations)
         self.rows.setdefault(int(t_prime), []).extend(rows)
 

@@ -41,7 +41,11 @@ DEFAULT_GUARD_MODE = "final"
 
 
 def guard_mode(value) -> Optional[str]:
-    """Normalise a ``fold_guard`` argument: False/None/"off" -> None, True -> the default method."""
+    """Normalise a ``fold_guard`` argument: False/None/"off" -> None, True -> the default method.
+
+    Args:
+        value: False, None, "off", True, "on" or one of :data:`GUARD_MODES`.
+    """
     if value is None or value is False or value == "off":
         return None
     if value is True or value == "on":

@@ -13,7 +13,12 @@ def add_model_args(p, default=None, required=True):
 
 
 def add_fold_guard_arg(p, default: bool):
-    """--fold-guard / --no-fold-guard (README "Fold-free deformations" says why each default)."""
+    """--fold-guard / --no-fold-guard (README "Fold-free deformations" says why each default).
+
+    Args:
+        p: the sub-command's argument parser.
+        default: the guard's state when neither flag is given.
+    """
     import argparse
     state = "on" if default else "off"
     p.add_argument("--fold-guard", action=argparse.BooleanOptionalAction, default=default,
