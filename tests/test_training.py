@@ -254,3 +254,54 @@ def test_cli_help_and_prepare(tmp_path, capsys):
     assert main(["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(out),
                  "--set", "data.n_synthetic=4"]) == 0
     assert load_prepared(str(out))["train"].shape[0] == 4
+
+
+def test_init_from_bundled_name_starts_from_those_weights_and_records_them(tmp_path):
+    """Fine-tuning: `init: cmr2d` loads the published weights (not a fresh network) and the
+    export's provenance names them with their sha256."""
+    from napari_drdm.checkpoint import file_sha256 as sha
+    from napari_drdm.weights import resolve_weights
+    cmr, _ = resolve_weights("cmr2d")
+    ref, _, _ = read_checkpoint(cmr)
+    run = tmp_path / "ft"
+    cfg = tiny(**{"init": "cmr2d", "train.steps": 1, "validation.at_end": "false", "optim.lr": 0.0})
+    train(cfg, run, argv=["test", "ft"], echo=lambda *a: None)
+    ck = load_training_checkpoint(latest_checkpoint(run))
+    for k, v in ref.items():          # lr 0: one step leaves the weights as loaded
+        assert torch.equal(ck["model"][k], v), k
+    assert ck["init"]["sha256"] == sha(cmr) and ck["init"]["config"]["size"] == 256
+    out, _ = export_run(run, tmp_path / "ft.safetensors")
+    _, _, prov = read_checkpoint(out)
+    assert prov["init"]["source"] == "cmr2d" and prov["init"]["sha256"] == sha(cmr)
+
+
+def test_init_refuses_a_network_of_another_shape(tmp_path):
+    from training.train import InitError
+    cfg = tiny(**{"init": "cmr2d", "model.channels": "[8, 16, 32]"})
+    with pytest.raises(InitError, match="does not fit the configured network.*shape"):
+        train(cfg, tmp_path / "bad", argv=["t"], echo=lambda *a: None)
+    with pytest.raises(InitError, match="neither a weights file nor a bundled model name"):
+        train(tiny(init="no_such_model"), tmp_path / "bad2", argv=["t"], echo=lambda *a: None)
+
+
+def test_cli_init_mismatch_is_one_line(tmp_path, capsys):
+    from training.__main__ import main
+    rc = main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--run", str(tmp_path / "r"),
+               "--init", "cmr2d", "--set", "model.ndim=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: init:")
+
+
+def test_convert_upstream_is_bit_identical(tmp_path):
+    from conftest import ref_path
+    from training.convert_upstream import convert_upstream
+    pth = ref_path("upstream_cmr2d.pth")
+    out = tmp_path / "c.safetensors"
+    convert_upstream(pth, out)
+    state, cfg, prov = read_checkpoint(out)
+    ref = torch.load(pth, map_location="cpu", weights_only=True)
+    assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert (cfg.ndim, cfg.size, cfg.field_scale) == (2, 256, "reference")
+    assert prov["licence"] == "Apache-2.0" and prov["converted_from_sha256"] == file_sha256(pth)
+    with pytest.raises(FileExistsError):
+        convert_upstream(pth, out)

@@ -33,7 +33,8 @@ from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, loa
 __all__ = ["ExportOptions", "ExportEvent", "InputError", "ModelProvider", "iter_export", "run_export",
            "reproduce_row", "invert_field", "load_sample"]
 
-DEFAULT_WEIGHTS = {2: "brain2d", 3: "brain3d"}
+# Per-dimension overrides of the registry's default models (weights.default_weights); empty by default.
+DEFAULT_WEIGHTS: Dict[int, str] = {}
 
 
 class _Cancelled(Exception):
@@ -105,15 +106,17 @@ class ModelProvider:
 
     def get(self, ndim: int):
         from .model import load_model
+        from .weights import default_weights
         if self._fixed is None and self.weights:
             self._fixed = load_model(self.weights, device=self.device, size=self.size)
         if self._fixed is not None:
             return self._fixed
         if ndim not in self._models:
-            name = DEFAULT_WEIGHTS[ndim]
+            name = DEFAULT_WEIGHTS.get(ndim, f"default {ndim}D model")
             try:
+                name = DEFAULT_WEIGHTS.get(ndim) or default_weights(ndim)
                 self._models[ndim] = load_model(name, device=self.device, size=self.size)
-            except (KeyError, FileNotFoundError, ValueError) as e:
+            except (KeyError, LookupError, FileNotFoundError, ValueError) as e:
                 msg = e.args[0] if e.args else e
                 raise ValueError(f"no --weights given and the bundled {ndim}D model {name!r} is not available "
                                  f"({msg}); pass --weights NAME_OR_CHECKPOINT (see `drdm weights`)") from None
