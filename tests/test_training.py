@@ -305,3 +305,35 @@ def test_convert_upstream_is_bit_identical(tmp_path):
     assert prov["licence"] == "Apache-2.0" and prov["converted_from_sha256"] == file_sha256(pth)
     with pytest.raises(FileExistsError):
         convert_upstream(pth, out)
+
+
+def test_inflated_2d_weights_reproduce_the_2d_network_on_depth_constant_volumes():
+    """init_inflate=centre: a 3D network seeded from 2D weights gives, on a volume that repeats one
+    plane along depth, the 2D network's in-plane prediction on that plane (depth component aside)."""
+    from training.inflate import inflate_state_dict
+    torch.manual_seed(3)
+    n2, n3 = DRDMNet(2), DRDMNet(3)
+    with torch.no_grad():
+        for p in n2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n3.load_state_dict(inflate_state_dict(n2.state_dict(), n3, "centre"), strict=True)
+    x = torch.rand(1, 1, 16, 16)
+    t = torch.tensor([40])
+    with torch.no_grad():
+        y2 = n2.single_pass(x, t)
+        y3 = n3.single_pass(x[:, :, None].expand(1, 1, 8, 16, 16).contiguous(), t)
+    assert torch.allclose(y3[:, 1:, 4], y2, atol=1e-5 * float(y2.abs().max()) + 1e-7)
+    spread = inflate_state_dict(n2.state_dict(), n3, "spread")
+    assert not torch.equal(spread["b1.0.conv0.weight"], n3.state_dict()["b1.0.conv0.weight"])
+    with pytest.raises(ValueError, match="init_inflate"):
+        inflate_state_dict(n2.state_dict(), n3, "diagonal")
+
+
+def test_init_inflates_2d_weights_for_a_3d_run(tmp_path):
+    cfg = tiny(**{"init": "cmr2d", "init_inflate": "spread", "model.ndim": 3, "model.size": 16,
+                  "train.steps": 1, "train.batch_size": 1, "validation.at_end": "false", "optim.lr": 0.0,
+                  "data.n_synthetic": 4})
+    train(cfg, tmp_path / "r3", argv=["t"], echo=lambda *a: None)
+    ck = load_training_checkpoint(latest_checkpoint(tmp_path / "r3"))
+    assert ck["model"]["conv_out.weight"].shape == (3, 10, 3, 3, 3)
+    assert ck["init"]["provenance"]["inflated_2d_to_3d"] == "spread"
