@@ -101,3 +101,20 @@ def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
                 "affine_residual_mean_pct", "fg_out_of_view_pct"):
         assert np.isfinite(pl[key]["mean"]), key
     assert 0.0 <= pl["affine_share_pct"]["mean"] <= 100.0
+
+
+def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("weights_table", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "weights_table.py")
+    wt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wt)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((2, 32, 32)).astype(np.float32))
+    rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 2, log=lambda m: None)
+    assert [(r["model"], r["set"]) for r in rec["rows"]] == [("tiny", "brain")]   # other sets absent: skipped
+    md = wt.markdown(rec)
+    assert md.count("| tiny (2D, S=32) | brain | 3 |") == 2 and "foreground out of view" in md
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0
