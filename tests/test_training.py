@@ -337,3 +337,18 @@ def test_init_inflates_2d_weights_for_a_3d_run(tmp_path):
     ck = load_training_checkpoint(latest_checkpoint(tmp_path / "r3"))
     assert ck["model"]["conv_out.weight"].shape == (3, 10, 3, 3, 3)
     assert ck["init"]["provenance"]["inflated_2d_to_3d"] == "spread"
+
+
+def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from training.__main__ import main
+    log = tmp_path / "run" / "train_log.jsonl"
+    log.parent.mkdir()
+    rows = [{"step": s, "ang": -0.5 - s / 1000} for s in range(10, 210, 10)]
+    rows += [{"event": "validation", "step": 100, "val/T45/reference/folding_pct": 3.0, "val/T45/forward/folding_pct": 9.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 2')
+    assert main(["plot", "--run", str(log.parent)]) == 0
+    png = log.parent / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+    assert main(["plot", "--run", str(tmp_path / "missing")]) == 2
+    assert "training log not found" in capsys.readouterr().err
