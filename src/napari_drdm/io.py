@@ -184,8 +184,16 @@ def read_stack(path) -> List[Volume]:
     return [read_image(p)]
 
 
-def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename to ``path``; clean up and explain a full disk."""
+def atomic_write(path: Path, write_fn, overwrite: bool = False, root=None) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename to ``path``; clean up and explain a full disk.
+
+    Every file this package writes goes through here.  With ``root`` the target is first
+    resolved by :func:`napari_drdm.safety.confine`: absolute paths elsewhere, ``..`` and symlinks
+    leading outside ``root`` are refused before anything is written.
+    """
+    if root is not None:
+        from .safety import confine
+        path = confine(root, path)
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (use --overwrite)")
@@ -209,24 +217,25 @@ def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
 
 
 def write_nifti(path, data: np.ndarray, affine: Optional[np.ndarray] = None, header=None,
-                overwrite: bool = False, intent: Optional[str] = None) -> Path:
-    """Write a NIfTI file atomically with the given affine (and a copy of the source header)."""
+                overwrite: bool = False, intent: Optional[str] = None, root=None) -> Path:
+    """Write a NIfTI file atomically with the given affine (and a copy of the source header).
+
+    The data type is made one NIfTI holds (:func:`napari_drdm.safety.writable_array`: float16
+    becomes float32, 64-bit integers are narrowed when their values fit); ``root`` confines the
+    target (see :func:`atomic_write`)."""
     import nibabel as nib
+    from .safety import writable_array
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    arr = np.asarray(data)
-    if arr.dtype == np.int64 and arr.size and arr.min() >= np.iinfo(np.int32).min and arr.max() <= np.iinfo(np.int32).max:
-        arr = arr.astype(np.int32)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
+    arr = writable_array(data, str(path))
     hdr = None
     if header is not None and isinstance(header, nib.Nifti1Header):
         hdr = header.copy()
         hdr.set_data_dtype(arr.dtype)
         hdr.set_data_shape(arr.shape)
         hdr.set_slope_inter(None, None)
-    img = nib.Nifti1Image(arr, aff, header=hdr)
+    img = nib.Nifti1Image(arr, aff, header=hdr, dtype=arr.dtype if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" else None)
     img.set_sform(aff, code=int(header["sform_code"]) if hdr is not None and int(header["sform_code"]) > 0 else 1)
     img.set_qform(aff, code=int(header["qform_code"]) if hdr is not None and int(header["qform_code"]) > 0 else 1)
     if intent:
         img.header.set_intent(intent)
-    return atomic_write(Path(path), lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
+    return atomic_write(Path(path), lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite, root=root)
