@@ -31,7 +31,8 @@ import numpy as np
 from .core.generators import Returning
 from .safety import (OutputError, OutputLock, available_memory, check_finite, check_label_values, check_memory,
                      check_output_dir, estimate_export_bytes, shown, writable_array)
-from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, load_manifest, parse_t_prime, path_sha256,
+from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, journal_records, load_manifest,
+                         parse_t_prime, path_sha256,
                          prepare_output_folder, read_records, write_manifest)
 
 __all__ = ["ExportOptions", "ExportEvent", "InputError", "ModelProvider", "iter_export", "run_export",
@@ -362,16 +363,23 @@ def _write(out: Path, ls: dict, job: Job, o: dict, opts: ExportOptions, overwrit
         else:
             check_finite(o[key], what + " (image)")
             arrays[key] = writable_array(o[key].reshape(vol.data.shape), what)
-    for key, rel in job.paths.items():
-        p = out / rel
-        if key in ("ddf", "inverse_ddf"):
-            write_ddf(p, arrays[key], ls["spacing"], vol.affine, header=vol.header, overwrite=overwrite, root=out)
-        elif key.endswith("labels"):
-            write_nifti(p, arrays[key], vol.affine, header=lab_hdr, overwrite=overwrite, root=out)
-        else:
-            write_nifti(p, arrays[key], vol.affine, header=vol.header, overwrite=overwrite, root=out)
-        row[key] = rel
-        row[f"{key}_sha256"] = file_sha256(p)
+    written = []
+    try:
+        for key, rel in job.paths.items():
+            p = out / rel
+            if key in ("ddf", "inverse_ddf"):
+                write_ddf(p, arrays[key], ls["spacing"], vol.affine, header=vol.header, overwrite=overwrite, root=out)
+            elif key.endswith("labels"):
+                write_nifti(p, arrays[key], vol.affine, header=lab_hdr, overwrite=overwrite, root=out)
+            else:
+                write_nifti(p, arrays[key], vol.affine, header=vol.header, overwrite=overwrite, root=out)
+            written.append(p)
+            row[key] = rel
+            row[f"{key}_sha256"] = file_sha256(p)
+    except BaseException:
+        for p in written:       # an unfinished row leaves no file: every output on disk is in the manifest
+            p.unlink(missing_ok=True)
+        raise
     return row
 
 
@@ -403,17 +411,7 @@ def _kept_records(out: Path, own_name: str, done: Dict[str, dict], keep_skips: b
 
 def _journal_rows(path: Path) -> int:
     """Row records in a journal file (what the manifest will count)."""
-    if not path.exists():
-        return 0
-    n = 0
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            n += isinstance(r, dict) and r.get("type") == "row"
-    return n
+    return sum(r.get("type") == "row" for r in journal_records(path))
 
 
 def _pending(queue, ls) -> int:

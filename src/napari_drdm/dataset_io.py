@@ -307,20 +307,27 @@ class Journal:
             self._f.close()
 
 
+def journal_records(path) -> List[dict]:
+    """The parsable records of one journal file (a line cut short by a crash is ignored)."""
+    recs = []
+    p = Path(path)
+    if not p.exists():
+        return recs
+    with open(p) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict):
+                r["_journal"] = p.name
+                recs.append(r)
+    return recs
+
+
 def read_records(out_dir) -> List[dict]:
     """All parsable records of all journals in ``out_dir`` (a line cut short by a crash is ignored)."""
-    recs = []
-    for j in sorted(Path(out_dir).glob("journal-*-of-*.jsonl")):
-        with open(j) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(r, dict):
-                    r["_journal"] = j.name
-                    recs.append(r)
-    return recs
+    return [r for j in sorted(Path(out_dir).glob("journal-*-of-*.jsonl")) for r in journal_records(j)]
 
 
 def output_keys(row: dict) -> List[str]:
