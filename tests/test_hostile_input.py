@@ -33,14 +33,6 @@ from napari_drdm.safety import (OutputError, OutputLock, OutputLockedError, Unsa
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("w") / "tiny2d.safetensors", 2, 16))
@@ -72,6 +64,21 @@ def _opts(ckpt, **kw):
     base = dict(per_image=1, t_prime="1", schedule="paper", batch=2, weights=ckpt)
     base.update(kw)
     return ExportOptions(**base)
+
+
+def _start_export(src, out, ckpt):
+    """A long export in a subprocess, returned once its journal holds 2 rows (or it ended)."""
+    cmd = [sys.executable, "-m", "napari_drdm.cli", *_cli(src, out, "--weights", ckpt, "-n", "300", "--batch", "1",
+                                                          "--threads", "1")]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    journal = out / "journal-0-of-1.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 300 and proc.poll() is None:
+        if journal.exists() and journal.read_text().count('"type": "row"') >= 2:
+            break
+        time.sleep(0.05)
+    return proc, cmd, journal
 
 
 def _cli(*args):
@@ -208,14 +215,7 @@ def test_shards_share_a_folder_but_not_a_shard_or_an_unsharded_run(tmp_path):
 def test_two_concurrent_writers_lose_no_record(tmp_path, ckpt, capsys):
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "napari_drdm.cli", *_cli(src, out, "--weights", ckpt, "-n", "300", "--batch", "1",
-                                                          "--threads", "1")]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    journal = out / "journal-0-of-1.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < 300 and a.poll() is None and not (journal.exists() and '"row"' in journal.read_text()):
-        time.sleep(0.05)
+    a, cmd, journal = _start_export(src, out, ckpt)
     try:
         for extra in ([], ["--resume"]):          # the same command, and a --resume, while the first one runs
             assert main(cmd[3:] + extra) == 1
@@ -535,16 +535,7 @@ def test_interrupt_message_counts_what_the_journal_holds(tmp_path, ckpt, monkeyp
 def test_sigterm_ends_like_ctrl_c(tmp_path, ckpt):
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "napari_drdm.cli", *_cli(src, out, "--weights", ckpt, "-n", "300", "--batch", "1",
-                                                          "--threads", "1")]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    journal = out / "journal-0-of-1.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < 300 and proc.poll() is None:
-        if journal.exists() and journal.read_text().count('"type": "row"') >= 2:
-            break
-        time.sleep(0.05)
+    proc, _, journal = _start_export(src, out, ckpt)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
