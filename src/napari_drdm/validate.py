@@ -67,7 +67,7 @@ def check_seed(value, name: str = "--seed") -> int:
     return check_int(name, value, 0, MAX_SEED)
 
 
-def check_t_prime(value, n_steps: int = 80, name: str = "t_prime") -> int:
+def check_t_prime(value, n_steps: int = 80, name: str = "t_prime (T')") -> int:
     """A diffusion level T' in 0..n_steps; non-integers (10.7) are refused, not truncated.
 
     Args:
