@@ -154,6 +154,19 @@ def test_reproduce_never_writes_outside_outdir(tmp_path, finished, ckpt, where, 
     assert not any(p.is_file() for p in check.rglob("*") if not p.is_symlink())
 
 
+def test_symlink_in_the_output_folder_pointing_out_is_refused(tmp_path, ckpt, capsys):
+    src = _folder(tmp_path, n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (out / "images").symlink_to(outside, target_is_directory=True)
+    (out / "journal-0-of-1.jsonl").symlink_to(outside / "journal.jsonl")       # dangling: open("a") would create it
+    assert main(_cli(src, out, "--weights", ckpt, "--overwrite")) == 1
+    _one_line_error(capsys.readouterr().err, "outside the output folder")
+    assert not list(outside.iterdir())
+
+
 def test_reproduce_never_overwrites_without_overwrite(tmp_path, finished, ckpt):
     _, out = _copy(finished, tmp_path)
     row = json.loads((out / "manifest.json").read_text())["rows"][0]
@@ -344,6 +357,8 @@ def test_float16_uint64_and_huge_int64_inputs_are_written_whole(tmp_path, ckpt):
     labs = np.asanyarray(nib.load(str(out / "labels" / "wide_aug000.nii.gz")).dataobj)
     assert labs.dtype == np.int64 and set(np.unique(labs)) <= {0, 2 ** 40}
     assert (out / "ddfs" / "wide_aug000_ddf.nii.gz").exists()
+    assert main(["generate", str(src / "half.npy"), "--weights", ckpt, "--t-prime", "1", "--out", str(tmp_path / "g")]) == 0
+    assert np.asanyarray(nib.load(str(tmp_path / "g" / "half_image.nii.gz")).dataobj).dtype == np.float32
 
 
 def test_writable_array_converts_or_refuses():

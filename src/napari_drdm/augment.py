@@ -515,7 +515,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
         a.save(out / "sources")
     own_name = f"journal-{i_shard}-of-{n_shard}.jsonl"
     kept = _kept_records(out, own_name, done, keep_skips=not opts.retry_skipped) if opts.resume else []
-    journal = Journal(out / own_name, keep=kept)
+    journal = Journal(out / own_name, keep=kept, root=out)
     n_kept_rows = sum(r.get("type") == "row" for r in kept)
     skipped_before = {r["name"]: r.get("reason", "") for r in kept if r.get("type") == "skip"}
     plan = []

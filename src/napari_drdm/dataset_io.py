@@ -72,9 +72,9 @@ class ArrayInput:
     def save(self, sources_dir):
         from .io import write_nifti
         img, lab = self.paths(sources_dir)
-        write_nifti(img, np.asarray(self.image), self.affine, header=self.header, overwrite=True)
+        write_nifti(img, np.asarray(self.image), self.affine, header=self.header, overwrite=True, root=sources_dir)
         if lab is not None:
-            write_nifti(lab, np.asarray(self.labels), self.affine, overwrite=True)
+            write_nifti(lab, np.asarray(self.labels), self.affine, overwrite=True, root=sources_dir)
 
 
 @dataclass
@@ -286,11 +286,12 @@ def _fsync_dir(path: Path):
 class Journal:
     """Append-only JSON-lines record of finished outputs (one line per record, fsynced)."""
 
-    def __init__(self, path, keep: Sequence[dict] = ()):
-        self.path = Path(path)
+    def __init__(self, path, keep: Sequence[dict] = (), root=None):
+        from .safety import confine
+        self.path = confine(root, path) if root is not None else Path(path)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
         if keep or self.path.exists():
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), overwrite=True, root=root)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
 
@@ -412,7 +413,7 @@ def write_manifest(out_dir) -> dict:
         manifest = {"run": run, "rows": ordered, "batches": {k: v for k, v in batches.items() if k in used},
                     "skipped": skipped, "n_rows": len(ordered), "n_missing": len(missing),
                     "complete": not missing, "missing": missing[:100]}
-        write_json(out / MANIFEST_JSON, manifest, overwrite=True)
+        write_json(out / MANIFEST_JSON, manifest, overwrite=True, root=out)
         cols = _columns(ordered)
         buf = _io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -420,7 +421,7 @@ def write_manifest(out_dir) -> dict:
         for r in ordered:
             w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
         text = buf.getvalue()
-        atomic_write(out / MANIFEST_CSV, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+        atomic_write(out / MANIFEST_CSV, lambda tmp: Path(tmp).write_text(text), overwrite=True, root=out)
         _fsync_dir(out)
     return manifest
 
@@ -546,7 +547,7 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
         if not sharded_join:
             raise FileExistsError(f"output folder {out} is not empty; refusing to write into it. Use --resume to "
                                   f"complete an interrupted run, --overwrite to replace it, or another folder")
-    write_json(run_file, settings, overwrite=True)
+    write_json(run_file, settings, overwrite=True, root=out)
     return done
 
 
