@@ -146,15 +146,19 @@ def run_mode(args, opts_kw: dict) -> int:
     if args.retry_skipped and not args.resume:
         raise ValueError("--retry-skipped only applies with --resume")
     bar = None
-    if not args.no_progress:
+
+    def new_bar():       # created at the first event, so that a refusal before work is one line
         from tqdm import tqdm
-        bar = tqdm(total=0, unit="out", desc=f"{args.command} {i}/{n}" if n > 1 else args.command,
-                   position=i if n > 1 else 0, dynamic_ncols=True)
+        return tqdm(total=0, unit="out", desc=f"{args.command} {i}/{n}" if n > 1 else args.command,
+                    position=i if n > 1 else 0, dynamic_ncols=True)
 
     def say(msg):
         (bar.write if bar is not None else print)(msg, file=sys.stderr)
 
     def progress(ev):
+        nonlocal bar
+        if bar is None and not args.no_progress:
+            bar = new_bar()
         if bar is not None:
             if bar.total != ev.total:
                 bar.total = ev.total
