@@ -46,6 +46,8 @@ def run(args) -> int:
     for p in (args.image, args.labels):
         if p:
             check_utf8_name(p)
+            if not Path(p).exists():
+                raise FileNotFoundError(f"input not found: {p}")
     check_t_prime(args.t_prime, name="--t-prime")
     stem = args.prefix or _stem(args.image)
     # the output folder is checked (writable, no clash) and locked before anything is computed
