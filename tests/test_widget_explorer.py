@@ -323,3 +323,21 @@ def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer,
     assert widget.model.size == 64 and widget.model.ndim == 2
     assert "S=64" in widget.model_info.text()
     assert widget.run_btn.isEnabled(), widget.reason
+
+
+def test_explorer_follows_the_image_dimensionality_until_a_model_is_chosen(make_napari_viewer, qtbot, tiny2d):
+    """The default bundled model matches the image: 3D volume -> the 3D default, 2D -> the 2D
+    default; once the user picks a model, changing the image no longer changes it."""
+    from napari_drdm.weights import default_weights
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((24, 32), np.float32), name="plane")
+    widget = _open(viewer)
+    assert widget.model_combo.currentData() == default_weights(2)
+    viewer.add_image(np.zeros((16, 24, 32), np.float32), name="vol")
+    widget.set_image_layer("vol")
+    assert widget.model_combo.currentData() == default_weights(3)
+    widget.set_image_layer("plane")
+    assert widget.model_combo.currentData() == default_weights(2)
+    _with_model(qtbot, widget, tiny2d)
+    widget.set_image_layer("vol")
+    assert widget.model_combo.currentData() == str(tiny2d)

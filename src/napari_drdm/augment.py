@@ -38,7 +38,8 @@ from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, jou
 __all__ = ["ExportOptions", "ExportEvent", "InputError", "ModelProvider", "iter_export", "run_export",
            "reproduce_row", "invert_field", "load_sample"]
 
-DEFAULT_WEIGHTS = {2: "brain2d", 3: "brain3d"}
+# Per-dimension overrides of the registry's default models (weights.default_weights); empty by default.
+DEFAULT_WEIGHTS: Dict[int, str] = {}
 
 
 class _Cancelled(Exception):
@@ -137,15 +138,17 @@ class ModelProvider:
 
     def get(self, ndim: int):
         from .model import load_model
+        from .weights import default_weights
         if self._fixed is None and self.weights:
             self._fixed = load_model(self.weights, device=self.device, size=self.size)
         if self._fixed is not None:
             return self._fixed
         if ndim not in self._models:
-            name = DEFAULT_WEIGHTS[ndim]
+            name = DEFAULT_WEIGHTS.get(ndim, f"default {ndim}D model")
             try:
+                name = DEFAULT_WEIGHTS.get(ndim) or default_weights(ndim)
                 self._models[ndim] = load_model(name, device=self.device, size=self.size)
-            except (KeyError, FileNotFoundError, ValueError) as e:
+            except (KeyError, LookupError, FileNotFoundError, ValueError) as e:
                 msg = e.args[0] if e.args else e
                 raise ValueError(f"no --weights given and the bundled {ndim}D model {name!r} is not available "
                                  f"({msg}); pass --weights NAME_OR_CHECKPOINT (see `drdm weights`)") from None
@@ -452,13 +455,22 @@ def _fingerprint(samples: Sequence[Sample]) -> List[list]:
 def _weights_sha(weights) -> Optional[str]:
     """sha256 of the weights file a run uses (bundled: from the registry; None: bundled per dimension)."""
     from .checkpoint import file_sha256
-    from .weights import registry, resolve_weights
-    names = [weights] if weights else list(DEFAULT_WEIGHTS.values())
+    from .weights import default_weights, registry, resolve_weights
+    names = [weights]
+    if not weights:
+        names = []
+        for nd in (2, 3):
+            try:
+                names.append(DEFAULT_WEIGHTS.get(nd) or default_weights(nd))
+            except (LookupError, ValueError):
+                names.append(None)
     shas = []
     for w in names:
         try:
+            if w is None:
+                raise LookupError
             path, name = resolve_weights(w)
-        except (KeyError, FileNotFoundError, ValueError):
+        except (LookupError, FileNotFoundError, ValueError):
             shas.append(None)
             continue
         entry = registry().get(name) if not Path(str(w)).expanduser().exists() else None

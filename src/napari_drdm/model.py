@@ -1,7 +1,8 @@
 """The DRDM model object: config + network + device, and generation on images of any size.
 
 >>> from napari_drdm import load_model
->>> model = load_model("brain2d")                  # bundled weights, or a path to a checkpoint
+>>> model = load_model()                           # the default 2D model (load_model(ndim=3): 3D)
+>>> model = load_model("cmr2d")                    # bundled weights by name, or a path to a checkpoint
 >>> res = model.generate(image, labels, t_prime=45, seed=0)
 >>> res.image, res.labels, res.ddf, res.metrics
 
@@ -349,14 +350,18 @@ class DRDM:
         return phi, psi
 
 
-def load_model(name_or_path: Union[str, Path] = "brain2d", device=None, size: Optional[int] = None) -> DRDM:
+def load_model(name_or_path: Union[str, Path, None] = None, device=None, size: Optional[int] = None,
+               ndim: int = 2) -> DRDM:
     """Load bundled weights by name (see ``drdm weights``) or a checkpoint file.
+
+    With no name, the default bundled model for ``ndim``-dimensional images (``drdm weights``
+    marks it).
 
     Accepted files: the project's ``.safetensors`` and the reference implementation's ``.pth``
     state_dicts (loaded with ``weights_only=True``: a weights file cannot run code).  ``size``
     overrides the model side S (useful for reference checkpoints, which do not record it).
     """
-    from .weights import resolve_weights
+    from .weights import default_weights, resolve_weights
 
-    path, name = resolve_weights(name_or_path)
+    path, name = resolve_weights(default_weights(ndim) if name_or_path is None else name_or_path)
     return DRDM.from_checkpoint(path, device=device, size=size, name=name)

@@ -258,7 +258,8 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.model_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
         self.device_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
         self.size_spin.editingFinished.connect(self._on_model_choice)
-        self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self.validate()))
+        self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self._auto_model(),
+                                                                 self.validate()))
         self.labels_combo.activated.connect(self._on_labels_activated)
         for w in (self.labels_combo, self.schedule_combo):
             w.currentIndexChanged.connect(lambda _i: self.validate())
@@ -347,6 +348,25 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.labels_combo.setCurrentText(pick)
         self.labels_combo.blockSignals(False)
 
+    def _auto_model(self):
+        """Until the user picks a model, choose the default bundled model of the image's dimensionality
+        (a 3D volume gets the 3D model; a 2D image or a 2D+t stack the 2D one)."""
+        if getattr(self, "_model_touched", False):
+            return
+        img = self._chosen_image()
+        if img is None:
+            return
+        md = img.metadata or {}
+        spatial = img.ndim - (1 if md.get("drdm_time_first") else 0) - (1 if getattr(img, "rgb", False) else 0)
+        from ..weights import default_weights
+        try:
+            name = default_weights(3 if spatial >= 3 else 2)
+        except (LookupError, ValueError, OSError):
+            return
+        idx = self.model_combo.findData(name)
+        if idx >= 0 and idx != self.model_combo.currentIndex():
+            self.model_combo.setCurrentIndex(idx)
+
     def _chosen_image(self):
         name = self.image_combo.currentText()
         return next((ly for ly in self._image_layers() if ly.name == name), None)
@@ -380,6 +400,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     # ------------------------------------------------------------------ model
     def _on_model_activated(self, index: int):
+        self._model_touched = True          # the user chose: stop following the image's dimensionality
         if self.model_combo.itemText(index) == BROWSE:
             path, _ = QFileDialog.getOpenFileName(self, "DRDM checkpoint", "",
                                                   "DRDM checkpoints (*.safetensors *.pth *.pt);;All files (*)")
@@ -390,6 +411,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     def set_checkpoint(self, path: str, size: Optional[int] = None):
         """Add a checkpoint file to the model list and select it (what Browse... does)."""
+        self._model_touched = True
         path = str(path)
         if size is not None:
             self.size_spin.setValue(int(size))

@@ -4,12 +4,14 @@ from __future__ import annotations
 from ..validate import arg_type, check_device, check_k, check_model_size, check_seed, check_threads
 
 
-def add_model_args(p, default=None, required=True):
+def add_model_args(p, default=None, required=False):
     """--weights / --device / --size / --threads, shared by every command that loads a model.
 
     Values are checked while parsing (a bad one is one line naming the option, before any work)."""
     p.add_argument("--weights", default=default, required=required and default is None,
-                   help="bundled weights name (see `drdm weights`) or a checkpoint file (.safetensors or reference .pth)")
+                   help="bundled weights name (see `drdm weights`) or a checkpoint file (.safetensors or "
+                        "reference .pth); default: the bundled default model of the input's dimensionality "
+                        "(marked in `drdm weights`)")
     p.add_argument("--device", default="auto", type=arg_type(check_device, "--device"),
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--size", type=arg_type(check_model_size, "--size"), default=None,
@@ -26,9 +28,10 @@ def k_arg(p, help="internal recursions K >= 1 (default: the model's)"):
     p.add_argument("--k", type=arg_type(check_k, "--k"), default=None, help=help)
 
 
-def load_from_args(args):
+def load_from_args(args, ndim: int = 2):
+    """The model named by ``--weights``, or the default bundled model for ``ndim``-D inputs."""
     import torch
     from ..model import load_model
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load_model(args.weights, device=args.device, size=args.size)
+    return load_model(args.weights, device=args.device, size=args.size, ndim=ndim)

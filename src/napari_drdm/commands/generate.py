@@ -56,11 +56,11 @@ def run(args) -> int:
     with OutputLock(args.out, what="drdm generate"):
         vol = read_image(args.image)
         lab_vol = read_image(args.labels) if args.labels else None
-        model = load_from_args(args)
-        check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
         data = vol.data
-        if data.ndim == model.ndim + 1 and data.shape[-1] == 1:
+        while data.ndim > 2 and data.shape[-1] == 1:       # trailing singleton axes (NIfTI 2D as x, y, 1)
             data = data[..., 0]
+        model = load_from_args(args, ndim=data.ndim if data.ndim in (2, 3) else 2)
+        check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
         labels = None
         if lab_vol is not None:
             labels = lab_vol.data
