@@ -491,6 +491,12 @@ def test_memory_refusal_before_work(tmp_path, ckpt, capsys, monkeypatch):
     src = _folder(tmp_path, n=1)
     s = run_export(src, tmp_path / "out", _opts(ckpt, max_memory=1e-6))
     assert s["written"] == 0 and "needs about" in s["skipped"][0]["reason"]
+    # a budget that --batch 1 fits but --batch 8 does not: the run stops at once, naming --batch
+    est = estimate_export_bytes((20, 18), 2, 16, (10, 20, 40), batch=8, labels=True)
+    fits_one = est["input_grid"] + 1.5 * est["model_grid"] / 8
+    with pytest.raises(MemoryError, match="--batch 1 would fit"):
+        run_export(src, tmp_path / "out2", _opts(ckpt, batch=8, max_memory=fits_one / 1e9))
+    assert not list((tmp_path / "out2").rglob("*.nii.gz"))
     img = _nii(tmp_path / "x.nii.gz", _img())
     monkeypatch.setattr("napari_drdm.model.DRDM.generate", lambda *a, **k: pytest.fail("generated"))
     assert main(["generate", str(img), "--weights", ckpt, "--out", str(tmp_path / "g"), "--max-memory", "1e-6"]) == 1

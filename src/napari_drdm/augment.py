@@ -191,7 +191,9 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, 
         try:
             check_memory(est, budget, sample.image, batch=batch)
         except MemoryError as e:
-            raise InputError(str(e)) from None
+            if batch > 1 and est["total"] - est["model_grid"] * (batch - 1) / batch <= budget:
+                raise    # a smaller --batch fits: a run-level option, so the run stops (before work) saying so
+            raise InputError(str(e)) from None      # this input alone is too large: skipped
     lab_vol, lab = None, None
     if sample.labels:
         try:
