@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         import re
-        message = re.sub(r"^argument ([^:]+): (?=\1)", "", message)   # validators already name the option
+        message = re.sub(r"^argument [^:]+: (?=--)", "", message)   # validators already name the option
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
