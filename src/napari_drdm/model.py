@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, file_sha256, read_checkpoint
+from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_checkpoint
 from .core.config import DRDMConfig
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -28,6 +28,7 @@ from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover, reverse_timesteps
 from .core.spatial import resample_affine, warp, warp_labels
+from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device"]
 
@@ -35,10 +36,9 @@ __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """cuda > mps > cpu unless told; ``"auto"`` or None means choose."""
     if device is not None and str(device) != "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
-        return dev
+        if isinstance(device, torch.device):
+            device = str(device)
+        return torch.device(check_device(device, "device"))
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
@@ -128,6 +128,10 @@ class GenerationResult:
     frames: List[Frame] = field(default_factory=list)
 
 
+#: largest value range of a floating-point image: the normalisation (x - min) / (max - min) runs in float32
+MAX_IMAGE_RANGE = 1e38
+
+
 def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarray:
     a = np.asarray(image)
     if a.ndim != ndim:
@@ -141,6 +145,9 @@ def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarra
         raise TypeError(f"{name} must be real numeric, got dtype {a.dtype}")
     if a.dtype != bool and not np.all(np.isfinite(a)):
         raise ValueError(f"{name} contains NaN or infinite values; replace them before generating")
+    if a.size and a.dtype.kind == "f" and float(np.max(a)) - float(np.min(a)) > MAX_IMAGE_RANGE:
+        raise ValueError(f"{name} spans [{float(np.min(a)):.3g}, {float(np.max(a)):.3g}], too wide for float32 "
+                         f"arithmetic; expected a value range below {MAX_IMAGE_RANGE:.0e} (rescale the image)")
     if min(a.shape) < 2:
         raise ValueError(f"{name} is too small: shape {a.shape}")
     return a
@@ -154,6 +161,10 @@ def _check_labels(labels: np.ndarray, shape) -> np.ndarray:
         return lab.astype(np.uint8)
     if not np.issubdtype(lab.dtype, np.integer):
         if np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            if lab.size and max(-float(lab.min()), float(lab.max())) > 2.0 ** 53:
+                raise ValueError(f"label map holds values up to {max(-float(lab.min()), float(lab.max())):.3g}; "
+                                 f"expected integer class values within +-2**53 (floats cannot hold larger "
+                                 f"integers exactly)")
             return lab.astype(np.int64)
         raise TypeError(f"labels must hold integer class values, got dtype {lab.dtype} with non-integer values; "
                         f"a soft/probability map is not a label map")
@@ -190,7 +201,8 @@ class DRDM:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path, device=None, size: Optional[int] = None, name: str = "") -> "DRDM":
-        state, cfg, prov = read_checkpoint(path, size=size)
+        state, cfg, prov = read_checkpoint(path, size=check_model_size(size, "size"))
+        check_finite_state(state, path)
         net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
         try:
             net.load_state_dict(state, strict=True)
@@ -251,8 +263,9 @@ class DRDM:
         """
         cfg = self.config
         schedule = schedule or cfg.schedule
-        k = int(k or cfg.k_recursions)
-        t_prime = int(t_prime)
+        k = check_k(k) or int(cfg.k_recursions)
+        t_prime = check_t_prime(t_prime, cfg.n_steps)
+        seed = check_seed(seed, "seed")
         reverse_timesteps(t_prime, cfg.n_steps, schedule)  # validates
         image_interp = image_interp or cfg.image_interp
         a = _check_image(image, self.ndim)
@@ -323,7 +336,9 @@ class DRDM:
         """
         cfg = self.config
         schedule = schedule or cfg.schedule
-        k = int(k or cfg.k_recursions)
+        k = check_k(k) or int(cfg.k_recursions)
+        t_prime = check_t_prime(t_prime, cfg.n_steps)
+        seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
             raise ValueError(f"{x_model.shape[0]} images but {len(seeds)} seeds")
         draws = self._seeded_draws(seeds)
