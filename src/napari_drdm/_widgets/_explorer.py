@@ -9,6 +9,7 @@ The UI thread only reads the frame store and updates layers, a few times per sec
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -360,7 +361,8 @@ class ExplorerWidget(QWidget):
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
         self._auto_labels()
-        self._auto_model()
+        if self.image_combo.currentText() != cur_img:
+            self._auto_model()                   # only a change of image may change the model
         self.validate()
 
     def _auto_labels(self):
@@ -432,6 +434,14 @@ class ExplorerWidget(QWidget):
                 self.set_checkpoint(path)
             else:
                 self.model_combo.setCurrentIndex(max(0, self._last_model_index))
+
+    def set_model(self, name: str):
+        """Choose a bundled model by name, as the user would (it no longer follows the image)."""
+        idx = self.model_combo.findData(name)
+        if idx < 0:
+            raise ValueError(f"no bundled model {name!r}")
+        self._model_touched = True
+        self.model_combo.setCurrentIndex(idx)
 
     def set_checkpoint(self, path: str, size: Optional[int] = None):
         """Add a checkpoint file to the model list and select it (what Browse... does)."""
@@ -596,6 +606,7 @@ class ExplorerWidget(QWidget):
 
     def run(self):
         """Start a generation in a worker thread (no-op with the reason shown if inputs are invalid)."""
+        t_click = time.perf_counter()            # timing starts at Run, before the inputs are read
         if self.running or not self.validate():
             return None
         from napari.qt.threading import create_worker
@@ -608,6 +619,7 @@ class ExplorerWidget(QWidget):
         store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=len(inp.lead_index))
         previous = self.state.current
         run = self.state.new_run(model.name, inp, params, store, *self._output_geometry(inp))
+        run.t_start = t_click
         if previous is not None:
             self.layers.set_run_visible(previous, False)     # one run on screen at a time
         self.run_combo.addItem(run.title, run.id)

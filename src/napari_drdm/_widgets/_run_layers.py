@@ -24,7 +24,8 @@ __all__ = ["RunLayers", "jacobian_colormap", "FOLD_COLOR", "OUTLINE_COLOR", "OVE
 
 FOLD_COLOR = "#39ff14"          # neon green: not in the grey anatomy, the Jacobian's blue-white-red or labels
 OUTLINE_COLOR = "#ffb000"       # amber
-OVERLAY_OPACITY = 0.3
+OVERLAY_OPACITY = 0.3           # labels, frames and recovered alike
+GRID_OPACITY = 0.2              # additive white lines: faint on dark background, visible on tissue
 JACOBIAN_OPACITY = 0.55
 _JACOBIAN_CMAP = None
 
@@ -95,7 +96,7 @@ class RunLayers:
                                  colormap={None: "transparent", 0: "transparent", 1: FOLD_COLOR}, **kw)
         elif kind == "grid":
             layer = v.add_image(st.view("grid", n), name=name, colormap="gray", blending="additive",
-                                contrast_limits=(0.0, 255.0), opacity=OVERLAY_OPACITY, **kw)
+                                contrast_limits=(0.0, 255.0), opacity=GRID_OPACITY, **kw)
         elif kind == "vectors":
             kw["metadata"] = dict(kw["metadata"], drdm_vectors="pull-back: from x towards x + u(x), pixels")
             side = min(run.inputs.image.shape[-2:])
