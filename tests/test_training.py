@@ -254,3 +254,101 @@ def test_cli_help_and_prepare(tmp_path, capsys):
     assert main(["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(out),
                  "--set", "data.n_synthetic=4"]) == 0
     assert load_prepared(str(out))["train"].shape[0] == 4
+
+
+def test_init_from_bundled_name_starts_from_those_weights_and_records_them(tmp_path):
+    """Fine-tuning: `init: cmr2d` loads the published weights (not a fresh network) and the
+    export's provenance names them with their sha256."""
+    from napari_drdm.checkpoint import file_sha256 as sha
+    from napari_drdm.weights import resolve_weights
+    cmr, _ = resolve_weights("cmr2d")
+    ref, _, _ = read_checkpoint(cmr)
+    run = tmp_path / "ft"
+    cfg = tiny(**{"init": "cmr2d", "train.steps": 1, "validation.at_end": "false", "optim.lr": 0.0})
+    train(cfg, run, argv=["test", "ft"], echo=lambda *a: None)
+    ck = load_training_checkpoint(latest_checkpoint(run))
+    for k, v in ref.items():          # lr 0: one step leaves the weights as loaded
+        assert torch.equal(ck["model"][k], v), k
+    assert ck["init"]["sha256"] == sha(cmr) and ck["init"]["config"]["size"] == 256
+    out, _ = export_run(run, tmp_path / "ft.safetensors")
+    _, _, prov = read_checkpoint(out)
+    assert prov["init"]["source"] == "cmr2d" and prov["init"]["sha256"] == sha(cmr)
+
+
+def test_init_refuses_a_network_of_another_shape(tmp_path):
+    from training.train import InitError
+    cfg = tiny(**{"init": "cmr2d", "model.channels": "[8, 16, 32]"})
+    with pytest.raises(InitError, match="does not fit the configured network.*shape"):
+        train(cfg, tmp_path / "bad", argv=["t"], echo=lambda *a: None)
+    with pytest.raises(InitError, match="neither a weights file nor a bundled model name"):
+        train(tiny(init="no_such_model"), tmp_path / "bad2", argv=["t"], echo=lambda *a: None)
+
+
+def test_cli_init_mismatch_is_one_line(tmp_path, capsys):
+    from training.__main__ import main
+    rc = main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--run", str(tmp_path / "r"),
+               "--init", "cmr2d", "--set", "model.channels=[8, 16, 32]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: init:")
+
+
+def test_convert_upstream_is_bit_identical(tmp_path):
+    from conftest import ref_path
+    from training.convert_upstream import convert_upstream
+    pth = ref_path("upstream_cmr2d.pth")
+    out = tmp_path / "c.safetensors"
+    convert_upstream(pth, out)
+    state, cfg, prov = read_checkpoint(out)
+    ref = torch.load(pth, map_location="cpu", weights_only=True)
+    assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert (cfg.ndim, cfg.size, cfg.field_scale) == (2, 256, "reference")
+    assert prov["licence"] == "Apache-2.0" and prov["converted_from_sha256"] == file_sha256(pth)
+    with pytest.raises(FileExistsError):
+        convert_upstream(pth, out)
+
+
+def test_inflated_2d_weights_reproduce_the_2d_network_on_depth_constant_volumes():
+    """init_inflate=centre: a 3D network seeded from 2D weights gives, on a volume that repeats one
+    plane along depth, the 2D network's in-plane prediction on that plane (depth component aside)."""
+    from training.inflate import inflate_state_dict
+    torch.manual_seed(3)
+    n2, n3 = DRDMNet(2), DRDMNet(3)
+    with torch.no_grad():
+        for p in n2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n3.load_state_dict(inflate_state_dict(n2.state_dict(), n3, "centre"), strict=True)
+    x = torch.rand(1, 1, 16, 16)
+    t = torch.tensor([40])
+    with torch.no_grad():
+        y2 = n2.single_pass(x, t)
+        y3 = n3.single_pass(x[:, :, None].expand(1, 1, 8, 16, 16).contiguous(), t)
+    assert torch.allclose(y3[:, 1:, 4], y2, atol=1e-5 * float(y2.abs().max()) + 1e-7)
+    spread = inflate_state_dict(n2.state_dict(), n3, "spread")
+    assert not torch.equal(spread["b1.0.conv0.weight"], n3.state_dict()["b1.0.conv0.weight"])
+    with pytest.raises(ValueError, match="init_inflate"):
+        inflate_state_dict(n2.state_dict(), n3, "diagonal")
+
+
+def test_init_inflates_2d_weights_for_a_3d_run(tmp_path):
+    cfg = tiny(**{"init": "cmr2d", "init_inflate": "spread", "model.ndim": 3, "model.size": 16,
+                  "train.steps": 1, "train.batch_size": 1, "validation.at_end": "false", "optim.lr": 0.0,
+                  "data.n_synthetic": 4})
+    train(cfg, tmp_path / "r3", argv=["t"], echo=lambda *a: None)
+    ck = load_training_checkpoint(latest_checkpoint(tmp_path / "r3"))
+    assert ck["model"]["conv_out.weight"].shape == (3, 10, 3, 3, 3)
+    assert ck["init"]["provenance"]["inflated_2d_to_3d"] == "spread"
+
+
+def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from training.__main__ import main
+    log = tmp_path / "run" / "train_log.jsonl"
+    log.parent.mkdir()
+    rows = [{"step": s, "ang": -0.5 - s / 1000} for s in range(10, 210, 10)]
+    rows += [{"event": "validation", "step": 100, "val/T45/reference/folding_pct": 3.0, "val/T45/forward/folding_pct": 9.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 2')
+    assert main(["plot", "--run", str(log.parent)]) == 0
+    png = log.parent / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+    assert main(["plot", "--run", str(tmp_path / "missing")]) == 2
+    assert "training log not found" in capsys.readouterr().err

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start a new run from these weights (file or bundled name; same as --set init=...)")
     p.set_defaults(func=_cmd_train)
+    from . import plot as _plot
+    p = sub.add_parser("plot", help="learning curves of a run as a PNG")
+    _plot.add_arguments(p)
+    p.set_defaults(func=_plot.run)
     from .convert_upstream import add_arguments, run as _convert
     p = sub.add_parser("convert-upstream", help="convert the authors' published 2D checkpoint (cmr2d)")
     add_arguments(p)

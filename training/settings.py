@@ -26,6 +26,7 @@ __all__ = ["DEFAULTS", "apply_overrides", "load_config", "model_config"]
 DEFAULTS: Dict[str, Any] = {
     "name": "run",
     "init": None,                           # start weights: a checkpoint file or a bundled name (fine-tuning)
+    "init_inflate": "centre",               # 2D init of a 3D model: centre | spread (training/inflate.py)
     "model": {"ndim": 2, "size": 128},     # any DRDMConfig field; the rest are DRDMConfig.default(ndim)
     "data": {"kind": "kit", "kit_dir": "cache/kit", "prepared": None, "axes": [0, 1, 2],
              "min_foreground": 0.15, "bg_threshold": 0.08, "max_mb": 40, "max_upsample": 2.0,

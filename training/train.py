@@ -263,7 +263,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     model = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim).to(dev)
     init_info = None
     if ck is None and cfg.get("init"):
-        init_info = load_init(model, cfg["init"])
+        init_info = load_init(model, cfg["init"], str(cfg.get("init_inflate") or "centre"))
         say(f"initialised from {init_info['source']} (sha256 {init_info['sha256'][:12]}...)")
     elif ck is None:
         scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
@@ -435,13 +435,15 @@ class InitError(ValueError):
     """Starting weights (``init``) that cannot seed the configured network."""
 
 
-def load_init(model: DRDMNet, source) -> Dict[str, Any]:
+def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]:
     """Load starting weights into ``model`` (strict: every tensor present, same shapes).
 
     Args:
         model: the freshly built network of the run's ``model`` configuration.
         source: a weights file (``.safetensors``, reference ``.pth``, or a training checkpoint
             ``step_*.pt``) or the name of a bundled model (``cmr2d``, ``brain2d``...).
+        inflate: how 2D weights seed a 3D model (``init_inflate``: ``centre`` or ``spread``,
+            training/inflate.py).
 
     Returns:
         The provenance of the starting weights (source, sha256, their own config and provenance),
@@ -466,6 +468,14 @@ def load_init(model: DRDMNet, source) -> Dict[str, Any]:
     except CheckpointError as e:
         raise InitError(f"init: {e}") from None
     own = model.state_dict()
+    head = state.get("conv_out.weight")
+    if model.ndim == 3 and head is not None and head.dim() == 4:       # 2D weights for a 3D model
+        from .inflate import inflate_state_dict
+        try:
+            state = inflate_state_dict(state, model, inflate)
+        except ValueError as e:
+            raise InitError(f"init: {path} cannot be inflated to the configured 3D network: {e}") from None
+        iprov = dict(iprov, inflated_2d_to_3d=inflate)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

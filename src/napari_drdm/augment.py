@@ -17,7 +17,9 @@ seeds); :func:`reproduce_row` regenerates that exact batch and rewrites the row 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -27,13 +29,17 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.generators import Returning
-from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, load_manifest, parse_t_prime, path_sha256,
+from .safety import (OutputError, OutputLock, available_memory, check_finite, check_label_values, check_memory,
+                     check_output_dir, estimate_export_bytes, shown, writable_array)
+from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, journal_records, load_manifest,
+                         parse_t_prime, path_sha256,
                          prepare_output_folder, read_records, write_manifest)
 
 __all__ = ["ExportOptions", "ExportEvent", "InputError", "ModelProvider", "iter_export", "run_export",
            "reproduce_row", "invert_field", "load_sample"]
 
-DEFAULT_WEIGHTS = {2: "brain2d", 3: "brain3d"}
+# Per-dimension overrides of the registry's default models (weights.default_weights); empty by default.
+DEFAULT_WEIGHTS: Dict[int, str] = {}
 
 
 class _Cancelled(Exception):
@@ -65,10 +71,40 @@ class ExportOptions:
     shard: Tuple[int, int] = (0, 1)
     strict: bool = False                  # stop at the first unusable input instead of skipping it
     fold_guard: bool = False              # written fields fold-free on the input's grid (core/foldguard.py)
+    retry_skipped: bool = False           # with resume: retry inputs an earlier run skipped
+    max_memory: Optional[float] = None    # GB for the memory estimate (None: the memory available)
+    lock_wait: float = 0.0                # seconds to wait for another writer of OUT to finish
+
+    def validate(self) -> "ExportOptions":
+        """Check every option (one line naming it and what was expected); returns self."""
+        from .validate import check_device, check_int, check_k, check_model_size, check_seed
+        if self.mode not in ("augment", "pairs"):
+            raise ValueError(f"mode must be 'augment' or 'pairs', got {self.mode!r}")
+        self.per_image = check_int("--per-image", self.per_image, 1, 10 ** 6)
+        self.seed = check_seed(self.seed)
+        self.k = check_k(self.k, "--k")
+        self.batch = check_int("--batch", self.batch, 1, 4096)
+        self.inverse_iterations = check_int("--inverse-iterations", self.inverse_iterations, 0, 10 ** 5)
+        self.size = check_model_size(self.size)
+        self.device = check_device(self.device)
+        if self.schedule not in (None, "paper", "reference"):
+            raise ValueError(f"--schedule: expected paper or reference, got {self.schedule!r}")
+        if self.label_interp not in ("nearest", "linear_argmax"):
+            raise ValueError(f"--label-interp: expected nearest or linear_argmax, got {self.label_interp!r}")
+        if self.max_memory is not None and not (float(self.max_memory) > 0):
+            raise ValueError(f"--max-memory: expected a positive number of GB, got {self.max_memory!r}")
+        if self.fold_guard not in (True, False):
+            raise ValueError(f"--fold-guard: expected true or false, got {self.fold_guard!r}")
+        self.fold_guard = bool(self.fold_guard)
+        parse_t_prime(self.t_prime, self.per_image)
+        if self.mode == "pairs":
+            parse_t_prime(self.t_prime_syn, self.per_image)
+        return self
 
     def settings(self) -> dict:
         d = asdict(self)
-        for k in ("batch", "device", "resume", "overwrite", "shard", "strict"):
+        for k in ("batch", "device", "resume", "overwrite", "shard", "strict", "retry_skipped", "max_memory",
+                  "lock_wait"):
             d.pop(k)
         d["weights"] = self.weights or "auto"
         if self.mode != "pairs":
@@ -106,15 +142,17 @@ class ModelProvider:
 
     def get(self, ndim: int):
         from .model import load_model
+        from .weights import default_weights
         if self._fixed is None and self.weights:
             self._fixed = load_model(self.weights, device=self.device, size=self.size)
         if self._fixed is not None:
             return self._fixed
         if ndim not in self._models:
-            name = DEFAULT_WEIGHTS[ndim]
+            name = DEFAULT_WEIGHTS.get(ndim, f"default {ndim}D model")
             try:
+                name = DEFAULT_WEIGHTS.get(ndim) or default_weights(ndim)
                 self._models[ndim] = load_model(name, device=self.device, size=self.size)
-            except (KeyError, FileNotFoundError, ValueError) as e:
+            except (KeyError, LookupError, FileNotFoundError, ValueError) as e:
                 msg = e.args[0] if e.args else e
                 raise ValueError(f"no --weights given and the bundled {ndim}D model {name!r} is not available "
                                  f"({msg}); pass --weights NAME_OR_CHECKPOINT (see `drdm weights`)") from None
@@ -128,8 +166,11 @@ def _squeeze(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True) -> dict:
-    """Read, check and prepare one input for its model; raises :class:`InputError` naming the file."""
+def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, memory=None) -> dict:
+    """Read, check and prepare one input for its model; raises :class:`InputError` naming the file.
+
+    ``memory=(budget_bytes, batch, opts)`` also refuses an input whose estimated peak memory
+    (:func:`napari_drdm.safety.estimate_export_bytes`) exceeds the budget."""
     import torch
     from .io import read_image
     from .model import _check_image, _check_labels
@@ -147,6 +188,16 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True) 
         img = _check_image(img, model.ndim, sample.image)
     except (ValueError, TypeError) as e:
         raise InputError(str(e)) from None
+    if memory is not None:
+        budget, batch, opts = memory
+        est = estimate_export_bytes(img.shape, img.dtype.itemsize, model.size, model.config.channels, batch,
+                                    labels=bool(sample.labels), inverse=opts.inverse, pairs=opts.mode == "pairs")
+        try:
+            check_memory(est, budget, sample.image, batch=batch)
+        except MemoryError as e:
+            if batch > 1 and est["total"] - est["model_grid"] * (batch - 1) / batch <= budget:
+                raise    # a smaller --batch fits: a run-level option, so the run stops (before work) saying so
+            raise InputError(str(e)) from None      # this input alone is too large: skipped
     lab_vol, lab = None, None
     if sample.labels:
         try:
@@ -164,13 +215,14 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True) 
     spacing = tuple(float(s) for s in vol.spacing[: img.ndim])
     grid, x_model, lo, hi = model.prepare(img, spacing)
     dev = model.device
-    lab_t, background = None, 0
+    lab_t, background, values = None, 0, None
     if lab is not None:
         values = np.unique(lab)
         background = 0 if (values == 0).any() else int(values.min())
         lab_t = torch.as_tensor(lab.astype(np.int64), device=dev)[None, None]
     return {"sample": sample, "vol": vol, "lab_vol": lab_vol, "image": img, "labels": lab, "spacing": spacing,
             "model": model, "grid": grid, "x_model": x_model, "lo": lo, "hi": hi, "background": background,
+            "label_values": values,
             "x": torch.as_tensor(img.astype(np.float32), device=dev)[None, None], "lab_t": lab_t,
             "source_sha256": path_sha256(sample.image) if with_sha else None,
             "labels_source_sha256": path_sha256(sample.labels) if (with_sha and sample.labels) else None}
@@ -308,16 +360,36 @@ def _write(out: Path, ls: dict, job: Job, o: dict, opts: ExportOptions, overwrit
         row.update(t_prime=job.key[0], seed=job.seeds[0])
     row.update(o["metrics"])
     row.update(o.get("residual", {}))
-    for key, rel in job.paths.items():
-        p = out / rel
+    arrays = {}
+    for key, rel in job.paths.items():     # every array is checked before the first file is written
+        what = f"{job.row_id}: {rel}"
         if key in ("ddf", "inverse_ddf"):
-            write_ddf(p, o[key], ls["spacing"], vol.affine, header=vol.header, overwrite=overwrite)
+            check_finite(o[key], what + " (field)")
+            arrays[key] = o[key]
         elif key.endswith("labels"):
-            write_nifti(p, o[key].reshape(lab_vol.data.shape), vol.affine, header=lab_hdr, overwrite=overwrite)
+            if ls.get("label_values") is not None:
+                check_label_values(o[key], np.union1d(ls["label_values"], [ls["background"]]), what)
+            arrays[key] = writable_array(o[key].reshape(lab_vol.data.shape), what)
         else:
-            write_nifti(p, o[key].reshape(vol.data.shape), vol.affine, header=vol.header, overwrite=overwrite)
-        row[key] = rel
-        row[f"{key}_sha256"] = file_sha256(p)
+            check_finite(o[key], what + " (image)")
+            arrays[key] = writable_array(o[key].reshape(vol.data.shape), what)
+    written = []
+    try:
+        for key, rel in job.paths.items():
+            p = out / rel
+            if key in ("ddf", "inverse_ddf"):
+                write_ddf(p, arrays[key], ls["spacing"], vol.affine, header=vol.header, overwrite=overwrite, root=out)
+            elif key.endswith("labels"):
+                write_nifti(p, arrays[key], vol.affine, header=lab_hdr, overwrite=overwrite, root=out)
+            else:
+                write_nifti(p, arrays[key], vol.affine, header=vol.header, overwrite=overwrite, root=out)
+            written.append(p)
+            row[key] = rel
+            row[f"{key}_sha256"] = file_sha256(p)
+    except BaseException:
+        for p in written:       # an unfinished row leaves no file: every output on disk is in the manifest
+            p.unlink(missing_ok=True)
+        raise
     return row
 
 
@@ -336,40 +408,124 @@ def _batches(window: List[Tuple[dict, List[Job]]], size: int) -> List[List[Tuple
 
 
 # ---------------------------------------------------------------------------------- the run
-def _kept_records(out: Path, own_name: str, done: Dict[str, dict]) -> List[dict]:
-    """This shard's verified rows and their batch records (its journal is rewritten with them)."""
+def _kept_records(out: Path, own_name: str, done: Dict[str, dict], keep_skips: bool = True) -> List[dict]:
+    """This shard's verified rows, their batch records and (unless retried) its skipped inputs
+    (its journal is rewritten with them)."""
     own = [r for r in read_records(out) if r.pop("_journal") == own_name]
     rows = [r for r in own if r.get("type") == "row" and r["row_id"] in done
             and r.get("written_at") == done[r["row_id"]].get("written_at")]
     used = {r.get("batch_id") for r in rows}
-    return [r for r in own if r.get("type") == "batch" and r["batch_id"] in used] + rows
+    skips = [r for r in own if r.get("type") == "skip" and r.get("name")] if keep_skips else []
+    return [r for r in own if r.get("type") == "batch" and r["batch_id"] in used] + rows + skips
+
+
+def _journal_rows(path: Path) -> int:
+    """Row records in a journal file (what the manifest will count)."""
+    return sum(r.get("type") == "row" for r in journal_records(path))
+
+
+def _pending(queue, ls) -> int:
+    """Jobs of the input ``ls`` still waiting in later batches."""
+    return sum(1 for m in queue for x in m if x[0] is ls)
+
+
+def _check_out_vs_inputs(out: Path, items) -> None:
+    """OUT may not be an input folder, lie inside one, or contain an input (outputs would become inputs)."""
+    o = Path(os.path.abspath(out)).resolve()
+    for it in items:
+        if isinstance(it, ArrayInput):
+            continue
+        p = Path(os.path.abspath(Path(it).expanduser())).resolve()
+        if o == p or (p.is_dir() and p in o.parents):
+            raise ValueError(f"output folder {shown(out)} is inside the input {shown(it)}; a later run would take "
+                             f"the outputs for inputs: choose an output folder outside the inputs")
+        if o in p.parents:
+            raise ValueError(f"input {shown(it)} lies inside the output folder {shown(out)}; choose an output "
+                             f"folder that holds no inputs")
+
+
+def _fingerprint(samples: Sequence[Sample]) -> List[list]:
+    """(name, image, labels, bytes, mtime_ns) per input: what --resume compares."""
+    def stat(path):
+        if not path:
+            return None
+        p = Path(path)
+        files = sorted(p.glob("*.dcm")) if p.is_dir() else [p]
+        try:
+            st = [f.stat() for f in files]
+        except OSError:
+            return None
+        return [sum(x.st_size for x in st), max((x.st_mtime_ns for x in st), default=0)]
+    return [[s.name, s.image, s.labels, stat(s.image), stat(s.labels)] for s in samples]
+
+
+def _weights_sha(weights) -> Optional[str]:
+    """sha256 of the weights file a run uses (bundled: from the registry; None: bundled per dimension)."""
+    from .checkpoint import file_sha256
+    from .weights import default_weights, registry, resolve_weights
+    names = [weights]
+    if not weights:
+        names = []
+        for nd in (2, 3):
+            try:
+                names.append(DEFAULT_WEIGHTS.get(nd) or default_weights(nd))
+            except (LookupError, ValueError):
+                names.append(None)
+    shas = []
+    for w in names:
+        try:
+            if w is None:
+                raise LookupError
+            path, name = resolve_weights(w)
+        except (LookupError, FileNotFoundError, ValueError):
+            shas.append(None)
+            continue
+        entry = registry().get(name) if not Path(str(w)).expanduser().exists() else None
+        shas.append(entry.get("sha256") if entry and entry.get("sha256") else file_sha256(path))
+    return shas[0] if weights else "|".join(str(x) for x in shas)
 
 
 def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int = 0,
                 should_stop: Optional[Callable[[], bool]] = None) -> Iterator[ExportEvent]:
     """Run Algorithm 3/4 over ``inputs`` (folders/files, see :func:`discover`); yield one event per
     output or skipped input; return a summary dict.  The manifest is rebuilt on exit, whatever the
-    reason (end, ``should_stop()``, Ctrl-C, full disk)."""
+    reason (end, ``should_stop()``, Ctrl-C, SIGTERM, full disk).
+
+    Before any computation: the options are validated, OUT is checked (not among the inputs,
+    writable, empty or resumable) and locked against other writers (:class:`OutputLock`).  An
+    input that fails at any stage (reading, memory estimate, generation, checks of its outputs)
+    is skipped with its reason, unless ``opts.strict``.  An exception leaving this generator
+    carries the summary as ``exc.export_summary``."""
     out = Path(out_dir)
+    opts.validate()
     mode = opts.mode
-    if mode not in ("augment", "pairs"):
-        raise ValueError(f"mode must be 'augment' or 'pairs', got {mode!r}")
     i_shard, n_shard = opts.shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
         raise ValueError(f"invalid shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
-    parse_t_prime(opts.t_prime, opts.per_image)
-    if mode == "pairs":
-        parse_t_prime(opts.t_prime_syn, opts.per_image)
     items = [inputs] if isinstance(inputs, (str, Path, ArrayInput)) else list(inputs)
+    _check_out_vs_inputs(out, items)
+    check_output_dir(out)
+    lock = OutputLock(out, opts.shard, wait=opts.lock_wait, what=f"drdm export {mode}")
+    with lock:
+        gen = _export_locked(items, out, opts, model, preview, should_stop, lock)
+        summary = yield from gen
+    return summary
+
+
+def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should_stop, lock):
+    mode = opts.mode
+    i_shard, n_shard = opts.shard
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")
     if not samples:
-        raise ValueError("no usable images found in " + ", ".join(map(str, items))
-                         + "".join(f"\n  skipped {s.path}: {s.reason}" for s in skipped))
+        raise ValueError("no usable images found in " + ", ".join(shown(i) for i in items)
+                         + "".join(f"\n  skipped {shown(s.path)}: {s.reason}" for s in skipped))
     digits = max(3, len(str(opts.per_image - 1)))
     settings = dict(opts.settings(), samples=[asdict(s) for s in samples], shards=n_shard,
                     row_tag="pair" if mode == "pairs" else "aug", digits=digits,
-                    inputs=[f"layer:{p.name}" if isinstance(p, ArrayInput) else str(Path(p).resolve()) for p in items])
+                    inputs=[f"layer:{p.name}" if isinstance(p, ArrayInput) else str(Path(p).resolve()) for p in items],
+                    fingerprint=_fingerprint(samples), weights_sha256=_weights_sha(opts.weights) if model is None
+                    else model.sha256)
     from . import __version__
     settings["version"] = __version__
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
@@ -377,10 +533,16 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
     for a in arrays:
         a.save(out / "sources")
     own_name = f"journal-{i_shard}-of-{n_shard}.jsonl"
-    journal = Journal(out / own_name, keep=_kept_records(out, own_name, done) if opts.resume else ())
+    kept = _kept_records(out, own_name, done, keep_skips=not opts.retry_skipped) if opts.resume else []
+    journal = Journal(out / own_name, keep=kept, root=out)
+    n_kept_rows = sum(r.get("type") == "row" for r in kept)
+    skipped_before = {r["name"]: r.get("reason", "") for r in kept if r.get("type") == "skip"}
     plan = []
     for s in samples[i_shard::n_shard]:
         jobs = _jobs(s, opts, digits)
+        if s.name in skipped_before:
+            plan.append((s, []))
+            continue
         have = [j for j in jobs if j.row_id in done]
         if have:   # finished rows count only if made from the same input files
             try:
@@ -390,7 +552,7 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
             have = [j for j in have if sha == (done[j.row_id].get("source_sha256"),
                                                done[j.row_id].get("labels_source_sha256"))]
         plan.append((s, [j for j in jobs if j not in have]))
-    n_prev = sum(len(_jobs(s, opts, digits)) - len(p) for s, p in plan)
+    n_prev = sum(len(_jobs(s, opts, digits)) - len(p) for s, p in plan if s.name not in skipped_before)
     total = sum(len(p) for _, p in plan)
     counts: Dict[tuple, int] = {}
     for j in _jobs(Sample("x", ""), opts, digits):
@@ -398,11 +560,32 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
     # enough images per window that each T' group can fill a batch (bounded, for memory)
     window_n = max(1, min(8, math.ceil(opts.batch / min(counts.values()))))
     provider = ModelProvider(opts.weights, opts.device, opts.size, model)
-    n_done, status = 0, "complete"
+    budget = int(float(opts.max_memory) * 1e9) if opts.max_memory else available_memory()
+    n_done, status, err = 0, "complete", None
+    bad: Dict[str, str] = {}
+    skip_log: List[dict] = []
+
+    def skip(s: Sample, reason: str, n_left: int):
+        nonlocal total
+        if opts.strict:
+            raise InputError(reason)
+        bad[s.name] = reason
+        total -= n_left
+        rec = {"type": "skip", "path": s.image, "name": s.name, "reason": reason}
+        journal.append(rec)
+        skip_log.append(rec)
+        return ExportEvent("skip", n_done, total, f"skipped {s.name}: {reason}")
+
     try:
+        if lock.stale:
+            yield ExportEvent("info", 0, total, f"took over a stale lock of {out} ({lock.stale}, no longer running)")
         for s in (skipped if i_shard == 0 else []):      # discovery is the same in every shard: report once
             journal.append({"type": "skip", "path": s.path, "reason": s.reason})
-            yield ExportEvent("skip", n_done, total, f"skipped {s.path}: {s.reason}")
+            skip_log.append({"path": s.path, "reason": s.reason})
+            yield ExportEvent("skip", n_done, total, f"skipped {shown(s.path)}: {s.reason}")
+        if skipped_before:
+            yield ExportEvent("info", 0, total, f"{len(skipped_before)} inputs skipped by the earlier run are not "
+                              f"retried ({', '.join(sorted(skipped_before)[:5])}); --retry-skipped retries them")
         if n_prev:
             yield ExportEvent("info", 0, total, f"resuming: {n_prev} finished outputs verified, {total} to go")
         for w0 in range(0, len(plan), window_n):
@@ -411,23 +594,39 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
                 if not jobs:
                     continue
                 try:
-                    window.append((load_sample(s, provider), jobs))
+                    window.append((load_sample(s, provider, memory=(budget, opts.batch, opts)), jobs))
                 except InputError as e:
-                    if opts.strict:
-                        raise
-                    total -= len(jobs)
-                    journal.append({"type": "skip", "path": s.image, "name": s.name, "reason": str(e)})
-                    yield ExportEvent("skip", n_done, total, f"skipped {s.name}: {e}")
-            for members in _batches(window, max(1, int(opts.batch))):
+                    yield skip(s, str(e), len(jobs))
+            queue = list(_batches(window, opts.batch))
+            while queue:
+                members = [m for m in queue.pop(0) if m[0]["sample"].name not in bad]
+                if not members:
+                    continue
                 if should_stop is not None and should_stop():
                     raise _Cancelled
+                try:
+                    outs = compute_batch(members, opts)
+                except (RuntimeError, ValueError, TypeError, MemoryError, FloatingPointError) as e:
+                    if len(members) > 1:          # find the member that fails: one by one
+                        queue[:0] = [[m] for m in members]
+                        continue
+                    ls = members[0][0]
+                    yield skip(ls["sample"], f"generation failed: {type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0]}", 1 + _pending(queue, ls))
+                    continue
                 bid = f"{members[0][1].row_id}-{time.time_ns():x}"
                 journal.append({"type": "batch", "batch_id": bid, "members": [
                     {"row_id": j.row_id, "name": j.name, "index": j.index, "key": list(j.key), "seeds": list(j.seeds),
                      "source": ls["sample"].image, "labels_source": ls["sample"].labels} for ls, j in members]})
-                outs = compute_batch(members, opts)
                 for b, ((ls, job), o) in enumerate(zip(members, outs)):
-                    row = _write(out, ls, job, o, opts, overwrite=opts.resume or opts.overwrite or n_shard > 1)
+                    if ls["sample"].name in bad:
+                        continue
+                    try:
+                        row = _write(out, ls, job, o, opts, overwrite=opts.resume or opts.overwrite or n_shard > 1)
+                    except OutputError as e:
+                        left = sum(1 for x in members[b:] if x[0] is ls) + _pending(queue, ls)
+                        yield skip(ls["sample"], str(e), left)
+                        continue
                     row.update(batch_id=bid, batch_index=b, batch_size=len(members), written_at=time.time())
                     journal.append(dict(row, type="row"))
                     n_done += 1
@@ -435,19 +634,30 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
                     yield ExportEvent("row", n_done, total, row=row, preview=pv)
     except _Cancelled:
         status = "cancelled"
-    except BaseException:
+    except BaseException as e:
         status = "interrupted"
+        err = e
         raise
     finally:
         journal.close()
+        written = _journal_rows(journal.path) - n_kept_rows      # exactly what the journal holds
+        for p in out.rglob(f".*.part-{os.getpid()}*"):           # our own temporaries, if any survived
+            p.unlink(missing_ok=True)
         try:
             m = write_manifest(out)
             summary_extra = {"complete": m["complete"], "n_rows": m["n_rows"], "n_missing": m["n_missing"]}
         except OSError:
-            summary_extra = {"complete": False, "manifest_error": "could not write manifest.json/csv; "
-                             "the journal is intact: run `drdm augment --merge OUT` to rebuild them"}
-    return dict({"status": status, "written": n_done, "previously_done": n_prev, "out_dir": str(out),
-                 "manifest": str(out / "manifest.json")}, **summary_extra)
+            summary_extra = {"complete": False, "manifest_written": False,
+                             "manifest_error": "could not write manifest.json/csv; the journal is intact: run "
+                             "`drdm augment --merge OUT` to rebuild them"}
+        summary = dict({"status": status, "written": written, "previously_done": n_prev, "out_dir": str(out),
+                        "manifest": str(out / "manifest.json"), "skipped": skip_log}, **summary_extra)
+        if err is not None:
+            try:
+                err.export_summary = summary
+            except AttributeError:
+                pass
+    return summary
 
 
 def run_export(inputs, out_dir, opts: ExportOptions, model=None, progress: Optional[Callable] = None,
@@ -461,17 +671,34 @@ def run_export(inputs, out_dir, opts: ExportOptions, model=None, progress: Optio
 
 
 # ---------------------------------------------------------------------------------- reproduction
-def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto") -> dict:
+def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto", overwrite: bool = False) -> dict:
     """Regenerate one manifest row into ``out_dir`` (same relative paths) by re-running its batch.
 
     Returns ``{"row_id", "paths": {key: path}, "identical": {key: bool}}`` comparing each file's
     sha256 with the manifest.  Bit-identity needs the same weights, device type and torch build.
+    The manifest may come from elsewhere: its output paths must stay inside ``out_dir`` (absolute
+    paths, ``..`` and symlinks out are refused) and existing files are replaced only with
+    ``overwrite``; both are checked, and ``out_dir`` locked, before anything is computed.
     """
+    from .safety import confine
     m = load_manifest(manifest)
     rows = {r["row_id"]: r for r in m["rows"]}
     if row_id not in rows:
         raise KeyError(f"row {row_id!r} is not in the manifest {manifest}")
     row = rows[row_id]
+    keys = [k for k in row if k + "_sha256" in row and k not in ("source", "labels_source", "model")]
+    check_output_dir(out_dir)
+    for k in keys:
+        if not isinstance(row[k], str):
+            raise ValueError(f"manifest {manifest}: row {row_id} has no file name for {k!r}")
+        target = confine(out_dir, row[k])
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; refusing to overwrite it (use --overwrite, or another OUTDIR)")
+    with OutputLock(out_dir, what="drdm augment --reproduce"):
+        return _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, overwrite)
+
+
+def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, overwrite) -> dict:
     batch = m["batches"].get(row["batch_id"])
     if batch is None:
         raise ValueError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
@@ -506,8 +733,7 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto") -> 
     if ls["model"].sha256 != row["model_sha256"]:
         raise ValueError(f"weights differ from the manifest's ({row['model']}, sha256 {row['model_sha256'][:12]}...)")
     o = compute_batch(members, opts)[target]
-    keys = [k for k in row if k + "_sha256" in row and k not in ("source", "labels_source", "model")]
     job.paths = {k: row[k] for k in keys}
-    new = _write(Path(out_dir), ls, job, o, opts, overwrite=True)
+    new = _write(Path(out_dir), ls, job, o, opts, overwrite=overwrite)
     return {"row_id": row_id, "paths": {k: str(Path(out_dir) / row[k]) for k in keys},
             "identical": {k: new[f"{k}_sha256"] == row[f"{k}_sha256"] for k in keys}}

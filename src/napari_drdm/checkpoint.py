@@ -21,7 +21,7 @@ import torch
 
 from .core.config import DRDMConfig
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint", "file_sha256", "infer_reference_config"]
+__all__ = ["CheckpointError", "check_finite_state", "read_checkpoint", "write_checkpoint", "file_sha256", "infer_reference_config"]
 
 
 class CheckpointError(ValueError):
@@ -34,6 +34,23 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_finite_state(state: Dict[str, torch.Tensor], path="weights") -> None:
+    """Refuse weights holding NaN or infinite values (a diverged training run or a corrupt file).
+
+    Args:
+        state: the state_dict.
+        path: the file, for the message.
+
+    Raises:
+        CheckpointError: naming the file and the first non-finite tensor.
+    """
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {n} NaN or infinite values; the weights are "
+                                  f"unusable (corrupt file or diverged training)")
 
 
 def infer_reference_config(state: Dict[str, torch.Tensor], size: Optional[int] = None) -> DRDMConfig:

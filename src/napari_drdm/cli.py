@@ -14,8 +14,26 @@ from . import __version__
 COMMANDS = ["generate", "evaluate", "augment", "synthesize_pairs", "weights", "info"]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that it ends a run like Ctrl-C (manifest written,
+    temporary files removed, a message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``drdm augment: error: ...``) and exit code 2."""
+
+    def error(self, message):
+        import re
+        message = re.sub(r"^argument [^:]+: (?=--)", "", message)   # validators already name the option
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="drdm", description="Deformation-Recovery Diffusion Model: random, anatomically plausible "
         "deformations of medical images, for augmentation and registration training.")
     parser.add_argument("--version", action="version", version=f"napari-drdm {__version__}")
@@ -33,22 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser, argv):
+    """Parse, letting positional paths sit between options (``IN --per-image 2 OUT``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "paths", None), list):
+        args.paths += [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        choices = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        choices.get(getattr(args, "command", None), parser).error("unrecognized arguments: " + " ".join(extra))
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+    import threading
+    from .safety import shown
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
+    except Terminated:
+        print(f"drdm {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("drdm: interrupted", file=sys.stderr)
+        print(f"drdm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        why = str(e) or "out of memory (no detail from the allocator); try a smaller --batch or a smaller image"
+        print(f"drdm {args.command}: error: {why}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"drdm {args.command}: error: {msg}", file=sys.stderr)
+        print(f"drdm {args.command}: error: {shown(str(msg))}", file=sys.stderr)
         return 1
+    except Exception as e:          # never a traceback for the user; -v shows it
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"drdm {args.command}: error: {type(e).__name__}: {shown(first)} (rerun with -v for details)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
 
 
 if __name__ == "__main__":

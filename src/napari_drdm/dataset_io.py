@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .io import IMAGE_SUFFIXES, atomic_write
+from .safety import check_utf8_name, shown
 
 __all__ = ["LABEL_SUFFIXES", "ArrayInput", "Sample", "Skipped", "discover", "parse_t_prime", "derive_seed", "stem_of",
            "path_sha256", "Journal", "read_records", "verify_row", "write_manifest", "load_manifest",
@@ -71,9 +72,9 @@ class ArrayInput:
     def save(self, sources_dir):
         from .io import write_nifti
         img, lab = self.paths(sources_dir)
-        write_nifti(img, np.asarray(self.image), self.affine, header=self.header, overwrite=True)
+        write_nifti(img, np.asarray(self.image), self.affine, header=self.header, overwrite=True, root=sources_dir)
         if lab is not None:
-            write_nifti(lab, np.asarray(self.labels), self.affine, overwrite=True)
+            write_nifti(lab, np.asarray(self.labels), self.affine, overwrite=True, root=sources_dir)
 
 
 @dataclass
@@ -117,6 +118,11 @@ def _scan(folder: Path, skipped: List[Skipped]) -> List[Path]:
     out = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
+            continue
+        try:
+            check_utf8_name(p)
+        except ValueError as e:
+            skipped.append(Skipped(shown(p), str(e).split(": ", 1)[-1]))
             continue
         if _is_image_file(p) or _is_series(p):
             out.append(p)
@@ -172,6 +178,11 @@ def discover(inputs: Iterable, skipped: Optional[List[Skipped]] = None,
             pairs.append((img, lab))
             continue
         p = Path(item).expanduser()
+        try:
+            check_utf8_name(p)
+        except ValueError as e:
+            skipped.append(Skipped(shown(p), str(e).split(": ", 1)[-1]))
+            continue
         if not p.exists():
             skipped.append(Skipped(str(p), "not found"))
         elif p.is_dir() and (p / "images").is_dir():
@@ -275,11 +286,12 @@ def _fsync_dir(path: Path):
 class Journal:
     """Append-only JSON-lines record of finished outputs (one line per record, fsynced)."""
 
-    def __init__(self, path, keep: Sequence[dict] = ()):
-        self.path = Path(path)
+    def __init__(self, path, keep: Sequence[dict] = (), root=None):
+        from .safety import confine
+        self.path = confine(root, path) if root is not None else Path(path)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
         if keep or self.path.exists():
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), overwrite=True, root=root)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
 
@@ -296,20 +308,27 @@ class Journal:
             self._f.close()
 
 
+def journal_records(path) -> List[dict]:
+    """The parsable records of one journal file (a line cut short by a crash is ignored)."""
+    recs = []
+    p = Path(path)
+    if not p.exists():
+        return recs
+    with open(p) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict):
+                r["_journal"] = p.name
+                recs.append(r)
+    return recs
+
+
 def read_records(out_dir) -> List[dict]:
     """All parsable records of all journals in ``out_dir`` (a line cut short by a crash is ignored)."""
-    recs = []
-    for j in sorted(Path(out_dir).glob("journal-*-of-*.jsonl")):
-        with open(j) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(r, dict):
-                    r["_journal"] = j.name
-                    recs.append(r)
-    return recs
+    return [r for j in sorted(Path(out_dir).glob("journal-*-of-*.jsonl")) for r in journal_records(j)]
 
 
 def output_keys(row: dict) -> List[str]:
@@ -394,7 +413,7 @@ def write_manifest(out_dir) -> dict:
         manifest = {"run": run, "rows": ordered, "batches": {k: v for k, v in batches.items() if k in used},
                     "skipped": skipped, "n_rows": len(ordered), "n_missing": len(missing),
                     "complete": not missing, "missing": missing[:100]}
-        write_json(out / MANIFEST_JSON, manifest, overwrite=True)
+        write_json(out / MANIFEST_JSON, manifest, overwrite=True, root=out)
         cols = _columns(ordered)
         buf = _io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -402,7 +421,7 @@ def write_manifest(out_dir) -> dict:
         for r in ordered:
             w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
         text = buf.getvalue()
-        atomic_write(out / MANIFEST_CSV, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+        atomic_write(out / MANIFEST_CSV, lambda tmp: Path(tmp).write_text(text), overwrite=True, root=out)
         _fsync_dir(out)
     return manifest
 
@@ -430,7 +449,8 @@ def _is_empty(out: Path) -> bool:
     """No files but temporaries, or only the bookkeeping of a run that wrote no output yet."""
     if not out.exists():
         return True
-    names = [p.name for p in out.iterdir() if not (p.name.startswith(".") and ".part-" in p.name)]
+    names = [p.name for p in out.iterdir() if not (p.name.startswith(".") and (".part-" in p.name
+                                                                             or p.name.startswith(".drdm")))]
     side = all(n in _SIDE_FILES or n == "sources" or (n.startswith("journal-") and n.endswith(".jsonl"))
                for n in names)
     return not names or (side and not collect(out)[0])
@@ -457,6 +477,29 @@ def _clean_partials(out: Path):
             p.unlink(missing_ok=True)
 
 
+def _same_weights(prev: dict, settings: dict) -> bool:
+    """Same weights file, when both runs recorded its sha256 (older run.json files did not)."""
+    a, b = prev.get("weights_sha256"), settings.get("weights_sha256")
+    return a is None or b is None or a == b
+
+
+def _check_same_inputs(out: Path, prev: dict, settings: dict) -> None:
+    """--resume refuses another input set (inputs added, removed or renamed)."""
+    def key(s):
+        return (s.get("name"), s.get("image"), s.get("labels"))
+    old = {key(s) for s in prev.get("samples", [])}
+    new = {key(s) for s in settings.get("samples", [])}
+    if old and old != new:
+        added, removed = sorted(new - old), sorted(old - new)
+        parts = []
+        if added:
+            parts.append(f"{len(added)} not in the earlier run (e.g. {added[0][1]})")
+        if removed:
+            parts.append(f"{len(removed)} of the earlier run missing (e.g. {removed[0][1]})")
+        raise FileExistsError(f"{out} holds a run over a different input set: {'; '.join(parts)}. --resume needs "
+                              f"the same inputs (use --overwrite or another output folder for a new set)")
+
+
 def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool, shard: Tuple[int, int]):
     """Apply the safety rules; return the verified finished rows (resume) and write ``run.json``.
 
@@ -478,7 +521,8 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
             prev = json.loads(run_file.read_text())
         except ValueError:
             prev = None
-    same = prev is not None and all(prev.get(k) == settings.get(k) for k in IDENTITY_KEYS)
+    same = prev is not None and all(prev.get(k) == settings.get(k) for k in IDENTITY_KEYS) \
+        and _same_weights(prev, settings)
     done: List[dict] = []
     if overwrite:
         # journals of other shards of this (sharded) run may already be in use: leave them alone
@@ -488,8 +532,12 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
     elif resume:
         if prev is not None and not same:
             diff = [k for k in IDENTITY_KEYS if prev.get(k) != settings.get(k)]
+            if not _same_weights(prev, settings):
+                diff.append("weights file (sha256)")
             raise FileExistsError(f"{out} holds a run with different settings ({', '.join(diff)}); "
                                   f"--resume needs the same settings (or use --overwrite or another folder)")
+        if prev is not None:
+            _check_same_inputs(out, prev, settings)
         if out.exists():
             _clean_partials(out)
             rows, _, _ = collect(out)
@@ -499,7 +547,7 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
         if not sharded_join:
             raise FileExistsError(f"output folder {out} is not empty; refusing to write into it. Use --resume to "
                                   f"complete an interrupted run, --overwrite to replace it, or another folder")
-    write_json(run_file, settings, overwrite=True)
+    write_json(run_file, settings, overwrite=True, root=out)
     return done
 
 

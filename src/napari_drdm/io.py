@@ -75,9 +75,41 @@ def _read_nrrd(p: Path) -> Volume:
     return Volume(data, aff, tuple(spacing), str(p), meta={"nrrd_header": {k: str(v) for k, v in hdr.items()}})
 
 
-def _read_dicom_series(paths: List[Path]) -> Volume:
+def _dcmread_all(paths: List[Path]):
+    """Read every file of a series, naming the first one that is not DICOM."""
     import pydicom
-    slices = [pydicom.dcmread(str(q)) for q in paths]
+    from pydicom.errors import InvalidDicomError
+    out = []
+    for q in paths:
+        try:
+            out.append(pydicom.dcmread(str(q)))
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as e:
+            raise ValueError(f"{q}: not a readable DICOM file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             f"; remove it from the series folder") from None
+    return out
+
+
+def _one_series(slices, paths: List[Path], series: Optional[str]):
+    """The slices of one series: a folder holding several series needs ``series`` (a SeriesInstanceUID)."""
+    groups: Dict[str, list] = {}
+    for ds, q in zip(slices, paths):
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "") or ""), []).append((ds, q))
+    if series is not None:
+        if series not in groups:
+            raise ValueError(f"{paths[0].parent}: no DICOM series {series!r} (found {', '.join(sorted(groups))})")
+        return groups[series]
+    if len(groups) > 1:
+        desc = "; ".join(f"{uid or '(no UID)'}: {len(v)} files, e.g. {v[0][1].name}" for uid, v in sorted(groups.items()))
+        raise ValueError(f"{paths[0].parent} holds {len(groups)} DICOM series ({desc}); put each series in its own "
+                         f"folder, or read one with read_image(folder, series=UID)")
+    return next(iter(groups.values()))
+
+
+def _read_dicom_series(paths: List[Path], series: Optional[str] = None) -> Volume:
+    slices = _dcmread_all(paths)
+    if len(slices) > 1 or series is not None:
+        pairs = _one_series(slices, paths, series)
+        slices, paths = [d for d, _ in pairs], [q for _, q in pairs]
     if len(slices) == 1:
         ds = slices[0]
         arr = ds.pixel_array
@@ -93,7 +125,15 @@ def _read_dicom_series(paths: List[Path]) -> Volume:
     def pos(ds):
         ipp = getattr(ds, "ImagePositionPatient", None)
         return float(ipp[2]) if ipp is not None else float(getattr(ds, "InstanceNumber", 0))
-    slices.sort(key=pos)
+    order = sorted(range(len(slices)), key=lambda i: pos(slices[i]))
+    slices, paths = [slices[i] for i in order], [paths[i] for i in order]
+    shapes = {}
+    for ds, q in zip(slices, paths):
+        shapes.setdefault(tuple(ds.pixel_array.shape), q)
+    if len(shapes) > 1:
+        raise ValueError(f"{paths[0].parent}: the DICOM slices have different sizes ("
+                         + ", ".join(f"{'x'.join(map(str, k))} e.g. {q.name}" for k, q in shapes.items())
+                         + "); one series must have one slice size")
     data = np.stack([s.pixel_array * float(getattr(s, "RescaleSlope", 1) or 1)
                      + float(getattr(s, "RescaleIntercept", 0) or 0) for s in slices])
     ps = [float(v) for v in getattr(slices[0], "PixelSpacing", [1.0, 1.0])]
@@ -116,8 +156,12 @@ def _read_picture(p: Path) -> Volume:
     return Volume(data, np.eye(4), (1.0,) * data.ndim, str(p))
 
 
-def read_image(path, key: str = "image") -> Volume:
-    """Read one image file (or a folder holding a DICOM series)."""
+def read_image(path, key: str = "image", series: Optional[str] = None) -> Volume:
+    """Read one image file (or a folder holding a DICOM series).
+
+    A folder holding several DICOM series (different SeriesInstanceUID) is refused with the
+    list of series unless ``series`` names the one to read; a file in it that is not DICOM, or
+    slices of different sizes, are refused naming the file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
@@ -125,7 +169,12 @@ def read_image(path, key: str = "image") -> Volume:
         dcm = sorted(p.glob("*.dcm"))
         if not dcm:
             raise ValueError(f"{p} is a folder without DICOM files; give an image file")
-        return _read_dicom_series(dcm)
+        try:
+            return _read_dicom_series(dcm, series)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"cannot read the DICOM series {p}: {type(e).__name__}: {e}") from None
     suf = _suffix(p)
     try:
         if suf in (".nii", ".nii.gz"):
@@ -184,8 +233,16 @@ def read_stack(path) -> List[Volume]:
     return [read_image(p)]
 
 
-def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename to ``path``; clean up and explain a full disk."""
+def atomic_write(path: Path, write_fn, overwrite: bool = False, root=None) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename to ``path``; clean up and explain a full disk.
+
+    Every file this package writes goes through here.  With ``root`` the target is first
+    resolved by :func:`napari_drdm.safety.confine`: absolute paths elsewhere, ``..`` and symlinks
+    leading outside ``root`` are refused before anything is written.
+    """
+    if root is not None:
+        from .safety import confine
+        path = confine(root, path)
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (use --overwrite)")
@@ -209,24 +266,25 @@ def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
 
 
 def write_nifti(path, data: np.ndarray, affine: Optional[np.ndarray] = None, header=None,
-                overwrite: bool = False, intent: Optional[str] = None) -> Path:
-    """Write a NIfTI file atomically with the given affine (and a copy of the source header)."""
+                overwrite: bool = False, intent: Optional[str] = None, root=None) -> Path:
+    """Write a NIfTI file atomically with the given affine (and a copy of the source header).
+
+    The data type is made one NIfTI holds (:func:`napari_drdm.safety.writable_array`: float16
+    becomes float32, 64-bit integers are narrowed when their values fit); ``root`` confines the
+    target (see :func:`atomic_write`)."""
     import nibabel as nib
+    from .safety import writable_array
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    arr = np.asarray(data)
-    if arr.dtype == np.int64 and arr.size and arr.min() >= np.iinfo(np.int32).min and arr.max() <= np.iinfo(np.int32).max:
-        arr = arr.astype(np.int32)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
+    arr = writable_array(data, str(path))
     hdr = None
     if header is not None and isinstance(header, nib.Nifti1Header):
         hdr = header.copy()
         hdr.set_data_dtype(arr.dtype)
         hdr.set_data_shape(arr.shape)
         hdr.set_slope_inter(None, None)
-    img = nib.Nifti1Image(arr, aff, header=hdr)
+    img = nib.Nifti1Image(arr, aff, header=hdr, dtype=arr.dtype if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" else None)
     img.set_sform(aff, code=int(header["sform_code"]) if hdr is not None and int(header["sform_code"]) > 0 else 1)
     img.set_qform(aff, code=int(header["qform_code"]) if hdr is not None and int(header["qform_code"]) > 0 else 1)
     if intent:
         img.header.set_intent(intent)
-    return atomic_write(Path(path), lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
+    return atomic_write(Path(path), lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite, root=root)

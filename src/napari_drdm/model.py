@@ -1,7 +1,8 @@
 """The DRDM model object: config + network + device, and generation on images of any size.
 
 >>> from napari_drdm import load_model
->>> model = load_model("brain2d")                  # bundled weights, or a path to a checkpoint
+>>> model = load_model()                           # the default 2D model (load_model(ndim=3): 3D)
+>>> model = load_model("cmr2d")                    # bundled weights by name, or a path to a checkpoint
 >>> res = model.generate(image, labels, t_prime=45, seed=0)
 >>> res.image, res.labels, res.ddf, res.metrics
 
@@ -19,7 +20,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, file_sha256, read_checkpoint
+from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_checkpoint
+from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
+from .checks import check_image as _check_image
+from .checks import check_labels as _check_labels
 from .core.config import DRDMConfig
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
@@ -28,6 +32,7 @@ from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover, reverse_timesteps
 from .core.spatial import resample_affine, warp, warp_labels
+from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
            "guard_mode"]
@@ -58,10 +63,9 @@ def guard_mode(value) -> Optional[str]:
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """cuda > mps > cpu unless told; ``"auto"`` or None means choose."""
     if device is not None and str(device) != "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
-        return dev
+        if isinstance(device, torch.device):
+            device = str(device)
+        return torch.device(check_device(device, "device"))
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
@@ -160,38 +164,6 @@ class GenerationResult:
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
 
-def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarray:
-    a = np.asarray(image)
-    if a.ndim != ndim:
-        hint = ""
-        if a.ndim == ndim + 1 and a.shape[-1] in (3, 4):
-            hint = " (it looks like an RGB/RGBA image: convert it to a single grey-level channel)"
-        elif a.ndim == ndim + 1:
-            hint = f" (for a stack, pick one {ndim}D slice or frame)"
-        raise ValueError(f"{name} must be {ndim}D for this model, got shape {a.shape}{hint}")
-    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-        raise TypeError(f"{name} must be real numeric, got dtype {a.dtype}")
-    if a.dtype != bool and not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or infinite values; replace them before generating")
-    if min(a.shape) < 2:
-        raise ValueError(f"{name} is too small: shape {a.shape}")
-    return a
-
-
-def _check_labels(labels: np.ndarray, shape) -> np.ndarray:
-    lab = np.asarray(labels)
-    if lab.shape != tuple(shape):
-        raise ValueError(f"labels shape {lab.shape} does not match the image shape {tuple(shape)}")
-    if lab.dtype == bool:
-        return lab.astype(np.uint8)
-    if not np.issubdtype(lab.dtype, np.integer):
-        if np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
-            return lab.astype(np.int64)
-        raise TypeError(f"labels must hold integer class values, got dtype {lab.dtype} with non-integer values; "
-                        f"a soft/probability map is not a label map")
-    return lab
-
-
 class DRDM:
     """A loaded DRDM: network + configuration + device."""
 
@@ -222,7 +194,8 @@ class DRDM:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path, device=None, size: Optional[int] = None, name: str = "") -> "DRDM":
-        state, cfg, prov = read_checkpoint(path, size=size)
+        state, cfg, prov = read_checkpoint(path, size=check_model_size(size, "size"))
+        check_finite_state(state, path)
         net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
         try:
             net.load_state_dict(state, strict=True)
@@ -287,8 +260,9 @@ class DRDM:
         gmode = guard_mode(fold_guard)
         cfg = self.config
         schedule = schedule or cfg.schedule
-        k = int(k or cfg.k_recursions)
-        t_prime = int(t_prime)
+        k = check_k(k) or int(cfg.k_recursions)
+        t_prime = check_t_prime(t_prime, cfg.n_steps)
+        seed = check_seed(seed, "seed")
         reverse_timesteps(t_prime, cfg.n_steps, schedule)  # validates
         image_interp = image_interp or cfg.image_interp
         a = _check_image(image, self.ndim)
@@ -376,7 +350,9 @@ class DRDM:
         hooks = _GuardHooks(gmode)
         cfg = self.config
         schedule = schedule or cfg.schedule
-        k = int(k or cfg.k_recursions)
+        k = check_k(k) or int(cfg.k_recursions)
+        t_prime = check_t_prime(t_prime, cfg.n_steps)
+        seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
             raise ValueError(f"{x_model.shape[0]} images but {len(seeds)} seeds")
         draws = self._seeded_draws(seeds)
@@ -421,14 +397,18 @@ class _GuardHooks:
                      "corrected_in_loop_px": self.step_folded}
 
 
-def load_model(name_or_path: Union[str, Path] = "brain2d", device=None, size: Optional[int] = None) -> DRDM:
+def load_model(name_or_path: Union[str, Path, None] = None, device=None, size: Optional[int] = None,
+               ndim: int = 2) -> DRDM:
     """Load bundled weights by name (see ``drdm weights``) or a checkpoint file.
+
+    With no name, the default bundled model for ``ndim``-dimensional images (``drdm weights``
+    marks it).
 
     Accepted files: the project's ``.safetensors`` and the reference implementation's ``.pth``
     state_dicts (loaded with ``weights_only=True``: a weights file cannot run code).  ``size``
     overrides the model side S (useful for reference checkpoints, which do not record it).
     """
-    from .weights import resolve_weights
+    from .weights import default_weights, resolve_weights
 
-    path, name = resolve_weights(name_or_path)
+    path, name = resolve_weights(default_weights(ndim) if name_or_path is None else name_or_path)
     return DRDM.from_checkpoint(path, device=device, size=size, name=name)

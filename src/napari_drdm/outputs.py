@@ -16,7 +16,7 @@ import numpy as np
 
 from .io import atomic_write, write_nifti
 
-__all__ = ["ddf_to_nifti_array", "nifti_array_to_ddf", "write_ddf", "write_json", "write_result"]
+__all__ = ["ddf_to_nifti_array", "nifti_array_to_ddf", "write_ddf", "write_json", "write_result", "result_paths"]
 
 
 def ddf_to_nifti_array(ddf_px: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -35,12 +35,12 @@ def nifti_array_to_ddf(arr: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return px.astype(np.float32)
 
 
-def write_ddf(path, ddf_px: np.ndarray, spacing, affine, header=None, overwrite=False) -> Path:
+def write_ddf(path, ddf_px: np.ndarray, spacing, affine, header=None, overwrite=False, root=None) -> Path:
     return write_nifti(path, ddf_to_nifti_array(ddf_px, spacing), affine, header=header,
-                       overwrite=overwrite, intent="vector")
+                       overwrite=overwrite, intent="vector", root=root)
 
 
-def write_json(path, obj: Dict[str, Any], overwrite: bool = False) -> Path:
+def write_json(path, obj: Dict[str, Any], overwrite: bool = False, root=None) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
 
     def _w(tmp):
@@ -48,7 +48,7 @@ def write_json(path, obj: Dict[str, Any], overwrite: bool = False) -> Path:
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
-    return atomic_write(Path(path), _w, overwrite=overwrite)
+    return atomic_write(Path(path), _w, overwrite=overwrite, root=root)
 
 
 def _jsonable(o):
@@ -63,32 +63,54 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwrite: bool = False,
-                 extra: Optional[Dict[str, Any]] = None, write_forward: bool = False) -> Dict[str, str]:
-    """Write image/labels/ddf NIfTI + ``<stem>.json`` sidecar; returns the written paths."""
+def result_paths(out_dir, stem: str, labels: bool, write_forward: bool = False,
+                 overwrite: bool = False) -> Dict[str, Path]:
+    """The files :func:`write_result` writes; with ``overwrite=False`` refuse if any exists (checked
+    before any computation by ``drdm generate``)."""
+    from .safety import confine
     out = Path(out_dir)
-    paths = {"image": out / f"{stem}_image.nii.gz", "ddf": out / f"{stem}_ddf.nii.gz",
-             "json": out / f"{stem}.json"}
-    if result.labels is not None:
-        paths["labels"] = out / f"{stem}_labels.nii.gz"
+    names = {"image": f"{stem}_image.nii.gz", "ddf": f"{stem}_ddf.nii.gz", "json": f"{stem}.json"}
+    if labels:
+        names["labels"] = f"{stem}_labels.nii.gz"
     if write_forward:
-        paths["forward_ddf"] = out / f"{stem}_forward_ddf.nii.gz"
+        names["forward_ddf"] = f"{stem}_forward_ddf.nii.gz"
+    paths = {k: confine(out, n) for k, n in names.items()}
     if not overwrite:
         clash = [str(p) for p in paths.values() if p.exists()]
         if clash:
             raise FileExistsError(f"refusing to overwrite existing outputs: {', '.join(clash)} (use --overwrite)")
+    return paths
+
+
+def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwrite: bool = False,
+                 extra: Optional[Dict[str, Any]] = None, write_forward: bool = False) -> Dict[str, str]:
+    """Write image/labels/ddf NIfTI + ``<stem>.json`` sidecar; returns the written paths.
+
+    Every array is checked first (finite image and fields, dtypes NIfTI holds), so a refused
+    result leaves no file behind."""
+    from .safety import check_finite, writable_array
+    out = Path(out_dir)
+    paths = result_paths(out, stem, result.labels is not None, write_forward, overwrite)
+    check_finite(result.image, f"{paths['image']} (deformed image)")
+    check_finite(result.ddf, f"{paths['ddf']} (field)")
+    writable_array(result.image, str(paths["image"]))
+    if result.labels is not None:
+        writable_array(result.labels, str(paths["labels"]))
+    if write_forward:
+        check_finite(result.forward_ddf, f"{paths['forward_ddf']} (forward field)")
     hdr = volume.header
-    write_nifti(paths["image"], result.image, volume.affine, header=hdr, overwrite=overwrite)
+    write_nifti(paths["image"], result.image, volume.affine, header=hdr, overwrite=overwrite, root=out)
     if "labels" in paths:
         lab_hdr = labels_volume.header if labels_volume is not None else None
-        write_nifti(paths["labels"], result.labels, volume.affine, header=lab_hdr, overwrite=overwrite)
-    write_ddf(paths["ddf"], result.ddf, volume.spacing, volume.affine, overwrite=overwrite)
+        write_nifti(paths["labels"], result.labels, volume.affine, header=lab_hdr, overwrite=overwrite, root=out)
+    write_ddf(paths["ddf"], result.ddf, volume.spacing, volume.affine, overwrite=overwrite, root=out)
     if write_forward:
-        write_ddf(paths["forward_ddf"], result.forward_ddf, volume.spacing, volume.affine, overwrite=overwrite)
+        write_ddf(paths["forward_ddf"], result.forward_ddf, volume.spacing, volume.affine, overwrite=overwrite,
+                  root=out)
     side = {"t_prime": result.t_prime, "seed": result.seed, "schedule": result.schedule, "k": result.k,
             "metrics": result.metrics, "forward_metrics": result.forward_metrics,
             "ddf_convention": "pull-back; component c = displacement along array axis c in mm; shape (*spatial, 1, d)",
             "outputs": {k: p.name for k, p in paths.items()}}
     side.update(extra or {})
-    write_json(paths["json"], side, overwrite=overwrite)
+    write_json(paths["json"], side, overwrite=overwrite, root=out)
     return {k: str(p) for k, p in paths.items()}

@@ -96,7 +96,7 @@ class DRDMTransform:
         if self._model is None:
             from .augment import DEFAULT_WEIGHTS
             from .model import load_model
-            self._model = load_model(self.weights or DEFAULT_WEIGHTS[ndim], device=self.device)
+            self._model = load_model(self.weights or DEFAULT_WEIGHTS.get(ndim), device=self.device, ndim=ndim)
         return self._model
 
     # -------------------------------------------------------------------- apply

@@ -54,14 +54,20 @@ def try_load_model(source: str, size: Optional[int] = None, device: str = "auto"
 
 
 def default_threads() -> int:
-    """CPU threads for generation: all cores but one, so the viewer (and its software OpenGL) keeps one.
+    """CPU threads for generation: the cores not busy right now (1-minute load average), all of
+    them on an idle machine with one or two cores, one kept for the viewer on larger machines.
 
-    On a busy 2-core machine two torch threads can be several times slower than one (the OpenMP
-    threads wait on each other while other processes hold the cores).
+    On a busy machine extra torch threads only wait on the cores other processes hold (measured:
+    two threads on a two-core machine running something else are several times slower than one).
     """
     import os
     n = os.cpu_count() or 1
-    return max(1, n - 1)
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (OSError, AttributeError):          # no load average (Windows)
+        busy = 0
+    usable = n if n <= 2 else n - 1
+    return max(1, min(usable, n - busy))
 
 
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,

@@ -1,15 +1,23 @@
 """Sub-commands of the ``drdm`` command line (one module each)."""
 from __future__ import annotations
 
+from ..validate import arg_type, check_device, check_k, check_model_size, check_seed, check_threads
 
-def add_model_args(p, default=None, required=True):
-    """--weights / --device / --size, shared by every command that loads a model."""
+
+def add_model_args(p, default=None, required=False):
+    """--weights / --device / --size / --threads, shared by every command that loads a model.
+
+    Values are checked while parsing (a bad one is one line naming the option, before any work)."""
     p.add_argument("--weights", default=default, required=required and default is None,
-                   help="bundled weights name (see `drdm weights`) or a checkpoint file (.safetensors or reference .pth)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--size", type=int, default=None,
+                   help="bundled weights name (see `drdm weights`) or a checkpoint file (.safetensors or "
+                        "reference .pth); default: the bundled default model of the input's dimensionality "
+                        "(marked in `drdm weights`)")
+    p.add_argument("--device", default="auto", type=arg_type(check_device, "--device"),
+                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--size", type=arg_type(check_model_size, "--size"), default=None,
                    help="model side S (only needed for reference .pth files, which do not record it)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=arg_type(check_threads, "--threads"), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
 
 
 def add_fold_guard_arg(p, default: bool):
@@ -26,9 +34,18 @@ def add_fold_guard_arg(p, default: bool):
                         f"central and the strict (2^d one-sided) Jacobian, with a local correction (default: {state})")
 
 
-def load_from_args(args):
+def seed_arg(p, default=0, help="random seed (0 .. 2**63-1)"):
+    p.add_argument("--seed", type=arg_type(check_seed, "--seed"), default=default, help=help)
+
+
+def k_arg(p, help="internal recursions K >= 1 (default: the model's)"):
+    p.add_argument("--k", type=arg_type(check_k, "--k"), default=None, help=help)
+
+
+def load_from_args(args, ndim: int = 2):
+    """The model named by ``--weights``, or the default bundled model for ``ndim``-D inputs."""
     import torch
     from ..model import load_model
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load_model(args.weights, device=args.device, size=args.size)
+    return load_model(args.weights, device=args.device, size=args.size, ndim=ndim)

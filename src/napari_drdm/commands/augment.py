@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from pathlib import Path
 
-from . import add_fold_guard_arg, add_model_args
+from . import add_fold_guard_arg, add_model_args, k_arg, seed_arg
+from ..validate import arg_type, check_int
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -24,17 +26,19 @@ EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] w
 def add_common(p, mode: str):
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...), output folder")
-    p.add_argument("--per-image", "-n", type=int, default=1, help="outputs per input image (default 1)")
+    p.add_argument("--per-image", "-n", type=arg_type(check_int, "--per-image", lo=1), default=1,
+                   help="outputs per input image (default 1)")
     add_model_args(p, required=False)
-    p.add_argument("--seed", type=int, default=0, help="run seed; each output's seed is derived from it, "
-                   "the input's name and the output index (default 0)")
+    seed_arg(p, help="run seed (0 .. 2**63-1); each output's seed is derived from it, the input's name and the "
+             "output index (default 0)")
     p.add_argument("--schedule", choices=["paper", "reference"], default=None,
                    help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
-    p.add_argument("--k", type=int, default=None, help="internal recursions K (default: the model's)")
-    p.add_argument("--batch", type=int, default=4, help="samples per network pass (default 4)")
+    k_arg(p)
+    p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
+                   help="samples per network pass (default 4)")
     p.add_argument("--inverse", action="store_true", help="also write the inverse field (fixed-point inversion; "
                    "its residual goes to the manifest)")
-    p.add_argument("--inverse-iterations", type=int, default=50)
+    p.add_argument("--inverse-iterations", type=arg_type(check_int, "--inverse-iterations", lo=0), default=50)
     p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
     add_fold_guard_arg(p, default=True)
     g = p.add_mutually_exclusive_group()
@@ -45,9 +49,16 @@ def add_common(p, mode: str):
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="process only inputs j with j %% n == i (0-based); under torchrun RANK/WORLD_SIZE are used")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of skipping it")
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="with --resume: retry the inputs the earlier run skipped (by default they stay skipped)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory budget for the estimate made before each input (default: the memory available)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another drdm process is writing into OUT, wait this long for it (default: refuse at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--reproduce", nargs=3, metavar=("MANIFEST", "ROW_ID", "OUTDIR"),
-                   help="regenerate one manifest row into OUTDIR and compare with the recorded sha256")
+                   help="regenerate one manifest row into OUTDIR and compare with the recorded sha256 "
+                   "(existing files are replaced only with --overwrite)")
     p.add_argument("--merge", action="store_true", help="only rebuild OUT/manifest.json and .csv from the journals")
     return p
 
@@ -96,14 +107,22 @@ def run_mode(args, opts_kw: dict) -> int:
         torch.set_num_threads(args.threads)
     if args.reproduce:
         manifest, row_id, out = args.reproduce
-        res = reproduce_row(manifest, row_id, out, device=args.device)
+        res = reproduce_row(manifest, row_id, out, device=args.device, overwrite=args.overwrite)
         for k, p in res["paths"].items():
             print(f"  {k}: {p}  {'identical' if res['identical'][k] else 'DIFFERS from the manifest'}")
         return 0 if all(res["identical"].values()) else 1
     if args.merge:
         if len(args.paths) != 1:
             raise ValueError("--merge takes the output folder only")
-        m = write_manifest(args.paths[0])
+        from ..dataset_io import RUN_FILE, _clean_partials
+        from ..safety import OutputLock
+        folder = Path(args.paths[0])
+        if not folder.is_dir() or not ((folder / RUN_FILE).exists() or list(folder.glob("journal-*-of-*.jsonl"))):
+            raise FileNotFoundError(f"--merge {folder}: not the output folder of a drdm run (no run.json or "
+                                    f"journal-*.jsonl there); nothing was created")
+        with OutputLock(folder, what="drdm augment --merge"):
+            _clean_partials(folder)
+            m = write_manifest(folder)
         print(f"{args.paths[0]}/manifest.json: {m['n_rows']} rows, {m['n_missing']} missing")
         return 0
     if len(args.paths) < 2:
@@ -123,17 +142,24 @@ def run_mode(args, opts_kw: dict) -> int:
                          batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
                          label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
                          resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict,
-                         fold_guard=args.fold_guard, **opts_kw)
+                         retry_skipped=args.retry_skipped, max_memory=args.max_memory, lock_wait=args.wait,
+                         fold_guard=args.fold_guard, **opts_kw).validate()
+    if args.retry_skipped and not args.resume:
+        raise ValueError("--retry-skipped only applies with --resume")
     bar = None
-    if not args.no_progress:
+
+    def new_bar():       # created at the first event, so that a refusal before work is one line
         from tqdm import tqdm
-        bar = tqdm(total=0, unit="out", desc=f"{args.command} {i}/{n}" if n > 1 else args.command,
-                   position=i if n > 1 else 0, dynamic_ncols=True)
+        return tqdm(total=0, unit="out", desc=f"{args.command} {i}/{n}" if n > 1 else args.command,
+                    position=i if n > 1 else 0, dynamic_ncols=True)
 
     def say(msg):
         (bar.write if bar is not None else print)(msg, file=sys.stderr)
 
     def progress(ev):
+        nonlocal bar
+        if bar is None and not args.no_progress:
+            bar = new_bar()
         if bar is not None:
             if bar.total != ev.total:
                 bar.total = ev.total
@@ -143,26 +169,29 @@ def run_mode(args, opts_kw: dict) -> int:
         if ev.message:
             say(f"drdm {args.command}: {ev.message}")
 
-    done = [0]
-
-    def track(ev):
-        done[0] = ev.done
-        progress(ev)
-
     try:
-        summary = run_export(inputs, out, opts, progress=track)
-    except KeyboardInterrupt:
+        summary = run_export(inputs, out, opts, progress=progress)
+    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (cli.Terminated)
         if bar is not None:
             bar.close()
-        print(f"drdm {args.command}: interrupted after {done[0]} new outputs; every finished output is in "
-              f"{out}/manifest.json. Rerun the same command with --resume to complete the set.", file=sys.stderr)
-        return 130
+        s = getattr(e, "export_summary", None)
+        if s is None:                   # stopped before the run began: nothing was written
+            raise
+        how = "terminated (SIGTERM)" if type(e).__name__ == "Terminated" else "interrupted"
+        where = (f"every finished output is in {out}/manifest.json ({s.get('n_rows', '?')} rows)"
+                 if s.get("manifest_written", True) else s["manifest_error"])
+        print(f"drdm {args.command}: {how} after {s['written']} new outputs; {where}. Rerun the same command with "
+              f"--resume to complete the set.", file=sys.stderr)
+        return 143 if how.startswith("terminated") else 130
     except OSError as e:
         if bar is not None:
             bar.close()
-        if e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"{e.strerror}. Finished outputs are listed in {out}/manifest.json; free some "
-                          f"space and rerun with --resume") from None
+        s = getattr(e, "export_summary", None)
+        if e.errno == errno.ENOSPC and s is not None:
+            where = (f"Finished outputs are listed in {out}/manifest.json" if s.get("manifest_written", True)
+                     else "The manifest could not be written either (disk full); the journal is intact: "
+                     f"`drdm augment --merge {out}` rebuilds it")
+            raise OSError(e.errno, f"{e.strerror}. {where}; free some space and rerun with --resume") from None
         raise
     finally:
         if bar is not None:
@@ -179,8 +208,10 @@ def run_mode(args, opts_kw: dict) -> int:
                   f"({summary.get('previously_done', 0)} already done)")
             return 0
     state = "complete" if summary.get("complete") else f"incomplete ({summary.get('n_missing', '?')} missing)"
+    n_skip = len(summary.get("skipped", []))
+    skipped = f"; {n_skip} inputs skipped (reasons above and in the manifest's 'skipped' list)" if n_skip else ""
     print(f"{summary['written']} outputs written ({summary.get('previously_done', 0)} already done); "
-          f"{summary.get('n_rows', '?')} rows in {summary['manifest']}: {state}")
+          f"{summary.get('n_rows', '?')} rows in {summary['manifest']}: {state}{skipped}")
     if summary.get("manifest_error"):
         print(summary["manifest_error"], file=sys.stderr)
     return 0

@@ -80,6 +80,10 @@ def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
     return out
 
 
+PLAUSIBILITY_KEYS = ("affine_share_pct", "affine_zoom", "affine_rotation_deg", "affine_residual_max_pct",
+                     "affine_residual_mean_pct", "fg_out_of_view_pct")
+
+
 def _stats(values):
     import numpy as np
     v = np.asarray(values, dtype=np.float64)
@@ -90,7 +94,7 @@ def _stats(values):
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
              on_batch=None):
     import torch
-    from ..core.metrics import field_metrics
+    from ..core.metrics import field_metrics, jacobian_determinant, plausibility_metrics
     prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
     results = []
     total = len(t_primes) * samples
@@ -107,7 +111,10 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
                 on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):
-                rows.append((field_metrics(phi[b], side=model.size), field_metrics(psi[b], side=model.size)))
+                det = jacobian_determinant(phi[b])
+                rec = field_metrics(phi[b], side=model.size, det=det)
+                rec.update(plausibility_metrics(x[b, 0].cpu().numpy(), phi[b], side=model.size, det=det))
+                rows.append((rec, field_metrics(psi[b], side=model.size)))
             done += len(ids)
             if progress:
                 print(f"\r[evaluate] {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -117,6 +124,7 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             "max_disp_pct": _stats([r[0]["max_disp_pct"] for r in rows]),
             "mean_disp_pct": _stats([r[0]["mean_disp_pct"] for r in rows]),
             "folding_pct": _stats([r[0]["folding_pct"] for r in rows]),
+            "plausibility": {key: _stats([r[0][key] for r in rows]) for key in PLAUSIBILITY_KEYS},
             "forward": {"max_disp_pct": _stats([r[1]["max_disp_pct"] for r in rows]),
                         "mean_disp_pct": _stats([r[1]["mean_disp_pct"] for r in rows]),
                         "folding_pct": _stats([r[1]["folding_pct"] for r in rows])},
@@ -126,8 +134,24 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
     return results
 
 
+def _input_ndim(paths) -> int:
+    """3 when the first readable input is a volume, else 2 (chooses the default model)."""
+    import numpy as np
+    from ..io import is_readable, read_stack
+    for p in paths:
+        q = Path(p)
+        files = sorted(f for f in q.iterdir() if is_readable(f)) if q.is_dir() and not any(q.glob("*.dcm")) else [q]
+        for f in files:
+            for vol in read_stack(f):
+                a = np.asarray(vol.data)
+                while a.ndim > 2 and a.shape[-1] == 1:
+                    a = a[..., 0]
+                return 3 if a.ndim == 3 else 2
+    return 2
+
+
 def run(args) -> int:
-    model = load_from_args(args)
+    model = load_from_args(args, ndim=_input_ndim(args.images) if args.weights is None else 2)
     axes = tuple(int(a) for a in str(args.slice_axes).split(",") if a.strip())
     images = collect_images(args.images, model.ndim, args.slices, axes)
     guard = None
@@ -138,7 +162,11 @@ def run(args) -> int:
                        args.seed_offset, args.progress, on_batch=guard)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
-           "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0"},
+           "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0",
+                     "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "
+                                     "global affine map; affine_zoom: apparent size of the anatomy (1 = unchanged); "
+                                     "affine_rotation_deg; affine_residual_*_pct: the non-affine part, % of side; "
+                                     "fg_out_of_view_pct: % of the image's foreground pushed out of view"},
            "results": results}
     if guard is not None:
         out["fold_guard"] = guard.results()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import add_fold_guard_arg, add_model_args, load_from_args
+from . import add_fold_guard_arg, add_model_args, k_arg, load_from_args, seed_arg
 
 
 def add_parser(sub):
@@ -13,16 +13,18 @@ def add_parser(sub):
     p.add_argument("--labels", help="label map on the same grid (integer values)")
     add_model_args(p)
     p.add_argument("--t-prime", type=int, default=45, help="diffusion level T' (0..T, default 45)")
-    p.add_argument("--seed", type=int, default=0)
+    seed_arg(p)
     p.add_argument("--schedule", choices=["paper", "reference"], default=None,
                    help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
-    p.add_argument("--k", type=int, default=None, help="internal recursions K (default: the model's, 2)")
+    k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
     p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
     add_fold_guard_arg(p, default=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default=None, help="output file prefix (default: input name)")
     p.add_argument("--forward-ddf", action="store_true", help="also write the forward field psi_{T':1}")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory budget for the estimate made before work (default: the memory available)")
     return p
 
 
@@ -37,36 +39,56 @@ def _stem(path: str) -> str:
 def run(args) -> int:
     import numpy as np
     from ..io import read_image
-    from ..outputs import write_result
+    from ..outputs import result_paths, write_result
+    from ..safety import (OutputLock, available_memory, check_memory, check_output_dir, check_utf8_name,
+                          estimate_export_bytes)
+    from ..validate import check_t_prime
 
-    vol = read_image(args.image)
-    lab_vol = read_image(args.labels) if args.labels else None
-    model = load_from_args(args)
-    data = vol.data
-    if data.ndim == model.ndim + 1 and data.shape[-1] == 1:
-        data = data[..., 0]
-    labels = None
-    if lab_vol is not None:
-        labels = lab_vol.data
-        if labels.ndim == data.ndim + 1 and labels.shape[-1] == 1:
-            labels = labels[..., 0]
-        if labels.shape != data.shape:
-            raise ValueError(f"labels {args.labels} have shape {labels.shape}, image {args.image} has {data.shape}")
-    if data.ndim != model.ndim:
-        raise ValueError(f"{args.image} is {data.ndim}D (shape {data.shape}) but the weights "
-                         f"{model.name!r} are a {model.ndim}D model")
-    t0 = time.perf_counter()
-    res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
-                         k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
-                         fold_guard=args.fold_guard)
-    secs = time.perf_counter() - t0
-    vol.spacing = tuple(vol.spacing[: data.ndim])
-    extra = {"input": str(Path(args.image).resolve()), "labels_input": str(Path(args.labels).resolve()) if args.labels else None,
-             "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
-             "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
-             "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
-    paths = write_result(args.out, args.prefix or _stem(args.image), res, vol, lab_vol, overwrite=args.overwrite,
-                         extra=extra, write_forward=args.forward_ddf)
+    for p in (args.image, args.labels):
+        if p:
+            check_utf8_name(p)
+            if not Path(p).exists():
+                raise FileNotFoundError(f"input not found: {p}")
+    check_t_prime(args.t_prime, name="--t-prime")
+    stem = args.prefix or _stem(args.image)
+    # the output folder is checked (writable, no clash) and locked before anything is computed
+    check_output_dir(args.out)
+    result_paths(args.out, stem, bool(args.labels), args.forward_ddf, args.overwrite)
+    with OutputLock(args.out, what="drdm generate"):
+        vol = read_image(args.image)
+        lab_vol = read_image(args.labels) if args.labels else None
+        data = vol.data
+        while data.ndim > 2 and data.shape[-1] == 1:       # trailing singleton axes (NIfTI 2D as x, y, 1)
+            data = data[..., 0]
+        model = load_from_args(args, ndim=data.ndim if data.ndim in (2, 3) else 2)
+        check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
+        labels = None
+        if lab_vol is not None:
+            labels = lab_vol.data
+            if labels.ndim == data.ndim + 1 and labels.shape[-1] == 1:
+                labels = labels[..., 0]
+            if labels.shape != data.shape:
+                raise ValueError(f"labels {args.labels} have shape {labels.shape}, image {args.image} has {data.shape}")
+        if data.ndim != model.ndim:
+            raise ValueError(f"{args.image} is {data.ndim}D (shape {data.shape}) but the weights "
+                             f"{model.name!r} are a {model.ndim}D model")
+        budget = int(args.max_memory * 1e9) if args.max_memory else available_memory()
+        est = estimate_export_bytes(data.shape, np.asarray(data).dtype.itemsize, model.size, model.config.channels,
+                                    1, labels is not None, frames=0)
+        check_memory(est, budget, str(args.image))
+        t0 = time.perf_counter()
+        res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
+                             k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
+                             fold_guard=args.fold_guard)
+        secs = time.perf_counter() - t0
+        vol.spacing = tuple(vol.spacing[: data.ndim])
+        extra = {"input": str(Path(args.image).resolve()),
+                 "labels_input": str(Path(args.labels).resolve()) if args.labels else None,
+                 "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
+                 "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
+                 "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
+        paths = write_result(args.out, stem, res, vol, lab_vol, overwrite=args.overwrite,
+                             extra=extra, write_forward=args.forward_ddf)
     m = res.metrics
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule}: max {m['max_disp_pct']:.2f} % / "
           f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} % ({secs:.1f} s)")

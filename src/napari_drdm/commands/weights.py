@@ -21,7 +21,8 @@ def run(args) -> int:
         return 0
     for e in items:
         where = "bundled" if e.get("bundled") else "user"
-        print(f"{e['name']:<12} {e.get('ndim', '?')}D S={e.get('size', '?'):<4} {where:<8} {e['path']}")
+        mark = f"  [default {e['default_for_ndim']}D]" if e.get("default_for_ndim") else ""
+        print(f"{e['name']:<12} {e.get('ndim', '?')}D S={e.get('size', '?'):<4} {where:<8} {e['path']}{mark}")
         if e.get("aliases"):
             print(f"    aliases: {', '.join(e['aliases'])}")
         if e.get("description"):

@@ -12,7 +12,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["jacobian_determinant", "folding_pct", "displacement_pct", "field_metrics", "strict_folding_pct"]
+__all__ = ["jacobian_determinant", "folding_pct", "displacement_pct", "field_metrics", "strict_folding_pct",
+           "affine_fit", "foreground_out_of_view_pct", "plausibility_metrics"]
 
 
 def _as_field(phi) -> np.ndarray:
@@ -102,3 +103,101 @@ def field_metrics(phi_px, side: Optional[float] = None, spacing: Optional[Sequen
         det = jacobian_determinant(phi_px)
     return {"max_disp_pct": mx, "mean_disp_pct": mn, "folding_pct": folding_pct(det=det),
             "min_jacobian": float(det.min())}
+
+
+# ------------------------------------------------------------------------------ plausibility
+def affine_fit(phi_px, side: Optional[float] = None) -> Dict[str, float]:
+    """How much of a displacement field a single global affine map explains.
+
+    A generated deformation that is mostly a zoom, a shear or a rotation of the whole image is
+    not the local, anatomical variation DRDM is for.  The field u(x) is fitted by least squares
+    with ``A x + b`` (x = pixel coordinates, centred); the map ``x -> x + A x + b`` has linear
+    part ``M = I + A``, split by polar decomposition into a rotation R and a symmetric stretch.
+
+    Args:
+        phi_px: displacement field (d, *spatial) in pixels.
+        side: image side for the percentages (default: the largest array side).
+
+    Returns:
+        ``affine_share_pct``: 100 * (1 - |u - fit|^2 / |u|^2), the share of the field's energy
+        explained (translation counts as affine); ``affine_zoom``: det(M)^(-1/d), the apparent
+        linear size of the anatomy after warping (1 = unchanged, 0.9 = shrunk by 10 %);
+        ``affine_rotation_deg``: the rotation angle of R; ``affine_residual_max_pct`` /
+        ``affine_residual_mean_pct``: |u - fit| in % of the side (the non-affine part).
+    """
+    u = _as_field(phi_px)
+    nd = u.shape[0]
+    shape = u.shape[1:]
+    side = float(side or max(shape))
+    coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in shape],
+                                  indexing="ij"), 0).reshape(nd, -1)
+    X = np.concatenate([coords, np.ones((1, coords.shape[1]))], 0).T           # (N, d + 1)
+    U = u.reshape(nd, -1).T                                                      # (N, d)
+    coef, *_ = np.linalg.lstsq(X, U, rcond=None)                                 # (d + 1, d)
+    fit = X @ coef
+    res = U - fit
+    energy = float(np.sum(U * U))
+    share = 100.0 * (1.0 - float(np.sum(res * res)) / energy) if energy > 0 else 0.0
+    M = np.eye(nd) + coef[:nd].T                                                 # M[c, k] = d(x + u)_c / dx_k
+    w, _, vt = np.linalg.svd(M)
+    R = w @ vt
+    if np.linalg.det(R) < 0:                                                     # reflection: not a rotation
+        w[:, -1] *= -1
+        R = w @ vt
+    if nd == 2:
+        angle = np.degrees(np.arctan2(R[1, 0], R[0, 0]))
+    else:
+        angle = np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)))
+    det = float(np.linalg.det(M))
+    rmag = np.sqrt(np.sum(res * res, axis=1)) / side
+    zoom = float(np.sign(det) * abs(det) ** (-1.0 / nd)) if det != 0 else float("inf")
+    return {"affine_share_pct": share, "affine_zoom": zoom,
+            "affine_rotation_deg": float(abs(angle)), "affine_residual_max_pct": 100.0 * float(rmag.max()),
+            "affine_residual_mean_pct": 100.0 * float(rmag.mean())}
+
+
+def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Optional[np.ndarray] = None) -> float:
+    """% of the image's foreground that the deformation pushes out of the field of view.
+
+    With pull-back warping, output pixel x shows the input at x + u(x) and covers det(I + grad u)(x)
+    pixels of the input (change of variables).  The foreground still visible is therefore
+    sum_x F(x + u(x)) * max(det(x), 0), with F the input's foreground mask (bilinear, zero outside
+    the image), and the share lost is 1 - visible / sum F.  Compression inside the image keeps its
+    mass (a smaller area with a smaller determinant weighs as much); only content sampled from
+    outside the image is lost.
+
+    Args:
+        image: the input image (*spatial), same grid as the field.
+        phi_px: displacement field (d, *spatial) in pixels.
+        threshold: foreground = pixels above min + threshold * (max - min) of the image.
+        det: the field's Jacobian determinant, if already computed.
+
+    Returns:
+        The lost share in percent, clipped to [0, 100].
+    """
+    import torch
+
+    from .spatial import warp
+    u = _as_field(phi_px)
+    img = np.asarray(image, dtype=np.float64)
+    if img.shape != u.shape[1:]:
+        raise ValueError(f"image shape {img.shape} does not match the field's grid {u.shape[1:]}")
+    lo, hi = float(img.min()), float(img.max())
+    fg = (img > lo + threshold * (hi - lo)).astype(np.float32)
+    total = float(fg.sum())
+    if total == 0:
+        return 0.0
+    if det is None:
+        det = jacobian_determinant(u)
+    warped = warp(torch.from_numpy(fg)[None, None], torch.from_numpy(u.astype(np.float32))[None],
+                  mode="linear", padding="zeros")[0, 0].numpy().astype(np.float64)
+    visible = float(np.sum(warped * np.clip(det, 0.0, None)))
+    return float(np.clip(100.0 * (1.0 - visible / total), 0.0, 100.0))
+
+
+def plausibility_metrics(image, phi_px, side: Optional[float] = None,
+                         det: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """:func:`affine_fit` plus ``fg_out_of_view_pct`` (:func:`foreground_out_of_view_pct`)."""
+    out = affine_fit(phi_px, side=side)
+    out["fg_out_of_view_pct"] = foreground_out_of_view_pct(image, phi_px, det=det)
+    return out

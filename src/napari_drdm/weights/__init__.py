@@ -1,7 +1,8 @@
 """Registry of bundled weights: ``registry.json`` beside this file maps names to files.
 
 Each entry: ``file`` (relative to this folder), ``sha256``, ``ndim``, ``size``, ``description``,
-``aliases`` and ``provenance`` (how it was trained).  ``DRDM_WEIGHTS_DIR`` (os.pathsep-separated)
+``aliases``, ``provenance`` (how it was trained) and, on the best model of each dimensionality,
+``default_for_ndim`` (2 or 3): the model used when none is named.  ``DRDM_WEIGHTS_DIR`` (os.pathsep-separated)
 adds folders whose ``*.safetensors`` files are also loadable by their stem name.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-__all__ = ["registry", "resolve_weights", "list_weights", "WEIGHTS_DIR"]
+__all__ = ["registry", "resolve_weights", "list_weights", "default_weights", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 
@@ -29,11 +30,31 @@ def _extra_dirs() -> List[Path]:
     return [Path(p) for p in env.split(os.pathsep) if p]
 
 
+def default_weights(ndim: int) -> str:
+    """Name of the bundled model used for ``ndim``-dimensional images when none is named.
+
+    Args:
+        ndim: 2 or 3.
+
+    Raises:
+        ValueError: ``ndim`` is not 2 or 3.
+        LookupError: no bundled model is marked as the default for ``ndim``.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"images must be 2D or 3D for a default model, got {ndim}D")
+    for name, entry in registry().items():
+        if entry.get("default_for_ndim") == ndim:
+            return name
+    raise LookupError(f"no bundled {ndim}D model is marked as the default; pass weights explicitly "
+                      f"(see `drdm weights`)")
+
+
 def list_weights() -> List[dict]:
     """Bundled and user-folder weights, one dict per model."""
     out = []
     for name, entry in registry().items():
-        e = dict(entry, name=name, path=str(WEIGHTS_DIR / entry["file"]), bundled=True)
+        e = dict(entry, name=name, path=str(WEIGHTS_DIR / entry["file"]), bundled=True,
+                 default=entry.get("default_for_ndim") is not None)
         out.append(e)
     for d in _extra_dirs():
         for p in sorted(d.glob("*.safetensors")):

@@ -1,0 +1,131 @@
+"""The README's weights tables: every bundled model on the unseen evaluation sets.
+
+For each model of the registry (plus any ``--extra NAME=PATH`` checkpoint, e.g. a run's export
+before it is bundled) and each unseen set of its dimensionality, ``drdm evaluate``'s statistics
+(mean +- SD over generations, the model's default reverse loop) at each T': recovered and forward
+folding, the share of the forward folding removed, maximum and mean displacement (% of the side),
+and the plausibility figures (share of the field explained by one global affine map, its zoom and
+rotation, the non-affine residual, foreground pushed out of view), and the seconds per generation.
+
+    python benchmarks/make_eval_sets.py --kit cache/kit --out cache/eval     # once
+    python benchmarks/weights_table.py --t-prime 30 45 70 --samples 8 \\
+        --json benchmarks/results/weights_table.json
+
+2D sets: ``cache/eval/unseen2d_{brain,ct,cardiac}.npz`` (make_eval_sets.py).  3D sets: the kit's
+held-out volumes (ITK KmeansTest head, test split; lung1 CT, test split).  The table is printed
+as Markdown; the JSON holds every figure it was printed from.  ``--from-json FILE`` reprints a
+saved table without computing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SETS_2D = {"brain": "unseen2d_brain.npz", "ct": "unseen2d_ct.npz", "cardiac": "unseen2d_cardiac.npz"}
+SETS_3D = {"brain": "itk_kmeans_head/itk_kmeans_t1.nii.gz", "ct": "lung1/lung1_ct.nii.gz"}
+
+
+def _models(names, extra):
+    from napari_drdm.weights import registry
+    out = [(n, n) for n in (names or list(registry()))]
+    for item in extra or []:
+        if "=" not in item:
+            raise SystemExit(f"--extra expects NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        out.append((name, path))
+    return out
+
+
+def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print):
+    """Evaluate every model on every unseen set of its dimensionality; returns the JSON record."""
+    from napari_drdm.commands.evaluate import collect_images, evaluate
+    from napari_drdm.model import load_model
+    rows = []
+    for name, src in models:
+        model = load_model(src, device=device)
+        sets = SETS_2D if model.ndim == 2 else SETS_3D
+        base = Path(eval_dir) if model.ndim == 2 else Path(kit_dir)
+        for set_name, rel in sets.items():
+            path = base / rel
+            if not path.exists():
+                log(f"  skip {name} on {set_name}: {path} not found (run benchmarks/make_eval_sets.py / the kit)")
+                continue
+            images = collect_images([str(path)], model.ndim)
+            t0 = time.perf_counter()
+            res = evaluate(model, images, t_primes, samples, batch=batch)
+            log(f"  {name} on {set_name}: {len(images)} images, {time.perf_counter() - t0:.0f} s")
+            rows.append({"model": name, "source": str(src), "ndim": model.ndim, "size": model.size,
+                         "sha256": model.sha256, "set": set_name, "set_file": str(path),
+                         "n_images": len(images), "results": res})
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "device": device},
+            "command": " ".join(["python"] + sys.argv), "rows": rows}
+
+
+def _pm(s, digits=2):
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+def markdown(record) -> str:
+    """Two Markdown tables: Table-1 figures, then plausibility."""
+    head1 = ("| model | set | T' | folding % | forward folding % | removed % | max disp % | mean disp % | s/gen |\n"
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head2 = ("| model | set | T' | affine share % | zoom | rotation ° | non-affine max % | non-affine mean % "
+             "| foreground out of view % |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    l1, l2 = [head1], [head2]
+    for row in record["rows"]:
+        tag = f"{row['model']} ({row['ndim']}D, S={row['size']})"
+        for r in row["results"]:
+            fwd = r["forward"]["folding_pct"]["mean"]
+            removed = 100.0 * (1.0 - r["folding_pct"]["mean"] / fwd) if fwd > 0 else float("nan")
+            l1.append(f"| {tag} | {row['set']} | {r['t_prime']} | {_pm(r['folding_pct'])} | "
+                      f"{_pm(r['forward']['folding_pct'])} | {removed:.0f} | {_pm(r['max_disp_pct'], 1)} | "
+                      f"{_pm(r['mean_disp_pct'], 1)} | {r['seconds_per_image']:.1f} |")
+            p = r.get("plausibility")
+            if p:
+                l2.append(f"| {tag} | {row['set']} | {r['t_prime']} | {_pm(p['affine_share_pct'], 0)} | "
+                          f"{_pm(p['affine_zoom'], 3)} | {_pm(p['affine_rotation_deg'], 1)} | "
+                          f"{_pm(p['affine_residual_max_pct'], 1)} | {_pm(p['affine_residual_mean_pct'], 1)} | "
+                          f"{_pm(p['fg_out_of_view_pct'], 2)} |")
+    return "\n".join(l1) + "\n\n" + "\n".join(l2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=None, help="bundled names (default: every bundled model)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="checkpoints not (yet) bundled")
+    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
+    ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
+    ap.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
+    ap.add_argument("--samples", type=int, default=8, help="generations per set and T' (default 8)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="save the record here")
+    ap.add_argument("--from-json", default=None, help="print the tables of a saved record and exit")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        print(markdown(json.loads(Path(a.from_json).read_text())))
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    np.seterr(all="ignore")
+    rec = run_table(_models(a.models, a.extra), a.eval_dir, a.kit, a.t_prime, a.samples, a.batch, a.device,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rec, indent=1))
+    print(markdown(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Validators for user-supplied options (command line and Python API).
+
+Each validator returns the cleaned value or raises :class:`ValueError` with one line naming the
+option and what was expected, so the command line can print it as is.  :func:`arg_type` turns a
+validator into an ``argparse`` ``type=`` so that a bad value is refused while parsing, before
+any work.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional
+
+__all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
+           "check_model_size", "arg_type", "MAX_SEED"]
+
+#: largest seed a ``torch.Generator`` accepts (seeds are unsigned 64-bit there; we keep them signed-safe)
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """An integer option within [lo, hi].
+
+    Args:
+        name: the option's name as the user knows it (``--seed``, ``t_prime``), used in the message.
+        value: an ``int``, a NumPy integer, an integral float (``45.0``) or a string of digits.
+            Booleans and non-integral numbers (``10.7``) are refused, never rounded.
+        lo: smallest accepted value (None: no bound).
+        hi: largest accepted value (None: no bound).
+
+    Returns:
+        The value as a Python ``int``.
+
+    Raises:
+        ValueError: naming ``name``, the value and the accepted range.
+    """
+    rng = ("" if lo is None and hi is None else
+           f" >= {lo}" if hi is None else f" <= {hi}" if lo is None else f" in {lo}..{hi}")
+    expected = f"{name}: expected an integer{rng}, got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, str):
+        try:
+            v = int(value.strip())
+        except ValueError:
+            raise ValueError(expected) from None
+    elif isinstance(value, numbers.Integral):
+        v = int(value)
+    elif isinstance(value, numbers.Real):
+        f = float(value)
+        if not (f == f and abs(f) != float("inf") and f.is_integer()):
+            raise ValueError(expected)
+        v = int(f)
+    else:
+        raise ValueError(expected)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(expected)
+    return v
+
+
+def check_seed(value, name: str = "--seed") -> int:
+    """A random seed in 0 .. 2**63 - 1 (what ``torch.Generator.manual_seed`` accepts).
+
+    Args:
+        value: the seed.
+        name: option name for the message.
+    """
+    return check_int(name, value, 0, MAX_SEED)
+
+
+def check_t_prime(value, n_steps: int = 80, name: str = "t_prime (T')") -> int:
+    """A diffusion level T' in 0..n_steps; non-integers (10.7) are refused, not truncated.
+
+    Args:
+        value: T'.
+        n_steps: the model's T.
+        name: option name for the message.
+    """
+    return check_int(name, value, 0, n_steps)
+
+
+def check_k(value, name: str = "k") -> Optional[int]:
+    """Internal recursions K >= 1, or None for the model's default.
+
+    Args:
+        value: K or None.
+        name: option name for the message.
+    """
+    return None if value is None else check_int(name, value, 1, 64)
+
+
+def check_threads(value, name: str = "--threads") -> Optional[int]:
+    """A CPU thread count >= 1, or None for torch's choice.
+
+    Args:
+        value: thread count or None.
+        name: option name for the message.
+    """
+    return None if value is None else check_int(name, value, 1, 4096)
+
+
+def check_model_size(value, name: str = "--size") -> Optional[int]:
+    """A model side S: a positive multiple of 8, or None (the checkpoint's own).
+
+    Args:
+        value: S or None.
+        name: option name for the message.
+    """
+    if value is None:
+        return None
+    v = check_int(name, value, 8, 4096)
+    if v % 8:
+        raise ValueError(f"{name}: expected a multiple of 8 (the network halves the grid three times), got {v}")
+    return v
+
+
+def check_device(value, name: str = "--device") -> str:
+    """A device string usable on this machine: auto, cpu, cuda, cuda:N, mps.
+
+    Args:
+        value: the device (``"auto"`` or None: choose).
+        name: option name for the message.
+
+    Returns:
+        The device string, unchanged.
+
+    Raises:
+        ValueError: unknown device, or a GPU that is not present here.
+    """
+    import torch
+    if value is None or str(value) == "auto":
+        return "auto"
+    s = str(value)
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {s}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {s}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"expected cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{name} {s}: Apple MPS is not available on this machine (use --device cpu or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}")
+    return s
+
+
+def arg_type(check: Callable, name: str, **kw) -> Callable[[str], object]:
+    """An ``argparse`` ``type=`` calling ``check(value, name=name, **kw)``; its message is shown as is."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            return check(value=text, name=name, **kw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name.lstrip("-").replace("-", "_")
+    return parse

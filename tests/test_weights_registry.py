@@ -1,0 +1,120 @@
+"""The bundled weights: registry integrity, defaults per dimensionality, cmr2d's licence and provenance,
+and the plausibility figures that `drdm evaluate` reports for every model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_drdm.checkpoint import file_sha256, read_checkpoint
+from napari_drdm.cli import main
+from napari_drdm.core.metrics import affine_fit, foreground_out_of_view_pct
+from napari_drdm.model import load_model
+from napari_drdm.weights import WEIGHTS_DIR, default_weights, list_weights, registry, resolve_weights
+
+
+def test_every_registry_entry_matches_its_file():
+    reg = registry()
+    assert reg, "no bundled weights"
+    for name, e in reg.items():
+        path = WEIGHTS_DIR / e["file"]
+        assert file_sha256(path) == e["sha256"], name
+        _, cfg, _ = read_checkpoint(path)
+        assert (cfg.ndim, cfg.size) == (e["ndim"], e["size"]), name
+        for alias in e.get("aliases", []):
+            assert resolve_weights(alias) == (path, name)
+
+
+def test_one_default_per_dimensionality_and_load_model_uses_it():
+    marks = [e["default_for_ndim"] for e in registry().values() if e.get("default_for_ndim")]
+    assert sorted(marks) == [2, 3]
+    for nd in (2, 3):
+        assert registry()[default_weights(nd)]["ndim"] == nd
+    m = load_model(device="cpu")
+    assert m.name == default_weights(2) and m.ndim == 2
+    with pytest.raises(ValueError, match="2D or 3D"):
+        default_weights(4)
+
+
+def test_weights_command_marks_the_defaults(capsys):
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    for nd in (2, 3):
+        line = next(ln for ln in out.splitlines() if ln.startswith(default_weights(nd) + " "))
+        assert f"[default {nd}D]" in line
+    assert sum("[default" in ln for ln in out.splitlines()) == 2
+    assert any(e["name"] == "cmr2d" and e["default"] for e in list_weights())
+
+
+def test_cmr2d_is_the_published_network_with_licence_and_provenance():
+    path, _ = resolve_weights("cmr2d")
+    state, cfg, prov = read_checkpoint(path)
+    assert (cfg.ndim, cfg.size, cfg.field_scale, cfg.channels) == (2, 256, "reference", (10, 20, 40))
+    assert prov["licence"] == "Apache-2.0" and "def_diff_rec" in prov["repository"]
+    assert len(prov["upstream_sha256"]) == 64
+    lic = (WEIGHTS_DIR / "LICENSE-cmr2d").read_text()
+    assert "Apache License" in lic and "Version 2.0" in lic
+    notice = (WEIGHTS_DIR / "NOTICE").read_text()
+    assert "cmr2d.safetensors" in notice and "convert" in notice
+    assert sum(v.numel() for v in state.values()) == 443435
+
+
+def _grid(n):
+    return np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2] * 2, indexing="ij"))
+
+
+def test_affine_fit_recovers_rotation_zoom_and_separates_local_fields():
+    c = _grid(48)
+    th = np.radians(12.0)
+    R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    rot = np.einsum("ij,j...->i...", 1.25 * R, c) - c      # pull-back by 1.25 R: anatomy shrinks to 0.8
+    f = affine_fit(rot)
+    assert f["affine_share_pct"] == pytest.approx(100.0)
+    assert f["affine_rotation_deg"] == pytest.approx(12.0) and f["affine_zoom"] == pytest.approx(0.8)
+    assert f["affine_residual_max_pct"] < 1e-9
+    local = np.zeros((2, 48, 48))
+    local[0] = 2.0 * np.exp(-((c ** 2).sum(0)) / 30.0)       # a bump: not affine
+    g = affine_fit(local)
+    assert g["affine_share_pct"] < 50.0 and g["affine_residual_max_pct"] > 2.0
+
+
+def test_foreground_out_of_view_counts_only_content_leaving_the_image():
+    img = np.zeros((64, 64))
+    img[16:48, 16:48] = 1.0
+    assert foreground_out_of_view_pct(img, np.zeros((2, 64, 64))) == 0.0
+    shift = np.zeros((2, 64, 64))
+    shift[1] = -24.0                                           # content moves 24 px right: 8 of 32 columns leave
+    assert foreground_out_of_view_pct(img, shift) == pytest.approx(25.0, abs=0.5)
+    assert foreground_out_of_view_pct(img, 0.5 * _grid(64)) == pytest.approx(0.0, abs=0.5)   # zoom out: all kept
+
+
+def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "imgs.npz"
+    np.savez(npz, images=rng.random((2, 32, 32)).astype(np.float32))
+    assert main(["evaluate", "--weights", str(tiny_ckpt2d), "--images", str(npz), "--t-prime", "3",
+                 "--samples", "2", "--schedule", "paper", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    pl = out["results"][0]["plausibility"]
+    for key in ("affine_share_pct", "affine_zoom", "affine_rotation_deg", "affine_residual_max_pct",
+                "affine_residual_mean_pct", "fg_out_of_view_pct"):
+        assert np.isfinite(pl[key]["mean"]), key
+    assert 0.0 <= pl["affine_share_pct"]["mean"] <= 100.0
+
+
+def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("weights_table", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "weights_table.py")
+    wt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wt)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((2, 32, 32)).astype(np.float32))
+    rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 2, log=lambda m: None)
+    assert [(r["model"], r["set"]) for r in rec["rows"]] == [("tiny", "brain")]   # other sets absent: skipped
+    md = wt.markdown(rec)
+    assert md.count("| tiny (2D, S=32) | brain | 3 |") == 2 and "foreground out of view" in md
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0

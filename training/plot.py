@@ -1,0 +1,121 @@
+"""Learning curves of a training run as a PNG (``python -m training plot``).
+
+    python -m training plot --run runs/general2d [--out runs/general2d/learning_curves.png]
+
+Left: the training cosine loss ``ang`` per logged interval (faint) and its moving average against
+the step (-1 = the predicted step fields point exactly along the true ones, 0 = uninformed).
+Right: the held-out validation that the run logged (``"event": "validation"`` rows): the
+recovered field's folding at each validated T' and schedule, with the forward field's folding
+for reference, against the step.  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ["read_log", "plot_run"]
+
+
+def read_log(path) -> List[Dict[str, Any]]:
+    """The JSON records of a ``train_log.jsonl``; a torn last line (a killed run) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _moving(values, n):
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    if v.size < n or n < 2:
+        return v
+    c = np.convolve(v, np.ones(n) / n, mode="valid")
+    return np.concatenate([np.full(n - 1, np.nan), c])
+
+
+def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Path:
+    """Write the two-panel learning-curve PNG of a run's log; returns the output path.
+
+    Args:
+        log_path: the run's ``train_log.jsonl``.
+        out: the PNG to write (its folder is created).
+        title: figure title (default: the run folder's name).
+        window: moving-average length, in logged intervals.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    steps = [r for r in rows if "ang" in r and "step" in r and "event" not in r]
+    vals = [r for r in rows if r.get("event") == "validation"]
+    if not steps:
+        raise ValueError(f"{log_path}: no training rows with 'ang' to plot")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    x = [r["step"] for r in steps]
+    y = [r["ang"] for r in steps]
+    a1.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="per log interval")
+    a1.plot(x, _moving(y, window), color="tab:blue", lw=1.8, label=f"moving average ({window})")
+    a1.set_xlabel("step")
+    a1.set_ylabel("cosine loss 'ang' (lower is better)")
+    a1.set_title("training")
+    a1.grid(alpha=0.3)
+    a1.legend(loc="upper right", fontsize=8)
+    series: Dict[str, List] = {}
+    for r in vals:
+        for k, v in r.items():
+            if k.startswith("val/T") and k.endswith("/folding_pct"):
+                series.setdefault(k[4:-len("/folding_pct")], []).append((r["step"], v))
+    for name, pts in sorted(series.items()):
+        xs, ys = zip(*sorted(pts))
+        forward = "/forward" in name
+        a2.plot(xs, ys, "o--" if forward else "o-", ms=3, lw=1.2, alpha=0.6 if forward else 1.0,
+                label=name.replace("/", " "))
+    a2.set_xlabel("step")
+    a2.set_ylabel("folding, % of pixels with det <= 0")
+    a2.set_title("held-out validation (recovered vs forward)")
+    a2.grid(alpha=0.3)
+    if series:
+        a2.legend(fontsize=8)
+    else:
+        a2.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=a2.transAxes)
+    fig.suptitle(title or Path(log_path).parent.name)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", default=None, help="run folder (reads its train_log.jsonl)")
+    p.add_argument("--log", default=None, help="a train_log.jsonl (instead of --run)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/learning_curves.png)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--window", type=int, default=10, help="moving average over this many log rows")
+
+
+def run(args) -> int:
+    if not (args.run or args.log):
+        print("error: give --run RUN_FOLDER or --log TRAIN_LOG.jsonl", file=sys.stderr)
+        return 2
+    log = Path(args.log) if args.log else Path(args.run) / "train_log.jsonl"
+    if not log.exists():
+        print(f"error: training log not found: {log}", file=sys.stderr)
+        return 2
+    try:
+        out = plot_run(log, args.out or log.parent / "learning_curves.png", args.title, args.window)
+    except ImportError:
+        print("error: plotting needs matplotlib (pip install 'napari-drdm[plots]')", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
