@@ -14,6 +14,10 @@ REF = Path(os.environ.get("DRDM_REFERENCE_DIR", ROOT.parent / "shared" / "refere
 
 torch.set_num_threads(1)
 
+# the path autotuner (core/autotune.py) stores its decisions in a private file, never the user's
+os.environ.setdefault("NAPARI_DRDM_AUTOTUNE_FILE", os.path.join(
+    __import__("tempfile").mkdtemp(prefix="drdm-autotune-"), "autotune.json"))
+
 
 def ref_path(name: str) -> Path:
     p = REF / name
