@@ -167,3 +167,21 @@ def test_environment_still_forces_the_path(fresh, monkeypatch):
         d = InferenceEngine(net).path_decision((1, 1, 16, 16))
         assert (d.path, d.source) == (path, "forced")
     assert not fresh.exists()                                       # forced: nothing measured or stored
+
+
+def test_cli_info_shows_the_decision_and_its_measurements(fresh, capsys):
+    from napari_drdm.cli import main
+    from napari_drdm.core import native
+
+    assert main(["info", "--tune", "2d16", "--threads", "1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (d,) = info["path_decisions"]
+    assert d["size"] == "2d16" and d["path"] in ("native", "onednn", "generic")
+    if native.load() is not None and info["onednn_fused_convolutions"]:
+        assert d["source"] == "measured" and set(d["median_ms"]) == {"native", "onednn"}
+        (row,) = info["cached_path_decisions"]
+        assert row["size"] == "2d16" and row["threads"] == 1 and row["path"] == d["path"]
+    with pytest.raises(SystemExit):
+        main(["info", "--tune", "2d15"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("drdm info: error: --tune: expected a size like 2d256")
