@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+import napari_drdm  # noqa: E402  (before torch: its OpenMP wait policy, see napari_drdm/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -157,6 +158,7 @@ def environment(device, args):
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_model": autotune.cpu_model(),
+        "openmp_wait": napari_drdm.OPENMP_WAIT,
         "cpu_capability": _cpu_capability(),
         "onednn": _onednn_version(),
         "mkldnn_fusion_available": mkldnn_fusion_available(),
@@ -677,6 +679,7 @@ def main(argv=None):
     env["autotune_cache"] = str(autotune.cache_file())
     log(f"DRDM speed benchmark - {env['device']} ({env.get('gpu') or env['cpu_model']}), "
         f"{env['torch_threads']} threads, torch {env['torch']}, numpy {env['numpy']}, python {env['python']}")
+    log(f"  OpenMP waiting: {env['openmp_wait']}")
     log(f"  oneDNN: {env['onednn']}; CPU capability {env['cpu_capability']}; load average at start "
         f"{env['load_average_at_start']}")
     if device.type == "cpu":

@@ -14,9 +14,11 @@ REF = Path(os.environ.get("DRDM_REFERENCE_DIR", ROOT.parent / "shared" / "refere
 
 torch.set_num_threads(1)
 
-# the path autotuner (core/autotune.py) stores its decisions in a private file, never the user's
-os.environ.setdefault("NAPARI_DRDM_AUTOTUNE_FILE", os.path.join(
-    __import__("tempfile").mkdtemp(prefix="drdm-autotune-"), "autotune.json"))
+# the native kernels (core/native.py) and the path autotuner's decisions (core/autotune.py) go to
+# a private folder, never the user's cache
+_PRIVATE = __import__("tempfile").mkdtemp(prefix="drdm-test-cache-")
+os.environ.setdefault("NAPARI_DRDM_CACHE", _PRIVATE)
+os.environ.setdefault("NAPARI_DRDM_AUTOTUNE_FILE", os.path.join(_PRIVATE, "autotune.json"))
 
 
 def ref_path(name: str) -> Path:

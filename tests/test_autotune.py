@@ -79,9 +79,11 @@ def test_alternating_order_and_budget(fresh):
             order.append(n)
             clock.now += c
         return run
-    s = autotune.measure({"a": path("a", 1.0), "b": path("b", 1.0)}, clock=clock, min_rounds=3, budget_s=0.5)
+    s = autotune.measure({"a": path("a", 0.125), "b": path("b", 0.125)}, clock=clock, min_rounds=3, budget_s=0.5)
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]        # warm-up, then ABBA...
-    assert s == {"a": [1.0] * 3, "b": [1.0] * 3}                     # over budget: MIN rounds only
+    assert s == {"a": [0.125] * 3, "b": [0.125] * 3}                     # over budget: MIN rounds only
+    s = autotune.measure({"a": path("a", 4.0), "b": path("b", 4.0)}, clock=clock, min_rounds=3, budget_s=0.5)
+    assert s == {"a": [4.0], "b": [4.0]}                             # very slow passes: one round
     s = autotune.measure({"a": path("a", 0.001), "b": path("b", 0.001)}, clock=clock, budget_s=10.0)
     assert len(s["a"]) == autotune.MAX_ROUNDS                       # cheap: up to MAX rounds
 
@@ -185,3 +187,24 @@ def test_cli_info_shows_the_decision_and_its_measurements(fresh, capsys):
         main(["info", "--tune", "2d15"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("drdm info: error: --tune: expected a size like 2d256")
+
+
+@pytest.mark.parametrize("env,pre,expect", [({}, "", "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "", "ACTIVE"),
+                                            ({"GOMP_SPINCOUNT": "1000"}, "", None),
+                                            ({}, "import torch; ", None)])
+def test_openmp_threads_sleep_unless_chosen_otherwise(env, pre, expect):
+    """napari_drdm sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp, never over the user's
+    choice, and not when torch was loaded first (too late then: it says so)."""
+    import os
+    import subprocess
+    import sys
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    e.update(env)
+    code = pre + "import os, napari_drdm; print(os.environ.get('OMP_WAIT_POLICY')); print(napari_drdm.OPENMP_WAIT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    policy, why = out.stdout.strip().splitlines()
+    assert policy == str(expect)
+    assert ("set by napari_drdm" in why) is (expect == "PASSIVE" and not env)
+    if pre:
+        assert "torch was imported before" in why

@@ -76,7 +76,7 @@ def collect(tune=None, batch: int = 1) -> dict:
     """
     import torch
 
-    from .. import __version__
+    from .. import OPENMP_WAIT, __version__
     from ..core import autotune, native
     from ..core.fast import _cpu_capability, mkldnn_fusion_available
     from ..model import pick_device
@@ -92,6 +92,7 @@ def collect(tune=None, batch: int = 1) -> dict:
         "cpu_model": autotune.cpu_model(),
         "cpu_capability": _cpu_capability() or None,
         "torch_threads": torch.get_num_threads(),
+        "openmp_wait": OPENMP_WAIT,
         "onednn_fused_convolutions": mkldnn_fusion_available(),
     }
     built = native.load() is not None

@@ -57,6 +57,7 @@ class Decision:
     key: Dict[str, object] = field(default_factory=dict)
     measured_at: Optional[str] = None
     cost_s: Optional[float] = None
+    load_average: Optional[List[float]] = None
 
     def as_dict(self) -> dict:
         """A JSON-ready copy (for ``drdm info`` and the benchmark's record)."""
@@ -102,6 +103,14 @@ def make_key(**fields) -> Dict[str, object]:
     return key
 
 
+def _load() -> Optional[List[float]]:
+    """The 1/5/15-minute load averages (a decision measured on a busy machine says so)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _key_str(key: Mapping[str, object]) -> str:
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
@@ -115,7 +124,7 @@ def measure(candidates: Mapping[str, Callable[[], object]], clock: Callable[[], 
     Args:
         candidates: name -> a callable that runs one pass (its result is ignored).
         clock: a monotonic clock in seconds (tests inject a fake one).
-        min_rounds: timed rounds at least.
+        min_rounds: timed rounds at least (one only when they already took 4x ``budget_s``).
         max_rounds: timed rounds at most.
         budget_s: further rounds (after ``min_rounds``) only while the timed rounds so far took
             less than this.
@@ -130,7 +139,8 @@ def measure(candidates: Mapping[str, Callable[[], object]], clock: Callable[[], 
             candidates[n]()
     samples: Dict[str, List[float]] = {n: [] for n in names}
     spent, r = 0.0, 0
-    while r < max(1, int(min_rounds)) or (spent < budget_s and r < int(max_rounds)):
+    # at least one round; MIN_ROUNDS unless passes are so slow that they would cost 4x the budget
+    while r < 1 or (r < int(min_rounds) and spent < 4 * budget_s) or (spent < budget_s and r < int(max_rounds)):
         for n in (names if r % 2 == 0 else names[::-1]):
             t0 = clock()
             candidates[n]()
@@ -217,7 +227,7 @@ def decide(key: Dict[str, object], candidates: Mapping[str, Callable[[], object]
             d = Decision(rec["path"], str(rec.get("reason", "")), "cache",
                          {n: list(v) for n, v in (rec.get("samples_ms") or {}).items()},
                          {n: float(rec["medians_ms"][n]) for n in names}, dict(key),
-                         rec.get("measured_at"), rec.get("cost_s"))
+                         rec.get("measured_at"), rec.get("cost_s"), rec.get("load_average"))
             _memo[ks] = d
             return d
         t0 = time.perf_counter()
@@ -230,7 +240,7 @@ def decide(key: Dict[str, object], candidates: Mapping[str, Callable[[], object]
                   f"(median of {len(samples[best])} interleaved passes)")
         d = Decision(best, reason, "measured", {n: [round(s * 1e3, 3) for s in v] for n, v in samples.items()},
                      {n: round(v, 3) for n, v in med.items()}, dict(key),
-                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), round(cost, 3))
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), round(cost, 3), _load())
         rec = d.as_dict()
         rec.pop("source")
         failed = _write_cache(path, ks, rec)
