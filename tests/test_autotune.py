@@ -208,3 +208,19 @@ def test_openmp_threads_sleep_unless_chosen_otherwise(env, pre, expect):
     assert ("set by napari_drdm" in why) is (expect == "PASSIVE" and not env)
     if pre:
         assert "torch was imported before" in why
+
+
+def test_explorer_threads_follow_the_wait_policy(monkeypatch):
+    """The explorer uses torch's default thread count when OpenMP threads sleep while they wait,
+    all cores but one only when they spin (the measured reason for that default)."""
+    import os
+
+    import napari_drdm
+    from napari_drdm._widgets._worker import default_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", True)
+    assert default_threads() == 7
+    monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", False)
+    assert default_threads() == 3

@@ -31,6 +31,7 @@ def _openmp_wait_policy() -> str:
 
 
 OPENMP_WAIT = _openmp_wait_policy()
+OPENMP_PASSIVE = _os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"   # threads sleep
 
 __all__ = ["load_model", "DRDM", "__version__"]
 

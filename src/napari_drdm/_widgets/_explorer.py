@@ -159,8 +159,8 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
         from ._worker import default_threads
         self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip("CPU threads for generation (all cores but one by default, so the viewer "
-                                     "stays responsive).")
+        self.threads_spin.setToolTip("CPU threads for generation (torch's default; all cores but one when "
+                                     "OpenMP threads spin-wait, see `drdm info`: openmp_wait).")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         f.addRow("Model", self.model_combo)

@@ -54,12 +54,21 @@ def try_load_model(source: str, size: Optional[int] = None, device: str = "auto"
 
 
 def default_threads() -> int:
-    """CPU threads for generation: all cores but one, so the viewer (and its software OpenGL) keeps one.
+    """CPU threads for generation: torch's default, as everywhere else, when OpenMP threads sleep
+    while they wait (napari_drdm sets OMP_WAIT_POLICY=PASSIVE when it is imported before torch);
+    all cores but one when they spin.
 
-    On a busy 2-core machine two torch threads can be several times slower than one (the OpenMP
-    threads wait on each other while other processes hold the cores).
-    """
+    Spinning was the measured reason for cores - 1 (a run 10x faster with 1 thread than with 2 on
+    a busy 2-core machine): a spinning thread holds the core its partner (or the viewer) needs.
+    Sleeping instead, a 2D 128 pass on a loaded 2-core machine took 107 ms at 2 threads and 117 ms
+    at 1 (issue 15)."""
     import os
+
+    import torch
+
+    from .. import OPENMP_PASSIVE
+    if OPENMP_PASSIVE:
+        return max(1, torch.get_num_threads())
     n = os.cpu_count() or 1
     return max(1, n - 1)
 

@@ -15,11 +15,13 @@ What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/READM
 * **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
   a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
   copy or elementwise step that follows anyway.
-* **Native kernels** (2D and 3D, AVX2 CPUs; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
+* **Native kernels** (2D and 3D; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
   stages at full and half resolution run in compiled C kernels that vectorise over the width
   (no padded channels) and fuse bias, LeakyReLU, the residual add and instance normalisation;
   oneDNN keeps the coarse levels.  Built on first use with the system C compiler; without one,
-  the oneDNN path above is used.
+  the oneDNN path above is used.  Whether they are faster depends on the machine, so the first
+  pass of each input shape and thread count times both paths and keeps the faster, remembered
+  across runs (:mod:`~napari_drdm.core.autotune`).
 * **Time embeddings**: the per-level MLPs run once per diffusion time t (cached); when a batch
   shares one t (always so in the reverse loop) they are folded into the preceding biases.
 * **Weights** are converted once and cached; the cache follows in-place parameter updates
@@ -136,9 +138,11 @@ class InferenceEngine:
     pad_channels: pad block output channels to the CPU's vector block (default: on AVX2).
     cuda_graphs: replay each (shape, K) forward from a captured CUDA graph (opt-in, CUDA only).
     native: run the network's two finest levels in the compiled kernels of
-        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default: when they build and
-        the CPU is one they were measured on (AVX2, see ``native.auto_enabled``).  ``True`` uses
-        them wherever they build and raises if they cannot be used.
+        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default (None): where they
+        build, whichever of the two paths was measured faster for the input's shape, batch and
+        thread count (:mod:`~napari_drdm.core.autotune`, :meth:`path_decision`;
+        ``NAPARI_DRDM_NATIVE=0/1`` forces).  ``True`` uses them wherever they build and raises if
+        they cannot be used; ``False`` never.
     """
 
     def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
