@@ -224,3 +224,15 @@ def test_explorer_threads_follow_the_wait_policy(monkeypatch):
     assert default_threads() == 7
     monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", False)
     assert default_threads() == 3
+
+
+def test_cache_keeps_the_newest_entries(fresh, monkeypatch):
+    monkeypatch.setattr(autotune, "MAX_ENTRIES", 3)
+    clock = FakeClock()
+    paths, _ = _paths(clock, {"onednn": 0.002, "native": 0.001})
+    stamps = iter(f"2026-01-0{i}T00:00:00Z" for i in range(1, 10))
+    monkeypatch.setattr(autotune.time, "strftime", lambda fmt, t=None: next(stamps))
+    for S in (8, 16, 24, 32, 40):
+        autotune.decide(autotune.make_key(device="cpu", ndim=2, shape=(S, S)), paths, clock=clock)
+    kept = sorted(r["key"]["shape"][0] for r in autotune.read_cache().values())
+    assert kept == [24, 32, 40]

@@ -37,6 +37,7 @@ __all__ = ["Decision", "enabled", "cache_file", "cpu_model", "make_key", "measur
 FORMAT = 1          # bump when the file layout or the meaning of a key changes: older entries are ignored
 MIN_ROUNDS = 2      # timed passes per candidate, at least (after one warm-up pass each)
 MAX_ROUNDS = 6      # at most
+MAX_ENTRIES = 256   # decisions kept in the file (the newest)
 BUDGET_S = 1.0      # more rounds (up to MAX_ROUNDS) only while the timed rounds took less than this
 
 _lock = threading.Lock()
@@ -173,6 +174,9 @@ def _write_cache(path: Path, ks: str, record: dict) -> Optional[str]:
     try:
         entries = read_cache(path)
         entries[ks] = record
+        if len(entries) > MAX_ENTRIES:       # old torch versions and kernel builds: keep the newest
+            keep = sorted(entries, key=lambda k: str(entries[k].get("measured_at")), reverse=True)[:MAX_ENTRIES]
+            entries = {k: entries[k] for k in keep}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=path.parent)
         try:
