@@ -236,3 +236,11 @@ def test_cache_keeps_the_newest_entries(fresh, monkeypatch):
         autotune.decide(autotune.make_key(device="cpu", ndim=2, shape=(S, S)), paths, clock=clock)
     kept = sorted(r["key"]["shape"][0] for r in autotune.read_cache().values())
     assert kept == [24, 32, 40]
+
+
+def test_path_decision_for_a_float64_network(fresh):
+    from napari_drdm.core.fast import InferenceEngine
+    from napari_drdm.core.network import DRDMNet
+
+    d = InferenceEngine(DRDMNet(2).eval().double()).path_decision((1, 1, 16, 16))
+    assert d.path == "onednn" and "float32" in d.reason and not fresh.exists()

@@ -283,6 +283,10 @@ class InferenceEngine:
             if self.backend(device) != "mkldnn":
                 return autotune.Decision("generic", f"{self.backend(device)} backend on {device.type}",
                                          "single candidate")
+            dtype = next(self.net.parameters()).dtype
+            if dtype != torch.float32:
+                return autotune.Decision("onednn", f"native kernels not used: {dtype} weights (float32 only)",
+                                         "single candidate")
             key = self._tune_key(tuple(shape), device)
             got = self._decisions.get(key)
             if got is None:
