@@ -48,7 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", default="paper", choices=["paper", "reference", "model"],
                     help="'model' keeps the model's own default")
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--frame", default="last", help="'last', 'last-forward' or a frame number (0-based)")
+    ap.add_argument("--frame", default="folds",
+                    help="'folds' (the last frame with folding >= --min-folding %%), 'last', 'last-forward' "
+                         "or a frame number (0-based)")
+    ap.add_argument("--min-folding", type=float, default=0.2)
     args = ap.parse_args(argv)
 
     import napari
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     source, size, what = _pick_model(args)
     print(f"model: {what}")
     if source == "brain2d":
-        widget.model_combo.setCurrentIndex(widget.model_combo.findData("brain2d"))
+        widget.set_model("brain2d")
     else:
         widget.set_checkpoint(source, size=size)
     wait(lambda: widget.model_ready() or bool(widget._model_error), 120)
@@ -89,19 +92,25 @@ def main(argv=None) -> int:
     widget.run()
     wait(lambda: not widget.running, 1200)
     print(f"run: {time.time() - t0:.1f} s; {widget.status_label.text()}")
-    run = widget._runs[-1]
+    run = widget.state.current
+    folding = [m["folding_pct"] for m in run.store.metrics]
     if args.frame == "last":
         j = run.store.n - 1
+    elif args.frame == "folds":        # the last frame still folded enough to see the folds
+        j = max([i for i, f in enumerate(folding) if f >= args.min_folding] or [run.store.n - 1])
     elif args.frame == "last-forward":
         j = max(i for i, m in enumerate(run.store.metrics) if m["phase"] == "forward")
     else:
         j = int(args.frame)
-    widget._set_frame(run, j)
-    viewer.layers.selection.active = run.layers["image"]
-    for ly in viewer.layers:                       # the input layers are under the frames anyway
-        if "drdm_run" not in (ly.metadata or {}):
-            ly.visible = False
+    widget.set_frame(j)
+    viewer.layers.selection.active = run.layers["frames"]
     viewer.reset_view()
+    from qtpy.QtWidgets import QScrollArea
+    for _ in range(10):
+        app.processEvents()
+        time.sleep(0.05)
+    for area in widget.findChildren(QScrollArea):   # the readout and the plot are at the dock's bottom
+        area.ensureWidgetVisible(widget.plot, 0, 0)
     for _ in range(20):
         app.processEvents()
         time.sleep(0.05)
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     viewer.window.screenshot(str(out), canvas_only=False)
     out.with_suffix(".png.txt").write_text(
         f"DRDM explorer screenshot: 2D brain sample, T'={args.t_prime}, seed {args.seed}, "
-        f"schedule {widget.schedule_combo.currentText()}, frame {j + 1}/{run.store.n}\n"
+        f"schedule {widget.schedule_combo.currentText()}, frame {j} of 0-{run.store.n - 1}\n"
         f"model: {what}\n{widget.status_label.text()}\n")
     print(f"wrote {out}")
     viewer.close()

@@ -88,3 +88,12 @@ def tiny_ckpt2d(tmp_path):
 @pytest.fixture
 def tiny_ckpt3d(tmp_path):
     return make_tiny_checkpoint(tmp_path / "tiny3d.safetensors", 3, 32)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one CPU thread for a test module (GUI tests share two cores with the viewer)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -211,8 +211,8 @@ def test_openmp_threads_sleep_unless_chosen_otherwise(env, pre, expect):
 
 
 def test_explorer_threads_follow_the_wait_policy(monkeypatch):
-    """The explorer uses torch's default thread count when OpenMP threads sleep while they wait,
-    all cores but one only when they spin (the measured reason for that default)."""
+    """The explorer uses torch's default thread count when OpenMP threads sleep while they wait;
+    only when they spin the load-based default (the measured reason for it)."""
     import os
 
     import napari_drdm
@@ -220,6 +220,7 @@ def test_explorer_threads_follow_the_wait_policy(monkeypatch):
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", True)
     assert default_threads() == 7
     monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", False)

@@ -287,7 +287,7 @@ def test_init_refuses_a_network_of_another_shape(tmp_path):
 def test_cli_init_mismatch_is_one_line(tmp_path, capsys):
     from training.__main__ import main
     rc = main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--run", str(tmp_path / "r"),
-               "--init", "cmr2d", "--set", "model.ndim=3"])
+               "--init", "cmr2d", "--set", "model.channels=[8, 16, 32]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: init:")
 

@@ -93,27 +93,27 @@ def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
     widget.seed_spin.setValue(7)
     _run_and_wait(qtbot, widget, t_prime=3, schedule="paper")
     n = 3 + 3                                                # forward t'=1..3, then 3 reverse steps
-    base = "img DRDM T'3 s7 paper K2"
+    run = widget.state.current
+    assert run.title == "#1 tiny2d s7 T'3 paper K2"
     names = [ly.name for ly in viewer.layers]
-    for suffix, shape in [("frames", (n, 48, 40)), ("labels", (n, 48, 40)), ("jacobian", (n, 48, 40)),
-                          ("folding (det<=0)", (n, 48, 40)), ("grid", (n, 48, 40)),
-                          ("recovered image", (48, 40)), ("recovered labels", (48, 40)),
-                          ("recovered field |u| (mm)", (48, 40))]:
-        name = f"{base} {suffix}"
+    for kind, shape in [("frames", (n, 48, 40)), ("labels", (n, 48, 40)), ("jacobian", (n, 48, 40)),
+                        ("folding", (n, 48, 40)), ("grid", (n, 48, 40)), ("outline", (48, 40)),
+                        ("recovered image", (48, 40)), ("recovered labels", (48, 40)), ("|u| mm", (48, 40))]:
+        name = run.layer_name(kind)
         assert name in names, (name, names)
         layer = viewer.layers[name]
         assert layer.data.shape == shape, (name, layer.data.shape)
         np.testing.assert_allclose(layer.scale[-2:], (1.0, 1.2))
-    vec = viewer.layers[f"{base} vectors"]
+    vec = viewer.layers[run.layer_name("vectors")]
     assert vec.data.shape[1:] == (2, 3) and set(np.unique(vec.data[:, 0, 0])) == set(range(n))
     # labels keep their classes; the field is saved as a vector field
-    assert set(np.unique(viewer.layers[f"{base} labels"].data)) <= {0, 1}
-    field = viewer.layers[f"{base} recovered field |u| (mm)"]
+    assert set(np.unique(viewer.layers[run.layer_name("labels")].data)) <= {0, 1}
+    field = viewer.layers[run.layer_name("|u| mm")]
     assert field.metadata["drdm_ddf"].shape == (2, 48, 40)
-    jac = viewer.layers[f"{base} jacobian"]
+    jac = viewer.layers[run.layer_name("jacobian")]
     assert tuple(jac.contrast_limits) == (0.0, 2.0)
     # readout follows the slider; the step buttons move it
-    frames = viewer.layers[f"{base} frames"]
+    frames = viewer.layers[run.layer_name("frames")]
     viewer.layers.selection.active = frames
     axis = viewer.dims.ndim - frames.ndim
     viewer.dims.set_point(axis, 0)
@@ -148,7 +148,7 @@ def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):
             widget.cancel()
 
     worker = widget.run()
-    run = widget._runs[-1]
+    run = widget.state.current
     worker.yielded.connect(cancel_on_first)
     qtbot.waitUntil(lambda: not widget.running, timeout=60000)
     total = run.store.plan.n_total
@@ -156,7 +156,7 @@ def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):
     assert run.cancelled
     assert 1 <= run.store.n < total
     assert run.store.n_seen - seen["at_cancel"] <= 2            # stopped within a step of the request
-    frames = viewer.layers[f"{run.base} frames"]
+    frames = viewer.layers[run.layer_name("frames")]
     assert frames.data.shape[0] == run.store.n                 # what was computed stays
     assert not any("recovered" in ly.name for ly in viewer.layers)
     assert "cancelled" in widget.status_label.text()
@@ -216,18 +216,20 @@ def test_slice_of_a_stack_with_a_2d_model(make_napari_viewer, qtbot, tiny2d):
     widget = _open(viewer)
     _with_model(qtbot, widget, tiny2d)
     viewer.dims.set_point(0, 10.0 + 2 * 3.0)                  # slice 2
+    assert not widget.run_btn.isEnabled() and "3D but the model is 2D" in widget.reason
+    widget.slice_check.setChecked(True)                       # the user asks for the slice on screen
     assert widget.run_btn.isEnabled(), widget.reason
     assert "axis 0 = 2" in widget.input_info.text()
     _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
-    run = widget._runs[-1]
-    frames = viewer.layers[f"{run.base} frames"]
-    assert run.base.endswith("@2")
+    run = widget.state.current
+    frames = viewer.layers[run.layer_name("frames")]
+    assert run.title.endswith("@2")
     assert frames.data.shape == (4, 1, 32, 24)
     np.testing.assert_allclose(frames.scale, (1.0, 3.0, 1.0, 1.5))
     np.testing.assert_allclose(frames.translate, (0.0, 16.0, 0.0, 0.0))
-    rec = viewer.layers[f"{run.base} recovered labels"]
+    rec = viewer.layers[run.layer_name("recovered labels")]
     assert rec.data.shape == (1, 32, 24)
-    assert viewer.layers[f"{run.base} recovered field |u| (mm)"].metadata["drdm_ddf"].shape == (3, 1, 32, 24)
+    assert viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"].shape == (3, 1, 32, 24)
 
 
 def test_3d_run_within_budget(make_napari_viewer, qtbot, tiny3d):
@@ -239,9 +241,9 @@ def test_3d_run_within_budget(make_napari_viewer, qtbot, tiny3d):
     _with_model(qtbot, widget, tiny3d)
     assert widget.run_btn.isEnabled(), widget.reason
     _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
-    run = widget._runs[-1]
-    assert viewer.layers[f"{run.base} frames"].data.shape == (4, 12, 16, 16)
-    assert viewer.layers[f"{run.base} recovered image"].data.shape == (12, 16, 16)
+    run = widget.state.current
+    assert viewer.layers[run.layer_name("frames")].data.shape == (4, 12, 16, 16)
+    assert viewer.layers[run.layer_name("recovered image")].data.shape == (12, 16, 16)
     assert "frames: all 4 frames" in widget.plan_label.text()
 
 
@@ -294,11 +296,11 @@ def test_explorer_on_the_cine_sample_uses_the_current_frame(make_napari_viewer, 
     _with_model(qtbot, widget, tiny2d)
     viewer.dims.set_current_step(0, 5)
     assert widget.run_btn.isEnabled(), widget.reason
-    assert "axis 0 = 5" in widget.input_info.text()
+    assert "time 5" in widget.input_info.text() and "volume" not in widget.input_info.text()
     _run_and_wait(qtbot, widget, t_prime=1, schedule="paper")
-    run = widget._runs[-1]
-    assert viewer.layers[f"{run.base} frames"].data.shape == (2, 1, 256, 256)
-    assert run.base.endswith("@5")
+    run = widget.state.current
+    assert viewer.layers[run.layer_name("frames")].data.shape == (2, 1, 256, 256)
+    assert run.title.endswith("@5")
 
 
 def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer, qtbot):

@@ -1,4 +1,9 @@
-"""napari reader for NIfTI files (``*.nii``, ``*.nii.gz``).
+"""napari reader for medical images: NIfTI (``*.nii``, ``*.nii.gz``), NRRD (``*.nrrd``, ``*.nhdr``)
+and DICOM (a ``*.dcm`` file, or a folder holding a ``*.dcm`` series), read by :mod:`napari_drdm.io`.
+
+napari offers several readers for some of these names; choose this one once with
+``viewer.open(path, plugin="napari-drdm")``, in the "Choose reader" dialog (tick "Remember"), or
+for good with :func:`prefer_this_reader` (napari's Preferences > Plugins > File extension readers).
 
 * The array keeps the file's own axis order (i, j, k), as :mod:`napari_drdm.io` does; a 4D file
   (i, j, k, t) gets its time axis moved first so napari's sliders show time and the last two
@@ -17,7 +22,11 @@ from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 
-__all__ = ["napari_get_reader", "read_nifti_layers", "looks_like_labels"]
+__all__ = ["napari_get_reader", "read_nifti_layers", "read_layers", "looks_like_labels", "prefer_this_reader",
+           "READER_PATTERNS"]
+
+READER_PATTERNS = ("*.nii", "*.nii.gz", "*.nrrd", "*.nhdr", "*.dcm")
+PLUGIN = "napari-drdm"
 
 MAX_LABEL_VALUES = 64
 _LABEL_WORDS = re.compile(r"(label|seg|mask)", re.IGNORECASE)
@@ -28,17 +37,40 @@ def _is_nifti(path: str) -> bool:
     return p.endswith(".nii") or p.endswith(".nii.gz")
 
 
+def _is_medical(path) -> bool:
+    p = Path(path)
+    if p.is_dir():
+        return any(p.glob("*.dcm"))
+    name = p.name.lower()
+    return _is_nifti(name) or name.endswith((".nrrd", ".nhdr", ".dcm"))
+
+
 def napari_get_reader(path: Union[str, List[str]]) -> Optional[Callable]:
-    """Return a reader function for NIfTI paths, None for anything else."""
+    """A reader function for NIfTI, NRRD and DICOM paths (or a DICOM folder); None for anything else.
+
+    Args:
+        path: one path or a list of paths, as napari passes them.
+    """
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    if not paths or not all(_is_nifti(p) for p in paths):
+    if not paths or not all(_is_medical(p) for p in paths):
         return None
-    return read_nifti_layers
+    return read_layers
+
+
+def prefer_this_reader(patterns=READER_PATTERNS) -> None:
+    """Make napari open these file names with this plugin without asking (a saved napari setting).
+
+    Args:
+        patterns: file name patterns, e.g. ``("*.nii.gz",)``.
+    """
+    from napari.settings import get_settings
+    plugins = get_settings().plugins
+    plugins.extension2reader = {**plugins.extension2reader, **{pat: PLUGIN for pat in patterns}}
 
 
 def _stem(path: str) -> str:
     name = Path(path).name
-    for suf in (".nii.gz", ".nii"):
+    for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
@@ -63,8 +95,12 @@ def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
     return False
 
 
-def read_nifti_layers(path: Union[str, List[str]]) -> List[tuple]:
-    """Read NIfTI file(s) as napari LayerData tuples (image or labels)."""
+def read_layers(path: Union[str, List[str]]) -> List[tuple]:
+    """Read NIfTI, NRRD or DICOM file(s) (or DICOM folders) as napari LayerData tuples (image or labels).
+
+    Args:
+        path: one path or a list of paths.
+    """
     from .io import read_image
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
@@ -102,3 +138,6 @@ def read_nifti_layers(path: Union[str, List[str]]) -> List[tuple]:
         else:
             out.append((data, kwargs, "image"))
     return out
+
+
+read_nifti_layers = read_layers          # the name this reader had when it read NIfTI only

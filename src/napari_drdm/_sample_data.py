@@ -51,6 +51,8 @@ def _layers(name: str) -> list[LayerData]:
     display = _DISPLAY[name]
     meta = {"description": sample["description"], "affine": sample["affine"],
             "spacing": sample["spacing"], "source": f"napari-drdm sample '{name}'"}
+    if sample["axes"].startswith("t"):
+        meta["drdm_time_first"] = True        # a 2D+t cine is 2D data with a time axis, not a volume
     kwargs: dict[str, Any] = {"name": display["name"], "scale": sample["spacing"],
                               "colormap": "gray", "metadata": meta}
     if "contrast_limits" in display:

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_checkpoint
+from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
+from .checks import check_image as _check_image
+from .checks import check_labels as _check_labels
 from .core.config import DRDMConfig
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -126,49 +129,6 @@ class GenerationResult:
     schedule: str = "paper"
     k: int = 2
     frames: List[Frame] = field(default_factory=list)
-
-
-#: largest value range of a floating-point image: the normalisation (x - min) / (max - min) runs in float32
-MAX_IMAGE_RANGE = 1e38
-
-
-def _check_image(image: np.ndarray, ndim: int, name: str = "image") -> np.ndarray:
-    a = np.asarray(image)
-    if a.ndim != ndim:
-        hint = ""
-        if a.ndim == ndim + 1 and a.shape[-1] in (3, 4):
-            hint = " (it looks like an RGB/RGBA image: convert it to a single grey-level channel)"
-        elif a.ndim == ndim + 1:
-            hint = f" (for a stack, pick one {ndim}D slice or frame)"
-        raise ValueError(f"{name} must be {ndim}D for this model, got shape {a.shape}{hint}")
-    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-        raise TypeError(f"{name} must be real numeric, got dtype {a.dtype}")
-    if a.dtype != bool and not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or infinite values; replace them before generating")
-    if a.size and a.dtype.kind == "f" and float(np.max(a)) - float(np.min(a)) > MAX_IMAGE_RANGE:
-        raise ValueError(f"{name} spans [{float(np.min(a)):.3g}, {float(np.max(a)):.3g}], too wide for float32 "
-                         f"arithmetic; expected a value range below {MAX_IMAGE_RANGE:.0e} (rescale the image)")
-    if min(a.shape) < 2:
-        raise ValueError(f"{name} is too small: shape {a.shape}")
-    return a
-
-
-def _check_labels(labels: np.ndarray, shape) -> np.ndarray:
-    lab = np.asarray(labels)
-    if lab.shape != tuple(shape):
-        raise ValueError(f"labels shape {lab.shape} does not match the image shape {tuple(shape)}")
-    if lab.dtype == bool:
-        return lab.astype(np.uint8)
-    if not np.issubdtype(lab.dtype, np.integer):
-        if np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
-            if lab.size and max(-float(lab.min()), float(lab.max())) > 2.0 ** 53:
-                raise ValueError(f"label map holds values up to {max(-float(lab.min()), float(lab.max())):.3g}; "
-                                 f"expected integer class values within +-2**53 (floats cannot hold larger "
-                                 f"integers exactly)")
-            return lab.astype(np.int64)
-        raise TypeError(f"labels must hold integer class values, got dtype {lab.dtype} with non-integer values; "
-                        f"a soft/probability map is not a label map")
-    return lab
 
 
 class DRDM:

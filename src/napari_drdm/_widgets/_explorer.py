@@ -1,37 +1,43 @@
-"""The DRDM explorer: deform an image step by step with DRDM and watch it being recovered.
+"""The DRDM explorer dock: deform an image step by step with DRDM and watch it being recovered.
 
-A thin Qt view (qtpy only) over :mod:`._worker` (the generation loop, in a napari thread worker)
-and :mod:`._layers` (what is stored per frame, within a memory budget); the output layers of
-a run are made and refreshed by :mod:`._run_layers`.  The UI thread only reads
-the frame store and updates layers, a few times per second.
+A thin Qt view (qtpy only).  The state of the runs and every text it shows come from the Qt-free
+:class:`~._controller.ExplorerState`; the layers are made by a composed
+:class:`~._run_layers.RunLayers`; the inputs are read and checked by :func:`~._inputs.read_inputs`
+(the engine's own checks); the generation runs in a napari thread worker (:mod:`._worker`).
+The UI thread only reads the frame store and updates layers, a few times per second.
 """
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ._layers import DEFAULT_BUDGET_MIB, FrameStore, label_dtype, plan_frames
-from ._run_layers import RunLayersMixin, _if_alive
+from ._controller import ExplorerState, Run
+from ._inputs import Inputs, is_output_layer, layer_affine, read_inputs, spatial_ndim
+from ._layers import DEFAULT_BUDGET_MIB, FrameStore, field_summary, label_dtype, plan_frames
+from ._lifetime import Connections, Lifetime, if_alive, stop_workers
+from ._plot import MetricPlot
+from ._run_layers import RunLayers
 
 if TYPE_CHECKING:
     import napari
@@ -41,100 +47,145 @@ __all__ = ["ExplorerWidget"]
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
 REFERENCE_SUFFIXES = (".pth", ".pt")
-@dataclass
-class _Inputs:
-    """What a run needs, read from the chosen layers (the spatial block the model will see)."""
-
-    image_layer: Any
-    labels_layer: Any
-    image: np.ndarray                       # (*spatial)
-    labels: Optional[np.ndarray]
-    spacing: Tuple[float, ...]              # spatial spacing
-    lead_index: Tuple[int, ...]             # indices of the leading (stack/time) axes, () if none
-    describe: str
 
 
-@dataclass
-class _Run:
-    """One generation and its layers."""
+class _PaintWatcher(QObject):
+    """Calls ``callback()`` once, when the viewer's canvas next paints (the frame is on screen)."""
 
-    id: int
-    base: str
-    inputs: _Inputs
-    params: Dict[str, Any]
-    store: FrameStore
-    out_scale: Tuple[float, ...]
-    out_translate: Tuple[float, ...]
-    out_affine: Optional[np.ndarray]
-    worker: Any = None
-    kinds: Tuple[str, ...] = ()                                    # layers this run makes, in order
-    layers: Dict[str, Any] = field(default_factory=dict)
-    layer_n: Dict[str, int] = field(default_factory=dict)         # frames each layer shows
-    shown: int = 0
-    running: bool = True
-    cancelled: bool = False
-    t_start: float = 0.0
-    t_first: Optional[float] = None
-    result: Any = None
-    last_info: Optional[dict] = None
+    def __init__(self, canvas: QWidget, callback):
+        super().__init__(canvas)
+        self._callback = callback
+        canvas.installEventFilter(self)
+
+    def eventFilter(self, obj, event):  # noqa: N802 - Qt API
+        if event.type() == QEvent.Type.Paint and self._callback is not None:
+            cb, self._callback = self._callback, None
+            obj.removeEventFilter(self)
+            cb()
+        return False
 
 
-def _layer_affine_meta(layer) -> Optional[np.ndarray]:
-    md = getattr(layer, "metadata", None) or {}
-    aff = md.get("affine")
-    if aff is None:
+def _canvas_of(widget: QWidget) -> Optional[QWidget]:
+    """The vispy canvas widget in the widget's window (the napari viewer), if docked in one."""
+    win = widget.window()
+    if win is None or win is widget:
         return None
-    a = np.asarray(aff, dtype=np.float64)
-    ok = a.shape == (4, 4) and np.all(np.isfinite(a)) and abs(np.linalg.det(a[:3, :3])) > 1e-12
-    return a if ok else None
+    return next((w for w in win.findChildren(QWidget) if type(w).__name__ == "CanvasBackendDesktop"), None)
 
 
-class ExplorerWidget(RunLayersMixin, QWidget):
+def scrolled(inner: QWidget) -> QScrollArea:
+    """``inner`` in a frameless vertical scroll area: the dock can be shorter than its content."""
+    area = QScrollArea()
+    area.setWidget(inner)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    return area
+
+
+class ExplorerWidget(QWidget):
     """Dock widget: image (+ labels) -> DRDM forward deformation and recovery, frame by frame."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: Optional[QWidget] = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self._runs: List[_Run] = []
-        self._run_counter = 0
+        self.state = ExplorerState()
+        self.layers = RunLayers(napari_viewer)
         self._model = None
         self._model_error: Optional[str] = None
         self._model_request = 0
         self._model_loading = False
-        self._validation_cache: Dict[tuple, Optional[str]] = {}
+        self._model_worker = None
+        self._model_touched = False           # the user chose a model: stop following the image
         self._labels_touched = False          # the user chose labels (or none): stop choosing for them
+        self._last_model_index = -1
+        self._defaults_from: Optional[tuple] = None
+        self._validation_cache: Dict[tuple, Optional[str]] = {}
+        self._closed = False
+        self._view_reset = False
         self._build_ui()
+        self._conns = Connections()
         self._connect_viewer()
         self._timer = QTimer(self)
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._flush)
+        self._lifetime = Lifetime(self, self._teardown)
         self._refresh_layer_choices()
+        self._auto_model()
         self._on_model_choice()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self):
-        outer = QVBoxLayout(self)
+        inner = QWidget()
+        outer = QVBoxLayout(inner)
+        outer.addWidget(self._input_box())
+        outer.addWidget(self._model_box())
+        outer.addWidget(self._generation_box())
+        self.reason_label = QLabel("")
+        self.reason_label.setWordWrap(True)
+        self.reason_label.setStyleSheet("color: #e0a040;")
+        outer.addWidget(self.reason_label)
+        self.plan_label = QLabel("")
+        self.plan_label.setWordWrap(True)
+        outer.addWidget(self.plan_label)
+        row = QHBoxLayout()
+        self.run_btn = QPushButton("Run")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        row.addWidget(self.run_btn)
+        row.addWidget(self.cancel_btn)
+        outer.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m frames")
+        outer.addWidget(self.progress)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        outer.addWidget(self.status_label)
+        outer.addWidget(self._runs_box())
+        outer.addStretch(1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(scrolled(inner))
 
-        box_in = QGroupBox("Input")
-        f = QFormLayout(box_in)
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+
+    def _input_box(self) -> QGroupBox:
+        box = QGroupBox("Input")
+        f = QFormLayout(box)
         self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image layer to deform. A stack (3D or 2D+t) with a 2D model uses the "
-                                    "slice currently shown by the viewer's sliders.")
+        self.image_combo.setToolTip("Image layer to deform. A 2D+t cine with a 2D model uses the time frame on "
+                                    "screen. The explorer's own output layers are not listed.")
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("Optional label map, deformed with the same fields (nearest neighbour).")
+        self.slice_check = QCheckBox("slice on screen (2D model on a 3D volume)")
+        self.slice_check.setToolTip("A 3D volume needs a 3D model; tick this to deform only the 2D slice on screen "
+                                    "with a 2D model.")
         self.input_info = QLabel("")
         self.input_info.setWordWrap(True)
         f.addRow("Image", self.image_combo)
         f.addRow("Labels", self.labels_combo)
+        f.addRow(self.slice_check)
         f.addRow(self.input_info)
-        outer.addWidget(box_in)
+        self.image_combo.currentIndexChanged.connect(
+            lambda _i: (self._auto_labels(), self._auto_model(), self.validate()))
+        self.labels_combo.activated.connect(self._on_labels_activated)
+        self.labels_combo.currentIndexChanged.connect(lambda _i: self.validate())
+        self.slice_check.toggled.connect(lambda _b: self.validate())
+        return box
 
-        box_m = QGroupBox("Model")
-        f = QFormLayout(box_m)
+    def _model_box(self) -> QGroupBox:
+        import os
+
+        from ..weights import list_weights
+        from ._worker import default_threads
+        box = QGroupBox("Model")
+        f = QFormLayout(box)
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Bundled weights, or Browse... for a checkpoint file (.safetensors "
                                     "from this project, or a reference-implementation .pth state_dict).")
-        from ..weights import list_weights
         try:
             entries = list_weights()
         except Exception:  # noqa: BLE001 - a broken registry must not break the widget
@@ -155,12 +206,11 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto: cuda > mps > cpu")
         self.threads_spin = QSpinBox()
-        import os
         self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
-        from ._worker import default_threads
         self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip("CPU threads for generation (torch's default; all cores but one when "
-                                     "OpenMP threads spin-wait, see `drdm info`: openmp_wait).")
+        self.threads_spin.setToolTip("CPU threads for generation. Default: torch's when OpenMP threads sleep while "
+                                     "waiting (`drdm info`: openmp_wait); else the cores not busy now (load "
+                                     "average), keeping one for the viewer on machines with more than two cores.")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         f.addRow("Model", self.model_combo)
@@ -168,10 +218,18 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         f.addRow("Device", self.device_combo)
         f.addRow("CPU threads", self.threads_spin)
         f.addRow(self.model_info)
-        outer.addWidget(box_m)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
+        self.device_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
+        self.size_spin.editingFinished.connect(self._on_model_choice)
+        return box
 
-        box_p = QGroupBox("Generation")
-        f = QFormLayout(box_p)
+    def _generation_box(self) -> QGroupBox:
+        """T', seed, schedule, K and frame memory.  Options of the generation itself (a fold guard
+        checkbox, say) go here as one more row, read in :meth:`_params`."""
+        box = QGroupBox("Generation")
+        f = QFormLayout(box)
+        self.generation_form = f
         self.tprime_spin = QSpinBox()
         self.tprime_spin.setRange(0, 80)
         self.tprime_spin.setValue(45)
@@ -203,34 +261,24 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         f.addRow("Schedule", self.schedule_combo)
         f.addRow("K", self.k_spin)
         f.addRow("Frame memory", self.budget_spin)
-        outer.addWidget(box_p)
+        self.new_seed_btn.clicked.connect(self.new_seed)
+        self.schedule_combo.currentIndexChanged.connect(lambda _i: self.validate())
+        for w in (self.tprime_spin, self.k_spin, self.budget_spin):
+            w.valueChanged.connect(lambda _v: self.validate())
+        return box
 
-        self.reason_label = QLabel("")
-        self.reason_label.setWordWrap(True)
-        self.reason_label.setStyleSheet("color: #e0a040;")
-        outer.addWidget(self.reason_label)
-        self.plan_label = QLabel("")
-        self.plan_label.setWordWrap(True)
-        outer.addWidget(self.plan_label)
-
+    def _runs_box(self) -> QGroupBox:
+        box = QGroupBox("Runs and the frame on screen")
+        v = QVBoxLayout(box)
         row = QHBoxLayout()
-        self.run_btn = QPushButton("Run")
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        row.addWidget(self.run_btn)
-        row.addWidget(self.cancel_btn)
-        outer.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("%v / %m frames")
-        outer.addWidget(self.progress)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        outer.addWidget(self.status_label)
-
-        box_r = QGroupBox("Frame on screen")
-        v = QVBoxLayout(box_r)
+        self.run_combo = QComboBox()
+        self.run_combo.setToolTip("The run shown (its layers are visible, the others hidden).")
+        self.remove_btn = QPushButton("remove run")
+        self.remove_btn.setToolTip("Delete the chosen run's layers and frames.")
+        self.remove_btn.setEnabled(False)
+        row.addWidget(self.run_combo, 1)
+        row.addWidget(self.remove_btn)
+        v.addLayout(row)
         row = QHBoxLayout()
         self.prev_btn = QPushButton("◀")
         self.next_btn = QPushButton("▶")
@@ -246,83 +294,65 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self.readout.setWordWrap(True)
         self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         v.addWidget(self.readout)
-        outer.addWidget(box_r)
-        outer.addStretch(1)
-
-        self.run_btn.clicked.connect(self.run)
-        self.cancel_btn.clicked.connect(self.cancel)
-        self.new_seed_btn.clicked.connect(self.new_seed)
+        self.plot = MetricPlot(on_pick=self.set_frame)
+        v.addWidget(self.plot)
         self.prev_btn.clicked.connect(lambda: self.step(-1))
         self.next_btn.clicked.connect(lambda: self.step(+1))
-        self.model_combo.activated.connect(self._on_model_activated)
-        self.model_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
-        self.device_combo.currentIndexChanged.connect(lambda _i: self._on_model_choice())
-        self.size_spin.editingFinished.connect(self._on_model_choice)
-        self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self._auto_model(),
-                                                                 self.validate()))
-        self.labels_combo.activated.connect(self._on_labels_activated)
-        for w in (self.labels_combo, self.schedule_combo):
-            w.currentIndexChanged.connect(lambda _i: self.validate())
-        for w in (self.tprime_spin, self.k_spin, self.budget_spin):
-            w.valueChanged.connect(lambda _v: self.validate())
+        self.run_combo.activated.connect(lambda i: self.show_run(self.run_combo.itemData(i)))
+        self.remove_btn.clicked.connect(lambda: self.remove_run())
+        return box
 
     def _connect_viewer(self):
         ev = self.viewer.layers.events
-        on_active = self._on_active_layer
-        conns = [(ev.inserted, self._on_layers_changed), (ev.removed, self._on_layers_changed),
-                 (ev.moved, self._on_layers_changed), (self.viewer.dims.events.current_step, self._on_dims),
-                 (self.viewer.layers.selection.events.active, on_active)]
-        for emitter, cb in conns:
-            emitter.connect(cb)
+        for emitter, cb in ((ev.inserted, self._on_layers_changed), (ev.removed, self._on_layers_changed),
+                            (ev.moved, self._on_layers_changed), (self.viewer.dims.events.point, self._on_dims),
+                            (self.viewer.layers.selection.events.active, self._on_active_layer)):
+            self._conns.connect(emitter, cb)
         for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
-        runs = self._runs
+            self._conns.connect(layer.events.name, self._on_layers_changed)
 
-        def _teardown(*_args, conns=conns, runs=runs):
-            for emitter, cb in conns:
-                try:
-                    emitter.disconnect(cb)
-                except Exception:  # noqa: BLE001 - the viewer may be gone already
-                    pass
-            for r in runs:
-                if r.running and r.worker is not None:
-                    r.worker.quit()
-        self.destroyed.connect(_teardown)
-
-    def _on_active_layer(self, event=None):
-        self.update_readout()
+    def _teardown(self):
+        """The widget or the viewer is going away: stop listening, stop and wait for the workers."""
+        self._closed = True
+        self._conns.disconnect_all()
+        try:
+            self._timer.stop()
+        except RuntimeError:
+            pass
+        stop_workers([r.worker for r in self.state.runs if r.running] + [self._model_worker])
 
     # ------------------------------------------------------------------ layer choices
-    @_if_alive
+    @if_alive
     def _on_layers_changed(self, event=None):
         if event is not None and getattr(event, "type", "") == "inserted":
             try:
-                event.value.events.name.connect(self._on_layers_changed)
-            except Exception:
+                self._conns.connect(event.value.events.name, self._on_layers_changed)
+            except Exception:  # noqa: BLE001 - a layer without a name event
                 pass
+        if event is not None and getattr(event, "type", "") == "removed":
+            self._forget_removed_runs()
         self._refresh_layer_choices()
 
     def _image_layers(self):
         from napari.layers import Image
-        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not self._is_output(ly)]
+        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not is_output_layer(ly)]
 
     def _labels_candidates(self):
         from napari.layers import Image, Labels
-        labs = [ly for ly in self.viewer.layers if isinstance(ly, Labels) and not self._is_output(ly)]
-        imgs = [ly for ly in self.viewer.layers if isinstance(ly, Image) and not self._is_output(ly)
+        labs = [ly for ly in self.viewer.layers if isinstance(ly, Labels) and not is_output_layer(ly)]
+        imgs = [ly for ly in self.viewer.layers if isinstance(ly, Image) and not is_output_layer(ly)
                 and not ly.rgb]
         return labs + imgs
 
     @staticmethod
-    def _is_output(layer) -> bool:
-        return "drdm_run" in (getattr(layer, "metadata", None) or {})
+    def _label_text(layer) -> str:
+        return layer.name if layer.__class__.__name__ == "Labels" else f"{layer.name} (image)"
 
     def _refresh_layer_choices(self):
         cur_img = self.image_combo.currentText()
         cur_lab = self.labels_combo.currentText()
         imgs = [ly.name for ly in self._image_layers()]
-        labs = [ly.name if ly.__class__.__name__ == "Labels" else f"{ly.name} (image)"
-                for ly in self._labels_candidates()]
+        labs = [self._label_text(ly) for ly in self._labels_candidates()]
         for combo, names, cur, extra in ((self.image_combo, imgs, cur_img, []),
                                          (self.labels_combo, labs, cur_lab, [NO_LABELS])):
             combo.blockSignals(True)
@@ -332,6 +362,8 @@ class ExplorerWidget(RunLayersMixin, QWidget):
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
         self._auto_labels()
+        if self.image_combo.currentText() != cur_img:
+            self._auto_model()                   # only a change of image may change the model
         self.validate()
 
     def _auto_labels(self):
@@ -350,17 +382,15 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     def _auto_model(self):
         """Until the user picks a model, choose the default bundled model of the image's dimensionality
-        (a 3D volume gets the 3D model; a 2D image or a 2D+t stack the 2D one)."""
-        if getattr(self, "_model_touched", False):
+        (a 3D volume gets the 3D model; a 2D image or a 2D+t cine the 2D one)."""
+        if self._model_touched or not hasattr(self, "model_combo"):
             return
         img = self._chosen_image()
         if img is None:
             return
-        md = img.metadata or {}
-        spatial = img.ndim - (1 if md.get("drdm_time_first") else 0) - (1 if getattr(img, "rgb", False) else 0)
         from ..weights import default_weights
         try:
-            name = default_weights(3 if spatial >= 3 else 2)
+            name = default_weights(3 if spatial_ndim(img) >= 3 else 2)
         except (LookupError, ValueError, OSError):
             return
         idx = self.model_combo.findData(name)
@@ -375,13 +405,10 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         text = self.labels_combo.currentText()
         if not text or text == NO_LABELS:
             return None
-        for ly in self._labels_candidates():
-            shown = ly.name if ly.__class__.__name__ == "Labels" else f"{ly.name} (image)"
-            if shown == text:
-                return ly
-        return None
+        return next((ly for ly in self._labels_candidates() if self._label_text(ly) == text), None)
 
     def set_image_layer(self, name: str):
+        """Choose the image layer by name, as the user would."""
         self.image_combo.setCurrentText(name)
 
     def _on_labels_activated(self, _index: int):
@@ -409,6 +436,14 @@ class ExplorerWidget(RunLayersMixin, QWidget):
             else:
                 self.model_combo.setCurrentIndex(max(0, self._last_model_index))
 
+    def set_model(self, name: str):
+        """Choose a bundled model by name, as the user would (it no longer follows the image)."""
+        idx = self.model_combo.findData(name)
+        if idx < 0:
+            raise ValueError(f"no bundled model {name!r}")
+        self._model_touched = True
+        self.model_combo.setCurrentIndex(idx)
+
     def set_checkpoint(self, path: str, size: Optional[int] = None):
         """Add a checkpoint file to the model list and select it (what Browse... does)."""
         self._model_touched = True
@@ -431,10 +466,10 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         return src, (self.size_spin.value() if is_ref else None), self.device_combo.currentText()
 
     def _on_model_choice(self):
+        if self._closed:
+            return
         if self.model_combo.currentText() != BROWSE:
             self._last_model_index = self.model_combo.currentIndex()
-        else:
-            self._last_model_index = getattr(self, "_last_model_index", -1)
         src, size, device = self._model_source()
         self._model = None
         self._model_error = None
@@ -456,7 +491,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         self._model_worker = worker
         worker.start()
 
-    @_if_alive
+    @if_alive
     def _on_model_loaded(self, req: int, model, error):
         if req != self._model_request:
             return
@@ -471,7 +506,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
             cfg = model.config
             self.tprime_spin.setMaximum(cfg.n_steps)
             src = self._model_source()[:2]
-            if getattr(self, "_defaults_from", None) != src:   # a new model (not just a new device)
+            if self._defaults_from != src:       # a new model (not just a new device)
                 self._defaults_from = src
                 self.schedule_combo.setCurrentText(cfg.schedule)
                 self.k_spin.setValue(int(cfg.k_recursions))
@@ -487,7 +522,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         return self._model is not None and not self._model_loading
 
     # ------------------------------------------------------------------ validation
-    def _read_inputs(self) -> _Inputs:
+    def _read_inputs(self) -> Inputs:
         """The arrays a run would use; raises ValueError with the reason when they are unusable."""
         img_layer = self._chosen_image()
         if img_layer is None:
@@ -498,85 +533,10 @@ class ExplorerWidget(RunLayersMixin, QWidget):
             if self._model_error:
                 raise ValueError(self._model_error)
             raise ValueError("Choose a model: a bundled one or Browse... for a checkpoint file.")
-        nd = self._model.ndim
-        name = img_layer.name
-        if getattr(img_layer, "rgb", False):
-            raise ValueError(f"Image '{name}' is RGB/RGBA: DRDM needs a single-channel grey-level image.")
-        if getattr(img_layer, "multiscale", False):
-            raise ValueError(f"Image '{name}' is multiscale: not supported, open a single-resolution image.")
-        data = img_layer.data
-        if data.ndim < nd:
-            raise ValueError(f"Image '{name}' is {data.ndim}D but the model is {nd}D: choose a {nd}D image "
-                             f"or a {data.ndim}D model.")
-        if data.ndim > nd + 2:
-            raise ValueError(f"Image '{name}' is {data.ndim}D: at most {nd + 2}D (a {nd}D image with up to two "
-                             f"stack axes) for this {nd}D model.")
-        dt = np.dtype(data.dtype)
-        if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating) or dt == bool):
-            raise ValueError(f"Image '{name}' has dtype {dt}: a real-valued image is needed.")
-        lead = data.ndim - nd
-        idx: Tuple[int, ...] = ()
-        if lead:
-            pos = img_layer.world_to_data(self.viewer.dims.point)
-            idx = tuple(int(np.clip(np.round(pos[a]), 0, data.shape[a] - 1)) for a in range(lead))
-        image = np.asarray(data[idx] if lead else data)
-        if min(image.shape) < 2:
-            raise ValueError(f"Image '{name}' is too small: shape {image.shape}.")
-        spacing = tuple(float(s) for s in np.asarray(img_layer.scale)[lead:])
-        if any(not np.isfinite(s) or s <= 0 for s in spacing):
-            raise ValueError(f"Image '{name}' has an unusable scale {tuple(img_layer.scale)}.")
-        key = ("img", id(img_layer), id(data), idx)
-        if key not in self._validation_cache:
-            self._validation_cache[key] = None if np.all(np.isfinite(image)) else \
-                f"Image '{name}' contains NaN or infinite values{' in this slice' if lead else ''}: replace them first."
-        if self._validation_cache[key]:
-            raise ValueError(self._validation_cache[key])
-        labels = None
-        lab_layer = self._chosen_labels()
-        if lab_layer is not None:
-            ldata = lab_layer.data
-            lname = lab_layer.name
-            if getattr(lab_layer, "multiscale", False):
-                raise ValueError(f"Labels '{lname}' are multiscale: not supported.")
-            if tuple(ldata.shape) == tuple(data.shape):
-                labels = np.asarray(ldata[idx] if lead else ldata)
-            elif tuple(ldata.shape) == tuple(image.shape):
-                labels = np.asarray(ldata)
-            else:
-                raise ValueError(f"Labels '{lname}' have shape {tuple(ldata.shape)} but the image '{name}' has "
-                                 f"{tuple(data.shape)}" + (f" (slice {tuple(image.shape)})" if lead else "")
-                                 + ": they must match.")
-            ldt = np.dtype(labels.dtype)
-            if ldt == bool:
-                labels = labels.astype(np.uint8)
-            elif not np.issubdtype(ldt, np.integer):
-                lkey = ("lab", id(lab_layer), id(ldata), idx)
-                if lkey not in self._validation_cache:
-                    ok = np.issubdtype(ldt, np.floating) and np.all(np.isfinite(labels)) \
-                        and np.all(labels == np.round(labels))
-                    self._validation_cache[lkey] = None if ok else \
-                        (f"Labels '{lname}' hold non-integer float values (dtype {ldt}): a label map needs integer "
-                         f"classes, not a probability map.")
-                if self._validation_cache[lkey]:
-                    raise ValueError(self._validation_cache[lkey])
-                labels = labels.astype(np.int32)
-        if len(self._validation_cache) > 64:
-            self._validation_cache.clear()
-        shape_txt = "x".join(str(n) for n in image.shape)
-        sp_txt = "x".join(f"{s:g}" for s in spacing)
-        if lead:
-            where = ", ".join(f"axis {a} = {i}" for a, i in enumerate(idx))
-            desc = f"{nd}D slice ({where}) of the {data.ndim}D '{name}': {shape_txt}, spacing {sp_txt}"
-            other = [e["name"] for e in self._known_models if e.get("ndim") == data.ndim]
-            if other and data.ndim in (2, 3):
-                desc += f" (the {data.ndim}D model '{other[0]}' would deform the whole volume)"
-        else:
-            desc = f"{nd}D '{name}': {shape_txt}, spacing {sp_txt}"
-        if labels is not None:
-            desc += f"; labels '{lab_layer.name}'"
-        return _Inputs(img_layer, lab_layer, image, labels, spacing, idx, desc)
+        return read_inputs(img_layer, self._chosen_labels(), self._model.ndim, self.viewer.dims.point,
+                           self.slice_check.isChecked(), self._validation_cache)
 
-    def _plan_for(self, inp: _Inputs):
+    def _plan_for(self, inp: Inputs):
         from ..core.recovery import reverse_timesteps
         cfg = self._model.config
         t_prime = self.tprime_spin.value()
@@ -589,7 +549,7 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     def validate(self) -> bool:
         """Check the inputs; enable Run or show why not. Returns whether Run is possible."""
-        if not hasattr(self, "run_btn"):
+        if not hasattr(self, "run_btn") or self._closed:
             return False
         try:
             inp = self._read_inputs()
@@ -612,14 +572,42 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     @property
     def running(self) -> bool:
-        return any(r.running for r in self._runs)
+        return self.state.running
 
     # ------------------------------------------------------------------ run
     def new_seed(self):
         self.seed_spin.setValue(random.randrange(0, 100000))
 
+    def _params(self) -> dict:
+        """What the generation is asked (add new generation options here, and to ``explore``)."""
+        cfg = self._model.config
+        p = {"t_prime": self.tprime_spin.value(), "seed": self.seed_spin.value(),
+             "schedule": self.schedule_combo.currentText(), "k": self.k_spin.value(),
+             "device": str(self._model.device)}
+        if p["schedule"] != cfg.schedule or p["k"] != cfg.k_recursions:
+            p["variant"] = f"{p['schedule']} K{p['k']}"
+        return p
+
+    def _output_geometry(self, inp: Inputs):
+        layer = inp.image_layer
+        scale = tuple(float(s) for s in layer.scale)
+        translate = [float(t) for t in layer.translate]
+        for a, i in enumerate(inp.lead_index):
+            translate[a] += i * scale[a]
+        aff = layer_affine(layer)
+        if aff is not None:
+            md = layer.metadata or {}
+            if md.get("drdm_time_first") or layer.ndim > 3:
+                aff = None                           # the affine does not describe the stack axes
+            elif inp.lead_index:
+                aff = aff.copy()
+                for a, i in enumerate(inp.lead_index):
+                    aff[:3, 3] += aff[:3, a] * i
+        return scale, tuple(translate), aff
+
     def run(self):
         """Start a generation in a worker thread (no-op with the reason shown if inputs are invalid)."""
+        t_click = time.perf_counter()            # timing starts at Run, before the inputs are read
         if self.running or not self.validate():
             return None
         from napari.qt.threading import create_worker
@@ -628,39 +616,20 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         inp = self._read_inputs()
         plan = self._plan_for(inp)
         model = self._model
-        params = {"t_prime": self.tprime_spin.value(), "seed": self.seed_spin.value(),
-                  "schedule": self.schedule_combo.currentText(), "k": self.k_spin.value(),
-                  "model": model.name, "device": str(model.device)}
-        lead = len(inp.lead_index)
-        store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=lead)
-        self._run_counter += 1
-        base = f"{inp.image_layer.name} DRDM T'{params['t_prime']} s{params['seed']}"
-        if params["schedule"] != model.config.schedule or params["k"] != model.config.k_recursions:
-            base += f" {params['schedule']} K{params['k']}"
-        if lead:
-            base += " @" + ",".join(str(i) for i in inp.lead_index)
-        layer = inp.image_layer
-        scale = tuple(float(s) for s in layer.scale)
-        translate = [float(t) for t in layer.translate]
-        for a, i in enumerate(inp.lead_index):
-            translate[a] += i * scale[a]
-        aff = _layer_affine_meta(layer)
-        if aff is not None:
-            md = layer.metadata or {}
-            if md.get("drdm_time_first") or layer.ndim > 3:
-                aff = None                           # the affine does not describe the stack axes
-            elif lead:
-                aff = aff.copy()
-                for a, i in enumerate(inp.lead_index):
-                    aff[:3, 3] += aff[:3, a] * i
-        run = _Run(self._run_counter, base, inp, params, store, scale, tuple(translate), aff)
-        run.kinds = ("image",) + (("labels",) if "labels" in store.buffers else ()) + \
-            ("folding", "grid", "jacobian", "vectors")
-        self._runs.append(run)
+        params = self._params()
+        store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=len(inp.lead_index))
+        previous = self.state.current
+        run = self.state.new_run(model.name, inp, params, store, *self._output_geometry(inp))
+        run.t_start = t_click
+        if previous is not None:
+            self.layers.set_run_visible(previous, False)     # one run on screen at a time
+        self.run_combo.addItem(run.title, run.id)
+        self.run_combo.setCurrentIndex(self.run_combo.count() - 1)
+        self.remove_btn.setEnabled(False)
         self.progress.setRange(0, max(1, plan.n_total))
         self.progress.setValue(0)
         self.plan_label.setText(plan.describe())
-        self.status_label.setText(f"running {base} ...")
+        self.status_label.setText(self.state.progress_text(run))
         worker = create_worker(explore, model, inp.image, inp.labels, inp.spacing, params["t_prime"],
                                params["seed"], params["schedule"], params["k"], store,
                                threads=self.threads_spin.value() if model.device.type == "cpu" else None,
@@ -671,7 +640,6 @@ class ExplorerWidget(RunLayersMixin, QWidget):
         worker.aborted.connect(lambda run=run: self._on_aborted(run))
         worker.finished.connect(lambda run=run: self._on_finished(run))
         run.worker = worker
-        run.t_start = time.perf_counter()
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         self._timer.start()
@@ -680,86 +648,172 @@ class ExplorerWidget(RunLayersMixin, QWidget):
 
     def cancel(self):
         """Stop the running generation after the current step; computed frames stay."""
-        for r in self._runs:
+        for r in self.state.runs:
             if r.running and r.worker is not None:
                 r.cancelled = True
                 r.worker.quit()
                 self.status_label.setText("cancelling after the current step ...")
 
-    @_if_alive
-    def _on_yield(self, run: _Run, info: dict):
+    @if_alive
+    def _on_yield(self, run: Run, info: dict):
         """Per frame: only bookkeeping; the widgets and layers are refreshed by the timer (5 per second)."""
-        if run.t_first is None:
-            run.t_first = time.perf_counter() - run.t_start
+        self.state.mark(run, "first_step")
         run.last_info = info
         if run.shown == 0 and run.store.n > 0:
             self._flush()                 # the first frame shows at once
 
-    def _show_progress(self, run: _Run):
-        info = run.last_info
-        if info is None or not run.running or run.cancelled:
-            return
-        self.progress.setValue(info["done"])
-        what = f"forward t'={info['t']}" if info["forward"] else \
-            f"recovery step {info['index']}/{info['phase_total']} (t={info['t']})"
-        self.status_label.setText(f"running {run.base}: frame {info['done']}/{info['total']}, {what}")
+    @if_alive
+    def _flush(self, complete: bool = False):
+        """Show new frames of the running (or just finished) runs."""
+        for run in self.state.runs:
+            if not run.running and not complete:
+                continue
+            if run.running and not run.cancelled and run.last_info is not None:
+                self.progress.setValue(run.last_info["done"])
+                self.status_label.setText(self.state.progress_text(run))
+            had_frames = "frames" in run.layers
+            changed = self.layers.flush(run, complete)
+            if not had_frames and "frames" in run.layers:
+                self._first_frames_layer(run)
+            n = run.layer_n.get("frames", run.store.n)
+            if changed and self.follow_check.isChecked() and (run.running or run.shown < n) \
+                    and run.id == self.state.current_id:
+                self.layers.set_frame(run, n - 1)
+            run.shown = n
+        self.update_readout()
 
-    @_if_alive
-    def _on_returned(self, run: _Run, result):
+    def _first_frames_layer(self, run: Run):
+        """The frames layer was just added: time it, hide the inputs under it, fit the view once."""
+        self.state.mark(run, "first_layer")
+        canvas = _canvas_of(self)
+        if canvas is not None and canvas.isVisible():
+            _PaintWatcher(canvas, lambda run=run: self.state.mark(run, "first_drawn"))
+        for ly in (run.inputs.image_layer, run.inputs.labels_layer):
+            if ly is not None and ly in self.viewer.layers:
+                ly.visible = False              # the frames cover them; the outline shows the input
+        if not self._view_reset:
+            self._view_reset = True
+            self.viewer.reset_view()
+
+    @if_alive
+    def _on_returned(self, run: Run, result):
         run.result = result
+        run.final_metrics = field_summary(result.ddf, run.inputs.spacing)
         self._flush(complete=True)
-        self._add_final_layers(run, result)
-        m = result.metrics
-        took = time.perf_counter() - run.t_start
-        first = f", first frame after {run.t_first:.2f} s" if run.t_first is not None else ""
-        self.status_label.setText(
-            f"done in {took:.1f} s{first}. Recovered field (model grid, paper protocol): max {m['max_disp_pct']:.2f} %, "
-            f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} %.")
+        self.layers.add_final(run, result)
 
-    @_if_alive
-    def _on_error(self, run: _Run, error):
+    @if_alive
+    def _on_error(self, run: Run, error):
         run.running = False
-        self.status_label.setText(f"error: {type(error).__name__}: {error}")
+        run.error = f"{type(error).__name__}: {error}"
+        self.status_label.setText(f"error in {run.title}: {run.error}")
 
-    @_if_alive
-    def _on_aborted(self, run: _Run):
+    @if_alive
+    def _on_aborted(self, run: Run):
         run.cancelled = True
-        self._flush(complete=True)
-        self.status_label.setText(f"cancelled after {run.store.n_seen} of {run.store.plan.n_total} frames; "
-                                  f"the {run.store.n} computed frames are kept (no final layers).")
 
-    @_if_alive
-    def _on_finished(self, run: _Run):
+    @if_alive
+    def _on_finished(self, run: Run):
+        self.state.mark(run, "end")
         run.running = False
         self._flush(complete=True)
+        if "frames" in run.layers and run.id == self.state.current_id:
+            self.viewer.layers.selection.active = run.layers["frames"]
         if run.last_info is not None:
             self.progress.setValue(run.last_info["done"])
         if not self.running:
             self._timer.stop()
+        if run.cancelled:
+            self.status_label.setText(self.state.cancelled_text(run))
+        elif run.error is None:
+            self.status_label.setText(self.state.done_text(run))
         self.cancel_btn.setEnabled(False)
+        self.remove_btn.setEnabled(True)
         self.validate()
         self.update_readout()
 
-    def _readout_run(self) -> Optional[_Run]:
-        active = self.viewer.layers.selection.active
-        rid = (getattr(active, "metadata", None) or {}).get("drdm_run") if active is not None else None
-        for r in reversed(self._runs):
-            if r.layers and (rid is None or r.id == rid):
-                return r
-        return None
+    # ------------------------------------------------------------------ runs
+    def show_run(self, run_id: Optional[int]):
+        """Make ``run_id`` the current run: its layers visible, every other run's hidden."""
+        run = self.state.select(run_id)
+        if run is None:
+            return
+        for r in self.state.runs:
+            if r is not run:
+                self.layers.set_run_visible(r, False)
+        self.layers.set_run_visible(run, True)
+        idx = self.run_combo.findData(run.id)
+        if idx >= 0:
+            self.run_combo.setCurrentIndex(idx)
+        self.remove_btn.setEnabled(not run.running)
+        self.update_readout()
+
+    def remove_run(self, run_id: Optional[int] = None):
+        """Delete a finished run's layers and frames (default: the current run)."""
+        run_id = self.state.current_id if run_id is None else run_id
+        run = self.state.remove(run_id)
+        if run is None:
+            return
+        self.layers.remove(run)
+        self._drop_run_item(run.id)
+
+    def _drop_run_item(self, run_id: int):
+        idx = self.run_combo.findData(run_id)
+        if idx >= 0:
+            self.run_combo.removeItem(idx)
+        if self.state.current is not None:
+            self.show_run(self.state.current_id)
+        else:
+            for ly in self._image_layers() + self._labels_candidates():
+                ly.visible = True
+            self.remove_btn.setEnabled(False)
+            self.readout.setText("no run yet")
+            self.plot.clear()
+
+    def _forget_removed_runs(self):
+        """The user deleted a run's frames layer from the layer list: forget that run."""
+        for run in list(self.state.runs):
+            layer = run.layers.get("frames")
+            if not run.running and layer is not None and layer not in self.viewer.layers:
+                self.layers.remove(run)
+                self.state.remove(run.id)
+                self._drop_run_item(run.id)
+
+    # ------------------------------------------------------------------ the frame on screen
+    def _frame_on_screen(self, run: Run) -> Tuple[Optional[int], str]:
+        layer = self.layers.frames_layer(run)
+        return self.state.frame_on_screen(run, self.layers.data_position(run),
+                                          bool(layer is not None and layer.visible))
 
     def step(self, delta: int):
         """Move the frame slider by ``delta`` frames (the ◀ ▶ buttons)."""
-        run = self._readout_run()
+        run = self.state.current
         if run is None:
             return
-        j = self._current_frame(run)
-        if j is not None:
-            if run.running:
-                self.follow_check.setChecked(False)   # the user takes over the slider
-            self._set_frame(run, j + delta)
+        j, _why = self._frame_on_screen(run)
+        if run.running:
+            self.follow_check.setChecked(False)   # the user takes over the slider
+        self.layers.set_frame(run, (j if j is not None else 0) + delta)
 
-    @_if_alive
+    def set_frame(self, j: int):
+        """Show frame ``j`` (0-based) of the current run."""
+        run = self.state.current
+        if run is not None:
+            if run.running:
+                self.follow_check.setChecked(False)
+            self.layers.set_frame(run, j)
+
+    @if_alive
+    def _on_active_layer(self, event=None):
+        run = self.state.run_of_layer(self.viewer.layers.selection.active)
+        if run is not None and run.id != self.state.current_id:
+            self.state.select(run.id)
+            idx = self.run_combo.findData(run.id)
+            if idx >= 0:
+                self.run_combo.setCurrentIndex(idx)
+        self.update_readout()
+
+    @if_alive
     def _on_dims(self, event=None):
         self.update_readout()
         img = self._chosen_image()
@@ -767,31 +821,23 @@ class ExplorerWidget(RunLayersMixin, QWidget):
             self.validate()                      # the slice a 2D model would use has changed
 
     def readout_metrics(self) -> Optional[dict]:
-        run = self._readout_run()
+        """The metrics of the frame on screen, None when no frame of the current run is drawn."""
+        run = self.state.current
         if run is None:
             return None
-        j = self._current_frame(run)
+        j, _ = self._frame_on_screen(run)
         return None if j is None else run.store.metrics[j]
 
-    @_if_alive
+    @if_alive
     def update_readout(self):
-        run = self._readout_run()
+        run = self.state.current
         if run is None:
             return
-        j = self._current_frame(run)
-        if j is None:
-            return
-        m = run.store.metrics[j]
-        if m["phase"] == "forward":
-            what = f"forward t'={m['t']} of {m['total']}"
-        else:
-            what = f"recovery step {m['index']}/{m['total']} (t={m['t']})"
-        self.readout.setText(
-            f"<b>{run.base}</b><br>frame {j + 1}/{run.store.n} shown (#{m['frame'] + 1} of {m['n_total']}): {what}<br>"
-            f"max displacement {m['max_disp_pct']:.2f} % of side, mean {m['mean_disp_pct']:.2f} %<br>"
-            f"folding {m['folding_pct']:.3f} % (min det J {m['min_jacobian']:.3f})")
+        j, why = self._frame_on_screen(run)
+        self.readout.setText(self.state.readout(run, j, why))
+        self.plot.set_data(run.series(), j, run.title)
 
-    def closeEvent(self, event):  # stop work when the dock closes
+    def closeEvent(self, event):  # noqa: N802 - Qt API: stop work when the dock closes
         self.cancel()
         self._timer.stop()
         super().closeEvent(event)

@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QScrollArea,
     QLabel,
     QLineEdit,
     QProgressBar,
@@ -28,6 +29,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from ._inputs import is_output_layer
+from ._lifetime import Lifetime, if_alive, stop_workers
 
 if TYPE_CHECKING:
     import napari
@@ -39,7 +43,11 @@ MODES = {"Segmentation set (Algorithm 3)": "augment", "Registration pairs (Algor
 EXISTING = {"refuse if not empty": (False, False), "resume": (True, False), "overwrite": (False, True)}
 
 
-def _folder_row(edit: QLineEdit, parent: QWidget, title: str) -> QWidget:
+WEIGHT_FILES = "DRDM checkpoints (*.safetensors *.pth *.pt);;All files (*)"
+
+
+def _browse_row(edit: QLineEdit, parent: QWidget, title: str, file_filter: Optional[str] = None) -> QWidget:
+    """A line edit with a Browse... button: a folder, or a file when ``file_filter`` is given."""
     box = QWidget(parent)
     lay = QHBoxLayout(box)
     lay.setContentsMargins(0, 0, 0, 0)
@@ -47,9 +55,13 @@ def _folder_row(edit: QLineEdit, parent: QWidget, title: str) -> QWidget:
     btn = QPushButton("Browse...", box)
 
     def pick():
-        d = QFileDialog.getExistingDirectory(parent, title, edit.text() or str(Path.home()))
-        if d:
-            edit.setText(d)
+        start = edit.text() or str(Path.home())
+        if file_filter is None:
+            chosen = QFileDialog.getExistingDirectory(parent, title, start)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(parent, title, start, file_filter)
+        if chosen:
+            edit.setText(chosen)
     btn.clicked.connect(pick)
     lay.addWidget(btn)
     return box
@@ -65,7 +77,10 @@ class ExportWidget(QWidget):
         self.summary: Optional[dict] = None
         self._stop = threading.Event()
         self._t0 = 0.0
-        outer = QVBoxLayout(self)
+        self._closed = False
+        self._labels_touched = False          # the user chose labels (or none): stop choosing for them
+        inner = QWidget(self)
+        outer = QVBoxLayout(inner)
         form = QFormLayout()
         outer.addLayout(form)
 
@@ -78,7 +93,7 @@ class ExportWidget(QWidget):
         form.addRow("Labels layer", self.labels_combo)
         self.folder_edit = QLineEdit(self)
         self.folder_edit.setPlaceholderText("images (+ case_label.* / images/ + labels/)")
-        form.addRow("Input folder", _folder_row(self.folder_edit, self, "Input folder"))
+        form.addRow("Input folder", _browse_row(self.folder_edit, self, "Input folder"))
 
         self.mode = QComboBox(self)
         self.mode.addItems(list(MODES))
@@ -95,7 +110,9 @@ class ExportWidget(QWidget):
         form.addRow("T' syn", self.tprime_syn_edit)
         self.weights_edit = QLineEdit(self)
         self.weights_edit.setPlaceholderText("auto: bundled model of the image's dimension")
-        form.addRow("Weights", self.weights_edit)
+        self.weights_edit.setToolTip("A bundled model's name (see drdm weights) or a checkpoint file; "
+                                     "empty: the bundled default for the image's dimensionality.")
+        form.addRow("Weights", _browse_row(self.weights_edit, self, "DRDM checkpoint", WEIGHT_FILES))
         self.seed_spin = QSpinBox(self)
         self.seed_spin.setRange(0, 2 ** 31 - 1)
         form.addRow("Seed", self.seed_spin)
@@ -106,13 +123,21 @@ class ExportWidget(QWidget):
         self.batch_spin.setRange(1, 256)
         self.batch_spin.setValue(4)
         form.addRow("Batch", self.batch_spin)
+        import os
+
+        from ._worker import default_threads
+        self.threads_spin = QSpinBox(self)
+        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
+        self.threads_spin.setValue(default_threads())
+        self.threads_spin.setToolTip("CPU threads for generation (the explorer's default: the cores not busy now).")
+        form.addRow("CPU threads", self.threads_spin)
         self.inverse_check = QCheckBox("also write the inverse field", self)
         form.addRow("", self.inverse_check)
         self.existing = QComboBox(self)
         self.existing.addItems(list(EXISTING))
         form.addRow("Existing outputs", self.existing)
         self.out_edit = QLineEdit(self)
-        form.addRow("Output folder", _folder_row(self.out_edit, self, "Output folder"))
+        form.addRow("Output folder", _browse_row(self.out_edit, self, "Output folder"))
         self.preview_spin = QSpinBox(self)
         self.preview_spin.setRange(0, 32)
         self.preview_spin.setValue(3)
@@ -133,6 +158,13 @@ class ExportWidget(QWidget):
         self.status.setWordWrap(True)
         outer.addWidget(self.status)
         outer.addStretch(1)
+        area = QScrollArea(self)              # the dock can be shorter than the form (small screens)
+        area.setWidget(inner)
+        area.setWidgetResizable(True)
+        area.setFrameShape(QScrollArea.Shape.NoFrame)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(area)
 
         self.run_btn.clicked.connect(self.start)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -141,17 +173,52 @@ class ExportWidget(QWidget):
         for e in (self.folder_edit, self.out_edit, self.tprime_edit, self.tprime_syn_edit):
             e.textChanged.connect(self._validate)
         self.n_spin.valueChanged.connect(self._validate)
+        self.labels_combo.activated.connect(self._on_labels_activated)
+        self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self._validate()))
         ev = self.viewer.layers.events
-        for name in ("inserted", "removed", "reordered"):
-            getattr(ev, name).connect(self._refresh_layers)
+        self._events = [getattr(ev, name) for name in ("inserted", "removed", "reordered")]
+        for e in self._events:
+            e.connect(self._refresh_layers)
+        self._lifetime = Lifetime(self, self._teardown)
         self._refresh_layers()
+
+    def _teardown(self):
+        """The widget or the viewer is going away: stop listening, stop and wait for the export."""
+        self._closed = True
+        for e in self._events:
+            try:
+                e.disconnect(self._refresh_layers)
+            except Exception:  # noqa: BLE001 - the viewer may be gone already
+                pass
+        self._stop.set()
+        stop_workers([self.worker])
 
     # ------------------------------------------------------------------ inputs
     def _layers(self, kind: str) -> List:
+        """Input candidates: image or labels layers, not the outputs of this plugin's widgets."""
         from napari.layers import Image, Labels
         cls = Image if kind == "image" else Labels
-        return [ly for ly in self.viewer.layers if isinstance(ly, cls)]
+        return [ly for ly in self.viewer.layers if isinstance(ly, cls) and not is_output_layer(ly)]
 
+    def _on_labels_activated(self, _index: int):
+        self._labels_touched = True
+
+    def _auto_labels(self):
+        """Until the user picks labels, choose a labels layer with the image's shape (or none)."""
+        if self._labels_touched:
+            return
+        img = self._layer(self.image_combo.currentText())
+        pick = next((ly.name for ly in self._layers("labels")
+                     if img is not None and tuple(ly.data.shape) == tuple(img.data.shape)), NO_LABELS)
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.setCurrentText(pick)
+        self.labels_combo.blockSignals(False)
+
+    def expected_outputs(self) -> Optional[int]:
+        """Outputs an export would write now (None for a folder: known once it is read)."""
+        return self.n_spin.value() if self.source.currentText() == "Layers" else None
+
+    @if_alive
     def _refresh_layers(self, *_):
         for combo, kind, extra in ((self.image_combo, "image", []), (self.labels_combo, "labels", [NO_LABELS])):
             cur = combo.currentText()
@@ -161,6 +228,7 @@ class ExportWidget(QWidget):
             if cur and combo.findText(cur) >= 0:
                 combo.setCurrentIndex(combo.findText(cur))
             combo.blockSignals(False)
+        self._auto_labels()
         self._validate()
 
     def _layer(self, name: str):
@@ -205,7 +273,15 @@ class ExportWidget(QWidget):
         self.run_btn.setEnabled(not reason and not self.running)
         if not self.running:
             self.status.setText(reason)
+            self._idle_progress()
         return reason
+
+    def _idle_progress(self):
+        """Before an export the bar shows what it will write, never a default 0 / 100."""
+        n = self.expected_outputs()
+        self.progress.setRange(0, max(1, n or 1))
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m outputs" if n else "outputs: counted when the folder is read")
 
     def _inputs(self):
         from ..dataset_io import ArrayInput
@@ -239,10 +315,13 @@ class ExportWidget(QWidget):
         from ..augment import iter_export
         inputs, opts, out = self._inputs(), self.options(), self.out_edit.text().strip()
         n_prev = self.preview_spin.value()
+        threads = self.threads_spin.value()
         self._stop.clear()
         stop = self._stop
 
         def job():
+            import torch
+            torch.set_num_threads(threads)
             try:
                 return (yield from iter_export(inputs, out, opts, preview=n_prev, should_stop=stop.is_set))
             except (OSError, ValueError, TypeError, KeyError) as e:   # expected: say why in the widget
@@ -257,7 +336,10 @@ class ExportWidget(QWidget):
         self.worker.finished.connect(self._on_finished)
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        self.progress.setRange(0, 0)
+        n = self.expected_outputs()
+        self.progress.setRange(0, n if n else 0)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m outputs")
         self.status.setText("starting...")
         self.worker.start()
 
@@ -266,6 +348,7 @@ class ExportWidget(QWidget):
             self._stop.set()
             self.status.setText("cancelling after the current batch...")
 
+    @if_alive
     def _on_event(self, ev):
         self.progress.setRange(0, max(1, ev.total))
         self.progress.setValue(ev.done)
@@ -291,6 +374,7 @@ class ExportWidget(QWidget):
                                        name=f"{pv['row_id']} {key.replace('_', ' ')}", scale=scale,
                                        metadata=dict(md), opacity=0.5)
 
+    @if_alive
     def _on_done(self, summary):
         self.summary = summary or {}
         s = self.summary
@@ -301,16 +385,21 @@ class ExportWidget(QWidget):
         self.status.setText(f"{s.get('status')}: {s.get('written', 0)} written ({s.get('previously_done', 0)} "
                             f"already done), {state}. Manifest: {s.get('manifest')}")
 
+    @if_alive
     def _on_error(self, exc):
         self.summary = {"status": "error", "error": str(exc)}
         self.status.setText(f"export stopped: {exc}")
 
     def _on_finished(self):
         self.worker = None
+        if self._closed:
+            return
         self.cancel_btn.setEnabled(False)
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
-        msg = self.status.text()
+        msg, bar = self.status.text(), (self.progress.maximum(), self.progress.value())
         self._validate()
         if self.summary is not None:
             self.status.setText(msg)
+            self.progress.setRange(0, bar[0])         # keep what the export reached on the bar
+            self.progress.setValue(bar[1])

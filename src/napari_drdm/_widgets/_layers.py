@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["FramePlan", "plan_frames", "FrameStore", "grid_lines", "jacobian_det", "vector_lattice",
-           "label_dtype", "pack_frame", "fmt_bytes"]
+           "label_dtype", "pack_frame", "fmt_bytes", "field_summary", "clip_to_image", "outline_mask"]
 
 DEFAULT_BUDGET_MIB = 1024
 
@@ -161,7 +161,7 @@ def jacobian_det(ddf: np.ndarray) -> np.ndarray:
 def vector_lattice(shape: Sequence[int], per_axis: Optional[int] = None) -> Tuple[np.ndarray, Tuple[slice, ...]]:
     """Subsampling lattice for the vectors layer: (positions (M, d), index slices)."""
     shape = tuple(int(n) for n in shape)
-    per_axis = per_axis or (20 if len(shape) == 2 else 12)
+    per_axis = per_axis or (14 if len(shape) == 2 else 8)
     steps = [max(1, int(math.ceil(n / per_axis))) for n in shape]
     sl = tuple(slice(s // 2, n, s) for s, n in zip(steps, shape))
     coords = np.meshgrid(*[np.arange(n)[s] for n, s in zip(shape, sl)], indexing="ij")
@@ -173,14 +173,9 @@ def pack_frame(ddf: np.ndarray, image: Optional[np.ndarray], labels: Optional[np
                warped_grid: Optional[np.ndarray], plan: FramePlan, spacing: Sequence[float],
                lattice: Tuple[np.ndarray, Tuple[slice, ...]]) -> Dict[str, object]:
     """Everything the store keeps for one frame, computed off the UI thread."""
-    from ..core.metrics import displacement_pct
-
     det = jacobian_det(ddf)
     fold = det <= 0
-    mx, mn = displacement_pct(ddf, spacing=spacing)
-    metrics = {"max_disp_pct": mx, "mean_disp_pct": mn, "folding_pct": 100.0 * float(fold.mean()),
-               "min_jacobian": float(det.min())}
-    out: Dict[str, object] = {"metrics": metrics}
+    out: Dict[str, object] = {"metrics": field_summary(ddf, spacing, det)}
     if image is not None:
         if plan.image_dtype == np.uint8:
             lo, hi = plan.image_range
@@ -197,8 +192,57 @@ def pack_frame(ddf: np.ndarray, image: Optional[np.ndarray], labels: Optional[np
         out["grid"] = np.clip(warped_grid * 255.0 + 0.5, 0, 255).astype(np.uint8)
     pos, sl = lattice
     vec = np.stack([ddf[c][sl].ravel() for c in range(ddf.shape[0])], axis=1).astype(np.float32)
-    out["vectors"] = (pos, vec)
+    out["vectors"] = (pos, clip_to_image(pos, vec, plan.shape))
     return out
+
+
+def field_summary(ddf: np.ndarray, spacing: Sequence[float], det: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """The metrics shown for a field, on the image grid it is given on.
+
+    Args:
+        ddf: pull-back displacement field in pixels, (d, *shape).
+        spacing: pixel spacing (mm) of each spatial axis.
+        det: its Jacobian determinant if already computed.
+
+    Returns max/mean displacement in % of the largest physical side, folding in % of pixels
+    with det(J) <= 0, and the smallest det(J).
+    """
+    from ..core.metrics import displacement_pct
+
+    det = jacobian_det(ddf) if det is None else det
+    mx, mn = displacement_pct(ddf, spacing=spacing)
+    return {"max_disp_pct": mx, "mean_disp_pct": mn, "folding_pct": 100.0 * float(np.mean(det <= 0)),
+            "min_jacobian": float(det.min())}
+
+
+def clip_to_image(pos: np.ndarray, vec: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Shorten vectors (keeping their direction) so that ``pos + vec`` stays inside the image."""
+    hi = np.asarray(shape, np.float32) - 1
+    tip = pos + vec
+    with np.errstate(divide="ignore", invalid="ignore"):
+        over = np.where(tip > hi, (hi - pos) / vec, np.where(tip < 0, -pos / vec, 1.0))
+    f = np.clip(np.nan_to_num(over.min(axis=1), nan=1.0, posinf=1.0), 0.0, 1.0)
+    return (vec * f[:, None]).astype(np.float32)
+
+
+def outline_mask(image: np.ndarray, labels: Optional[np.ndarray]) -> np.ndarray:
+    """Where the original anatomy is, for its outline over the frames: labels > 0 when given,
+    else the image above an Otsu threshold (uint8 0/1)."""
+    if labels is not None and np.any(labels):
+        return (np.asarray(labels) > 0).astype(np.uint8)
+    a = np.asarray(image, np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    hist, edges = np.histogram(a, bins=128, range=(lo, hi))
+    w = np.cumsum(hist).astype(np.float64)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    mu = np.cumsum(hist * centres)
+    w1 = w[-1] - w
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w * w1 * (mu / w - (mu[-1] - mu) / w1) ** 2
+    k = int(np.nanargmax(between[:-1])) if np.any(np.isfinite(between[:-1])) else 63
+    return (a > edges[k + 1]).astype(np.uint8)
 
 
 @dataclass

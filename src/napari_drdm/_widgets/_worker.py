@@ -54,14 +54,16 @@ def try_load_model(source: str, size: Optional[int] = None, device: str = "auto"
 
 
 def default_threads() -> int:
-    """CPU threads for generation: torch's default, as everywhere else, when OpenMP threads sleep
-    while they wait (napari_drdm sets OMP_WAIT_POLICY=PASSIVE when it is imported before torch);
-    all cores but one when they spin.
+    """CPU threads for generation.  When OpenMP threads sleep while they wait (napari_drdm sets
+    OMP_WAIT_POLICY=PASSIVE when it is imported before torch): torch's default, as everywhere
+    else.  When they spin: the cores not busy right now (1-minute load average), all of them on an
+    idle machine with one or two cores, one kept for the viewer on larger machines.
 
-    Spinning was the measured reason for cores - 1 (a run 10x faster with 1 thread than with 2 on
-    a busy 2-core machine): a spinning thread holds the core its partner (or the viewer) needs.
+    On a busy machine spinning threads only wait on the cores other processes hold (measured: two
+    threads on a two-core machine running something else are several times slower than one).
     Sleeping instead, a 2D 128 pass on a loaded 2-core machine took 107 ms at 2 threads and 117 ms
-    at 1 (issue 15)."""
+    at 1 (issue 15).
+    """
     import os
 
     import torch
@@ -70,7 +72,12 @@ def default_threads() -> int:
     if OPENMP_PASSIVE:
         return max(1, torch.get_num_threads())
     n = os.cpu_count() or 1
-    return max(1, n - 1)
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (OSError, AttributeError):          # no load average (Windows)
+        busy = 0
+    usable = n if n <= 2 else n - 1
+    return max(1, min(usable, n - busy))
 
 
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,

@@ -1,0 +1,133 @@
+"""The explorer's Qt-free state (issue 16): runs, names, the frame on screen, texts; no Qt, no napari."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from napari_drdm._widgets._controller import ExplorerState, metrics_text
+from napari_drdm._widgets._inputs import Inputs, read_inputs, spatial_ndim
+from napari_drdm._widgets._layers import FrameStore, clip_to_image, field_summary, outline_mask, plan_frames
+
+
+def test_state_imports_without_qt_or_napari():
+    code = ("import sys; import napari_drdm._widgets._controller, napari_drdm._widgets._inputs; "
+            "bad = [m for m in ('qtpy', 'napari', 'torch') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _run(state, model="m2d", seed=3, t_prime=2, lead=(), n_frames=4, time_first=False):
+    shape = (8, 6)
+    plan = plan_frames(shape, t_prime, n_frames - t_prime, None)
+    store = FrameStore(plan, lead_ndim=len(lead))
+    layer = SimpleNamespace(metadata={"drdm_time_first": True} if time_first else {})
+    inp = Inputs(layer, None, np.zeros(shape, np.float32), None, (1.0, 1.0), tuple(lead), "")
+    run = state.new_run(model, inp, {"t_prime": t_prime, "seed": seed, "schedule": "paper", "k": 2}, store,
+                        (1.0, 1.0), (0.0, 0.0), None)
+    rng = np.random.default_rng(seed)
+    for i in range(n_frames):
+        ddf = rng.normal(0, 0.3, (2,) + shape).astype(np.float32)
+        phase = "forward" if i < t_prime else "recovery"
+        idx = i + 1 if phase == "forward" else i - t_prime + 1
+        store.add({"metrics": field_summary(ddf, (1.0, 1.0)), "vectors": (np.zeros((1, 2), np.float32),
+                                                                          np.zeros((1, 2), np.float32))},
+                  {"phase": phase, "index": idx, "total": t_prime if phase == "forward" else n_frames - t_prime,
+                   "t": idx, "frame": i, "n_total": n_frames})
+    run.running = False
+    return run
+
+
+def test_names_carry_model_seed_and_are_unique():
+    st = ExplorerState()
+    a = _run(st, model="brain2d", seed=7)
+    b = _run(st, model="cmr2d", seed=7)
+    assert a.title == "#1 brain2d s7 T'2" and b.title == "#2 cmr2d s7 T'2"
+    assert a.layer_name("folding") != b.layer_name("folding")
+    assert len(a.layer_name("folding")) < 30              # short: the layer list elides long names
+    assert st.current is b
+    st.remove(b.id)
+    assert st.current is a and [r.id for r in st.runs] == [1]
+
+
+def test_frame_on_screen_is_zero_based_and_says_when_it_cannot():
+    st = ExplorerState()
+    run = _run(st, n_frames=4)
+    j, why = st.frame_on_screen(run, [3.0, 0.0, 0.0], True)
+    assert j == 3 and why == ""
+    text = st.readout(run, j, why)
+    assert "frame 3 of 0-3" in text and "recovery step 2 of 2" in text and "image grid 8x6" in text
+    j, why = st.frame_on_screen(run, [10.0, 0.0, 0.0], True)            # slider beyond this run
+    assert j is None and "frames 0-3" in why and "10" in why
+    assert st.frame_on_screen(run, [1.0, 0.0, 0.0], False)[0] is None  # hidden: nothing drawn
+    assert st.frame_on_screen(run, None, True)[0] is None              # layer removed
+    cine = _run(st, lead=(5,), time_first=True)
+    j, why = st.frame_on_screen(cine, [1.0, 2.0, 0.0, 0.0], True)     # time slider moved by 2
+    assert j is None and "time 5" in why and "not drawn" in why
+    assert st.frame_on_screen(cine, [1.0, 0.0, 0.0, 0.0], True)[0] == 1
+
+
+def test_series_and_done_text_use_the_same_metrics():
+    st = ExplorerState()
+    run = _run(st, n_frames=5)
+    s = run.series()
+    assert len(s["max"]) == 5 and s["forward"].tolist() == [True, True, False, False, False]
+    last = run.store.metrics[-1]
+    run.final_metrics = {k: last[k] for k in ("max_disp_pct", "mean_disp_pct", "folding_pct", "min_jacobian")}
+    st.mark(run, "first_layer")
+    st.mark(run, "end")
+    done = st.done_text(run)
+    assert metrics_text(last, (8, 6)) in done                  # one grid: the readout's last frame == the status
+    assert "first frame on screen" in done and "image grid" in done
+
+
+def test_vectors_stay_in_the_image_and_outline_mask():
+    pos = np.array([[0, 0], [4, 4], [7, 5]], np.float32)
+    vec = np.array([[-3, 2], [1, -1], [4, 4]], np.float32)
+    tips = pos + clip_to_image(pos, vec, (8, 6))
+    assert np.all(tips >= 0) and np.all(tips <= np.array([7, 5]))
+    np.testing.assert_allclose(clip_to_image(pos, vec, (8, 6))[1], [1, -1])       # inside: unchanged
+    img = np.zeros((20, 20), np.float32)
+    img[5:15, 4:12] = 100
+    assert outline_mask(img, None).sum() == 80
+    lab = np.zeros((20, 20), np.uint8)
+    lab[0, 0] = 3
+    assert outline_mask(img, lab).sum() == 1
+
+
+class _Layer(SimpleNamespace):
+    def world_to_data(self, point):
+        return np.asarray(point, float)
+
+
+def test_inputs_model_must_match_the_data_dimensionality():
+    vol = _Layer(name="vol", data=np.ones((6, 8, 8), np.float32), metadata={}, scale=(1, 1, 1), ndim=3, rgb=False)
+    with pytest.raises(ValueError, match="3D but the model is 2D"):
+        read_inputs(vol, None, 2, (0, 0, 0))
+    assert read_inputs(vol, None, 2, (2, 0, 0), slice_of_volume=True).lead_index == (2,)
+    cine = _Layer(name="cine", data=np.ones((4, 8, 8), np.float32), metadata={"drdm_time_first": True},
+                  scale=(1, 1, 1), ndim=3, rgb=False)
+    assert spatial_ndim(cine) == 2 and spatial_ndim(vol) == 3
+    inp = read_inputs(cine, None, 2, (3, 0, 0))
+    assert inp.lead_index == (3,) and "time 3" in inp.describe and "volume" not in inp.describe
+    bad = _Layer(name="bad", data=np.full((8, 8), np.nan, np.float32), metadata={}, scale=(1, 1), ndim=2, rgb=False)
+    with pytest.raises(ValueError, match="NaN"):          # the engine's own check and message
+        read_inputs(bad, None, 2, (0, 0))
+
+
+def test_default_threads_uses_idle_cores(monkeypatch):
+    import os
+
+    import napari_drdm
+    from napari_drdm._widgets import _worker
+    monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", False)      # spinning OpenMP threads (issue 15)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert _worker.default_threads() == 2                  # an idle two-core machine: both cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert _worker.default_threads() == 1                  # one core busy elsewhere
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _worker.default_threads() == 7
