@@ -47,12 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+import napari_drdm  # noqa: E402  (before torch: its OpenMP wait policy, see napari_drdm/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core import autotune  # noqa: E402
 from napari_drdm.core import native as native_kernels  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
@@ -155,7 +157,8 @@ def environment(device, args):
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": autotune.cpu_model(),
+        "openmp_wait": napari_drdm.OPENMP_WAIT,
         "cpu_capability": _cpu_capability(),
         "onednn": _onednn_version(),
         "mkldnn_fusion_available": mkldnn_fusion_available(),
@@ -170,16 +173,6 @@ def environment(device, args):
                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return env
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_capability():
@@ -258,7 +251,15 @@ class Bench:
         args, dev, S, nd = self.args, self.device, self.S, self.nd
         res = {"ndim": nd, "size": S, "K": self.K, "repeats": self.repeats, "t_prime": T_PRIME,
                "image_interp": self.cfg.image_interp, "compose_padding": self.cfg.compose_padding,
-               "engine_backend": self.engine.backend(dev), "native_kernels": self.engine.native_in_use(dev)}
+               "engine_backend": self.engine.backend(dev)}
+        # the path the default engine takes for this input (measured once per machine and
+        # combination, then cached: core/autotune.py), and why
+        t_dec = time.perf_counter()
+        dec = self.engine.path_decision(tuple(self.x0.shape), dev)
+        res["path_decision"] = dict(dec.as_dict(), wall_s=time.perf_counter() - t_dec)
+        res["native_kernels"] = dec.path == "native"
+        log(f"  path: {dec.path} ({dec.source}): {dec.reason}"
+            + (f"; measuring cost {dec.cost_s:.2f} s" if dec.cost_s is not None else ""))
         x = self.x0
         t = torch.full((1,), 40, dtype=torch.int64, device=dev)
         with torch.inference_mode():
@@ -269,10 +270,14 @@ class Bench:
                    "plain": (lambda: self.net.single_pass(x, t), lambda: self.net.forward_plain(x, t, self.K))}
             if args.no_eager:
                 fns.pop("plain")
-            eng_onednn = InferenceEngine(self.net, native=False) if res["native_kernels"] else None
-            if eng_onednn is not None:      # what the native kernels add over the oneDNN-only path
-                fns["onednn_only"] = (lambda: eng_onednn.single_pass(x, t), lambda: eng_onednn(x, t, self.K))
-                passes["onednn_only"], fwd["onednn_only"] = [], []
+            # both CPU paths forced, whichever the default chose: is the choice the fastest?
+            alt = {}
+            if self.engine.native_in_use(dev):          # the native kernels are a candidate here
+                alt = {"onednn_only": InferenceEngine(self.net, native=False),
+                       "native_only": InferenceEngine(self.net, native=True)}
+            for name, eng in alt.items():
+                fns[name] = (lambda e=eng: e.single_pass(x, t), lambda e=eng: e(x, t, self.K))
+                passes[name], fwd[name] = [], []
             for k, (p1, _) in fns.items():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
                 p1()
             for _ in range(self.repeats):
@@ -284,14 +289,14 @@ class Bench:
             res["network_forward_s"] = {k: summary(v) for k, v in fwd.items() if v}
             log(f"  network pass      default {med(passes['default']) * 1e3:9.1f} ms"
                 + ("" if args.no_eager else f"   plain {med(passes['plain']) * 1e3:9.1f} ms")
-                + (f"   onednn_only {med(passes['onednn_only']) * 1e3:9.1f} ms" if passes.get("onednn_only") else ""))
+                + "".join(f"   {k} {med(passes[k]) * 1e3:9.1f} ms" for k in alt))
 
             # --- one reverse step (batch 1), interleaved
             makers = {"default": lambda: self.stepper(True)}
             if not args.no_eager:
                 makers["plain"] = lambda: self.stepper(False)
-            if eng_onednn is not None:
-                makers["onednn_only"] = lambda: self.stepper(True, engine=eng_onednn)
+            for name, eng in alt.items():
+                makers[name] = (lambda e=eng: self.stepper(True, engine=e))
             if args.compile:
                 ceng = InferenceEngine(self.net, fuse=False, compile=True)
                 makers["compiled"] = lambda: self.stepper(True, engine=ceng)
@@ -310,6 +315,11 @@ class Bench:
             log(f"  reverse step      default {step_d * 1e3:9.1f} ms"
                 + ("" if args.no_eager else f"   plain {med(steps['plain']) * 1e3:9.1f} ms")
                 + "".join(f"   {k} {med(v) * 1e3:9.1f} ms" for k, v in steps.items() if k not in ("default", "plain")))
+            if alt:                          # the default vs the fastest forced path (issue 15: <= 1.05)
+                fastest = min(alt, key=lambda k: med(steps[k]))
+                res["default_vs_fastest_path"] = {"fastest": fastest, "ratio": step_d / med(steps[fastest])}
+                log(f"  default / fastest path ({fastest}) = {res['default_vs_fastest_path']['ratio']:.3f} "
+                    f"(reverse step)")
             res["overhead_ratio"] = step_d / (self.K * med(passes["default"]))
             if not args.no_eager:
                 res["overhead_ratio_plain"] = med(steps["plain"]) / (self.K * med(passes["plain"]))
@@ -663,9 +673,13 @@ def main(argv=None):
     if device.type == "cpu" and not args.no_native:
         native_kernels.load()
     env["native_kernels"] = "off (--no-native)" if args.no_native else \
+        f"{native_kernels.status()}; path chosen per size by measurement (core/autotune.py)" \
+        if autotune.enabled() and not os.environ.get("NAPARI_DRDM_NATIVE") else \
         f"{native_kernels.status()}; {native_kernels.auto_enabled()[1]}"
+    env["autotune_cache"] = str(autotune.cache_file())
     log(f"DRDM speed benchmark - {env['device']} ({env.get('gpu') or env['cpu_model']}), "
         f"{env['torch_threads']} threads, torch {env['torch']}, numpy {env['numpy']}, python {env['python']}")
+    log(f"  OpenMP waiting: {env['openmp_wait']}")
     log(f"  oneDNN: {env['onednn']}; CPU capability {env['cpu_capability']}; load average at start "
         f"{env['load_average_at_start']}")
     if device.type == "cpu":

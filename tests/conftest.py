@@ -14,6 +14,12 @@ REF = Path(os.environ.get("DRDM_REFERENCE_DIR", ROOT.parent / "shared" / "refere
 
 torch.set_num_threads(1)
 
+# the native kernels (core/native.py) and the path autotuner's decisions (core/autotune.py) go to
+# a private folder, never the user's cache
+_PRIVATE = __import__("tempfile").mkdtemp(prefix="drdm-test-cache-")
+os.environ.setdefault("NAPARI_DRDM_CACHE", _PRIVATE)
+os.environ.setdefault("NAPARI_DRDM_AUTOTUNE_FILE", os.path.join(_PRIVATE, "autotune.json"))
+
 
 def ref_path(name: str) -> Path:
     p = REF / name

@@ -120,7 +120,9 @@ def test_inputs_model_must_match_the_data_dimensionality():
 def test_default_threads_uses_idle_cores(monkeypatch):
     import os
 
+    import napari_drdm
     from napari_drdm._widgets import _worker
+    monkeypatch.setattr(napari_drdm, "OPENMP_PASSIVE", False)      # spinning OpenMP threads (issue 15)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert _worker.default_threads() == 2                  # an idle two-core machine: both cores

@@ -280,6 +280,13 @@ def test_speed_benchmark_smoke(tmp_path):
     size = res["sizes"]["2d32"]
     for key in ("reverse_step_s", "network_pass_s", "generation_s", "forward_sampler_s", "samples_per_s"):
         assert key in size, key
+    # the CPU model and the chosen path with its reason (issue 15)
+    assert res["environment"]["cpu_model"]
+    dec = size["path_decision"]
+    assert dec["path"] in ("native", "onednn", "generic") and dec["reason"] and dec["source"]
+    if dec["source"] == "measured":
+        assert set(dec["medians_ms"]) == {"native", "onednn"}
+        assert size["default_vs_fastest_path"]["fastest"] in ("native_only", "onednn_only")
 
 
 def test_engine_thread_safe():

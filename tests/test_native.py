@@ -242,17 +242,24 @@ def test_failed_build_falls_back_to_onednn(tmp_path):
     assert not any(p.suffix == ".so" for p in tmp_path.iterdir())           # no half-written library
 
 
-def test_default_only_where_measured(monkeypatch):
-    """Unasked, the kernels run only on AVX2 CPUs (measured there); native=True overrides."""
+def test_flag_rule_without_autotuning(monkeypatch):
+    """With measuring off (NAPARI_DRDM_AUTOTUNE=0) the CPU-flag rule decides: the kernels only on
+    AVX2 CPUs; native=True and NAPARI_DRDM_NATIVE=1 override."""
     net = _net(2)
+    shape = (1, 1, 16, 16)
     monkeypatch.delenv("NAPARI_DRDM_NATIVE", raising=False)
+    monkeypatch.setenv("NAPARI_DRDM_AUTOTUNE", "0")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     auto, why = native.auto_enabled()
     assert not auto and "AVX512" in why
-    assert not InferenceEngine(net).native_in_use(torch.device("cpu"))
-    assert InferenceEngine(net, native=True).native_in_use(torch.device("cpu"))
+    d = InferenceEngine(net).path_decision(shape)
+    assert d.path == "onednn" and d.source == "rule" and "AVX512" in d.reason
+    assert InferenceEngine(net, native=True).native_in_use(torch.device("cpu"), shape)
     monkeypatch.setenv("NAPARI_DRDM_NATIVE", "1")
-    assert InferenceEngine(net).native_in_use(torch.device("cpu"))
+    d = InferenceEngine(net).path_decision(shape)
+    assert d.path == "native" and d.source == "forced"
+    monkeypatch.setenv("NAPARI_DRDM_NATIVE", "0")
+    assert InferenceEngine(net).path_decision(shape).path == "onednn"
 
 
 def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path):
@@ -277,6 +284,6 @@ def test_cli_info_reports_the_inference_path(capsys):
     assert info["device"] in ("cpu", "cuda", "mps")
     assert info["native_kernels"]["built"] is (native.load() is not None)
     if info["device"] == "cpu" and info["onednn_fused_convolutions"]:
-        assert info["inference_path"] == ("oneDNN + native kernels" if native.auto_enabled()[0] else "oneDNN")
+        assert info["inference_path"].startswith("oneDNN")
     assert main(["info"]) == 0
     assert "inference_path:" in capsys.readouterr().out

@@ -208,8 +208,9 @@ class ExplorerWidget(QWidget):
         self.threads_spin = QSpinBox()
         self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
         self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip("CPU threads for generation. Default: the cores not busy now (load average), "
-                                     "keeping one for the viewer on machines with more than two cores.")
+        self.threads_spin.setToolTip("CPU threads for generation. Default: torch's when OpenMP threads sleep while "
+                                     "waiting (`drdm info`: openmp_wait); else the cores not busy now (load "
+                                     "average), keeping one for the viewer on machines with more than two cores.")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         f.addRow("Model", self.model_combo)

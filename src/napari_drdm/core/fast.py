@@ -15,11 +15,13 @@ What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/READM
 * **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
   a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
   copy or elementwise step that follows anyway.
-* **Native kernels** (2D and 3D, AVX2 CPUs; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
+* **Native kernels** (2D and 3D; :mod:`~napari_drdm.core.native`): the 10- and 20-channel
   stages at full and half resolution run in compiled C kernels that vectorise over the width
   (no padded channels) and fuse bias, LeakyReLU, the residual add and instance normalisation;
   oneDNN keeps the coarse levels.  Built on first use with the system C compiler; without one,
-  the oneDNN path above is used.
+  the oneDNN path above is used.  Whether they are faster depends on the machine, so the first
+  pass of each input shape and thread count times both paths and keeps the faster, remembered
+  across runs (:mod:`~napari_drdm.core.autotune`).
 * **Time embeddings**: the per-level MLPs run once per diffusion time t (cached); when a batch
   shares one t (always so in the reverse loop) they are folded into the preceding biases.
 * **Weights** are converted once and cached; the cache follows in-place parameter updates
@@ -47,6 +49,7 @@ eval mode without gradients when ``net.fast`` is set.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -73,6 +76,21 @@ def mkldnn_fusion_available() -> bool:
 
 
 _cpu_capability = _native.cpu_capability
+
+
+def _native_env() -> Optional[bool]:
+    """NAPARI_DRDM_NATIVE as a forced choice: True (1/on/true/yes), False (0/off/false/no), None (unset)."""
+    v = os.environ.get("NAPARI_DRDM_NATIVE", "").strip().lower()
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    return None
+
+
+def _native_build_id(lib) -> str:
+    """The kernel library's file name (it carries a hash of the source, flags and compiler)."""
+    return os.path.basename(getattr(lib, "_name", "") or "unknown")
 
 
 def channels_last_format(ndim: int):
@@ -120,9 +138,11 @@ class InferenceEngine:
     pad_channels: pad block output channels to the CPU's vector block (default: on AVX2).
     cuda_graphs: replay each (shape, K) forward from a captured CUDA graph (opt-in, CUDA only).
     native: run the network's two finest levels in the compiled kernels of
-        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default: when they build and
-        the CPU is one they were measured on (AVX2, see ``native.auto_enabled``).  ``True`` uses
-        them wherever they build and raises if they cannot be used.
+        :mod:`~napari_drdm.core.native` (CPU, float32, oneDNN path); default (None): where they
+        build, whichever of the two paths was measured faster for the input's shape, batch and
+        thread count (:mod:`~napari_drdm.core.autotune`, :meth:`path_decision`;
+        ``NAPARI_DRDM_NATIVE=0/1`` forces).  ``True`` uses them wherever they build and raises if
+        they cannot be used; ``False`` never.
     """
 
     def __init__(self, net: nn.Module, channels_last: Optional[bool] = None, fuse: Optional[bool] = None,
@@ -160,7 +180,10 @@ class InferenceEngine:
         self.native = native
         self._runner = None
         self._native_fits = False
-        self._native_key, self._native_on = None, False
+        self._native_key, self._native_on, self._native_why = None, False, ""
+        self._decisions: Dict[tuple, object] = {}      # (sig, shape, device, threads, ...) -> autotune.Decision
+        self._forced: Optional[bool] = None            # set while the autotuner times one path
+        self._arch_id = ""
 
     # ------------------------------------------------------------------ caches
     @staticmethod
@@ -230,15 +253,104 @@ class InferenceEngine:
             return 0
         return 16 if str(_cpu_capability()).startswith("AVX512") else 8
 
-    def native_in_use(self, device: Optional[torch.device] = None) -> bool:
-        """Whether passes run the compiled kernels of :mod:`~napari_drdm.core.native` (see ``native``)."""
+    def native_in_use(self, device: Optional[torch.device] = None, shape: Optional[Sequence[int]] = None) -> bool:
+        """Whether passes run the compiled kernels of :mod:`~napari_drdm.core.native` (see ``native``).
+
+        Args:
+            device: the device of the inputs (default: the network's).
+            shape: an input shape (B, C, *spatial): the path passes of that shape take (measured on
+                first use, see :meth:`path_decision`).  Without it: whether the kernels are a
+                candidate at all (built, fitting, not turned off)."""
         device = device if device is not None else next(self.net.parameters()).device
+        if shape is not None:
+            return self.path_decision(shape, device).path == "native"
         self._sync()
         return self._native_wanted(device)
 
+    def path_decision(self, shape: Sequence[int], device: Optional[torch.device] = None, t: int = 40):
+        """How passes of input ``shape`` run on ``device``: an :class:`~napari_drdm.core.autotune.Decision`
+        (path "native" / "onednn" / "generic", the reason and, when measured, the timings).
+        Measures on first use of the combination (a few passes on a random input at time ``t``).
+
+        Args:
+            shape: (B, C, *spatial) of the network input.
+            device: default: the network's.
+            t: the diffusion time of the probe passes."""
+        from . import autotune
+        device = device if device is not None else next(self.net.parameters()).device
+        with self._lock:
+            self._sync()
+            if self.backend(device) != "mkldnn":
+                return autotune.Decision("generic", f"{self.backend(device)} backend on {device.type}",
+                                         "single candidate")
+            dtype = next(self.net.parameters()).dtype
+            if dtype != torch.float32:
+                return autotune.Decision("onednn", f"native kernels not used: {dtype} weights (float32 only)",
+                                         "single candidate")
+            key = self._tune_key(tuple(shape), device)
+            got = self._decisions.get(key)
+            if got is None:
+                x = torch.rand(tuple(shape), generator=torch.Generator().manual_seed(0)).to(device) - 0.5
+                self._single_pass_locked(x, int(t))
+                got = self._decisions[key]
+            return got
+
+    def _tune_key(self, shape, device):
+        if len(self._decisions) > 64:         # bounded (shapes of one session are few)
+            self._decisions.clear()
+        return (self._arch_id, shape, device.type, torch.get_num_threads(), self.native, _native_env())
+
+    def _native_for(self, x: torch.Tensor, t) -> bool:
+        """Whether this pass runs the native kernels: forced (tuning, ``native=True``,
+        ``NAPARI_DRDM_NATIVE``), or the measured choice for this shape and thread count."""
+        if self._forced is not None:
+            return self._forced
+        key = self._tune_key(tuple(x.shape), x.device)
+        d = self._decisions.get(key)
+        if d is None:
+            d = self._decisions[key] = self._decide(x, t)
+        return d.path == "native"
+
+    def _decide(self, x, t):
+        from . import autotune
+        D = autotune.Decision
+        if not self._native_wanted(x.device):
+            return D("onednn", f"native kernels not used: {self._native_why}", "single candidate")
+        if self.native is True:
+            return D("native", "native=True", "forced")
+        env = _native_env()
+        if env is not None:
+            return D("native" if env else "onednn", f"forced by NAPARI_DRDM_NATIVE={int(env)}", "forced")
+        if not autotune.enabled():
+            auto, why = _native.auto_enabled()
+            return D("native" if auto else "onednn", f"NAPARI_DRDM_AUTOTUNE=0, CPU-flag rule: {why}", "rule")
+        lib = self._runner.lib
+        key = autotune.make_key(device=x.device.type, ndim=self.ndim, shape=tuple(x.shape[2:]),
+                                batch=int(x.shape[0]), channels=int(x.shape[1]), threads=torch.get_num_threads(),
+                                torch=torch.__version__, kernels=_native_build_id(lib), net=self._arch_id)
+
+        def run(native: bool):
+            def one():
+                self._forced = native
+                try:
+                    u = self._body(x, t)
+                finally:
+                    self._forced = None
+                if not native:
+                    self._free(u)
+            return one
+        # oneDNN first: it wins ties (no compiled code involved)
+        return autotune.decide(key, {"onednn": run(False), "native": run(True)})
+
+    def _arch(self) -> str:
+        """A short fingerprint of the network's layer shapes and dtype (not its weights)."""
+        import hashlib
+        shapes = [(n, tuple(c.w.shape), c.cout, str(c.w.dtype)) for n, c in sorted(self._convs.items())]
+        return hashlib.sha256(repr((shapes, self._native_fits)).encode()).hexdigest()[:12]
+
     def _native_wanted(self, device) -> bool:
-        """:meth:`native_in_use` for an engine already synced (once per pass); decided once per
-        weight signature, device type and option."""
+        """Whether the native kernels are a candidate for this engine (built, fitting, allowed);
+        decided once per weight signature, device type and option (reason in ``_native_why``)."""
         key = (self._sig, device.type, self.native)
         if key == self._native_key:
             return self._native_on
@@ -246,18 +358,17 @@ class InferenceEngine:
             ok, why = False, "off for this engine (native=False, no oneDNN path or no work-tensor pool)"
         else:
             lib = _native.load()
-            auto, auto_why = _native.auto_enabled()
             if lib is None:
                 ok, why = False, _native.status()
             elif not self._native_fits:
                 ok, why = False, "the network's layers do not fit the native kernels"
             else:
-                ok, why = self.native is True or auto, auto_why
+                ok, why = True, _native.status()
         if self.native is True and not ok:
             raise RuntimeError(f"native kernels requested but not usable: {why}")
         if ok and self._runner is None:
             self._runner = _native.Runner(_native.load())
-        self._native_key, self._native_on = key, ok
+        self._native_key, self._native_on, self._native_why = key, ok, why
         return ok
 
     def _pool_wanted(self, device) -> bool:
@@ -285,6 +396,7 @@ class InferenceEngine:
         if self._runner is not None:
             self._runner.reset()
         self._prepacked, self._shapes = {}, {}
+        self._arch_id = self._arch()
         self._emb_cache.clear()
         self._compiled = None
         self._sig = sig
@@ -527,7 +639,7 @@ class InferenceEngine:
     # ------------------------------------------------------------------ the network
     def _body(self, x: torch.Tensor, t) -> torch.Tensor:
         """The U-Net up to its last convolution (raw output, before the clamp)."""
-        if self._backend == "mkldnn" and x.dtype == torch.float32 and self._native_wanted(x.device):
+        if self._backend == "mkldnn" and x.dtype == torch.float32 and self._native_for(x, t):
             return _native.body(self, x, t, self._runner, torch.get_num_threads())
         E, uni = self._embeddings(t, x.device)
         e1, e2, e3, emid, e4, e5, eout = E

@@ -178,9 +178,11 @@ def load():
 
 
 def auto_enabled() -> Tuple[bool, str]:
-    """Whether engines use the kernels unasked (``native=None``), and why not.
+    """The CPU-flag rule: whether engines would use the kernels unasked (``native=None``) without
+    measuring (``NAPARI_DRDM_AUTOTUNE=0``; otherwise :mod:`~napari_drdm.core.autotune` decides per
+    shape by timing both paths), and why not.
 
-    Only where they were measured faster than oneDNN: the AVX2/FMA build on CPUs whose best
+    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA build on CPUs whose best
     PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
     build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
     anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
