@@ -455,7 +455,7 @@ def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]
         try:
             from napari_drdm.weights import resolve_weights
             path = Path(resolve_weights(str(source))[0])
-        except Exception:
+        except (LookupError, OSError):
             raise InitError(f"init: {source!r} is neither a weights file nor a bundled model name") from None
     try:
         if path.suffix == ".pt" and path.name.startswith("step_"):

@@ -101,7 +101,7 @@ def read_layers(path: Union[str, List[str]]) -> List[tuple]:
     Args:
         path: one path or a list of paths.
     """
-    from .io import read_image
+    from .io import read_image, squeeze_trailing
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out = []
@@ -111,8 +111,7 @@ def read_layers(path: Union[str, List[str]]) -> List[tuple]:
         aff = np.asarray(vol.affine, dtype=np.float64)
         spacing = [float(s) for s in vol.spacing]
         time_first = False
-        while data.ndim > 2 and data.shape[-1] == 1:
-            data = data[..., 0]
+        data = squeeze_trailing(data)
         if data.ndim == 4:
             data = np.moveaxis(data, -1, 0)
             zooms = vol.header.get_zooms() if vol.header is not None else ()

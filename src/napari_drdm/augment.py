@@ -42,6 +42,12 @@ __all__ = ["ExportOptions", "ExportEvent", "InputError", "ModelProvider", "iter_
 DEFAULT_WEIGHTS: Dict[int, str] = {}
 
 
+def _default_name(ndim: int) -> str:
+    """The model used for ``ndim``-D inputs when no weights are named (override, else the registry's)."""
+    from .weights import default_weights
+    return DEFAULT_WEIGHTS.get(ndim) or default_weights(ndim)
+
+
 class _Cancelled(Exception):
     pass
 
@@ -142,15 +148,14 @@ class ModelProvider:
 
     def get(self, ndim: int):
         from .model import load_model
-        from .weights import default_weights
         if self._fixed is None and self.weights:
             self._fixed = load_model(self.weights, device=self.device, size=self.size)
         if self._fixed is not None:
             return self._fixed
         if ndim not in self._models:
-            name = DEFAULT_WEIGHTS.get(ndim, f"default {ndim}D model")
+            name = f"default {ndim}D model"
             try:
-                name = DEFAULT_WEIGHTS.get(ndim) or default_weights(ndim)
+                name = _default_name(ndim)
                 self._models[ndim] = load_model(name, device=self.device, size=self.size)
             except (KeyError, LookupError, FileNotFoundError, ValueError) as e:
                 msg = e.args[0] if e.args else e
@@ -161,9 +166,8 @@ class ModelProvider:
 
 # ---------------------------------------------------------------------------------- inputs
 def _squeeze(a: np.ndarray) -> np.ndarray:
-    while a.ndim > 2 and a.shape[-1] == 1:
-        a = a[..., 0]
-    return a
+    from .io import squeeze_trailing
+    return squeeze_trailing(a)
 
 
 def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, memory=None) -> dict:
@@ -462,13 +466,13 @@ def _fingerprint(samples: Sequence[Sample]) -> List[list]:
 def _weights_sha(weights) -> Optional[str]:
     """sha256 of the weights file a run uses (bundled: from the registry; None: bundled per dimension)."""
     from .checkpoint import file_sha256
-    from .weights import default_weights, registry, resolve_weights
+    from .weights import registry, resolve_weights
     names = [weights]
     if not weights:
         names = []
         for nd in (2, 3):
             try:
-                names.append(DEFAULT_WEIGHTS.get(nd) or default_weights(nd))
+                names.append(_default_name(nd))
             except (LookupError, ValueError):
                 names.append(None)
     shas = []

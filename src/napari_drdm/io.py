@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Volume", "read_image", "read_stack", "write_nifti", "is_readable", "IMAGE_SUFFIXES", "atomic_write"]
+__all__ = ["Volume", "read_image", "read_stack", "write_nifti", "is_readable", "IMAGE_SUFFIXES", "atomic_write",
+           "squeeze_trailing"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".npy", ".npz", ".mha", ".mhd")
@@ -28,6 +29,13 @@ class Volume:
     path: str = ""
     header: Any = None                      # nibabel header for NIfTI inputs
     meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def squeeze_trailing(a):
+    """Drop trailing singleton axes beyond the second (a 2D NIfTI read as (x, y, 1), a vector of one)."""
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a
 
 
 def _suffix(path: Path) -> str:

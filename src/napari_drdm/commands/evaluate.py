@@ -137,16 +137,13 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
 def _input_ndim(paths) -> int:
     """3 when the first readable input is a volume, else 2 (chooses the default model)."""
     import numpy as np
-    from ..io import is_readable, read_stack
+    from ..io import is_readable, read_stack, squeeze_trailing
     for p in paths:
         q = Path(p)
         files = sorted(f for f in q.iterdir() if is_readable(f)) if q.is_dir() and not any(q.glob("*.dcm")) else [q]
         for f in files:
             for vol in read_stack(f):
-                a = np.asarray(vol.data)
-                while a.ndim > 2 and a.shape[-1] == 1:
-                    a = a[..., 0]
-                return 3 if a.ndim == 3 else 2
+                return 3 if squeeze_trailing(np.asarray(vol.data)).ndim == 3 else 2
     return 2
 
 

@@ -38,7 +38,7 @@ def _stem(path: str) -> str:
 
 def run(args) -> int:
     import numpy as np
-    from ..io import read_image
+    from ..io import read_image, squeeze_trailing
     from ..outputs import result_paths, write_result
     from ..safety import (OutputLock, available_memory, check_memory, check_output_dir, check_utf8_name,
                           estimate_export_bytes)
@@ -57,9 +57,7 @@ def run(args) -> int:
     with OutputLock(args.out, what="drdm generate"):
         vol = read_image(args.image)
         lab_vol = read_image(args.labels) if args.labels else None
-        data = vol.data
-        while data.ndim > 2 and data.shape[-1] == 1:       # trailing singleton axes (NIfTI 2D as x, y, 1)
-            data = data[..., 0]
+        data = squeeze_trailing(vol.data)                  # NIfTI 2D read as (x, y, 1)
         model = load_from_args(args, ndim=data.ndim if data.ndim in (2, 3) else 2)
         check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
         labels = None
