@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .config import DRDMConfig
 from .spatial import compose, frac_to_px, sampling_grid, warp
 
-__all__ = ["schedule_counts", "n_t", "n_t1", "ForwardSample", "ForwardSampler", "LazyFrames"]
+__all__ = ["schedule_counts", "ForwardSample", "ForwardSampler", "LazyFrames"]
 
 
 def schedule_counts(t, alpha: float = 0.6, beta: float = 1.3, max_compositions: int = 200):
@@ -35,14 +35,6 @@ def schedule_counts(t, alpha: float = 0.6, beta: float = 1.3, max_compositions: 
     nt = torch.floor(tf ** alpha).to(torch.int64)
     nt1 = torch.clamp(torch.floor_divide(2 * tf ** beta, 3).to(torch.int64), 1, max_compositions)
     return nt, nt1
-
-
-def n_t(t, alpha: float = 0.6) -> int:
-    return int(schedule_counts(t, alpha=alpha)[0])
-
-
-def n_t1(t, beta: float = 1.3, max_compositions: int = 200) -> int:
-    return int(schedule_counts(t, beta=beta, max_compositions=max_compositions)[1])
 
 
 @dataclass
