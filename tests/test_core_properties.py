@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_drdm.core.config import DEFAULT_SCHEDULE, T, DRDMConfig, Schedule
+from napari_drdm.core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule, T
 from napari_drdm.core.forward import ForwardSampler, schedule_counts
 from napari_drdm.core.generators import Returning
 from napari_drdm.core.losses import true_negdet

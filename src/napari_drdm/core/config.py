@@ -57,7 +57,7 @@ DEFAULT_SCHEDULE = Schedule.REFERENCE
 class DRDMConfig:
     """Everything needed to rebuild a model and reproduce its generations.
 
-    Defaults are the reference implementation's (SPEC sections 3-6); ``size`` is the model's
+    Defaults are the reference implementation's; ``size`` is the model's
     isotropic side S in pixels.
     """
 
@@ -67,7 +67,7 @@ class DRDMConfig:
     in_channels: int = 1
     channels: Tuple[int, int, int] = (10, 20, 40)
     time_dim: int = 100
-    # forward sampler (SPEC 3)
+    # forward sampler
     control_grid: int = 64                  # control points per axis, covering 2x the field of view
     scales: Tuple[int, ...] = (64, 32, 16, 8)
     sigma: float = 4e-5                     # fraction of the control grid
@@ -77,7 +77,7 @@ class DRDMConfig:
     max_compositions: int = 200
     field_scale: str = "reference"          # 'reference' (x S/64, as trained upstream) or 'geometric' (x 2)
     sampler_padding: str = "border"
-    # recovery (SPEC 6)
+    # recovery (reverse loop)
     k_recursions: int = 2                   # K, internal recursions of the network
     compose_padding: str = "zeros"          # reverse-loop composition: zeros (2D cardiac) / border (3D)
     image_interp: str = "cubic"             # image fed to the network each step: cubic (2D) / linear (3D)

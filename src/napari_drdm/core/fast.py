@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from .config import DEFAULT_SCHEDULE, T, Schedule
+from .config import DEFAULT_SCHEDULE, Schedule, T
 from .network import DRDMNet
 from .spatial import compose, frac_to_px, warp, warp_labels
 
