@@ -253,6 +253,9 @@ class DRDM:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
+        ``schedule``: the reverse loop, "paper" (T' steps) or "reference" (all T steps); None: the
+        model's (``config.schedule``; :data:`~napari_drdm.core.config.DEFAULT_SCHEDULE`, "reference",
+        unless the checkpoint says otherwise).
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
