@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     rows = {}
     for how in ("fresh", "centre", "spread"):
         torch.manual_seed(0)
-        net = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim)
+        net = DRDMNet.from_config(mcfg)
         if how == "fresh":
             scale_head(net, float(cfg["optim"].get("head_init_scale", 1.0)))
         else:

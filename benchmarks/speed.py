@@ -119,7 +119,7 @@ def make_net(nd: int, checkpoint, device):
         from napari_drdm.checkpoint import read_checkpoint
         state, cfg, _ = read_checkpoint(checkpoint)
         if cfg.ndim == nd:
-            net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+            net = DRDMNet.from_config(cfg)
             net.load_state_dict(state, strict=True)
     if net is None:
         torch.manual_seed(0)
@@ -214,8 +214,7 @@ class Bench:
     def stepper(self, fast, batch=1, schedule="reference", engine=None):
         x0 = self.x0.expand(batch, *self.x0.shape[1:]).contiguous()
         net = engine if engine is not None else (self.net.engine() if fast else self.net.forward_plain)
-        gen = recover(net, x0, self.psi(batch), T_PRIME, None, schedule, self.K, self.cfg.n_steps,
-                      self.cfg.compose_padding, self.cfg.image_interp)
+        gen = recover(net, x0, self.psi(batch), T_PRIME, **self.cfg.recover_options(schedule, self.K))
         return gen
 
     def time_steps(self, makers, n, log=None):
@@ -348,8 +347,8 @@ class Bench:
                     for _ in range(args.gen_repeats):
                         def whole():
                             psi = self.psi(1)
-                            for _fr in recover(self.engine, self.x0, psi, T_PRIME, None, sched, self.K,
-                                               self.cfg.n_steps, self.cfg.compose_padding, self.cfg.image_interp):
+                            for _fr in recover(self.engine, self.x0, psi, T_PRIME,
+                                               **self.cfg.recover_options(sched, self.K)):
                                 pass
                         ts.append(timed(whole, dev)[0])
                     gens[sched] = summary(ts)
@@ -559,8 +558,7 @@ def table1_metrics(bench: Bench, args, log, n_seeds: int):
                 with torch.inference_mode():
                     for sched in ("paper", "reference"):
                         phi = psi
-                        for fr in recover(net, img, psi, T_PRIME, None, sched, bench.K, cfg.n_steps,
-                                          cfg.compose_padding, cfg.image_interp):
+                        for fr in recover(net, img, psi, T_PRIME, **cfg.recover_options(sched, bench.K)):
                             phi = fr.ddf
                         m = field_metrics(phi[0], side=bench.S)
                         rows.append({"seed": seed, "schedule": sched, **{k: float(m[k]) for k in keys}})

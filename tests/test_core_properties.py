@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_drdm.core.config import DRDMConfig
+from napari_drdm.core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule, T
 from napari_drdm.core.forward import ForwardSampler, schedule_counts
 from napari_drdm.core.generators import Returning
 from napari_drdm.core.losses import true_negdet
 from napari_drdm.core.metrics import field_metrics, folding_pct, jacobian_determinant, strict_folding_pct
 from napari_drdm.core.network import DRDMNet
+from napari_drdm.core.recovery import recover, reverse_timesteps
 from napari_drdm.core.spatial import compose, resize_field, warp, warp_labels
+from napari_drdm.core.unet import LEVELS, UNetOps, run_unet
 
 
 def smooth_field(nd, size, amp, seed=0, batch=1):
@@ -149,14 +151,103 @@ def test_sampler_3d_shapes_and_scale_option():
     assert float(ratio) == pytest.approx(2.0 / (16 / 64), rel=1e-4)
 
 
-def test_network_shapes_and_clamp():
+@pytest.mark.parametrize("path", ["plain", "engine"])
+def test_network_estimate_is_clamped_to_the_image(path):
+    """Each pass clamps its estimate to +-(S-1) pixels, in the plain modules (training) and the
+    inference engine (generation); the K=2 recursion composes two clamped passes (eq. 12)."""
     net = DRDMNet(2).eval()
+    with torch.no_grad():
+        net.conv_out.weight.zero_()
+        net.conv_out.bias.copy_(torch.tensor([50.0, -50.0]))      # 50 S pixels: far off the image
     x = torch.rand(2, 1, 16, 16)
+    t = torch.tensor([0, 79])
+    one_pass, recursion = ((net.engine().single_pass, net.engine()) if path == "engine"
+                           else (net.single_pass, net.forward_plain))
     with torch.inference_mode():
-        out = net(x, torch.tensor([0, 79]), 2)
-    assert out.shape == (2, 2, 16, 16) and float(out.abs().max()) <= 15 / 16
-    with pytest.raises(ValueError):
-        net.check_input(torch.rand(1, 1, 12, 12), torch.tensor([0]))
+        one = one_pass(x, t)
+        two = recursion(x, t, 2)
+    assert one.shape == two.shape == (2, 2, 16, 16)
+    assert torch.all(one[:, 0] == 15 / 16) and torch.all(one[:, 1] == -15 / 16)
+    torch.testing.assert_close(two, 2 * one, atol=1e-6, rtol=0)   # a constant field composed with itself
+
+
+def test_unet_wiring_follows_the_declared_levels():
+    """The one wiring every back-end runs: three levels down, a multiplicative bottleneck, three
+    levels up with the skip of the same depth concatenated first, then the output convolution."""
+    calls = []
+
+    class Recorder(UNetOps):
+        def embed(self, x, t):
+            return [lv.embed for lv in LEVELS]
+
+        def enter(self, level, x, e):
+            calls.append(("enter", level.name, e))
+            return "x"
+
+        def down(self, level, h, e):
+            calls.append(("down", level.resample, h, e, level.combine))
+            return level.resample
+
+        def up_cat(self, level, skip, h, e):
+            calls.append(("up_cat", level.resample, skip, h, e))
+            return level.resample
+
+        def stage(self, level, h):
+            calls.append(("stage", level.name, h, level.norm))
+            return level.name
+
+        def head(self, h):
+            calls.append(("head", h))
+            return "u"
+
+    assert run_unet(Recorder(), torch.zeros(1, 1, 8, 8), 0) == "u"
+    assert calls == [
+        ("enter", "b1", "te1"), ("stage", "b1", "x", True),
+        ("down", "down1", "b1", "te2", "add"), ("stage", "b2", "down1", True),
+        ("down", "down2", "b2", "te3", "add"), ("stage", "b3", "down2", True),
+        ("down", "down3", "b3", "te_mid", "mul"), ("stage", "b_mid", "down3", True),
+        ("up_cat", "up1", "b3", "b_mid", "te4"), ("stage", "b4", "up1", False),
+        ("up_cat", "up2", "b2", "b4", "te5"), ("stage", "b5", "up2", False),
+        ("up_cat", "up3", "b1", "b5", "te_out"), ("stage", "b_out", "up3", False),
+        ("head", "b_out")]
+
+
+def test_network_from_config():
+    cfg = DRDMConfig.default(3, 16, in_channels=2, channels=(4, 8, 8), n_steps=20)
+    net = DRDMNet.from_config(cfg).eval()
+    assert (net.ndim, net.n_steps, net.in_channels) == (3, 20, 2)
+    assert net.b1[0].conv0.in_channels == 2 and net.b4[0].conv0.in_channels == 16 and net.conv_out.out_channels == 3
+    assert net.time_embed.weight.shape == (20, cfg.time_dim)
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 16, 16, 16), torch.tensor([19]), 1)
+    assert out.shape == (1, 3, 16, 16, 16)
+
+
+def test_schedules_and_their_default():
+    assert Schedule.parse("paper") is Schedule.PAPER and Schedule.PAPER == "paper"
+    assert f"{Schedule.REFERENCE}" == "reference" == str(Schedule.REFERENCE)
+    with pytest.raises(ValueError, match="schedule must be one of paper, reference, got 'papers'"):
+        Schedule.parse("papers")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        DRDMConfig(schedule="fast")
+    cfg = DRDMConfig(schedule=Schedule.PAPER)
+    assert type(cfg.schedule) is str and '"schedule": "paper"' in cfg.to_json()
+    # one default: the configuration's, the loop's and a bare reverse_timesteps agree
+    assert DRDMConfig().schedule == DEFAULT_SCHEDULE == "reference"
+    assert reverse_timesteps(10) == list(range(T - 1, -1, -1))
+    assert reverse_timesteps(10, schedule="paper") == list(range(9, -1, -1))
+    assert DRDMConfig().recover_options(k=3) == {"schedule": DEFAULT_SCHEDULE, "k": 3, "n_steps": T,
+                                                 "compose_padding": "zeros", "image_interp": "cubic"}
+
+
+def test_recover_options_are_keywords():
+    net = DRDMNet(2).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(TypeError):
+        next(recover(net, x, torch.zeros(1, 2, 16, 16), 1, None, "paper"))
+    with torch.inference_mode():
+        frames = list(recover(net, x, torch.zeros(1, 2, 16, 16), 2, schedule="paper", k=1))
+    assert [f.t for f in frames] == [1, 0]
 
 
 def test_true_negdet_penalty():

@@ -157,7 +157,7 @@ def test_export_loads_strictly(straight_run, tmp_path):
     out, sha = export_run(straight_run, tmp_path / "tiny.safetensors")
     assert sha == file_sha256(out)
     state, cfg, prov = read_checkpoint(out)
-    net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+    net = DRDMNet.from_config(cfg)
     net.load_state_dict(state, strict=True)
     assert (cfg.ndim, cfg.size, cfg.field_scale) == (2, 32, "reference")
     assert prov["steps"] == 4 and prov["commands"] == ["test straight"]

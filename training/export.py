@@ -63,7 +63,7 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
     from .train import _dataset
     cfg, mcfg = ck["config"], model_config(ck["config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim)
+    net = DRDMNet.from_config(mcfg)
     net.load_state_dict(ck["model"])
     val = Validator(mcfg, _dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
                     torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
@@ -100,7 +100,7 @@ def _check_loadable(path: str):
     from napari_drdm.checkpoint import read_checkpoint
     from napari_drdm.core.network import DRDMNet
     state, cfg, prov = read_checkpoint(path)
-    net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+    net = DRDMNet.from_config(cfg)
     net.load_state_dict(state, strict=True)
     return cfg, prov, net.n_trainable()
 

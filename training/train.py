@@ -260,7 +260,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     bank = SliceBank(data["train"], int(tcfg["batch_size"]), device=dev, seed=int(tcfg["seed"]),
                      rank=env.rank, world=env.world)
     torch.manual_seed(int(tcfg["seed"]))
-    model = DRDMNet(mcfg.ndim, mcfg.n_steps, mcfg.in_channels, mcfg.channels, mcfg.time_dim).to(dev)
+    model = DRDMNet.from_config(mcfg).to(dev)
     init_info = None
     if ck is None and cfg.get("init"):
         init_info = load_init(model, cfg["init"], str(cfg.get("init_inflate") or "centre"))

@@ -24,13 +24,13 @@ from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_c
 from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
 from .checks import check_image as _check_image
 from .checks import check_labels as _check_labels
-from .core.config import DRDMConfig
+from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
-from .core.recovery import recover, reverse_timesteps
+from .core.recovery import recover
 from .core.spatial import resample_affine, warp, warp_labels
 from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
 
@@ -158,7 +158,7 @@ class GenerationResult:
     forward_metrics: Dict[str, float]      # of psi_{T':1} on the model grid
     t_prime: int = 0
     seed: Optional[int] = None
-    schedule: str = "paper"
+    schedule: str = DEFAULT_SCHEDULE.value
     k: int = 2
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
@@ -196,7 +196,7 @@ class DRDM:
     def from_checkpoint(cls, path, device=None, size: Optional[int] = None, name: str = "") -> "DRDM":
         state, cfg, prov = read_checkpoint(path, size=check_model_size(size, "size"))
         check_finite_state(state, path)
-        net = DRDMNet(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim)
+        net = DRDMNet.from_config(cfg)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -253,17 +253,19 @@ class DRDM:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
+        ``schedule``: the reverse loop, "paper" (T' steps) or "reference" (all T steps); None: the
+        model's (``config.schedule``; :data:`~napari_drdm.core.config.DEFAULT_SCHEDULE`, "reference",
+        unless the checkpoint says otherwise).
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
         """
         gmode = guard_mode(fold_guard)
         cfg = self.config
-        schedule = schedule or cfg.schedule
+        schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
-        reverse_timesteps(t_prime, cfg.n_steps, schedule)  # validates
         image_interp = image_interp or cfg.image_interp
         a = _check_image(image, self.ndim)
         lab_np = _check_labels(labels, a.shape) if labels is not None else None
@@ -295,9 +297,8 @@ class DRDM:
             psi = fwd_frames.value
         phi = psi
         hooks = _GuardHooks(gmode)
-        if t_prime > 0 or schedule == "reference":
-            steps = recover(self._net, x_model, psi, t_prime, None, schedule, k, cfg.n_steps,
-                            cfg.compose_padding, cfg.image_interp, **hooks.kwargs())
+        if t_prime > 0 or schedule is Schedule.REFERENCE:
+            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k), **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
                 if frames:
@@ -316,7 +317,7 @@ class DRDM:
             image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
-            t_prime=t_prime, seed=seed, schedule=schedule, k=k, guard=guard_info)
+            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
@@ -326,8 +327,8 @@ class DRDM:
 
         ``fold_guard``: see :meth:`iter_generate` (True: ``res.ddf`` is fold-free on the image's grid).
         """
-        gen = Returning(self.iter_generate(image, labels, t_prime, seed, schedule, k, spacing,
-                                           frames=return_frames, label_interp=label_interp,
+        gen = Returning(self.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
+                                           spacing=spacing, frames=return_frames, label_interp=label_interp,
                                            image_interp=image_interp, fold_guard=fold_guard))
         collected: List[Frame] = list(gen)
         res = gen.value
@@ -349,7 +350,7 @@ class DRDM:
         gmode = guard_mode(fold_guard)
         hooks = _GuardHooks(gmode)
         cfg = self.config
-        schedule = schedule or cfg.schedule
+        schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
@@ -358,8 +359,8 @@ class DRDM:
         draws = self._seeded_draws(seeds)
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
-        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime), None, schedule, k,
-                          cfg.n_steps, cfg.compose_padding, cfg.image_interp, **hooks.kwargs()):
+        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime), **cfg.recover_options(schedule, k),
+                          **hooks.kwargs()):
             phi = fr.ddf
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)

@@ -3,7 +3,7 @@
 Which of the engine's CPU paths is fastest (oneDNN with the native kernels of
 :mod:`~napari_drdm.core.native` for the finest levels, or oneDNN alone) depends on the CPU, its
 caches, the thread count, the image size and the PyTorch build: on two machines of the same kind
-the native kernels were 2.8x faster on one and 1.5x slower on the other (issue 15).  A CPU flag
+the native kernels were 2.8x faster on one and 1.5x slower on the other.  A CPU flag
 cannot tell these apart, so the first pass of a new combination of
 
     (device, CPU model, ndim, spatial shape, batch, threads, torch version, kernel build, network)

@@ -11,7 +11,7 @@ What it does (measured in ``benchmarks/speed.py``; figures in ``benchmarks/READM
 * **Fused CPU kernels (oneDNN)**: in every ACNN-II block the third convolution adds the residual
   in place (``r += conv(f)``), instance normalisation is a two-pass channels-last computation
   done in place (the stock op returns NCHW and its ``var_mean`` over non-contiguous axes is 6x
-  slower), and every convolution writes into a reused buffer (see ``_alloc``).
+  slower), and every convolution writes into a reused buffer (see ``alloc``).
 * **Output channels padded** to oneDNN's AVX2 block of 8 (10 -> 16, 20 -> 24) with zero filters:
   a partial block is handled slowly (1.2-1.3x per convolution); the padding is dropped by the
   copy or elementwise step that follows anyway.
@@ -51,16 +51,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import native as _native
-from .spatial import frac_to_px, warp
-
-_NATIVE_STAGES = ("b1", "b2", "b5", "b_out")    # the 10/20-channel stages at full and half resolution
+from .unet import HEAD, LEVELS, Level, UNetOps, recursive_estimate, run_unet, to_fraction
 
 __all__ = ["InferenceEngine", "mkldnn_fusion_available", "channels_last_format"]
 
@@ -121,10 +119,14 @@ class _Conv:
         self.output_padding = list(m.output_padding) if self.transposed else None
 
 
-class InferenceEngine:
+class InferenceEngine(UNetOps):
     """Inference-only evaluation of a :class:`~napari_drdm.core.network.DRDMNet`.
 
-    Holds no parameters of its own: it reads the network's and caches converted copies.
+    Holds no parameters of its own: it reads the network's and caches converted copies.  It is
+    also the oneDNN / generic back-end of the U-Net wiring (:class:`~napari_drdm.core.unet.UNetOps`:
+    ``embed``, ``enter``, ``down``, ``up_cat``, ``stage``, ``head``), and lends the native back-end
+    its work-tensor pool (``alloc``/``free``), its upsampling (``up``) and its converted weights
+    (``conv_params``, ``norm_params``).
 
     Parameters
     ----------
@@ -337,7 +339,7 @@ class InferenceEngine:
                 finally:
                     self._forced = None
                 if not native:
-                    self._free(u)
+                    self.free(u)
             return one
         # oneDNN first: it wins ties (no compiled code involved)
         return autotune.decide(key, {"onednn": run(False), "native": run(True)})
@@ -392,7 +394,7 @@ class InferenceEngine:
         self._convs, self._norms = convs, norms
         self._native_fits = dtype == torch.float32 and all(
             _native.supports(m) for name, m in net.named_modules()
-            if name == "conv_out" or name.split(".")[0] in _NATIVE_STAGES and isinstance(m, (nn.Conv2d, nn.Conv3d)))
+            if name == HEAD or name.split(".")[0] in _native.NATIVE_STAGES and isinstance(m, (nn.Conv2d, nn.Conv3d)))
         if self._runner is not None:
             self._runner.reset()
         self._prepacked, self._shapes = {}, {}
@@ -402,13 +404,13 @@ class InferenceEngine:
         self._sig = sig
 
     def _embeddings(self, t: torch.Tensor, device) -> Tuple[List[torch.Tensor], bool]:
-        """Per-level embedding vectors [te1, te2, te3, te_mid, te4, te5, te_out].
+        """Per-level embedding vectors, in the order of :data:`~napari_drdm.core.unet.LEVELS`.
 
         Uniform t (one value for the whole batch): vectors of shape (C,), cached per t.
         Mixed t: (B, C) per sample (not cached).
         """
         net = self.net
-        mods = (net.te1, net.te2, net.te3, net.te_mid, net.te4, net.te5, net.te_out)
+        mods = [getattr(net, lv.embed) for lv in LEVELS]
         if self._capturing:      # CUDA graph capture: no host reads, per-sample vectors
             emb = net.time_embed(t)
             return [m(emb) for m in mods], False
@@ -454,7 +456,12 @@ class InferenceEngine:
     # pages again; at 128^3 that was 0.6 million faults and ~20 % of a pass.  Convolutions
     # write into such a buffer through oneDNN's in-place "dst += conv(x)" form after zeroing it
     # (conv(x) + 0 is exactly conv(x)).
-    def _alloc(self, shape, like: torch.Tensor):
+    def alloc(self, shape, like: torch.Tensor):
+        """A work tensor of ``shape`` with the dtype and device of ``like`` (channels-last; from the
+        pool on the oneDNN path).
+
+        Args:
+            shape: (B, C, *spatial); like: a tensor of the wanted dtype and device."""
         shape = tuple(shape)
         if self._pool is not None:
             lst = self._pool.get((shape, like.dtype))
@@ -464,7 +471,11 @@ class InferenceEngine:
         return torch.empty(shape, dtype=like.dtype, device=like.device,
                            memory_format=fmt if fmt is not None else torch.contiguous_format)
 
-    def _free(self, *ts):
+    def free(self, *ts):
+        """Give dead work tensors back to the pool (no-op without one).
+
+        Args:
+            ts: tensors from :meth:`alloc` or the engine's operations, not used afterwards."""
         if self._pool is not None:
             for t in ts:
                 lst = self._pool.setdefault((tuple(t.shape), t.dtype), [])
@@ -511,7 +522,7 @@ class InferenceEngine:
                     x, c.w, b, c.padding, c.output_padding, c.stride, c.dilation, 1, "none", [], "")
                 return F.leaky_relu_(y, self.slope) if post == "leaky_relu" else y
             if self._pool is not None:
-                y = self._alloc(self._out_shape(x, c), x).zero_()
+                y = self.alloc(self._out_shape(x, c), x).zero_()
                 torch.ops.mkldnn._convolution_pointwise_(
                     y, x, self._packed(x, c), b, c.padding, c.stride, c.dilation, 1, "add", None, None, [], None)
                 return F.leaky_relu_(y, self.slope) if post == "leaky_relu" else y
@@ -539,7 +550,7 @@ class InferenceEngine:
 
     def _leaky(self, r):
         if self._pool is not None:
-            return torch.ops.aten.leaky_relu.out(r, self.slope, out=self._alloc(r.shape, r))
+            return torch.ops.aten.leaky_relu.out(r, self.slope, out=self.alloc(r.shape, r))
         return F.leaky_relu(r, self.slope)
 
     def _norm_(self, r, name):
@@ -552,9 +563,9 @@ class InferenceEngine:
             dims = tuple(range(2, 2 + self.ndim))
             mean = r.mean(dim=dims, keepdim=True)
             r.sub_(mean)
-            sq = torch.mul(r, r, out=self._alloc(r.shape, r))
+            sq = torch.mul(r, r, out=self.alloc(r.shape, r))
             var = sq.mean(dim=dims, keepdim=True)
-            self._free(sq)
+            self.free(sq)
             scale = torch.rsqrt(var + eps) * self._bc(w, True)
             return torch.addcmul(self._bc(b, True), r, scale, out=r)
         y = F.instance_norm(r, None, None, w, b, True, 0.0, eps)
@@ -574,15 +585,15 @@ class InferenceEngine:
             r = self._norm_(r, prefix + ".ln")
         a = self._leaky(r)
         f = self._conv(a, self._convs[prefix + ".convs.0"], post="leaky_relu")
-        self._free(a)
+        self.free(a)
         out = self._conv_add_(f, r, self._convs[prefix + ".convs.1"])     # conv(f) + r, into r
-        self._free(f)
+        self.free(f)
         return F.leaky_relu_(out, self.slope)
 
     def _compact(self, y, C):
         """The first C channels of a padded work tensor, as a dense tensor (then y is freed)."""
-        out = self._alloc((y.shape[0], C) + tuple(y.shape[2:]), y).copy_(y[:, :C])
-        self._free(y)
+        out = self.alloc((y.shape[0], C) + tuple(y.shape[2:]), y).copy_(y[:, :C])
+        self.free(y)
         return out
 
     def _block_padded(self, prefix: str, x, norm: bool):
@@ -595,80 +606,100 @@ class InferenceEngine:
             r = self._norm_(r, prefix + ".ln")
         a = self._leaky(r)
         f = F.leaky_relu_(self._compact(self._conv(a, c1), C), self.slope)
-        self._free(a)
+        self.free(a)
         g = self._conv(f, c2)
-        self._free(f)
+        self.free(f)
         r.add_(g[:, :C])                                                   # conv(f) + r
-        self._free(g)
+        self.free(g)
         return F.leaky_relu_(r, self.slope)
 
-    def _stage(self, name: str, x, norm: bool):
-        for i in range(3):
-            y = self._block(f"{name}.{i}", x, norm)
-            self._free(x)                                  # a stage's input is dead after use
-            x = y
-        return x
+    def up(self, level: Level, h, e, cs: int):
+        """(up(h), folded): the level's transposed convolution, with the embedding channels
+        e[cs:] folded into its bias when the batch shares one t (folded = True); otherwise the
+        caller adds them.
 
-    def _down(self, name, x, e, uniform):
-        c = self._convs[name]
+        Args:
+            level: an up level; h: the previous stage's output (channels-last);
+            e: the level's embedding (from :meth:`embed`); cs: the skip's channel count."""
+        vec, uniform = e
+        c = self._convs[level.resample]
         if uniform and c.b is not None:
-            return self._conv(x, c, bias=c.b + e)          # time embedding folded into the bias
-        return self._conv(x, c).add_(self._bc(e, uniform))
-
-    def _up(self, name, h, e, cs, uniform):
-        """(up(h), folded): the transposed convolution, with the embedding channels e[cs:] folded
-        into its bias when the batch shares one t (folded = True); otherwise the caller adds them."""
-        c = self._convs[name]
-        if uniform and c.b is not None:
-            return self._conv(h, c, bias=c.b + e[cs:]), True
+            return self._conv(h, c, bias=c.b + vec[cs:]), True
         return self._conv(h, c), False
 
-    def _up_cat(self, name, skip, h, e, uniform):
+    def conv_params(self, name: str) -> _Conv:
+        """The converted parameters of the network's convolution ``name`` (weights, bias,
+        geometry; ``cout`` is the true output width when the weights are padded)."""
+        return self._convs[name]
+
+    def norm_params(self, name: str) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """(weight, bias, eps) of the network's instance normalisation ``name``."""
+        return self._norms[name]
+
+    # ------------------------------------------------------------------ the U-Net back-end
+    def embed(self, x: torch.Tensor, t):
+        E, uniform = self._embeddings(t, x.device)
+        return [(e, uniform) for e in E]
+
+    def enter(self, level: Level, x: torch.Tensor, e):
+        vec, uniform = e
+        h = torch.add(x, self._bc(vec, uniform), out=self.alloc(x.shape, x))
+        fmt = self._fmt()
+        if fmt is not None and not h.is_contiguous(memory_format=fmt):
+            h = h.contiguous(memory_format=fmt)
+        return h
+
+    def down(self, level: Level, h, e):
+        vec, uniform = e
+        c = self._convs[level.resample]
+        if level.combine == "mul":
+            return self._conv(h, c).mul_(self._bc(vec, uniform))
+        if uniform and c.b is not None:
+            return self._conv(h, c, bias=c.b + vec)        # time embedding folded into the bias
+        return self._conv(h, c).add_(self._bc(vec, uniform))
+
+    def up_cat(self, level: Level, skip, h, e):
         """cat([skip, up(h)]) + e, written once into a channels-last buffer."""
+        vec, uniform = e
         cs = skip.shape[1]
-        up, folded = self._up(name, h, e, cs, uniform)
+        up, folded = self.up(level, h, e, cs)
         if not folded:
-            up.add_(self._bc(e[..., cs:], uniform))
-        self._free(h)
-        out = self._alloc((skip.shape[0], cs + up.shape[1]) + tuple(skip.shape[2:]), up)
-        torch.add(skip, self._bc(e[..., :cs], uniform), out=out[:, :cs])
+            up.add_(self._bc(vec[..., cs:], uniform))
+        self.free(h)
+        out = self.alloc((skip.shape[0], cs + up.shape[1]) + tuple(skip.shape[2:]), up)
+        torch.add(skip, self._bc(vec[..., :cs], uniform), out=out[:, :cs])
         out[:, cs:].copy_(up)
-        self._free(skip)
+        self.free(skip)
         return out
+
+    def stage(self, level: Level, h):
+        for i in range(3):
+            y = self._block(f"{level.name}.{i}", h, level.norm)
+            self.free(h)                                   # a stage's input is dead after use
+            h = y
+        return h
+
+    def head(self, h):
+        u = self._conv(h, self._convs[HEAD])
+        self.free(h)
+        return u
 
     # ------------------------------------------------------------------ the network
     def _body(self, x: torch.Tensor, t) -> torch.Tensor:
         """The U-Net up to its last convolution (raw output, before the clamp)."""
         if self._backend == "mkldnn" and x.dtype == torch.float32 and self._native_for(x, t):
-            return _native.body(self, x, t, self._runner, torch.get_num_threads())
-        E, uni = self._embeddings(t, x.device)
-        e1, e2, e3, emid, e4, e5, eout = E
-        fmt = self._fmt()
-        h = torch.add(x, self._bc(e1, uni), out=self._alloc(x.shape, x))
-        if fmt is not None and not h.is_contiguous(memory_format=fmt):
-            h = h.contiguous(memory_format=fmt)
-        h1 = self._stage("b1", h, True)
-        h2 = self._stage("b2", self._down("down1", h1, e2, uni), True)
-        h3 = self._stage("b3", self._down("down2", h2, e3, uni), True)
-        h = self._conv(h3, self._convs["down3"]).mul_(self._bc(emid, uni))
-        h = self._stage("b_mid", h, True)
-        h = self._stage("b4", self._up_cat("up1", h3, h, e4, uni), False)
-        h = self._stage("b5", self._up_cat("up2", h2, h, e5, uni), False)
-        h = self._stage("b_out", self._up_cat("up3", h1, h, eout, uni), False)
-        u = self._conv(h, self._convs["conv_out"])
-        self._free(h)
-        return u
+            return run_unet(_native.NativeOps(self, self._runner, torch.get_num_threads()), x, t)
+        return run_unet(self, x, t)
 
     def _single_pass_impl(self, x: torch.Tensor, t) -> torch.Tensor:
         with torch.inference_mode():          # work tensors never leave this block
             u = self._body(x, t)
-        S = x.shape[2]
-        # same operations as DRDMNet.single_pass: clamp to +-(S-1) pixels, back to fractions of S
-        # (outside inference mode when the caller is: the result is then an ordinary tensor)
-        out = (torch.clamp(u.float() * S, 1 - S, S - 1) / S).contiguous()
+        # the same clamp as DRDMNet.single_pass (outside inference mode when the caller is: the
+        # result is then an ordinary tensor)
+        out = to_fraction(u.float(), x.shape[2]).contiguous()
         fmt = self._fmt()
         if fmt is not None and u.is_contiguous(memory_format=fmt):
-            self._free(u)                     # a pooled work tensor (the native path's is not)
+            self.free(u)                      # a pooled work tensor (the native path's is not)
         return out
 
     @staticmethod
@@ -725,14 +756,8 @@ class InferenceEngine:
             return self._graph_forward(x, t, int(k))
         if not isinstance(t, torch.Tensor):
             t = int(t)
-        S = x.shape[2]
         with self._grad_off():
-            running = self.single_pass(x, t)
-            for _ in range(int(k) - 1):
-                xk = warp(x, frac_to_px(running, S), "linear", "zeros")
-                step = self.single_pass(xk, t)
-                running = step + warp(running, frac_to_px(step, S), "linear", "border")
-        return running
+            return recursive_estimate(self.single_pass, x, t, k)
 
     __call__ = forward
 

@@ -1,6 +1,6 @@
 """Forward process ("deformation diffusion"), exactly as the reference implementation does it.
 
-SPEC section 3 / GOLDEN section 4.2.  One multi-scale Gaussian field per sample on a 64-point
+One multi-scale Gaussian field per sample on a 64-point
 control grid covering twice the image, a warped 8 % disturbance, forward-Euler integration by
 repeated self-composition (n_{t:1} times for the forward DDF, n_t times for the one-step label),
 then scaling, upsampling to 2S and a centre crop.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import DRDMConfig
-from .spatial import compose, frac_to_px, sampling_grid, warp
+from .spatial import frac_to_px, sampling_grid, warp
 
-__all__ = ["schedule_counts", "n_t", "n_t1", "ForwardSample", "ForwardSampler", "LazyFrames"]
+__all__ = ["schedule_counts", "ForwardSample", "ForwardSampler", "LazyFrames"]
 
 
 def schedule_counts(t, alpha: float = 0.6, beta: float = 1.3, max_compositions: int = 200):
@@ -35,14 +35,6 @@ def schedule_counts(t, alpha: float = 0.6, beta: float = 1.3, max_compositions: 
     nt = torch.floor(tf ** alpha).to(torch.int64)
     nt1 = torch.clamp(torch.floor_divide(2 * tf ** beta, 3).to(torch.int64), 1, max_compositions)
     return nt, nt1
-
-
-def n_t(t, alpha: float = 0.6) -> int:
-    return int(schedule_counts(t, alpha=alpha)[0])
-
-
-def n_t1(t, beta: float = 1.3, max_compositions: int = 200) -> int:
-    return int(schedule_counts(t, beta=beta, max_compositions=max_compositions)[1])
 
 
 @dataclass
@@ -132,7 +124,7 @@ class ForwardSampler:
         Returns the integrated field (control-grid fraction units) and, if ``keep_at`` is given,
         the states after each number of compositions listed there (sorted ascending).
         Samples whose count is reached are left untouched (the reference instead resamples them by
-        an identity field, a 1e-7-level difference measured in GOLDEN section 4.3).
+        an identity field, a difference of about 1e-7 against the reference's stored fields).
         """
         if self.fast:
             return self._integrate_fast(field, counts, keep_at)

@@ -1,4 +1,4 @@
-"""Training losses of DRDM (paper Algorithm 1), as the reference computes them (GOLDEN 4.6).
+"""Training losses of DRDM (paper Algorithm 1), as the reference computes them.
 
 Notation: ``b = psi_t`` (label, one forward step), ``psi_hat`` the network's K=2 estimate,
 ``a(x) = psi_hat(x + b(x))``.  All fields here are in the reference units (fraction of S),

@@ -3,10 +3,13 @@
 The network spends most of a pass in its 10- and 20-channel layers at full and half resolution.
 oneDNN's AVX2 convolutions compute output channels in blocks of 8, so 10 channels cost 16 and 20
 cost 24.  ``_native/kernels.c`` vectorises over the image width instead and fuses bias,
-LeakyReLU, the residual add and instance normalisation around the convolutions; :func:`body`
-runs the network (2D or 3D) with those kernels for the levels at full and half resolution and
-oneDNN (through :class:`~napari_drdm.core.fast.InferenceEngine`) for the rest.  Same numbers up
-to float rounding (other summation orders).
+LeakyReLU, the residual add and instance normalisation around the convolutions.
+:class:`NativeOps` is a back-end of the U-Net wiring (:class:`~napari_drdm.core.unet.UNetOps`,
+2D or 3D) that runs the levels at full and half resolution (:data:`NATIVE_STAGES`) and the output
+convolution with those kernels and hands the rest to the oneDNN back-end
+(:class:`~napari_drdm.core.fast.InferenceEngine`), converting between its bordered planes and
+channels-last tensors where the two meet.  Same numbers up to float rounding (other summation
+orders).
 
 Building: the C source is compiled once per machine type with the system C compiler (``$CC``
 or ``cc``) and OpenMP into ``~/.cache/napari-drdm`` (``$NAPARI_DRDM_CACHE`` to move it) and
@@ -32,7 +35,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "pack_conv", "PAD", "body", "supports", "Planes", "Runner"]
+from .unet import HEAD, LEVELS, Level, UNetOps
+
+__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "pack_conv", "PAD", "NativeOps",
+           "NATIVE_STAGES", "supports", "Planes", "Runner"]
+
+#: the stages these kernels run: the 10/20-channel levels at full and half resolution
+NATIVE_STAGES = tuple(lv.name for lv in LEVELS if lv.depth <= 1)
 
 PAD = 3                      # border of every plane buffer: the largest dilation of the 3x3 convolutions
 SLACK = 16                   # floats after the last plane (vector loads of the last row)
@@ -283,7 +292,7 @@ class Runner:
         """(packed weights, bias, Cout, Cin, dilation) of one of the engine's 3x3(x3) convolutions."""
         got = self.weights.get(name)
         if got is None:
-            c = eng._convs[name]
+            c = eng.conv_params(name)
             wp, bp = pack_conv(c.w, c.b, c.cout)
             got = self.weights[name] = (wp, bp, c.cout, int(c.w.shape[1]), int(c.dilation[0]))
         return got
@@ -291,7 +300,7 @@ class Runner:
     def norm(self, eng, name: str):
         got = self.weights.get(name)
         if got is None:
-            g, b, eps = eng._norms[name]
+            g, b, eps = eng.norm_params(name)
             got = self.weights[name] = (g.detach().float().contiguous(), b.detach().float().contiguous(), eps)
         return got
 
@@ -328,7 +337,7 @@ def _block(runner: Runner, eng, p: str, h: Planes, norm: bool, threads: int) -> 
         runner.lib.drdm_instnorm_leaky(r.nd, r.ptr, r.B, r.C, PAD, D, H, W, g.data_ptr(), bt.data_ptr(), eps,
                                        a.ptr, eng.slope, threads)
     else:
-        a = runner.planes(h.B, eng._convs[p + ".conv0"].cout, h.spatial)
+        a = runner.planes(h.B, eng.conv_params(p + ".conv0").cout, h.spatial)
         r = runner.conv(eng, p + ".conv0", h, MODE_STORE_AND_LEAKY, out2=a, threads=threads)
         runner.free(h)
     f = runner.conv(eng, p + ".convs.0", a, MODE_LEAKY, threads=threads)
@@ -348,8 +357,9 @@ def _channels_last(nd: int):
     return torch.channels_last if nd == 2 else torch.channels_last_3d
 
 
-def _to_nhwc(runner, eng, p: Planes, like: torch.Tensor, threads: int) -> torch.Tensor:
-    out = eng._alloc((p.B, p.C) + p.spatial, like)            # channels-last work tensor
+def _to_nhwc(runner, eng, p: Planes, threads: int) -> torch.Tensor:
+    """A channels-last work tensor of the engine holding the planes' values (p stays valid)."""
+    out = eng.alloc((p.B, p.C) + p.spatial, p.buf)             # channels-last work tensor
     if not out.is_contiguous(memory_format=_channels_last(p.nd)):     # pragma: no cover - pool invariant
         out = torch.empty_like(out, memory_format=_channels_last(p.nd))
     D, H, W = p.dhw
@@ -367,65 +377,101 @@ def _nhwc_into(runner, t: torch.Tensor, dst: Planes, c0: int, add: Optional[Tupl
                                    add[0].data_ptr() if add is not None else None, add[1] if add else 0, threads)
 
 
-def _up_cat(runner, eng, name, skip: Planes, h: torch.Tensor, e, uniform, threads) -> Planes:
+def _from_nhwc(runner, eng, t: torch.Tensor, threads: int) -> Planes:
+    """Planes holding a channels-last work tensor's values (t is given back to the engine)."""
+    p = runner.planes(t.shape[0], t.shape[1], tuple(t.shape[2:]))
+    _nhwc_into(runner, t, p, 0, None, threads)
+    eng.free(t)
+    return p
+
+
+class NativeOps(UNetOps):
+    """The U-Net back-end of the compiled kernels (one pass; built per pass by the engine).
+
+    Levels in :data:`NATIVE_STAGES` and the output convolution run on bordered planes
+    (:class:`Planes`); the others, and the strided and transposed convolutions, on the engine's
+    channels-last tensors.  A value is converted when it reaches an operation of the other kind.
+
+    Args:
+        eng: the oneDNN back-end (:class:`~napari_drdm.core.fast.InferenceEngine`) for the rest.
+        runner: the engine's :class:`Runner` (packed weights, plane buffers, the library).
+        threads: OpenMP threads for the kernels.
+    """
+
+    def __init__(self, eng, runner: Runner, threads: int):
+        self.eng, self.runner, self.threads = eng, runner, int(threads)
+
+    def _nhwc(self, h, keep: bool = False):
+        """h as a channels-last tensor; planes are given back unless ``keep``."""
+        if not isinstance(h, Planes):
+            return h
+        n = _to_nhwc(self.runner, self.eng, h, self.threads)
+        if not keep:
+            self.runner.free(h)
+        return n
+
+    def _planes(self, h) -> Planes:
+        return h if isinstance(h, Planes) else _from_nhwc(self.runner, self.eng, h, self.threads)
+
+    def embed(self, x, t):
+        return self.eng.embed(x, t)
+
+    def enter(self, level: Level, x, e):
+        if level.name not in NATIVE_STAGES:
+            return self.eng.enter(level, x, e)
+        vec, uniform = e
+        B, Cin = x.shape[:2]
+        spatial = tuple(x.shape[2:])
+        nd = len(spatial)
+        D, H, W = (1,) * (3 - nd) + spatial
+        xc = x.float().contiguous()
+        X = self.runner.planes(B, Cin, spatial)
+        a1, s1 = _add_vec(vec, uniform, 0, Cin)
+        self.runner.lib.drdm_planes_add(nd, xc.data_ptr(), 0, Cin, X.ptr, PAD, Cin, 0, B, D, H, W, a1.data_ptr(),
+                                        s1, self.threads)
+        return X
+
+    def down(self, level: Level, h, e):
+        n = self._nhwc(h, keep=True)                   # h is a skip: it stays
+        d = self.eng.down(level, n, e)
+        if n is not h:
+            self.eng.free(n)
+        return d
+
+    def up_cat(self, level: Level, skip, h, e):
+        h = self._nhwc(h)
+        if level.name not in NATIVE_STAGES:
+            return self.eng.up_cat(level, self._nhwc(skip), h, e)
+        return _up_cat(self.runner, self.eng, level, self._planes(skip), h, e, self.threads)
+
+    def stage(self, level: Level, h):
+        if level.name not in NATIVE_STAGES:
+            return self.eng.stage(level, self._nhwc(h))
+        return _stage(self.runner, self.eng, level.name, self._planes(h), level.norm, self.threads)
+
+    def head(self, h) -> torch.Tensor:
+        h = self._planes(h)
+        wp, bp, cout, cin, dil = self.runner.packed(self.eng, HEAD)
+        u = torch.empty((h.B, cout) + h.spatial, dtype=torch.float32)
+        D, H, W = h.dhw
+        self.runner.lib.drdm_conv(h.nd, h.ptr, h.B, cin, PAD, u.data_ptr(), cout, 0, D, H, W, dil, wp.data_ptr(),
+                                  bp.data_ptr(), MODE_STORE, None, None, self.eng.slope, self.threads)
+        self.runner.free(h)
+        return u
+
+
+def _up_cat(runner, eng, level: Level, skip: Planes, h: torch.Tensor, e, threads) -> Planes:
     """cat([skip, up(h)]) + e as planes (skip and h are freed)."""
+    vec, uniform = e
     cs = skip.C
-    up, folded = eng._up(name, h, e, cs, uniform)
-    add_up = None if folded else _add_vec(e, uniform, cs, e.shape[-1])
-    eng._free(h)
+    up, folded = eng.up(level, h, e, cs)
+    add_up = None if folded else _add_vec(vec, uniform, cs, vec.shape[-1])
+    eng.free(h)
     out = runner.planes(skip.B, cs + up.shape[1], skip.spatial)
-    es, st = _add_vec(e, uniform, 0, cs)
+    es, st = _add_vec(vec, uniform, 0, cs)
     D, H, W = skip.dhw
     runner.lib.drdm_planes_add(skip.nd, skip.ptr, PAD, cs, out.ptr, PAD, out.C, 0, skip.B, D, H, W, es.data_ptr(),
                                st, threads)
     _nhwc_into(runner, up, out, cs, add_up, threads)
     runner.free(skip)
     return out
-
-
-def _from_nhwc(runner, eng, t: torch.Tensor, threads: int) -> Planes:
-    p = runner.planes(t.shape[0], t.shape[1], tuple(t.shape[2:]))
-    _nhwc_into(runner, t, p, 0, None, threads)
-    eng._free(t)
-    return p
-
-
-def body(eng, x: torch.Tensor, t, runner: Runner, threads: int) -> torch.Tensor:
-    """The U-Net up to its last convolution (raw output, a dense (B, d, *spatial) tensor):
-    levels 1-2 (b1, b2, b5, b_out, conv_out) in native kernels, the rest through ``eng``."""
-    lib = runner.lib
-    E, uni = eng._embeddings(t, x.device)
-    e1, e2, e3, emid, e4, e5, eout = E
-    B, Cin = x.shape[:2]
-    spatial = tuple(x.shape[2:])
-    nd = len(spatial)
-    D, H, W = (1,) * (3 - nd) + spatial
-    xc = x.float().contiguous()
-    X = runner.planes(B, Cin, spatial)
-    a1, s1 = _add_vec(e1, uni, 0, Cin)
-    lib.drdm_planes_add(nd, xc.data_ptr(), 0, Cin, X.ptr, PAD, Cin, 0, B, D, H, W, a1.data_ptr(), s1, threads)
-    h1 = _stage(runner, eng, "b1", X, True, threads)
-
-    n1 = _to_nhwc(runner, eng, h1, xc, threads)
-    d = eng._down("down1", n1, e2, uni)
-    eng._free(n1)
-    h2 = _stage(runner, eng, "b2", _from_nhwc(runner, eng, d, threads), True, threads)
-
-    n2 = _to_nhwc(runner, eng, h2, xc, threads)
-    h3 = eng._stage("b3", eng._down("down2", n2, e3, uni), True)
-    eng._free(n2)
-    h = eng._conv(h3, eng._convs["down3"]).mul_(eng._bc(emid, uni))
-    h = eng._stage("b_mid", h, True)
-    h = eng._stage("b4", eng._up_cat("up1", h3, h, e4, uni), False)
-
-    h = _stage(runner, eng, "b5", _up_cat(runner, eng, "up2", h2, h, e5, uni, threads), False, threads)
-    n = _to_nhwc(runner, eng, h, xc, threads)
-    runner.free(h)
-    h = _stage(runner, eng, "b_out", _up_cat(runner, eng, "up3", h1, n, eout, uni, threads), False, threads)
-
-    wp, bp, cout, cin, dil = runner.packed(eng, "conv_out")
-    u = torch.empty((B, cout) + spatial, dtype=torch.float32)
-    lib.drdm_conv(nd, h.ptr, B, cin, PAD, u.data_ptr(), cout, 0, D, H, W, dil, wp.data_ptr(), bp.data_ptr(),
-                  MODE_STORE, None, None, eng.slope, threads)
-    runner.free(h)
-    return u

@@ -2,25 +2,27 @@
 
 Parameter names match the reference checkpoint exactly (``te1..te5, te_mid, te_out``,
 ``b1..b5, b_mid, b_out`` with ``.{0,1,2}.{conv0,ln,convs.0,convs.1}``, ``down1-3``, ``up1-3``,
-``conv_out``, ``time_embed``), so ``upstream_cmr2d.pth`` loads strictly.
+``conv_out``, ``time_embed``), so ``upstream_cmr2d.pth`` loads strictly.  The modules are built
+from the level declaration in :mod:`~napari_drdm.core.unet`, and one pass runs its wiring with
+these modules as the back-end (:class:`_PlainOps`): the plain, differentiable reference path.
 
 The network works in the reference's units: its output is a displacement field as a
 **fraction of the image side S**.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 
-from .spatial import frac_to_px, warp
+from .config import T
+from .unet import HEAD, LEVELS, UNetOps, recursive_estimate, run_unet, to_fraction
 
 __all__ = ["sinusoid_table", "ACBlock", "DRDMNet"]
 
 
-def sinusoid_table(n_steps: int = 80, dim: int = 100) -> torch.Tensor:
+def sinusoid_table(n_steps: int = T, dim: int = 100) -> torch.Tensor:
     """Frozen time embedding: even column 2k = sin(t w_k), odd 2k+1 = cos(t w_k),
     w_k = 10000^(-4k/dim) computed in double then rounded to float32; t*w and sin/cos in float32."""
     k = torch.arange(dim // 2, dtype=torch.float64)
@@ -70,15 +72,24 @@ def _temb(dim: int, c: int) -> nn.Sequential:
 
 
 class DRDMNet(nn.Module):
-    """U-Net with 4 resolution levels, 3 ACNN-II blocks per stage and a per-level time embedding.
+    """U-Net with 4 resolution levels, 3 ACNN-II blocks per stage and a per-level time embedding
+    (the levels are declared in :data:`~napari_drdm.core.unet.LEVELS`).
 
     ``forward(x, t, k=2)``: x (B, C, *[S]*d) with S divisible by 8, t int64 (B,) in 0..T-1.
     Returns the step estimate as a fraction of S, clamped to +-(S-1)/S.  With k > 1 the
     network is applied recursively to the *input* warped by the running estimate (paper
     eq. 12), the pieces being composed with border padding.
+
+    Args:
+        ndim: 2 or 3 spatial axes.
+        n_steps: T, the number of diffusion times (rows of the time-embedding table).
+        in_channels: image channels.
+        channels: (c1, c2, c3), the widths of the three finest levels.
+        time_dim: width of the sinusoid time embedding.
+        fast: route ``forward`` through the inference engine in eval mode without gradients.
     """
 
-    def __init__(self, ndim: int = 2, n_steps: int = 80, in_channels: int = 1,
+    def __init__(self, ndim: int = 2, n_steps: int = T, in_channels: int = 1,
                  channels: Sequence[int] = (10, 20, 40), time_dim: int = 100, fast: bool = False):
         super().__init__()
         # fast=True (or net.fast = True): in eval mode without gradients, forward() runs the
@@ -90,67 +101,45 @@ class DRDMNet(nn.Module):
         self.fast = bool(fast)
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim}")
-        c1, c2, c3 = channels
         self.ndim, self.n_steps, self.in_channels = ndim, n_steps, in_channels
+        widths = tuple(int(c) for c in channels)
         Conv = _conv(ndim)
         ConvT = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
         self.time_embed = nn.Embedding(n_steps, time_dim)
         self.time_embed.weight.data.copy_(sinusoid_table(n_steps, time_dim))
         self.time_embed.weight.requires_grad_(False)
-        self.te1 = _temb(time_dim, in_channels)
-        self.b1 = _stage([in_channels, c1, c1, c1], ndim, True)
-        self.down1 = Conv(c1, c1, 4, 2, 1)
-        self.te2 = _temb(time_dim, c1)
-        self.b2 = _stage([c1, c2, c2, c2], ndim, True)
-        self.down2 = Conv(c2, c2, 4, 2, 1)
-        self.te3 = _temb(time_dim, c2)
-        self.b3 = _stage([c2, c3, c3, c3], ndim, True)
-        self.down3 = Conv(c3, c3, 4, 2, 1)
-        self.te_mid = _temb(time_dim, c3)
-        self.b_mid = _stage([c3, c2, c2, c3], ndim, True)
-        self.up1 = ConvT(c3, c3, 4, 2, 1)
-        self.te4 = _temb(time_dim, 2 * c3)
-        self.b4 = _stage([2 * c3, c3, c2, c2], ndim, False)
-        self.up2 = ConvT(c2, c2, 4, 2, 1)
-        self.te5 = _temb(time_dim, 2 * c2)
-        self.b5 = _stage([2 * c2, c2, c1, c1], ndim, False)
-        self.up3 = ConvT(c1, c1, 4, 2, 1)
-        self.te_out = _temb(time_dim, 2 * c1)
-        self.b_out = _stage([2 * c1, c1, c1, c1], ndim, False)
-        self.conv_out = Conv(c1, ndim, 3, padding=1)
+        # modules in the reference's registration order (per level: resampling, embedding, stage),
+        # so that parameter order, and the optimiser state that follows it, is the reference's
+        out: Dict[str, int] = {}
+        prev = in_channels
+        for lv in LEVELS:
+            if lv.resample is not None:
+                Resample = Conv if lv.kind == "down" else ConvT
+                self.add_module(lv.resample, Resample(prev, prev, 4, 2, 1))
+            cin = prev + (out[lv.skip] if lv.skip else 0)
+            self.add_module(lv.embed, _temb(time_dim, cin))
+            chans = [cin] + [widths[i] for i in lv.widths]
+            self.add_module(lv.name, _stage(chans, ndim, lv.norm))
+            prev = out[lv.name] = chans[-1]
+        self.add_module(HEAD, Conv(prev, ndim, 3, padding=1))
 
-    def _bc(self, e: torch.Tensor) -> torch.Tensor:
-        return e.view(e.shape[0], e.shape[1], *([1] * self.ndim))
+    @classmethod
+    def from_config(cls, cfg, fast: bool = False) -> "DRDMNet":
+        """The network a :class:`~napari_drdm.core.config.DRDMConfig` describes (random weights).
+
+        Args:
+            cfg: the model configuration (ndim, n_steps, in_channels, channels, time_dim).
+            fast: see the class.
+        """
+        return cls(cfg.ndim, cfg.n_steps, cfg.in_channels, cfg.channels, cfg.time_dim, fast=fast)
 
     def single_pass(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One U-Net pass (skip connections are concatenated before the upsampled features): (B, C, S...) -> (B, d, S...) fraction of S, clamped."""
-        emb = self.time_embed(t)
-        h = x + self._bc(self.te1(emb))
-        h1 = self.b1(h)
-        h = self.down1(h1) + self._bc(self.te2(emb))
-        h2 = self.b2(h)
-        h = self.down2(h2) + self._bc(self.te3(emb))
-        h3 = self.b3(h)
-        h = self.down3(h3) * self._bc(self.te_mid(emb))
-        h = self.b_mid(h)
-        h = torch.cat([h3, self.up1(h)], dim=1) + self._bc(self.te4(emb))
-        h = self.b4(h)
-        h = torch.cat([h2, self.up2(h)], dim=1) + self._bc(self.te5(emb))
-        h = self.b5(h)
-        h = torch.cat([h1, self.up3(h)], dim=1) + self._bc(self.te_out(emb))
-        h = self.b_out(h)
-        u = self.conv_out(h)
-        S = x.shape[2]
-        return torch.clamp(u * S, 1 - S, S - 1) / S
+        """One U-Net pass with the plain modules: (B, C, S...) -> (B, d, S...) fraction of S, clamped.
 
-    def check_input(self, x: torch.Tensor, t: torch.Tensor):
-        if x.dim() != self.ndim + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"network input must have shape (B, {self.in_channels}, *spatial) with "
-                             f"{self.ndim} spatial axes, got {tuple(x.shape)}")
-        if any(s % 8 for s in x.shape[2:]):
-            raise ValueError(f"spatial sizes must be divisible by 8, got {tuple(x.shape[2:])}")
-        if t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must be an int64 tensor of shape ({x.shape[0]},), got {t.dtype} {tuple(t.shape)}")
+        Args:
+            x: the input (B, C, *spatial); t: int64 diffusion times (B,).
+        """
+        return to_fraction(run_unet(_PlainOps(self), x, t), x.shape[2])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, k: int = 2) -> torch.Tensor:
         if self.fast and not self.training and not torch.is_grad_enabled():
@@ -159,16 +148,14 @@ class DRDMNet(nn.Module):
         return self.forward_plain(x, t, k)
 
     def forward_plain(self, x: torch.Tensor, t: torch.Tensor, k: int = 2) -> torch.Tensor:
-        """The plain eager implementation of :meth:`forward` (reference operation order)."""
-        if not torch.jit.is_scripting() and not isinstance(t, torch.Tensor):
+        """The plain eager implementation of :meth:`forward` (reference operation order).
+
+        Args:
+            x: the input (B, C, *spatial); t: int64 diffusion times (B,) or one int; k: K.
+        """
+        if not isinstance(t, torch.Tensor):
             t = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
-        S = x.shape[2]
-        running = self.single_pass(x, t)
-        for _ in range(int(k) - 1):
-            xk = warp(x, frac_to_px(running, S), "linear", "zeros")
-            step = self.single_pass(xk, t)
-            running = step + warp(running, frac_to_px(step, S), "linear", "border")
-        return running
+        return recursive_estimate(self.single_pass, x, t, k)
 
     def engine(self, **options):
         """The optimised inference engine for this network (cached; ``options`` build a new one,
@@ -188,3 +175,33 @@ class DRDMNet(nn.Module):
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class _PlainOps(UNetOps):
+    """The U-Net back-end of the network's own modules: differentiable, the reference's order."""
+
+    def __init__(self, net: "DRDMNet"):
+        self.net = net
+
+    def _bc(self, e: torch.Tensor) -> torch.Tensor:
+        return e.view(e.shape[0], e.shape[1], *([1] * self.net.ndim))
+
+    def embed(self, x, t):
+        emb = self.net.time_embed(t)
+        return [self._bc(getattr(self.net, lv.embed)(emb)) for lv in LEVELS]
+
+    def enter(self, level, x, e):
+        return x + e
+
+    def down(self, level, h, e):
+        y = getattr(self.net, level.resample)(h)
+        return y * e if level.combine == "mul" else y + e
+
+    def up_cat(self, level, skip, h, e):
+        return torch.cat([skip, getattr(self.net, level.resample)(h)], dim=1) + e
+
+    def stage(self, level, h):
+        return getattr(self.net, level.name)(h)
+
+    def head(self, h):
+        return getattr(self.net, HEAD)(h)

@@ -3,7 +3,7 @@
 Works on the model grid (S^d pixels).  The image and labels of every frame are resampled from
 the originals with the accumulated field, never warped repeatedly.
 
-Loop lengths (SPEC section 6):
+Loop lengths (:class:`~napari_drdm.core.config.Schedule`):
 
 * ``schedule="paper"``: T' steps, t = T'-1 .. 0;
 * ``schedule="reference"``: what the authors' code does, all T steps t = T-1 .. 0 whatever T' is.
@@ -11,16 +11,15 @@ Loop lengths (SPEC section 6):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
+from .config import DEFAULT_SCHEDULE, Schedule, T
 from .network import DRDMNet
 from .spatial import compose, frac_to_px, warp, warp_labels
 
 __all__ = ["RecoveryFrame", "reverse_timesteps", "recover"]
-
-SCHEDULES = ("paper", "reference")
 
 
 @dataclass
@@ -36,36 +35,52 @@ class RecoveryFrame:
     step_ddf: torch.Tensor        # psi_hat of this step (pixels)
 
 
-def reverse_timesteps(t_prime: int, n_steps: int = 80, schedule: str = "paper"):
-    """The diffusion times visited by the reverse loop, first to last."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+def reverse_timesteps(t_prime: int, n_steps: int = T,
+                      schedule: Union[Schedule, str] = DEFAULT_SCHEDULE):
+    """The diffusion times visited by the reverse loop, first to last.
+
+    Args:
+        t_prime: T', the forward time the generation starts from (0..n_steps).
+        n_steps: T.
+        schedule: a :class:`~napari_drdm.core.config.Schedule` or its name.
+    """
+    schedule = Schedule.parse(schedule)
     if not 0 <= int(t_prime) <= n_steps:
         raise ValueError(f"T' must lie in 0..{n_steps}, got {t_prime}")
-    first = int(t_prime) - 1 if schedule == "paper" else n_steps - 1
+    first = int(t_prime) - 1 if schedule is Schedule.PAPER else n_steps - 1
     return list(range(first, -1, -1))
 
 
-def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_prime: int,
-            labels0: Optional[torch.Tensor] = None, schedule: str = "paper", k: int = 2,
-            n_steps: int = 80, compose_padding: str = "zeros", image_interp: str = "cubic",
+def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_prime: int, *,
+            labels0: Optional[torch.Tensor] = None, schedule: Union[Schedule, str] = DEFAULT_SCHEDULE,
+            k: int = 2, n_steps: int = T, compose_padding: str = "zeros", image_interp: str = "cubic",
             label_interp: str = "nearest", net_input: Optional[torch.Tensor] = None,
             labels_every_step: bool = True, fast: Optional[bool] = None,
             step_guard: Optional[Callable] = None, field_guard: Optional[Callable] = None,
             ) -> Iterator[RecoveryFrame]:
     """Yield one :class:`RecoveryFrame` per reverse step.
 
-    net(x, t, k) must return the step estimate as a fraction of S (the reference network).
-    image0: (B, C, S...) model-grid image the network sees (min-max normalised);
-    forward_ddf: psi_{T':1} in pixels; labels0: integer (B, 1, S...) or None.
-    ``net_input``: optional different tensor to feed the network (defaults to image0).
-    ``labels_every_step=False`` warps the labels only at the last step (faster batch export).
-    ``fast``: for a :class:`~napari_drdm.core.network.DRDMNet`, True runs its optimised inference
-    engine (core/fast.py), False its plain modules; None (default) calls ``net`` as given (a
-    DRDMNet then follows its ``fast`` attribute, off by default; DRDM models pass the engine).
-    ``step_guard`` / ``field_guard``: optional functions of a pixel field returning a corrected one
-    (the fold guard, core/foldguard.py): ``step_guard`` corrects each step's psi_hat before it is
-    composed, ``field_guard`` the accumulated field after each composition (what the next step sees).
+    Args:
+        net: ``net(x, t, k)`` returns the step estimate as a fraction of S (the reference network).
+        image0: (B, C, S...) model-grid image the network sees (min-max normalised).
+        forward_ddf: psi_{T':1} in pixels.
+        t_prime: T'.
+        labels0: integer labels (B, 1, S...) or None.
+        schedule: the loop length (:class:`~napari_drdm.core.config.Schedule` or its name).
+        k: K, the network's internal recursions.
+        n_steps: T.
+        compose_padding: padding of the composition of each step into the accumulated field.
+        image_interp: interpolation of the image the network sees each step.
+        label_interp: interpolation of the labels ("nearest" or "linear_argmax").
+        net_input: optional different tensor to feed the network (defaults to image0).
+        labels_every_step: False warps the labels only at the last step (faster batch export).
+        fast: for a :class:`~napari_drdm.core.network.DRDMNet`, True runs its optimised inference
+            engine (core/fast.py), False its plain modules; None (default) calls ``net`` as given
+            (a DRDMNet then follows its ``fast`` attribute, off by default; DRDM models pass the engine).
+        step_guard: optional function of a pixel field returning a corrected one (the fold guard,
+            core/foldguard.py), applied to each step's psi_hat before it is composed.
+        field_guard: the same for the accumulated field after each composition (what the next
+            step sees).
     """
     if fast is not None and isinstance(net, DRDMNet):
         net = net.engine() if fast else net.forward_plain
