@@ -407,7 +407,7 @@ def test_dict_transform(ckpts):
 
 def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):
     monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: "no_such_model", 3: "no_such_model"})
-    with pytest.raises(ValueError, match="no --weights given.*no_such_model"):
+    with pytest.raises(LookupError, match="no --weights given.*no_such_model"):
         run_export(folder2d, tmp_path / "o", _opts())
 
 

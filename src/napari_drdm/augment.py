@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.generators import Returning
+from .errors import DRDMError, InputError, one_line
 from .safety import (OutputError, OutputLock, available_memory, check_finite, check_label_values, check_memory,
                      check_output_dir, estimate_export_bytes, shown, writable_array)
 from .dataset_io import (ArrayInput, Journal, Sample, derive_seed, discover, journal_records, load_manifest,
@@ -50,10 +51,6 @@ def _default_name(ndim: int) -> str:
 
 class _Cancelled(Exception):
     pass
-
-
-class InputError(ValueError):
-    """An input that cannot be used (unreadable, mismatched, unsupported); it is skipped."""
 
 
 @dataclass
@@ -83,9 +80,9 @@ class ExportOptions:
 
     def validate(self) -> "ExportOptions":
         """Check every option (one line naming it and what was expected); returns self."""
-        from .validate import check_device, check_int, check_k, check_model_size, check_seed
-        if self.mode not in ("augment", "pairs"):
-            raise ValueError(f"mode must be 'augment' or 'pairs', got {self.mode!r}")
+        from .validate import (check_bool, check_choice, check_device, check_int, check_k, check_label_interp,
+                               check_model_size, check_positive, check_schedule, check_seed)
+        check_choice(self.mode, ("augment", "pairs"), "mode")
         self.per_image = check_int("--per-image", self.per_image, 1, 10 ** 6)
         self.seed = check_seed(self.seed)
         self.k = check_k(self.k, "--k")
@@ -93,15 +90,10 @@ class ExportOptions:
         self.inverse_iterations = check_int("--inverse-iterations", self.inverse_iterations, 0, 10 ** 5)
         self.size = check_model_size(self.size)
         self.device = check_device(self.device)
-        if self.schedule not in (None, "paper", "reference"):
-            raise ValueError(f"--schedule: expected paper or reference, got {self.schedule!r}")
-        if self.label_interp not in ("nearest", "linear_argmax"):
-            raise ValueError(f"--label-interp: expected nearest or linear_argmax, got {self.label_interp!r}")
-        if self.max_memory is not None and not (float(self.max_memory) > 0):
-            raise ValueError(f"--max-memory: expected a positive number of GB, got {self.max_memory!r}")
-        if self.fold_guard not in (True, False):
-            raise ValueError(f"--fold-guard: expected true or false, got {self.fold_guard!r}")
-        self.fold_guard = bool(self.fold_guard)
+        check_schedule(self.schedule)
+        check_label_interp(self.label_interp)
+        self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
+        self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
         parse_t_prime(self.t_prime, self.per_image)
         if self.mode == "pairs":
             parse_t_prime(self.t_prime_syn, self.per_image)
@@ -157,10 +149,9 @@ class ModelProvider:
             try:
                 name = _default_name(ndim)
                 self._models[ndim] = load_model(name, device=self.device, size=self.size)
-            except (KeyError, LookupError, FileNotFoundError, ValueError) as e:
-                msg = e.args[0] if e.args else e
-                raise ValueError(f"no --weights given and the bundled {ndim}D model {name!r} is not available "
-                                 f"({msg}); pass --weights NAME_OR_CHECKPOINT (see `drdm weights`)") from None
+            except DRDMError as e:
+                raise type(e)(f"no --weights given and the bundled {ndim}D model {name!r} is not available "
+                              f"({one_line(e)}); pass --weights NAME_OR_CHECKPOINT (see `drdm weights`)") from None
         return self._models[ndim]
 
 
@@ -188,10 +179,7 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, 
     model = provider.get(img.ndim)
     if model.ndim != img.ndim:
         raise InputError(f"{sample.image}: {img.ndim}D image but the weights {model.name!r} are a {model.ndim}D model")
-    try:
-        img = _check_image(img, model.ndim, sample.image)
-    except (ValueError, TypeError) as e:
-        raise InputError(str(e)) from None
+    img = _check_image(img, model.ndim, sample.image)
     if memory is not None:
         budget, batch, opts = memory
         est = estimate_export_bytes(img.shape, img.dtype.itemsize, model.size, model.config.channels, batch,
@@ -214,7 +202,7 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, 
                              f"{sample.image} shape {vol.data.shape}")
         try:
             _check_labels(lab, img.shape)
-        except (ValueError, TypeError) as e:
+        except InputError as e:
             raise InputError(f"{sample.labels}: {e}") from None
     spacing = tuple(float(s) for s in vol.spacing[: img.ndim])
     grid, x_model, lo, hi = model.prepare(img, spacing)
@@ -441,10 +429,10 @@ def _check_out_vs_inputs(out: Path, items) -> None:
             continue
         p = Path(os.path.abspath(Path(it).expanduser())).resolve()
         if o == p or (p.is_dir() and p in o.parents):
-            raise ValueError(f"output folder {shown(out)} is inside the input {shown(it)}; a later run would take "
+            raise InputError(f"output folder {shown(out)} is inside the input {shown(it)}; a later run would take "
                              f"the outputs for inputs: choose an output folder outside the inputs")
         if o in p.parents:
-            raise ValueError(f"input {shown(it)} lies inside the output folder {shown(out)}; choose an output "
+            raise InputError(f"input {shown(it)} lies inside the output folder {shown(out)}; choose an output "
                              f"folder that holds no inputs")
 
 
@@ -505,7 +493,7 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
     mode = opts.mode
     i_shard, n_shard = opts.shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
-        raise ValueError(f"invalid shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
+        raise InputError(f"--shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
     items = [inputs] if isinstance(inputs, (str, Path, ArrayInput)) else list(inputs)
     _check_out_vs_inputs(out, items)
     check_output_dir(out)
@@ -522,7 +510,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")
     if not samples:
-        raise ValueError("no usable images found in " + ", ".join(shown(i) for i in items)
+        raise InputError("no usable images found in " + ", ".join(shown(i) for i in items)
                          + "".join(f"\n  skipped {shown(s.path)}: {s.reason}" for s in skipped))
     digits = max(3, len(str(opts.per_image - 1)))
     settings = dict(opts.settings(), samples=[asdict(s) for s in samples], shards=n_shard,
@@ -688,13 +676,13 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto", ove
     m = load_manifest(manifest)
     rows = {r["row_id"]: r for r in m["rows"]}
     if row_id not in rows:
-        raise KeyError(f"row {row_id!r} is not in the manifest {manifest}")
+        raise InputError(f"row {row_id!r} is not in the manifest {manifest}")
     row = rows[row_id]
     keys = [k for k in row if k + "_sha256" in row and k not in ("source", "labels_source", "model")]
     check_output_dir(out_dir)
     for k in keys:
         if not isinstance(row[k], str):
-            raise ValueError(f"manifest {manifest}: row {row_id} has no file name for {k!r}")
+            raise InputError(f"manifest {manifest}: row {row_id} has no file name for {k!r}")
         target = confine(out_dir, row[k])
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; refusing to overwrite it (use --overwrite, or another OUTDIR)")
@@ -705,7 +693,7 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto", ove
 def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, overwrite) -> dict:
     batch = m["batches"].get(row["batch_id"])
     if batch is None:
-        raise ValueError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
+        raise InputError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
     run = m["run"]
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"], k=row["k"], label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
@@ -733,9 +721,9 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     target = [b for b, (_, j) in enumerate(members) if j.row_id == row_id][0]
     ls, job = members[target]
     if ls["source_sha256"] != row["source_sha256"]:
-        raise ValueError(f"{row['source']} changed since the row was written (sha256 differs)")
+        raise InputError(f"{row['source']} changed since the row was written (sha256 differs)")
     if ls["model"].sha256 != row["model_sha256"]:
-        raise ValueError(f"weights differ from the manifest's ({row['model']}, sha256 {row['model_sha256'][:12]}...)")
+        raise InputError(f"weights differ from the manifest's ({row['model']}, sha256 {row['model_sha256'][:12]}...)")
     o = compute_batch(members, opts)[target]
     job.paths = {k: row[k] for k in keys}
     new = _write(Path(out_dir), ls, job, o, opts, overwrite=overwrite)

@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import InputError
 from .io import IMAGE_SUFFIXES, atomic_write
 from .safety import check_utf8_name, shown
 
@@ -237,7 +238,7 @@ def parse_t_prime(spec, n: int, n_steps: int = 80) -> List[int]:
     """
     s = str(spec).strip().lower().replace(" ", "")
     if n < 1:
-        raise ValueError(f"the number of outputs per image must be >= 1, got {n}")
+        raise InputError(f"the number of outputs per image must be >= 1, got {n}")
     try:
         if s in ("reference", "ref"):
             values = [min(n_steps, 48 + 2 * math.ceil(i / 2)) for i in range(n)]
@@ -252,13 +253,13 @@ def parse_t_prime(spec, n: int, n_steps: int = 80) -> List[int]:
         else:
             base = [int(v) for v in s.split(",") if v != ""]
     except ValueError:
-        raise ValueError(f"invalid T' specification {spec!r}: expected a number (45), a list (40,45,50), "
+        raise InputError(f"invalid T' specification {spec!r}: expected a number (45), a list (40,45,50), "
                          f"a range start:stop[:step] (40:52:2, stop included) or 'reference'") from None
     if not base:
-        raise ValueError(f"T' specification {spec!r} gives no value")
+        raise InputError(f"T' specification {spec!r} gives no value")
     bad = [v for v in base if not 0 <= v <= n_steps]
     if bad:
-        raise ValueError(f"T' values must lie in 0..{n_steps}; {spec!r} gives {bad}")
+        raise InputError(f"T' values must lie in 0..{n_steps}; {spec!r} gives {bad}")
     return [base[i % len(base)] for i in range(n)]
 
 
@@ -436,7 +437,7 @@ def load_manifest(path) -> dict:
         run = json.loads((p / RUN_FILE).read_text()) if (p / RUN_FILE).exists() else {}
         return {"run": run, "rows": [rows[k] for k in sorted(rows)], "batches": batches, "skipped": skipped}
     if p.suffix.lower() == ".csv":
-        raise ValueError(f"{p}: give manifest.json or the output folder (the CSV does not hold the batch records)")
+        raise InputError(f"{p}: give manifest.json or the output folder (the CSV does not hold the batch records)")
     return json.loads(p.read_text())
 
 

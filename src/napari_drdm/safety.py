@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import DRDMError, InputError, OutputError
+
 __all__ = ["UnsafePathError", "OutputLockedError", "OutputError", "confine", "OutputLock", "check_output_dir",
            "writable_array", "check_finite", "check_label_values", "shown", "check_utf8_name",
            "available_memory", "estimate_export_bytes", "check_memory", "LOCK_FILE"]
@@ -21,16 +23,15 @@ __all__ = ["UnsafePathError", "OutputLockedError", "OutputError", "confine", "Ou
 LOCK_FILE = ".drdm.lock"
 
 
-class UnsafePathError(ValueError):
-    """A write target outside the output root (absolute path, ``..``, a symlink pointing out)."""
+class UnsafePathError(DRDMError, ValueError):
+    """A write target outside the output root (absolute path, ``..``, a symlink pointing out).
+
+    Not an :class:`OutputError`: an export skips an input whose outputs cannot be written, but
+    stops at a path that leaves the output folder."""
 
 
-class OutputLockedError(FileExistsError):
+class OutputLockedError(DRDMError, FileExistsError):
     """Another process is writing into the same output folder."""
-
-
-class OutputError(ValueError):
-    """An output array that cannot be written faithfully (NaN, a changed label value, a dtype NIfTI lacks)."""
 
 
 def shown(path) -> str:
@@ -48,12 +49,12 @@ def check_utf8_name(path) -> None:
         path: the file.
 
     Raises:
-        ValueError: naming the file (undecodable bytes shown as ``\\xNN``).
+        InputError: naming the file (undecodable bytes shown as ``\\xNN``).
     """
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{shown(path)}: the file name is not valid UTF-8; rename it") from None
+        raise InputError(f"{shown(path)}: the file name is not valid UTF-8; rename it") from None
 
 
 # ---------------------------------------------------------------------------------- confinement

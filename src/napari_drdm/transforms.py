@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .dataset_io import parse_t_prime
+from .errors import InputError
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
 
@@ -157,7 +158,7 @@ class DRDMTransform:
             a, ch = self._channels(self._to_numpy(data[key]))
             lab = a.astype(np.int64) if a.dtype.kind in "iub" or np.all(a == np.round(a)) else None
             if lab is None:
-                raise TypeError(f"{key!r} holds non-integer values; a label map is expected")
+                raise InputError(f"{key!r} holds non-integer values; a label map (integer classes) is expected")
             t = torch.as_tensor(lab, device=model.device)[:, None]
             w = warp_labels(t, ddf.expand(len(lab), *ddf.shape[1:]), self.label_interp)[:, 0].cpu().numpy()
             out[key] = self._like(data[key], self._uncheck(w.astype(a.dtype), ch))

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..errors import DRDMError, one_line
 from ._inputs import is_output_layer
 from ._lifetime import Lifetime, if_alive, stop_workers
 
@@ -331,8 +332,8 @@ class ExportWidget(QWidget):
             torch.set_num_threads(threads)
             try:
                 return (yield from iter_export(inputs, out, opts, preview=n_prev, should_stop=stop.is_set))
-            except (OSError, ValueError, TypeError, KeyError) as e:   # expected: say why in the widget
-                return {"status": "error", "error": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
+            except (DRDMError, OSError, ValueError) as e:   # expected: say why in the widget
+                return {"status": "error", "error": one_line(e)}
 
         self.summary = None
         self._t0 = time.perf_counter()

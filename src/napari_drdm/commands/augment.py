@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+from ..validate import arg_type, check_int, check_positive
 from . import add_fold_guard_arg, add_model_args, k_arg, seed_arg
-from ..validate import arg_type, check_int
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -51,7 +52,7 @@ def add_common(p, mode: str):
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of skipping it")
     p.add_argument("--retry-skipped", action="store_true",
                    help="with --resume: retry the inputs the earlier run skipped (by default they stay skipped)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+    p.add_argument("--max-memory", type=arg_type(check_positive, "--max-memory"), default=None, metavar="GB",
                    help="memory budget for the estimate made before each input (default: the memory available)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another drdm process is writing into OUT, wait this long for it (default: refuse at once)")
@@ -77,9 +78,9 @@ def _shard(args):
         try:
             i, n = (int(v) for v in str(args.shard).split("/"))
         except ValueError:
-            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+            raise InputError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
         if not 0 <= i < n:
-            raise ValueError(f"--shard {args.shard}: expected 0 <= i < n")
+            raise InputError(f"--shard {args.shard}: expected 0 <= i < n")
         return i, n, False
     if env_n > 1:
         return int(os.environ.get("RANK", "0")), env_n, True
@@ -113,7 +114,7 @@ def run_mode(args, opts_kw: dict) -> int:
         return 0 if all(res["identical"].values()) else 1
     if args.merge:
         if len(args.paths) != 1:
-            raise ValueError("--merge takes the output folder only")
+            raise InputError("--merge takes the output folder only")
         from ..dataset_io import RUN_FILE, _clean_partials
         from ..safety import OutputLock
         folder = Path(args.paths[0])
@@ -126,9 +127,9 @@ def run_mode(args, opts_kw: dict) -> int:
         print(f"{args.paths[0]}/manifest.json: {m['n_rows']} rows, {m['n_missing']} missing")
         return 0
     if len(args.paths) < 2:
-        raise ValueError("give at least one input and the output folder: IN [IN ...] OUT")
+        raise InputError("give at least one input and the output folder: IN [IN ...] OUT")
     if args.per_image < 1:
-        raise ValueError("--per-image must be >= 1")
+        raise InputError("--per-image must be >= 1")
     inputs, out = args.paths[:-1], args.paths[-1]
     i, n, from_env = _shard(args)
     device = args.device
@@ -145,7 +146,7 @@ def run_mode(args, opts_kw: dict) -> int:
                          retry_skipped=args.retry_skipped, max_memory=args.max_memory, lock_wait=args.wait,
                          fold_guard=args.fold_guard, **opts_kw).validate()
     if args.retry_skipped and not args.resume:
-        raise ValueError("--retry-skipped only applies with --resume")
+        raise InputError("--retry-skipped only applies with --resume")
     bar = None
 
     def new_bar():       # created at the first event, so that a refusal before work is one line

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from . import add_model_args, load_from_args
 
 
@@ -74,9 +75,9 @@ def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
                         out.append((f"{vol.path}[axis{ax}={i}]", np.take(a, i, axis=ax),
                                     tuple(s for j, s in enumerate(sp) if j != ax)))
             else:
-                raise ValueError(f"{vol.path}: {a.ndim}D image (shape {a.shape}) for a {ndim}D model")
+                raise InputError(f"{vol.path}: {a.ndim}D image (shape {a.shape}) for a {ndim}D model")
     if not out:
-        raise ValueError("no usable images found in " + ", ".join(map(str, paths)))
+        raise InputError("no usable images found in " + ", ".join(map(str, paths)))
     return out
 
 
