@@ -315,7 +315,8 @@ def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer,
     widget.set_labels_layer(None)
     viewer.add_labels(lab, name="lab2")                   # new layers do not override the user's choice
     assert widget.labels_combo.currentText() == "(none)"
-    ref_dir = os.environ.get("DRDM_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
+    from napari_drdm.core import environment
+    ref_dir = environment.get("REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
     ref = Path(ref_dir) / "upstream_cmr2d.pth"
     if not ref.exists():
         pytest.skip("reference checkpoint not available")

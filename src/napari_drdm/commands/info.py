@@ -114,6 +114,10 @@ def collect(tune=None, batch: int = 1) -> dict:
     if tune:
         info["path_decisions"] = [_tuned(nd, S, batch) for nd, S in tune]
     info["cached_path_decisions"] = _cached_decisions()
+    from ..core.environment import describe
+    info["environment"] = {v["name"]: (v["value"] if v["set_as"] in (None, v["name"]) else
+                                       f"{v['value']} (from the deprecated {v['set_as']})")
+                           for v in describe()}
     return info
 
 

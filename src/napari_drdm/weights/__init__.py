@@ -2,8 +2,9 @@
 
 Each entry: ``file`` (relative to this folder), ``sha256``, ``ndim``, ``size``, ``description``,
 ``aliases``, ``provenance`` (how it was trained) and, on the best model of each dimensionality,
-``default_for_ndim`` (2 or 3): the model used when none is named.  ``DRDM_WEIGHTS_DIR`` (os.pathsep-separated)
-adds folders whose ``*.safetensors`` files are also loadable by their stem name.
+``default_for_ndim`` (2 or 3): the model used when none is named.  ``NAPARI_DRDM_WEIGHTS_DIR``
+(os.pathsep-separated; read by :mod:`napari_drdm.core.environment`) adds folders whose
+``*.safetensors`` files are also loadable by their stem name.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def registry() -> Dict[str, dict]:
 
 
 def _extra_dirs() -> List[Path]:
-    env = os.environ.get("DRDM_WEIGHTS_DIR", "")
+    from ..core.environment import get
+    env = get("WEIGHTS_DIR", "")
     return [Path(p) for p in env.split(os.pathsep) if p]
 
 
