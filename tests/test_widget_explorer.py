@@ -304,7 +304,6 @@ def test_explorer_on_the_cine_sample_uses_the_current_frame(make_napari_viewer, 
 
 
 def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer, qtbot):
-    import os
     from pathlib import Path
     viewer = make_napari_viewer()
     img, lab = _image((32, 32))
