@@ -17,7 +17,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["Volume", "read_image", "read_stack", "write_nifti", "is_readable", "IMAGE_SUFFIXES", "atomic_write",
-           "squeeze_trailing"]
+           "squeeze_trailing", "stem_of"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".npy", ".npz", ".mha", ".mhd")
@@ -31,6 +31,20 @@ class Volume:
     path: str = ""
     header: Any = None                      # nibabel header for NIfTI inputs
     meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def stem_of(path) -> str:
+    """A file's name without its image suffix (``case01.nii.gz`` -> ``case01``; a folder: its name).
+
+    Args:
+        path: a file or DICOM-series folder.
+    """
+    name = Path(str(path).rstrip("/\\")).name
+    low = name.lower()
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
 
 
 def squeeze_trailing(a):

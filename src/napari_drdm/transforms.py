@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .dataset_io import parse_t_prime
+from .export.jobspec import parse_t_prime
 from .errors import InputError
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
@@ -95,7 +95,7 @@ class DRDMTransform:
 
     def model(self, ndim: int):
         if self._model is None:
-            from .augment import DEFAULT_WEIGHTS
+            from .export.sample import DEFAULT_WEIGHTS
             from .model import load_model
             self._model = load_model(self.weights or DEFAULT_WEIGHTS.get(ndim), device=self.device, ndim=ndim)
         return self._model

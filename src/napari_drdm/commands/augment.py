@@ -4,7 +4,7 @@
     drdm augment --reproduce MANIFEST ROW_ID OUTDIR
     drdm augment --merge OUT
 
-The engine is :mod:`napari_drdm.augment`; ``synthesize-pairs`` shares this module's options.
+The engine is :mod:`napari_drdm.export`; ``synthesize-pairs`` shares this module's options.
 See docs/export.md for the naming rule, the outputs and the manifest.
 """
 from __future__ import annotations
@@ -24,7 +24,12 @@ EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] w
           "or IN/images/ + IN/labels/ with matching names.")
 
 
-def add_common(p, mode: str):
+def add_common(p):
+    """The options ``drdm augment`` and ``drdm synthesize-pairs`` share (all but their T' options).
+
+    Args:
+        p: the sub-command's argument parser.
+    """
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...), output folder")
     p.add_argument("--per-image", "-n", type=arg_type(check_int, "--per-image", lo=1), default=1,
@@ -67,7 +72,7 @@ def add_common(p, mode: str):
 def add_parser(sub):
     p = sub.add_parser("augment", help="Algorithm 3: augmented segmentation set (images, labels, fields, manifest)",
                        description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    add_common(p, "augment")
+    add_common(p)
     p.add_argument("--t-prime", default="reference", help="T' SPEC (default 'reference')")
     return p
 
@@ -101,8 +106,7 @@ def _init_dist():
 
 def run_mode(args, opts_kw: dict) -> int:
     import torch
-    from ..augment import ExportOptions, reproduce_row, run_export
-    from ..dataset_io import write_manifest
+    from ..export import ExportOptions, reproduce_row, run_export, write_manifest
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -115,14 +119,15 @@ def run_mode(args, opts_kw: dict) -> int:
     if args.merge:
         if len(args.paths) != 1:
             raise InputError("--merge takes the output folder only")
-        from ..dataset_io import RUN_FILE, _clean_partials
+        from ..export.manifest import RUN_FILE
+        from ..export.outdir import clean_partials
         from ..safety import OutputLock
         folder = Path(args.paths[0])
         if not folder.is_dir() or not ((folder / RUN_FILE).exists() or list(folder.glob("journal-*-of-*.jsonl"))):
             raise FileNotFoundError(f"--merge {folder}: not the output folder of a drdm run (no run.json or "
                                     f"journal-*.jsonl there); nothing was created")
         with OutputLock(folder, what="drdm augment --merge"):
-            _clean_partials(folder)
+            clean_partials(folder)
             m = write_manifest(folder)
         print(f"{args.paths[0]}/manifest.json: {m['n_rows']} rows, {m['n_missing']} missing")
         return 0

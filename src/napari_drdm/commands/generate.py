@@ -30,17 +30,9 @@ def add_parser(sub):
     return p
 
 
-def _stem(path: str) -> str:
-    name = Path(path.rstrip("/")).name
-    for suf in (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".npy", ".npz", ".dcm", ".tif", ".tiff"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def run(args) -> int:
     import numpy as np
-    from ..io import read_image, squeeze_trailing
+    from ..io import read_image, squeeze_trailing, stem_of
     from ..outputs import result_paths, write_result
     from ..safety import (OutputLock, available_memory, check_memory, check_output_dir, check_utf8_name,
                           estimate_export_bytes)
@@ -53,7 +45,7 @@ def run(args) -> int:
             if not Path(p).exists():
                 raise FileNotFoundError(f"input not found: {p}")
     check_t_prime(args.t_prime, name="--t-prime")
-    stem = args.prefix or _stem(args.image)
+    stem = args.prefix or stem_of(args.image)
     # the output folder is checked (writable, no clash) and locked before anything is computed
     check_output_dir(args.out)
     result_paths(args.out, stem, bool(args.labels), args.forward_ddf, args.overwrite)
