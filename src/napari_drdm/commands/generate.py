@@ -14,7 +14,8 @@ def add_parser(sub):
     p.add_argument("image", help="input image: NIfTI, NRRD, DICOM (file or series folder), PNG/JPEG, .npy")
     p.add_argument("--labels", help="label map on the same grid (integer values)")
     add_model_args(p)
-    p.add_argument("--t-prime", type=arg_type(check_int, "--t-prime", lo=0), default=45, help="diffusion level T' (0..T, default 45)")
+    p.add_argument("--t-prime", type=arg_type(check_int, "--t-prime", lo=0), default=45,
+                   help="diffusion level T' (0..T, default 45)")
     seed_arg(p)
     p.add_argument("--schedule", choices=["paper", "reference"], default=None,
                    help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["compute_batch"]
 
+
 def _render(ls: LoadedSample, ddf, label_interp: str):
     """Warp the original-grid image (input dtype/range kept) and labels (values kept) by ``ddf``."""
     from ..core.spatial import warp, warp_labels

@@ -35,6 +35,7 @@ from .sample import LoadedSample, ModelProvider, load_sample, weights_sha
 
 __all__ = ["ExportOptions", "ExportEvent", "iter_export", "run_export", "write_row"]
 
+
 class _Cancelled(Exception):
     pass
 
@@ -118,7 +119,8 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "source": s.image, "source_sha256": ls.source_sha256, "labels_source": s.labels,
            "labels_source_sha256": ls.labels_source_sha256,
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
-           "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name, "model_sha256": model.sha256,
+           "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
+           "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
     if opts.mode == "pairs":
         row.update(t_prime_aug=job.key[0], t_prime_syn=job.key[1], seed_aug=job.seeds[0], seed_syn=job.seeds[1])

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Job", "parse_t_prime", "derive_seed", "make_jobs"]
 
+
 @dataclass
 class Job:
     name: str

@@ -14,6 +14,7 @@ from .sample import ModelProvider, load_sample
 
 __all__ = ["reproduce_row"]
 
+
 def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto", overwrite: bool = False) -> dict:
     """Regenerate one manifest row into ``out_dir`` (same relative paths) by re-running its batch.
 
