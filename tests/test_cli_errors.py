@@ -94,6 +94,12 @@ CASES = [
           "row9", "not in the manifest"),
     _case("evaluate-images-missing", ["evaluate", "--weights", "{ckpt}", "--images", "{dir}/none.npz"],
           "none.npz", "not found"),
+    _case("evaluate-t-prime", ["evaluate", "--weights", "{ckpt}", "--images", "{img}", "--t-prime", "30", "81"],
+          "--t-prime", "0..80"),
+    _case("evaluate-slice-axes", ["evaluate", "--weights", "{ckpt}", "--images", "{img}", "--slice-axes", "x"],
+          "--slice-axes", "expected an integer"),
+    _case("evaluate-samples", ["evaluate", "--weights", "{ckpt}", "--images", "{img}", "--samples", "0"],
+          "--samples", ">= 1"),
     _case("info-tune-size", ["info", "--tune", "2d250"], "--tune", "divisible by 8"),
 ]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_positive
-from . import add_fold_guard_arg, add_model_args, k_arg, seed_arg
+from . import add_fold_guard_arg, add_model_args, k_arg, label_interp_arg, schedule_arg, seed_arg
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -37,15 +37,14 @@ def add_common(p):
     add_model_args(p, required=False)
     seed_arg(p, help="run seed (0 .. 2**63-1); each output's seed is derived from it, the input's name and the "
              "output index (default 0)")
-    p.add_argument("--schedule", choices=["paper", "reference"], default=None,
-                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    schedule_arg(p)
     k_arg(p)
     p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
                    help="samples per network pass (default 4)")
     p.add_argument("--inverse", action="store_true", help="also write the inverse field (fixed-point inversion; "
                    "its residual goes to the manifest)")
     p.add_argument("--inverse-iterations", type=arg_type(check_int, "--inverse-iterations", lo=0), default=50)
-    p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_positive
-from . import add_fold_guard_arg, add_model_args, k_arg, load_from_args, seed_arg
+from . import add_fold_guard_arg, add_model_args, k_arg, label_interp_arg, load_from_args, schedule_arg, seed_arg
 
 
 def add_parser(sub):
@@ -17,10 +17,9 @@ def add_parser(sub):
     p.add_argument("--t-prime", type=arg_type(check_int, "--t-prime", lo=0), default=45,
                    help="diffusion level T' (0..T, default 45)")
     seed_arg(p)
-    p.add_argument("--schedule", choices=["paper", "reference"], default=None,
-                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    schedule_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
-    p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default=None, help="output file prefix (default: input name)")
