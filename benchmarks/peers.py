@@ -47,6 +47,7 @@ if str(ROOT / "src") not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from napari_drdm.core import environment  # noqa: E402
 from napari_drdm.core.metrics import field_metrics  # noqa: E402
 from napari_drdm.core.spatial import warp  # noqa: E402
 
@@ -219,9 +220,9 @@ def main(argv=None):
     ap.add_argument("--samples-3d", type=int, default=2, help="3D samples per method (0: skip 3D)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--reference", default=os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference")),
+    ap.add_argument("--reference", default=environment.get("REFERENCE_DIR", str(ROOT.parent / "shared" / "reference")),
                     help="folder with upstream_cmr2d.pth and acdc_slices256.npz (adds a cardiac case; "
-                         "default: $DRDM_REFERENCE_DIR or ../shared/reference when present; '' to skip)")
+                         "default: $NAPARI_DRDM_REFERENCE_DIR or ../shared/reference when present; '' to skip)")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     if args.threads:

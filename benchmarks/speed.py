@@ -55,6 +55,7 @@ from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core import autotune  # noqa: E402
+from napari_drdm.core import environment as settings_env  # noqa: E402
 from napari_drdm.core import native as native_kernels  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
@@ -602,7 +603,7 @@ def pass_deviation(bench: Bench, variants, images, ts=(10, 40, 70)):
 def load_images(args, nd, S, dev):
     """ACDC slices (reference data) when given/found and 2D at their size, else phantoms."""
     cand = [args.images] if args.images else []
-    ref = os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference"))
+    ref = settings_env.get("REFERENCE_DIR", str(ROOT.parent / "shared" / "reference"))
     cand.append(os.path.join(ref, "acdc_slices256.npz"))
     for c in cand:
         if c and nd == 2 and os.path.exists(c):

@@ -3,9 +3,9 @@
 #
 #   bash scripts/setup.sh [gui|testing|cli]      (default: gui)
 #
-# Environment:
-#   DRDM_VENV   virtual environment folder (default: .venv in the repository)
-#   DRDM_TORCH  auto | cpu | cuda | skip   (default auto: cuda when `nvidia-smi -L` lists a GPU)
+# Environment (the older names DRDM_VENV and DRDM_TORCH still work, with a message):
+#   NAPARI_DRDM_VENV   virtual environment folder (default: .venv in the repository)
+#   NAPARI_DRDM_TORCH  auto | cpu | cuda | skip   (default auto: cuda when `nvidia-smi -L` lists a GPU)
 #               cpu  installs torch==2.13.0 (a CPU build lies on this project's machines;
 #                    elsewhere pip resolves it from your index: point PIP_INDEX_URL at PyTorch's
 #                    CPU wheel index if you want the small CPU-only build)
@@ -14,7 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-gui}"
-venv="${DRDM_VENV:-.venv}"
+for old in DRDM_VENV DRDM_TORCH; do
+    new="NAPARI_$old"
+    if [ -n "${!old:-}" ] && [ -z "${!new:-}" ]; then
+        echo "[setup] $old is deprecated: set $new instead (it is read for now)" >&2
+        printf -v "$new" '%s' "${!old}"
+    fi
+done
+venv="${NAPARI_DRDM_VENV:-.venv}"
 py="${PYTHON:-python3}"
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -26,7 +33,7 @@ fi
 python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 
 if ! python -c "import torch" 2>/dev/null; then
-    choice="${DRDM_TORCH:-auto}"
+    choice="${NAPARI_DRDM_TORCH:-auto}"
     if [ "$choice" = auto ]; then
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then choice=cuda; else choice=cpu; fi
     fi
@@ -35,7 +42,7 @@ if ! python -c "import torch" 2>/dev/null; then
         cpu)  python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true ;;
         cuda) python -m pip install -q "torch>=2.1" 2>&1 | grep -v "^WARNING: Location" || true ;;
         skip) ;;
-        *) echo "DRDM_TORCH must be auto, cpu, cuda or skip (got $choice)" >&2; exit 2 ;;
+        *) echo "NAPARI_DRDM_TORCH must be auto, cpu, cuda or skip (got $choice)" >&2; exit 2 ;;
     esac
 fi
 

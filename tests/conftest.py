@@ -1,4 +1,4 @@
-"""Shared fixtures.  Reference data (../shared/reference) is located through DRDM_REFERENCE_DIR
+"""Shared fixtures.  Reference data (../shared/reference) is located through NAPARI_DRDM_REFERENCE_DIR
 or the default path beside the checkout; tests that need it skip cleanly when it is absent."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from napari_drdm.core import environment
+
 ROOT = Path(__file__).resolve().parents[1]
-REF = Path(os.environ.get("DRDM_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+REF = Path(environment.get("REFERENCE_DIR") or ROOT.parent / "shared" / "reference")
 
 torch.set_num_threads(1)
 
@@ -24,7 +26,7 @@ os.environ.setdefault("NAPARI_DRDM_AUTOTUNE_FILE", os.path.join(_PRIVATE, "autot
 def ref_path(name: str) -> Path:
     p = REF / name
     if not p.exists():
-        pytest.skip(f"reference data not found: {p} (set DRDM_REFERENCE_DIR to the shared/reference folder)")
+        pytest.skip(f"reference data not found: {p} (set NAPARI_DRDM_REFERENCE_DIR to the shared/reference folder)")
     return p
 
 

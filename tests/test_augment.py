@@ -21,10 +21,12 @@ import pytest
 from conftest import make_tiny_checkpoint
 import torch
 
-from napari_drdm import augment as aug
-from napari_drdm.augment import ExportOptions, InputError, invert_field, reproduce_row, run_export
+from napari_drdm.core.spatial import invert_field
+from napari_drdm.errors import InputError
+from napari_drdm.export import ExportOptions, reproduce_row, run_export
+from napari_drdm.export import sample as export_sample
 from napari_drdm.cli import main
-from napari_drdm.dataset_io import discover, load_manifest, parse_t_prime, verify_row
+from napari_drdm.export import discover, load_manifest, parse_t_prime, verify_row
 from napari_drdm.outputs import nifti_array_to_ddf
 
 
@@ -135,7 +137,7 @@ def test_augment_2d_3d_folder_labels_affines_manifest_reproduce(tmp_path, ckpts,
     _save(d / "vol.nii.gz", img3.astype(np.float32), AFF3)
     _save(d / "vol_seg.nii.gz", lab3, AFF3)
     # no --weights: the model of each input's dimension (the bundled ones, here tiny stand-ins)
-    monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: ckpts["2d"], 3: ckpts["3d"]})
+    monkeypatch.setattr(export_sample, "DEFAULT_WEIGHTS", {2: ckpts["2d"], 3: ckpts["3d"]})
     out = tmp_path / "out"
     n = 3
     summary = run_export(d, out, _opts(per_image=n))
@@ -307,7 +309,7 @@ def test_overwrite_starts_afresh(tmp_path, folder2d, ckpts):
 
 
 def test_layer_inputs_are_saved_and_reproducible(tmp_path, ckpts):
-    from napari_drdm.dataset_io import ArrayInput
+    from napari_drdm.export import ArrayInput
     img, lab = _phantom((36, 32))
     out = tmp_path / "out"
     s = run_export([ArrayInput("my layer", img.astype(np.float32), lab, AFF2)], out, _opts(weights=ckpts["2d"]))
@@ -406,8 +408,8 @@ def test_dict_transform(ckpts):
 
 
 def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):
-    monkeypatch.setattr(aug, "DEFAULT_WEIGHTS", {2: "no_such_model", 3: "no_such_model"})
-    with pytest.raises(ValueError, match="no --weights given.*no_such_model"):
+    monkeypatch.setattr(export_sample, "DEFAULT_WEIGHTS", {2: "no_such_model", 3: "no_such_model"})
+    with pytest.raises(LookupError, match="no --weights given.*no_such_model"):
         run_export(folder2d, tmp_path / "o", _opts())
 
 
@@ -425,3 +427,18 @@ def test_torchrun_two_ranks_one_manifest(tmp_path, folder2d, ckpts):
     assert sorted(p.name for p in out.glob("journal-*")) == ["journal-0-of-2.jsonl", "journal-1-of-2.jsonl"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["n_rows"] == 4 and all(verify_row(out, r) for r in m["rows"])
+
+
+def test_load_sample_is_a_typed_record(folder2d, ckpts):
+    from napari_drdm.export import LoadedSample, ModelProvider, discover, load_sample
+    samples, skipped = discover(folder2d)
+    assert not skipped and [s.name for s in samples] == ["case0", "case1"]
+    ls = load_sample(samples[0], ModelProvider(ckpts["2d"], "cpu"))
+    assert isinstance(ls, LoadedSample) and ls.sample is samples[0]
+    assert ls.image.shape == (40, 36) and ls.labels.shape == ls.image.shape
+    assert tuple(ls.x.shape) == (1, 1, 40, 36) and tuple(ls.lab_t.shape) == (1, 1, 40, 36)
+    assert ls.model.ndim == 2 and tuple(ls.x_model.shape) == (1, 1, 32, 32)
+    assert set(ls.label_values.tolist()) == set(np.unique(ls.labels).tolist()) and ls.background == 0
+    assert ls.lo <= ls.hi and len(ls.source_sha256) == 64 and len(ls.labels_source_sha256) == 64
+    no_sha = load_sample(samples[0], ModelProvider(ckpts["2d"], "cpu"), with_sha=False)
+    assert no_sha.source_sha256 is None and no_sha.labels_source_sha256 is None

@@ -203,8 +203,7 @@ def test_cli_generate_writes_the_checked_field(tmp_path, capsys):
 
 
 def test_export_fold_guard_and_reproduce(tmp_path):
-    from napari_drdm.augment import ExportOptions, reproduce_row, run_export
-    from napari_drdm.dataset_io import ArrayInput
+    from napari_drdm.export import ArrayInput, ExportOptions, reproduce_row, run_export
     model = DRDM.from_checkpoint(make_tiny_checkpoint(tmp_path / "t.safetensors", 2, 32, seed=1))
     img = np.random.default_rng(2).random((30, 44)).astype(np.float32)
     out = tmp_path / "set"

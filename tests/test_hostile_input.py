@@ -22,11 +22,11 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint
 
-from napari_drdm import augment as aug
-from napari_drdm.augment import ExportOptions, reproduce_row, run_export
+from napari_drdm.export import ExportOptions, reproduce_row, run_export
+from napari_drdm.export import engine as export_engine
 from napari_drdm.checkpoint import CheckpointError
 from napari_drdm.cli import _parse, build_parser, main
-from napari_drdm.dataset_io import verify_row
+from napari_drdm.export import verify_row
 from napari_drdm.safety import (OutputError, OutputLock, OutputLockedError, UnsafePathError, check_memory, confine,
                                 estimate_export_bytes, writable_array)
 
@@ -425,7 +425,7 @@ def test_api_refuses_non_integer_t_prime_and_bad_k(ckpt):
 
 def test_nan_output_is_refused_and_skips_only_its_input(tmp_path, ckpt, monkeypatch):
     src = _folder(tmp_path)
-    real = aug.compute_batch
+    real = export_engine.compute_batch
 
     def poisoned(members, opts):
         outs = real(members, opts)
@@ -434,7 +434,7 @@ def test_nan_output_is_refused_and_skips_only_its_input(tmp_path, ckpt, monkeypa
                 o["ddf"][:] = np.nan
         return outs
 
-    monkeypatch.setattr(aug, "compute_batch", poisoned)
+    monkeypatch.setattr(export_engine, "compute_batch", poisoned)
     out = tmp_path / "out"
     s = run_export(src, out, _opts(ckpt, per_image=2))
     assert s["written"] == 2 and [k["name"] for k in s["skipped"]] == ["case1"]
@@ -446,14 +446,14 @@ def test_nan_output_is_refused_and_skips_only_its_input(tmp_path, ckpt, monkeypa
 
 def test_generation_failure_skips_only_the_failing_input(tmp_path, ckpt, monkeypatch):
     src = _folder(tmp_path)
-    real = aug.compute_batch
+    real = export_engine.compute_batch
 
     def fragile(members, opts):
         if any(j.name == "case0" for _, j in members):
             raise RuntimeError("boom")
         return real(members, opts)
 
-    monkeypatch.setattr(aug, "compute_batch", fragile)
+    monkeypatch.setattr(export_engine, "compute_batch", fragile)
     s = run_export(src, tmp_path / "out", _opts(ckpt, per_image=2, batch=4))
     assert s["written"] == 2 and s["skipped"][0]["name"] == "case0" and "boom" in s["skipped"][0]["reason"]
     assert s["complete"]
@@ -461,7 +461,7 @@ def test_generation_failure_skips_only_the_failing_input(tmp_path, ckpt, monkeyp
 
 def test_output_with_a_new_label_value_is_refused(tmp_path, ckpt, monkeypatch):
     src = _folder(tmp_path, n=1)
-    real = aug.compute_batch
+    real = export_engine.compute_batch
 
     def relabel(members, opts):
         outs = real(members, opts)
@@ -469,7 +469,7 @@ def test_output_with_a_new_label_value_is_refused(tmp_path, ckpt, monkeypatch):
         outs[0]["labels"][0, 0] = 77
         return outs
 
-    monkeypatch.setattr(aug, "compute_batch", relabel)
+    monkeypatch.setattr(export_engine, "compute_batch", relabel)
     s = run_export(src, tmp_path / "out", _opts(ckpt))
     assert s["written"] == 0 and "[77]" in s["skipped"][0]["reason"]
 
@@ -536,7 +536,7 @@ def test_merge_of_a_mistyped_folder_creates_nothing(tmp_path, capsys):
 def test_interrupt_message_counts_what_the_journal_holds(tmp_path, ckpt, monkeypatch, capsys):
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    real = aug.Journal.append
+    real = export_engine.Journal.append
     rows = [0]
 
     def append(self, record):       # Ctrl-C lands right after the 2nd row reached the journal
@@ -546,7 +546,7 @@ def test_interrupt_message_counts_what_the_journal_holds(tmp_path, ckpt, monkeyp
             if rows[0] == 2:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(aug.Journal, "append", append)
+    monkeypatch.setattr(export_engine.Journal, "append", append)
     assert main(_cli(src, out, "--weights", ckpt, "-n", "2", "--batch", "1")) == 130
     err = capsys.readouterr().err
     assert "after 2 new outputs" in err and "--resume" in err

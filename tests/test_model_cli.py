@@ -14,6 +14,7 @@ import torch
 from conftest import make_tiny_checkpoint, ref_path
 from napari_drdm.checkpoint import CheckpointError, read_checkpoint
 from napari_drdm.cli import main
+from napari_drdm.errors import InputError, WeightsNotFoundError
 from napari_drdm.model import DRDM, ModelGrid, load_model
 
 
@@ -78,14 +79,14 @@ def test_bad_labels(tiny_ckpt2d):
     img, lab = blob_image((32, 32))
     with pytest.raises(ValueError, match="does not match"):
         model.generate(img, lab[:-1], t_prime=2)
-    with pytest.raises(TypeError, match="integer"):
+    with pytest.raises(InputError, match="integer"):
         model.generate(img, lab * 0.5, t_prime=2)
     with pytest.raises(ValueError, match="T'"):
         model.generate(img, lab, t_prime=81)
 
 
 def test_checkpoint_safety_and_errors(tmp_path, tiny_ckpt3d):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(WeightsNotFoundError, match="not found"):
         read_checkpoint(tmp_path / "missing.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x04not a checkpoint")
@@ -105,7 +106,7 @@ def test_checkpoint_safety_and_errors(tmp_path, tiny_ckpt3d):
     assert model.ndim == 3
     with pytest.raises(ValueError, match="must be 3D"):
         model.generate(np.zeros((32, 32)), t_prime=2)
-    with pytest.raises(KeyError, match="unknown weights"):
+    with pytest.raises(WeightsNotFoundError, match="unknown weights"):
         load_model("no-such-model")
 
 

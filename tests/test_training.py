@@ -14,7 +14,7 @@ for p in (ROOT, ROOT / "src"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from training.augment import augment  # noqa: E402
+from training.classic_augment import augment  # noqa: E402
 from training.data import SliceBank, file_sha256, load_prepared, prepare, preprocess_volume  # noqa: E402
 from training.export import export_run  # noqa: E402
 from training.settings import load_config, model_config  # noqa: E402

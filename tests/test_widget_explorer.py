@@ -304,7 +304,6 @@ def test_explorer_on_the_cine_sample_uses_the_current_frame(make_napari_viewer, 
 
 
 def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer, qtbot):
-    import os
     from pathlib import Path
     viewer = make_napari_viewer()
     img, lab = _image((32, 32))
@@ -315,7 +314,8 @@ def test_labels_choice_sticks_and_reference_checkpoint_loads(make_napari_viewer,
     widget.set_labels_layer(None)
     viewer.add_labels(lab, name="lab2")                   # new layers do not override the user's choice
     assert widget.labels_combo.currentText() == "(none)"
-    ref_dir = os.environ.get("DRDM_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
+    from napari_drdm.core import environment
+    ref_dir = environment.get("REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
     ref = Path(ref_dir) / "upstream_cmr2d.pth"
     if not ref.exists():
         pytest.skip("reference checkpoint not available")

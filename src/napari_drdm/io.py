@@ -14,8 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["Volume", "read_image", "read_stack", "write_nifti", "is_readable", "IMAGE_SUFFIXES", "atomic_write",
-           "squeeze_trailing"]
+           "squeeze_trailing", "stem_of"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".npy", ".npz", ".mha", ".mhd")
@@ -29,6 +31,20 @@ class Volume:
     path: str = ""
     header: Any = None                      # nibabel header for NIfTI inputs
     meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def stem_of(path) -> str:
+    """A file's name without its image suffix (``case01.nii.gz`` -> ``case01``; a folder: its name).
+
+    Args:
+        path: a file or DICOM-series folder.
+    """
+    name = Path(str(path).rstrip("/\\")).name
+    low = name.lower()
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
 
 
 def squeeze_trailing(a):
@@ -92,7 +108,7 @@ def _dcmread_all(paths: List[Path]):
         try:
             out.append(pydicom.dcmread(str(q)))
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as e:
-            raise ValueError(f"{q}: not a readable DICOM file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            raise InputError(f"{q}: not a readable DICOM file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                              f"; remove it from the series folder") from None
     return out
 
@@ -104,11 +120,11 @@ def _one_series(slices, paths: List[Path], series: Optional[str]):
         groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "") or ""), []).append((ds, q))
     if series is not None:
         if series not in groups:
-            raise ValueError(f"{paths[0].parent}: no DICOM series {series!r} (found {', '.join(sorted(groups))})")
+            raise InputError(f"{paths[0].parent}: no DICOM series {series!r} (found {', '.join(sorted(groups))})")
         return groups[series]
     if len(groups) > 1:
         desc = "; ".join(f"{uid or '(no UID)'}: {len(v)} files, e.g. {v[0][1].name}" for uid, v in sorted(groups.items()))
-        raise ValueError(f"{paths[0].parent} holds {len(groups)} DICOM series ({desc}); put each series in its own "
+        raise InputError(f"{paths[0].parent} holds {len(groups)} DICOM series ({desc}); put each series in its own "
                          f"folder, or read one with read_image(folder, series=UID)")
     return next(iter(groups.values()))
 
@@ -122,7 +138,7 @@ def _read_dicom_series(paths: List[Path], series: Optional[str] = None) -> Volum
         ds = slices[0]
         arr = ds.pixel_array
         if getattr(ds, "SamplesPerPixel", 1) != 1:
-            raise ValueError(f"{paths[0]}: colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
+            raise InputError(f"{paths[0]}: colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
         slope, inter = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
@@ -139,7 +155,7 @@ def _read_dicom_series(paths: List[Path], series: Optional[str] = None) -> Volum
     for ds, q in zip(slices, paths):
         shapes.setdefault(tuple(ds.pixel_array.shape), q)
     if len(shapes) > 1:
-        raise ValueError(f"{paths[0].parent}: the DICOM slices have different sizes ("
+        raise InputError(f"{paths[0].parent}: the DICOM slices have different sizes ("
                          + ", ".join(f"{'x'.join(map(str, k))} e.g. {q.name}" for k, q in shapes.items())
                          + "); one series must have one slice size")
     data = np.stack([s.pixel_array * float(getattr(s, "RescaleSlope", 1) or 1)
@@ -157,7 +173,7 @@ def _read_picture(p: Path) -> Volume:
         if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
             arr = np.asarray(im.convert("RGB"))
             if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-                raise ValueError(f"{p}: colour image (mode {mode}); DRDM needs a single-channel grey-level image")
+                raise InputError(f"{p}: colour image (mode {mode}); DRDM needs a single-channel grey-level image")
             data = arr[..., 0]
         else:
             data = np.asarray(im)
@@ -176,13 +192,13 @@ def read_image(path, key: str = "image", series: Optional[str] = None) -> Volume
     if p.is_dir():
         dcm = sorted(p.glob("*.dcm"))
         if not dcm:
-            raise ValueError(f"{p} is a folder without DICOM files; give an image file")
+            raise InputError(f"{p} is a folder without DICOM files; give an image file")
         try:
             return _read_dicom_series(dcm, series)
         except ValueError:
             raise
         except Exception as e:
-            raise ValueError(f"cannot read the DICOM series {p}: {type(e).__name__}: {e}") from None
+            raise InputError(f"cannot read the DICOM series {p}: {type(e).__name__}: {e}") from None
     suf = _suffix(p)
     try:
         if suf in (".nii", ".nii.gz"):
@@ -199,7 +215,7 @@ def read_image(path, key: str = "image", series: Optional[str] = None) -> Volume
         if suf == ".npz":
             with np.load(str(p), allow_pickle=False) as z:
                 if key not in z.files:
-                    raise ValueError(f"{p} has no array {key!r} (found: {', '.join(z.files)})")
+                    raise InputError(f"{p} has no array {key!r} (found: {', '.join(z.files)})")
                 data = z[key]
                 spacing = tuple(float(s) for s in z["spacing"]) if "spacing" in z.files else (1.0,) * data.ndim
                 aff = np.asarray(z["affine"], float) if "affine" in z.files else _affine_from_spacing(spacing)
@@ -208,7 +224,7 @@ def read_image(path, key: str = "image", series: Optional[str] = None) -> Volume
             try:
                 import SimpleITK as sitk  # optional
             except ImportError:
-                raise ValueError(f"{p}: MetaImage needs the optional SimpleITK package") from None
+                raise InputError(f"{p}: MetaImage needs the optional SimpleITK package") from None
             im = sitk.ReadImage(str(p))
             data = sitk.GetArrayFromImage(im)
             spacing = tuple(float(s) for s in reversed(im.GetSpacing()))
@@ -216,8 +232,8 @@ def read_image(path, key: str = "image", series: Optional[str] = None) -> Volume
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:
-        raise ValueError(f"cannot read {p}: {type(e).__name__}: {e}") from None
-    raise ValueError(f"{p}: unsupported file type {suf!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(f"cannot read {p}: {type(e).__name__}: {e}") from None
+    raise InputError(f"{p}: unsupported file type {suf!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
 
 
 def read_stack(path) -> List[Volume]:
@@ -230,7 +246,7 @@ def read_stack(path) -> List[Volume]:
                 ims = z["images"]
                 labs = z["labels"] if "labels" in z.files else None
                 if labs is not None and labs.shape != ims.shape:
-                    raise ValueError(f"{p}: labels shape {labs.shape} differs from images shape {ims.shape}")
+                    raise InputError(f"{p}: labels shape {labs.shape} differs from images shape {ims.shape}")
                 spacing = tuple(float(s) for s in z["spacing"]) if "spacing" in z.files else (1.0,) * (ims.ndim - 1)
                 return [Volume(ims[i], _affine_from_spacing(spacing), spacing, f"{p}[{i}]",
                                meta={"labels": labs[i] if labs is not None else None}) for i in range(len(ims))]

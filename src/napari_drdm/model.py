@@ -32,6 +32,7 @@ from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
 from .core.spatial import resample_affine, warp, warp_labels
+from .errors import InputError
 from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
@@ -57,11 +58,18 @@ def guard_mode(value) -> Optional[str]:
         return DEFAULT_GUARD_MODE
     if isinstance(value, str) and value in GUARD_MODES:
         return value
-    raise ValueError(f"fold_guard must be True, False or one of {GUARD_MODES}, got {value!r}")
+    raise InputError(f"fold_guard must be True, False or one of {GUARD_MODES}, got {value!r}")
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """cuda > mps > cpu unless told; ``"auto"`` or None means choose."""
+    """cuda > mps > cpu unless told; ``"auto"`` or None means choose.
+
+    Args:
+        device: a device string or ``torch.device``; ``"auto"`` or None chooses.
+
+    Raises:
+        DeviceError: an unknown device, or one not present on this machine.
+    """
     if device is not None and str(device) != "auto":
         if isinstance(device, torch.device):
             device = str(device)
@@ -101,7 +109,7 @@ class ModelGrid:
         shape = tuple(int(n) for n in shape)
         sp = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * len(shape)))
         if len(sp) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in sp):
-            raise ValueError(f"spacing must be {len(shape)} positive numbers, got {spacing}")
+            raise InputError(f"spacing must be {len(shape)} positive numbers, got {spacing}")
         extent = max(n * s for n, s in zip(shape, sp))
         h = extent / size
         scale = tuple(h / s for s in sp)
@@ -355,7 +363,7 @@ class DRDM:
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
-            raise ValueError(f"{x_model.shape[0]} images but {len(seeds)} seeds")
+            raise InputError(f"{x_model.shape[0]} images but {len(seeds)} seeds")
         draws = self._seeded_draws(seeds)
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi

@@ -14,23 +14,24 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import DRDMError, InputError, OutputError
+
 __all__ = ["UnsafePathError", "OutputLockedError", "OutputError", "confine", "OutputLock", "check_output_dir",
            "writable_array", "check_finite", "check_label_values", "shown", "check_utf8_name",
-           "available_memory", "estimate_export_bytes", "check_memory", "LOCK_FILE"]
+           "available_memory", "estimate_export_bytes", "check_memory", "pid_alive", "LOCK_FILE"]
 
 LOCK_FILE = ".drdm.lock"
 
 
-class UnsafePathError(ValueError):
-    """A write target outside the output root (absolute path, ``..``, a symlink pointing out)."""
+class UnsafePathError(DRDMError, ValueError):
+    """A write target outside the output root (absolute path, ``..``, a symlink pointing out).
+
+    Not an :class:`OutputError`: an export skips an input whose outputs cannot be written, but
+    stops at a path that leaves the output folder."""
 
 
-class OutputLockedError(FileExistsError):
+class OutputLockedError(DRDMError, FileExistsError):
     """Another process is writing into the same output folder."""
-
-
-class OutputError(ValueError):
-    """An output array that cannot be written faithfully (NaN, a changed label value, a dtype NIfTI lacks)."""
 
 
 def shown(path) -> str:
@@ -48,12 +49,12 @@ def check_utf8_name(path) -> None:
         path: the file.
 
     Raises:
-        ValueError: naming the file (undecodable bytes shown as ``\\xNN``).
+        InputError: naming the file (undecodable bytes shown as ``\\xNN``).
     """
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{shown(path)}: the file name is not valid UTF-8; rename it") from None
+        raise InputError(f"{shown(path)}: the file name is not valid UTF-8; rename it") from None
 
 
 # ---------------------------------------------------------------------------------- confinement
@@ -88,6 +89,21 @@ def confine(root, target) -> Path:
     if resolved == root_r:
         raise UnsafePathError(f"refusing to write {shown(target)}: it is the output folder itself")
     return resolved
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one we may not signal counts as alive).
+
+    Args:
+        pid: the process id.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------- locking
@@ -174,7 +190,6 @@ class OutputLock:
         return True, ""
 
     def _take_excl_file(self, path: Path):  # pragma: no cover - Windows
-        from .dataset_io import _pid_alive
         try:
             fd = os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -183,7 +198,7 @@ class OutputLock:
                 pid = int(text.split()[1].rstrip(":"))
             except (IndexError, ValueError):
                 pid = None
-            if pid is not None and not _pid_alive(pid):
+            if pid is not None and not pid_alive(pid):
                 self.stale = text
                 path.unlink(missing_ok=True)
                 return self._take_excl_file(path)

@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .dataset_io import parse_t_prime
+from .export.jobspec import parse_t_prime
+from .errors import InputError
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
 
@@ -94,7 +95,7 @@ class DRDMTransform:
 
     def model(self, ndim: int):
         if self._model is None:
-            from .augment import DEFAULT_WEIGHTS
+            from .export.sample import DEFAULT_WEIGHTS
             from .model import load_model
             self._model = load_model(self.weights or DEFAULT_WEIGHTS.get(ndim), device=self.device, ndim=ndim)
         return self._model
@@ -157,7 +158,7 @@ class DRDMTransform:
             a, ch = self._channels(self._to_numpy(data[key]))
             lab = a.astype(np.int64) if a.dtype.kind in "iub" or np.all(a == np.round(a)) else None
             if lab is None:
-                raise TypeError(f"{key!r} holds non-integer values; a label map is expected")
+                raise InputError(f"{key!r} holds non-integer values; a label map (integer classes) is expected")
             t = torch.as_tensor(lab, device=model.device)[:, None]
             w = warp_labels(t, ddf.expand(len(lab), *ddf.shape[1:]), self.label_interp)[:, 0].cpu().numpy()
             out[key] = self._like(data[key], self._uncheck(w.astype(a.dtype), ch))

@@ -1,17 +1,26 @@
 """Validators for user-supplied options (command line and Python API).
 
-Each validator returns the cleaned value or raises :class:`ValueError` with one line naming the
-option and what was expected, so the command line can print it as is.  :func:`arg_type` turns a
+Each validator returns the cleaned value or raises :class:`~napari_drdm.errors.InputError` (a
+``ValueError``) with one line naming the option and what was expected, so the command line can
+print it as is; the Python API, the command line and the widgets call the same validators.  :func:`arg_type` turns a
 validator into an ``argparse`` ``type=`` so that a bad value is refused while parsing, before
 any work.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
-           "check_model_size", "arg_type", "MAX_SEED"]
+           "check_model_size", "check_choice", "check_schedule", "check_label_interp", "check_positive",
+           "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "LABEL_INTERPS"]
+
+#: reverse-loop schedules (core/recovery.py): "paper" runs T' steps, "reference" all T steps
+SCHEDULES = ("paper", "reference")
+#: label interpolation methods (core/spatial.py ``warp_labels``)
+LABEL_INTERPS = ("nearest", "linear_argmax")
 
 #: largest seed a ``torch.Generator`` accepts (seeds are unsigned 64-bit there; we keep them signed-safe)
 MAX_SEED = 2 ** 63 - 1
@@ -31,29 +40,29 @@ def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = No
         The value as a Python ``int``.
 
     Raises:
-        ValueError: naming ``name``, the value and the accepted range.
+        InputError: naming ``name``, the value and the accepted range.
     """
     rng = ("" if lo is None and hi is None else
            f" >= {lo}" if hi is None else f" <= {hi}" if lo is None else f" in {lo}..{hi}")
     expected = f"{name}: expected an integer{rng}, got {value!r}"
     if isinstance(value, bool):
-        raise ValueError(expected)
+        raise InputError(expected)
     if isinstance(value, str):
         try:
             v = int(value.strip())
         except ValueError:
-            raise ValueError(expected) from None
+            raise InputError(expected) from None
     elif isinstance(value, numbers.Integral):
         v = int(value)
     elif isinstance(value, numbers.Real):
         f = float(value)
         if not (f == f and abs(f) != float("inf") and f.is_integer()):
-            raise ValueError(expected)
+            raise InputError(expected)
         v = int(f)
     else:
-        raise ValueError(expected)
+        raise InputError(expected)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(expected)
+        raise InputError(expected)
     return v
 
 
@@ -109,7 +118,7 @@ def check_model_size(value, name: str = "--size") -> Optional[int]:
         return None
     v = check_int(name, value, 8, 4096)
     if v % 8:
-        raise ValueError(f"{name}: expected a multiple of 8 (the network halves the grid three times), got {v}")
+        raise InputError(f"{name}: expected a multiple of 8 (the network halves the grid three times), got {v}")
     return v
 
 
@@ -124,7 +133,7 @@ def check_device(value, name: str = "--device") -> str:
         The device string, unchanged.
 
     Raises:
-        ValueError: unknown device, or a GPU that is not present here.
+        DeviceError: unknown device, or a GPU that is not present here.
     """
     import torch
     if value is None or str(value) == "auto":
@@ -133,20 +142,89 @@ def check_device(value, name: str = "--device") -> str:
     try:
         dev = torch.device(s)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}") from None
+        raise DeviceError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name} {s}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+            raise DeviceError(f"{name} {s}: no CUDA GPU is available on this machine (use --device cpu or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name} {s}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            raise DeviceError(f"{name} {s}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                              f"expected cuda:0..cuda:{torch.cuda.device_count() - 1}")
     elif dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError(f"{name} {s}: Apple MPS is not available on this machine (use --device cpu or auto)")
+            raise DeviceError(f"{name} {s}: Apple MPS is not available on this machine (use --device cpu or auto)")
     elif dev.type != "cpu":
-        raise ValueError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}")
+        raise DeviceError(f"{name}: expected auto, cpu, cuda, cuda:N or mps, got {s!r}")
     return s
+
+
+def check_choice(value, choices: Sequence[str], name: str, allow_none: bool = False) -> Optional[str]:
+    """One of a fixed set of words.
+
+    Args:
+        value: the word (None accepted when ``allow_none``: the default applies).
+        choices: the accepted words.
+        name: option name for the message.
+        allow_none: accept None (returned unchanged).
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{name}: expected {' or '.join(choices) if len(choices) < 3 else ', '.join(choices)}, "
+                         f"got {value!r}")
+    return value
+
+
+def check_schedule(value, name: str = "--schedule") -> Optional[str]:
+    """A reverse-loop schedule (:data:`SCHEDULES`), or None for the model's own.
+
+    Args:
+        value: the schedule or None.
+        name: option name for the message.
+    """
+    return check_choice(value, SCHEDULES, name, allow_none=True)
+
+
+def check_label_interp(value, name: str = "--label-interp") -> str:
+    """A label interpolation method (:data:`LABEL_INTERPS`).
+
+    Args:
+        value: the method.
+        name: option name for the message.
+    """
+    return check_choice(value, LABEL_INTERPS, name)
+
+
+def check_positive(value, name: str, allow_none: bool = True) -> Optional[float]:
+    """A finite number > 0 (a memory budget in GB, a wait in seconds), or None.
+
+    Args:
+        value: the number, a string of one, or None (when ``allow_none``).
+        name: option name for the message.
+        allow_none: accept None (returned unchanged).
+    """
+    if value is None and allow_none:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not (0 < v < float("inf")):
+        raise InputError(f"{name}: expected a positive number, got {value!r}")
+    return v
+
+
+def check_bool(value, name: str) -> bool:
+    """True or False (a bool, a NumPy bool, 0 or 1; strings are refused, never guessed).
+
+    Args:
+        value: the flag.
+        name: option name for the message.
+    """
+    if isinstance(value, str) or not hasattr(value, "__bool__") or getattr(value, "ndim", 0) \
+            or value not in (True, False):
+        raise InputError(f"{name}: expected true or false, got {value!r}")
+    return bool(value)
 
 
 def arg_type(check: Callable, name: str, **kw) -> Callable[[str], object]:
@@ -156,7 +234,7 @@ def arg_type(check: Callable, name: str, **kw) -> Callable[[str], object]:
     def parse(text: str):
         try:
             return check(value=text, name=name, **kw)
-        except ValueError as e:
+        except (DRDMError, ValueError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = name.lstrip("-").replace("-", "_")
     return parse

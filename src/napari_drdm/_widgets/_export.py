@@ -1,6 +1,6 @@
 """DRDM dataset export: Algorithm 3 (segmentation sets) and 4 (registration pairs) from napari.
 
-A thin Qt view (qtpy only) over :mod:`napari_drdm.augment`, the engine the ``drdm augment`` and
+A thin Qt view (qtpy only) over :mod:`napari_drdm.export`, the engine the ``drdm augment`` and
 ``drdm synthesize-pairs`` commands use: the export runs in a napari thread worker, one event per
 written output drives the progress bar, Cancel stops after the current batch (finished outputs
 stay valid and the folder can be resumed), and the first few results are added as layers.
@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..errors import DRDMError, one_line
 from ._inputs import is_output_layer
 from ._lifetime import Lifetime, if_alive, stop_workers
 
@@ -245,7 +246,7 @@ class ExportWidget(QWidget):
         return self.worker is not None
 
     def _validate(self, *_) -> str:
-        from ..dataset_io import parse_t_prime
+        from ..export import parse_t_prime
         layers = self.source.currentText() == "Layers"
         pairs = MODES[self.mode.currentText()] == "pairs"
         for w in (self.image_combo, self.labels_combo):
@@ -290,7 +291,7 @@ class ExportWidget(QWidget):
         self.progress.setFormat("%v / %m outputs" if n else "outputs: counted when the folder is read")
 
     def _inputs(self):
-        from ..dataset_io import ArrayInput
+        from ..export import ArrayInput
         if self.source.currentText() == "Folder":
             return [self.folder_edit.text().strip()]
         from .._writer import affine_for_layer
@@ -303,7 +304,7 @@ class ExportWidget(QWidget):
                            affine_for_layer(meta, data.ndim), md.get("nifti_header"))]
 
     def options(self):
-        from ..augment import ExportOptions
+        from ..export import ExportOptions
         resume, overwrite = EXISTING[self.existing.currentText()]
         sched = self.schedule.currentText()
         return ExportOptions(mode=MODES[self.mode.currentText()], per_image=self.n_spin.value(),
@@ -319,7 +320,7 @@ class ExportWidget(QWidget):
             return
         from napari.qt.threading import create_worker
 
-        from ..augment import iter_export
+        from ..export import iter_export
         inputs, opts, out = self._inputs(), self.options(), self.out_edit.text().strip()
         n_prev = self.preview_spin.value()
         threads = self.threads_spin.value()
@@ -331,8 +332,8 @@ class ExportWidget(QWidget):
             torch.set_num_threads(threads)
             try:
                 return (yield from iter_export(inputs, out, opts, preview=n_prev, should_stop=stop.is_set))
-            except (OSError, ValueError, TypeError, KeyError) as e:   # expected: say why in the widget
-                return {"status": "error", "error": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
+            except (DRDMError, OSError, ValueError) as e:   # expected: say why in the widget
+                return {"status": "error", "error": one_line(e)}
 
         self.summary = None
         self._t0 = time.perf_counter()

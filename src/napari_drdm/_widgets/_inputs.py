@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..checks import check_image, check_labels
+from ..errors import InputError
 
 __all__ = ["Inputs", "read_inputs", "stack_axes", "spatial_ndim", "is_output_layer", "layer_affine"]
 
@@ -58,7 +59,7 @@ def layer_affine(layer) -> Optional[np.ndarray]:
 
 
 def _cached(cache: Dict[tuple, Optional[str]], key: tuple, check) -> None:
-    """Run ``check`` (raises ValueError/TypeError) once per key; re-raise its reason from the cache."""
+    """Run ``check`` (raises InputError) once per key; re-raise its reason from the cache."""
     if key not in cache:
         try:
             check()
@@ -68,12 +69,12 @@ def _cached(cache: Dict[tuple, Optional[str]], key: tuple, check) -> None:
     if len(cache) > 64:
         cache.clear()
     elif cache.get(key):
-        raise ValueError(cache[key])
+        raise InputError(cache[key])
 
 
 def read_inputs(img_layer, lab_layer, model_ndim: int, world_point: Sequence[float],
                 slice_of_volume: bool = False, cache: Optional[Dict[tuple, Optional[str]]] = None) -> Inputs:
-    """The arrays a run would use; ValueError with a one-line reason when they are unusable.
+    """The arrays a run would use; InputError (a ValueError) with a one-line reason when they are unusable.
 
     Args:
         img_layer: the napari image layer to deform.
@@ -87,20 +88,20 @@ def read_inputs(img_layer, lab_layer, model_ndim: int, world_point: Sequence[flo
     cache = {} if cache is None else cache
     name = img_layer.name
     if getattr(img_layer, "rgb", False):
-        raise ValueError(f"Image '{name}' is RGB/RGBA: DRDM needs a single-channel grey-level image.")
+        raise InputError(f"Image '{name}' is RGB/RGBA: DRDM needs a single-channel grey-level image.")
     if getattr(img_layer, "multiscale", False):
-        raise ValueError(f"Image '{name}' is multiscale: not supported, open a single-resolution image.")
+        raise InputError(f"Image '{name}' is multiscale: not supported, open a single-resolution image.")
     data = img_layer.data
     nd = int(model_ndim)
     n_time = stack_axes(img_layer)
     sp_nd = data.ndim - n_time
     if sp_nd < nd:
-        raise ValueError(f"Image '{name}' is {sp_nd}D but the model is {nd}D: choose a {sp_nd}D model.")
+        raise InputError(f"Image '{name}' is {sp_nd}D but the model is {nd}D: choose a {sp_nd}D model.")
     if sp_nd > nd and not (slice_of_volume and sp_nd == nd + 1 and nd == 2):
         hint = " or tick 'slice on screen' to deform one slice" if sp_nd == 3 and nd == 2 else ""
-        raise ValueError(f"Image '{name}' is {sp_nd}D but the model is {nd}D: choose a {sp_nd}D model{hint}.")
+        raise InputError(f"Image '{name}' is {sp_nd}D but the model is {nd}D: choose a {sp_nd}D model{hint}.")
     if data.ndim > nd + 2:
-        raise ValueError(f"Image '{name}' has {data.ndim} axes: at most {nd + 2} for this {nd}D model.")
+        raise InputError(f"Image '{name}' has {data.ndim} axes: at most {nd + 2} for this {nd}D model.")
     lead = data.ndim - nd
     idx: Tuple[int, ...] = ()
     if lead:
@@ -112,19 +113,19 @@ def read_inputs(img_layer, lab_layer, model_ndim: int, world_point: Sequence[flo
             lambda: check_image(image, nd, f"Image '{name}'{where}"))
     spacing = tuple(float(s) for s in np.asarray(img_layer.scale)[lead:])
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
-        raise ValueError(f"Image '{name}' has an unusable scale {tuple(img_layer.scale)}.")
+        raise InputError(f"Image '{name}' has an unusable scale {tuple(img_layer.scale)}.")
     labels = None
     if lab_layer is not None:
         lname = lab_layer.name
         if getattr(lab_layer, "multiscale", False):
-            raise ValueError(f"Labels '{lname}' are multiscale: not supported.")
+            raise InputError(f"Labels '{lname}' are multiscale: not supported.")
         ldata = lab_layer.data
         if tuple(ldata.shape) == tuple(data.shape):
             labels = np.asarray(ldata[idx] if lead else ldata)
         elif tuple(ldata.shape) == tuple(image.shape):
             labels = np.asarray(ldata)
         else:
-            raise ValueError(f"Labels '{lname}' have shape {tuple(ldata.shape)} but the image '{name}' has "
+            raise InputError(f"Labels '{lname}' have shape {tuple(ldata.shape)} but the image '{name}' has "
                              f"{tuple(data.shape)}" + (f" (slice {tuple(image.shape)})" if lead else "")
                              + ": they must match.")
         if not np.issubdtype(labels.dtype, np.integer):

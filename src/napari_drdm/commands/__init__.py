@@ -1,7 +1,8 @@
 """Sub-commands of the ``drdm`` command line (one module each)."""
 from __future__ import annotations
 
-from ..validate import arg_type, check_device, check_k, check_model_size, check_seed, check_threads
+from ..validate import (LABEL_INTERPS, SCHEDULES, arg_type, check_device, check_k, check_model_size, check_seed,
+                        check_threads)
 
 
 def add_model_args(p, default=None, required=False):
@@ -36,6 +37,18 @@ def add_fold_guard_arg(p, default: bool):
 
 def seed_arg(p, default=0, help="random seed (0 .. 2**63-1)"):
     p.add_argument("--seed", type=arg_type(check_seed, "--seed"), default=default, help=help)
+
+
+def schedule_arg(p):
+    """--schedule paper|reference (default: the model's own)."""
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+
+
+def label_interp_arg(p):
+    """--label-interp nearest|linear_argmax."""
+    p.add_argument("--label-interp", choices=LABEL_INTERPS, default=LABEL_INTERPS[0],
+                   help="label warping: nearest neighbour, or per-label linear + argmax (default nearest)")
 
 
 def k_arg(p, help="internal recursions K >= 1 (default: the model's)"):

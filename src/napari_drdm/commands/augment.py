@@ -4,7 +4,7 @@
     drdm augment --reproduce MANIFEST ROW_ID OUTDIR
     drdm augment --merge OUT
 
-The engine is :mod:`napari_drdm.augment`; ``synthesize-pairs`` shares this module's options.
+The engine is :mod:`napari_drdm.export`; ``synthesize-pairs`` shares this module's options.
 See docs/export.md for the naming rule, the outputs and the manifest.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import add_fold_guard_arg, add_model_args, k_arg, seed_arg
-from ..validate import arg_type, check_int
+from ..errors import InputError
+from ..validate import arg_type, check_int, check_positive
+from . import add_fold_guard_arg, add_model_args, k_arg, label_interp_arg, schedule_arg, seed_arg
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -23,7 +24,12 @@ EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] w
           "or IN/images/ + IN/labels/ with matching names.")
 
 
-def add_common(p, mode: str):
+def add_common(p):
+    """The options ``drdm augment`` and ``drdm synthesize-pairs`` share (all but their T' options).
+
+    Args:
+        p: the sub-command's argument parser.
+    """
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="IN [IN ...] OUT: input folders/files (NIfTI, NRRD, PNG, DICOM series...), output folder")
     p.add_argument("--per-image", "-n", type=arg_type(check_int, "--per-image", lo=1), default=1,
@@ -31,15 +37,14 @@ def add_common(p, mode: str):
     add_model_args(p, required=False)
     seed_arg(p, help="run seed (0 .. 2**63-1); each output's seed is derived from it, the input's name and the "
              "output index (default 0)")
-    p.add_argument("--schedule", choices=["paper", "reference"], default=None,
-                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    schedule_arg(p)
     k_arg(p)
     p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
                    help="samples per network pass (default 4)")
     p.add_argument("--inverse", action="store_true", help="also write the inverse field (fixed-point inversion; "
                    "its residual goes to the manifest)")
     p.add_argument("--inverse-iterations", type=arg_type(check_int, "--inverse-iterations", lo=0), default=50)
-    p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
@@ -51,7 +56,7 @@ def add_common(p, mode: str):
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of skipping it")
     p.add_argument("--retry-skipped", action="store_true",
                    help="with --resume: retry the inputs the earlier run skipped (by default they stay skipped)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+    p.add_argument("--max-memory", type=arg_type(check_positive, "--max-memory"), default=None, metavar="GB",
                    help="memory budget for the estimate made before each input (default: the memory available)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another drdm process is writing into OUT, wait this long for it (default: refuse at once)")
@@ -66,7 +71,7 @@ def add_common(p, mode: str):
 def add_parser(sub):
     p = sub.add_parser("augment", help="Algorithm 3: augmented segmentation set (images, labels, fields, manifest)",
                        description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    add_common(p, "augment")
+    add_common(p)
     p.add_argument("--t-prime", default="reference", help="T' SPEC (default 'reference')")
     return p
 
@@ -77,9 +82,9 @@ def _shard(args):
         try:
             i, n = (int(v) for v in str(args.shard).split("/"))
         except ValueError:
-            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+            raise InputError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
         if not 0 <= i < n:
-            raise ValueError(f"--shard {args.shard}: expected 0 <= i < n")
+            raise InputError(f"--shard {args.shard}: expected 0 <= i < n")
         return i, n, False
     if env_n > 1:
         return int(os.environ.get("RANK", "0")), env_n, True
@@ -100,8 +105,7 @@ def _init_dist():
 
 def run_mode(args, opts_kw: dict) -> int:
     import torch
-    from ..augment import ExportOptions, reproduce_row, run_export
-    from ..dataset_io import write_manifest
+    from ..export import ExportOptions, reproduce_row, run_export, write_manifest
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -113,22 +117,23 @@ def run_mode(args, opts_kw: dict) -> int:
         return 0 if all(res["identical"].values()) else 1
     if args.merge:
         if len(args.paths) != 1:
-            raise ValueError("--merge takes the output folder only")
-        from ..dataset_io import RUN_FILE, _clean_partials
+            raise InputError("--merge takes the output folder only")
+        from ..export.manifest import RUN_FILE
+        from ..export.outdir import clean_partials
         from ..safety import OutputLock
         folder = Path(args.paths[0])
         if not folder.is_dir() or not ((folder / RUN_FILE).exists() or list(folder.glob("journal-*-of-*.jsonl"))):
             raise FileNotFoundError(f"--merge {folder}: not the output folder of a drdm run (no run.json or "
                                     f"journal-*.jsonl there); nothing was created")
         with OutputLock(folder, what="drdm augment --merge"):
-            _clean_partials(folder)
+            clean_partials(folder)
             m = write_manifest(folder)
         print(f"{args.paths[0]}/manifest.json: {m['n_rows']} rows, {m['n_missing']} missing")
         return 0
     if len(args.paths) < 2:
-        raise ValueError("give at least one input and the output folder: IN [IN ...] OUT")
+        raise InputError("give at least one input and the output folder: IN [IN ...] OUT")
     if args.per_image < 1:
-        raise ValueError("--per-image must be >= 1")
+        raise InputError("--per-image must be >= 1")
     inputs, out = args.paths[:-1], args.paths[-1]
     i, n, from_env = _shard(args)
     device = args.device
@@ -145,7 +150,7 @@ def run_mode(args, opts_kw: dict) -> int:
                          retry_skipped=args.retry_skipped, max_memory=args.max_memory, lock_wait=args.wait,
                          fold_guard=args.fold_guard, **opts_kw).validate()
     if args.retry_skipped and not args.resume:
-        raise ValueError("--retry-skipped only applies with --resume")
+        raise InputError("--retry-skipped only applies with --resume")
     bar = None
 
     def new_bar():       # created at the first event, so that a refusal before work is one line

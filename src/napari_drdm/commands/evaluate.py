@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import add_model_args, load_from_args
+from ..errors import InputError
+from ..validate import arg_type, check_int, check_seed
+from . import add_model_args, k_arg, load_from_args, schedule_arg
 
 
 def add_parser(sub):
@@ -20,16 +22,17 @@ def add_parser(sub):
     add_model_args(p)
     p.add_argument("--images", nargs="+", required=True,
                    help="image files or folders (NIfTI, NRRD, PNG/JPEG, .npy, or .npz with an 'images' array)")
-    p.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
-    p.add_argument("--samples", type=int, default=40, help="generations per T' (default 40)")
-    p.add_argument("--schedule", choices=["paper", "reference"], default=None)
-    p.add_argument("--k", type=int, default=None)
-    p.add_argument("--slices", type=int, default=5,
+    p.add_argument("--t-prime", type=arg_type(check_int, "--t-prime", lo=0), nargs="+", default=[30, 45, 70])
+    p.add_argument("--samples", type=arg_type(check_int, "--samples", lo=1), default=40,
+                   help="generations per T' (default 40)")
+    schedule_arg(p)
+    k_arg(p)
+    p.add_argument("--slices", type=arg_type(check_int, "--slices", lo=1), default=5,
                    help="for a 2D model given 3D volumes: this many evenly spaced foreground slices per volume, "
                         "along every axis in --slice-axes")
     p.add_argument("--slice-axes", default="2", help="axes to slice 3D volumes along, e.g. '0,1,2' (default '2')")
-    p.add_argument("--batch", type=int, default=1, help="samples per network pass")
-    p.add_argument("--seed-offset", type=int, default=0)
+    p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=1, help="samples per network pass")
+    p.add_argument("--seed-offset", type=arg_type(check_seed, "--seed-offset"), default=0)
     p.add_argument("--json", action="store_true", help="print only the JSON object (default prints it too)")
     p.add_argument("--progress", action="store_true", help="progress bar on stderr")
     p.add_argument("--fold-guard", action="store_true",
@@ -74,9 +77,9 @@ def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
                         out.append((f"{vol.path}[axis{ax}={i}]", np.take(a, i, axis=ax),
                                     tuple(s for j, s in enumerate(sp) if j != ax)))
             else:
-                raise ValueError(f"{vol.path}: {a.ndim}D image (shape {a.shape}) for a {ndim}D model")
+                raise InputError(f"{vol.path}: {a.ndim}D image (shape {a.shape}) for a {ndim}D model")
     if not out:
-        raise ValueError("no usable images found in " + ", ".join(map(str, paths)))
+        raise InputError("no usable images found in " + ", ".join(map(str, paths)))
     return out
 
 
@@ -148,8 +151,11 @@ def _input_ndim(paths) -> int:
 
 
 def run(args) -> int:
+    from ..validate import check_t_prime
+    axes = tuple(check_int("--slice-axes", a, 0, 2) for a in str(args.slice_axes).split(",") if a.strip())
     model = load_from_args(args, ndim=_input_ndim(args.images) if args.weights is None else 2)
-    axes = tuple(int(a) for a in str(args.slice_axes).split(",") if a.strip())
+    for tp in args.t_prime:
+        check_t_prime(tp, model.config.n_steps, name="--t-prime")
     images = collect_images(args.images, model.ndim, args.slices, axes)
     guard = None
     if args.fold_guard:

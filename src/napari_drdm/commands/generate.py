@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import add_fold_guard_arg, add_model_args, k_arg, load_from_args, seed_arg
+from ..errors import InputError
+from ..validate import arg_type, check_int, check_positive
+from . import add_fold_guard_arg, add_model_args, k_arg, label_interp_arg, load_from_args, schedule_arg, seed_arg
 
 
 def add_parser(sub):
@@ -12,36 +14,29 @@ def add_parser(sub):
     p.add_argument("image", help="input image: NIfTI, NRRD, DICOM (file or series folder), PNG/JPEG, .npy")
     p.add_argument("--labels", help="label map on the same grid (integer values)")
     add_model_args(p)
-    p.add_argument("--t-prime", type=int, default=45, help="diffusion level T' (0..T, default 45)")
+    p.add_argument("--t-prime", type=arg_type(check_int, "--t-prime", lo=0), default=45,
+                   help="diffusion level T' (0..T, default 45)")
     seed_arg(p)
-    p.add_argument("--schedule", choices=["paper", "reference"], default=None,
-                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    schedule_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
-    p.add_argument("--label-interp", choices=["nearest", "linear_argmax"], default="nearest")
+    label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default=None, help="output file prefix (default: input name)")
     p.add_argument("--forward-ddf", action="store_true", help="also write the forward field psi_{T':1}")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+    p.add_argument("--max-memory", type=arg_type(check_positive, "--max-memory"), default=None, metavar="GB",
                    help="memory budget for the estimate made before work (default: the memory available)")
     return p
 
 
-def _stem(path: str) -> str:
-    name = Path(path.rstrip("/")).name
-    for suf in (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".npy", ".npz", ".dcm", ".tif", ".tiff"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def run(args) -> int:
     import numpy as np
-    from ..io import read_image, squeeze_trailing
+    from ..io import read_image, squeeze_trailing, stem_of
     from ..outputs import result_paths, write_result
     from ..safety import (OutputLock, available_memory, check_memory, check_output_dir, check_utf8_name,
                           estimate_export_bytes)
+    from ..checks import check_image, check_labels
     from ..validate import check_t_prime
 
     for p in (args.image, args.labels):
@@ -50,7 +45,7 @@ def run(args) -> int:
             if not Path(p).exists():
                 raise FileNotFoundError(f"input not found: {p}")
     check_t_prime(args.t_prime, name="--t-prime")
-    stem = args.prefix or _stem(args.image)
+    stem = args.prefix or stem_of(args.image)
     # the output folder is checked (writable, no clash) and locked before anything is computed
     check_output_dir(args.out)
     result_paths(args.out, stem, bool(args.labels), args.forward_ddf, args.overwrite)
@@ -66,10 +61,10 @@ def run(args) -> int:
             if labels.ndim == data.ndim + 1 and labels.shape[-1] == 1:
                 labels = labels[..., 0]
             if labels.shape != data.shape:
-                raise ValueError(f"labels {args.labels} have shape {labels.shape}, image {args.image} has {data.shape}")
-        if data.ndim != model.ndim:
-            raise ValueError(f"{args.image} is {data.ndim}D (shape {data.shape}) but the weights "
-                             f"{model.name!r} are a {model.ndim}D model")
+                raise InputError(f"labels {args.labels} have shape {labels.shape}, image {args.image} has {data.shape}")
+        data = check_image(data, model.ndim, args.image)      # named by their files, before any work
+        if labels is not None:
+            labels = check_labels(labels, data.shape, args.labels)
         budget = int(args.max_memory * 1e9) if args.max_memory else available_memory()
         est = estimate_export_bytes(data.shape, np.asarray(data).dtype.itemsize, model.size, model.config.channels,
                                     1, labels is not None, frames=0)

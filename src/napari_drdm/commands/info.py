@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import platform
 
+from ..errors import InputError
 from ..validate import arg_type, check_threads
 
 
@@ -16,7 +17,7 @@ def _tune_tag(value: str, name: str = "--tune"):
     """
     t = str(value).strip().lower()
     if len(t) < 3 or t[0] not in "23" or t[1] != "d" or not t[2:].isdigit() or int(t[2:]) % 8 or int(t[2:]) < 8:
-        raise ValueError(f"{name}: expected a size like 2d256 or 3d64 (side divisible by 8), got {value!r}")
+        raise InputError(f"{name}: expected a size like 2d256 or 3d64 (side divisible by 8), got {value!r}")
     return int(t[0]), int(t[2:])
 
 
@@ -113,6 +114,10 @@ def collect(tune=None, batch: int = 1) -> dict:
     if tune:
         info["path_decisions"] = [_tuned(nd, S, batch) for nd, S in tune]
     info["cached_path_decisions"] = _cached_decisions()
+    from ..core.environment import describe
+    info["environment"] = {v["name"]: (v["value"] if v["set_as"] in (None, v["name"]) else
+                                       f"{v['value']} (from the deprecated {v['set_as']})")
+                           for v in describe()}
     return info
 
 

@@ -15,7 +15,7 @@ from .augment import EPILOG, add_common, run_mode
 def add_parser(sub):
     p = sub.add_parser("synthesize-pairs", help="Algorithm 4: registration triples (moving, fixed, field) + labels",
                        description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    add_common(p, "pairs")
+    add_common(p)
     p.add_argument("--t-prime-aug", default="45", help="T' SPEC of phi_aug, which makes the moving image (default 45)")
     p.add_argument("--t-prime-syn", default="45", help="T' SPEC of phi_syn, the stored field (default 45)")
     return p

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
+from . import environment
+
 __all__ = ["Decision", "enabled", "cache_file", "cpu_model", "make_key", "measure", "decide", "read_cache",
            "forget", "MIN_ROUNDS", "MAX_ROUNDS", "BUDGET_S"]
 
@@ -67,13 +69,13 @@ class Decision:
 
 def enabled() -> bool:
     """False when ``NAPARI_DRDM_AUTOTUNE`` is 0/false/no/off (measuring turned off)."""
-    return os.environ.get("NAPARI_DRDM_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return environment.flag("AUTOTUNE") is not False
 
 
 def cache_file() -> Path:
     """Where decisions are kept: ``$NAPARI_DRDM_AUTOTUNE_FILE``, else ``autotune.json`` in the
     kernels' cache folder."""
-    env = os.environ.get("NAPARI_DRDM_AUTOTUNE_FILE")
+    env = environment.get("AUTOTUNE_FILE")
     if env:
         return Path(env)
     from .native import _cache_dir

@@ -78,12 +78,8 @@ _cpu_capability = _native.cpu_capability
 
 def _native_env() -> Optional[bool]:
     """NAPARI_DRDM_NATIVE as a forced choice: True (1/on/true/yes), False (0/off/false/no), None (unset)."""
-    v = os.environ.get("NAPARI_DRDM_NATIVE", "").strip().lower()
-    if v in ("1", "on", "true", "yes"):
-        return True
-    if v in ("0", "off", "false", "no"):
-        return False
-    return None
+    from .environment import flag
+    return flag("NATIVE")
 
 
 def _native_build_id(lib) -> str:

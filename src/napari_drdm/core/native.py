@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import environment
 from .unet import HEAD, LEVELS, Level, UNetOps
 
 __all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "pack_conv", "PAD", "NativeOps",
@@ -69,7 +70,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("NAPARI_DRDM_CACHE")
+    env = environment.get("CACHE")
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -165,7 +166,7 @@ def load():
         if _state["tried"]:
             return _state["lib"]
         _state["tried"] = True
-        if os.environ.get("NAPARI_DRDM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        if environment.flag("NATIVE") is False:
             _state["reason"] = "disabled by NAPARI_DRDM_NATIVE=0"
             return None
         if sys.platform == "win32":
@@ -195,7 +196,7 @@ def auto_enabled() -> Tuple[bool, str]:
     PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
     build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
     anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
-    if os.environ.get("NAPARI_DRDM_NATIVE", "").strip().lower() in ("1", "on", "true", "yes"):
+    if environment.flag("NATIVE") is True:
         return load() is not None, "forced on by NAPARI_DRDM_NATIVE=1"
     lib = load()
     if lib is None:

@@ -35,6 +35,7 @@ __all__ = [
     "resize_field",
     "resample_affine",
     "px_to_mm",
+    "invert_field",
 ]
 
 #: interpolation names accepted by :func:`warp` -> grid_sample mode
@@ -222,3 +223,31 @@ def px_to_mm(disp: torch.Tensor, spacing: Optional[Sequence[float]] = None) -> t
         return disp
     s = torch.tensor([float(v) for v in spacing], dtype=disp.dtype, device=disp.device)
     return disp * s.view(1, nd, *([1] * nd))
+
+
+def invert_field(u: torch.Tensor, spacing: Sequence[float], iterations: int = 50, tol: float = 1e-4):
+    """Fixed-point inverse of a pixel field u (1, d, *shape): v_{n+1}(x) = -u(x + v_n(x)).
+
+    Args:
+        u: displacement in pixels of its grid, shape (1, d, *spatial).
+        spacing: pixel size per array axis (mm), for the residual in mm.
+        iterations: most fixed-point iterations.
+        tol: stop when no displacement changes by more than this (pixels).
+
+    Returns (v, residual): residual = max and mean over pixels of |u(x + v(x)) + v(x)| in mm
+    (and max in pixels), so that warping the deformed image by v gives the input back.
+    """
+    v = -u
+    for _ in range(int(iterations)):
+        nv = -warp(u, v, "linear", "border")
+        delta = float((nv - v).abs().max())
+        v = nv
+        if delta < tol:
+            break
+    r = v + warp(u, v, "linear", "border")
+    nd = u.shape[1]
+    sp = torch.tensor([float(s) for s in spacing[:nd]], dtype=r.dtype, device=r.device).view(1, nd, *([1] * nd))
+    mag_mm = torch.sqrt(((r * sp) ** 2).sum(1))
+    mag_px = torch.sqrt((r ** 2).sum(1))
+    return v, {"inverse_residual_max_mm": float(mag_mm.max()), "inverse_residual_mean_mm": float(mag_mm.mean()),
+               "inverse_residual_max_px": float(mag_px.max())}

@@ -2,8 +2,9 @@
 
 Each entry: ``file`` (relative to this folder), ``sha256``, ``ndim``, ``size``, ``description``,
 ``aliases``, ``provenance`` (how it was trained) and, on the best model of each dimensionality,
-``default_for_ndim`` (2 or 3): the model used when none is named.  ``DRDM_WEIGHTS_DIR`` (os.pathsep-separated)
-adds folders whose ``*.safetensors`` files are also loadable by their stem name.
+``default_for_ndim`` (2 or 3): the model used when none is named.  ``NAPARI_DRDM_WEIGHTS_DIR``
+(os.pathsep-separated; read by :mod:`napari_drdm.core.environment`) adds folders whose
+``*.safetensors`` files are also loadable by their stem name.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import json
 import os
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
+
+from ..errors import InputError, WeightsNotFoundError
 
 __all__ = ["registry", "resolve_weights", "list_weights", "default_weights", "WEIGHTS_DIR"]
 
@@ -26,7 +29,8 @@ def registry() -> Dict[str, dict]:
 
 
 def _extra_dirs() -> List[Path]:
-    env = os.environ.get("DRDM_WEIGHTS_DIR", "")
+    from ..core.environment import get
+    env = get("WEIGHTS_DIR", "")
     return [Path(p) for p in env.split(os.pathsep) if p]
 
 
@@ -37,15 +41,15 @@ def default_weights(ndim: int) -> str:
         ndim: 2 or 3.
 
     Raises:
-        ValueError: ``ndim`` is not 2 or 3.
-        LookupError: no bundled model is marked as the default for ``ndim``.
+        InputError: ``ndim`` is not 2 or 3.
+        WeightsNotFoundError: no bundled model is marked as the default for ``ndim``.
     """
     if ndim not in (2, 3):
-        raise ValueError(f"images must be 2D or 3D for a default model, got {ndim}D")
+        raise InputError(f"images must be 2D or 3D for a default model, got {ndim}D")
     for name, entry in registry().items():
         if entry.get("default_for_ndim") == ndim:
             return name
-    raise LookupError(f"no bundled {ndim}D model is marked as the default; pass weights explicitly "
+    raise WeightsNotFoundError(f"no bundled {ndim}D model is marked as the default; pass weights explicitly "
                       f"(see `drdm weights`)")
 
 
@@ -63,25 +67,33 @@ def list_weights() -> List[dict]:
 
 
 def resolve_weights(name_or_path: Union[str, Path]) -> Tuple[Path, str]:
-    """A checkpoint path and a display name for a bundled name, alias or file path."""
+    """A checkpoint path and a display name for a bundled name, alias or file path.
+
+    Args:
+        name_or_path: a bundled name or alias, the stem of a ``*.safetensors`` file in a folder of
+            the weights-folder setting, or a path to a weights file.
+
+    Raises:
+        WeightsNotFoundError: an unknown name, or a path that does not exist.
+    """
     s = str(name_or_path)
     p = Path(s).expanduser()
     if p.suffix.lower() in (".safetensors", ".pth", ".pt") or os.sep in s or p.exists():
         if not p.exists():
-            raise FileNotFoundError(f"weights file not found: {p}")
+            raise WeightsNotFoundError(f"weights file not found: {p}")
         return p, p.stem
     reg = registry()
     for name, entry in reg.items():
         if s == name or s in entry.get("aliases", []):
             path = WEIGHTS_DIR / entry["file"]
             if not path.exists():
-                raise FileNotFoundError(f"bundled weights {name!r} are registered but {path} is missing "
-                                        f"(a broken installation?)")
+                raise WeightsNotFoundError(f"bundled weights {name!r} are registered but {path} is missing "
+                                           f"(a broken installation?)")
             return path, name
     for d in _extra_dirs():
         cand = d / f"{s}.safetensors"
         if cand.exists():
             return cand, s
     known = sorted(list(reg) + [a for e in reg.values() for a in e.get("aliases", [])])
-    raise KeyError(f"unknown weights {s!r}: not a file and not a bundled name; known names: "
+    raise WeightsNotFoundError(f"unknown weights {s!r}: not a file and not a bundled name; known names: "
                    f"{', '.join(known) or '(none bundled)'}")

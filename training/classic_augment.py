@@ -1,4 +1,9 @@
-"""Batched, on-device training augmentation (SPEC section 5), seedable with a torch.Generator.
+"""Classic augmentation of training batches (affine, flips, intensity), on the training device and
+seedable with a torch.Generator: what Algorithm 1 applies to the images it learns from.
+
+Not to be confused with DRDM augmentation (deformations recovered by a trained model):
+:mod:`napari_drdm.export` writes DRDM-augmented datasets, :mod:`napari_drdm.transforms` applies
+DRDM deformations on the fly in a data loader.
 
 All random numbers of a batch are drawn up front, in a fixed order and always the same amount
 whatever the probabilities decide, so a generator state fully determines the result.  Spatial
