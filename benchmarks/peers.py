@@ -164,7 +164,7 @@ def load_cases(args):
 
 
 def run_drdm(case, args, log):
-    model, nd = case["model"], case["nd"]
+    model = case["model"]
     S = model.size
     rows, times = [], []
     for i in range(case["n"]):
@@ -219,7 +219,8 @@ def main(argv=None):
     ap.add_argument("--samples-3d", type=int, default=2, help="3D samples per method (0: skip 3D)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--reference", default=os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference")),
+    ap.add_argument("--reference",
+                    default=os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference")),
                     help="folder with upstream_cmr2d.pth and acdc_slices256.npz (adds a cardiac case; "
                          "default: $DRDM_REFERENCE_DIR or ../shared/reference when present; '' to skip)")
     ap.add_argument("--json", default=None, metavar="PATH")

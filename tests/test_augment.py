@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
 import torch
 
 from napari_drdm import augment as aug
@@ -28,25 +27,11 @@ from napari_drdm.dataset_io import discover, load_manifest, parse_t_prime, verif
 from napari_drdm.outputs import nifti_array_to_ddf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ckpt(path, ndim, size, smooth=False):
-    # smooth: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
-    kw = {"field_scale": "geometric", "sigma": 8e-5} if smooth else {}
-    return str(make_tiny_checkpoint(path, ndim, size, silent_head=smooth, **kw))
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return {"2d": _ckpt(d / "rand2d.safetensors", 2, 32), "3d": _ckpt(d / "rand3d.safetensors", 3, 16),
-            "smooth2d": _ckpt(d / "smooth2d.safetensors", 2, 32, smooth=True)}
+def ckpts(tiny_checkpoint):
+    # smooth2d: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
+    return {"2d": tiny_checkpoint(2, 32), "3d": tiny_checkpoint(3, 16),
+            "smooth2d": tiny_checkpoint(2, 32, silent_head=True, field_scale="geometric", sigma=8e-5)}
 
 
 AFF2 = np.array([[0.8, 0, 0, 10.0], [0, 0.9, 0, -5.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]])
@@ -226,7 +211,8 @@ def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     if rows < 2:
         proc.kill()
         out_, err_ = proc.communicate(timeout=60)
-        pytest.fail(f"the export wrote {rows} rows before {'exiting' if proc.returncode is not None else 'the wait ended'}: {err_[-2000:]}")
+        when = "exiting" if proc.returncode is not None else "the wait ended"
+        pytest.fail(f"the export wrote {rows} rows before {when}: {err_[-2000:]}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err

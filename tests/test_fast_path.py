@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ref_path
+
 from napari_drdm.core.config import DRDMConfig
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available
 from napari_drdm.core.forward import ForwardSampler, LazyFrames
@@ -242,7 +242,8 @@ def test_fast_path_golden_t10_loop(ref_net2d):
         frames = list(recover(ref_net2d, x0, _golden_psi(g, "T10"), 10, schedule="paper", k=2,
                               compose_padding="zeros", image_interp="cubic", fast=True))
     for k in (1, 2, 3):
-        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"], atol=1e-4)
+        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"],
+                                   atol=1e-4)
     np.testing.assert_allclose((frames[-1].ddf / S).numpy(), g["recovery/paperT10/phi_final"], atol=5e-4)
     np.testing.assert_allclose(frames[-1].image.numpy(), g["recovery/paperT10/img_rec"], atol=5e-3)
     m = field_metrics(frames[-1].ddf[0], side=S)

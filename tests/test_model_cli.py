@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ref_path
 
-from conftest import make_tiny_checkpoint, ref_path
 from napari_drdm.checkpoint import CheckpointError, read_checkpoint
 from napari_drdm.cli import main
 from napari_drdm.model import DRDM, ModelGrid, load_model
@@ -151,7 +151,8 @@ def test_cli_generate_png_and_errors(tmp_path, tiny_ckpt2d, capsys):
     img, _ = blob_image((30, 36))
     png = tmp_path / "slice.png"
     Image.fromarray((img / 4).astype(np.uint8)).save(png)
-    assert main(["generate", str(png), "--weights", str(tiny_ckpt2d), "--t-prime", "2", "--out", str(tmp_path / "o")]) == 0
+    assert main(["generate", str(png), "--weights", str(tiny_ckpt2d), "--t-prime", "2",
+                 "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "slice_image.nii.gz").exists()
     rgb = tmp_path / "rgb.png"
     arr = np.zeros((16, 16, 3), np.uint8)
@@ -159,7 +160,8 @@ def test_cli_generate_png_and_errors(tmp_path, tiny_ckpt2d, capsys):
     Image.fromarray(arr).save(rgb)
     assert main(["generate", str(rgb), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o2")]) == 1
     assert "colour image" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "nope.nii.gz"), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o3")]) == 1
+    assert main(["generate", str(tmp_path / "nope.nii.gz"), "--weights", str(tiny_ckpt2d),
+                 "--out", str(tmp_path / "o3")]) == 1
     assert "not found" in capsys.readouterr().err
     vol = _nifti(tmp_path / "v.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
     assert main(["generate", vol, "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o4")]) == 1

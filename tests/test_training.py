@@ -9,31 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from napari_drdm.checkpoint import read_checkpoint
+from napari_drdm.core.forward import ForwardSampler
+from napari_drdm.core.losses import true_negdet
+from napari_drdm.core.network import DRDMNet
+from training.augment import augment
+from training.data import SliceBank, file_sha256, load_prepared, prepare, preprocess_volume
+from training.export import export_run
+from training.settings import load_config, model_config
+from training.train import latest_checkpoint, load_training_checkpoint, spawn_local, train
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "src"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from training.augment import augment  # noqa: E402
-from training.data import SliceBank, file_sha256, load_prepared, prepare, preprocess_volume  # noqa: E402
-from training.export import export_run  # noqa: E402
-from training.settings import load_config, model_config  # noqa: E402
-from training.train import latest_checkpoint, load_training_checkpoint, spawn_local, train  # noqa: E402
-
-from napari_drdm.checkpoint import read_checkpoint  # noqa: E402
-from napari_drdm.core.forward import ForwardSampler  # noqa: E402
-from napari_drdm.core.losses import true_negdet  # noqa: E402
-from napari_drdm.core.network import DRDMNet  # noqa: E402
 
 CONFIGS = ROOT / "training" / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**sets):
@@ -294,6 +282,7 @@ def test_cli_init_mismatch_is_one_line(tmp_path, capsys):
 
 def test_convert_upstream_is_bit_identical(tmp_path):
     from conftest import ref_path
+
     from training.convert_upstream import convert_upstream
     pth = ref_path("upstream_cmr2d.pth")
     out = tmp_path / "c.safetensors"
@@ -345,7 +334,8 @@ def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
     log = tmp_path / "run" / "train_log.jsonl"
     log.parent.mkdir()
     rows = [{"step": s, "ang": -0.5 - s / 1000} for s in range(10, 210, 10)]
-    rows += [{"event": "validation", "step": 100, "val/T45/reference/folding_pct": 3.0, "val/T45/forward/folding_pct": 9.0}]
+    rows += [{"event": "validation", "step": 100, "val/T45/reference/folding_pct": 3.0,
+              "val/T45/forward/folding_pct": 9.0}]
     log.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 2')
     assert main(["plot", "--run", str(log.parent)]) == 0
     png = log.parent / "learning_curves.png"

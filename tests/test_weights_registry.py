@@ -104,12 +104,7 @@ def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
 
 
 def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("weights_table", Path(__file__).resolve().parents[1]
-                                                  / "benchmarks" / "weights_table.py")
-    wt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wt)
+    from benchmarks import weights_table as wt
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((2, 32, 32)).astype(np.float32))
     rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 2, log=lambda m: None)
