@@ -14,6 +14,11 @@ REF = Path(os.environ.get("DRDM_REFERENCE_DIR", ROOT.parent / "shared" / "refere
 
 torch.set_num_threads(1)
 
+# pytest imports this checkout (`pythonpath` in pyproject.toml); the commands tests start as
+# subprocesses (`python -m napari_drdm.cli`, `python -m training`) import it too
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)]
+                                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 # the native kernels (core/native.py) and the path autotuner's decisions (core/autotune.py) go to
 # a private folder, never the user's cache
 _PRIVATE = __import__("tempfile").mkdtemp(prefix="drdm-test-cache-")
@@ -67,17 +72,19 @@ def ref_net3d():
 def tiny_checkpoint(tmp_path_factory):
     """Factory for randomly initialised checkpoints of the real architecture (CLI, export, GUI tests).
 
-    ``tiny_checkpoint(ndim=2, size=32, seed=0, silent_head=False, path=None, **config)`` writes one
-    and returns its path as a string: into ``path`` when given, else into a fresh temporary folder.
+    ``tiny_checkpoint(ndim=2, size=32, seed=0, silent_head=False, name=None, path=None, **config)``
+    writes one and returns its path as a string: ``path`` when given, else ``<name>.safetensors``
+    (default ``tiny<ndim>d``; the model's display name) in a fresh temporary folder.
     ``silent_head`` zeroes the output convolution, so the recovery adds nothing (phi = psi_{T':1});
     ``config`` goes to ``DRDMConfig.default`` (e.g. ``field_scale``, ``sigma``)."""
     from napari_drdm.checkpoint import write_checkpoint
     from napari_drdm.core.config import DRDMConfig
     from napari_drdm.core.network import DRDMNet
 
-    def make(ndim: int = 2, size: int = 32, seed: int = 0, silent_head: bool = False, path=None, **cfg_kw) -> str:
+    def make(ndim: int = 2, size: int = 32, seed: int = 0, silent_head: bool = False, name=None, path=None,
+             **cfg_kw) -> str:
         if path is None:
-            path = tmp_path_factory.mktemp("ckpt") / f"tiny{ndim}d.safetensors"
+            path = tmp_path_factory.mktemp("ckpt") / f"{name or f'tiny{ndim}d'}.safetensors"
         torch.manual_seed(seed)
         state = DRDMNet(ndim).state_dict()
         if silent_head:

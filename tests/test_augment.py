@@ -30,8 +30,9 @@ from napari_drdm.outputs import nifti_array_to_ddf
 @pytest.fixture(scope="module")
 def ckpts(tiny_checkpoint):
     # smooth2d: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
-    return {"2d": tiny_checkpoint(2, 32), "3d": tiny_checkpoint(3, 16),
-            "smooth2d": tiny_checkpoint(2, 32, silent_head=True, field_scale="geometric", sigma=8e-5)}
+    return {"2d": tiny_checkpoint(2, 32, name="rand2d"), "3d": tiny_checkpoint(3, 16, name="rand3d"),
+            "smooth2d": tiny_checkpoint(2, 32, name="smooth2d", silent_head=True, field_scale="geometric",
+                                        sigma=8e-5)}
 
 
 AFF2 = np.array([[0.8, 0, 0, 10.0], [0, 0.9, 0, -5.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]])

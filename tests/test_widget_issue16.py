@@ -16,10 +16,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture(scope="module")
-def ckpts(tiny_checkpoint, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return {"a": tiny_checkpoint(2, 32, path=d / "tinyA.safetensors"),
-            "b": tiny_checkpoint(2, 32, seed=1, path=d / "tinyB.safetensors")}
+def ckpts(tiny_checkpoint):
+    return {"a": tiny_checkpoint(2, 32, name="tinyA"), "b": tiny_checkpoint(2, 32, seed=1, name="tinyB")}
 
 
 def _image(shape=(40, 36)):
