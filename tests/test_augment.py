@@ -384,12 +384,47 @@ def test_dict_transform(ckpts):
     np.testing.assert_array_equal(t2(data)["image"], out["image"])           # seeded: repeatable
     ten = t(torch.as_tensor(data["image"]))                                  # array in, same type out
     assert isinstance(ten, torch.Tensor) and ten.shape == (1, 36, 32)
-    from torch.utils.data import DataLoader
-    batch = next(iter(DataLoader([data, data], batch_size=2, collate_fn=lambda b: [t(x) for x in b])))
-    assert len(batch) == 2
     assert t({"image": data["image"], "label": data["label"]}) is not None
     with pytest.raises(KeyError, match="label"):
         t({"image": data["image"]})
+
+
+class _Deformed(torch.utils.data.Dataset):
+    """The same tiny image, deformed afresh on every access; each item says which worker made it."""
+
+    def __init__(self, transform, image, n):
+        self.transform, self.image, self.n = transform, image, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return self.transform({"image": self.image})["ddf"], -1 if info is None else info.id
+
+
+def test_dict_transform_reseeds_each_dataloader_worker(ckpts):
+    """A seeded transform in a DataLoader with two worker processes: each (forked) worker draws its
+    own deformations instead of repeating its twin's, and the whole epoch is repeatable."""
+    from torch.utils.data import DataLoader
+
+    from napari_drdm.transforms import DRDMTransform
+    img = _phantom((20, 18))[0][None].astype(np.float32)
+
+    def epoch():
+        t = DRDMTransform(ckpts["smooth2d"], label_keys=(), t_prime="1:3", schedule="paper", ddf_key="ddf", seed=7)
+        loader = DataLoader(_Deformed(t, img, 4), batch_size=None, num_workers=2)
+        return [(np.asarray(ddf), int(w)) for ddf, w in loader]
+
+    first = epoch()
+    assert [w for _, w in first] == [0, 1, 0, 1]              # round robin over the two workers
+    by_worker = {w: [d for d, ww in first if ww == w] for w in (0, 1)}
+    for k in range(2):                                        # the twins differ at every draw
+        assert not np.array_equal(by_worker[0][k], by_worker[1][k])
+    assert not np.array_equal(by_worker[0][0], by_worker[0][1])   # and each worker's draws differ
+    for (d1, w1), (d2, w2) in zip(first, epoch()):            # seeded: the same epoch again
+        assert w1 == w2
+        np.testing.assert_array_equal(d1, d2)
 
 
 def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):
