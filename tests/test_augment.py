@@ -196,6 +196,36 @@ def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
     assert run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], inverse=True, resume=True))["written"] == 0
 
 
+def test_resume_after_a_torn_journal_line(tmp_path, folder2d, ckpts):
+    """A writer killed in the middle of a journal line leaves half a record without a newline:
+    reading skips it, --resume redoes that row and the journal holds only whole records after."""
+    out = tmp_path / "out"
+    seen = []
+
+    def hook(ev):
+        if ev.kind == "row":
+            seen.append(ev.row["row_id"])
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_export(folder2d, out, _opts(weights=ckpts["2d"]), progress=hook)
+    journal = out / "journal-0-of-1.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    rows = [i for i, ln in enumerate(lines) if '"type": "row"' in ln]
+    assert len(rows) == 3
+    torn = lines[rows[-1]]
+    journal.write_text("".join(lines[: rows[-1]] + lines[rows[-1] + 1:]) + torn[: len(torn) // 2])
+    assert len(load_manifest(out)["rows"]) == 2                    # the torn record does not count
+    summary = run_export(folder2d, out, _opts(weights=ckpts["2d"], resume=True))
+    assert summary["complete"] and summary["previously_done"] == 2 and summary["written"] == 2
+    for ln in journal.read_text().splitlines():
+        json.loads(ln)                                              # every line whole again
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(r["row_id"] for r in m["rows"]) == sorted(set(r["row_id"] for r in m["rows"]))
+    assert m["n_rows"] == 4 and all(verify_row(out, r) for r in m["rows"])
+
+
 def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "napari_drdm.cli", "augment", str(folder2d), str(out), "-n", "400", "--t-prime", "2",
