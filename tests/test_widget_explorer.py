@@ -333,7 +333,7 @@ def test_explorer_follows_the_image_dimensionality_until_a_model_is_chosen(make_
 
 def test_fold_guard_checkbox_shows_folds_before_and_none_after(make_napari_viewer, qtbot, tiny_checkpoint):
     from napari_drdm.core.metrics import folding_pct, strict_folding_pct
-    ckpt = tiny_checkpoint(2, 32, seed=1)  # its recovery folds
+    ckpt = tiny_checkpoint(2, 32, seed=1, name="folds2d")  # its recovery folds
     viewer = make_napari_viewer()
     img, _ = _image((40, 44))
     viewer.add_image(img, name="img")
