@@ -80,7 +80,8 @@ class AutocastEmulation(TorchFunctionMode):
             return _map(out, lambda t: t.to(low) if t.is_floating_point() else t)
         if func in _FP32:
             self.calls["fp32"] += 1
-            f32 = (lambda t: t.float() if t.is_floating_point() else t)
+            def f32(t):
+                return t.float() if t.is_floating_point() else t
             return func(*_map(args, f32), **_map(kwargs, f32))
         return func(*args, **kwargs)
 

@@ -55,9 +55,11 @@ def _volumes_3d(kit: Path, n: int):
 
 def _line(tag, s):
     off, on = s["off"], s["on"]
-    return (f"{tag}: n={s['n']}  folding % off {off['folding_pct_mean']:.3f} (strict {off['strict_folding_pct_mean']:.3f}, "
+    return (f"{tag}: n={s['n']}  folding % off {off['folding_pct_mean']:.3f} "
+            f"(strict {off['strict_folding_pct_mean']:.3f}, "
             f"any fold in {100 * off['share_with_any_strict_fold']:.0f} %) -> on {on['folding_pct_mean']:.3f} "
-            f"(strict {on['strict_folding_pct_mean']:.3f}, any fold in {100 * on['share_with_any_strict_fold']:.0f} %)  "
+            f"(strict {on['strict_folding_pct_mean']:.3f}, "
+            f"any fold in {100 * on['share_with_any_strict_fold']:.0f} %)  "
             f"mean disp {off['mean_disp_pct_mean']:.3f} -> {on['mean_disp_pct_mean']:.3f} % "
             f"(paired {s['mean_disp_change_pct']:+.2f} %, worst {s['max_abs_mean_disp_change_pct']:.2f} %)  "
             f"max disp {off['max_disp_pct_mean']:.2f} -> {on['max_disp_pct_mean']:.2f} %  "
@@ -113,8 +115,10 @@ def table(paths) -> str:
                 f"({on['strict_folding_pct_mean']:.3f}) | {100 * off['share_with_any_fold']:.0f} / "
                 f"{100 * off['share_with_any_strict_fold']:.0f} % -> {100 * on['share_with_any_fold']:.0f} / "
                 f"{100 * on['share_with_any_strict_fold']:.0f} % | {off['mean_disp_pct_mean']:.3f} -> "
-                f"{on['mean_disp_pct_mean']:.3f} ({s['mean_disp_change_pct']:+.2f} %, {s['max_abs_mean_disp_change_pct']:.2f} %) | "
-                f"{off['max_disp_pct_mean']:.2f} -> {on['max_disp_pct_mean']:.2f} | {off['inverse_residual_mean_px']:.3f} -> "
+                f"{on['mean_disp_pct_mean']:.3f} ({s['mean_disp_change_pct']:+.2f} %, "
+                f"{s['max_abs_mean_disp_change_pct']:.2f} %) | "
+                f"{off['max_disp_pct_mean']:.2f} -> {on['max_disp_pct_mean']:.2f} | "
+                f"{off['inverse_residual_mean_px']:.3f} -> "
                 f"{on['inverse_residual_mean_px']:.3f} | {off['seconds_per_generation']:.1f} -> "
                 f"{on['seconds_per_generation']:.1f} s | x{s['time_ratio']:.3f} |")
     return "\n".join(out)
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
         tag, img, _ = _images_2d(Path(a.eval), 1, [s for s in a.sets.split(",") if s][:1])[0]
         r = frame_timing(model, img, int(a.t_prime.split(",")[0]), "paper", a.repeats)
         results["frames"] = dict(r, model=name, image=tag)
-        print(f"{name} {tag} T'={r['t_prime']} paper loop, every frame rendered: {r['seconds_per_recovery_frame_off']:.3f} "
+        print(f"{name} {tag} T'={r['t_prime']} paper loop, every frame rendered: "
+              f"{r['seconds_per_recovery_frame_off']:.3f} "
               f"-> {r['seconds_per_recovery_frame_on']:.3f} s per recovery frame (x{r['ratio']:.2f}); recovery frames "
               f"fold-free with the guard: {100 * r['share_of_recovery_frames_fold_free']:.0f} %")
         if a.json:

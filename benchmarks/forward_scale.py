@@ -60,7 +60,8 @@ def main(argv=None):
         rec["rows"].append({"ndim": ndim, "size": size, "field_scale": float(scale), "results": res,
                             "seconds": time.perf_counter() - t0})
         for tp, r in res.items():
-            print(f"| {ndim}D, {size} | {float(scale):g} | {tp} | {r['max_disp_pct']['mean']:.1f} ± {r['max_disp_pct']['sd']:.1f} "
+            print(f"| {ndim}D, {size} | {float(scale):g} | {tp} | "
+                  f"{r['max_disp_pct']['mean']:.1f} ± {r['max_disp_pct']['sd']:.1f} "
                   f"| {r['mean_disp_pct']['mean']:.2f} ± {r['mean_disp_pct']['sd']:.2f} "
                   f"| {r['folding_pct']['mean']:.2f} ± {r['folding_pct']['sd']:.2f} |", flush=True)
     if a.json:

@@ -22,11 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from napari_drdm.core.network import DRDMNet  # noqa: E402
 from training.evaluate_hook import Validator  # noqa: E402
 from training.settings import load_config, model_config  # noqa: E402
 from training.train import _dataset, load_init, scale_head  # noqa: E402
-
-from napari_drdm.core.network import DRDMNet  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None, help="2D weights (default: the config's init)")
     ap.add_argument("--n-images", type=int, default=4)
     ap.add_argument("--loss-t", type=int, nargs="+", default=[5, 15, 30, 45, 60, 75])
-    ap.add_argument("--table1", type=int, nargs="*", default=[], metavar="T'", help="also recovered folding at these T'")
+    ap.add_argument("--table1", type=int, nargs="*", default=[], metavar="T'",
+                    help="also recovered folding at these T'")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

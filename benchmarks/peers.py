@@ -165,7 +165,7 @@ def load_cases(args):
 
 
 def run_drdm(case, args, log):
-    model, nd = case["model"], case["nd"]
+    model = case["model"]
     S = model.size
     rows, times = [], []
     for i in range(case["n"]):

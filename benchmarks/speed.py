@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -48,18 +47,19 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import napari_drdm  # noqa: E402  (before torch: its OpenMP wait policy, see napari_drdm/__init__.py)
+
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from napari_drdm.core import autotune  # noqa: E402
+from napari_drdm.core import native as native_kernels  # noqa: E402
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
-from napari_drdm.core import autotune  # noqa: E402
 from napari_drdm.core import environment as settings_env  # noqa: E402
-from napari_drdm.core import native as native_kernels  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
-from napari_drdm.core.spatial import warp  # noqa: E402
 
 T_PRIME = 45
 DEFAULT_SIZES = "2d128,2d256,3d64,3d128"
@@ -233,7 +233,7 @@ class Bench:
         for rnd in range(n + 1):
             for k in list(gens):
                 try:
-                    dt, fr = timed(lambda: next(gens[k]), self.device)
+                    dt, fr = timed(lambda k=k: next(gens[k]), self.device)
                 except Exception as e:  # noqa: BLE001
                     if k in ("default", "plain", "b"):
                         raise
@@ -278,12 +278,12 @@ class Bench:
             for name, eng in alt.items():
                 fns[name] = (lambda e=eng: e.single_pass(x, t), lambda e=eng: e(x, t, self.K))
                 passes[name], fwd[name] = [], []
-            for k, (p1, _) in fns.items():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
+            for p1, _ in fns.values():       # warm-up (oneDNN primitive creation, cuDNN autotuning)
                 p1()
             for _ in range(self.repeats):
-                for k, (p1, pk) in fns.items():
+                for k, (p1, _) in fns.items():
                     passes[k].append(timed(p1, dev)[0])
-                for k, (p1, pk) in fns.items():
+                for k, (_, pk) in fns.items():
                     fwd[k].append(timed(pk, dev)[0])
             res["network_pass_s"] = {k: summary(v) for k, v in passes.items() if v}
             res["network_forward_s"] = {k: summary(v) for k, v in fwd.items() if v}
@@ -336,7 +336,8 @@ class Bench:
                 smp["plain"].append(timed(lambda: self.sampler_plain.sample(T_PRIME, batch=1, draws=draws,
                                                                             return_step=False), dev)[0])
             res["forward_sampler_s"] = {k: summary(v) for k, v in smp.items()}
-            log(f"  forward sampler   default {med(smp['default']) * 1e3:9.1f} ms   plain {med(smp['plain']) * 1e3:9.1f} ms")
+            log(f"  forward sampler   default {med(smp['default']) * 1e3:9.1f} ms"
+                f"   plain {med(smp['plain']) * 1e3:9.1f} ms")
 
             # --- whole generations at T' = 45
             gens = {}
@@ -346,7 +347,7 @@ class Bench:
                 if measure:
                     ts = []
                     for _ in range(args.gen_repeats):
-                        def whole():
+                        def whole(sched=sched):
                             psi = self.psi(1)
                             for _fr in recover(self.engine, self.x0, psi, T_PRIME,
                                                **self.cfg.recover_options(sched, self.K)):
@@ -374,8 +375,9 @@ class Bench:
                         n = max(2, self.repeats // 2)
                         st = med(self.time_steps({"b": lambda B=B: self.stepper(True, batch=B)}, n)["b"])
                     db = [d.to(dev) for d in self.sampler.draw(B, torch.Generator().manual_seed(1))]
-                    ts_s = med([timed(lambda: self.sampler.sample(T_PRIME, batch=B, draws=db, return_step=False),
-                                      dev)[0] for _ in range(2)])
+                    def sample_once(B=B, db=db):
+                        return self.sampler.sample(T_PRIME, batch=B, draws=db, return_step=False)
+                    ts_s = med([timed(sample_once, dev)[0] for _ in range(2)])
                 except torch.cuda.OutOfMemoryError:
                     log(f"  batch {B}: out of GPU memory, skipped")
                     torch.cuda.empty_cache()
@@ -637,7 +639,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None, help="weights to use (default: random initialisation)")
     ap.add_argument("--images", default=None, help="npz with 'images' (N, S, S) for --amp metrics")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the generic engine")
-    ap.add_argument("--amp", action="store_true", help="bf16/fp16 autocast: on CUDA their step times and Table 1 metrics; on a "
+    ap.add_argument("--amp", action="store_true",
+                    help="bf16/fp16 autocast: on CUDA their step times and Table 1 metrics; on a "
                          "CPU their Table 1 metrics, computed with autocast's numerics emulated "
                          "(benchmarks/autocast_emulation.py)")
     ap.add_argument("--amp-seeds", type=int, default=10, help="generations per precision for --amp metrics")

@@ -16,6 +16,11 @@ REF = Path(environment.get("REFERENCE_DIR") or ROOT.parent / "shared" / "referen
 
 torch.set_num_threads(1)
 
+# pytest imports this checkout (`pythonpath` in pyproject.toml); the commands tests start as
+# subprocesses (`python -m napari_drdm.cli`, `python -m training`) import it too
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)]
+                                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 # the native kernels (core/native.py) and the path autotuner's decisions (core/autotune.py) go to
 # a private folder, never the user's cache
 _PRIVATE = __import__("tempfile").mkdtemp(prefix="drdm-test-cache-")
@@ -65,36 +70,48 @@ def ref_net3d():
     return net.eval()
 
 
-def make_tiny_checkpoint(path, ndim: int = 2, size: int = 32, seed: int = 0, silent_head: bool = False, **cfg_kw):
-    """A randomly initialised checkpoint of the real architecture (for CLI/GUI tests).
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory for randomly initialised checkpoints of the real architecture (CLI, export, GUI tests).
 
-    ``silent_head``: zero output convolution, so the recovery adds nothing (phi = psi_{T':1})."""
+    ``tiny_checkpoint(ndim=2, size=32, seed=0, silent_head=False, name=None, path=None, **config)``
+    writes one and returns its path as a string: ``path`` when given, else ``<name>.safetensors``
+    (default ``tiny<ndim>d``; the model's display name) in a fresh temporary folder.
+    ``silent_head`` zeroes the output convolution, so the recovery adds nothing (phi = psi_{T':1});
+    ``config`` goes to ``DRDMConfig.default`` (e.g. ``field_scale``, ``sigma``)."""
     from napari_drdm.checkpoint import write_checkpoint
     from napari_drdm.core.config import DRDMConfig
     from napari_drdm.core.network import DRDMNet
-    torch.manual_seed(seed)
-    state = DRDMNet(ndim).state_dict()
-    if silent_head:
-        state["conv_out.weight"].zero_()
-        state["conv_out.bias"].zero_()
-    cfg = DRDMConfig.default(ndim, size=size, **cfg_kw)
-    write_checkpoint(path, state, cfg, {"note": "random init, tests only"}, overwrite=True)
-    return path
+
+    def make(ndim: int = 2, size: int = 32, seed: int = 0, silent_head: bool = False, name=None, path=None,
+             **cfg_kw) -> str:
+        if path is None:
+            path = tmp_path_factory.mktemp("ckpt") / f"{name or f'tiny{ndim}d'}.safetensors"
+        torch.manual_seed(seed)
+        state = DRDMNet(ndim).state_dict()
+        if silent_head:
+            state["conv_out.weight"].zero_()
+            state["conv_out.bias"].zero_()
+        cfg = DRDMConfig.default(ndim, size=size, **cfg_kw)
+        write_checkpoint(path, state, cfg, {"note": "random init, tests only"}, overwrite=True)
+        return str(path)
+    return make
 
 
 @pytest.fixture
-def tiny_ckpt2d(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "tiny2d.safetensors", 2, 32)
+def tiny_ckpt2d(tiny_checkpoint):
+    return tiny_checkpoint(2, 32)
 
 
 @pytest.fixture
-def tiny_ckpt3d(tmp_path):
-    return make_tiny_checkpoint(tmp_path / "tiny3d.safetensors", 3, 32)
+def tiny_ckpt3d(tiny_checkpoint):
+    return tiny_checkpoint(3, 32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """torch on one CPU thread for a test module (GUI tests share two cores with the viewer)."""
+    """Every test starts with torch on one CPU thread (tests share two cores with each other's
+    subprocesses and the viewer) and gives back the thread count it found, whatever it set."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

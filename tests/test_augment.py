@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
 import torch
 
 from napari_drdm.core.spatial import invert_field
@@ -30,25 +29,12 @@ from napari_drdm.export import discover, load_manifest, parse_t_prime, verify_ro
 from napari_drdm.outputs import nifti_array_to_ddf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ckpt(path, ndim, size, smooth=False):
-    # smooth: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
-    kw = {"field_scale": "geometric", "sigma": 8e-5} if smooth else {}
-    return str(make_tiny_checkpoint(path, ndim, size, silent_head=smooth, **kw))
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return {"2d": _ckpt(d / "rand2d.safetensors", 2, 32), "3d": _ckpt(d / "rand3d.safetensors", 3, 16),
-            "smooth2d": _ckpt(d / "smooth2d.safetensors", 2, 32, smooth=True)}
+def ckpts(tiny_checkpoint):
+    # smooth2d: phi = psi_{T':1}, enlarged so that a few steps give a visible, fold-free field
+    return {"2d": tiny_checkpoint(2, 32, name="rand2d"), "3d": tiny_checkpoint(3, 16, name="rand3d"),
+            "smooth2d": tiny_checkpoint(2, 32, name="smooth2d", silent_head=True, field_scale="geometric",
+                                        sigma=8e-5)}
 
 
 AFF2 = np.array([[0.8, 0, 0, 10.0], [0, 0.9, 0, -5.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]])
@@ -212,6 +198,36 @@ def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
     assert run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], inverse=True, resume=True))["written"] == 0
 
 
+def test_resume_after_a_torn_journal_line(tmp_path, folder2d, ckpts):
+    """A writer killed in the middle of a journal line leaves half a record without a newline:
+    reading skips it, --resume redoes that row and the journal holds only whole records after."""
+    out = tmp_path / "out"
+    seen = []
+
+    def hook(ev):
+        if ev.kind == "row":
+            seen.append(ev.row["row_id"])
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_export(folder2d, out, _opts(weights=ckpts["2d"]), progress=hook)
+    journal = out / "journal-0-of-1.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    rows = [i for i, ln in enumerate(lines) if '"type": "row"' in ln]
+    assert len(rows) == 3
+    torn = lines[rows[-1]]
+    journal.write_text("".join(lines[: rows[-1]] + lines[rows[-1] + 1:]) + torn[: len(torn) // 2])
+    assert len(load_manifest(out)["rows"]) == 2                    # the torn record does not count
+    summary = run_export(folder2d, out, _opts(weights=ckpts["2d"], resume=True))
+    assert summary["complete"] and summary["previously_done"] == 2 and summary["written"] == 2
+    for ln in journal.read_text().splitlines():
+        json.loads(ln)                                              # every line whole again
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(r["row_id"] for r in m["rows"]) == sorted(set(r["row_id"] for r in m["rows"]))
+    assert m["n_rows"] == 4 and all(verify_row(out, r) for r in m["rows"])
+
+
 def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "napari_drdm.cli", "augment", str(folder2d), str(out), "-n", "400", "--t-prime", "2",
@@ -228,7 +244,8 @@ def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     if rows < 2:
         proc.kill()
         out_, err_ = proc.communicate(timeout=60)
-        pytest.fail(f"the export wrote {rows} rows before {'exiting' if proc.returncode is not None else 'the wait ended'}: {err_[-2000:]}")
+        when = "exiting" if proc.returncode is not None else "the wait ended"
+        pytest.fail(f"the export wrote {rows} rows before {when}: {err_[-2000:]}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
@@ -399,12 +416,47 @@ def test_dict_transform(ckpts):
     np.testing.assert_array_equal(t2(data)["image"], out["image"])           # seeded: repeatable
     ten = t(torch.as_tensor(data["image"]))                                  # array in, same type out
     assert isinstance(ten, torch.Tensor) and ten.shape == (1, 36, 32)
-    from torch.utils.data import DataLoader
-    batch = next(iter(DataLoader([data, data], batch_size=2, collate_fn=lambda b: [t(x) for x in b])))
-    assert len(batch) == 2
     assert t({"image": data["image"], "label": data["label"]}) is not None
     with pytest.raises(KeyError, match="label"):
         t({"image": data["image"]})
+
+
+class _Deformed(torch.utils.data.Dataset):
+    """The same tiny image, deformed afresh on every access; each item says which worker made it."""
+
+    def __init__(self, transform, image, n):
+        self.transform, self.image, self.n = transform, image, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return self.transform({"image": self.image})["ddf"], -1 if info is None else info.id
+
+
+def test_dict_transform_reseeds_each_dataloader_worker(ckpts):
+    """A seeded transform in a DataLoader with two worker processes: each (forked) worker draws its
+    own deformations instead of repeating its twin's, and the whole epoch is repeatable."""
+    from torch.utils.data import DataLoader
+
+    from napari_drdm.transforms import DRDMTransform
+    img = _phantom((20, 18))[0][None].astype(np.float32)
+
+    def epoch():
+        t = DRDMTransform(ckpts["smooth2d"], label_keys=(), t_prime="1:3", schedule="paper", ddf_key="ddf", seed=7)
+        loader = DataLoader(_Deformed(t, img, 4), batch_size=None, num_workers=2)
+        return [(np.asarray(ddf), int(w)) for ddf, w in loader]
+
+    first = epoch()
+    assert [w for _, w in first] == [0, 1, 0, 1]              # round robin over the two workers
+    by_worker = {w: [d for d, ww in first if ww == w] for w in (0, 1)}
+    for k in range(2):                                        # the twins differ at every draw
+        assert not np.array_equal(by_worker[0][k], by_worker[1][k])
+    assert not np.array_equal(by_worker[0][0], by_worker[0][1])   # and each worker's draws differ
+    for (d1, w1), (d2, w2) in zip(first, epoch()):            # seeded: the same epoch again
+        assert w1 == w2
+        np.testing.assert_array_equal(d1, d2)
 
 
 def test_missing_default_weights_message(tmp_path, folder2d, monkeypatch):

@@ -2,20 +2,13 @@
 (used by ``benchmarks/speed.py --amp`` to measure what reduced precision does to the outputs)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from autocast_emulation import AutocastEmulation, EmulatedAutocastEngine  # noqa: E402
-
-from napari_drdm.core.fast import InferenceEngine  # noqa: E402
-from napari_drdm.core.network import DRDMNet  # noqa: E402
+from benchmarks.autocast_emulation import AutocastEmulation, EmulatedAutocastEngine
+from napari_drdm.core.fast import InferenceEngine
+from napari_drdm.core.network import DRDMNet
 
 LOW = (torch.bfloat16, torch.float16)
 

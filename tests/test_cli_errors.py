@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
 from napari_drdm.errors import CheckpointError, DeviceError, DRDMError, InputError, WeightsNotFoundError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -32,10 +31,10 @@ def _drdm(*argv, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_checkpoint):
     """Small inputs, good and bad, and a tiny 2D checkpoint."""
     d = tmp_path_factory.mktemp("cli_errors")
-    ckpt = make_tiny_checkpoint(d / "tiny.safetensors", ndim=2, size=32)
+    ckpt = tiny_checkpoint(ndim=2, size=32, path=d / "tiny.safetensors")
     img = np.zeros((32, 32), np.float32)
     img[8:24, 8:24] = 1
     np.save(d / "img.npy", img)

@@ -145,7 +145,8 @@ def test_sampler_3d_shapes_and_scale_option():
     cfg = DRDMConfig.default(3, 16)
     out = ForwardSampler(cfg).sample([5, 30], generator=torch.Generator().manual_seed(0))
     assert out.forward_ddf.shape == (2, 3, 16, 16, 16) and out.step_ddf.shape == (2, 3, 16, 16, 16)
-    geo = ForwardSampler(cfg.replace(field_scale="geometric")).sample(30, batch=1, generator=torch.Generator().manual_seed(1))
+    geo = ForwardSampler(cfg.replace(field_scale="geometric")).sample(30, batch=1,
+                                                                        generator=torch.Generator().manual_seed(1))
     ref = ForwardSampler(cfg).sample(30, batch=1, generator=torch.Generator().manual_seed(1))
     ratio = geo.forward_ddf.abs().max() / ref.forward_ddf.abs().max()
     assert float(ratio) == pytest.approx(2.0 / (16 / 64), rel=1e-4)

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 
-from conftest import make_tiny_checkpoint
 from napari_drdm.core import environment
 
 
@@ -57,9 +56,9 @@ def test_describe_reports_where_a_value_came_from_without_warning(clean):
     assert rows["NAPARI_DRDM_NATIVE"]["value"] is None
 
 
-def test_weights_folder_under_both_names(clean, tmp_path):
+def test_weights_folder_under_both_names(clean, tmp_path, tiny_checkpoint):
     from napari_drdm.weights import list_weights, resolve_weights
-    make_tiny_checkpoint(tmp_path / "mine.safetensors")
+    tiny_checkpoint(path=tmp_path / "mine.safetensors")
     clean.setenv("NAPARI_DRDM_WEIGHTS_DIR", str(tmp_path))
     assert resolve_weights("mine") == (tmp_path / "mine.safetensors", "mine")
     clean.delenv("NAPARI_DRDM_WEIGHTS_DIR")

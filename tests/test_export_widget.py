@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
@@ -13,18 +12,9 @@ pytest.importorskip("qtpy")
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def tiny2d(tmp_path_factory):
-    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors", 2, 32))
+def tiny2d(tiny_checkpoint):
+    return tiny_checkpoint(2, 32)
 
 
 def _layers(viewer, shape=(40, 36)):

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import pickle
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ref_path
+
 from napari_drdm.core.config import DRDMConfig
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available
 from napari_drdm.core.forward import ForwardSampler, LazyFrames
@@ -65,9 +66,34 @@ def test_engine_matches_plain_network(ndim, S, opts):
             assert (out2 - ref2).abs().max().item() <= 1e-4 * max(1.0, ref2.abs().max().item())
 
 
-def test_default_backend():
-    eng = _net(2).engine()
-    assert eng.backend(torch.device("cpu")) == ("mkldnn" if mkldnn_fusion_available() else "generic")
+def test_default_backend_on_this_build():
+    """An x86-64 CPU build with oneDNN (every official one) runs the fused oneDNN path by default."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        pytest.skip("not an x86-64 PyTorch build with oneDNN")
+    assert mkldnn_fusion_available()
+    assert _net(2).engine().backend(torch.device("cpu")) == "mkldnn"
+
+
+@pytest.mark.parametrize("fusion", [True, False], ids=["onednn-build", "no-onednn-build"])
+def test_backend_choice(monkeypatch, fusion):
+    """The engine's choice given what the build offers: fused oneDNN on a CPU that has it and in the
+    channels-last layout, the generic path otherwise; forcing fusion where it cannot run is an error."""
+    from napari_drdm.core import fast
+    monkeypatch.setattr(fast, "mkldnn_fusion_available", lambda: fusion)
+    net, cpu, cuda = _net(2), torch.device("cpu"), torch.device("cuda")
+    assert InferenceEngine(net).backend(cpu) == ("mkldnn" if fusion else "generic")
+    assert InferenceEngine(net, fuse=False).backend(cpu) == "generic"
+    assert InferenceEngine(net, channels_last=False).backend(cpu) == "generic"
+    assert InferenceEngine(net).backend(cuda) == "generic"            # no oneDNN on a GPU
+    with pytest.raises(RuntimeError, match="oneDNN"):
+        InferenceEngine(net, fuse=True).backend(cuda)
+    if fusion:
+        assert InferenceEngine(net, fuse=True).backend(cpu) == "mkldnn"
+        with pytest.raises(ValueError, match="channels-last"):
+            InferenceEngine(net, fuse=True, channels_last=False).backend(cpu)
+    else:
+        with pytest.raises(RuntimeError, match="oneDNN"):
+            InferenceEngine(net, fuse=True).backend(cpu)
 
 
 def test_forward_routing_and_modes():
@@ -242,7 +268,8 @@ def test_fast_path_golden_t10_loop(ref_net2d):
         frames = list(recover(ref_net2d, x0, _golden_psi(g, "T10"), 10, schedule="paper", k=2,
                               compose_padding="zeros", image_interp="cubic", fast=True))
     for k in (1, 2, 3):
-        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"], atol=1e-4)
+        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"],
+                                   atol=1e-4)
     np.testing.assert_allclose((frames[-1].ddf / S).numpy(), g["recovery/paperT10/phi_final"], atol=5e-4)
     np.testing.assert_allclose(frames[-1].image.numpy(), g["recovery/paperT10/img_rec"], atol=5e-3)
     m = field_metrics(frames[-1].ddf[0], side=S)

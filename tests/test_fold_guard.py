@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_checkpoint
 from napari_drdm.cli import main
 from napari_drdm.core.foldguard import fold_mask, guard_field
 from napari_drdm.core.metrics import displacement_pct, folding_pct, jacobian_determinant, strict_folding_pct
@@ -133,9 +132,9 @@ def test_guard_mode_and_errors():
 
 
 @pytest.fixture
-def folding_model(tmp_path):
+def folding_model(tiny_checkpoint):
     # random weights on a large forward field: the recovered field folds
-    return DRDM.from_checkpoint(make_tiny_checkpoint(tmp_path / "t.safetensors", 2, 32, seed=1))
+    return DRDM.from_checkpoint(tiny_checkpoint(2, 32, seed=1))
 
 
 def test_generate_fold_guard_original_grid_and_frames(folding_model):
@@ -182,8 +181,8 @@ def test_transform_fold_guard(folding_model):
     assert folding_pct(out["ddf"]) == 0 and strict_folding_pct(out["ddf"]) == 0
 
 
-def test_cli_generate_writes_the_checked_field(tmp_path, capsys):
-    ck = make_tiny_checkpoint(tmp_path / "t3.safetensors", 3, 16, seed=1)
+def test_cli_generate_writes_the_checked_field(tmp_path, capsys, tiny_checkpoint):
+    ck = tiny_checkpoint(3, 16, seed=1)
     rng = np.random.default_rng(0)
     aff = np.diag([1.5, 1.0, 2.0, 1.0])
     ip = tmp_path / "v.nii.gz"
@@ -202,9 +201,9 @@ def test_cli_generate_writes_the_checked_field(tmp_path, capsys):
     assert side["fold_guard"]["method"] == "final"
 
 
-def test_export_fold_guard_and_reproduce(tmp_path):
+def test_export_fold_guard_and_reproduce(tmp_path, tiny_checkpoint):
     from napari_drdm.export import ArrayInput, ExportOptions, reproduce_row, run_export
-    model = DRDM.from_checkpoint(make_tiny_checkpoint(tmp_path / "t.safetensors", 2, 32, seed=1))
+    model = DRDM.from_checkpoint(tiny_checkpoint(2, 32, seed=1))
     img = np.random.default_rng(2).random((30, 44)).astype(np.float32)
     out = tmp_path / "set"
     opts = ExportOptions(per_image=2, t_prime="40", schedule="paper", fold_guard=True, inverse=True)
@@ -218,8 +217,8 @@ def test_export_fold_guard_and_reproduce(tmp_path):
     assert all(res["identical"].values())
 
 
-def test_cli_evaluate_fold_guard(tmp_path, capsys):
-    ck = make_tiny_checkpoint(tmp_path / "t.safetensors", 2, 32, seed=1)
+def test_cli_evaluate_fold_guard(tmp_path, capsys, tiny_checkpoint):
+    ck = tiny_checkpoint(2, 32, seed=1)
     npz = tmp_path / "s.npz"
     np.savez(npz, images=np.random.default_rng(0).random((2, 32, 32)).astype(np.float32))
     rc = main(["evaluate", "--weights", str(ck), "--images", str(npz), "--t-prime", "30", "--samples", "2",

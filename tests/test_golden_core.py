@@ -163,7 +163,8 @@ def test_loss_regularisers_rough_field(golden2d, golden3d):
         np.testing.assert_allclose(float(L.reg_negdetj(r)), float(g["loss/rough/reg_negdetj_weighted"]), rtol=1e-5)
         np.testing.assert_allclose(L.pseudo_det(r).numpy(), g["loss/rough/pseudo_det_map"], rtol=1e-5, atol=1e-9)
     r = T(golden2d["loss/rough_field"])
-    np.testing.assert_allclose(float(L.dist_loss(r[:1], r[1:])), float(golden2d["loss/rough/dist_pred0_lab1"]), rtol=1e-5)
+    np.testing.assert_allclose(float(L.dist_loss(r[:1], r[1:])), float(golden2d["loss/rough/dist_pred0_lab1"]),
+                               rtol=1e-5)
     np.testing.assert_allclose(float(L.ang_loss(r[:1], r[1:])), float(golden2d["loss/rough/ang_pred0_lab1"]), rtol=1e-5)
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import ref_path
+
 from napari_drdm.core.config import DRDMConfig
 from napari_drdm.core.forward import ForwardSampler
 from napari_drdm.core.metrics import field_metrics
@@ -73,7 +73,8 @@ def test_teacher_forced_steps(rec45, ref_net2d, mode):
             np.testing.assert_allclose(phi.numpy(), g[f"recovery/{mode}/{phikey}"], atol=5e-5)
     phi_final = frac_to_px(T(g[f"recovery/{mode}/phi_final"]), S)
     np.testing.assert_allclose(warp(x0, phi_final, "cubic", "zeros").numpy(), g[f"recovery/{mode}/img_rec"], atol=5e-5)
-    np.testing.assert_allclose(warp(m0, phi_final, "cubic", "zeros").numpy(), g[f"recovery/{mode}/msk_rec_soft4"], atol=2e-4)
+    np.testing.assert_allclose(warp(m0, phi_final, "cubic", "zeros").numpy(), g[f"recovery/{mode}/msk_rec_soft4"],
+                               atol=2e-4)
 
 
 def _run(net, x0, psi, tp, schedule, n_steps=None):
@@ -94,7 +95,8 @@ def test_paper_t10_full_loop_pointwise(rec10, ref_net2d):
     frames = _run(ref_net2d, x0, psi, 10, "paper")
     assert len(frames) == 10 and [f.t for f in frames] == list(range(9, -1, -1))
     for k in (1, 2, 3):
-        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"], atol=1e-4)
+        np.testing.assert_allclose((frames[k - 1].ddf / S).numpy(), g[f"recovery/paperT10/phi_after_step{k}"],
+                                   atol=1e-4)
     phi = frames[-1].ddf
     np.testing.assert_allclose((phi / S).numpy(), g["recovery/paperT10/phi_final"], atol=5e-4)
     np.testing.assert_allclose(frames[-1].image.numpy(), g["recovery/paperT10/img_rec"], atol=5e-3)

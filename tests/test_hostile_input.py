@@ -20,22 +20,29 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
 
 from napari_drdm.export import ExportOptions, reproduce_row, run_export
 from napari_drdm.export import engine as export_engine
 from napari_drdm.checkpoint import CheckpointError
 from napari_drdm.cli import _parse, build_parser, main
 from napari_drdm.export import verify_row
-from napari_drdm.safety import (OutputError, OutputLock, OutputLockedError, UnsafePathError, check_memory, confine,
-                                estimate_export_bytes, writable_array)
+from napari_drdm.safety import (
+    OutputError,
+    OutputLock,
+    OutputLockedError,
+    UnsafePathError,
+    check_memory,
+    confine,
+    estimate_export_bytes,
+    writable_array,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("w") / "tiny2d.safetensors", 2, 16))
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint(2, 16)
 
 
 def _img(shape=(20, 18), seed=0, dtype=np.int16):
@@ -258,9 +265,9 @@ def test_resume_refuses_a_different_input_set(tmp_path, finished, ckpt, capsys):
     assert json.loads((out / "manifest.json").read_text())["n_rows"] == 2     # nothing mixed in
 
 
-def test_resume_refuses_other_weights(tmp_path, finished):
+def test_resume_refuses_other_weights(tmp_path, finished, tiny_checkpoint):
     src, out = _copy(finished, tmp_path)
-    other = str(make_tiny_checkpoint(tmp_path / "other.safetensors", 2, 16, seed=3))
+    other = tiny_checkpoint(2, 16, seed=3)
     # same name, different file: the recorded sha256 tells them apart
     shutil.copy(other, tmp_path / "tiny2d.safetensors")
     with pytest.raises(FileExistsError, match="weights"):
@@ -357,7 +364,8 @@ def test_float16_uint64_and_huge_int64_inputs_are_written_whole(tmp_path, ckpt):
     labs = np.asanyarray(nib.load(str(out / "labels" / "wide_aug000.nii.gz")).dataobj)
     assert labs.dtype == np.int64 and set(np.unique(labs)) <= {0, 2 ** 40}
     assert (out / "ddfs" / "wide_aug000_ddf.nii.gz").exists()
-    assert main(["generate", str(src / "half.npy"), "--weights", ckpt, "--t-prime", "1", "--out", str(tmp_path / "g")]) == 0
+    assert main(["generate", str(src / "half.npy"), "--weights", ckpt, "--t-prime", "1",
+                 "--out", str(tmp_path / "g")]) == 0
     assert np.asanyarray(nib.load(str(tmp_path / "g" / "half_image.nii.gz")).dataobj).dtype == np.float32
 
 
@@ -393,10 +401,10 @@ def test_huge_pixel_values_and_float_labels_are_refused_not_garbled(tmp_path, ck
     assert s["written"] == 0
 
 
-def test_nan_weights_are_refused_at_load(tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
+def test_nan_weights_are_refused_at_load(tmp_path, capsys, tiny_checkpoint):
     from safetensors import safe_open
-    good = make_tiny_checkpoint(tmp_path / "good.safetensors", 2, 16)
+    from safetensors.torch import load_file, save_file
+    good = tiny_checkpoint(2, 16)
     state = load_file(str(good))
     with safe_open(str(good), framework="pt") as f:
         meta = f.metadata()
@@ -429,7 +437,7 @@ def test_nan_output_is_refused_and_skips_only_its_input(tmp_path, ckpt, monkeypa
 
     def poisoned(members, opts):
         outs = real(members, opts)
-        for (ls, job), o in zip(members, outs):
+        for (_, job), o in zip(members, outs):
             if job.name == "case1":
                 o["ddf"][:] = np.nan
         return outs

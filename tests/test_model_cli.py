@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ref_path
 
-from conftest import make_tiny_checkpoint, ref_path
 from napari_drdm.checkpoint import CheckpointError, read_checkpoint
 from napari_drdm.cli import main
 from napari_drdm.errors import InputError, WeightsNotFoundError
@@ -147,12 +147,45 @@ def test_cli_generate_3d_nifti_with_labels(tmp_path, tiny_ckpt3d):
     assert rc == 1
 
 
+def test_cli_generate_linear_argmax_labels(tmp_path, tiny_checkpoint):
+    """`--label-interp linear_argmax` end to end: each label's indicator warped bilinearly by the
+    written field and the most likely label kept (checked with scipy, away from exact ties), the
+    label set and dtype kept, and boundaries that differ from nearest-neighbour labels."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    ck = tiny_checkpoint(2, 32, silent_head=True, field_scale="geometric", sigma=8e-5)   # a visible, smooth field
+    img, lab = blob_image((36, 40), seed=2)
+    lab[4:12, 6:30] = 7                                             # a third label with long straight borders
+    ip, lp = _nifti(tmp_path / "im.nii.gz", img, np.eye(4)), _nifti(tmp_path / "im_label.nii.gz", lab, np.eye(4))
+    base = ["generate", ip, "--labels", lp, "--weights", ck, "--t-prime", "30", "--seed", "3", "--schedule", "paper"]
+    assert main(base + ["--label-interp", "linear_argmax", "--out", str(tmp_path / "la")]) == 0
+    assert main(base + ["--out", str(tmp_path / "nn")]) == 0
+    got = nib.load(tmp_path / "la" / "im_labels.nii.gz")
+    assert got.get_data_dtype() == np.uint8
+    got = np.asanyarray(got.dataobj).reshape(lab.shape)
+    nearest = np.asanyarray(nib.load(tmp_path / "nn" / "im_labels.nii.gz").dataobj).reshape(lab.shape)
+    ddf = np.asanyarray(nib.load(tmp_path / "la" / "im_ddf.nii.gz").dataobj)
+    ddf = ddf.reshape(lab.shape + (2,)).transpose(2, 0, 1).astype(np.float64)     # 1 mm pixels: pixels
+    assert np.abs(ddf).max() > 1.0, "the field is too small to test label interpolation"
+    values = np.unique(lab)                                         # 0, 1, 2, 7: background first
+    coords = np.indices(lab.shape).astype(np.float64) + ddf
+    w = np.stack([ndimage.map_coordinates((lab == v).astype(np.float64), coords, order=1, mode="grid-constant")
+                  for v in values])
+    expect = values[np.argmax(w, axis=0)]
+    top2 = np.sort(w, axis=0)[-2:]
+    clear = (top2[1] - top2[0] > 1e-4) | (top2[1] == 0)             # all zero: outside the image, background
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(got[clear], expect[clear])
+    assert set(np.unique(got)) <= set(values.tolist())
+    assert (got != nearest).any()
+
+
 def test_cli_generate_png_and_errors(tmp_path, tiny_ckpt2d, capsys):
     from PIL import Image
     img, _ = blob_image((30, 36))
     png = tmp_path / "slice.png"
     Image.fromarray((img / 4).astype(np.uint8)).save(png)
-    assert main(["generate", str(png), "--weights", str(tiny_ckpt2d), "--t-prime", "2", "--out", str(tmp_path / "o")]) == 0
+    assert main(["generate", str(png), "--weights", str(tiny_ckpt2d), "--t-prime", "2",
+                 "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "slice_image.nii.gz").exists()
     rgb = tmp_path / "rgb.png"
     arr = np.zeros((16, 16, 3), np.uint8)
@@ -160,7 +193,8 @@ def test_cli_generate_png_and_errors(tmp_path, tiny_ckpt2d, capsys):
     Image.fromarray(arr).save(rgb)
     assert main(["generate", str(rgb), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o2")]) == 1
     assert "colour image" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "nope.nii.gz"), "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o3")]) == 1
+    assert main(["generate", str(tmp_path / "nope.nii.gz"), "--weights", str(tiny_ckpt2d),
+                 "--out", str(tmp_path / "o3")]) == 1
     assert "not found" in capsys.readouterr().err
     vol = _nifti(tmp_path / "v.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
     assert main(["generate", vol, "--weights", str(tiny_ckpt2d), "--out", str(tmp_path / "o4")]) == 1

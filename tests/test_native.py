@@ -274,16 +274,32 @@ def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path):
     assert ok == "True" and path.startswith(str(tmp_path / "tmp" / "napari-drdm-"))
 
 
-def test_cli_info_reports_the_inference_path(capsys):
+@pytest.mark.parametrize("device,fusion,built,path", [
+    ("cpu", True, True, "oneDNN, or oneDNN + native kernels where measured faster"),
+    ("cpu", True, False, "oneDNN"),
+    ("cpu", False, True, "generic PyTorch"),
+    ("cuda", True, True, "generic PyTorch on cuda (channels-last, float32)"),
+])
+def test_cli_info_reports_the_inference_path(capsys, monkeypatch, device, fusion, built, path):
+    """`drdm info` names the path the engine takes on the device it would use, given whether the
+    build has oneDNN fusion (made up here) and whether the native kernels compiled (here: the real
+    library, or none)."""
     import json
 
+    from napari_drdm import model
     from napari_drdm.cli import main
+    from napari_drdm.core import fast
 
+    monkeypatch.setattr(model, "pick_device", lambda *a, **k: torch.device(device))
+    monkeypatch.setattr(fast, "mkldnn_fusion_available", lambda: fusion)
+    lib = native.load() if built else None
+    if built and lib is None:
+        pytest.skip(f"native kernels not built here: {native.status()}")
+    monkeypatch.setattr(native, "load", lambda: lib)
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["device"] in ("cpu", "cuda", "mps")
-    assert info["native_kernels"]["built"] is (native.load() is not None)
-    if info["device"] == "cpu" and info["onednn_fused_convolutions"]:
-        assert info["inference_path"].startswith("oneDNN")
+    assert info["device"] == device and info["onednn_fused_convolutions"] is fusion
+    assert info["native_kernels"]["built"] is built
+    assert info["inference_path"] == path or info["inference_path"].startswith(path + " (")
     assert main(["info"]) == 0
-    assert "inference_path:" in capsys.readouterr().out
+    assert f"inference_path: {info['inference_path']}" in capsys.readouterr().out

@@ -14,15 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from napari_drdm import _sample_data as sd
+from training import kit_convert as kc
+from training.kit import KitError, build_kit, check_splits, load_kit, read_manifest
+from training.kit_fetch import Archive
+from training.kit_sources import CATALOGUE, Catalogue, Entry, Source
 
-from napari_drdm import _sample_data as sd  # noqa: E402
-from training import kit_convert as kc  # noqa: E402
-from training.kit import KitError, build_kit, check_splits, load_kit, read_manifest  # noqa: E402
-from training.kit_fetch import Archive  # noqa: E402
-from training.kit_sources import CATALOGUE, Catalogue, Entry, Source  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {  # name: (shape, image dtype, label values or None)
     "brain2d": ((233, 197), np.uint8, {0, 1, 2, 3}),

@@ -104,12 +104,7 @@ def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
 
 
 def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("weights_table", Path(__file__).resolve().parents[1]
-                                                  / "benchmarks" / "weights_table.py")
-    wt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wt)
+    from benchmarks import weights_table as wt
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((2, 32, 32)).astype(np.float32))
     rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 2, log=lambda m: None)
@@ -118,3 +113,53 @@ def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
     assert md.count("| tiny (2D, S=32) | brain | 3 |") == 2 and "foreground out of view" in md
     (tmp_path / "rec.json").write_text(json.dumps(rec))
     assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0
+
+
+# the names users type (README, `drdm weights`): renaming or dropping one breaks their commands
+BUNDLED = {"cmr2d": {"published2d", "upstream2d"}, "general2d": set(), "brain2d": {"drdm2d"}, "brain3d": {"drdm3d"}}
+
+
+def test_bundled_names_aliases_and_files():
+    reg = registry()
+    assert {n: set(e.get("aliases", [])) for n, e in reg.items()} == BUNDLED
+    words = list(reg) + [a for e in reg.values() for a in e.get("aliases", [])]
+    assert len(words) == len(set(words)), "a name or alias is used twice"
+    files = sorted(p.name for p in WEIGHTS_DIR.glob("*.safetensors"))
+    assert sorted(e["file"] for e in reg.values()) == files            # no unregistered or missing file
+    for name, e in reg.items():
+        for word in [name, *e.get("aliases", [])]:
+            assert resolve_weights(word) == (WEIGHTS_DIR / e["file"], name)
+        assert len(e["sha256"]) == 64 and e.get("description") and e.get("provenance"), name
+
+
+def test_a_loaded_model_carries_the_registered_name_and_hash():
+    e = registry()["brain2d"]
+    m = load_model("drdm2d", device="cpu")
+    assert (m.name, m.sha256, m.ndim, m.size) == ("brain2d", e["sha256"], e["ndim"], e["size"])
+
+
+def test_user_weights_folders_from_drdm_weights_dir(tmp_path, monkeypatch, tiny_checkpoint, capsys):
+    """DRDM_WEIGHTS_DIR (folders separated by os.pathsep): their *.safetensors load by stem name;
+    a bundled name is never shadowed by a user file."""
+    import os
+    from pathlib import Path
+    a, b = tmp_path / "a", tmp_path / "b"
+    mine = tiny_checkpoint(2, 16, path=a / "mine.safetensors")
+    theirs = tiny_checkpoint(3, 16, path=b / "theirs.safetensors")
+    tiny_checkpoint(2, 16, path=b / "cmr2d.safetensors")
+    with pytest.raises(LookupError, match="unknown weights 'mine'.*cmr2d"):
+        resolve_weights("mine")
+    monkeypatch.setenv("DRDM_WEIGHTS_DIR", os.pathsep.join([str(a), str(b)]))
+    assert resolve_weights("mine") == (Path(mine), "mine")
+    assert resolve_weights("theirs") == (Path(theirs), "theirs")
+    assert resolve_weights("cmr2d") == (WEIGHTS_DIR / registry()["cmr2d"]["file"], "cmr2d")
+    m = load_model("theirs", device="cpu")
+    assert (m.name, m.ndim, m.size) == ("theirs", 3, 16)
+    user = [e for e in list_weights() if not e["bundled"]]
+    assert [(e["name"], e["path"]) for e in user] == [("mine", mine), ("cmr2d", str(b / "cmr2d.safetensors")),
+                                                      ("theirs", theirs)]
+    assert main(["weights"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mine "))
+    assert "user" in line and line.endswith(mine)
+    with pytest.raises(LookupError, match="unknown weights 'nobody'"):
+        resolve_weights("nobody")

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
@@ -14,27 +13,14 @@ pytest.importorskip("qtpy")
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _tiny_checkpoint(path, ndim, size):
-    return str(make_tiny_checkpoint(path, ndim, size))
+@pytest.fixture(scope="module")
+def tiny2d(tiny_checkpoint):
+    return tiny_checkpoint(2, 32)
 
 
 @pytest.fixture(scope="module")
-def tiny2d(tmp_path_factory):
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2d.safetensors", 2, 32)
-
-
-@pytest.fixture(scope="module")
-def tiny3d(tmp_path_factory):
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny3d.safetensors", 3, 16)
+def tiny3d(tiny_checkpoint):
+    return tiny_checkpoint(3, 16)
 
 
 def _image(shape=(48, 40), seed=0):
@@ -345,9 +331,9 @@ def test_explorer_follows_the_image_dimensionality_until_a_model_is_chosen(make_
     assert widget.model_combo.currentData() == str(tiny2d)
 
 
-def test_fold_guard_checkbox_shows_folds_before_and_none_after(make_napari_viewer, qtbot, tmp_path):
+def test_fold_guard_checkbox_shows_folds_before_and_none_after(make_napari_viewer, qtbot, tiny_checkpoint):
     from napari_drdm.core.metrics import folding_pct, strict_folding_pct
-    ckpt = str(make_tiny_checkpoint(tmp_path / "folds2d.safetensors", 2, 32, seed=1))  # its recovery folds
+    ckpt = tiny_checkpoint(2, 32, seed=1, name="folds2d")  # its recovery folds
     viewer = make_napari_viewer()
     img, _ = _image((40, 44))
     viewer.add_image(img, name="img")

@@ -8,19 +8,16 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import make_tiny_checkpoint
 
 pytest.importorskip("napari")
 pytest.importorskip("qtpy")
 
-pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.gui
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return {"a": str(make_tiny_checkpoint(d / "tinyA.safetensors", 2, 32)),
-            "b": str(make_tiny_checkpoint(d / "tinyB.safetensors", 2, 32, seed=1))}
+def ckpts(tiny_checkpoint):
+    return {"a": tiny_checkpoint(2, 32, name="tinyA"), "b": tiny_checkpoint(2, 32, seed=1, name="tinyB")}
 
 
 def _image(shape=(40, 36)):

@@ -40,8 +40,8 @@ def _config_args(p, required: bool):
 
 
 def _cmd_prepare(args) -> int:
-    from .settings import load_config
     from .data import prepare
+    from .settings import load_config
     cfg = load_config(args.config, args.set)
     out = args.out or cfg["data"].get("prepared")
     if not out:
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="learning curves of a run as a PNG")
     _plot.add_arguments(p)
     p.set_defaults(func=_plot.run)
-    from .convert_upstream import add_arguments, run as _convert
+    from .convert_upstream import add_arguments
+    from .convert_upstream import run as _convert
     p = sub.add_parser("convert-upstream", help="convert the authors' published 2D checkpoint (cmr2d)")
     add_arguments(p)
     p.set_defaults(func=_convert)

@@ -9,7 +9,8 @@
   S covering the largest physical extent, centred, zero padded;
 * 2D: every slice of that cube along the configured axes whose foreground covers at least
   ``min_foreground`` of the slice, min-max to [0, 1] per slice; if the training set would exceed
-  ``max_mb`` (compressed file size) the training slices are subsampled with a constant stride (recorded in the metadata);
+  ``max_mb`` (compressed file size) the training slices are subsampled with a constant stride (recorded in the
+  metadata);
 * 3D: the cube itself, min-max to [0, 1] per volume.
 
 Splits follow the kit's subjects (``load_kit(kit_dir, split)``).  ``data: {kind: synthetic}``
@@ -250,11 +251,17 @@ def _prepare_split(records, dcfg, ndim: int, size: int, log) -> Dict[str, Any]:
         k = len(sources)
         sources.append(entry)
         if ndim == 3:
-            ims.append(_minmax_u8(cube)); src.append(k); axs.append(-1); idxs.append(0)
+            ims.append(_minmax_u8(cube))
+            src.append(k)
+            axs.append(-1)
+            idxs.append(0)
             log(f"  {Path(path).name}: {arr.shape} @ {tuple(round(s, 3) for s in sp)} mm -> 1 volume")
             continue
         s_ims, s_ax, s_ix = _slices(cube, fg, dcfg["axes"], dcfg["min_foreground"])
-        ims += s_ims; src += [k] * len(s_ims); axs += s_ax; idxs += s_ix
+        ims += s_ims
+        src += [k] * len(s_ims)
+        axs += s_ax
+        idxs += s_ix
         log(f"  {Path(path).name}: {arr.shape} @ {tuple(round(s, 3) for s in sp)} mm -> {len(s_ims)} slices")
     shape = (0,) + (size,) * ndim
     return {"images": np.stack(ims) if ims else np.zeros(shape, np.uint8), "source": np.asarray(src, np.int16),

@@ -102,7 +102,7 @@ class Validator:
             fields: Dict[str, torch.Tensor] = {"forward": fwd}
             for sched in self.v["schedules"]:
                 last = None
-                for last in recover(fn, self.images, fwd, tp, schedule=sched, k=cfg.k_recursions,
+                for last in recover(fn, self.images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
                                     n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
                                     image_interp=cfg.image_interp):
                     pass

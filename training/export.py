@@ -59,6 +59,7 @@ def provenance_of(ck: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:
 def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=print) -> Dict[str, float]:
     """Run the configured validation on a training checkpoint's weights (on ``device``, default auto)."""
     from napari_drdm.core.network import DRDMNet
+
     from .evaluate_hook import Validator
     from .train import _dataset
     cfg, mcfg = ck["config"], model_config(ck["config"])

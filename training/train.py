@@ -335,8 +335,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             obj = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                    "bank": bank.state_dict(), "rng": states, "world_size": env.world,
                    "batch_size": int(tcfg["batch_size"]), "config": _plain(cfg), "model_config": _plain(mcfg.to_dict()),
-                   "history": _plain(history + [now]), "data": _plain(prepared_info(data)), "last_val": _plain(last_val),
-                   "init": _plain(init_info),
+                   "history": _plain(history + [now]), "data": _plain(prepared_info(data)),
+                   "last_val": _plain(last_val), "init": _plain(init_info),
                    "wall_s_total": wall_before + time.time() - t_start}
             _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
@@ -555,6 +555,7 @@ def _spawn_worker(rank: int, world: int, port: int, cfg: Dict[str, Any], run_dir
 def spawn_local(world: int, cfg: Dict[str, Any], run_dir, resume: bool = False):
     """Run ``train`` in ``world`` local processes (gloo on CPU), like ``torchrun --nproc-per-node``."""
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

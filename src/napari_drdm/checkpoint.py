@@ -111,9 +111,16 @@ def read_checkpoint(path, size: Optional[int] = None) -> Tuple[Dict[str, torch.T
     except Exception:
         raise CheckpointError(f"cannot read {p} as a PyTorch weights file: it is corrupt or not a weights file, or it "
                               f"holds objects that need code to load (refused: weights never run code)") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) \
+            and all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
         state = obj["state_dict"]
-        cfg = DRDMConfig.from_dict(obj["config"]) if isinstance(obj.get("config"), dict) else infer_reference_config(state, size)
+        if isinstance(obj.get("config"), dict):
+            try:
+                cfg = DRDMConfig.from_dict(obj["config"])
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{p}: invalid config: {e}") from None
+        else:
+            cfg = infer_reference_config(state, size)
         prov = obj.get("provenance", {}) if isinstance(obj.get("provenance"), dict) else {}
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = obj

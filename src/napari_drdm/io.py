@@ -91,6 +91,12 @@ def _read_nrrd(p: Path) -> Volume:
         for i, d in enumerate(dirs[:3]):
             aff[: len(d), i] = d
             spacing[i] = float(np.linalg.norm(d))
+    elif hdr.get("spacings") is not None:       # no world space: per-axis spacings (NaN on non-spatial axes)
+        for i, sp in enumerate(np.asarray(hdr["spacings"], dtype=float)[:nd]):
+            if np.isfinite(sp) and sp > 0:
+                spacing[i] = float(sp)
+                if i < 3:
+                    aff[i, i] = float(sp)
     origin = hdr.get("space origin")
     if origin is not None:
         aff[: len(origin), 3] = np.asarray(origin, dtype=float)
@@ -166,17 +172,27 @@ def _read_dicom_series(paths: List[Path], series: Optional[str] = None) -> Volum
     return Volume(data, _affine_from_spacing(spacing), spacing, str(paths[0].parent), meta={"n_slices": len(slices)})
 
 
+def _grey(im, p: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
+        arr = np.asarray(im.convert("RGB"))
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise InputError(f"{p}: colour image (mode {mode}); DRDM needs a single-channel grey-level image")
+        return arr[..., 0]
+    return np.asarray(im)
+
+
 def _read_picture(p: Path) -> Volume:
+    """A grey-level picture; a multi-page one (a TIFF stack) is a volume of its pages (page, row, column)."""
     from PIL import Image
     with Image.open(str(p)) as im:
-        mode = im.mode
-        if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
-            arr = np.asarray(im.convert("RGB"))
-            if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-                raise InputError(f"{p}: colour image (mode {mode}); DRDM needs a single-channel grey-level image")
-            data = arr[..., 0]
-        else:
-            data = np.asarray(im)
+        pages = []
+        for i in range(int(getattr(im, "n_frames", 1) or 1)):
+            im.seek(i)
+            pages.append(_grey(im, p))
+    if len({(a.shape, a.dtype) for a in pages}) > 1:
+        raise InputError(f"{p}: its {len(pages)} pages differ in size or type; a stack needs one page size")
+    data = pages[0] if len(pages) == 1 else np.stack(pages)
     return Volume(data, np.eye(4), (1.0,) * data.ndim, str(p))
 
 
