@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshot_explorer.png"))
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--size", type=int, default=256, help="S for a reference .pth checkpoint")
-    ap.add_argument("--t-prime", type=int, default=20)
+    ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--schedule", default="paper", choices=["paper", "reference", "model"],
                     help="'model' keeps the model's own default")
     ap.add_argument("--seed", type=int, default=3)

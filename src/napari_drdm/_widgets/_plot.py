@@ -43,7 +43,7 @@ class MetricPlot(QWidget):
         self.marker: Optional[int] = None
         self.title = ""
         self._on_pick = on_pick
-        self.setMinimumHeight(130)
+        self.setMinimumHeight(150)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.setToolTip("Displacement (left axis, % of side) and folding (right axis, % of pixels) of the total "
                         "field on the image grid, per frame; shaded: forward; line: the frame on screen. "

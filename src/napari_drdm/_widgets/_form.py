@@ -1,0 +1,230 @@
+"""The explorer's controls: every widget of the dock, laid out, and nothing else.
+
+:class:`ExplorerForm` makes and arranges the controls; it knows no viewer, model or run (the
+dock, :mod:`._explorer`, wires them).  The generation options are a magicgui ``Container``
+(:meth:`ExplorerForm.generation`, whose values are the generation's keyword arguments); the
+input and model rows stay plain Qt widgets because magicgui's layer and file pickers do not
+fit them: the layer lists must leave out the explorer's own output layers and follow the
+user's choice differently from a programmatic one, and the model list mixes bundled names with
+a "Browse..." entry that opens a file dialog and adds the chosen checkpoint to the list.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._layers import DEFAULT_BUDGET_MIB
+from ._plot import MetricPlot
+
+__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES"]
+
+BROWSE = "Browse..."
+NO_LABELS = "(none)"
+SCHEDULES = ("reference", "paper")
+
+
+def scrolled(inner: QWidget) -> QScrollArea:
+    """``inner`` in a frameless vertical scroll area: the dock can be shorter than its content."""
+    area = QScrollArea()
+    area.setWidget(inner)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    # never narrower than the content (with the vertical scroll bar): no row is cut at the right edge
+    area.setMinimumWidth(inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area
+
+
+def _label(word_wrap: bool = True, style: str = "") -> QLabel:
+    lab = QLabel("")
+    lab.setWordWrap(word_wrap)
+    if style:
+        lab.setStyleSheet(style)
+    return lab
+
+
+class ExplorerForm(QWidget):
+    """The explorer's controls, top to bottom: input, model, generation, Run/Cancel, progress and
+    status, then the runs, the frame buttons, the readout and the metric plot.
+
+    Args:
+        models: bundled weights as ``weights.list_weights()`` gives them (name, ndim, size, ...).
+        threads: the CPU threads to start with.
+        on_pick: called with a frame index when the user clicks on the metric plot.
+    """
+
+    def __init__(self, models: List[Dict[str, Any]], threads: int,
+                 on_pick: Optional[Callable[[int], None]] = None):
+        super().__init__()
+        self._on_pick = on_pick
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self._input_box())
+        outer.addWidget(self._model_box(models, threads))
+        outer.addWidget(self._generation_box())
+        self.reason_label = _label(style="color: #e0a040;")
+        self.plan_label = _label()
+        outer.addWidget(self.reason_label)
+        outer.addWidget(self.plan_label)
+        row = QHBoxLayout()
+        self.run_btn = QPushButton("Run")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        row.addWidget(self.run_btn)
+        row.addWidget(self.cancel_btn)
+        outer.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m frames")
+        outer.addWidget(self.progress)
+        self.status_label = _label()
+        outer.addWidget(self.status_label)
+        outer.addWidget(self._runs_box())
+        outer.addStretch(1)
+
+    # ------------------------------------------------------------------ boxes
+    def _input_box(self) -> QGroupBox:
+        box = QGroupBox("Input")
+        f = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("Image layer to deform. A 2D+t cine with a 2D model uses the time frame on "
+                                    "screen. The explorer's own output layers are not listed.")
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("Optional label map, deformed with the same fields (nearest neighbour).")
+        self.slice_check = QCheckBox("slice on screen (2D model on a 3D volume)")
+        self.slice_check.setToolTip("A 3D volume needs a 3D model; tick this to deform only the 2D slice on screen "
+                                    "with a 2D model.")
+        self.input_info = _label()
+        f.addRow("Image", self.image_combo)
+        f.addRow("Labels", self.labels_combo)
+        f.addRow(self.slice_check)
+        f.addRow(self.input_info)
+        return box
+
+    def _model_box(self, models: List[Dict[str, Any]], threads: int) -> QGroupBox:
+        box = QGroupBox("Model")
+        f = QFormLayout(box)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Bundled weights, or Browse... for a checkpoint file (.safetensors "
+                                    "from this project, or a reference-implementation .pth state_dict).")
+        for e in models:
+            desc = f"{e['name']}"
+            if e.get("ndim"):
+                desc += f" ({e['ndim']}D, S={e.get('size', '?')})"
+            self.model_combo.addItem(desc, e["path"] if not e.get("bundled") else e["name"])
+        self.model_combo.addItem(BROWSE, None)
+        self.size_spin = QSpinBox()
+        self.size_spin.setRange(8, 1024)
+        self.size_spin.setSingleStep(8)
+        self.size_spin.setValue(256)
+        self.size_spin.setToolTip("Model side S for reference .pth checkpoints (they do not record it).")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto: cuda > mps > cpu")
+        self.threads_spin = QSpinBox()
+        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
+        self.threads_spin.setValue(threads)
+        self.threads_spin.setToolTip("CPU threads for generation. Default: torch's when OpenMP threads sleep while "
+                                     "waiting (`drdm info`: openmp_wait); else the cores not busy now (load "
+                                     "average), keeping one for the viewer on machines with more than two cores.")
+        self.model_info = _label()
+        f.addRow("Model", self.model_combo)
+        f.addRow("S (.pth)", self.size_spin)
+        f.addRow("Device", self.device_combo)
+        f.addRow("CPU threads", self.threads_spin)
+        f.addRow(self.model_info)
+        return box
+
+    def _generation_box(self) -> QGroupBox:
+        """T', seed, schedule, K, frame memory and the fold guard, as a magicgui container whose
+        values (:meth:`generation`) are the generation's options: a new option is one more widget."""
+        box = QGroupBox("Generation")
+        self.new_seed_btn = PushButton(text="new seed", name="new_seed")
+        seed = SpinBox(name="seed", label="Seed", min=0, max=2 ** 31 - 1, value=0)
+        self.gen = Container(widgets=[
+            SpinBox(name="t_prime", label="T'", min=0, max=80, value=45,
+                    tooltip="T': number of forward diffusion steps (0..T); larger = stronger deformation."),
+            Container(name="seed_row", label="Seed", layout="horizontal", labels=False,
+                      widgets=[seed, self.new_seed_btn]),
+            ComboBox(name="schedule", label="Schedule", choices=SCHEDULES, value="reference",
+                     tooltip="reference: all T reverse steps (the authors' code); "
+                             "paper: T' reverse steps (Algorithm 2 as printed)."),
+            SpinBox(name="k", label="K", min=1, max=10, value=2,
+                    tooltip="K: internal recursions of the network per reverse step."),
+            SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
+                    value=DEFAULT_BUDGET_MIB, tooltip="Memory for the stored frames. Over it, frames are stored "
+                                                      "compactly (float16) and then only every k-th frame is kept."),
+            CheckBox(name="fold_guard", text="fold guard", value=False,
+                     tooltip="Make every recovery frame and the result fold-free (det(I + grad phi) > 0 "
+                             "everywhere, central and strict checks) by a local correction; the readout "
+                             "shows how many pixels folded before it. Off: the model's own fields."),
+        ])
+        self.gen.seed_row.margins = (0, 0, 0, 0)
+        self._seed = seed
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.gen.native)
+        # the Qt widgets under the magicgui ones, for code and tests that drive them as a user would
+        self.tprime_spin = self.gen.t_prime.native
+        self.seed_spin = seed.native
+        self.schedule_combo = self.gen.schedule.native
+        self.k_spin = self.gen.k.native
+        self.budget_spin = self.gen.budget_mib.native
+        self.guard_check = self.gen.fold_guard.native
+        return box
+
+    def generation(self) -> Dict[str, Any]:
+        """t_prime, seed, schedule, k, budget_mib and fold_guard as set in the form."""
+        vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
+        vals["seed"] = self._seed.value
+        return vals
+
+    def _runs_box(self) -> QGroupBox:
+        box = QGroupBox("Runs and the frame on screen")
+        v = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.run_combo = QComboBox()
+        self.run_combo.setToolTip("The run shown (its layers are visible, the others hidden).")
+        self.remove_btn = QPushButton("remove run")
+        self.remove_btn.setToolTip("Delete the chosen run's layers and frames.")
+        self.remove_btn.setEnabled(False)
+        row.addWidget(self.run_combo, 1)
+        row.addWidget(self.remove_btn)
+        v.addLayout(row)
+        row = QHBoxLayout()
+        self.prev_btn = QPushButton("◀")
+        self.next_btn = QPushButton("▶")
+        self.prev_btn.setToolTip("previous frame")
+        self.next_btn.setToolTip("next frame")
+        self.follow_check = QCheckBox("follow new frames")
+        self.follow_check.setChecked(True)
+        row.addWidget(self.prev_btn)
+        row.addWidget(self.next_btn)
+        row.addWidget(self.follow_check, 1)
+        v.addLayout(row)
+        self.readout = QLabel("no run yet")
+        self.readout.setWordWrap(True)
+        self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addWidget(self.readout)
+        self.plot = MetricPlot(on_pick=self._on_pick)
+        v.addWidget(self.plot)
+        return box

@@ -1,0 +1,100 @@
+"""How the explorer's code is laid out: no import cycle between the widget modules, the Qt-free
+parts stay Qt-free, and the generation options come from one magicgui form."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WIDGETS = Path(__file__).resolve().parents[1] / "src" / "napari_drdm" / "_widgets"
+
+
+def _local_imports(path: Path):
+    """Sibling modules imported by ``path`` (``from ._x import ...`` or ``from . import _x``)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out.update(a.name for a in node.names)
+    return out
+
+
+def _cycle(graph):
+    """One import cycle as a list of module names, or None."""
+    state = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n, stack + [n])
+                if found:
+                    return found
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m, [m])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_between_widget_modules():
+    graph = {p.stem: _local_imports(p) for p in WIDGETS.glob("*.py")}
+    assert "_form" in graph and "_model_choice" in graph and "_readout" in graph
+    assert _cycle(graph) is None
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]     # the check works
+
+
+@pytest.mark.parametrize("module", ["_controller", "_layers", "_inputs", "_worker"])
+def test_qt_free_modules_import_no_qt(module):
+    tree = ast.parse((WIDGETS / f"{module}.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+              and n.level == 0}
+    assert not names & {"qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt"}
+
+
+def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
+    import inspect
+
+    from magicgui.widgets import Container
+
+    from napari_drdm._widgets._form import ExplorerForm
+    from napari_drdm._widgets._worker import explore
+
+    form = ExplorerForm([{"name": "m", "ndim": 2, "size": 32, "bundled": True}], threads=1)
+    qtbot.addWidget(form)
+    assert isinstance(form.gen, Container)
+    form.tprime_spin.setValue(7)                 # a user typing in the Qt widget under the magicgui one
+    form.seed_spin.setValue(123)
+    form.schedule_combo.setCurrentText("paper")
+    form.guard_check.setChecked(True)
+    g = form.generation()
+    assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "k": 2, "budget_mib": g["budget_mib"],
+                 "fold_guard": True}
+    accepted = set(inspect.signature(explore).parameters)
+    assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
+    assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."
+
+
+def test_folding_percentage_counts_the_pixels_the_folding_layer_shows():
+    from napari_drdm._widgets._layers import pack_frame, plan_frames, vector_lattice
+
+    rng = np.random.default_rng(0)
+    ddf = (rng.normal(size=(2, 24, 20)) * 0.8).astype(np.float32)     # rough: folds here and there
+    plan = plan_frames((24, 20), 1, 1, None, (0.0, 1.0), 1 << 30)
+    packed = pack_frame(ddf, np.zeros((24, 20), np.float32), None, None, plan, (1.0, 1.0),
+                        vector_lattice((24, 20)))
+    fold = packed["folding"]
+    assert 0 < fold.sum() < fold.size
+    assert packed["metrics"]["folding_pct"] == pytest.approx(100.0 * fold.mean())
+    assert np.array_equal(fold, (packed["jacobian"] <= 0).astype(np.uint8))
