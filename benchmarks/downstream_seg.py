@@ -27,8 +27,11 @@ Data (``--data``, comma list): any ``.npz`` with ``images`` (N, H, W) and intege
   split is cross-slice; a cross-subject split needs an ``.npz`` with ``volumes`` and
   ``--split volume:...``.
 
-Images are padded to a square (with their minimum), resized to ``--size`` (linear; labels by
-nearest neighbour) and scaled to [0, 1] per volume (0.5-99.5 percentiles).
+Images are padded to a square (with their minimum) and scaled to [0, 1] per volume (0.5-99.5
+percentiles); the U-Net sees them resized to ``--size`` (linear; labels by nearest neighbour).
+DRDM deforms the square slices at their own resolution (as a user exports a dataset; the model
+resamples to its grid) and the deformed pairs are then resized like the rest; the affine and
+elastic fields are drawn at ``--size`` (displacements are compared in % of the side).
 
 Split (``--split``; built-in sources have their own default, stated in the output):
 ``index:TRAIN/TEST`` (slice indices, e.g. ``1-5/7-9``), ``volume:TRAIN/TEST`` (values of
@@ -117,10 +120,8 @@ class BenchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _to_square(img: np.ndarray, lab: np.ndarray, size: int):
-    """Pad (N, H, W) to a square (image with its minimum, labels with 0) and resize to size x size."""
-    import torch
-    import torch.nn.functional as F
+def _pad_square(img: np.ndarray, lab: np.ndarray):
+    """Pad (N, H, W) to a square: image with its minimum, labels with 0."""
     n, h, w = img.shape
     s = max(h, w)
     pi = np.full((n, s, s), img.min(), dtype=np.float32)
@@ -128,12 +129,20 @@ def _to_square(img: np.ndarray, lab: np.ndarray, size: int):
     y0, x0 = (s - h) // 2, (s - w) // 2
     pi[:, y0:y0 + h, x0:x0 + w] = img
     pl[:, y0:y0 + h, x0:x0 + w] = lab
-    if s != size:
-        ti = F.interpolate(torch.from_numpy(pi)[:, None], size=(size, size), mode="bilinear", align_corners=False,
-                           antialias=s > size)
-        tl = F.interpolate(torch.from_numpy(pl).float()[:, None], size=(size, size), mode="nearest")
-        pi, pl = ti[:, 0].numpy(), tl[:, 0].round().long().numpy()
-    return pi.astype(np.float32), pl
+    return pi, pl
+
+
+def resize_pair(img: np.ndarray, lab: np.ndarray, size: int):
+    """Square (N, S0, S0) images (linear, antialiased when shrinking) and labels (nearest) to size x size."""
+    import torch
+    import torch.nn.functional as F
+    s = img.shape[-1]
+    if s == size:
+        return img.astype(np.float32), lab.astype(np.int64)
+    ti = F.interpolate(torch.as_tensor(img, dtype=torch.float32)[:, None], size=(size, size), mode="bilinear",
+                       align_corners=False, antialias=s > size)
+    tl = F.interpolate(torch.as_tensor(lab).float()[:, None], size=(size, size), mode="nearest")
+    return ti[:, 0].numpy(), tl[:, 0].round().long().numpy()
 
 
 def _normalise(img: np.ndarray, volumes: np.ndarray) -> np.ndarray:
@@ -232,9 +241,10 @@ def load_dataset(name: str, args) -> dict:
         values = np.concatenate([[0], values])
     lut = {int(v): i for i, v in enumerate(values)}
     lab = np.searchsorted(values, d["labels"])
-    img, lab = _to_square(d["images"], lab, args.size)
-    d["images"] = _normalise(img, d["volumes"])
-    d["labels"] = lab.astype(np.int64)
+    img, lab = _pad_square(d["images"], lab)
+    img = _normalise(img, d["volumes"])
+    d["native"], d["native_labels"] = img, lab          # what DRDM deforms (its own grid, then resized)
+    d["images"], d["labels"] = resize_pair(img, lab, args.size)
     d["n_classes"] = len(values)
     d["label_values"] = lut
     d["class_names"] = {str(lut[v]): d["classes"].get(v, f"label {v}") for v in values[1:].tolist()}
@@ -426,10 +436,13 @@ def export_pool(ds: dict, slices: list, model: str, args, log) -> dict:
     opts = ExportOptions(per_image=args.pool, t_prime=str(args.t_prime), seed=args.pool_seed, weights=model,
                          schedule=args.schedule, batch=args.drdm_batch, device="cpu",
                          resume=(out / "manifest.json").exists())
-    inputs = [ArrayInput(f"s{i:04d}", ds["images"][i], ds["labels"][i].astype(np.uint8 if ds["n_classes"] < 256
-                                                                               else np.int16)) for i in slices]
+    ltype = np.uint8 if ds["n_classes"] < 256 else np.int16
+    inputs = [ArrayInput(f"s{i:04d}", ds["native"][i], ds["native_labels"][i].astype(ltype)) for i in slices]
     t0 = time.perf_counter()
-    summary = run_export(inputs, out, opts)
+    try:
+        summary = run_export(inputs, out, opts)
+    except ValueError as e:
+        raise BenchError(f"DRDM export into {out}: {str(e).splitlines()[0]} (delete the folder to regenerate)") from None
     dt = time.perf_counter() - t0
     if summary.get("skipped"):
         raise BenchError(f"DRDM export with {model!r} skipped inputs: {summary['skipped'][0]}")
@@ -442,7 +455,8 @@ def export_pool(ds: dict, slices: list, model: str, args, log) -> dict:
             continue
         img = squeeze_trailing(np.asarray(read_image(out / r["image"]).data, dtype=np.float32))
         lab = squeeze_trailing(np.asarray(read_image(out / r["labels"]).data)).astype(np.int64)
-        pool[i].append((img, lab))
+        img, lab = resize_pair(img[None], lab[None], args.size)
+        pool[i].append((img[0], lab[0]))
         stats.append({k: r[k] for k in ("max_disp_pct", "mean_disp_pct", "folding_pct")})
     n = sum(len(v) for v in pool.values())
     med = {k: float(np.median([s[k] for s in stats])) for k in ("max_disp_pct", "mean_disp_pct", "folding_pct")}
@@ -460,7 +474,7 @@ class OnTheFly:
         from napari_drdm.transforms import DRDMTransform
         self.tf = DRDMTransform(model, image_keys=("image",), label_keys=("label",), t_prime=str(args.t_prime),
                                 schedule=args.schedule, channel_dim=None, seed=seed, ddf_key="ddf")
-        self.ds, self.slices, self.seconds, self.calls = ds, list(slices), 0.0, 0
+        self.ds, self.slices, self.seconds, self.calls, self.size = ds, list(slices), 0.0, 0, args.size
         self.pool = {i: [] for i in self.slices}
         self.maxima = []
         self.next = 0
@@ -469,12 +483,14 @@ class OnTheFly:
         i = self.slices[self.next % len(self.slices)]
         self.next += 1
         t0 = time.perf_counter()
-        out = self.tf({"image": self.ds["images"][i], "label": self.ds["labels"][i]})
+        out = self.tf({"image": self.ds["native"][i], "label": self.ds["native_labels"][i]})
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         from napari_drdm.core.metrics import displacement_pct
         self.maxima.append(displacement_pct(out["ddf"])[0])
-        self.pool[i].append((np.asarray(out["image"], np.float32), np.asarray(out["label"]).astype(np.int64)))
+        img, lab = resize_pair(np.asarray(out["image"], np.float32)[None], np.asarray(out["label"])[None],
+                               self.size)
+        self.pool[i].append((img[0], lab[0]))
         if len(self.pool[i]) > 2:           # keep the two newest pairs of each slice
             self.pool[i].pop(0)
 
@@ -683,7 +699,7 @@ def paired_tests(runs: list, baseline: str = "elastic") -> list:
 
 
 def _f(ms, scale=100.0, digits=1) -> str:
-    m, s = ms
+    m, s = (np.nan if v is None else v for v in ms)
     return "—" if not np.isfinite(m) else f"{m * scale:.{digits}f}±{s * scale:.{digits}f}"
 
 
@@ -724,10 +740,10 @@ def plot(result: dict, path: Path) -> None:
                       key=lambda a: [x["arm"] for x in result["summary"]].index(a))
         for j, arm in enumerate(arms):
             ss = sorted((s for s in result["summary"] if s["dataset"] == dname and s["arm"] == arm), key=lambda s: s["k"])
-            ks = np.array([s["k"] for s in ss], dtype=float) * (1 + 0.02 * (j - len(arms) / 2))
-            ax.errorbar(ks, [100 * s["dsc"][0] for s in ss], yerr=[100 * s["dsc"][1] for s in ss], marker="o",
-                        capsize=3, label=arm)
-        ax.set_xscale("log")
+            ks = np.array([s["k"] for s in ss], dtype=float) + 0.05 * (j - (len(arms) - 1) / 2)
+            m = np.array([np.nan if s["dsc"][0] is None else 100 * s["dsc"][0] for s in ss])
+            e = np.array([np.nan if s["dsc"][1] is None else 100 * s["dsc"][1] for s in ss])
+            ax.errorbar(ks, m, yerr=e, marker="o", capsize=3, label=arm)
         ks = sorted({s["k"] for s in result["summary"] if s["dataset"] == dname})
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -775,12 +791,14 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, help="training steps per run (default 200)")
     ap.add_argument("--batch", type=int, help="training batch (default 8)")
     ap.add_argument("--width", type=int, help="U-Net channels at the first level (default 8)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine-decayed to 0)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="folder with acdc_slices256.npz")
     ap.add_argument("--kit", default=str(ROOT / "cache" / "kit"), help="the data kit folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "downstream_seg"))
     ap.add_argument("--work", help="where the exported DRDM pools go (default OUT/pools)")
+    ap.add_argument("--replot", metavar="JSON", help="only print the table of a finished run's JSON and plot it "
+                                                     "into --out (a .png path)")
     ap.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -944,6 +962,12 @@ def _json_safe(o):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.replot:
+            result = json.loads(Path(args.replot).read_text())
+            print(format_table(result))
+            plot(result, Path(args.out))
+            print(f"wrote {args.out}")
+            return 0
         result = run(args)
         if not result["runs"]:
             raise BenchError("no dataset could be used: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()))
@@ -957,7 +981,7 @@ def main(argv=None) -> int:
         (out / "downstream_seg.txt").write_text(table + "\n")
         plot(result, out / "downstream_seg.png")
         print(f"wrote {out / 'downstream_seg.json'}, {out / 'downstream_seg.txt'}, {out / 'downstream_seg.png'}")
-    except (BenchError, OSError) as e:
+    except (BenchError, OSError, KeyError, json.JSONDecodeError) as e:
         print(f"downstream_seg: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -36,7 +36,7 @@ def _synthetic(path, n=12, side=32, seed=0):
 def test_quick_run_on_synthetic_npz(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NAPARI_DRDM_NATIVE", "0")       # the tiny model needs no compiled kernels
     monkeypatch.setenv("NAPARI_DRDM_AUTOTUNE", "0")     # nor path timing
-    data = _synthetic(tmp_path / "syn.npz")
+    data = _synthetic(tmp_path / "syn.npz", side=40)   # DRDM deforms 40^2 slices, the U-Net sees 32^2
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors", 2, 32)
     out = tmp_path / "out"
     rc = ds.main(["--quick", "--data", str(data), "--size", "32", "--width", "4", "--steps", "3", "--batch", "2",
