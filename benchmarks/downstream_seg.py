@@ -38,8 +38,8 @@ Split (``--split``; built-in sources have their own default, stated in the outpu
 ``volumes``: cross-subject) or ``blocks:N`` (the slices in position order cut into N blocks,
 alternately train and test).  Test slices closer than ``--min-gap`` (in position units; default
 twice the median slice step, i.e. never neighbours) to a training slice of the same volume are
-dropped (``blocks``) or refused (``index``).  The K training slices are spread evenly over the
-training slices by position (the same slices for every seed and arm); seeds change the
+dropped (``blocks``) or refused (``index``).  The K training slices are the middle slices of K
+equal parts of the training slices in position order (the same for every seed and arm); seeds change the
 network's initialisation, the batches and the augmentation draws.
 
 Arms (``--arms``; the DRDM arms run once per model of ``--models``):
@@ -335,11 +335,12 @@ def make_split(ds: dict, spec: str, min_gap) -> dict:
 
 
 def pick_k(ds: dict, train: list, k: int) -> list:
-    """K training slices spread evenly over the training slices in (volume, position) order."""
+    """K training slices spread evenly over the training slices in (volume, position) order: the
+    middle slice of each of K equal parts."""
     if k > len(train):
         raise BenchError(f"K = {k} but the split has only {len(train)} labelled training slices")
     order = sorted(train, key=lambda i: (ds["volumes"][i], ds["positions"][i]))
-    idx = np.unique(np.round(np.linspace(0, len(order) - 1, k)).astype(int))
+    idx = np.unique(((np.arange(k) + 0.5) * len(order) / k).astype(int))
     return [order[i] for i in idx]
 
 

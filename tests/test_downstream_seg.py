@@ -83,7 +83,8 @@ def test_split_rules():
         ds.make_split(d, "index:0-4/5-9", None)           # slice 5 touches slice 4
     b = ds.make_split(d, "blocks:2", None)
     assert min(b["test"]) - max(b["train"]) >= 2
-    assert ds.pick_k(d, s["train"], 2) == [0, 4]
+    assert ds.pick_k(d, s["train"], 2) == [1, 3]                   # middles of two halves
+    assert ds.pick_k(d, s["train"], 5) == [0, 1, 2, 3, 4]
     with pytest.raises(ds.BenchError, match="K = 6"):
         ds.pick_k(d, s["train"], 6)
     d["volumes"] = np.array(list("aaaaabbbbb"))
