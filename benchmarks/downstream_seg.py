@@ -854,6 +854,8 @@ def run(args, log=print) -> dict:
     except ValueError as e:
         raise BenchError(f"--t-prime: {e}") from None
     models = _resolve_models(args) if any(a in DRDM_ARMS for a in args.arm_list) else []
+    if any(a in DRDM_ARMS for a in args.arm_list) and not models:
+        raise BenchError("--models: the DRDM arms need at least one model (a bundled name or a weights file)")
     loaded = {}
     for m in models:
         from napari_drdm.model import load_model

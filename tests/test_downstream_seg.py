@@ -123,3 +123,14 @@ def test_fields_are_what_they_claim():
     e2 = ds.elastic_field(4, 32, np.random.default_rng(1), (2, 2), (3, 3))
     assert np.allclose(e2.numpy(), 3 * e1.numpy(), atol=1e-5)   # magnitude scales the smoothed noise
     assert float(e1.abs().max()) < 1.0                     # smoothing shrinks uniform(-1, 1) noise
+
+
+def test_missing_reference_data_is_skipped(tmp_path, capsys):
+    syn = _synthetic(tmp_path / "syn.npz", side=16)
+    out = tmp_path / "o"
+    rc = ds.main(["--data", f"acdc,{syn}", "--reference", str(tmp_path / "absent"), "--arms", "none", "--k", "2",
+                  "--seeds", "0", "--steps", "1", "--batch", "1", "--size", "16", "--width", "2", "--threads", "1",
+                  "--out", str(out)])
+    res = json.loads((out / "downstream_seg.json").read_text())
+    assert rc == 0 and list(res["datasets"]) == ["syn"] and "acdc" in res["skipped"]
+    assert "[acdc] skipped" in capsys.readouterr().out
