@@ -69,6 +69,7 @@ def time_generation(model, x, samples: int, batch: int, t_prime: int, schedule):
 
 def end_to_end(model, ndim, samples, batch, t_prime, schedule):
     import nibabel as nib
+
     from napari_drdm.export import ExportOptions, run_export
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "in"

@@ -55,7 +55,7 @@ Arms (``--arms``; the DRDM arms run once per model of ``--models``):
   (over draws) of the maximum displacement equals the median maximum displacement of the first
   model's DRDM pool at the T' used; both are printed.  Drawn afresh for every sample.
 * ``drdm-export``: DRDM through the dataset export (``drdm augment``, Algorithm 3,
-  :func:`napari_drdm.augment.run_export`): before training, ``--pool`` deformed (image, label)
+  :func:`napari_drdm.export.run_export`): before training, ``--pool`` deformed (image, label)
   pairs per training slice are exported once per dataset and model (NIfTI files with a manifest,
   kept under ``--work``; a rerun resumes them) and training samples from this pool.
 * ``drdm-otf``: DRDM through the on-the-fly transform
@@ -348,6 +348,7 @@ def pick_k(ds: dict, train: list, k: int) -> list:
 def affine_field(n: int, size: int, rng, rot_deg=15.0, scale=(0.9, 1.1), shift=0.05):
     """Pixel displacement fields (n, 2, S, S) ('ij' order) of random rotations, scalings, shifts."""
     import torch
+
     from napari_drdm.core.spatial import index_grid
     x = index_grid((size, size)).reshape(2, -1).double()
     c = (size - 1) / 2.0
@@ -429,8 +430,7 @@ def warp_pair(img, lab, ddf):
 
 def export_pool(ds: dict, slices: list, model: str, args, log) -> dict:
     """DRDM pool through the dataset export: ``args.pool`` pairs per slice (resumed when present)."""
-    from napari_drdm.augment import ExportOptions, run_export
-    from napari_drdm.dataset_io import ArrayInput, load_manifest
+    from napari_drdm.export import ArrayInput, ExportOptions, load_manifest, run_export
     from napari_drdm.io import read_image, squeeze_trailing
     tag = Path(str(model)).stem
     out = Path(args.work) / f"{ds['name']}_{tag}_T{args.t_prime}_{args.schedule or 'default'}_P{args.pool}_S{args.size}"
@@ -847,9 +847,10 @@ def _resolve_models(args) -> list:
 
 
 def run(args, log=print) -> dict:
-    import napari_drdm  # noqa: F401  (OpenMP wait policy before torch)
     import torch
-    from napari_drdm.dataset_io import parse_t_prime
+
+    import napari_drdm  # noqa: F401  (OpenMP wait policy before torch)
+    from napari_drdm.export import parse_t_prime
     torch.set_num_threads(args.threads)
     try:
         parse_t_prime(args.t_prime, 1)

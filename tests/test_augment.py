@@ -20,12 +20,19 @@ import numpy as np
 import pytest
 import torch
 
+from napari_drdm.cli import main
 from napari_drdm.core.spatial import invert_field
 from napari_drdm.errors import InputError
-from napari_drdm.export import ExportOptions, reproduce_row, run_export
+from napari_drdm.export import (
+    ExportOptions,
+    discover,
+    load_manifest,
+    parse_t_prime,
+    reproduce_row,
+    run_export,
+    verify_row,
+)
 from napari_drdm.export import sample as export_sample
-from napari_drdm.cli import main
-from napari_drdm.export import discover, load_manifest, parse_t_prime, verify_row
 from napari_drdm.outputs import nifti_array_to_ddf
 
 
@@ -196,6 +203,31 @@ def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
         nib.load(str(p)).get_fdata()                              # every file is complete
     # nothing left to do
     assert run_export(folder2d, out, _opts(per_image=3, weights=ckpts["2d"], inverse=True, resume=True))["written"] == 0
+
+
+def test_resume_refuses_a_different_fold_guard(tmp_path, folder2d, ckpts):
+    """Outputs made with and without the fold guard never end up in one folder; a run.json from a
+    version that did not record the guard counts as guard off."""
+    out = tmp_path / "out"
+    seen = []
+
+    def hook(ev):
+        if ev.kind == "row":
+            seen.append(ev.row["row_id"])
+            if len(seen) == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_export(folder2d, out, _opts(weights=ckpts["2d"]), progress=hook)
+    with pytest.raises(FileExistsError, match="fold_guard"):
+        run_export(folder2d, out, _opts(weights=ckpts["2d"], fold_guard=True, resume=True))
+    run_file = out / "run.json"
+    rec = json.loads(run_file.read_text())
+    assert rec["fold_guard"] is False
+    del rec["fold_guard"]
+    run_file.write_text(json.dumps(rec))
+    summary = run_export(folder2d, out, _opts(weights=ckpts["2d"], resume=True))
+    assert summary["complete"] and summary["previously_done"] == 1
 
 
 def test_resume_after_a_torn_journal_line(tmp_path, folder2d, ckpts):

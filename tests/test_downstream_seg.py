@@ -4,16 +4,11 @@ input with one line."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_tiny_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import downstream_seg as ds  # noqa: E402
+from benchmarks import downstream_seg as ds
 
 
 def _synthetic(path, n=12, side=32, seed=0):
@@ -33,11 +28,11 @@ def _synthetic(path, n=12, side=32, seed=0):
 
 
 @pytest.mark.slow
-def test_quick_run_on_synthetic_npz(tmp_path, capsys, monkeypatch):
+def test_quick_run_on_synthetic_npz(tmp_path, capsys, monkeypatch, tiny_checkpoint):
     monkeypatch.setenv("NAPARI_DRDM_NATIVE", "0")       # the tiny model needs no compiled kernels
     monkeypatch.setenv("NAPARI_DRDM_AUTOTUNE", "0")     # nor path timing
     data = _synthetic(tmp_path / "syn.npz", side=40)   # DRDM deforms 40^2 slices, the U-Net sees 32^2
-    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors", 2, 32)
+    ckpt = tiny_checkpoint(2, 32, path=tmp_path / "tiny.safetensors")
     out = tmp_path / "out"
     rc = ds.main(["--quick", "--data", str(data), "--size", "32", "--width", "4", "--steps", "3", "--batch", "2",
                   "--k", "2", "--seeds", "0,1,2", "--pool", "1", "--otf-draws", "1", "--models", str(ckpt),

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_drdm.export import ExportOptions, reproduce_row, run_export
-from napari_drdm.export import engine as export_engine
 from napari_drdm.checkpoint import CheckpointError
 from napari_drdm.cli import _parse, build_parser, main
-from napari_drdm.export import verify_row
+from napari_drdm.export import ExportOptions, reproduce_row, run_export, verify_row
+from napari_drdm.export import engine as export_engine
 from napari_drdm.safety import (
     OutputError,
     OutputLock,

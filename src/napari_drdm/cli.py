@@ -66,6 +66,7 @@ def _parse(parser, argv):
 def main(argv: Optional[List[str]] = None) -> int:
     import signal
     import threading
+
     from .errors import DRDMError, one_line
     from .safety import shown
     parser = build_parser()

@@ -29,8 +29,8 @@ def field_row(phi_px, side: int, inverse_iterations: int = 50) -> Dict[str, floa
         side: image side the displacement percentages refer to.
         inverse_iterations: fixed-point iterations of the inverse.
     """
-    from .core.spatial import invert_field
     from .core.metrics import field_metrics, strict_folding_pct
+    from .core.spatial import invert_field
     row = field_metrics(phi_px, side=side)
     row["strict_folding_pct"] = strict_folding_pct(phi_px)
     nd = phi_px.shape[0]

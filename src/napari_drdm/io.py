@@ -313,6 +313,7 @@ def write_nifti(path, data: np.ndarray, affine: Optional[np.ndarray] = None, hea
     becomes float32, 64-bit integers are narrowed when their values fit); ``root`` confines the
     target (see :func:`atomic_write`)."""
     import nibabel as nib
+
     from .safety import writable_array
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     arr = writable_array(data, str(path))

@@ -24,8 +24,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .export.jobspec import parse_t_prime
 from .errors import InputError
+from .export.jobspec import parse_t_prime
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
 
@@ -125,6 +125,7 @@ class DRDMTransform:
     def deform(self, data: dict, t_prime: int, seed: int, labels_optional: bool = False) -> dict:
         """Apply one deformation (given T' and seed) to every image and label key of ``data``."""
         import torch
+
         from .core.spatial import warp, warp_labels
         keys = [k for k in self.image_keys if k in data]
         if not keys:

@@ -1,8 +1,16 @@
 """Sub-commands of the ``drdm`` command line (one module each)."""
 from __future__ import annotations
 
-from ..validate import (LABEL_INTERPS, SCHEDULES, arg_type, check_device, check_k, check_model_size, check_seed,
-                        check_threads)
+from ..validate import (
+    LABEL_INTERPS,
+    SCHEDULES,
+    arg_type,
+    check_device,
+    check_k,
+    check_model_size,
+    check_seed,
+    check_threads,
+)
 
 
 def add_model_args(p, default=None, required=False):
@@ -58,6 +66,7 @@ def k_arg(p, help="internal recursions K >= 1 (default: the model's)"):
 def load_from_args(args, ndim: int = 2):
     """The model named by ``--weights``, or the default bundled model for ``ndim``-D inputs."""
     import torch
+
     from ..model import load_model
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -105,6 +105,7 @@ def _init_dist():
 
 def run_mode(args, opts_kw: dict) -> int:
     import torch
+
     from ..export import ExportOptions, reproduce_row, run_export, write_manifest
 
     if getattr(args, "threads", None):

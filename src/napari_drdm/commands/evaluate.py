@@ -45,6 +45,7 @@ def add_parser(sub):
 def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
     """List of (name, array, spacing) of model dimension; 3D volumes are sliced for 2D models."""
     import numpy as np
+
     from ..io import is_readable, read_stack
 
     files = []
@@ -97,6 +98,7 @@ def _stats(values):
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
              on_batch=None):
     import torch
+
     from ..core.metrics import field_metrics, jacobian_determinant, plausibility_metrics
     prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
     results = []
@@ -140,6 +142,7 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
 def _input_ndim(paths) -> int:
     """3 when the first readable input is a volume, else 2 (chooses the default model)."""
     import numpy as np
+
     from ..io import is_readable, read_stack, squeeze_trailing
     for p in paths:
         q = Path(p)

@@ -32,11 +32,18 @@ def add_parser(sub):
 
 def run(args) -> int:
     import numpy as np
+
+    from ..checks import check_image, check_labels
     from ..io import read_image, squeeze_trailing, stem_of
     from ..outputs import result_paths, write_result
-    from ..safety import (OutputLock, available_memory, check_memory, check_output_dir, check_utf8_name,
-                          estimate_export_bytes)
-    from ..checks import check_image, check_labels
+    from ..safety import (
+        OutputLock,
+        available_memory,
+        check_memory,
+        check_output_dir,
+        check_utf8_name,
+        estimate_export_bytes,
+    )
     from ..validate import check_t_prime
 
     for p in (args.image, args.labels):

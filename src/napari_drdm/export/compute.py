@@ -42,6 +42,7 @@ def _render(ls: LoadedSample, ddf, label_interp: str):
 def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) -> List[dict]:
     """Run one batch (same model and T'): arrays, fields (pixels, original grid) and metrics per member."""
     import torch
+
     from ..core.metrics import field_metrics
     from ..core.spatial import compose
     model = members[0][0].model
@@ -51,7 +52,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
     phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k,
                                          fold_guard=opts.fold_guard)
     outs = []
-    for b, (ls, job) in enumerate(members):
+    for b, (ls, _job) in enumerate(members):
         ddf = ls.grid.field_to_original(phi_m[b:b + 1], opts.fold_guard)
         o = {"metrics": field_metrics(phi_m[b], side=model.size)}
         if opts.mode == "pairs":
@@ -66,7 +67,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
         xs = torch.cat([model.prepare(o["moving"], ls.spacing)[1] for o, (ls, _) in zip(outs, members)])
         phi_s, _ = model.generate_model_grid(xs, key[1], [j.seeds[1] for _, j in members],
                                              schedule=opts.schedule, k=opts.k, fold_guard=opts.fold_guard)
-        for b, (o, (ls, job)) in enumerate(zip(outs, members)):
+        for b, (o, (ls, _job)) in enumerate(zip(outs, members)):
             syn = ls.grid.field_to_original(phi_s[b:b + 1], opts.fold_guard)
             total = compose(syn, o.pop("phi_aug"), "border")
             o["fixed"], o["fixed_labels"] = _render(ls, total, opts.label_interp)

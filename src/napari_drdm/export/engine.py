@@ -24,8 +24,16 @@ import numpy as np
 
 from ..core.generators import Returning
 from ..errors import InputError
-from ..safety import (OutputError, OutputLock, available_memory, check_finite, check_label_values, check_output_dir,
-                      shown, writable_array)
+from ..safety import (
+    OutputError,
+    OutputLock,
+    available_memory,
+    check_finite,
+    check_label_values,
+    check_output_dir,
+    shown,
+    writable_array,
+)
 from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
 from .jobspec import Job, make_jobs, parse_t_prime
@@ -67,8 +75,18 @@ class ExportOptions:
 
     def validate(self) -> "ExportOptions":
         """Check every option (one line naming it and what was expected); returns self."""
-        from ..validate import (check_bool, check_choice, check_device, check_int, check_k, check_label_interp,
-                               check_model_size, check_positive, check_schedule, check_seed)
+        from ..validate import (
+            check_bool,
+            check_choice,
+            check_device,
+            check_int,
+            check_k,
+            check_label_interp,
+            check_model_size,
+            check_positive,
+            check_schedule,
+            check_seed,
+        )
         check_choice(self.mode, ("augment", "pairs"), "mode")
         self.per_image = check_int("--per-image", self.per_image, 1, 10 ** 6)
         self.seed = check_seed(self.seed)
@@ -110,6 +128,7 @@ class ExportEvent:
 def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOptions, overwrite: bool) -> dict:
     """Write one output's files (atomically) and return its manifest row."""
     import torch
+
     from ..checkpoint import file_sha256
     from ..io import write_nifti
     from ..outputs import write_ddf

@@ -22,7 +22,13 @@ _SIDE_FILES = (RUN_FILE, MANIFEST_JSON, MANIFEST_CSV, ".manifest.lock")
 
 
 IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "k", "weights", "inverse",
-                 "label_interp", "inverse_iterations")
+                 "label_interp", "inverse_iterations", "fold_guard")
+#: what a setting was before it was recorded (a run.json written by an older version lacks the key)
+IDENTITY_DEFAULTS = {"fold_guard": False}
+
+
+def _setting(rec: dict, key: str):
+    return rec.get(key, IDENTITY_DEFAULTS.get(key))
 
 
 def _is_empty(out: Path) -> bool:
@@ -91,7 +97,7 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
             prev = json.loads(run_file.read_text())
         except ValueError:
             prev = None
-    same = prev is not None and all(prev.get(k) == settings.get(k) for k in IDENTITY_KEYS) \
+    same = prev is not None and all(_setting(prev, k) == _setting(settings, k) for k in IDENTITY_KEYS) \
         and _same_weights(prev, settings)
     done: List[dict] = []
     if overwrite:
@@ -101,7 +107,7 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
             p.unlink(missing_ok=True)
     elif resume:
         if prev is not None and not same:
-            diff = [k for k in IDENTITY_KEYS if prev.get(k) != settings.get(k)]
+            diff = [k for k in IDENTITY_KEYS if _setting(prev, k) != _setting(settings, k)]
             if not _same_weights(prev, settings):
                 diff.append("weights file (sha256)")
             raise FileExistsError(f"{out} holds a run with different settings ({', '.join(diff)}); "
