@@ -34,7 +34,7 @@ SETS_3D = {"brain": "itk_kmeans_head/itk_kmeans_t1.nii.gz", "ct": "lung1/lung1_c
 
 def _models(names, extra):
     from napari_drdm.weights import registry
-    out = [(n, n) for n in (names or list(registry()))]
+    out = [(n, n) for n in (names if names is not None else list(registry()))]   # `--models` alone: none
     for item in extra or []:
         if "=" not in item:
             raise SystemExit(f"--extra expects NAME=PATH, got {item!r}")

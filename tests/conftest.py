@@ -3,6 +3,7 @@ or the default path beside the checkout; tests that need it skip cleanly when it
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ def ref_path(name: str) -> Path:
     if not p.exists():
         pytest.skip(f"reference data not found: {p} (set NAPARI_DRDM_REFERENCE_DIR to the shared/reference folder)")
     return p
+
+
+# A shell that starts a job in the background (`cmd &`, as CI runners and nohup scripts do) makes it
+# ignore SIGINT; the ignore is inherited through exec, and Python then never raises KeyboardInterrupt.
+# The tests that interrupt an export with SIGINT need the default: restore it here, so that this
+# process and every child it starts get it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Training data: kit records -> one compact prepared file -> an in-memory batch sampler.
 
 ``prepare(cfg)`` turns the data kit (NIfTI volumes, see ``training/kit.py``) into a single
-``.npz`` holding uint8 images already preprocessed for the model grid (SPEC section 5):
+``.npz`` holding uint8 images already preprocessed for the model grid (paper Algorithm 1's input):
 
 * every volume is scaled robustly (0.5-99.5 percentiles -> [0, 1]), its background removed
   (threshold, largest connected component, holes filled slice-wise), cropped to the foreground

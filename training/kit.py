@@ -1,4 +1,4 @@
-"""The training data kit: fetch the DATA.md sources, convert them to NIfTI, split by subject.
+"""The training data kit: fetch the pinned sources of kit_sources.py, convert them to NIfTI, split by subject.
 
     python -m training.kit --out cache/kit [--cache DIR] [--sources nilearn lung1 ...]
 

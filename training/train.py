@@ -1,4 +1,4 @@
-"""The DRDM training loop (paper Algorithm 1, SPEC section 5).
+"""The DRDM training loop (paper Algorithm 1).
 
 Per step and sample: t ~ U{0..T-1}; (psi_{t:1}, psi_t) from the forward sampler (pixels, float32);
 I_t = warp(I0, psi_{t:1}) (bilinear, zeros); psi_hat = net(I_t, t, K); loss =

@@ -16,7 +16,7 @@ def _openmp_wait_policy() -> str:
     before it sleeps.  When the cores are shared (a viewer, another job), a spinning thread holds
     the core its partner needs, and each of the hundreds of parallel regions of a pass waits ~15 ms:
     on a loaded 2-core EPYC, a 2D 128 pass at 2 threads took 2.0 s (native kernels) / 4.0 s
-    (oneDNN) with the default, 0.11 s / 0.16 s with OMP_WAIT_POLICY=PASSIVE (issue 15).  libgomp
+    (oneDNN) with the default, 0.11 s / 0.16 s with OMP_WAIT_POLICY=PASSIVE.  libgomp
     reads the setting once, when it is loaded, so this works only when napari_drdm is imported
     before torch; it is skipped when OMP_WAIT_POLICY or GOMP_SPINCOUNT is set (set
     OMP_WAIT_POLICY=ACTIVE to keep spinning).  Returns what was done, for ``drdm info``."""

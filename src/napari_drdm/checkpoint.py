@@ -110,7 +110,8 @@ def read_checkpoint(path, size: Optional[int] = None) -> Tuple[Dict[str, torch.T
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception:
         raise CheckpointError(f"cannot read {p} as a PyTorch weights file: it is corrupt or not a weights file, or it "
-                              f"holds objects that need code to load (refused: weights never run code)") from None
+                              f"holds objects that need code to load (read with weights_only=True: weights never run "
+                              f"code)") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) \
             and all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
         state = obj["state_dict"]

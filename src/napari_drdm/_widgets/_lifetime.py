@@ -1,4 +1,4 @@
-"""Ending a dock widget's work when the widget or its viewer goes away (issue 16, point 10).
+"""Ending a dock widget's work when the widget or its viewer goes away.
 
 A thread worker that is still running when napari closes emits ``finished`` into a signals
 object Python has already deleted, and the process aborts (SIGABRT).  :class:`Lifetime` calls

@@ -4,7 +4,7 @@
 hides and removes the layers of a :class:`~._controller.Run` and moves the shared frame axis.
 It runs in the UI thread, a few times per second, and only reads what the worker has stored.
 
-Look (issue 16): the frames keep the input's colormap; labels and the warped grid are light
+Look: the frames keep the input's colormap; labels and the warped grid are light
 (opacity 0.3, the grid line spacing follows the image size); the Jacobian is translucent with a
 colour bar; folds are drawn last, on top, in a colour no other layer uses; the input's outline
 (labels > 0, or the image's foreground) is drawn over the frames to judge plausibility.

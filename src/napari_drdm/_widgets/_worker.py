@@ -62,7 +62,7 @@ def default_threads() -> int:
     On a busy machine spinning threads only wait on the cores other processes hold (measured: two
     threads on a two-core machine running something else are several times slower than one).
     Sleeping instead, a 2D 128 pass on a loaded 2-core machine took 107 ms at 2 threads and 117 ms
-    at 1 (issue 15).
+    at 1.
     """
     import os
 
