@@ -124,3 +124,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def dicom_slice():
+    """Writer of one 16-bit CT DICOM slice: ``dicom_slice(path, z, pixels, series=..., slope=1.0,
+    intercept=0.0, instance=None)``; pixel spacing 0.7 x 0.8 mm, position (0, 0, z), and a
+    SliceThickness (5 mm) that is deliberately not the spacing of the positions."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def write(path, z, pixels, series="1.2.826.0.1.3680043.2.1125.1", slope=1.0, intercept=0.0, instance=None):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.Modality = series, "CT"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelSpacing = [0.7, 0.8]                      # row spacing (along axis 0), column spacing
+        ds.SliceThickness = 5.0
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        if instance is not None:
+            ds.InstanceNumber = int(instance)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.asarray(pixels).astype(np.int16).tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+    return write

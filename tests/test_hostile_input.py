@@ -285,51 +285,34 @@ def test_output_folder_may_not_be_or_hold_an_input(tmp_path, ckpt, layout, monke
 
 
 # ------------------------------------------------------------------ unusable inputs, any stage
-def _dicom_slice(path, series_uid, z, shape=(12, 10)):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID, ds.Modality = series_uid, "CT"
-    ds.Rows, ds.Columns = shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelSpacing = [0.7, 0.8]
-    ds.ImagePositionPatient = [0, 0, float(z)]
-    ds.InstanceNumber = int(z)
-    ds.PixelData = (np.arange(shape[0] * shape[1]) % 50).astype(np.int16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
+def _pixels(shape=(12, 10)):
+    return (np.arange(shape[0] * shape[1]) % 50).reshape(shape)
 
 
-def test_dicom_folder_with_two_series_is_refused_naming_them_or_read_by_uid(tmp_path):
+def test_dicom_folder_with_two_series_is_refused_naming_them_or_read_by_uid(tmp_path, dicom_slice):
     pytest.importorskip("pydicom")
     from napari_drdm.io import read_image
     d = tmp_path / "ser"
     d.mkdir()
     for z in range(3):
-        _dicom_slice(d / f"a{z}.dcm", "1.2.3", z)
-        _dicom_slice(d / f"b{z}.dcm", "1.2.4", z + 0.5)       # same size, interleaved positions
+        dicom_slice(d / f"a{z}.dcm", z, _pixels(), series="1.2.3", instance=z)
+        dicom_slice(d / f"b{z}.dcm", z + 0.5, _pixels(), series="1.2.4", instance=z)       # same size, interleaved positions
     with pytest.raises(ValueError, match="2 DICOM series.*1.2.3.*1.2.4"):
         read_image(d)
     v = read_image(d, series="1.2.4")
     assert v.data.shape == (3, 12, 10) and v.spacing[0] == pytest.approx(1.0)
-    _dicom_slice(d / "c.dcm", "1.2.3", 7, shape=(8, 8))
+    dicom_slice(d / "c.dcm", 7, _pixels((8, 8)), series="1.2.3", instance=7)
     with pytest.raises(ValueError, match="different sizes.*c.dcm"):
         read_image(d, series="1.2.3")
 
 
-def test_non_dicom_file_in_a_series_skips_that_input_only_and_resume_does_not_retry(tmp_path, ckpt, capsys):
+def test_non_dicom_file_in_a_series_skips_that_input_only_and_resume_does_not_retry(tmp_path, ckpt, capsys, dicom_slice):
     pytest.importorskip("pydicom")
     src = _folder(tmp_path, n=1)
     ser = src / "series1"
     ser.mkdir()
     for z in range(3):
-        _dicom_slice(ser / f"s{z}.dcm", "9.9", z)
+        dicom_slice(ser / f"s{z}.dcm", z, _pixels(), series="9.9", instance=z)
     (ser / "junk.dcm").write_text("not dicom")
     out = tmp_path / "out"
     opts = _opts(ckpt)

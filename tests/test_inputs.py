@@ -61,35 +61,13 @@ def test_nrrd_without_space_keeps_its_spacings(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ DICOM
-def _dicom_slice(path, z, pixels, slope=1.0, intercept=0.0, series="1.2.826.0.1.3680043.2.1125.1"):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID, ds.Modality = series, "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelSpacing = [0.7, 0.8]                      # row spacing (along axis 0), column spacing
-    ds.SliceThickness = 5.0                           # not the slice spacing: positions say 2.5
-    ds.ImagePositionPatient = [0.0, 0.0, float(z)]
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.int16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
-def test_dicom_series_is_stacked_in_position_order_with_rescale(tmp_path):
+def test_dicom_series_is_stacked_in_position_order_with_rescale(tmp_path, dicom_slice):
     pytest.importorskip("pydicom")
     d = tmp_path / "series"
     d.mkdir()
     zs = [5.0, 0.0, 2.5, 7.5]                          # file names sort in another order than positions
     for n, z in enumerate(zs):
-        _dicom_slice(d / f"im{n}.dcm", z, VOL[0] + int(z * 10), slope=2.0, intercept=-1000.0)
+        dicom_slice(d / f"im{n}.dcm", z, VOL[0] + int(z * 10), slope=2.0, intercept=-1000.0)
     v = read_image(d)
     assert v.data.shape == (4, 5, 6)
     for k, z in enumerate(sorted(zs)):
@@ -102,9 +80,9 @@ def test_dicom_series_is_stacked_in_position_order_with_rescale(tmp_path):
     np.testing.assert_allclose(kw["scale"], (2.5, 0.7, 0.8))
 
 
-def test_single_dicom_file_is_a_2d_image(tmp_path):
+def test_single_dicom_file_is_a_2d_image(tmp_path, dicom_slice):
     pytest.importorskip("pydicom")
-    _dicom_slice(tmp_path / "one.dcm", 0.0, VOL[1])
+    dicom_slice(tmp_path / "one.dcm", 0.0, VOL[1])
     v = read_image(tmp_path / "one.dcm")
     np.testing.assert_array_equal(v.data, VOL[1])
     np.testing.assert_allclose(v.spacing, (0.7, 0.8))
