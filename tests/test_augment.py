@@ -170,17 +170,22 @@ def test_augment_2d_3d_folder_labels_affines_manifest_reproduce(tmp_path, ckpts,
     assert "not empty" in err and "--resume" in err and "--overwrite" in err
 
 
-def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
-    out = tmp_path / "out"
-    opts = _opts(per_image=3, weights=ckpts["2d"], inverse=True)
+def _interrupt_after(n_rows: int):
+    """A progress hook that stops the export (as Ctrl-C does) once ``n_rows`` outputs are written."""
     seen = []
 
     def hook(ev):
         if ev.kind == "row":
             seen.append(ev.row["row_id"])
-            if len(seen) == 2:
+            if len(seen) == n_rows:
                 raise KeyboardInterrupt
+    return hook
 
+
+def test_interrupt_then_resume(tmp_path, folder2d, ckpts):
+    out = tmp_path / "out"
+    opts = _opts(per_image=3, weights=ckpts["2d"], inverse=True)
+    hook = _interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
         run_export(folder2d, out, opts, progress=hook)
     m = json.loads((out / "manifest.json").read_text())      # valid manifest of what finished
@@ -209,14 +214,7 @@ def test_resume_refuses_a_different_fold_guard(tmp_path, folder2d, ckpts):
     """Outputs made with and without the fold guard never end up in one folder; a run.json from a
     version that did not record the guard counts as guard off."""
     out = tmp_path / "out"
-    seen = []
-
-    def hook(ev):
-        if ev.kind == "row":
-            seen.append(ev.row["row_id"])
-            if len(seen) == 1:
-                raise KeyboardInterrupt
-
+    hook = _interrupt_after(1)
     with pytest.raises(KeyboardInterrupt):
         run_export(folder2d, out, _opts(weights=ckpts["2d"]), progress=hook)
     with pytest.raises(FileExistsError, match="fold_guard"):
@@ -234,14 +232,7 @@ def test_resume_after_a_torn_journal_line(tmp_path, folder2d, ckpts):
     """A writer killed in the middle of a journal line leaves half a record without a newline:
     reading skips it, --resume redoes that row and the journal holds only whole records after."""
     out = tmp_path / "out"
-    seen = []
-
-    def hook(ev):
-        if ev.kind == "row":
-            seen.append(ev.row["row_id"])
-            if len(seen) == 3:
-                raise KeyboardInterrupt
-
+    hook = _interrupt_after(3)
     with pytest.raises(KeyboardInterrupt):
         run_export(folder2d, out, _opts(weights=ckpts["2d"]), progress=hook)
     journal = out / "journal-0-of-1.jsonl"
