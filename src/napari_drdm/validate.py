@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional, Sequence
 
+from .core.config import SCHEDULE_NAMES
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
@@ -18,7 +19,7 @@ __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads
            "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "LABEL_INTERPS"]
 
 #: reverse-loop schedules (core/recovery.py): "paper" runs T' steps, "reference" all T steps
-SCHEDULES = ("paper", "reference")
+SCHEDULES = SCHEDULE_NAMES
 #: label interpolation methods (core/spatial.py ``warp_labels``)
 LABEL_INTERPS = ("nearest", "linear_argmax")
 

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.config import SCHEDULE_NAMES
 from ..errors import DRDMError, one_line
 from ._inputs import is_output_layer
 from ._lifetime import Lifetime, if_alive, stop_workers
@@ -118,7 +119,7 @@ class ExportWidget(QWidget):
         self.seed_spin.setRange(0, 2 ** 31 - 1)
         form.addRow("Seed", self.seed_spin)
         self.schedule = QComboBox(self)
-        self.schedule.addItems(["model default", "paper", "reference"])
+        self.schedule.addItems(["model default", *SCHEDULE_NAMES])
         form.addRow("Reverse loop", self.schedule)
         self.batch_spin = QSpinBox(self)
         self.batch_spin.setRange(1, 256)
