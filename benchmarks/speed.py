@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from napari_drdm.core import autotune  # noqa: E402
 from napari_drdm.core import environment as settings_env  # noqa: E402
-from napari_drdm.core import native as native_kernels  # noqa: E402
+from napari_drdm.core import native_build as native_kernels  # noqa: E402
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.fast import InferenceEngine, mkldnn_fusion_available  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402

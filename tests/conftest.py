@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)]
                                            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
-# the native kernels (core/native.py) and the path autotuner's decisions (core/autotune.py) go to
+# the native kernels (core/native_build.py) and the path autotuner's decisions (core/autotune.py) go to
 # a private folder, never the user's cache
 _PRIVATE = __import__("tempfile").mkdtemp(prefix="drdm-test-cache-")
 os.environ.setdefault("NAPARI_DRDM_CACHE", _PRIVATE)

@@ -78,8 +78,8 @@ def test_default_backend_on_this_build():
 def test_backend_choice(monkeypatch, fusion):
     """The engine's choice given what the build offers: fused oneDNN on a CPU that has it and in the
     channels-last layout, the generic path otherwise; forcing fusion where it cannot run is an error."""
-    from napari_drdm.core import fast
-    monkeypatch.setattr(fast, "mkldnn_fusion_available", lambda: fusion)
+    from napari_drdm.core import onednn_ops
+    monkeypatch.setattr(onednn_ops, "mkldnn_fusion_available", lambda: fusion)
     net, cpu, cuda = _net(2), torch.device("cpu"), torch.device("cuda")
     assert InferenceEngine(net).backend(cpu) == ("mkldnn" if fusion else "generic")
     assert InferenceEngine(net, fuse=False).backend(cpu) == "generic"

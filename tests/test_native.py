@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (core/native.py, core/_native/kernels.c) against PyTorch references,
-and the engine's use of them (same numbers as the plain network up to float rounding)."""
+"""The compiled CPU kernels (core/native.py, core/_native/kernels.c, built by core/native_build.py)
+against PyTorch references, and the engine's use of them (same numbers as the plain network up to
+float rounding)."""
 import os
 import shutil
 import subprocess
@@ -267,8 +268,8 @@ def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path):
     blocker.write_text("not a folder")
     (tmp_path / "tmp").mkdir()
     out = _in_subprocess("""
-        from napari_drdm.core import native
-        print(native.load() is not None, native._state["path"])
+        from napari_drdm.core import native_build
+        print(native_build.load() is not None, native_build._state["path"])
     """, NAPARI_DRDM_CACHE=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
     ok, path = out.split()
     assert ok == "True" and path.startswith(str(tmp_path / "tmp" / "napari-drdm-"))
@@ -288,14 +289,14 @@ def test_cli_info_reports_the_inference_path(capsys, monkeypatch, device, fusion
 
     from napari_drdm import model
     from napari_drdm.cli import main
-    from napari_drdm.core import fast
+    from napari_drdm.core import native_build, onednn_ops
 
     monkeypatch.setattr(model, "pick_device", lambda *a, **k: torch.device(device))
-    monkeypatch.setattr(fast, "mkldnn_fusion_available", lambda: fusion)
+    monkeypatch.setattr(onednn_ops, "mkldnn_fusion_available", lambda: fusion)
     lib = native.load() if built else None
     if built and lib is None:
         pytest.skip(f"native kernels not built here: {native.status()}")
-    monkeypatch.setattr(native, "load", lambda: lib)
+    monkeypatch.setattr(native_build, "load", lambda: lib)
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"] == device and info["onednn_fused_convolutions"] is fusion

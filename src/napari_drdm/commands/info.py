@@ -78,8 +78,8 @@ def collect(tune=None, batch: int = 1) -> dict:
     import torch
 
     from .. import OPENMP_WAIT, __version__
-    from ..core import autotune, native
-    from ..core.fast import _cpu_capability, mkldnn_fusion_available
+    from ..core import autotune, native_build
+    from ..core.onednn_ops import mkldnn_fusion_available
     from ..model import pick_device
 
     dev = pick_device(None)
@@ -91,14 +91,14 @@ def collect(tune=None, batch: int = 1) -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_model": autotune.cpu_model(),
-        "cpu_capability": _cpu_capability() or None,
+        "cpu_capability": native_build.cpu_capability() or None,
         "torch_threads": torch.get_num_threads(),
         "openmp_wait": OPENMP_WAIT,
         "onednn_fused_convolutions": mkldnn_fusion_available(),
     }
-    built = native.load() is not None
-    used, why = native.auto_enabled()
-    info["native_kernels"] = {"built": built, "status": native.status(),
+    built = native_build.load() is not None
+    used, why = native_build.auto_enabled()
+    info["native_kernels"] = {"built": built, "status": native_build.status(),
                               "cpu_flag_rule": ("would use them" if used else "would not use them") + f" ({why})"}
     if dev.type == "cpu" and mkldnn_fusion_available():
         if not built:

@@ -11,12 +11,12 @@ cannot tell these apart, so the first pass of a new combination of
 times each candidate for a few interleaved passes (a warm-up each, then rounds in alternating
 order; at least ``MIN_ROUNDS``, more while under ``BUDGET_S``), keeps the fastest by median, and
 stores the decision with its measurements in ``autotune.json`` in the cache folder
-(:func:`napari_drdm.core.native._cache_dir`; ``$NAPARI_DRDM_AUTOTUNE_FILE`` overrides the file).
+(:func:`napari_drdm.core.native_build._cache_dir`; ``$NAPARI_DRDM_AUTOTUNE_FILE`` overrides the file).
 Later processes read the decision back.  A corrupt file, an entry of another format, or an entry
 naming a path that is not a candidate now is ignored and rewritten.
 
 ``NAPARI_DRDM_NATIVE=0/1`` still forces a path (no measurement); ``NAPARI_DRDM_AUTOTUNE=0`` turns
-measuring off (the CPU-flag rule of :func:`napari_drdm.core.native.auto_enabled` then decides).
+measuring off (the CPU-flag rule of :func:`napari_drdm.core.native_build.auto_enabled` then decides).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def cache_file() -> Path:
     env = environment.get("AUTOTUNE_FILE")
     if env:
         return Path(env)
-    from .native import _cache_dir
+    from .native_build import _cache_dir
     return _cache_dir() / "autotune.json"
 
 

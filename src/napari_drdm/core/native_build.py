@@ -1,0 +1,191 @@
+"""Building and loading the compiled CPU kernels of :mod:`~napari_drdm.core.native`.
+
+The C source (``_native/kernels.c``) is compiled once per machine type with the system C
+compiler (``$CC`` or ``cc``) and OpenMP into ``~/.cache/napari-drdm`` (``$NAPARI_DRDM_CACHE`` to
+move it) and loaded with :mod:`ctypes`: no Python headers, no PyTorch headers, ~1 s.  Where there
+is no compiler (or ``NAPARI_DRDM_NATIVE=0``), :func:`load` returns ``None``, says why in
+:func:`status`, and the engine keeps its oneDNN path.  :func:`auto_enabled` is the CPU-flag rule
+for using the kernels unasked when the path is not measured.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import environment
+
+__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library"]
+
+_ABI = 2
+_SOURCE = Path(__file__).with_name("_native") / "kernels.c"
+
+_lock = threading.Lock()
+_state: Dict[str, object] = {"lib": None, "tried": False, "reason": "not tried yet", "path": None}
+
+
+def cpu_capability() -> str:
+    """PyTorch's CPU kernel level here ("AVX2", "AVX512", "DEFAULT", ...; "" if unknown)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - old PyTorch
+        return ""
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    cap = cpu_capability()
+    return cap.startswith("AVX2") or cap.startswith("AVX512")
+
+
+def _cache_dir() -> Path:
+    env = environment.get("CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-drdm"
+
+
+def _compiler() -> Optional[str]:
+    for cand in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _flags(simd: bool) -> List[str]:
+    f = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp"]
+    if simd:
+        f += ["-mavx2", "-mfma"]
+    return f
+
+
+def status() -> str:
+    """Why the native kernels are or are not in use (for the benchmark's environment record)."""
+    return str(_state["reason"])
+
+
+def _build(cc: str, simd: bool, out_dir: Optional[Path] = None) -> Path:
+    src = _SOURCE.read_bytes()
+    flags = _flags(simd)
+    try:
+        ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError):
+        ver = []
+    key = hashlib.sha256(src + repr((flags, ver, platform.machine(), _ABI)).encode()).hexdigest()[:16]
+    name = f"drdm_kernels_{key}{'_avx2' if simd else ''}.so"
+    dirs = [Path(out_dir)] if out_dir is not None else [
+        _cache_dir(), Path(tempfile.gettempdir()) / f"napari-drdm-{getattr(os, 'getuid', lambda: 0)()}"]
+    for d in dirs:
+        if (d / name).exists():
+            return d / name
+    for i, d in enumerate(dirs):              # the cache, or a private temporary folder if it is read-only
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
+            break
+        except OSError:
+            if i == len(dirs) - 1:
+                raise
+    os.close(fd)
+    target = d / name
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip()[:500]}")
+        os.replace(tmp, target)             # atomic: concurrent builders never see half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(lib):
+    vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.drdm_conv.argtypes = [i, vp, i, i, i, vp, i, i, i, i, i, i, vp, vp, i, vp, vp, f, i]
+    lib.drdm_instnorm_leaky.argtypes = [i, vp, i, i, i, i, i, i, vp, vp, f, vp, f, i]
+    lib.drdm_planes_add.argtypes = [i, vp, i, i, vp, i, i, i, i, i, i, i, vp, i, i]
+    lib.drdm_nhwc_to_planes.argtypes = [i, vp, i, vp, i, i, i, i, i, i, i, vp, i, i]
+    lib.drdm_planes_to_nhwc.argtypes = [i, vp, i, i, vp, i, i, i, i, i]
+    for name in ("drdm_conv", "drdm_instnorm_leaky", "drdm_planes_add", "drdm_nhwc_to_planes",
+                 "drdm_planes_to_nhwc"):
+        getattr(lib, name).restype = None
+    return lib
+
+
+def build_library(simd: Optional[bool] = None, cache_dir: Optional[Path] = None, cc: Optional[str] = None):
+    """Compile (or reuse) the kernel library and load it: a separate handle each call (tests use
+    this for the portable build); raises on failure.  The engine uses :func:`load`."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    path = _build(cc, _cpu_has_avx2_fma() if simd is None else bool(simd), cache_dir)
+    lib = _bind(ctypes.CDLL(str(path)))
+    if lib.drdm_kernels_abi() != _ABI:
+        raise RuntimeError(f"stale kernel library {path} (ABI mismatch)")
+    return lib
+
+
+def load():
+    """The compiled kernel library (ctypes), or None (see :func:`status`).  Built once per process."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        if environment.flag("NATIVE") is False:
+            _state["reason"] = "disabled by NAPARI_DRDM_NATIVE=0"
+            return None
+        if sys.platform == "win32":
+            _state["reason"] = "not built on Windows (oneDNN path used)"
+            return None
+        cc = _compiler()
+        if cc is None:
+            _state["reason"] = "no C compiler found (set CC); oneDNN path used"
+            return None
+        try:
+            lib = build_library(cc=cc)
+        except Exception as exc:  # compiler without OpenMP, read-only cache, ...
+            _state["reason"] = f"build failed ({exc}); oneDNN path used"
+            return None
+        _state["lib"], _state["path"] = lib, lib._name
+        _state["reason"] = (f"native kernels built ({'AVX2/FMA' if lib.drdm_kernels_simd() else 'portable C'}; "
+                            f"{Path(lib._name).name})")
+        return lib
+
+
+def auto_enabled() -> Tuple[bool, str]:
+    """The CPU-flag rule: whether engines would use the kernels unasked (``native=None``) without
+    measuring (``NAPARI_DRDM_AUTOTUNE=0``; otherwise :mod:`~napari_drdm.core.autotune` decides per
+    shape by timing both paths), and why not.
+
+    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA build on CPUs whose best
+    PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
+    build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
+    anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
+    if environment.flag("NATIVE") is True:
+        return load() is not None, "forced on by NAPARI_DRDM_NATIVE=1"
+    lib = load()
+    if lib is None:
+        return False, status()
+    if not lib.drdm_kernels_simd():
+        return False, "portable C build, not measured against oneDNN (native=True or NAPARI_DRDM_NATIVE=1 to use it)"
+    cap = cpu_capability() or "unknown"
+    if cap != "AVX2":
+        return False, (f"measured faster than oneDNN on AVX2 CPUs; this one runs {cap} kernels "
+                       "(native=True or NAPARI_DRDM_NATIVE=1 to use them)")
+    return True, "in use by default (AVX2/FMA CPU)"
