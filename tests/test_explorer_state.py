@@ -118,6 +118,19 @@ def test_inputs_model_must_match_the_data_dimensionality():
         read_inputs(bad, None, 2, (0, 0))
 
 
+def test_export_layer_checks_say_why_in_one_line():
+    from napari_drdm._widgets._inputs import check_export_layers
+    img = _Layer(name="img", data=np.ones((8, 8), np.float32), rgb=False)
+    check_export_layers(img, None)
+    check_export_layers(img, _Layer(name="lab", data=np.ones((8, 8), np.uint8)))
+    for image, labels, why in ((None, None, "add or pick an image layer"),
+                               (_Layer(name="rgb", data=np.ones((8, 8, 3)), rgb=True), None, "RGB"),
+                               (_Layer(name="cine", data=np.ones((2, 3, 8, 8))), None, "4D"),
+                               (img, _Layer(name="lab", data=np.ones((8, 9), np.uint8)), "differs")):
+        with pytest.raises(ValueError, match=why):
+            check_export_layers(image, labels)
+
+
 def test_run_request_says_why_not_or_what_run_starts():
     from napari_drdm._widgets._run_request import NO_IMAGE, prepare_run
     from napari_drdm.core.config import DRDMConfig

@@ -16,7 +16,7 @@ from ..checks import check_image, check_labels
 from ..errors import InputError
 
 __all__ = ["Inputs", "read_inputs", "stack_axes", "spatial_ndim", "is_output_layer", "layer_affine",
-           "output_geometry"]
+           "output_geometry", "check_export_layers"]
 
 
 @dataclass
@@ -83,6 +83,28 @@ def output_geometry(inp: Inputs) -> Tuple[Tuple[float, ...], Tuple[float, ...], 
             for a, i in enumerate(inp.lead_index):
                 aff[:3, 3] += aff[:3, a] * i
     return scale, tuple(translate), aff
+
+
+def check_export_layers(image_layer, labels_layer) -> None:
+    """What a dataset export refuses in the chosen layers: InputError with a one-line reason.
+
+    The export reads whole 2D or 3D single-channel images (no slice or time frame picked on
+    screen), so the checks are simpler than :func:`read_inputs`; the engine checks the values.
+
+    Args:
+        image_layer: the chosen image layer, or None.
+        labels_layer: the chosen labels layer, or None.
+    """
+    if image_layer is None:
+        raise InputError("add or pick an image layer")
+    name, shape = image_layer.name, tuple(image_layer.data.shape)
+    if getattr(image_layer, "rgb", False) or getattr(image_layer, "multiscale", False):
+        raise InputError(f"layer {name!r} is RGB or multiscale; pick a single-channel image")
+    if len(shape) not in (2, 3):
+        raise InputError(f"layer {name!r} is {len(shape)}D; pick a 2D or 3D image")
+    if labels_layer is not None and tuple(labels_layer.data.shape) != shape:
+        raise InputError(f"labels {labels_layer.name!r} shape {tuple(labels_layer.data.shape)} differs from image "
+                         f"{shape}")
 
 
 def _cached(cache: Dict[tuple, Optional[str]], key: tuple, check) -> None:
