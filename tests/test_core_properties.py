@@ -15,6 +15,7 @@ from napari_drdm.core.network import DRDMNet
 from napari_drdm.core.recovery import recover, reverse_timesteps
 from napari_drdm.core.spatial import compose, resize_field, warp, warp_labels
 from napari_drdm.core.unet import LEVELS, UNetOps, run_unet
+from napari_drdm.errors import InputError
 
 
 def smooth_field(nd, size, amp, seed=0, batch=1):
@@ -227,8 +228,9 @@ def test_network_from_config():
 def test_schedules_and_their_default():
     assert Schedule.parse("paper") is Schedule.PAPER and Schedule.PAPER == "paper"
     assert f"{Schedule.REFERENCE}" == "reference" == str(Schedule.REFERENCE)
-    with pytest.raises(ValueError, match="schedule must be one of paper, reference, got 'papers'"):
+    with pytest.raises(InputError, match="^schedule must be one of paper, reference, got 'papers'$"):
         Schedule.parse("papers")
+    assert issubclass(InputError, ValueError)            # callers catching ValueError keep working
     with pytest.raises(ValueError, match="schedule must be one of"):
         DRDMConfig(schedule="fast")
     cfg = DRDMConfig(schedule=Schedule.PAPER)

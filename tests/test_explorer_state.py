@@ -14,7 +14,8 @@ from napari_drdm._widgets._layers import FrameStore, clip_to_image, field_summar
 
 
 def test_state_imports_without_qt_or_napari():
-    code = ("import sys; import napari_drdm._widgets._controller, napari_drdm._widgets._inputs; "
+    code = ("import sys; import napari_drdm._widgets._controller, napari_drdm._widgets._inputs, "
+            "napari_drdm._widgets._run_request; "
             "bad = [m for m in ('qtpy', 'napari', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -115,6 +116,41 @@ def test_inputs_model_must_match_the_data_dimensionality():
     bad = _Layer(name="bad", data=np.full((8, 8), np.nan, np.float32), metadata={}, scale=(1, 1), ndim=2, rgb=False)
     with pytest.raises(ValueError, match="NaN"):          # the engine's own check and message
         read_inputs(bad, None, 2, (0, 0))
+
+
+def test_export_layer_checks_say_why_in_one_line():
+    from napari_drdm._widgets._inputs import check_export_layers
+    img = _Layer(name="img", data=np.ones((8, 8), np.float32), rgb=False)
+    check_export_layers(img, None)
+    check_export_layers(img, _Layer(name="lab", data=np.ones((8, 8), np.uint8)))
+    for image, labels, why in ((None, None, "add or pick an image layer"),
+                               (_Layer(name="rgb", data=np.ones((8, 8, 3)), rgb=True), None, "RGB"),
+                               (_Layer(name="cine", data=np.ones((2, 3, 8, 8))), None, "4D"),
+                               (img, _Layer(name="lab", data=np.ones((8, 9), np.uint8)), "differs")):
+        with pytest.raises(ValueError, match=why):
+            check_export_layers(image, labels)
+
+
+def test_run_request_says_why_not_or_what_run_starts():
+    from napari_drdm._widgets._run_request import NO_IMAGE, prepare_run
+    from napari_drdm.core.config import DRDMConfig
+    from napari_drdm.errors import InputError
+
+    gen = {"t_prime": 2, "seed": 5, "schedule": "paper", "k": 2, "budget_mib": 64, "fold_guard": True}
+    cine = _Layer(name="cine", data=np.ones((4, 8, 8), np.float32), metadata={"drdm_time_first": True},
+                  scale=(1, 0.5, 2), translate=(0, 0, 0), ndim=3, rgb=False)
+    with pytest.raises(InputError, match="No image layer"):
+        prepare_run(None, None, None, "loading", gen, (0, 0, 0))
+    assert NO_IMAGE.startswith("No image layer")
+    with pytest.raises(InputError, match="^loading$"):
+        prepare_run(cine, None, None, "loading", gen, (0, 0, 0))
+    model = SimpleNamespace(ndim=2, config=DRDMConfig(schedule="reference", k_recursions=2), device="cpu")
+    req = prepare_run(cine, None, model, "", gen, (3, 0, 0))
+    assert req.inputs.lead_index == (3,) and req.plan.n_total == 4           # 2 forward + 2 paper reverse steps
+    assert req.params == {"t_prime": 2, "seed": 5, "schedule": "paper", "k": 2, "fold_guard": True,
+                          "device": "cpu", "variant": "paper K2 guard"}
+    scale, translate, affine = req.geometry
+    assert scale == (1.0, 0.5, 2.0) and translate == (3.0, 0.0, 0.0) and affine is None
 
 
 def test_default_threads_uses_idle_cores(monkeypatch):

@@ -54,7 +54,7 @@ def test_no_import_cycle_between_widget_modules():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]     # the check works
 
 
-@pytest.mark.parametrize("module", ["_controller", "_layers", "_inputs", "_worker"])
+@pytest.mark.parametrize("module", ["_controller", "_layers", "_inputs", "_run_request", "_worker"])
 def test_qt_free_modules_import_no_qt(module):
     tree = ast.parse((WIDGETS / f"{module}.py").read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -75,8 +75,31 @@ def test_export_validation_messages(make_napari_viewer, tiny2d, tmp_path):
     w.source.setCurrentText("Folder")
     assert not w.run_btn.isEnabled() and "input folder" in w.status.text()
     w.folder_edit.setText(str(tmp_path))
+    assert w.options().mode == "augment" and w.options().schedule is None       # "model default"
     w.mode.setCurrentIndex(1)
     assert w.tprime_syn_edit.isEnabled() and w.run_btn.isEnabled()
+    w.existing.setCurrentText("overwrite")
+    opts = w.options()
+    assert opts.mode == "pairs" and opts.overwrite and not opts.resume and opts.weights == tiny2d
+
+
+def test_export_options_are_a_magicgui_form(qtbot):
+    from magicgui.widgets import Container
+
+    from napari_drdm._widgets._export_form import OPTION_NAMES, ExportForm
+    from napari_drdm.export import ExportOptions
+    form = ExportForm(threads=1)
+    qtbot.addWidget(form)
+    assert isinstance(form.opts, Container)
+    form.n_spin.setValue(7)                      # a user typing in the Qt widget under the magicgui one
+    form.schedule.setCurrentText("paper")
+    form.tprime_edit.setText(" 40:44:2 ")
+    form.guard_check.setChecked(False)
+    kw = form.option_values()
+    assert {k: kw[k] for k in ("per_image", "schedule", "t_prime", "fold_guard", "weights")} == \
+        {"per_image": 7, "schedule": "paper", "t_prime": "40:44:2", "fold_guard": False, "weights": None}
+    assert set(OPTION_NAMES) <= set(ExportOptions.__dataclass_fields__)       # same names as the engine's
+    ExportOptions(**kw).validate()
 
 
 def test_export_cancel_and_refusal(make_napari_viewer, qtbot, tiny2d, tmp_path):

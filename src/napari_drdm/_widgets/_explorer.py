@@ -5,13 +5,15 @@ This module starts and follows runs; the rest is composed in, one idea per modul
 * :class:`~._form.ExplorerForm`, the controls (the generation options a magicgui container);
 * :class:`~._input_choice.InputChoice`, the image and labels layers to deform;
 * :class:`~._model_choice.ModelChoice`, the model, loaded off the UI thread;
+* :func:`~._run_request.prepare_run`, Qt-free: the input checks, the frame plan and the
+  generation's arguments (the reason Run is disabled, or what it starts);
 * :class:`~._controller.ExplorerState`, Qt-free: the runs, their names and every text shown;
 * :class:`~._run_layers.RunLayers`, each run's napari layers;
+* :class:`~._run_choice.RunChoice`, the run shown, runs listed and removed;
 * :class:`~._readout.FrameReadout`, the frame on screen: readout, plot and frame buttons;
 * :func:`~._worker.explore`, the generation in a napari thread worker.
 
-The inputs are read and checked by :func:`~._inputs.read_inputs` (the engine's own checks).  The
-UI thread only reads the frame store and updates layers, a few times per second.
+The UI thread only reads the frame store and updates layers, a few times per second.
 """
 from __future__ import annotations
 
@@ -19,64 +21,26 @@ import random
 import time
 from typing import TYPE_CHECKING, Dict, Optional
 
-import numpy as np
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ._controller import ExplorerState, Run
-from ._form import SCHEDULES, ExplorerForm, scrolled
+from ._form import CONTROLS, SCHEDULES, ExplorerForm, scrolled
 from ._input_choice import InputChoice
-from ._inputs import Inputs, layer_affine, read_inputs, spatial_ndim
-from ._layers import FrameStore, field_summary, label_dtype, plan_frames
+from ._inputs import spatial_ndim
+from ._layers import FrameStore, field_summary
 from ._lifetime import Connections, Lifetime, if_alive, stop_workers
-from ._model_choice import ModelChoice
+from ._model_choice import ModelChoice, bundled_models
+from ._paint import on_next_paint
 from ._readout import FrameReadout
+from ._run_choice import RunChoice
 from ._run_layers import RunLayers
+from ._run_request import RunRequest, prepare_run
 
 if TYPE_CHECKING:
     import napari
 
 __all__ = ["ExplorerWidget"]
-
-#: the form's controls, also reachable as attributes of the dock (scripts and tests drive them)
-CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
-            "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
-            "schedule_combo", "k_spin", "budget_spin", "guard_check", "reason_label", "plan_label", "run_btn",
-            "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
-            "follow_check", "readout", "plot")
-
-
-class _PaintWatcher(QObject):
-    """Calls ``callback()`` once, when the viewer's canvas next paints (the frame is on screen)."""
-
-    def __init__(self, canvas: QWidget, callback):
-        super().__init__(canvas)
-        self._callback = callback
-        canvas.installEventFilter(self)
-
-    def eventFilter(self, obj, event):  # noqa: N802 - Qt API
-        if event.type() == QEvent.Type.Paint and self._callback is not None:
-            cb, self._callback = self._callback, None
-            obj.removeEventFilter(self)
-            cb()
-        return False
-
-
-def _canvas_of(widget: QWidget) -> Optional[QWidget]:
-    """The vispy canvas widget in the widget's window (the napari viewer), if docked in one."""
-    win = widget.window()
-    if win is None or win is widget:
-        return None
-    return next((w for w in win.findChildren(QWidget) if type(w).__name__ == "CanvasBackendDesktop"), None)
-
-
-def _bundled_models():
-    from ..weights import list_weights
-    try:
-        return list_weights()
-    except Exception:  # noqa: BLE001 - a broken registry must not break the widget
-        return []
-
 
 class ExplorerWidget(QWidget):
     """Dock widget: image (+ labels) -> DRDM forward deformation and recovery, frame by frame.
@@ -95,8 +59,8 @@ class ExplorerWidget(QWidget):
         self._validation_cache: Dict[tuple, Optional[str]] = {}
         self._closed = False
         self._view_reset = False
-        self.form = ExplorerForm(_bundled_models(), default_threads(), on_pick=lambda j: self.set_frame(j))
-        for name in CONTROLS:
+        self.form = ExplorerForm(bundled_models(), default_threads(), on_pick=lambda j: self.set_frame(j))
+        for name in CONTROLS:                    # the controls are attributes of the dock too (scripts, tests)
             setattr(self, name, getattr(self.form, name))
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -104,6 +68,7 @@ class ExplorerWidget(QWidget):
         self.inputs = InputChoice(napari_viewer, self.form)
         self.models = ModelChoice(self.form, self._on_model)
         self.frame_readout = FrameReadout(self.state, self.layers, self.form)
+        self.runs = RunChoice(napari_viewer, self.state, self.layers, self.form, self.inputs, self.frame_readout)
         self._connect_form()
         self._conns = Connections()
         self._connect_viewer()
@@ -126,8 +91,6 @@ class ExplorerWidget(QWidget):
         f.slice_check.toggled.connect(lambda _b: self.validate())
         f.new_seed_btn.changed.connect(self.new_seed)
         f.gen.changed.connect(lambda _v: self.validate())
-        f.run_combo.activated.connect(lambda i: self.show_run(f.run_combo.itemData(i)))
-        f.remove_btn.clicked.connect(lambda: self.remove_run())
 
     def _connect_viewer(self):
         ev = self.viewer.layers.events
@@ -158,7 +121,7 @@ class ExplorerWidget(QWidget):
             except Exception:  # noqa: BLE001 - a layer without a name event
                 pass
         if event is not None and getattr(event, "type", "") == "removed":
-            self._forget_removed_runs()
+            self.runs.forget_removed()
         self._refresh_layer_choices()
 
     def _refresh_layer_choices(self):
@@ -218,26 +181,11 @@ class ExplorerWidget(QWidget):
         return self.models.error
 
     # ------------------------------------------------------------------ validation
-    def _read_inputs(self) -> Inputs:
-        """The arrays a run would use; raises ValueError with the reason when they are unusable."""
-        img_layer = self.inputs.image()
-        if img_layer is None:
-            raise ValueError("No image layer: open an image or a sample (File > Open Sample > napari-drdm).")
-        if self.models.model is None:
-            raise ValueError(self.models.reason())
-        return read_inputs(img_layer, self.inputs.labels(), self.models.model.ndim, self.viewer.dims.point,
-                           self.form.slice_check.isChecked(), self._validation_cache)
-
-    def _plan_for(self, inp: Inputs):
-        from ..core.recovery import reverse_timesteps
-        cfg = self.models.model.config
-        g = self.form.generation()
-        t_prime, schedule = g["t_prime"], g["schedule"]
-        n_rec = len(reverse_timesteps(t_prime, cfg.n_steps, schedule)) if (t_prime > 0 or schedule == "reference") \
-            else 0
-        lo, hi = float(np.min(inp.image)), float(np.max(inp.image))
-        return plan_frames(inp.image.shape, t_prime, n_rec, label_dtype(inp.labels), (lo, hi),
-                           g["budget_mib"] * 2 ** 20)
+    def _request(self) -> RunRequest:
+        """What Run would start now; InputError (a ValueError) with the reason when it cannot."""
+        return prepare_run(self.inputs.image(), self.inputs.labels(), self.models.model, self.models.reason(),
+                           self.form.generation(), self.viewer.dims.point, self.form.slice_check.isChecked(),
+                           self._validation_cache)
 
     def validate(self) -> bool:
         """Check the inputs; enable Run or show why not. Returns whether Run is possible."""
@@ -245,8 +193,7 @@ class ExplorerWidget(QWidget):
             return False
         f = self.form
         try:
-            inp = self._read_inputs()
-            plan = self._plan_for(inp)
+            req = self._request()
         except ValueError as e:
             f.reason_label.setText(str(e))
             f.input_info.setText("")
@@ -254,8 +201,8 @@ class ExplorerWidget(QWidget):
             f.run_btn.setEnabled(False)
             return False
         f.reason_label.setText("")
-        f.input_info.setText(inp.describe)
-        f.plan_label.setText(plan.describe())
+        f.input_info.setText(req.inputs.describe)
+        f.plan_label.setText(req.plan.describe())
         f.run_btn.setEnabled(not self.running)
         return True
 
@@ -271,38 +218,6 @@ class ExplorerWidget(QWidget):
     def new_seed(self, *_args):
         self.form.seed_spin.setValue(random.randrange(0, 100000))
 
-    def _params(self) -> dict:
-        """What the generation is asked: the form's generation options and the model's device."""
-        cfg = self.models.model.config
-        p = self.form.generation()
-        p.pop("budget_mib")
-        p["device"] = str(self.models.model.device)
-        variant = []
-        if p["schedule"] != cfg.schedule or p["k"] != cfg.k_recursions:
-            variant.append(f"{p['schedule']} K{p['k']}")
-        if p["fold_guard"]:
-            variant.append("guard")
-        if variant:
-            p["variant"] = " ".join(variant)
-        return p
-
-    def _output_geometry(self, inp: Inputs):
-        layer = inp.image_layer
-        scale = tuple(float(s) for s in layer.scale)
-        translate = [float(t) for t in layer.translate]
-        for a, i in enumerate(inp.lead_index):
-            translate[a] += i * scale[a]
-        aff = layer_affine(layer)
-        if aff is not None:
-            md = layer.metadata or {}
-            if md.get("drdm_time_first") or layer.ndim > 3:
-                aff = None                           # the affine does not describe the stack axes
-            elif inp.lead_index:
-                aff = aff.copy()
-                for a, i in enumerate(inp.lead_index):
-                    aff[:3, 3] += aff[:3, a] * i
-        return scale, tuple(translate), aff
-
     def run(self):
         """Start a generation in a worker thread (no-op with the reason shown if inputs are invalid)."""
         t_click = time.perf_counter()            # timing starts at Run, before the inputs are read
@@ -312,19 +227,13 @@ class ExplorerWidget(QWidget):
 
         from ._worker import explore
         f = self.form
-        inp = self._read_inputs()
-        plan = self._plan_for(inp)
-        model = self.models.model
-        params = self._params()
+        req = self._request()
+        inp, plan, params, model = req.inputs, req.plan, req.params, self.models.model
         store = FrameStore(plan, has_labels=inp.labels is not None, lead_ndim=len(inp.lead_index))
         previous = self.state.current
-        run = self.state.new_run(model.name, inp, params, store, *self._output_geometry(inp))
+        run = self.state.new_run(model.name, inp, params, store, *req.geometry)
         run.t_start = t_click
-        if previous is not None:
-            self.layers.set_run_visible(previous, False)     # one run on screen at a time
-        f.run_combo.addItem(run.title, run.id)
-        f.run_combo.setCurrentIndex(f.run_combo.count() - 1)
-        f.remove_btn.setEnabled(False)
+        self.runs.add(run, previous)
         f.progress.setRange(0, max(1, plan.n_total))
         f.progress.setValue(0)
         f.plan_label.setText(plan.describe())
@@ -385,9 +294,7 @@ class ExplorerWidget(QWidget):
     def _first_frames_layer(self, run: Run):
         """The frames layer was just added: time it, hide the inputs under it, fit the view once."""
         self.state.mark(run, "first_layer")
-        canvas = _canvas_of(self)
-        if canvas is not None and canvas.isVisible():
-            _PaintWatcher(canvas, lambda run=run: self.state.mark(run, "first_drawn"))
+        on_next_paint(self, lambda run=run: self.state.mark(run, "first_drawn"))
         for ly in (run.inputs.image_layer, run.inputs.labels_layer):
             if ly is not None and ly in self.viewer.layers:
                 ly.visible = False              # the frames cover them; the outline shows the input
@@ -436,48 +343,11 @@ class ExplorerWidget(QWidget):
     # ------------------------------------------------------------------ runs
     def show_run(self, run_id: Optional[int]):
         """Make ``run_id`` the current run: its layers visible, every other run's hidden."""
-        run = self.state.select(run_id)
-        if run is None:
-            return
-        for r in self.state.runs:
-            if r is not run:
-                self.layers.set_run_visible(r, False)
-        self.layers.set_run_visible(run, True)
-        idx = self.form.run_combo.findData(run.id)
-        if idx >= 0:
-            self.form.run_combo.setCurrentIndex(idx)
-        self.form.remove_btn.setEnabled(not run.running)
-        self.update_readout()
+        self.runs.show(run_id)
 
     def remove_run(self, run_id: Optional[int] = None):
         """Delete a finished run's layers and frames (default: the current run)."""
-        run_id = self.state.current_id if run_id is None else run_id
-        run = self.state.remove(run_id)
-        if run is None:
-            return
-        self.layers.remove(run)
-        self._drop_run_item(run.id)
-
-    def _drop_run_item(self, run_id: int):
-        idx = self.form.run_combo.findData(run_id)
-        if idx >= 0:
-            self.form.run_combo.removeItem(idx)
-        if self.state.current is not None:
-            self.show_run(self.state.current_id)
-        else:
-            for ly in self.inputs.image_layers() + self.inputs.labels_candidates():
-                ly.visible = True
-            self.form.remove_btn.setEnabled(False)
-            self.frame_readout.clear()
-
-    def _forget_removed_runs(self):
-        """The user deleted a run's frames layer from the layer list: forget that run."""
-        for run in list(self.state.runs):
-            layer = run.layers.get("frames")
-            if not run.running and layer is not None and layer not in self.viewer.layers:
-                self.layers.remove(run)
-                self.state.remove(run.id)
-                self._drop_run_item(run.id)
+        self.runs.remove(run_id)
 
     # ------------------------------------------------------------------ the frame on screen
     def step(self, delta: int):
@@ -498,12 +368,7 @@ class ExplorerWidget(QWidget):
 
     @if_alive
     def _on_active_layer(self, event=None):
-        run = self.state.run_of_layer(self.viewer.layers.selection.active)
-        if run is not None and run.id != self.state.current_id:
-            self.state.select(run.id)
-            idx = self.form.run_combo.findData(run.id)
-            if idx >= 0:
-                self.form.run_combo.setCurrentIndex(idx)
+        self.runs.follow_active_layer()
         self.update_readout()
 
     @if_alive

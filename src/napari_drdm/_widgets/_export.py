@@ -5,6 +5,9 @@ A thin Qt view (qtpy only) over :mod:`napari_drdm.export`, the engine the ``drdm
 written output drives the progress bar, Cancel stops after the current batch (finished outputs
 stay valid and the folder can be resumed), and the first few results are added as layers.
 Layer inputs are saved to ``OUT/sources/`` first, so every manifest row stays reproducible.
+
+The controls are :class:`~._export_form.ExportForm` (the options a magicgui container); the
+chosen layers are checked by :func:`~._inputs.check_export_layers`.
 """
 from __future__ import annotations
 
@@ -14,59 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QScrollArea,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QScrollArea, QVBoxLayout, QWidget
 
-from ..core.config import SCHEDULE_NAMES
-from ..errors import DRDMError, one_line
-from ._inputs import is_output_layer
+from ..errors import DRDMError, InputError, one_line
+from ._export_form import CONTROLS, NO_LABELS, ExportForm
+from ._inputs import check_export_layers, is_output_layer
 from ._lifetime import Lifetime, if_alive, stop_workers
 
 if TYPE_CHECKING:
     import napari
 
 __all__ = ["ExportWidget"]
-
-NO_LABELS = "(none)"
-MODES = {"Segmentation set (Algorithm 3)": "augment", "Registration pairs (Algorithm 4)": "pairs"}
-EXISTING = {"refuse if not empty": (False, False), "resume": (True, False), "overwrite": (False, True)}
-
-
-WEIGHT_FILES = "DRDM checkpoints (*.safetensors *.pth *.pt);;All files (*)"
-
-
-def _browse_row(edit: QLineEdit, parent: QWidget, title: str, file_filter: Optional[str] = None) -> QWidget:
-    """A line edit with a Browse... button: a folder, or a file when ``file_filter`` is given."""
-    box = QWidget(parent)
-    lay = QHBoxLayout(box)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(edit)
-    btn = QPushButton("Browse...", box)
-
-    def pick():
-        start = edit.text() or str(Path.home())
-        if file_filter is None:
-            chosen = QFileDialog.getExistingDirectory(parent, title, start)
-        else:
-            chosen, _ = QFileDialog.getOpenFileName(parent, title, start, file_filter)
-        if chosen:
-            edit.setText(chosen)
-    btn.clicked.connect(pick)
-    lay.addWidget(btn)
-    return box
 
 
 class ExportWidget(QWidget):
@@ -81,93 +42,12 @@ class ExportWidget(QWidget):
         self._t0 = 0.0
         self._closed = False
         self._labels_touched = False          # the user chose labels (or none): stop choosing for them
-        inner = QWidget(self)
-        outer = QVBoxLayout(inner)
-        form = QFormLayout()
-        outer.addLayout(form)
-
-        self.source = QComboBox(self)
-        self.source.addItems(["Layers", "Folder"])
-        form.addRow("Input", self.source)
-        self.image_combo = QComboBox(self)
-        form.addRow("Image layer", self.image_combo)
-        self.labels_combo = QComboBox(self)
-        form.addRow("Labels layer", self.labels_combo)
-        self.folder_edit = QLineEdit(self)
-        self.folder_edit.setPlaceholderText("images (+ case_label.* / images/ + labels/)")
-        form.addRow("Input folder", _browse_row(self.folder_edit, self, "Input folder"))
-
-        self.mode = QComboBox(self)
-        self.mode.addItems(list(MODES))
-        form.addRow("Export", self.mode)
-        self.n_spin = QSpinBox(self)
-        self.n_spin.setRange(1, 100000)
-        self.n_spin.setValue(4)
-        form.addRow("Outputs per image", self.n_spin)
-        self.tprime_edit = QLineEdit("reference", self)
-        self.tprime_edit.setToolTip("45 | 40,45,50 | 40:52:2 (stop included) | reference (48, 50, 50, 52, ...)")
-        self.tprime_label = QLabel("T'", self)
-        form.addRow(self.tprime_label, self.tprime_edit)
-        self.tprime_syn_edit = QLineEdit("45", self)
-        form.addRow("T' syn", self.tprime_syn_edit)
-        self.weights_edit = QLineEdit(self)
-        self.weights_edit.setPlaceholderText("auto: bundled model of the image's dimension")
-        self.weights_edit.setToolTip("A bundled model's name (see drdm weights) or a checkpoint file; "
-                                     "empty: the bundled default for the image's dimensionality.")
-        form.addRow("Weights", _browse_row(self.weights_edit, self, "DRDM checkpoint", WEIGHT_FILES))
-        self.seed_spin = QSpinBox(self)
-        self.seed_spin.setRange(0, 2 ** 31 - 1)
-        form.addRow("Seed", self.seed_spin)
-        self.schedule = QComboBox(self)
-        self.schedule.addItems(["model default", *SCHEDULE_NAMES])
-        form.addRow("Reverse loop", self.schedule)
-        self.batch_spin = QSpinBox(self)
-        self.batch_spin.setRange(1, 256)
-        self.batch_spin.setValue(4)
-        form.addRow("Batch", self.batch_spin)
-        import os
-
         from ._worker import default_threads
-        self.threads_spin = QSpinBox(self)
-        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
-        self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip("CPU threads for generation (the explorer's default: the cores not busy now).")
-        form.addRow("CPU threads", self.threads_spin)
-        self.inverse_check = QCheckBox("also write the inverse field", self)
-        form.addRow("", self.inverse_check)
-        self.guard_check = QCheckBox("fold guard: every written field fold-free", self)
-        self.guard_check.setChecked(True)
-        self.guard_check.setToolTip("det(I + grad phi) > 0 at every pixel/voxel of each written field (central and "
-                                    "strict Jacobian checks), by a local correction around the folds; "
-                                    "README 'Fold-free deformations'")
-        form.addRow("", self.guard_check)
-        self.existing = QComboBox(self)
-        self.existing.addItems(list(EXISTING))
-        form.addRow("Existing outputs", self.existing)
-        self.out_edit = QLineEdit(self)
-        form.addRow("Output folder", _browse_row(self.out_edit, self, "Output folder"))
-        self.preview_spin = QSpinBox(self)
-        self.preview_spin.setRange(0, 32)
-        self.preview_spin.setValue(3)
-        form.addRow("Preview layers", self.preview_spin)
-
-        buttons = QHBoxLayout()
-        self.run_btn = QPushButton("Export", self)
-        self.cancel_btn = QPushButton("Cancel", self)
-        self.cancel_btn.setEnabled(False)
-        buttons.addWidget(self.run_btn)
-        buttons.addWidget(self.cancel_btn)
-        outer.addLayout(buttons)
-        self.progress = QProgressBar(self)
-        self.progress.setFormat("%v / %m outputs")
-        self.progress.setValue(0)
-        outer.addWidget(self.progress)
-        self.status = QLabel("", self)
-        self.status.setWordWrap(True)
-        outer.addWidget(self.status)
-        outer.addStretch(1)
+        self.form = ExportForm(default_threads())
+        for name in CONTROLS:                 # the controls are attributes of the dock too (scripts, tests)
+            setattr(self, name, getattr(self.form, name))
         area = QScrollArea(self)              # the dock can be shorter than the form (small screens)
-        area.setWidget(inner)
+        area.setWidget(self.form)
         area.setWidgetResizable(True)
         area.setFrameShape(QScrollArea.Shape.NoFrame)
         lay = QVBoxLayout(self)
@@ -176,11 +56,12 @@ class ExportWidget(QWidget):
 
         self.run_btn.clicked.connect(self.start)
         self.cancel_btn.clicked.connect(self.cancel)
-        for w in (self.source, self.mode, self.image_combo, self.labels_combo):
+        for w in (self.source, self.image_combo, self.labels_combo):
             w.currentIndexChanged.connect(self._validate)
-        for e in (self.folder_edit, self.out_edit, self.tprime_edit, self.tprime_syn_edit):
+        for e in (self.folder_edit, self.out_edit):
             e.textChanged.connect(self._validate)
-        self.n_spin.valueChanged.connect(self._validate)
+        for name in ("mode", "per_image", "t_prime", "t_prime_syn"):
+            getattr(self.opts, name).changed.connect(self._validate)
         self.labels_combo.activated.connect(self._on_labels_activated)
         self.image_combo.currentIndexChanged.connect(lambda _i: (self._auto_labels(), self._validate()))
         ev = self.viewer.layers.events
@@ -224,7 +105,7 @@ class ExportWidget(QWidget):
 
     def expected_outputs(self) -> Optional[int]:
         """Outputs an export would write now (None for a folder: known once it is read)."""
-        return self.n_spin.value() if self.source.currentText() == "Layers" else None
+        return self.opts.per_image.value if self.source.currentText() == "Layers" else None
 
     @if_alive
     def _refresh_layers(self, *_):
@@ -248,36 +129,28 @@ class ExportWidget(QWidget):
 
     def _validate(self, *_) -> str:
         from ..export import parse_t_prime
+        o = self.opts
         layers = self.source.currentText() == "Layers"
-        pairs = MODES[self.mode.currentText()] == "pairs"
+        pairs = o.mode.value == "pairs"
         for w in (self.image_combo, self.labels_combo):
             w.setEnabled(layers)
         self.folder_edit.setEnabled(not layers)
-        self.tprime_syn_edit.setEnabled(pairs)
-        self.tprime_label.setText("T' aug" if pairs else "T'")
+        o.t_prime_syn.enabled = pairs
+        o.t_prime.label = "T' aug" if pairs else "T'"
         reason = ""
-        if layers:
-            img = self._layer(self.image_combo.currentText())
-            lab = self._layer(self.labels_combo.currentText())
-            if img is None:
-                reason = "add or pick an image layer"
-            elif getattr(img, "rgb", False) or getattr(img, "multiscale", False):
-                reason = f"layer {img.name!r} is RGB or multiscale; pick a single-channel image"
-            elif img.data.ndim not in (2, 3):
-                reason = f"layer {img.name!r} is {img.data.ndim}D; pick a 2D or 3D image"
-            elif lab is not None and tuple(lab.data.shape) != tuple(img.data.shape):
-                reason = f"labels {lab.name!r} shape {tuple(lab.data.shape)} differs from image {tuple(img.data.shape)}"
-        elif not self.folder_edit.text().strip() or not Path(self.folder_edit.text().strip()).exists():
-            reason = "choose an existing input folder"
-        if not reason and not self.out_edit.text().strip():
-            reason = "choose an output folder"
-        if not reason:
-            try:
-                parse_t_prime(self.tprime_edit.text(), self.n_spin.value())
-                if pairs:
-                    parse_t_prime(self.tprime_syn_edit.text(), self.n_spin.value())
-            except ValueError as e:
-                reason = str(e)
+        try:
+            if layers:
+                check_export_layers(self._layer(self.image_combo.currentText()),
+                                    self._layer(self.labels_combo.currentText()))
+            elif not self.folder_edit.text().strip() or not Path(self.folder_edit.text().strip()).exists():
+                raise InputError("choose an existing input folder")
+            if not self.out_edit.text().strip():
+                raise InputError("choose an output folder")
+            parse_t_prime(o.t_prime.value, o.per_image.value)
+            if pairs:
+                parse_t_prime(o.t_prime_syn.value, o.per_image.value)
+        except ValueError as e:
+            reason = str(e)
         self.run_btn.setEnabled(not reason and not self.running)
         if not self.running:
             self.status.setText(reason)
@@ -305,15 +178,9 @@ class ExportWidget(QWidget):
                            affine_for_layer(meta, data.ndim), md.get("nifti_header"))]
 
     def options(self):
+        """The :class:`~napari_drdm.export.ExportOptions` the form describes."""
         from ..export import ExportOptions
-        resume, overwrite = EXISTING[self.existing.currentText()]
-        sched = self.schedule.currentText()
-        return ExportOptions(mode=MODES[self.mode.currentText()], per_image=self.n_spin.value(),
-                             t_prime=self.tprime_edit.text().strip(), t_prime_syn=self.tprime_syn_edit.text().strip(),
-                             seed=self.seed_spin.value(), schedule=None if sched == "model default" else sched,
-                             batch=self.batch_spin.value(), inverse=self.inverse_check.isChecked(),
-                             weights=self.weights_edit.text().strip() or None, resume=resume, overwrite=overwrite,
-                             fold_guard=self.guard_check.isChecked())
+        return ExportOptions(**self.form.option_values())
 
     # ------------------------------------------------------------------ run
     def start(self):
@@ -323,8 +190,7 @@ class ExportWidget(QWidget):
 
         from ..export import iter_export
         inputs, opts, out = self._inputs(), self.options(), self.out_edit.text().strip()
-        n_prev = self.preview_spin.value()
-        threads = self.threads_spin.value()
+        n_prev, threads = self.opts.preview.value, self.opts.threads.value
         self._stop.clear()
         stop = self._stop
 

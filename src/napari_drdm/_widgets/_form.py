@@ -31,14 +31,23 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.config import DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
-__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES"]
+__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
-SCHEDULES = ("reference", "paper")
+#: the schedule menu: the default first
+SCHEDULES = tuple(sorted(SCHEDULE_NAMES, key=lambda name: name != DEFAULT_SCHEDULE))
+
+#: the controls, by attribute name (the explorer dock exposes them as its own attributes)
+CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
+            "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
+            "schedule_combo", "k_spin", "budget_spin", "guard_check", "reason_label", "plan_label", "run_btn",
+            "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
+            "follow_check", "readout", "plot")
 
 
 def scrolled(inner: QWidget) -> QScrollArea:
@@ -165,7 +174,7 @@ class ExplorerForm(QWidget):
                     tooltip="T': number of forward diffusion steps (0..T); larger = stronger deformation."),
             Container(name="seed_row", label="Seed", layout="horizontal", labels=False,
                       widgets=[seed, self.new_seed_btn]),
-            ComboBox(name="schedule", label="Schedule", choices=SCHEDULES, value="reference",
+            ComboBox(name="schedule", label="Schedule", choices=SCHEDULES, value=DEFAULT_SCHEDULE.value,
                      tooltip="reference: all T reverse steps (the authors' code); "
                              "paper: T' reverse steps (Algorithm 2 as printed)."),
             SpinBox(name="k", label="K", min=1, max=10, value=2,

@@ -15,7 +15,8 @@ import numpy as np
 from ..checks import check_image, check_labels
 from ..errors import InputError
 
-__all__ = ["Inputs", "read_inputs", "stack_axes", "spatial_ndim", "is_output_layer", "layer_affine"]
+__all__ = ["Inputs", "read_inputs", "stack_axes", "spatial_ndim", "is_output_layer", "layer_affine",
+           "output_geometry", "check_export_layers"]
 
 
 @dataclass
@@ -56,6 +57,54 @@ def layer_affine(layer) -> Optional[np.ndarray]:
     a = np.asarray(aff, dtype=np.float64)
     ok = a.shape == (4, 4) and np.all(np.isfinite(a)) and abs(np.linalg.det(a[:3, :3])) > 1e-12
     return a if ok else None
+
+
+def output_geometry(inp: Inputs) -> Tuple[Tuple[float, ...], Tuple[float, ...], Optional[np.ndarray]]:
+    """(scale, translate, affine) that put a run's output layers where its input block lies.
+
+    The translation moves to the slice or time frame deformed; the affine is kept only when it
+    describes the axes the outputs have (not for stacks, where it leaves out the stack axes).
+
+    Args:
+        inp: what :func:`read_inputs` returned.
+    """
+    layer = inp.image_layer
+    scale = tuple(float(s) for s in layer.scale)
+    translate = [float(t) for t in layer.translate]
+    for a, i in enumerate(inp.lead_index):
+        translate[a] += i * scale[a]
+    aff = layer_affine(layer)
+    if aff is not None:
+        md = layer.metadata or {}
+        if md.get("drdm_time_first") or layer.ndim > 3:
+            aff = None                           # the affine does not describe the stack axes
+        elif inp.lead_index:
+            aff = aff.copy()
+            for a, i in enumerate(inp.lead_index):
+                aff[:3, 3] += aff[:3, a] * i
+    return scale, tuple(translate), aff
+
+
+def check_export_layers(image_layer, labels_layer) -> None:
+    """What a dataset export refuses in the chosen layers: InputError with a one-line reason.
+
+    The export reads whole 2D or 3D single-channel images (no slice or time frame picked on
+    screen), so the checks are simpler than :func:`read_inputs`; the engine checks the values.
+
+    Args:
+        image_layer: the chosen image layer, or None.
+        labels_layer: the chosen labels layer, or None.
+    """
+    if image_layer is None:
+        raise InputError("add or pick an image layer")
+    name, shape = image_layer.name, tuple(image_layer.data.shape)
+    if getattr(image_layer, "rgb", False) or getattr(image_layer, "multiscale", False):
+        raise InputError(f"layer {name!r} is RGB or multiscale; pick a single-channel image")
+    if len(shape) not in (2, 3):
+        raise InputError(f"layer {name!r} is {len(shape)}D; pick a 2D or 3D image")
+    if labels_layer is not None and tuple(labels_layer.data.shape) != shape:
+        raise InputError(f"labels {labels_layer.name!r} shape {tuple(labels_layer.data.shape)} differs from image "
+                         f"{shape}")
 
 
 def _cached(cache: Dict[tuple, Optional[str]], key: tuple, check) -> None:

@@ -15,9 +15,18 @@ from qtpy.QtWidgets import QFileDialog
 
 from ._form import BROWSE, ExplorerForm
 
-__all__ = ["ModelChoice", "REFERENCE_SUFFIXES"]
+__all__ = ["ModelChoice", "REFERENCE_SUFFIXES", "bundled_models"]
 
 REFERENCE_SUFFIXES = (".pth", ".pt")
+
+
+def bundled_models():
+    """The bundled weights the model list offers (``weights.list_weights()``; none if the registry fails)."""
+    from ..weights import list_weights
+    try:
+        return list_weights()
+    except Exception:  # noqa: BLE001 - a broken registry must not break the widget
+        return []
 
 
 class ModelChoice:

@@ -1,9 +1,9 @@
 """Sub-commands of the ``drdm`` command line (one module each)."""
 from __future__ import annotations
 
+from ..core.config import SCHEDULE_NAMES, Schedule
 from ..validate import (
     LABEL_INTERPS,
-    SCHEDULES,
     arg_type,
     check_device,
     check_k,
@@ -48,9 +48,10 @@ def seed_arg(p, default=0, help="random seed (0 .. 2**63-1)"):
 
 
 def schedule_arg(p):
-    """--schedule paper|reference (default: the model's own)."""
-    p.add_argument("--schedule", choices=SCHEDULES, default=None,
-                   help="reverse loop: 'paper' runs T' steps, 'reference' all T steps (default: the model's)")
+    """--schedule, one of :data:`~napari_drdm.core.config.SCHEDULE_NAMES` (default: the model's own)."""
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
+                   help=f"reverse loop: '{Schedule.PAPER}' runs T' steps, '{Schedule.REFERENCE}' all T steps "
+                        f"(default: the model's)")
 
 
 def label_interp_arg(p):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Tuple
 
+from ..errors import InputError
+
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
@@ -33,16 +35,19 @@ class Schedule(str, Enum):
 
     @classmethod
     def parse(cls, value, name: str = "schedule") -> "Schedule":
-        """A schedule from its name (or a :class:`Schedule`); ValueError naming ``name`` otherwise.
+        """A schedule from its name (or a :class:`Schedule`).
+
+        Raises :class:`~napari_drdm.errors.InputError` (a ``ValueError``) otherwise, one line
+        naming ``name`` and the accepted names.
 
         Args:
-            value: "paper", "reference" or a :class:`Schedule`.
+            value: one of :data:`SCHEDULE_NAMES` or a :class:`Schedule`.
             name: how the value is called in the error message.
         """
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"{name} must be one of {', '.join(SCHEDULE_NAMES)}, got {value!r}") from None
+            raise InputError(f"{name} must be one of {', '.join(SCHEDULE_NAMES)}, got {value!r}") from None
 
 
 #: the schedule names, for command-line choices and menus
