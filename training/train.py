@@ -50,6 +50,8 @@ __all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "l
 
 
 class _Log:
+    """``train_log.jsonl``: one JSON object per line, flushed at once (rank 0 only; None: a no-op)."""
+
     def __init__(self, path: Optional[Path]):
         self.f = open(path, "a") if path else None
 
