@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_drdm.core.network import DRDMNet  # noqa: E402
+from training.data import dataset  # noqa: E402
 from training.evaluate_hook import Validator  # noqa: E402
+from training.init_weights import load_init, scale_head  # noqa: E402
 from training.settings import load_config, model_config  # noqa: E402
-from training.train import _dataset, load_init, scale_head  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     mcfg = model_config(cfg)
     src = a.init or cfg.get("init")
     val = dict(cfg["validation"], n_images=a.n_images, loss_t=a.loss_t, t_primes=a.table1, schedules=["reference"])
-    validator = Validator(mcfg, _dataset(cfg)["val"], val, cfg["loss"], torch.device("cpu"))
+    validator = Validator(mcfg, dataset(cfg)["val"], val, cfg["loss"], torch.device("cpu"))
     rows = {}
     for how in ("fresh", "centre", "spread"):
         torch.manual_seed(0)

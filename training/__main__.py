@@ -75,7 +75,7 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launcher = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '?')}",
                     f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m", "training"]
-    from .train import InitError
+    from .init_weights import InitError
     try:
         train(cfg, run, resume=args.resume, argv=launcher + list(args.argv))
     except InitError as e:

@@ -1,7 +1,8 @@
-"""Training data: kit records -> one compact prepared file -> an in-memory batch sampler.
+"""Training data: kit records -> one compact prepared file -> the arrays a run trains on.
 
 ``prepare(cfg)`` turns the data kit (NIfTI volumes, see ``training/kit.py``) into a single
-``.npz`` holding uint8 images already preprocessed for the model grid (paper Algorithm 1's input):
+``.npz`` holding uint8 images already preprocessed for the model grid (paper Algorithm 1's input;
+the per-volume steps are in ``training/preprocess.py``):
 
 * every volume is scaled robustly (0.5-99.5 percentiles -> [0, 1]), its background removed
   (threshold, largest connected component, holes filled slice-wise), cropped to the foreground
@@ -16,9 +17,9 @@
 Splits follow the kit's subjects (``load_kit(kit_dir, split)``).  ``data: {kind: synthetic}``
 builds smooth random blob images instead, so tests never download anything.  The metadata
 records the kit's source sha256s; the prepared file's own sha256 goes to ``<file>.json``.
+:func:`dataset` gives a run its prepared data (preparing synthetic data on first use).
 
-:class:`SliceBank` keeps the prepared images on the training device and serves batches in a
-per-epoch permutation (sharded over distributed ranks) whose state is two integers.
+The batches a run draws from these arrays come from :class:`~training.batches.SliceBank`.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
-import torch
+
+from .batches import SliceBank  # noqa: F401  (re-exported: ``from training.data import SliceBank``)
+from .preprocess import foreground_slices, minmax_u8, preprocess_volume
 
 __all__ = ["ensure_core", "preprocess_volume", "synthetic_images", "prepare", "load_prepared",
-           "prepared_info", "SliceBank", "file_sha256"]
+           "prepared_info", "dataset", "SliceBank", "file_sha256"]
 
 SPLITS = ("train", "val")
 
@@ -51,100 +54,6 @@ def ensure_core():
 ensure_core()
 
 from napari_drdm.checkpoint import file_sha256  # noqa: E402  (one implementation for the project)
-
-
-# ----------------------------------------------------------------------------------------------
-# preprocessing of one image / volume
-# ----------------------------------------------------------------------------------------------
-def _foreground_mask(v: np.ndarray, threshold: float) -> np.ndarray:
-    """v > threshold, largest connected component, holes filled in every slice plane."""
-    from scipy import ndimage as ndi
-    mask = v > threshold
-    lab, n = ndi.label(mask)
-    if n > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        mask = lab == int(np.argmax(sizes))
-    nd = v.ndim
-    if nd == 2:
-        return ndi.binary_fill_holes(mask)
-    filled = mask.copy()
-    for ax in range(nd):  # planar structuring element = hole filling slice by slice along `ax`
-        st = np.zeros((3,) * nd, dtype=bool)
-        sl = [slice(None)] * nd
-        sl[ax] = 1
-        st[tuple(sl)] = ndi.generate_binary_structure(nd - 1, 1)
-        filled |= ndi.binary_fill_holes(mask, structure=st)
-    return filled
-
-
-def preprocess_volume(vol: np.ndarray, spacing: Sequence[float], size: int, bg_threshold: float = 0.08,
-                      margin_px: int = 2):
-    """Image/volume (2D or 3D array) -> (image on an isotropic S^d grid in [0, 1], foreground mask).
-
-    ``margin_px``: margin around the foreground box, in pixels of the finest axis.
-
-    Intensities: robust scaling (0.5 / 99.5 percentiles) clipped to [0, 1]; everything outside
-    the foreground mask set to 0.  Geometry: crop to the mask's bounding box (+ margin), then
-    an isotropic grid of spacing ``max_k(extent_k) / S`` centred on the box, linear interpolation
-    after a Gaussian anti-aliasing blur of sigma ``(zoom - 1) / 2`` per axis, zero padding.
-    """
-    from scipy import ndimage as ndi
-    v = np.nan_to_num(np.asarray(vol, dtype=np.float32))
-    nd = v.ndim
-    sp = np.asarray([float(s) for s in spacing][:nd], dtype=np.float64)
-    if sp.shape[0] != nd or np.any(sp <= 0):
-        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {v.shape}")
-    lo, hi = np.percentile(v, [0.5, 99.5])
-    if hi <= lo:
-        lo, hi = float(v.min()), float(v.max())
-    v = np.clip((v - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
-    mask = _foreground_mask(v, bg_threshold)
-    if not mask.any():
-        return None, None
-    v = v * mask
-    idx = np.nonzero(mask)
-    margin = [int(math.ceil(margin_px * sp.min() / s)) for s in sp]   # the same physical margin on every axis
-    box = tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
-                for i, n, m in zip(idx, v.shape, margin))
-    v, m = v[box], mask[box].astype(np.float32)
-    extent = np.asarray(v.shape) * sp
-    iso = float(extent.max()) / size
-    zoom = iso / sp                              # input pixels per output pixel, per axis
-    sigma = np.maximum(0.0, (zoom - 1.0) / 2.0)
-    if np.any(sigma > 0):
-        v = ndi.gaussian_filter(v, sigma=sigma, mode="constant")
-    offset = (np.asarray(v.shape) - 1) / 2.0 - (size - 1) / 2.0 * zoom
-    kw = dict(matrix=zoom, offset=offset, output_shape=(size,) * nd, order=1, mode="constant", cval=0.0)
-    out = ndi.affine_transform(v, **kw)
-    fg = ndi.affine_transform(m, **kw) > 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32), fg
-
-
-def _minmax_u8(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    a = (a - a.min()) / (a.max() - a.min() + 1e-7)
-    return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
-
-
-def _slices(cube: np.ndarray, fg: np.ndarray, axes: Sequence[int], min_foreground: float):
-    """(images uint8 (n, S, S), axis, index) of the foreground slices of a cube (or the 2D image)."""
-    if cube.ndim == 2:
-        ok = fg.mean() >= min_foreground and cube.max() > 0
-        return ([_minmax_u8(cube)], [-1], [0]) if ok else ([], [], [])
-    ims, ax_l, ix_l = [], [], []
-    for ax in axes:
-        for i in range(cube.shape[ax]):
-            f = np.take(fg, i, axis=ax)
-            if f.mean() < min_foreground:
-                continue
-            s = np.take(cube, i, axis=ax)
-            if s.max() <= 0:
-                continue
-            ims.append(_minmax_u8(s))
-            ax_l.append(ax)
-            ix_l.append(i)
-    return ims, ax_l, ix_l
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +77,7 @@ def synthetic_images(n: int, size: int, ndim: int, seed: int = 0) -> np.ndarray:
             d2 = sum((X[i] - c[i]) ** 2 for i in range(ndim))
             img = img + rng.uniform(-0.3, 0.6) * np.exp(-d2 / (2 * w * w)) * body
         img = np.clip(img, 0, None) * (body > 0.05)
-        out[k] = _minmax_u8(img)
+        out[k] = minmax_u8(img)
     return out
 
 
@@ -251,13 +160,13 @@ def _prepare_split(records, dcfg, ndim: int, size: int, log) -> Dict[str, Any]:
         k = len(sources)
         sources.append(entry)
         if ndim == 3:
-            ims.append(_minmax_u8(cube))
+            ims.append(minmax_u8(cube))
             src.append(k)
             axs.append(-1)
             idxs.append(0)
             log(f"  {Path(path).name}: {arr.shape} @ {tuple(round(s, 3) for s in sp)} mm -> 1 volume")
             continue
-        s_ims, s_ax, s_ix = _slices(cube, fg, dcfg["axes"], dcfg["min_foreground"])
+        s_ims, s_ax, s_ix = foreground_slices(cube, fg, dcfg["axes"], dcfg["min_foreground"])
         ims += s_ims
         src += [k] * len(s_ims)
         axs += s_ax
@@ -352,61 +261,32 @@ def prepared_info(data: Dict[str, Any]) -> Dict[str, Any]:
             "train_sources": m.get("train_sources"), "val_sources": m.get("val_sources")}
 
 
-# ----------------------------------------------------------------------------------------------
-# batches
-# ----------------------------------------------------------------------------------------------
-class SliceBank:
-    """Prepared uint8 images held on a device, served as float batches (B, 1, S^d) in [0, 1].
+def dataset(cfg: Dict[str, Any], env=None) -> Dict[str, Any]:
+    """The prepared data of a config (train / val uint8 arrays, sha256, metadata).
 
-    Order: one permutation per epoch, seeded by (seed, epoch) and identical on every rank; rank r
-    takes every world-th element from position r (equal lengths, remainder dropped).  The sampler
-    state is just (epoch, cursor), so resuming is exact.
+    Args:
+        cfg: the run's configuration (``data`` and ``model`` sections are read).
+        env: the process placement (:class:`training.distributed.Env`) when several processes
+            share the data: only the main one prepares a missing synthetic file, the others wait.
     """
-
-    def __init__(self, images, batch_size: int, device=None, seed: int = 0, rank: int = 0, world: int = 1):
-        data = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-        if data.dtype != torch.uint8:
-            raise TypeError(f"SliceBank wants uint8 images, got {data.dtype}")
-        if data.shape[0] < 1:
-            raise ValueError("SliceBank got no images")
-        self.data = data.to(device) if device is not None else data
-        self.batch_size, self.seed, self.rank, self.world = int(batch_size), int(seed), int(rank), int(world)
-        self.epoch, self.cursor = 0, 0
-        self._order = self._epoch_order()
-
-    def __len__(self):
-        return int(self.data.shape[0])
-
-    def _epoch_order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self), generator=g)
-        if len(self) < self.world:
-            perm = perm.repeat(math.ceil(self.world / len(self)))
-        per = perm.numel() // self.world
-        return perm[self.rank::self.world][:per]
-
-    def next_indices(self) -> torch.Tensor:
-        out = []
-        while len(out) < self.batch_size:
-            take = min(self.batch_size - len(out), self._order.numel() - self.cursor)
-            out.extend(self._order[self.cursor:self.cursor + take].tolist())
-            self.cursor += take
-            if self.cursor >= self._order.numel():
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._epoch_order()
-        return torch.as_tensor(out, dtype=torch.int64)
-
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.data[idx.to(self.data.device)]
-        return (x.to(torch.float32) / 255.0).unsqueeze(1)
-
-    def next_batch(self) -> torch.Tensor:
-        return self.batch(self.next_indices())
-
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, s: Dict[str, int]):
-        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
-        self._order = self._epoch_order()
+    d, m = cfg["data"], cfg["model"]
+    if d.get("prepared"):
+        p = Path(d["prepared"])
+        if not p.exists():
+            if d["kind"] != "synthetic":
+                raise FileNotFoundError(f"prepared data {p} not found: run `python -m training prepare "
+                                        f"--config <this config>` first")
+            if env is None or env.main:
+                prepare(cfg, log=lambda *_: None)
+            if env is not None:
+                env.barrier()
+        return load_prepared(str(p))
+    if d["kind"] != "synthetic":
+        raise ValueError("data.prepared must name the prepared file for data.kind 'kit'")
+    import hashlib
+    n, seed = int(d.get("n_synthetic", 64)), int(d.get("seed", 0))
+    tr = synthetic_images(n, int(m["size"]), int(m["ndim"]), seed=seed * 7)
+    va = synthetic_images(max(2, n // 8), int(m["size"]), int(m["ndim"]), seed=seed * 7 + 1)
+    sha = hashlib.sha256(tr.tobytes() + va.tobytes()).hexdigest()
+    return {"train": tr, "val": va, "sha256": sha, "meta": {"kind": "synthetic", "counts": {"train": n},
+                                                            "sources": {"synthetic": {"seed": seed, "n": n}}}}

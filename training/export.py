@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .data import ensure_core
+from .checkpointing import latest_checkpoint, load_training_checkpoint
+from .data import dataset, ensure_core
 from .settings import model_config
 
 ensure_core()
@@ -61,12 +62,11 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
     from napari_drdm.core.network import DRDMNet
 
     from .evaluate_hook import Validator
-    from .train import _dataset
     cfg, mcfg = ck["config"], model_config(ck["config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = DRDMNet.from_config(mcfg)
     net.load_state_dict(ck["model"])
-    val = Validator(mcfg, _dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
+    val = Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
                     torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
     res = val.run(net.to(dev))
     res["step"] = int(ck["step"])
@@ -81,7 +81,6 @@ def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool =
     ``validate``: run the validation now (useful when the run stopped on its time budget
     before a scheduled validation) and record it as the final validation.
     """
-    from .train import latest_checkpoint, load_training_checkpoint
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None or not Path(path).exists():
         raise FileNotFoundError(f"no training checkpoint in {Path(run_dir) / 'checkpoints'}")

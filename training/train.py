@@ -10,14 +10,17 @@ streams; rank 0 logs and checkpoints.  A checkpoint holds everything needed to c
 
 Files in the run directory: ``config.yaml`` (the effective configuration), ``train_log.jsonl``
 (one JSON object per logged step / validation), ``checkpoints/step_XXXXXXXX.pt`` (``torch.load(
-weights_only=True)`` compatible).
+weights_only=True)`` compatible, training/checkpointing.py).
+
+Around the loop: the process placement and collectives (training/distributed.py), the random
+streams (training/streams.py), the starting weights (training/init_weights.py), the data
+(training/data.py, training/batches.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,14 +29,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
+from .checkpointing import CKPT_FORMAT, git_commit, latest_checkpoint, load_training_checkpoint, plain, save_atomic
 from .classic_augment import augment
-from .data import SliceBank, ensure_core, load_prepared, prepare, prepared_info, synthetic_images
+from .data import SliceBank, dataset, ensure_core, prepared_info
+from .distributed import Env
 from .evaluate_hook import Validator
+from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
+from .streams import draws, generators, rng_state, set_rng_state
 
 ensure_core()
 
-from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
@@ -42,188 +48,10 @@ from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 __all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "latest_checkpoint",
            "load_training_checkpoint"]
 
-CKPT_FORMAT = "napari-drdm-train/1"
-
-
-# ------------------------------------------------------------------------------ environment
-class Env:
-    """Process placement: rank, world size, device, autocast dtype."""
-
-    def __init__(self, tcfg: Dict[str, Any]):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = tcfg["device"]
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device(want)
-        amp = "off" if tcfg["amp"] in (False, None, "off", "none") else str(tcfg["amp"])
-        if amp not in ("off", "auto", "bf16"):
-            raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {amp!r}")
-        use_bf16 = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        if int(tcfg.get("threads") or 0) > 0:
-            torch.set_num_threads(int(tcfg["threads"]))
-        self.distributed = self.world > 1
-        if self.distributed and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            import datetime
-            # rank 0 validates while the others wait in a barrier: allow long validations
-            torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world,
-                                                 timeout=datetime.timedelta(hours=2))
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def describe(self) -> str:
-        if self.device.type == "cuda":
-            return f"{self.world} x {torch.cuda.get_device_name(self.device)}"
-        return f"{self.world} x cpu ({torch.get_num_threads()} threads)"
-
-    def any_flag(self, flag: bool) -> bool:
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            values = values.clone()
-            torch.distributed.all_reduce(values)
-            values /= self.world
-        return values
-
-    def gather(self, obj):
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        if self.distributed:
-            torch.distributed.barrier()
-
-
-# ------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(run_dir) -> Optional[Path]:
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def load_training_checkpoint(path) -> Dict[str, Any]:
-    ck = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this trainer")
-    return ck
-
-
-def _save_atomic(obj: Dict[str, Any], path: Path, keep: int):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)
-    for old in sorted(path.parent.glob("step_*.pt"))[:-max(int(keep), 1)]:
-        old.unlink()
-
-
-def _plain(o):
-    """Plain Python values only (what torch.load(weights_only=True) accepts besides tensors)."""
-    if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, torch.Tensor) or o is None:
-        return o
-    for kind in (bool, int, float, str):
-        if isinstance(o, kind):
-            return kind(o)
-    return o.item() if hasattr(o, "item") else str(o)
-
-
-def _git_commit() -> Optional[str]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "training"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-# ----------------------------------------------------------------------------------- helpers
-def _rng_state(gens: Dict[str, torch.Generator], device) -> Dict[str, Any]:
-    st = {k: g.get_state() for k, g in gens.items()}
-    st["torch"] = torch.get_rng_state()
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(gens: Dict[str, torch.Generator], st: Dict[str, Any], device):
-    for k, g in gens.items():
-        if k in st:
-            g.set_state(st[k])
-    torch.set_rng_state(st["torch"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def _generators(seed: int, rank: int, device) -> Dict[str, torch.Generator]:
-    """Per-rank streams: 'field' (forward draws, on the device), 'aug' (augmentation, on the device)
-    and, off the CPU, 't' (time steps, on the host so the sampler's schedule needs no device sync;
-    on the CPU the time steps come from 'field')."""
-    out = {}
-    names = ("field", "aug") if torch.device(device).type == "cpu" else ("field", "aug", "t")
-    for i, name in enumerate(names):
-        g = torch.Generator(device="cpu" if name == "t" else device)
-        g.manual_seed(int(seed) * 1_000_003 + rank * 7919 + i * 104_729 + 17)
-        out[name] = g
-    return out
-
-
-def _draws(mcfg: DRDMConfig, B: int, g: torch.Generator, device) -> List[torch.Tensor]:
-    """The sampler's 8 standard-normal fields (ForwardSampler.draw order), drawn on ``device``."""
-    return [torch.randn((B, mcfg.ndim) + (s,) * mcfg.ndim, generator=g, device=device)
-            for _ in range(2) for s in mcfg.scales]
-
-
-def _dataset(cfg: Dict[str, Any], env: Optional[Env] = None) -> Dict[str, Any]:
-    """The prepared data of a config (train / val uint8 arrays, sha256, metadata)."""
-    d, m = cfg["data"], cfg["model"]
-    if d.get("prepared"):
-        p = Path(d["prepared"])
-        if not p.exists():
-            if d["kind"] != "synthetic":
-                raise FileNotFoundError(f"prepared data {p} not found: run `python -m training prepare "
-                                        f"--config <this config>` first")
-            if env is None or env.main:
-                prepare(cfg, log=lambda *_: None)
-            if env is not None:
-                env.barrier()
-        return load_prepared(str(p))
-    if d["kind"] != "synthetic":
-        raise ValueError("data.prepared must name the prepared file for data.kind 'kit'")
-    import hashlib
-    n, seed = int(d.get("n_synthetic", 64)), int(d.get("seed", 0))
-    tr = synthetic_images(n, int(m["size"]), int(m["ndim"]), seed=seed * 7)
-    va = synthetic_images(max(2, n // 8), int(m["size"]), int(m["ndim"]), seed=seed * 7 + 1)
-    sha = hashlib.sha256(tr.tobytes() + va.tobytes()).hexdigest()
-    return {"train": tr, "val": va, "sha256": sha, "meta": {"kind": "synthetic", "counts": {"train": n},
-                                                            "sources": {"synthetic": {"seed": seed, "n": n}}}}
-
 
 class _Log:
+    """``train_log.jsonl``: one JSON object per line, flushed at once (rank 0 only; None: a no-op)."""
+
     def __init__(self, path: Optional[Path]):
         self.f = open(path, "a") if path else None
 
@@ -256,7 +84,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     mcfg = model_config(cfg)
     S, T, K, dev = mcfg.size, mcfg.n_steps, mcfg.k_recursions, env.device
 
-    data = _dataset(cfg, env)
+    data = dataset(cfg, env)
     bank = SliceBank(data["train"], int(tcfg["batch_size"]), device=dev, seed=int(tcfg["seed"]),
                      rank=env.rank, world=env.world)
     torch.manual_seed(int(tcfg["seed"]))
@@ -269,7 +97,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=float(ocfg["lr"]),
                            betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
-    gens = _generators(int(tcfg["seed"]), env.rank, dev)
+    gens = generators(int(tcfg["seed"]), env.rank, dev)
     step, history, last_val, wall_before = 0, [], None, 0.0
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -286,10 +114,10 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         wall_before = float(ck.get("wall_s_total", 0.0))
         bank.load_state_dict(ck["bank"])
         if int(ck["world_size"]) == env.world and ck.get("batch_size") == int(tcfg["batch_size"]):
-            _set_rng_state(gens, ck["rng"][env.rank], dev)
+            set_rng_state(gens, ck["rng"][env.rank], dev)
         else:  # a different layout cannot continue the same streams: reseed deterministically
             say(f"note: checkpoint written with world size {ck['world_size']}, now {env.world}: RNG reseeded")
-            gens = _generators(int(tcfg["seed"]) + step, env.rank, dev)
+            gens = generators(int(tcfg["seed"]) + step, env.rank, dev)
         if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
             say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
         say(f"resumed {ckpt_path} at step {step}")
@@ -301,7 +129,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     validator = Validator(mcfg, data["val"], cfg["validation"], lcfg, dev, env.autocast_dtype) if env.main else None
     log = _Log(run_dir / "train_log.jsonl" if env.main else None)
     entry = {"argv": list(argv if argv is not None else sys.argv), "start_step": step, "device": env.describe(),
-             "world_size": env.world, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": _git_commit(),
+             "world_size": env.world, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_commit(),
              "torch": torch.__version__, "prepared_sha256": data["sha256"]}
     say(f"training {cfg.get('name')} on {entry['device']}: S={S} ndim={mcfg.ndim} batch {tcfg['batch_size']}"
         f"/rank, steps {step}->{tcfg['steps']}, {len(bank)} train images, {model.n_trainable()} parameters")
@@ -329,16 +157,16 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     bar = _progress(env.main, step, target)
 
     def save(tag: str):
-        states = env.gather(_rng_state(gens, dev))
+        states = env.gather(rng_state(gens, dev))
         if env.main:
             now = dict(entry, end_step=step, wall_s=time.time() - t_start, stop_reason=tag)
             obj = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                    "bank": bank.state_dict(), "rng": states, "world_size": env.world,
-                   "batch_size": int(tcfg["batch_size"]), "config": _plain(cfg), "model_config": _plain(mcfg.to_dict()),
-                   "history": _plain(history + [now]), "data": _plain(prepared_info(data)),
-                   "last_val": _plain(last_val), "init": _plain(init_info),
+                   "batch_size": int(tcfg["batch_size"]), "config": plain(cfg), "model_config": plain(mcfg.to_dict()),
+                   "history": plain(history + [now]), "data": plain(prepared_info(data)),
+                   "last_val": plain(last_val), "init": plain(init_info),
                    "wall_s_total": wall_before + time.time() - t_start}
-            _save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
+            save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
 
     fixed: Dict[str, Any] = {}   # train.overfit_batch: the first batch, reused at every step
@@ -349,7 +177,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         else:
             x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
             t = torch.randint(0, T, (x0.shape[0],), generator=gens.get("t", gens["field"]))      # host tensor
-            fs = sampler.sample(t, draws=_draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
+            fs = sampler.sample(t, draws=draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
             img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
@@ -429,80 +257,6 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
 
 class _StepAborted(Exception):
     """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
-
-
-class InitError(ValueError):
-    """Starting weights (``init``) that cannot seed the configured network."""
-
-
-def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]:
-    """Load starting weights into ``model`` (strict: every tensor present, same shapes).
-
-    Args:
-        model: the freshly built network of the run's ``model`` configuration.
-        source: a weights file (``.safetensors``, reference ``.pth``, or a training checkpoint
-            ``step_*.pt``) or the name of a bundled model (``cmr2d``, ``brain2d``...).
-        inflate: how 2D weights seed a 3D model (``init_inflate``: ``centre`` or ``spread``,
-            training/inflate.py).
-
-    Returns:
-        The provenance of the starting weights (source, sha256, their own config and provenance),
-        stored in every checkpoint of the run and carried into the export.
-    """
-    from napari_drdm.checkpoint import CheckpointError, file_sha256, read_checkpoint
-    path = Path(str(source))
-    if not path.exists():
-        try:
-            from napari_drdm.weights import resolve_weights
-            path = Path(resolve_weights(str(source))[0])
-        except (LookupError, OSError):
-            raise InitError(f"init: {source!r} is neither a weights file nor a bundled model name") from None
-    try:
-        if path.suffix == ".pt" and path.name.startswith("step_"):
-            ck = load_training_checkpoint(path)
-            state, icfg, iprov = ck["model"], model_config(ck["config"]).to_dict(), {"training_checkpoint": path.name,
-                                                                                     "steps": int(ck["step"])}
-        else:
-            state, c, iprov = read_checkpoint(path)
-            icfg = c.to_dict()
-    except CheckpointError as e:
-        raise InitError(f"init: {e}") from None
-    own = model.state_dict()
-    head = state.get("conv_out.weight")
-    if model.ndim == 3 and head is not None and head.dim() == 4:       # 2D weights for a 3D model
-        from .inflate import inflate_state_dict
-        try:
-            state = inflate_state_dict(state, model, inflate)
-        except ValueError as e:
-            raise InitError(f"init: {path} cannot be inflated to the configured 3D network: {e}") from None
-        iprov = dict(iprov, inflated_2d_to_3d=inflate)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-           if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad:
-        parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected
-                                                                    else []) + ([f"shape {bad[:3]}"] if bad else [])
-        raise InitError(f"init: {path} does not fit the configured network (model.ndim/channels/n_steps): "
-                        + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    return {"source": str(source), "file": path.name, "sha256": file_sha256(path), "config": icfg,
-            "provenance": iprov}
-
-
-def scale_head(model: DRDMNet, scale: float):
-    """Multiply the output convolution's initial weights and bias by ``scale`` (``optim.head_init_scale``).
-
-    With PyTorch's default initialisation the untrained network predicts displacements of tens of
-    pixels while one forward step moves pixels by less than two: the ``dist`` ratio starts near
-    1e4 and the first thousands of steps only shrink the output, with gradient-norm spikes of
-    1e5-1e8.  A small head (1e-3) starts the ratio at 1 (the "predict nothing" solution) and keeps
-    the gradient norm near 1e3 (training/README.md, "Initialisation").  1.0 leaves the default.
-    """
-    if scale != 1.0:
-        with torch.no_grad():
-            model.conv_out.weight.mul_(scale)
-            model.conv_out.bias.mul_(scale)
 
 
 def _validate(validator, model, step, log, say, env):

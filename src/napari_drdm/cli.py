@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import threading
 
     from .errors import DRDMError, one_line
-    from .safety import shown
+    from .paths import shown
     parser = build_parser()
     args = _parse(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

@@ -50,7 +50,7 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
         x_model: images on the model grid, in [0, 1].
         t_prime: T'.
         seeds: one forward-draw seed per image.
-        method: guard method (``napari_drdm.model.GUARD_MODES``).
+        method: guard method (``napari_drdm.guard_modes.GUARD_MODES``).
         schedule, k: reverse loop options (None: the model's).
         inverse_iterations: fixed-point iterations of the inverse field.
 
@@ -58,7 +58,7 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
         ``[{"off": row, "on": row, "seconds_off": s, "seconds_on": s, "guard": {...}}]``, the
         seconds being the batch's time divided by its size.
     """
-    from .model import guard_mode
+    from .guard_modes import guard_mode
     method = guard_mode(method)
     if method is None:
         raise ValueError("compare_guard needs a guard method")

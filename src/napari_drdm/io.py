@@ -277,11 +277,11 @@ def atomic_write(path: Path, write_fn, overwrite: bool = False, root=None) -> Pa
     """Call ``write_fn(tmp_path)`` then rename to ``path``; clean up and explain a full disk.
 
     Every file this package writes goes through here.  With ``root`` the target is first
-    resolved by :func:`napari_drdm.safety.confine`: absolute paths elsewhere, ``..`` and symlinks
+    resolved by :func:`napari_drdm.paths.confine`: absolute paths elsewhere, ``..`` and symlinks
     leading outside ``root`` are refused before anything is written.
     """
     if root is not None:
-        from .safety import confine
+        from .paths import confine
         path = confine(root, path)
     path = Path(path)
     if path.exists() and not overwrite:
@@ -309,12 +309,12 @@ def write_nifti(path, data: np.ndarray, affine: Optional[np.ndarray] = None, hea
                 overwrite: bool = False, intent: Optional[str] = None, root=None) -> Path:
     """Write a NIfTI file atomically with the given affine (and a copy of the source header).
 
-    The data type is made one NIfTI holds (:func:`napari_drdm.safety.writable_array`: float16
+    The data type is made one NIfTI holds (:func:`napari_drdm.output_checks.writable_array`: float16
     becomes float32, 64-bit integers are narrowed when their values fit); ``root`` confines the
     target (see :func:`atomic_write`)."""
     import nibabel as nib
 
-    from .safety import writable_array
+    from .output_checks import writable_array
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     arr = writable_array(data, str(path))
     hdr = None

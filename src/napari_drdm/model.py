@@ -9,7 +9,8 @@
 Images of any size and spacing are resampled to the model's isotropic S^d grid (centred,
 padded with background to a square/cube in physical units), the deformation is generated there
 and resized back to the original grid (displacements rescaled), and the original-resolution image
-and labels are warped with it (paper Section 3.2).
+and labels are warped with it (paper Section 3.2; the grid mapping is :mod:`napari_drdm.model_grid`,
+the fold guard's methods :mod:`napari_drdm.guard_modes`).
 """
 from __future__ import annotations
 
@@ -31,34 +32,14 @@ from .core.generators import Returning
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
-from .core.spatial import resample_affine, warp, warp_labels
+from .core.spatial import warp, warp_labels
 from .errors import InputError
+from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
+from .model_grid import ModelGrid
 from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
            "guard_mode"]
-
-#: fold-guard methods (core/foldguard.py; README "Fold-free deformations"):
-#: "final" corrects the recovered field (and each displayed frame) once; "step" also corrects every
-#: reverse step's field before it is composed; "chain" corrects the accumulated field after every step.
-GUARD_MODES = ("final", "step", "chain")
-#: the method ``fold_guard=True`` selects (chosen by benchmarks/fold_guard.py)
-DEFAULT_GUARD_MODE = "final"
-
-
-def guard_mode(value) -> Optional[str]:
-    """Normalise a ``fold_guard`` argument: False/None/"off" -> None, True -> the default method.
-
-    Args:
-        value: False, None, "off", True, "on" or one of :data:`GUARD_MODES`.
-    """
-    if value is None or value is False or value == "off":
-        return None
-    if value is True or value == "on":
-        return DEFAULT_GUARD_MODE
-    if isinstance(value, str) and value in GUARD_MODES:
-        return value
-    raise InputError(f"fold_guard must be True, False or one of {GUARD_MODES}, got {value!r}")
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -80,65 +61,6 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-@dataclass
-class ModelGrid:
-    """Mapping between an image's own grid and the model's isotropic S^d grid.
-
-    Model index m reads original (continuous) index ``scale * m + offset`` on each axis.
-    """
-
-    shape: tuple            # original spatial shape
-    spacing: tuple          # original spacing (mm)
-    size: int               # model side S
-    scale: tuple
-    offset: tuple
-
-    @property
-    def identity(self) -> bool:
-        return all(n == self.size for n in self.shape) and all(abs(a - 1) < 1e-12 for a in self.scale) \
-            and all(abs(b) < 1e-12 for b in self.offset)
-
-    @property
-    def model_spacing(self) -> float:
-        return float(self.scale[0] * self.spacing[0])
-
-    @classmethod
-    def fit(cls, shape: Sequence[int], spacing: Optional[Sequence[float]], size: int) -> "ModelGrid":
-        shape = tuple(int(n) for n in shape)
-        sp = tuple(float(s) for s in (spacing if spacing is not None else [1.0] * len(shape)))
-        if len(sp) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in sp):
-            raise InputError(f"spacing must be {len(shape)} positive numbers, got {spacing}")
-        extent = max(n * s for n, s in zip(shape, sp))
-        h = extent / size
-        scale = tuple(h / s for s in sp)
-        offset = tuple((0.5 * h - extent / 2 + n * s / 2) / s - 0.5 for n, s in zip(shape, sp))
-        return cls(shape, sp, int(size), scale, offset)
-
-    def to_model(self, x: torch.Tensor, mode: str = "linear") -> torch.Tensor:
-        """(B, C, *shape) -> (B, C, S...) (zeros outside)."""
-        if self.identity:
-            return x
-        return resample_affine(x, (self.size,) * len(self.shape), self.scale, self.offset, mode, "zeros")
-
-    def field_to_original(self, ddf: torch.Tensor, fold_guard: bool = False) -> torch.Tensor:
-        """Model-grid pixel field (B, d, S...) -> original-grid pixel field (B, d, *shape).
-
-        Args:
-            ddf: pixel field on the model grid.
-            fold_guard: make the resampled field fold-free on the original grid (resampling a
-                fold-free field can fold: the guard holds per grid, see core/foldguard.py).
-        """
-        if self.identity:
-            return guard_field(ddf)[0] if fold_guard else ddf
-        nd = len(self.shape)
-        inv_scale = [1.0 / a for a in self.scale]
-        inv_off = [-b / a for a, b in zip(self.scale, self.offset)]
-        out = resample_affine(ddf, self.shape, inv_scale, inv_off, "linear", "border")
-        a = torch.tensor(self.scale, dtype=ddf.dtype, device=ddf.device).view(1, nd, *([1] * nd))
-        out = out * a
-        return guard_field(out)[0] if fold_guard else out
 
 
 @dataclass
@@ -304,7 +226,7 @@ class DRDM:
                 yield make_frame("forward", i, t_prime, i, f)
             psi = fwd_frames.value
         phi = psi
-        hooks = _GuardHooks(gmode)
+        hooks = GuardHooks(gmode)
         if t_prime > 0 or schedule is Schedule.REFERENCE:
             steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k), **hooks.kwargs())
             for fr in steps:
@@ -353,10 +275,10 @@ class DRDM:
         ``seeds[b]`` for its forward draw, so results do not depend on the batch composition
         (up to float rounding).  ``fold_guard``: phi is fold-free on the model grid (resize it with
         ``ModelGrid.field_to_original(..., fold_guard=True)``); ``guard_report``, a dict, receives
-        what the guard did (see :class:`_GuardHooks`).
+        what the guard did (see :class:`~napari_drdm.guard_modes.GuardHooks`).
         """
         gmode = guard_mode(fold_guard)
-        hooks = _GuardHooks(gmode)
+        hooks = GuardHooks(gmode)
         cfg = self.config
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
@@ -375,35 +297,6 @@ class DRDM:
             if guard_report is not None:
                 guard_report.update(info)
         return phi, psi
-
-
-class _GuardHooks:
-    """The fold guard's place in the reverse loop for one method, and its bookkeeping."""
-
-    def __init__(self, mode: Optional[str]):
-        self.mode = mode
-        self.step_folded = 0          # pixels corrected inside the loop ("step", "chain")
-
-    def _count(self, u):
-        out, rep = guard_field(u)
-        self.step_folded += sum(rep.folded_before)
-        return out
-
-    def kwargs(self) -> dict:
-        if self.mode == "step":
-            return {"step_guard": self._count}
-        if self.mode == "chain":
-            return {"field_guard": self._count}
-        return {}
-
-    def finish(self, phi: torch.Tensor, side: int):
-        """Guard the recovered field; returns (field, report dict with per-sample lists)."""
-        out, rep = guard_field(phi)
-        npx = float(np.prod(phi.shape[2:]))
-        return out, {"method": self.mode, "side": side,
-                     "folded_pct_before": [100.0 * c / npx for c in rep.folded_before],
-                     "changed_pct": [100.0 * c / npx for c in rep.changed], "fallback_scale": rep.fallback,
-                     "corrected_in_loop_px": self.step_folded}
 
 
 def load_model(name_or_path: Union[str, Path, None] = None, device=None, size: Optional[int] = None,

@@ -67,7 +67,7 @@ def result_paths(out_dir, stem: str, labels: bool, write_forward: bool = False,
                  overwrite: bool = False) -> Dict[str, Path]:
     """The files :func:`write_result` writes; with ``overwrite=False`` refuse if any exists (checked
     before any computation by ``drdm generate``)."""
-    from .safety import confine
+    from .paths import confine
     out = Path(out_dir)
     names = {"image": f"{stem}_image.nii.gz", "ddf": f"{stem}_ddf.nii.gz", "json": f"{stem}.json"}
     if labels:
@@ -88,7 +88,7 @@ def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwri
 
     Every array is checked first (finite image and fields, dtypes NIfTI holds), so a refused
     result leaves no file behind."""
-    from .safety import check_finite, writable_array
+    from .output_checks import check_finite, writable_array
     out = Path(out_dir)
     paths = result_paths(out, stem, result.labels is not None, write_forward, overwrite)
     check_finite(result.image, f"{paths['image']} (deformed image)")

@@ -121,7 +121,7 @@ def run_mode(args, opts_kw: dict) -> int:
             raise InputError("--merge takes the output folder only")
         from ..export.manifest import RUN_FILE
         from ..export.outdir import clean_partials
-        from ..safety import OutputLock
+        from ..output_lock import OutputLock
         folder = Path(args.paths[0])
         if not folder.is_dir() or not ((folder / RUN_FILE).exists() or list(folder.glob("journal-*-of-*.jsonl"))):
             raise FileNotFoundError(f"--merge {folder}: not the output folder of a drdm run (no run.json or "

@@ -35,15 +35,10 @@ def run(args) -> int:
 
     from ..checks import check_image, check_labels
     from ..io import read_image, squeeze_trailing, stem_of
+    from ..memory import available_memory, check_memory, estimate_export_bytes
+    from ..output_lock import OutputLock
     from ..outputs import result_paths, write_result
-    from ..safety import (
-        OutputLock,
-        available_memory,
-        check_memory,
-        check_output_dir,
-        check_utf8_name,
-        estimate_export_bytes,
-    )
+    from ..paths import check_output_dir, check_utf8_name
     from ..validate import check_t_prime
 
     for p in (args.image, args.labels):

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..io import IMAGE_SUFFIXES, stem_of
-from ..safety import check_utf8_name, shown
+from ..paths import check_utf8_name, shown
 
 __all__ = ["LABEL_SUFFIXES", "ArrayInput", "Sample", "Skipped", "discover", "path_sha256", "fingerprint"]
 

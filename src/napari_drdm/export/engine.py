@@ -23,17 +23,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..core.generators import Returning
-from ..errors import InputError
-from ..safety import (
-    OutputError,
-    OutputLock,
-    available_memory,
-    check_finite,
-    check_label_values,
-    check_output_dir,
-    shown,
-    writable_array,
-)
+from ..errors import InputError, OutputError
+from ..memory import available_memory
+from ..output_checks import check_finite, check_label_values, writable_array
+from ..output_lock import OutputLock
+from ..paths import check_output_dir, shown
 from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
 from .jobspec import Job, make_jobs, parse_t_prime

@@ -47,7 +47,7 @@ class Journal:
     """Append-only JSON-lines record of finished outputs (one line per record, fsynced)."""
 
     def __init__(self, path, keep: Sequence[dict] = (), root=None):
-        from ..safety import confine
+        from ..paths import confine
         self.path = confine(root, path) if root is not None else Path(path)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
         if keep or self.path.exists():

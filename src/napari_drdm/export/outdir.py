@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 from ..errors import InputError
-from ..safety import pid_alive, shown
+from ..output_lock import pid_alive
+from ..paths import shown
 from .discovery import ArrayInput
 from .manifest import MANIFEST_CSV, MANIFEST_JSON, RUN_FILE, collect, verify_row
 

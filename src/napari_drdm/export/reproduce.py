@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from ..safety import OutputLock, check_output_dir
+from ..output_lock import OutputLock
+from ..paths import check_output_dir
 from .compute import compute_batch
 from .discovery import Sample
 from .engine import ExportOptions, write_row
@@ -24,7 +25,7 @@ def reproduce_row(manifest, row_id: str, out_dir, model=None, device="auto", ove
     paths, ``..`` and symlinks out are refused) and existing files are replaced only with
     ``overwrite``; both are checked, and ``out_dir`` locked, before anything is computed.
     """
-    from ..safety import confine
+    from ..paths import confine
     m = load_manifest(manifest)
     rows = {r["row_id"]: r for r in m["rows"]}
     if row_id not in rows:

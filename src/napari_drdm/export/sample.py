@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import DRDMError, InputError, one_line
-from ..safety import check_memory, estimate_export_bytes
+from ..memory import check_memory, estimate_export_bytes
 from .discovery import Sample, path_sha256
 
 __all__ = ["DEFAULT_WEIGHTS", "ModelProvider", "LoadedSample", "load_sample", "weights_sha"]
@@ -79,7 +79,7 @@ def load_sample(sample: Sample, provider: ModelProvider, with_sha: bool = True, 
     """Read, check and prepare one input for its model; raises :class:`InputError` naming the file.
 
     ``memory=(budget_bytes, batch, opts)`` also refuses an input whose estimated peak memory
-    (:func:`napari_drdm.safety.estimate_export_bytes`) exceeds the budget."""
+    (:func:`napari_drdm.memory.estimate_export_bytes`) exceeds the budget."""
     import torch
 
     from ..checks import check_image, check_labels
