@@ -360,6 +360,19 @@ def test_layer_inputs_are_saved_and_reproducible(tmp_path, ckpts):
     assert all(res["identical"].values())
 
 
+
+def test_layer_inputs_with_a_relative_output_folder(tmp_path, ckpts, monkeypatch):
+    """A relative OUT must not be applied twice (OUT/sources/OUT/sources/...) when layers are saved."""
+    from napari_drdm.export import ArrayInput
+    img, lab = _phantom((36, 32))
+    monkeypatch.chdir(tmp_path)
+    s = run_export([ArrayInput("a", img.astype(np.float32), lab, AFF2)], Path("rel") / "out",
+                   _opts(weights=ckpts["2d"], per_image=1))
+    assert s["complete"] and s["written"] == 1
+    assert (tmp_path / "rel" / "out" / "sources" / "a.nii.gz").exists()
+    assert not (tmp_path / "rel" / "out" / "sources" / "rel").exists()
+
+
 # ------------------------------------------------------------------------------------ Algorithm 4
 def test_synthesize_pairs_consistent(tmp_path, ckpts):
     from napari_drdm.core.spatial import warp

@@ -51,7 +51,7 @@ class ArrayInput:
 
     def paths(self, sources_dir) -> Tuple[Path, Optional[Path]]:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._") or "layer"
-        d = Path(sources_dir)
+        d = Path(sources_dir).absolute()      # a relative folder would be re-rooted by the writer's confinement
         return d / f"{safe}.nii.gz", (d / f"{safe}_label.nii.gz" if self.labels is not None else None)
 
     def save(self, sources_dir):

@@ -205,7 +205,7 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
     input that fails at any stage (reading, memory estimate, generation, checks of its outputs)
     is skipped with its reason, unless ``opts.strict``.  An exception leaving this generator
     carries the summary as ``exc.export_summary``."""
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()     # every written path is confined to OUT; relative ones would be re-rooted
     opts.validate()
     mode = opts.mode
     i_shard, n_shard = opts.shard
