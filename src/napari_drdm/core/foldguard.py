@@ -187,7 +187,7 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return x[:, 0] > 0
 
 
-def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half, max_rounds):
+def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half, max_rounds, min_progress):
     """Stage 2 of the module docstring on one sample: returns (field, mask left, rounds)."""
     r, h, rounds, best, since, exact = radius, half, 0, int(m.sum()), 0, False
     while rounds < max_rounds:
@@ -197,16 +197,17 @@ def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half
             exact = True                       # passed in float32: the float64 check decides
             m = fold_mask(v, margin)
             continue
-        v = torch.where(_dilate(m, r)[:, None], _box_average(v, h), v)
+        w = _box_average(_dilate(m, r)[:, None].to(v.dtype), h)    # 1 on R's core, 0 beyond R by h
+        v = torch.where(w > 0, v + w * (_box_average(v, h) - v), v)
         m = fold_mask(v, margin, exact)
         rounds += 1
         n = int(m.sum())
-        if n < best:
+        if n < best * (1.0 - min_progress) or (n < best and min_progress <= 0):
             best, since = n, 0
         else:
             since += 1
-        if since >= grow_every:                # stalled: a wider region and a wider average
-            r, h, since = min(r + 1, max_radius), min(h + 1, max_half), 0
+        if since >= grow_every:                # slow or stalled: a wider region and a wider average
+            r, h, since, best = min(r + 1, max_radius), min(h + 1, max_half), 0, min(best, n)
     if not exact:
         m = fold_mask(v, margin)
     return v, m, rounds
@@ -230,7 +231,7 @@ def _scale_locally(v, m, margin, radius):
 
 def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1, half: int = 1,
                 grow_every: int = 2, max_radius: int = 4, max_half: int = 3,
-                max_rounds: int = 1000) -> Tuple[torch.Tensor, GuardReport]:
+                max_rounds: int = 1000, min_progress: float = 0.02) -> Tuple[torch.Tensor, GuardReport]:
     """Return a fold-free version of ``u`` (see the module docstring) and a :class:`GuardReport`.
 
     Args:
@@ -238,8 +239,11 @@ def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1
         margin: every determinant of the result is > margin (float64 arithmetic on the result).
         radius: initial dilation of the marked pixels (box of side 2 radius + 1).
         half: initial half-width of the box average (box of side 2 half + 1).
-        grow_every: smoothing rounds without fewer marked pixels before radius and half grow by one.
-        max_radius, max_half: caps on that growth (keeps the change local).
+        grow_every: smoothing rounds in which the count of marked pixels does not fall below
+            (1 - min_progress) times its lowest value so far before radius and half grow by one.
+        max_radius, max_half: caps on that growth (keeps the change local); with
+            max_radius >= max_half the marked pixels always get the full average.
+        min_progress: the relative fall of that count that counts as progress (0: any fall).
         max_rounds: smoothing rounds before the fallback (local scaling towards zero) is used.
 
     Returns:
@@ -258,7 +262,8 @@ def guard_field(u: torch.Tensor, margin: float = DEFAULT_MARGIN, radius: int = 1
     out = u.clone()
     for b in torch.nonzero(per).flatten().tolist():
         v, m, rep.rounds[b] = _smooth_locally(out[b:b + 1], bad[b:b + 1], margin, int(radius), int(half),
-                                              int(grow_every), int(max_radius), int(max_half), int(max_rounds))
+                                              int(grow_every), int(max_radius), int(max_half), int(max_rounds),
+                                              float(min_progress))
         if bool(m.any()):
             v, rep.fallback[b] = _scale_locally(v, m, margin, int(radius))
         rep.changed[b] = int((v != u[b:b + 1]).any(1).sum())
