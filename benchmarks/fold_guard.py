@@ -129,8 +129,9 @@ def table(paths) -> str:
 
 
 def _field_file(folder, name: str, tag: str, t_prime: int, seed: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
-    return Path(folder) / f"{name}_t{t_prime}_s{seed}_{safe}.pt"
+    def safe(text):
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return Path(folder) / f"{safe(Path(name).name)}_t{t_prime}_s{seed}_{safe(tag)}.pt"
 
 
 def _final_or_compare(a, model, name, tag, x, t_prime, seed, method) -> dict:

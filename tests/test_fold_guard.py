@@ -265,3 +265,17 @@ def test_dilation_is_the_box_dilation_and_handles_any_radius():
             ref = pool(m[:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
             assert torch.equal(_dilate(m, r), ref)
         assert bool(_dilate(m, 10 ** 6).all())                 # the fallback's last neighbourhood
+
+
+def test_benchmark_keeps_and_reuses_the_unguarded_fields(tmp_path, tiny_checkpoint):
+    from benchmarks.fold_guard import main as bench
+    ck = tiny_checkpoint(2, 32, seed=1)
+    np.savez(tmp_path / "unseen2d_cardiac.npz", images=np.random.default_rng(0).random((2, 32, 32)).astype(np.float32))
+    base = ["--eval", str(tmp_path), "--models", ck, "--sets", "cardiac", "--per-set", "1", "--t-prime", "30"]
+    assert bench(base + ["--save-fields", str(tmp_path / "f"), "--json", str(tmp_path / "a.json")]) == 0
+    (saved,) = sorted((tmp_path / "f").glob("*.pt"))
+    assert bench(base + ["--fields", str(tmp_path / "f"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text())["runs"][0]["rows"][0] for n in ("a.json", "b.json"))
+    assert a["off"] == b["off"] and a["seconds_off"] == b["seconds_off"]       # the same field, not a new loop
+    assert b["on"]["strict_folding_pct"] == 0 and b["off"]["strict_folding_pct"] > 0
+    assert torch.load(saved, weights_only=True)["phi"].shape == (1, 2, 32, 32)
