@@ -9,6 +9,10 @@ summary line per (model, T', method) and writes everything to JSON.
     PYTHONPATH=src python benchmarks/fold_guard.py --eval cache/eval --kit cache/kit \\
         --json benchmarks/results/fold_guard.json
 
+``--save-fields DIR`` keeps each unguarded final field (with the reverse loop's time) and
+``--fields DIR`` reuses them for the "final" method instead of running the loop again, so the
+guard alone can be re-measured on the same fields in seconds (3D loops take minutes).
+
 Timing: the ratio with/without the guard is taken inside one run, generation by generation
 ("final": the guard's own time over the loop's time; other methods: a second loop, interleaved).
 """
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from napari_drdm import load_model
-from napari_drdm.fold_report import compare_guard, summarise_rows
+from napari_drdm.fold_report import compare_guard, guard_rows, summarise_rows
 
 SETS_2D = ("cardiac", "brain", "ct")
 VOLUMES_3D = ("itk_kmeans_head/itk_kmeans_t1.nii.gz", "brainbrowser_head/brainbrowser_structural1.nii.gz",
@@ -124,6 +128,31 @@ def table(paths) -> str:
     return "\n".join(out)
 
 
+def _field_file(folder, name: str, tag: str, t_prime: int, seed: int) -> Path:
+    def safe(text):
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return Path(folder) / f"{safe(Path(name).name)}_t{t_prime}_s{seed}_{safe(tag)}.pt"
+
+
+def _final_or_compare(a, model, name, tag, x, t_prime, seed, method) -> dict:
+    """One generation's row; with --fields / --save-fields the unguarded final field is loaded / kept."""
+    if method != "final" or not (a.fields or a.save_fields):
+        return compare_guard(model, x, t_prime, [seed], method=method)[0]
+    src = _field_file(a.fields, name, tag, t_prime, seed) if a.fields else None
+    if src is not None and src.is_file():
+        saved = torch.load(src, weights_only=True)
+        phi, seconds = saved["phi"], float(saved["seconds"])
+    else:
+        t0 = time.perf_counter()
+        phi, _ = model.generate_model_grid(x, t_prime, [seed])
+        seconds = time.perf_counter() - t0
+    if a.save_fields:
+        dst = _field_file(a.save_fields, name, tag, t_prime, seed)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"phi": phi.detach().cpu(), "seconds": seconds}, dst)
+    return guard_rows(phi, model.size, [seed], seconds)[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval", default="cache/eval", help="folder of make_eval_sets.py (unseen2d_*.npz)")
@@ -140,6 +169,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--save-fields", default=None, metavar="DIR",
+                    help="keep each unguarded final field here (one .pt file per model, T', image and seed)")
+    ap.add_argument("--fields", default=None, metavar="DIR",
+                    help="method 'final': reuse the fields of --save-fields found here instead of generating")
     ap.add_argument("--frames", action="store_true",
                     help="instead: explorer-like frame timing (first model, first image, first 2D T', paper loop)")
     ap.add_argument("--repeats", type=int, default=2, help="--frames: interleaved off/on runs")
@@ -182,7 +215,7 @@ def main(argv=None) -> int:
                     continue
                 rows = []
                 for i, (tag, x) in enumerate(prepared):
-                    row = compare_guard(model, x, tp, [a.seed + i], method=method)[0]
+                    row = _final_or_compare(a, model, name, tag, x, tp, a.seed + i, method)
                     row["image"] = tag
                     rows.append(row)
                     print(f"  {name} T'={tp} {method} {tag}: folding {row['off']['folding_pct']:.3f} -> "

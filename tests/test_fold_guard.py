@@ -100,6 +100,29 @@ def test_planted_folds_removed_locally(shape, centres):
     assert abs(m1 / m0 - 1) < 0.1
 
 
+@pytest.mark.parametrize("n_folds,strength", [(20, 2.0), (40, 2.5)])
+def test_3d_correction_fades_out_at_the_edge_of_the_changed_region(n_folds, strength):
+    # many scattered folds, as the 3D model leaves them at a large T': the correction must fade out
+    # towards the untouched field rather than stop with a jump (a jump at the region's edge makes
+    # new folds there, and chasing them spread the change over the whole volume); a hard-edged
+    # correction steps by 60-80 % of its largest change here
+    shape, nd = (32, 32, 32), 3
+    u = smooth_field(shape, 3.0, seed=11)
+    g = torch.Generator().manual_seed(4)
+    for c in torch.randint(0, min(shape), (n_folds, nd), generator=g).tolist():
+        u = plant_fold(u, c, strength=strength, sigma=1.5)
+    assert strict_folding_pct(u[0].numpy()) > 1.0
+    out, rep = guard_field(u)
+    assert both_checks_clean(out) and rep.fallback == [1.0]
+    d = (out - u).norm(dim=1)[0]
+    changed = d > 0
+    edge = changed & (F.max_pool3d((~changed)[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0)
+    assert 0 < changed.float().mean() < 0.6 and edge.any()
+    assert float(d[edge].max()) < 0.3 * float(d.max())          # small steps into the untouched field
+    m0, m1 = displacement_pct(u[0].numpy())[1], displacement_pct(out[0].numpy())[1]
+    assert abs(m1 / m0 - 1) < 0.1
+
+
 def test_fold_free_fields_come_out_bit_identical():
     for shape in [(40, 33), (12, 10, 14)]:
         u = smooth_field(shape, 1.5, seed=5)
@@ -242,3 +265,17 @@ def test_dilation_is_the_box_dilation_and_handles_any_radius():
             ref = pool(m[:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
             assert torch.equal(_dilate(m, r), ref)
         assert bool(_dilate(m, 10 ** 6).all())                 # the fallback's last neighbourhood
+
+
+def test_benchmark_keeps_and_reuses_the_unguarded_fields(tmp_path, tiny_checkpoint):
+    from benchmarks.fold_guard import main as bench
+    ck = tiny_checkpoint(2, 32, seed=1)
+    np.savez(tmp_path / "unseen2d_cardiac.npz", images=np.random.default_rng(0).random((2, 32, 32)).astype(np.float32))
+    base = ["--eval", str(tmp_path), "--models", ck, "--sets", "cardiac", "--per-set", "1", "--t-prime", "30"]
+    assert bench(base + ["--save-fields", str(tmp_path / "f"), "--json", str(tmp_path / "a.json")]) == 0
+    (saved,) = sorted((tmp_path / "f").glob("*.pt"))
+    assert bench(base + ["--fields", str(tmp_path / "f"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text())["runs"][0]["rows"][0] for n in ("a.json", "b.json"))
+    assert a["off"] == b["off"] and a["seconds_off"] == b["seconds_off"]       # the same field, not a new loop
+    assert b["on"]["strict_folding_pct"] == 0 and b["off"]["strict_folding_pct"] > 0
+    assert torch.load(saved, weights_only=True)["phi"].shape == (1, 2, 32, 32)
