@@ -35,24 +35,15 @@ from ..core.config import COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
-__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "padding_choices"]
+__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
 #: the schedule menu: the default first
 SCHEDULES = tuple(sorted(SCHEDULE_NAMES, key=lambda name: name != DEFAULT_SCHEDULE))
 
-
-
-def padding_choices(model_padding: Optional[str] = None) -> List[tuple]:
-    """The composition padding menu, (text, value): the model's own (None) first, naming it when known.
-
-    Args:
-        model_padding: the loaded model's ``config.compose_padding``, or None when no model is loaded.
-    """
-    own = "model default" + (f" ({model_padding})" if model_padding else "")
-    return [(own, None), *((name, name) for name in COMPOSE_PADDINGS)]
-
+#: the first entry of the composition padding menu (value None: the model's own padding)
+MODEL_DEFAULT = "model default"
 
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
 CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
@@ -189,7 +180,8 @@ class ExplorerForm(QWidget):
             ComboBox(name="schedule", label="Schedule", choices=SCHEDULES, value=DEFAULT_SCHEDULE.value,
                      tooltip="reference: all T reverse steps (the authors' code); "
                              "paper: T' reverse steps (Algorithm 2 as printed)."),
-            ComboBox(name="compose_padding", label="Composition padding", choices=padding_choices(), value=None,
+            ComboBox(name="compose_padding", label="Composition padding", value=None,
+                     choices=[(MODEL_DEFAULT, None), *((name, name) for name in COMPOSE_PADDINGS)],
                      tooltip="How each reverse step is composed into the field where it samples outside the image: "
                              "border repeats the edge displacement, zeros takes none there (the authors' 2D code). "
                              "model default: the model's own (the bundled cmr2d: border)."),
@@ -219,10 +211,13 @@ class ExplorerForm(QWidget):
         return box
 
     def set_model_padding(self, model_padding: Optional[str]) -> None:
-        """Name the loaded model's own composition padding in the menu; the choice made stays."""
-        chosen = self.gen.compose_padding.value
-        self.gen.compose_padding.choices = padding_choices(model_padding)
-        self.gen.compose_padding.value = chosen
+        """Name the loaded model's own composition padding in the menu's first entry ("model default
+        (border)"); the choice made stays.
+
+        Args:
+            model_padding: the loaded model's ``config.compose_padding``, or None (no model).
+        """
+        self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
 
     def generation(self) -> Dict[str, Any]:
         """t_prime, seed, schedule, compose_padding (None: the model's), k, budget_mib and fold_guard
