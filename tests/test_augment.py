@@ -277,6 +277,32 @@ def test_ctrl_c_on_the_command_line(tmp_path, folder2d, ckpts):
     assert 2 <= m["n_rows"] < 800 and all(verify_row(out, r) for r in m["rows"])
 
 
+def test_compose_padding_is_used_recorded_and_reproduced(tmp_path, folder2d, ckpts, capsys):
+    """--compose-padding reaches the reverse loop (other fields than the model's own padding),
+    every manifest row and the run's settings record the padding used, a row is regenerated with
+    it, and --resume refuses another padding."""
+    base = ["augment", str(folder2d), "-n", "1", "--t-prime", "2", "--schedule", "paper", "--weights", ckpts["2d"],
+            "--batch", "1", "--no-progress"]
+    own, border = tmp_path / "own", tmp_path / "border"
+    assert main(base[:2] + [str(own)] + base[2:]) == 0
+    assert main(base[:2] + [str(border)] + base[2:] + ["--compose-padding", "border"]) == 0
+    a, b = load_manifest(own), load_manifest(border)
+    assert {r["compose_padding"] for r in a["rows"]} == {"zeros"}          # the tiny 2D model's own
+    assert {r["compose_padding"] for r in b["rows"]} == {"border"}
+    assert b["run"]["compose_padding"] == "border" and a["run"]["compose_padding"] is None
+    assert "compose_padding" in (border / "manifest.csv").read_text().splitlines()[0].split(",")
+    rows_a, rows_b = ({r["row_id"]: r for r in m["rows"]} for m in (a, b))
+    assert any(rows_a[k]["ddf_sha256"] != rows_b[k]["ddf_sha256"] for k in rows_a)
+    res = reproduce_row(border / "manifest.json", "case0_aug000", tmp_path / "again")
+    assert res["identical"] and all(res["identical"].values()), res
+    capsys.readouterr()
+    assert main(base[:2] + [str(border)] + base[2:] + ["--compose-padding", "zeros", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "different settings (compose_padding)" in err
+    with pytest.raises(InputError, match="--compose-padding: expected border or zeros"):
+        _opts(compose_padding="reflection").validate()
+
+
 def test_bad_inputs_are_reported_and_skipped(tmp_path, folder2d, ckpts, capsys):
     (folder2d / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     img, _ = _phantom((40, 36))
@@ -455,6 +481,12 @@ def test_dict_transform(ckpts):
     assert t({"image": data["image"], "label": data["label"]}) is not None
     with pytest.raises(KeyError, match="label"):
         t({"image": data["image"]})
+    # the composition padding reaches the generation (the 2D random model's own is zeros)
+    tb, tz = (DRDMTransform(ckpts["2d"], label_keys=(), t_prime="2", schedule="paper", ddf_key="ddf", seed=1,
+                            compose_padding=p) for p in ("border", None))
+    assert not np.array_equal(tb(data)["ddf"], tz(data)["ddf"])
+    with pytest.raises(InputError, match="^compose_padding: expected border or zeros, got 'edge'$"):
+        DRDMTransform(ckpts["2d"], compose_padding="edge")
 
 
 class _Deformed(torch.utils.data.Dataset):

@@ -149,6 +149,10 @@ def test_run_request_says_why_not_or_what_run_starts():
     assert req.inputs.lead_index == (3,) and req.plan.n_total == 4           # 2 forward + 2 paper reverse steps
     assert req.params == {"t_prime": 2, "seed": 5, "schedule": "paper", "k": 2, "fold_guard": True,
                           "device": "cpu", "variant": "paper K2 guard"}
+    req = prepare_run(cine, None, model, "", dict(gen, compose_padding="border"), (3, 0, 0))
+    assert req.params["compose_padding"] == "border" and req.params["variant"] == "paper K2 border-padding guard"
+    req = prepare_run(cine, None, model, "", dict(gen, compose_padding="zeros"), (3, 0, 0))   # the model's own
+    assert req.params["variant"] == "paper K2 guard"
     scale, translate, affine = req.geometry
     assert scale == (1.0, 0.5, 2.0) and translate == (3.0, 0.0, 0.0) and affine is None
 

@@ -42,6 +42,7 @@ def test_export_layers_with_preview(make_napari_viewer, qtbot, tiny2d, tmp_path)
     w = _widget(viewer, tiny2d, out)
     w.labels_combo.setCurrentText("tissue")
     w.preview_spin.setValue(2)
+    w.padding.setCurrentText("border")         # the tiny model's own is zeros
     assert w.run_btn.isEnabled(), w.status.text()
     w.start()
     assert w.running and w.cancel_btn.isEnabled()
@@ -54,6 +55,7 @@ def test_export_layers_with_preview(make_napari_viewer, qtbot, tiny2d, tmp_path)
     np.testing.assert_allclose(viewer.layers["brain_aug000"].scale, (0.8, 1.2), rtol=1e-6)
     m = json.loads((out / "manifest.json").read_text())
     assert m["n_rows"] == 2 and (out / "sources" / "brain.nii.gz").exists() and (out / "labels").is_dir()
+    assert {r["compose_padding"] for r in m["rows"]} == {"border"}
     assert "complete" in w.status.text()
     assert w.run_btn.isEnabled()            # ready for another run (which would refuse: the folder is not empty)
 
@@ -76,6 +78,7 @@ def test_export_validation_messages(make_napari_viewer, tiny2d, tmp_path):
     assert not w.run_btn.isEnabled() and "input folder" in w.status.text()
     w.folder_edit.setText(str(tmp_path))
     assert w.options().mode == "augment" and w.options().schedule is None       # "model default"
+    assert w.options().compose_padding is None
     w.mode.setCurrentIndex(1)
     assert w.tprime_syn_edit.isEnabled() and w.run_btn.isEnabled()
     w.existing.setCurrentText("overwrite")
@@ -100,6 +103,9 @@ def test_export_options_are_a_magicgui_form(qtbot):
         {"per_image": 7, "schedule": "paper", "t_prime": "40:44:2", "fold_guard": False, "weights": None}
     assert set(OPTION_NAMES) <= set(ExportOptions.__dataclass_fields__)       # same names as the engine's
     ExportOptions(**kw).validate()
+    assert kw["compose_padding"] is None                                      # "model default"
+    form.padding.setCurrentText("zeros")
+    assert form.option_values()["compose_padding"] == "zeros"
 
 
 def test_export_cancel_and_refusal(make_napari_viewer, qtbot, tiny2d, tmp_path):

@@ -215,6 +215,65 @@ def test_cli_evaluate_json(tmp_path, tiny_ckpt2d, capsys):
     assert r["seconds_per_image"] > 0
 
 
+def test_compose_padding_override_reaches_recover(tiny_ckpt2d, monkeypatch):
+    """``compose_padding`` (None: the model's) is what the reverse loop composes with: generate
+    passes it to ``recover``, the result records it, and the batched path gives the field a direct
+    ``recover`` call gives with that padding."""
+    import napari_drdm.model as model_mod
+    from napari_drdm.core.recovery import recover
+
+    model = load_model(tiny_ckpt2d, device="cpu")
+    assert model.config.compose_padding == "zeros"                  # a 2D model's default (the authors')
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw["compose_padding"])
+        return recover(*a, **kw)
+    monkeypatch.setattr(model_mod, "recover", spy)
+    img, _ = blob_image((32, 32))
+    for asked, used in ((None, "zeros"), ("border", "border"), ("zeros", "zeros")):
+        res = model.generate(img, t_prime=3, seed=2, schedule="paper", compose_padding=asked)
+        assert seen[-1] == used and res.compose_padding == used
+    monkeypatch.undo()
+
+    x = model.prepare(img)[1]
+    phi_b, psi = model.generate_model_grid(x, 6, [4], schedule="paper", compose_padding="border")
+    phi_z, psi_z = model.generate_model_grid(x, 6, [4], schedule="paper")
+    torch.testing.assert_close(psi, psi_z, rtol=0, atol=0)
+    direct = None
+    for fr in recover(model.net, x, psi, 6, schedule="paper", k=model.config.k_recursions,
+                      n_steps=model.config.n_steps, compose_padding="border",
+                      image_interp=model.config.image_interp, fast=model.fast):
+        direct = fr.ddf
+    torch.testing.assert_close(phi_b, direct, rtol=1e-5, atol=1e-5)
+    assert (phi_b - phi_z).abs().max() > 1e-4                       # the padding changes the field
+    with pytest.raises(InputError, match=r"^compose_padding: expected border or zeros, got 'reflection'$"):
+        model.generate(img, t_prime=2, compose_padding="reflection")
+
+
+def test_cli_compose_padding_option(tmp_path, tiny_ckpt2d, capsys):
+    img, _ = blob_image((32, 32))
+    np.save(tmp_path / "im.npy", img.astype(np.float32))
+    base = ["generate", str(tmp_path / "im.npy"), "--weights", str(tiny_ckpt2d), "--t-prime", "2",
+            "--schedule", "paper"]
+    assert main(base + ["--compose-padding", "border", "--out", str(tmp_path / "b")]) == 0
+    assert "padding=border" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "im.json").read_text())["compose_padding"] == "border"
+    assert main(base + ["--out", str(tmp_path / "m")]) == 0            # the model's own
+    assert json.loads((tmp_path / "m" / "im.json").read_text())["compose_padding"] == "zeros"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--compose-padding", "reflection", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--compose-padding" in err[0] and "border" in err[0]
+    assert not (tmp_path / "x").exists()
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=img[None].astype(np.float32))
+    assert main(["evaluate", "--weights", str(tiny_ckpt2d), "--images", str(npz), "--t-prime", "2", "--samples", "1",
+                 "--schedule", "paper", "--compose-padding", "border", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compose_padding"] == "border"
+
+
 def test_console_script_installed():
     exe = Path(sys.executable).parent / "drdm"
     assert exe.exists(), "the `drdm` console script is not installed in this environment"

@@ -306,6 +306,41 @@ def test_convert_upstream_is_bit_identical(tmp_path):
         convert_upstream(pth, out)
 
 
+def test_convert_upstream_compose_padding(tmp_path, capsys):
+    """The converter writes border composition padding by default, recorded in the provenance as a
+    change from the authors' configuration; ``--compose-padding zeros`` writes theirs; the tensors
+    are the same either way, and the bundled cmr2d is the default conversion."""
+    from conftest import ref_path
+
+    from napari_drdm.weights import resolve_weights
+    from training.__main__ import main as training_main
+    from training.convert_upstream import convert_upstream
+    pth = ref_path("upstream_cmr2d.pth")
+    convert_upstream(pth, tmp_path / "default.safetensors")
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "zeros.safetensors"),
+                          "--compose-padding", "zeros"]) == 0
+    assert "composition padding zeros" in capsys.readouterr().out
+    s_b, c_b, p_b = read_checkpoint(tmp_path / "default.safetensors")
+    s_z, c_z, p_z = read_checkpoint(tmp_path / "zeros.safetensors")
+    assert (c_b.compose_padding, c_z.compose_padding) == ("border", "zeros")
+    assert set(s_b) == set(s_z) and all(torch.equal(s_b[k], s_z[k]) for k in s_b)
+    assert c_b.replace(compose_padding="zeros").to_dict() == c_z.to_dict()
+    assert p_b["compose_padding"] == "border" and p_b["authors_compose_padding"] == "zeros"
+    assert "weights_table_t45_cmr2d_border.json" in p_b["compose_padding_change"]
+    assert "one inference setting changed" in p_b["change"]
+    assert "compose_padding_change" not in p_z and "inference setting" not in p_z["change"]
+    bundled, _ = resolve_weights("cmr2d")
+    s_c, c_c, p_c = read_checkpoint(bundled)
+    assert c_c.to_dict() == c_b.to_dict() and p_c == p_b
+    assert all(torch.equal(s_c[k], s_b[k]) for k in s_b)
+    with pytest.raises(SystemExit) as e:
+        training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
+                       "--compose-padding", "reflection"])
+    assert e.value.code == 2 and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ValueError, match="--compose-padding: expected border or zeros"):
+        convert_upstream(pth, tmp_path / "y.safetensors", compose_padding="reflect")
+
+
 def test_inflated_2d_weights_reproduce_the_2d_network_on_depth_constant_volumes():
     """init_inflate=centre: a 3D network seeded from 2D weights gives, on a volume that repeats one
     plane along depth, the 2D network's in-plane prediction on that plane (depth component aside)."""

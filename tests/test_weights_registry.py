@@ -58,6 +58,9 @@ def test_cmr2d_is_the_published_network_with_licence_and_provenance():
     notice = (WEIGHTS_DIR / "NOTICE").read_text()
     assert "cmr2d.safetensors" in notice and "convert" in notice
     assert sum(v.numel() for v in state.values()) == 443435
+    # one inference setting differs from the authors' 2D configuration, and the notice says so
+    assert cfg.compose_padding == "border" and prov["authors_compose_padding"] == "zeros"
+    assert "composition padding" in notice and 'compose_padding="zeros"' in notice
 
 
 def _grid(n):

@@ -76,6 +76,7 @@ def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
     widget = _open(viewer)
     _with_model(qtbot, widget, tiny2d)
     assert widget.labels_combo.currentText() == "lab"       # matching labels picked by default
+    assert widget.padding_combo.currentText() == "model default (zeros)"     # the model's own, named
     widget.seed_spin.setValue(7)
     _run_and_wait(qtbot, widget, t_prime=3, schedule="paper")
     n = 3 + 3                                                # forward t'=1..3, then 3 reverse steps
@@ -116,6 +117,13 @@ def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
     assert widget.readout_metrics()["index"] == 2
     assert "done" in widget.status_label.text()
     assert widget.run_btn.isEnabled()
+    # the result records the composition padding used; another one is a variant of the run
+    assert viewer.layers[run.layer_name("recovered image")].metadata["drdm"]["compose_padding"] == "zeros"
+    widget.padding_combo.setCurrentText("border")
+    _run_and_wait(qtbot, widget, t_prime=3, schedule="paper")
+    run2 = widget.state.current
+    assert run2.title == "#2 tiny2d s7 T'3 paper K2 border-padding"
+    assert viewer.layers[run2.layer_name("recovered image")].metadata["drdm"]["compose_padding"] == "border"
 
 
 def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):

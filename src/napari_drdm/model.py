@@ -36,7 +36,7 @@ from .core.spatial import warp, warp_labels
 from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
 from .model_grid import ModelGrid
-from .validate import check_device, check_k, check_model_size, check_seed, check_t_prime
+from .validate import check_compose_padding, check_device, check_k, check_model_size, check_seed, check_t_prime
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
            "guard_mode"]
@@ -90,6 +90,7 @@ class GenerationResult:
     seed: Optional[int] = None
     schedule: str = DEFAULT_SCHEDULE.value
     k: int = 2
+    compose_padding: str = "zeros"         # how each reverse step was composed into the field
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
@@ -179,13 +180,15 @@ class DRDM:
                       seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                       frames: bool = True, render: bool = True, frame_metrics: bool = False,
                       image_interp: Optional[str] = None, label_interp: str = "nearest",
-                      fold_guard=False) -> Iterator[Frame]:
+                      fold_guard=False, compose_padding: Optional[str] = None) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
         ``schedule``: the reverse loop, "paper" (T' steps) or "reference" (all T steps); None: the
         model's (``config.schedule``; :data:`~napari_drdm.core.config.DEFAULT_SCHEDULE`, "reference",
         unless the checkpoint says otherwise).
+        ``compose_padding``: how each reverse step is composed into the accumulated field, "border"
+        or "zeros" (the authors' 2D code); None: the model's (``config.compose_padding``).
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -194,6 +197,7 @@ class DRDM:
         cfg = self.config
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
+        padding = check_compose_padding(compose_padding, "compose_padding") or cfg.compose_padding
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
         image_interp = image_interp or cfg.image_interp
@@ -228,7 +232,8 @@ class DRDM:
         phi = psi
         hooks = GuardHooks(gmode)
         if t_prime > 0 or schedule is Schedule.REFERENCE:
-            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k), **hooks.kwargs())
+            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k, padding),
+                            **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
                 if frames:
@@ -247,19 +252,22 @@ class DRDM:
             image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
-            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, guard=guard_info)
+            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                  return_frames: bool = False, label_interp: str = "nearest",
-                 image_interp: Optional[str] = None, fold_guard=False) -> GenerationResult:
+                 image_interp: Optional[str] = None, fold_guard=False,
+                 compose_padding: Optional[str] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
 
-        ``fold_guard``: see :meth:`iter_generate` (True: ``res.ddf`` is fold-free on the image's grid).
+        ``fold_guard``, ``compose_padding``: see :meth:`iter_generate` (fold guard on: ``res.ddf`` is
+        fold-free on the image's grid; ``res.compose_padding`` says which padding was used).
         """
         gen = Returning(self.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                            spacing=spacing, frames=return_frames, label_interp=label_interp,
-                                           image_interp=image_interp, fold_guard=fold_guard))
+                                           image_interp=image_interp, fold_guard=fold_guard,
+                                           compose_padding=compose_padding))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -268,20 +276,22 @@ class DRDM:
     @torch.inference_mode()
     def generate_model_grid(self, x_model: torch.Tensor, t_prime: int, seeds: Sequence[int],
                             schedule: Optional[str] = None, k: Optional[int] = None, fold_guard=False,
-                            guard_report: Optional[dict] = None):
+                            guard_report: Optional[dict] = None, compose_padding: Optional[str] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
         ``seeds[b]`` for its forward draw, so results do not depend on the batch composition
         (up to float rounding).  ``fold_guard``: phi is fold-free on the model grid (resize it with
         ``ModelGrid.field_to_original(..., fold_guard=True)``); ``guard_report``, a dict, receives
-        what the guard did (see :class:`~napari_drdm.guard_modes.GuardHooks`).
+        what the guard did (see :class:`~napari_drdm.guard_modes.GuardHooks`); ``compose_padding``:
+        "border" or "zeros", None the model's (see :meth:`iter_generate`).
         """
         gmode = guard_mode(fold_guard)
         hooks = GuardHooks(gmode)
         cfg = self.config
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
+        padding = check_compose_padding(compose_padding, "compose_padding")
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
@@ -289,8 +299,8 @@ class DRDM:
         draws = self._seeded_draws(seeds)
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
-        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime), **cfg.recover_options(schedule, k),
-                          **hooks.kwargs()):
+        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime),
+                          **cfg.recover_options(schedule, k, padding), **hooks.kwargs()):
             phi = fr.ddf
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional, Sequence
 
-from .core.config import SCHEDULE_NAMES
+from .core.config import COMPOSE_PADDINGS, SCHEDULE_NAMES
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
-           "check_model_size", "check_choice", "check_schedule", "check_label_interp", "check_positive",
-           "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "LABEL_INTERPS"]
+           "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_label_interp",
+           "check_positive", "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "COMPOSE_PADDINGS", "LABEL_INTERPS"]
 
 #: reverse-loop schedules (core/recovery.py): "paper" runs T' steps, "reference" all T steps
 SCHEDULES = SCHEDULE_NAMES
@@ -184,6 +184,16 @@ def check_schedule(value, name: str = "--schedule") -> Optional[str]:
         name: option name for the message.
     """
     return check_choice(value, SCHEDULES, name, allow_none=True)
+
+
+def check_compose_padding(value, name: str = "--compose-padding") -> Optional[str]:
+    """A reverse-loop composition padding (:data:`COMPOSE_PADDINGS`), or None for the model's own.
+
+    Args:
+        value: the padding or None.
+        name: option name for the message.
+    """
+    return check_choice(value, COMPOSE_PADDINGS, name, allow_none=True)
 
 
 def check_label_interp(value, name: str = "--label-interp") -> str:

@@ -154,12 +154,14 @@ class ExplorerWidget(QWidget):
         self.models.set_checkpoint(path, size)
 
     def _on_model(self, model, new_source: bool):
-        """The model changed (loading, loaded, failed): a new model brings its T, schedule and K."""
+        """The model changed (loading, loaded, failed): a new model brings its T, schedule and K, and the
+        composition padding menu names its own padding."""
         if self._closed:
             return
         if model is not None:
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
+            self.form.set_model_padding(cfg.compose_padding)
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)
@@ -241,7 +243,8 @@ class ExplorerWidget(QWidget):
         worker = create_worker(explore, model, inp.image, inp.labels, inp.spacing, params["t_prime"],
                                params["seed"], params["schedule"], params["k"], store,
                                threads=f.threads_spin.value() if model.device.type == "cpu" else None,
-                               fold_guard=params["fold_guard"], _start_thread=False)
+                               fold_guard=params["fold_guard"], compose_padding=params.get("compose_padding"),
+                               _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))
         worker.errored.connect(lambda e, run=run: self._on_error(run, e))

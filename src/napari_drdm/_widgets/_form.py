@@ -31,21 +31,24 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.config import DEFAULT_SCHEDULE, SCHEDULE_NAMES
+from ..core.config import COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
-__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS"]
+__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
 #: the schedule menu: the default first
 SCHEDULES = tuple(sorted(SCHEDULE_NAMES, key=lambda name: name != DEFAULT_SCHEDULE))
 
+#: the first entry of the composition padding menu (value None: the model's own padding)
+MODEL_DEFAULT = "model default"
+
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
 CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
             "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
-            "schedule_combo", "k_spin", "budget_spin", "guard_check", "reason_label", "plan_label", "run_btn",
+            "schedule_combo", "padding_combo", "k_spin", "budget_spin", "guard_check", "reason_label", "plan_label", "run_btn",
             "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
             "follow_check", "readout", "plot")
 
@@ -164,7 +167,7 @@ class ExplorerForm(QWidget):
         return box
 
     def _generation_box(self) -> QGroupBox:
-        """T', seed, schedule, K, frame memory and the fold guard, as a magicgui container whose
+        """T', seed, schedule, composition padding, K, frame memory and the fold guard, as a magicgui container whose
         values (:meth:`generation`) are the generation's options: a new option is one more widget."""
         box = QGroupBox("Generation")
         self.new_seed_btn = PushButton(text="new seed", name="new_seed")
@@ -177,6 +180,11 @@ class ExplorerForm(QWidget):
             ComboBox(name="schedule", label="Schedule", choices=SCHEDULES, value=DEFAULT_SCHEDULE.value,
                      tooltip="reference: all T reverse steps (the authors' code); "
                              "paper: T' reverse steps (Algorithm 2 as printed)."),
+            ComboBox(name="compose_padding", label="Composition padding", value=None,
+                     choices=[(MODEL_DEFAULT, None), *((name, name) for name in COMPOSE_PADDINGS)],
+                     tooltip="How each reverse step is composed into the field where it samples outside the image: "
+                             "border repeats the edge displacement, zeros takes none there (the authors' 2D code). "
+                             "model default: the model's own (the bundled cmr2d: border)."),
             SpinBox(name="k", label="K", min=1, max=10, value=2,
                     tooltip="K: internal recursions of the network per reverse step."),
             SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
@@ -196,13 +204,24 @@ class ExplorerForm(QWidget):
         self.tprime_spin = self.gen.t_prime.native
         self.seed_spin = seed.native
         self.schedule_combo = self.gen.schedule.native
+        self.padding_combo = self.gen.compose_padding.native
         self.k_spin = self.gen.k.native
         self.budget_spin = self.gen.budget_mib.native
         self.guard_check = self.gen.fold_guard.native
         return box
 
+    def set_model_padding(self, model_padding: Optional[str]) -> None:
+        """Name the loaded model's own composition padding in the menu's first entry ("model default
+        (border)"); the choice made stays.
+
+        Args:
+            model_padding: the loaded model's ``config.compose_padding``, or None (no model).
+        """
+        self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
+
     def generation(self) -> Dict[str, Any]:
-        """t_prime, seed, schedule, k, budget_mib and fold_guard as set in the form."""
+        """t_prime, seed, schedule, compose_padding (None: the model's), k, budget_mib and fold_guard
+        as set in the form."""
         vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
         vals["seed"] = self._seed.value
         return vals

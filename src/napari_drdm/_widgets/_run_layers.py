@@ -170,7 +170,8 @@ class RunLayers:
         lead = len(run.inputs.lead_index)
         shape1 = (1,) * lead
         md = {"drdm_run": run.id, "drdm": dict(run.params, model=run.model, metrics=res.metrics,
-                                               forward_metrics=res.forward_metrics),
+                                               forward_metrics=res.forward_metrics,
+                                               compose_padding=res.compose_padding),   # the one used
               "spacing": run.inputs.spacing}
         if run.out_affine is not None:
             md["affine"] = run.out_affine

@@ -31,7 +31,7 @@ class RunRequest:
 
     inputs: Inputs
     plan: FramePlan
-    params: Dict[str, Any]                  # t_prime, seed, schedule, k, fold_guard, device (+ variant)
+    params: Dict[str, Any]                  # t_prime, seed, schedule, compose_padding, k, fold_guard, device (+ variant)
     out_scale: Tuple[float, ...]            # geometry of the output layers, frame axis left out
     out_translate: Tuple[float, ...]
     out_affine: Optional[np.ndarray]
@@ -44,10 +44,11 @@ class RunRequest:
 
 def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, Any]:
     """The generation's arguments: the form's options without the frame budget, the model's device,
-    and a ``variant`` naming what departs from the model's defaults (e.g. "paper K2 guard").
+    and a ``variant`` naming what departs from the model's defaults (e.g. "paper K2 zeros-padding guard").
 
     Args:
-        generation: the form's generation options (t_prime, seed, schedule, k, budget_mib, fold_guard).
+        generation: the form's generation options (t_prime, seed, schedule, compose_padding, k,
+            budget_mib, fold_guard).
         config: the model's :class:`~napari_drdm.core.config.DRDMConfig`.
         device: the model's device.
     """
@@ -57,6 +58,9 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     variant = []
     if p["schedule"] != config.schedule or p["k"] != config.k_recursions:
         variant.append(f"{p['schedule']} K{p['k']}")
+    padding = p.get("compose_padding")
+    if padding is not None and padding != config.compose_padding:
+        variant.append(f"{padding}-padding")
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..core.config import SCHEDULE_NAMES, Schedule
 from ..validate import (
+    COMPOSE_PADDINGS,
     LABEL_INTERPS,
     arg_type,
     check_device,
@@ -52,6 +53,14 @@ def schedule_arg(p):
     p.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
                    help=f"reverse loop: '{Schedule.PAPER}' runs T' steps, '{Schedule.REFERENCE}' all T steps "
                         f"(default: the model's)")
+
+
+def compose_padding_arg(p):
+    """--compose-padding, one of :data:`~napari_drdm.core.config.COMPOSE_PADDINGS` (default: the model's own)."""
+    p.add_argument("--compose-padding", choices=COMPOSE_PADDINGS, default=None,
+                   help="how the reverse loop composes each step into the field where it samples outside the "
+                        "image: 'border' repeats the edge displacement, 'zeros' takes none there and reproduces "
+                        "the authors' 2D code (default: the model's; the bundled cmr2d uses border)")
 
 
 def label_interp_arg(p):

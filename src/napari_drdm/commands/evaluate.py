@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_seed
-from . import add_model_args, k_arg, load_from_args, schedule_arg
+from . import add_model_args, compose_padding_arg, k_arg, load_from_args, schedule_arg
 
 
 def add_parser(sub):
@@ -26,6 +26,7 @@ def add_parser(sub):
     p.add_argument("--samples", type=arg_type(check_int, "--samples", lo=1), default=40,
                    help="generations per T' (default 40)")
     schedule_arg(p)
+    compose_padding_arg(p)
     k_arg(p)
     p.add_argument("--slices", type=arg_type(check_int, "--slices", lo=1), default=5,
                    help="for a 2D model given 3D volumes: this many evenly spaced foreground slices per volume, "
@@ -96,7 +97,7 @@ def _stats(values):
 
 
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
-             on_batch=None):
+             on_batch=None, compose_padding=None):
     import torch
 
     from ..core.metrics import field_metrics, jacobian_determinant, plausibility_metrics
@@ -112,7 +113,7 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             x = torch.cat([prepared[i % len(prepared)] for i in ids], 0)
             seeds = [seed_offset + i for i in ids]
             tb = time.perf_counter()
-            phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k)
+            phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k, compose_padding=compose_padding)
             if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
                 on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):
@@ -165,8 +166,9 @@ def run(args) -> int:
         from ..fold_report import GuardCollector
         guard = GuardCollector(model.size)
     results = evaluate(model, images, args.t_prime, args.samples, args.schedule, args.k, args.batch,
-                       args.seed_offset, args.progress, on_batch=guard)
+                       args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
+           "compose_padding": args.compose_padding or model.config.compose_padding,
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
            "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0",
                      "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "

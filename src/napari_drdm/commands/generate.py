@@ -6,7 +6,16 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_positive
-from . import add_fold_guard_arg, add_model_args, k_arg, label_interp_arg, load_from_args, schedule_arg, seed_arg
+from . import (
+    add_fold_guard_arg,
+    add_model_args,
+    compose_padding_arg,
+    k_arg,
+    label_interp_arg,
+    load_from_args,
+    schedule_arg,
+    seed_arg,
+)
 
 
 def add_parser(sub):
@@ -18,6 +27,7 @@ def add_parser(sub):
                    help="diffusion level T' (0..T, default 45)")
     seed_arg(p)
     schedule_arg(p)
+    compose_padding_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
     label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
@@ -74,7 +84,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
                              k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
-                             fold_guard=args.fold_guard)
+                             fold_guard=args.fold_guard, compose_padding=args.compose_padding)
         secs = time.perf_counter() - t0
         vol.spacing = tuple(vol.spacing[: data.ndim])
         extra = {"input": str(Path(args.image).resolve()),
@@ -85,8 +95,9 @@ def run(args) -> int:
         paths = write_result(args.out, stem, res, vol, lab_vol, overwrite=args.overwrite,
                              extra=extra, write_forward=args.forward_ddf)
     m = res.metrics
-    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule}: max {m['max_disp_pct']:.2f} % / "
-          f"mean {m['mean_disp_pct']:.2f} % of side, folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
+    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}: "
+          f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
+          f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
     if res.guard is not None:
         print(f"fold guard: {res.guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before "
               f"(central or strict check), {res.guard['changed_pct'][0]:.3f} % changed; the written field is fold-free")

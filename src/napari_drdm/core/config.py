@@ -1,6 +1,6 @@
 """One source of truth for a DRDM model's settings (saved inside every checkpoint) and for the
-choices and defaults the rest of the package shares: T, the reverse-loop schedules and the
-default schedule."""
+choices and defaults the rest of the package shares: T, the reverse-loop schedules, the
+default schedule and the composition paddings a user may ask for."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from typing import Any, Dict, Tuple
 
 from ..errors import InputError
 
-__all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE"]
+__all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
 T = 80
@@ -56,6 +56,11 @@ SCHEDULE_NAMES = tuple(s.value for s in Schedule)
 #: the loop generation runs unless told otherwise: chosen by measurement with the published 2D
 #: checkpoint (at T' = 45 the same displacement as the paper loop with half the folding)
 DEFAULT_SCHEDULE = Schedule.REFERENCE
+
+#: how the reverse loop may compose each step into the accumulated field (``recover``'s
+#: ``compose_padding``): "border" repeats the edge displacement for points that leave the image,
+#: "zeros" takes none there (the authors' 2D code).  A model records its own; a user may override it.
+COMPOSE_PADDINGS = ("border", "zeros")
 
 
 @dataclass
@@ -115,16 +120,18 @@ class DRDMConfig:
             return 2.0
         return float(self.field_scale)
 
-    def recover_options(self, schedule=None, k=None) -> Dict[str, Any]:
+    def recover_options(self, schedule=None, k=None, compose_padding=None) -> Dict[str, Any]:
         """The keyword options of :func:`~napari_drdm.core.recovery.recover` for this model.
 
         Args:
             schedule: the loop (a :class:`Schedule` or its name); default: the model's.
             k: K, the network's internal recursions; default: the model's.
+            compose_padding: one of :data:`COMPOSE_PADDINGS`; default: the model's.
         """
         return {"schedule": Schedule.parse(self.schedule if schedule is None else schedule),
                 "k": int(self.k_recursions if k is None else k), "n_steps": self.n_steps,
-                "compose_padding": self.compose_padding, "image_interp": self.image_interp}
+                "compose_padding": self.compose_padding if compose_padding is None else compose_padding,
+                "image_interp": self.image_interp}
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

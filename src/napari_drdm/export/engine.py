@@ -50,6 +50,7 @@ class ExportOptions:
     t_prime_syn: str = "45"               # pairs mode only
     seed: int = 0
     schedule: Optional[str] = None        # None: the model's default
+    compose_padding: Optional[str] = None  # reverse-loop composition, "border" or "zeros"; None: the model's
     k: Optional[int] = None
     batch: int = 4
     inverse: bool = False
@@ -72,6 +73,7 @@ class ExportOptions:
         from ..validate import (
             check_bool,
             check_choice,
+            check_compose_padding,
             check_device,
             check_int,
             check_k,
@@ -90,6 +92,7 @@ class ExportOptions:
         self.size = check_model_size(self.size)
         self.device = check_device(self.device)
         check_schedule(self.schedule)
+        check_compose_padding(self.compose_padding)
         check_label_interp(self.label_interp)
         self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
         self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
@@ -132,6 +135,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "source": s.image, "source_sha256": ls.source_sha256, "labels_source": s.labels,
            "labels_source_sha256": ls.labels_source_sha256,
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
+           "compose_padding": opts.compose_padding or model.config.compose_padding,
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}

@@ -22,10 +22,10 @@ __all__ = ["IDENTITY_KEYS", "check_out_vs_inputs", "prepare_output_folder", "cle
 _SIDE_FILES = (RUN_FILE, MANIFEST_JSON, MANIFEST_CSV, ".manifest.lock")
 
 
-IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "k", "weights", "inverse",
-                 "label_interp", "inverse_iterations", "fold_guard")
+IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "compose_padding", "k",
+                 "weights", "inverse", "label_interp", "inverse_iterations", "fold_guard")
 #: what a setting was before it was recorded (a run.json written by an older version lacks the key)
-IDENTITY_DEFAULTS = {"fold_guard": False}
+IDENTITY_DEFAULTS = {"fold_guard": False, "compose_padding": None}
 
 
 def _setting(rec: dict, key: str):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.config import COMPOSE_PADDINGS
 from ..errors import InputError
 from ..output_lock import OutputLock
 from ..paths import check_output_dir
@@ -48,7 +49,12 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     if batch is None:
         raise InputError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
     run = m["run"]
-    opts = ExportOptions(mode=row["mode"], schedule=row["schedule"], k=row["k"], label_interp=row["label_interp"],
+    # the padding the row records; None (the model's own) for rows written before it was recorded
+    # and for a model's own padding that is not a user's choice
+    padding = row.get("compose_padding")
+    opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
+                         compose_padding=padding if padding in COMPOSE_PADDINGS else None, k=row["k"],
+                         label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
                          per_image=1, device=device, fold_guard=bool(row.get("fold_guard", False)))
     w = run.get("weights")
