@@ -87,14 +87,14 @@ def convert_upstream(pth, out, name: str = "cmr2d", overwrite: bool = False,
         raise CheckpointError(f"{pth}: expected the 2D published checkpoint, found a {cfg.ndim}D network")
     cfg.extra = {"name": name, "source": "published checkpoint (converted)"}
     cfg.compose_padding = padding
-    change = ("tensors copied unchanged from the PyTorch state_dict into safetensors; configuration and this "
-              "record added")
-    if padding != AUTHORS_COMPOSE_PADDING:
-        change += f"; one inference setting changed: reverse-loop composition padding {padding} (see compose_padding_change)"
     prov = dict(UPSTREAM, converted_by="napari-drdm training/convert_upstream.py",
-                converted_from=Path(pth).name, converted_from_sha256=file_sha256(pth), change=change,
+                converted_from=Path(pth).name, converted_from_sha256=file_sha256(pth),
+                change="tensors copied unchanged from the PyTorch state_dict into safetensors; configuration and "
+                       "this record added",
                 compose_padding=padding, authors_compose_padding=AUTHORS_COMPOSE_PADDING)
     if padding != AUTHORS_COMPOSE_PADDING:
+        prov["change"] += (f"; one inference setting changed: reverse-loop composition padding {padding} "
+                           "(see compose_padding_change)")
         prov["compose_padding_change"] = BORDER_MEASUREMENT
     sha = write_checkpoint(out, state, cfg, prov, overwrite=overwrite)
     back, _, _ = read_checkpoint(out)

@@ -213,7 +213,7 @@ def _smooth_locally(v, m, margin, radius, half, grow_every, max_radius, max_half
         m = fold_mask(v, margin, exact)
         rounds += 1
         n = int(m.sum())
-        if n < best * (1.0 - min_progress) or (n < best and min_progress <= 0):
+        if n < best * (1.0 - min_progress):     # min_progress = 0: any fall counts
             best, since = n, 0
         else:
             since += 1

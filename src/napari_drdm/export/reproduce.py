@@ -49,8 +49,7 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     if batch is None:
         raise InputError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
     run = m["run"]
-    # the padding the row records; None (the model's own) for rows written before it was recorded
-    # and for a model's own padding that is not a user's choice
+    # the padding the row was made with; rows written before it was recorded have none: the model's own
     padding = row.get("compose_padding")
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
                          compose_padding=padding if padding in COMPOSE_PADDINGS else None, k=row["k"],
