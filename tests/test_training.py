@@ -61,6 +61,24 @@ def test_overfit_batch_learns(tmp_path):
     assert angs[-1] < -0.15 and angs[-1] < angs[0] - 0.1, angs
 
 
+def test_channels_last_layout_trains_the_same_numbers(straight_run, tmp_path):
+    """``train.channels_last`` (on by default on the CPU) changes the memory layout only: the
+    same 4 steps in the default NCHW layout give the same losses up to float rounding."""
+    from training.distributed import Env
+    assert Env(tiny()["train"]).channels_last is True          # "auto" on the CPU
+    run = tmp_path / "nchw"
+    train(tiny(**{"validation.at_end": "false", "train.channels_last": "false"}), run, argv=["test"],
+          echo=lambda *a: None)
+    a = [r for r in _log(straight_run) if "total" in r]
+    b = [r for r in _log(run) if "total" in r]
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for k in ("total", "dist", "ang", "reg"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6), (k, ra[k], rb[k])
+    with pytest.raises(ValueError, match="train.channels_last"):
+        Env(tiny(**{"train.channels_last": "sometimes"})["train"])
+
+
 def test_resume_is_bit_identical(straight_run, tmp_path):
     run = tmp_path / "split"
     # first half, with a validation at its end: it must not disturb any random stream

@@ -36,7 +36,7 @@ DEFAULTS: Dict[str, Any] = {
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,
-              "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 10,
+              "channels_last": "auto", "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 10,
               "overfit_batch": False},
     "validation": dict(VALIDATION_DEFAULTS),
     "budget": {"max_minutes": None},

@@ -95,6 +95,9 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         say(f"initialised from {init_info['source']} (sha256 {init_info['sha256'][:12]}...)")
     elif ck is None:
         scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
+    layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
+    if env.channels_last:       # before the optimiser: its moments take the parameters' layout
+        model = model.to(memory_format=layout)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=float(ocfg["lr"]),
                            betas=tuple(ocfg["betas"]), weight_decay=float(ocfg["weight_decay"]))
     gens = generators(int(tcfg["seed"]), env.rank, dev)
@@ -181,8 +184,9 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
+        net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-            psi_hat = net(img_t, t.to(dev, non_blocking=True), k=K)
+            psi_hat = net(net_in, t.to(dev, non_blocking=True), k=K)
         terms = drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
                             w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
                             w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))

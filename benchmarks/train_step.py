@@ -1,0 +1,125 @@
+"""Time one training step by part, in the default (NCHW / NCDHW) and channels-last layouts.
+
+Builds the batch the way ``training/train.py`` does (augmentation, forward sampler, warp), then
+times the network's forward pass, the losses and the backward pass on the same batch in both
+layouts, alternating which goes first, so that a drift in the machine's speed hits both alike.
+Prints the median of each part per layout and the ratio of the medians.
+
+    python -m training prepare --config training/configs/general3d.yaml      # once
+    python benchmarks/train_step.py --config training/configs/general3d.yaml --steps 4 --threads 1
+
+Needs the configuration's prepared data (``data.prepared``); ``--batch`` overrides
+``train.batch_size``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "src"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.losses import drdm_losses  # noqa: E402
+from napari_drdm.core.network import DRDMNet  # noqa: E402
+from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
+from training.classic_augment import augment  # noqa: E402
+from training.data import SliceBank, dataset  # noqa: E402
+from training.distributed import Env  # noqa: E402
+from training.settings import load_config, model_config  # noqa: E402
+from training.streams import draws, generators  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="a training configuration (YAML)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per layout (after one warm-up each)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the configuration's)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    cfg["train"]["threads"] = args.threads
+    batch = int(args.batch or cfg["train"]["batch_size"])
+    mcfg = model_config(cfg)
+    env = Env(dict(cfg["train"], device="cpu"))
+    try:
+        data = dataset(cfg, env)
+    except (FileNotFoundError, OSError) as e:
+        raise SystemExit(f"{args.config}: its prepared data cannot be read ({e}); run "
+                         f"`python -m training prepare --config {args.config}` first") from None
+    S, T, K = mcfg.size, mcfg.n_steps, mcfg.k_recursions
+    lcfg = cfg["loss"]
+    dev = torch.device("cpu")
+    layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
+    torch.manual_seed(0)
+    base = DRDMNet.from_config(mcfg)
+    nets = {"default": base, "channels_last": DRDMNet.from_config(mcfg)}
+    nets["channels_last"].load_state_dict(base.state_dict())
+    nets["channels_last"] = nets["channels_last"].to(memory_format=layout)
+    sampler = ForwardSampler(mcfg)
+    bank = SliceBank(data["train"], batch, device=dev, seed=0)
+    gens = generators(0, 0, dev)
+    batch_parts = {p: [] for p in ("augment", "sampler", "warp")}
+    times = {name: {p: [] for p in ("forward", "losses", "backward", "step")} for name in nets}
+
+    def make_batch(record):
+        t0 = time.perf_counter()
+        x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
+        t1 = time.perf_counter()
+        t = torch.randint(0, T, (batch,), generator=gens["field"])
+        fs = sampler.sample(t, draws=draws(mcfg, batch, gens["field"], dev), device=dev)
+        t2 = time.perf_counter()
+        img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+        t3 = time.perf_counter()
+        if record:
+            for p, v in zip(batch_parts, (t1 - t0, t2 - t1, t3 - t2)):
+                batch_parts[p].append(v)
+        return img_t, t, fs, t3 - t0
+
+    def net_step(name, img_t, t, fs, prep_s, record):
+        net = nets[name]
+        t0 = time.perf_counter()
+        x = img_t.contiguous(memory_format=layout) if name == "channels_last" else img_t
+        psi = net(x, t, k=K)
+        t1 = time.perf_counter()
+        terms = drdm_losses(psi.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
+                            w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
+                            w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
+        t2 = time.perf_counter()
+        net.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        t3 = time.perf_counter()
+        if record:
+            for p, v in zip(times[name], (t1 - t0, t2 - t1, t3 - t2, prep_s + t3 - t0)):
+                times[name][p].append(v)
+
+    print(f"{args.config}: {mcfg.ndim}D S={S} batch {batch}, {args.threads} thread(s), "
+          f"{args.steps} timed steps, each batch through both layouts in turn", flush=True)
+    for i in range(args.steps + 1):           # the first round warms up
+        img_t, t, fs, prep_s = make_batch(i > 0)
+        order = list(nets) if i % 2 == 0 else list(nets)[::-1]
+        for name in order:
+            net_step(name, img_t, t, fs, prep_s, i > 0)
+    print("| part | default s | channels-last s | default / channels-last |")
+    print("| --- | --- | --- | --- |")
+    for p, v in batch_parts.items():
+        print(f"| {p} (batch, shared) | {statistics.median(v):.3f} | {statistics.median(v):.3f} | 1.00 |")
+    for p in ("forward", "losses", "backward", "step"):
+        a, b = statistics.median(times["default"][p]), statistics.median(times["channels_last"][p])
+        print(f"| {p} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    print("step = batch preparation + forward + losses + backward (medians over the timed steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
