@@ -194,6 +194,25 @@ def test_engine_native_matches_plain(ndim, S, t):
         torch.testing.assert_close(InferenceEngine(net, native=False).single_pass(x, tt), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("ndim,S", [(2, 24), (3, 16)])
+def test_engine_both_stage_sets_match_plain(ndim, S):
+    """The stages on planes are chosen per build (stages_for: the AVX-512 build adds the
+    quarter-resolution levels); either set gives the plain network's numbers, whichever build
+    this machine has."""
+    torch.set_num_threads(1)
+    assert set(native.NATIVE_STAGES) < set(native.WIDE_STAGES)
+    net = _net(2, ndim=ndim)
+    x, t = torch.rand((1, 1) + (S,) * ndim, generator=torch.Generator().manual_seed(1)), torch.tensor([20])
+    eng = InferenceEngine(net, native=True)
+    with torch.no_grad():
+        ref = net.single_pass(x, t)
+        eng.single_pass(x, t)                           # makes the runner
+        assert eng._runner.stages == native.stages_for(eng._runner.lib)
+        for stages in (native.NATIVE_STAGES, native.WIDE_STAGES):
+            eng._runner.stages = stages
+            torch.testing.assert_close(eng.single_pass(x, t), ref, atol=1e-5, rtol=0)
+
+
 def test_engine_native_follows_weight_changes():
     torch.set_num_threads(1)
     net = _net(1)
