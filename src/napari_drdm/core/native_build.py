@@ -192,9 +192,10 @@ def auto_enabled() -> Tuple[bool, str]:
     measuring (``NAPARI_DRDM_AUTOTUNE=0``; otherwise :mod:`~napari_drdm.core.autotune` decides per
     shape by timing both paths), and why not.
 
-    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA build on CPUs whose best
-    PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
-    build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
+    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA
+    build on CPUs whose best PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as
+    wide; the AVX-512 build, issue 15, is left to the measurement; the portable C build was not timed
+    against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
     anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
     if environment.flag("NATIVE") is True:
         return load() is not None, "forced on by NAPARI_DRDM_NATIVE=1"
