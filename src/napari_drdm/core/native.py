@@ -32,9 +32,9 @@ __all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", 
 #: the stages these kernels run: the 10/20-channel levels at full and half resolution
 NATIVE_STAGES = tuple(lv.name for lv in LEVELS if lv.depth <= 1)
 #: the stages the AVX-512 build runs: also the quarter-resolution levels (40 channels), where its
-#: tiles beat oneDNN's too (issue 15's AVX-512 Xeon, one thread: a cmr2d pass at 2D 256 took
-#: 0.78x the time of the AVX-512 build on NATIVE_STAGES alone, 2D 128 0.87x, 3D 64 0.84x; the
-#: bottleneck level as well was no faster)
+#: tiles beat oneDNN's too (issue 15's AVX-512 Xeon, one thread, the other core busy: a cmr2d
+#: pass at 2D 256 took 0.78x and 0.95x the time of the AVX-512 build on NATIVE_STAGES alone in
+#: two runs, 2D 128 0.87x, 3D 64 0.84x; adding the bottleneck level too was not consistently faster)
 WIDE_STAGES = tuple(lv.name for lv in LEVELS if lv.depth <= 2)
 
 
