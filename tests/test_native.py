@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_drdm.core import native
+from napari_drdm.core import native, native_build
 from napari_drdm.core.fast import InferenceEngine
 from napari_drdm.core.network import DRDMNet
 
@@ -20,14 +20,24 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is No
 P = native.PAD
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
+@pytest.fixture(scope="module", params=["simd", "avx2", "portable"])
 def lib(request, tmp_path_factory):
+    """This CPU's build (the engine's), the AVX2 build where this CPU gets the AVX-512 one, and
+    the portable C build."""
     torch.set_num_threads(1)
     if request.param == "simd":
         got = native.load()
         assert got is not None, native.status()       # with a compiler, the build must work
         return got
-    return native.build_library(simd=False, cache_dir=tmp_path_factory.mktemp("kernels"))
+    if request.param == "avx2":
+        if native_build.simd_level() < 2:
+            pytest.skip("this CPU's build is the AVX2 (or portable) one: tested as 'simd'")
+        got = native.build_library(simd=1, cache_dir=tmp_path_factory.mktemp("kernels"))
+        assert got.drdm_kernels_simd() == 1
+        return got
+    got = native.build_library(simd=False, cache_dir=tmp_path_factory.mktemp("kernels"))
+    assert got.drdm_kernels_simd() == 0
+    return got
 
 
 def planes_of(x: torch.Tensor) -> native.Planes:
@@ -64,12 +74,15 @@ def run_conv(lib, x, w, b, dil, mode, res=None, slope=1e-2, threads=2):
 
 CONV_CASES = [(10, 10, (9, 32), 1), (10, 10, (11, 24), 3), (1, 10, (7, 8), 1), (20, 7, (5, 12), 1),
               (3, 2, (6, 20), 3), (4, 4, (4, 4), 1),
-              (10, 10, (4, 5, 16), 1), (5, 10, (7, 6, 12), 3), (2, 3, (3, 4, 4), 1)]
+              (10, 10, (4, 5, 16), 1), (5, 10, (7, 6, 12), 3), (2, 3, (3, 4, 4), 1),
+              # the AVX-512 tiles: 64-pixel tiles, then a rest of 1-4 vectors of 16 (the last partial)
+              (10, 10, (3, 70), 1), (5, 7, (4, 100), 3), (3, 10, (2, 128), 2), (2, 4, (3, 49), 1),
+              (10, 5, (2, 3, 81), 1)]
 
 
 @pytest.mark.parametrize("Cin,Cout,spatial,dil", CONV_CASES)
 def test_conv_matches_pytorch(lib, Cin, Cout, spatial, dil):
-    """2D and 3D; widths with a partial vector (12, 20, 4); every fused store mode."""
+    """2D and 3D; widths with a partial vector (12, 20, 4, 70, 100, 49, 81); every fused store mode."""
     nd = len(spatial)
     conv = F.conv2d if nd == 2 else F.conv3d
     g = torch.Generator().manual_seed(Cin * 100 + Cout + spatial[-1])
@@ -161,10 +174,11 @@ def _net(seed=0, ndim=2):
     return net
 
 
-@pytest.mark.parametrize("ndim,S,t", [(2, 16, [3]), (2, 24, [40]), (2, 40, [5, 5]), (2, 32, [1, 70]),
+@pytest.mark.parametrize("ndim,S,t", [(2, 16, [3]), (2, 24, [40]), (2, 40, [5, 5]), (2, 32, [1, 70]), (2, 72, [9]),
                                      (3, 16, [7]), (3, 24, [2, 60])])
 def test_engine_native_matches_plain(ndim, S, t):
-    """Level-2 widths with a partial vector (S/2 = 12, 20), batches, mixed t, 2D and 3D."""
+    """Level-2 widths with a partial vector (S/2 = 12, 20), a level-1 width of a 64-pixel tile and a
+    rest (72), batches, mixed t, 2D and 3D."""
     torch.set_num_threads(1)
     net = _net(ndim=ndim)
     eng = InferenceEngine(net, native=True)            # (the default too on AVX2 CPUs)
@@ -178,6 +192,25 @@ def test_engine_native_matches_plain(ndim, S, t):
         torch.testing.assert_close(eng(x, tt, 2), net.forward_plain(x, tt, 2), atol=1e-4, rtol=0)
         # the oneDNN-only path agrees as well
         torch.testing.assert_close(InferenceEngine(net, native=False).single_pass(x, tt), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ndim,S", [(2, 24), (3, 16)])
+def test_engine_both_stage_sets_match_plain(ndim, S):
+    """The stages on planes are chosen per build (stages_for: the AVX-512 build adds the
+    quarter-resolution levels); either set gives the plain network's numbers, whichever build
+    this machine has."""
+    torch.set_num_threads(1)
+    assert set(native.NATIVE_STAGES) < set(native.WIDE_STAGES)
+    net = _net(2, ndim=ndim)
+    x, t = torch.rand((1, 1) + (S,) * ndim, generator=torch.Generator().manual_seed(1)), torch.tensor([20])
+    eng = InferenceEngine(net, native=True)
+    with torch.no_grad():
+        ref = net.single_pass(x, t)
+        eng.single_pass(x, t)                           # makes the runner
+        assert eng._runner.stages == native.stages_for(eng._runner.lib)
+        for stages in (native.NATIVE_STAGES, native.WIDE_STAGES):
+            eng._runner.stages = stages
+            torch.testing.assert_close(eng.single_pass(x, t), ref, atol=1e-5, rtol=0)
 
 
 def test_engine_native_follows_weight_changes():
@@ -210,7 +243,7 @@ def _in_subprocess(code: str, **env):
 
 _PROBE = """
     import torch
-    from napari_drdm.core import native
+    from napari_drdm.core import native, native_build
     from napari_drdm.core.fast import InferenceEngine
     from napari_drdm.core.network import DRDMNet
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ class InferenceEngine(PathChoice, OneDNNOps):
         self._convs, self._norms = convs, norms
         self._native_fits = dtype == torch.float32 and all(
             _native.supports(m) for name, m in net.named_modules()
-            if name == HEAD or name.split(".")[0] in _native.NATIVE_STAGES and isinstance(m, (nn.Conv2d, nn.Conv3d)))
+            if name == HEAD or name.split(".")[0] in _native.WIDE_STAGES and isinstance(m, (nn.Conv2d, nn.Conv3d)))
         if self._runner is not None:
             self._runner.reset()
         self._prepacked, self._shapes = {}, {}

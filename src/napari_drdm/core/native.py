@@ -5,8 +5,9 @@ oneDNN's AVX2 convolutions compute output channels in blocks of 8, so 10 channel
 cost 24.  ``_native/kernels.c`` vectorises over the image width instead and fuses bias,
 LeakyReLU, the residual add and instance normalisation around the convolutions.
 :class:`NativeOps` is a back-end of the U-Net wiring (:class:`~napari_drdm.core.unet.UNetOps`,
-2D or 3D) that runs the levels at full and half resolution (:data:`NATIVE_STAGES`) and the output
-convolution with those kernels and hands the rest to the oneDNN back-end
+2D or 3D) that runs the levels at full and half resolution (:data:`NATIVE_STAGES`; with the
+AVX-512 build also the 40-channel quarter-resolution levels, :data:`WIDE_STAGES`, see
+:func:`stages_for`) and the output convolution with those kernels and hands the rest to the oneDNN back-end
 (:class:`~napari_drdm.core.fast.InferenceEngine`), converting between its bordered planes and
 channels-last tensors where the two meet.  Same numbers up to float rounding (other summation
 orders).
@@ -26,10 +27,21 @@ from .native_build import auto_enabled, build_library, cpu_capability, load, sta
 from .unet import HEAD, LEVELS, Level, UNetOps
 
 __all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "pack_conv", "PAD", "NativeOps",
-           "NATIVE_STAGES", "supports", "Planes", "Runner"]
+           "NATIVE_STAGES", "WIDE_STAGES", "stages_for", "supports", "Planes", "Runner"]
 
 #: the stages these kernels run: the 10/20-channel levels at full and half resolution
 NATIVE_STAGES = tuple(lv.name for lv in LEVELS if lv.depth <= 1)
+#: the stages the AVX-512 build runs: also the quarter-resolution levels (40 channels), where its
+#: tiles beat oneDNN's too (issue 15's AVX-512 Xeon, one thread, the other core busy: a cmr2d
+#: pass at 2D 256 took 0.78x and 0.95x the time of the AVX-512 build on NATIVE_STAGES alone in
+#: two runs, 2D 128 0.87x, 3D 64 0.84x; adding the bottleneck level too was not consistently faster)
+WIDE_STAGES = tuple(lv.name for lv in LEVELS if lv.depth <= 2)
+
+
+def stages_for(lib) -> Tuple[str, ...]:
+    """The stages the kernel library ``lib`` runs: :data:`WIDE_STAGES` for the AVX-512 build,
+    :data:`NATIVE_STAGES` for the AVX2 and portable builds (not measured against oneDNN there)."""
+    return WIDE_STAGES if lib is not None and lib.drdm_kernels_simd() >= 2 else NATIVE_STAGES
 
 PAD = 3                      # border of every plane buffer: the largest dilation of the 3x3 convolutions
 SLACK = 16                   # floats after the last plane (vector loads of the last row)
@@ -94,6 +106,7 @@ class Runner:
 
     def __init__(self, lib):
         self.lib = lib
+        self.stages = stages_for(lib)           # the stages run on planes
         self.weights: Dict[str, tuple] = {}
         self.pool: Dict[tuple, List[torch.Tensor]] = {}
 
@@ -215,7 +228,7 @@ def _from_nhwc(runner, eng, t: torch.Tensor, threads: int) -> Planes:
 class NativeOps(UNetOps):
     """The U-Net back-end of the compiled kernels (one pass; built per pass by the engine).
 
-    Levels in :data:`NATIVE_STAGES` and the output convolution run on bordered planes
+    Levels in the runner's ``stages`` (:func:`stages_for`) and the output convolution run on bordered planes
     (:class:`Planes`); the others, and the strided and transposed convolutions, on the engine's
     channels-last tensors.  A value is converted when it reaches an operation of the other kind.
 
@@ -244,7 +257,7 @@ class NativeOps(UNetOps):
         return self.eng.embed(x, t)
 
     def enter(self, level: Level, x, e):
-        if level.name not in NATIVE_STAGES:
+        if level.name not in self.runner.stages:
             return self.eng.enter(level, x, e)
         vec, uniform = e
         B, Cin = x.shape[:2]
@@ -267,12 +280,12 @@ class NativeOps(UNetOps):
 
     def up_cat(self, level: Level, skip, h, e):
         h = self._nhwc(h)
-        if level.name not in NATIVE_STAGES:
+        if level.name not in self.runner.stages:
             return self.eng.up_cat(level, self._nhwc(skip), h, e)
         return _up_cat(self.runner, self.eng, level, self._planes(skip), h, e, self.threads)
 
     def stage(self, level: Level, h):
-        if level.name not in NATIVE_STAGES:
+        if level.name not in self.runner.stages:
             return self.eng.stage(level, self._nhwc(h))
         return _stage(self.runner, self.eng, level.name, self._planes(h), level.norm, self.threads)
 

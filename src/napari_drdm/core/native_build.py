@@ -2,7 +2,9 @@
 
 The C source (``_native/kernels.c``) is compiled once per machine type with the system C
 compiler (``$CC`` or ``cc``) and OpenMP into ``~/.cache/napari-drdm`` (``$NAPARI_DRDM_CACHE`` to
-move it) and loaded with :mod:`ctypes`: no Python headers, no PyTorch headers, ~1 s.  Where there
+move it) and loaded with :mod:`ctypes`: no Python headers, no PyTorch headers, ~1 s.  The
+instruction set is PyTorch's CPU kernel level here: AVX-512F convolution tiles where PyTorch runs
+AVX512 kernels, AVX2/FMA where it runs AVX2, plain C loops elsewhere (:data:`SIMD_LEVELS`).  Where there
 is no compiler (or ``NAPARI_DRDM_NATIVE=0``), :func:`load` returns ``None``, says why in
 :func:`status`, and the engine keeps its oneDNN path.  :func:`auto_enabled` is the CPU-flag rule
 for using the kernels unasked when the path is not measured.
@@ -26,7 +28,11 @@ import torch
 
 from . import environment
 
-__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library"]
+__all__ = ["load", "status", "cpu_capability", "auto_enabled", "build_library", "SIMD_LEVELS", "simd_level"]
+
+#: the builds, by the value of the library's ``drdm_kernels_simd()``: extra compiler flags and a name
+SIMD_LEVELS = {0: ("", [], "portable C"), 1: ("avx2", ["-mavx2", "-mfma"], "AVX2/FMA"),
+               2: ("avx512", ["-mavx2", "-mfma", "-mavx512f"], "AVX-512F")}
 
 _ABI = 2
 _SOURCE = Path(__file__).with_name("_native") / "kernels.c"
@@ -43,11 +49,13 @@ def cpu_capability() -> str:
         return ""
 
 
-def _cpu_has_avx2_fma() -> bool:
+def simd_level() -> int:
+    """The build this CPU gets (a key of :data:`SIMD_LEVELS`): 2 where PyTorch runs AVX512 kernels
+    (the CPU has AVX-512F and PyTorch chose to use it), 1 where it runs AVX2, else 0."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return 0
     cap = cpu_capability()
-    return cap.startswith("AVX2") or cap.startswith("AVX512")
+    return 2 if cap.startswith("AVX512") else 1 if cap.startswith("AVX2") else 0
 
 
 def _cache_dir() -> Path:
@@ -65,11 +73,8 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _flags(simd: bool) -> List[str]:
-    f = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp"]
-    if simd:
-        f += ["-mavx2", "-mfma"]
-    return f
+def _flags(level: int) -> List[str]:
+    return ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fopenmp"] + SIMD_LEVELS[level][1]
 
 
 def status() -> str:
@@ -77,15 +82,16 @@ def status() -> str:
     return str(_state["reason"])
 
 
-def _build(cc: str, simd: bool, out_dir: Optional[Path] = None) -> Path:
+def _build(cc: str, level: int, out_dir: Optional[Path] = None) -> Path:
     src = _SOURCE.read_bytes()
-    flags = _flags(simd)
+    flags = _flags(level)
     try:
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError):
         ver = []
     key = hashlib.sha256(src + repr((flags, ver, platform.machine(), _ABI)).encode()).hexdigest()[:16]
-    name = f"drdm_kernels_{key}{'_avx2' if simd else ''}.so"
+    suffix = SIMD_LEVELS[level][0]
+    name = f"drdm_kernels_{key}{'_' + suffix if suffix else ''}.so"
     dirs = [Path(out_dir)] if out_dir is not None else [
         _cache_dir(), Path(tempfile.gettempdir()) / f"napari-drdm-{getattr(os, 'getuid', lambda: 0)()}"]
     for d in dirs:
@@ -126,13 +132,26 @@ def _bind(lib):
     return lib
 
 
-def build_library(simd: Optional[bool] = None, cache_dir: Optional[Path] = None, cc: Optional[str] = None):
+def build_library(simd=None, cache_dir: Optional[Path] = None, cc: Optional[str] = None):
     """Compile (or reuse) the kernel library and load it: a separate handle each call (tests use
-    this for the portable build); raises on failure.  The engine uses :func:`load`."""
+    this for the portable and the AVX2 build); raises on failure.  The engine uses :func:`load`.
+
+    Args:
+        simd: None or True: this CPU's build (:func:`simd_level`); False: portable C; an int
+            (a key of :data:`SIMD_LEVELS`, at most this CPU's level): that build.
+    """
     cc = cc or _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    path = _build(cc, _cpu_has_avx2_fma() if simd is None else bool(simd), cache_dir)
+    if simd is None or simd is True:
+        level = simd_level()
+    elif simd is False:
+        level = 0
+    else:
+        level = int(simd)
+        if level not in SIMD_LEVELS or level > simd_level():
+            raise ValueError(f"simd={simd!r}: expected one of 0..{simd_level()} on this CPU (see SIMD_LEVELS)")
+    path = _build(cc, level, cache_dir)
     lib = _bind(ctypes.CDLL(str(path)))
     if lib.drdm_kernels_abi() != _ABI:
         raise RuntimeError(f"stale kernel library {path} (ABI mismatch)")
@@ -163,7 +182,7 @@ def load():
             _state["reason"] = f"build failed ({exc}); oneDNN path used"
             return None
         _state["lib"], _state["path"] = lib, lib._name
-        _state["reason"] = (f"native kernels built ({'AVX2/FMA' if lib.drdm_kernels_simd() else 'portable C'}; "
+        _state["reason"] = (f"native kernels built ({SIMD_LEVELS[lib.drdm_kernels_simd()][2]}; "
                             f"{Path(lib._name).name})")
         return lib
 
@@ -173,9 +192,10 @@ def auto_enabled() -> Tuple[bool, str]:
     measuring (``NAPARI_DRDM_AUTOTUNE=0``; otherwise :mod:`~napari_drdm.core.autotune` decides per
     shape by timing both paths), and why not.
 
-    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA build on CPUs whose best
-    PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as wide; the portable C
-    build was not timed against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
+    Only where they were measured faster than oneDNN on the project's first machine: the AVX2/FMA
+    build on CPUs whose best PyTorch kernels are AVX2 (on AVX-512 CPUs oneDNN's vectors are twice as
+    wide; the AVX-512 build, issue 15, is left to the measurement; the portable C build was not timed
+    against it).  ``NAPARI_DRDM_NATIVE=1`` (or ``native=True``) turns them on
     anyway, ``NAPARI_DRDM_NATIVE=0`` off everywhere."""
     if environment.flag("NATIVE") is True:
         return load() is not None, "forced on by NAPARI_DRDM_NATIVE=1"
