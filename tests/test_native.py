@@ -337,3 +337,19 @@ def test_cli_info_reports_the_inference_path(capsys, monkeypatch, device, fusion
     assert info["inference_path"] == path or info["inference_path"].startswith(path + " (")
     assert main(["info"]) == 0
     assert f"inference_path: {info['inference_path']}" in capsys.readouterr().out
+
+
+def test_native_off_is_read_at_every_call_not_remembered(monkeypatch):
+    """A process that sets NAPARI_DRDM_NATIVE=0 for a while (one test, one forced benchmark path)
+    gets the kernels back once it is unset: the flag is not cached with the library."""
+    from napari_drdm.core import native_build
+    monkeypatch.setenv("NAPARI_DRDM_NATIVE", "0")
+    assert native_build.load() is None
+    assert native_build.status() == "disabled by NAPARI_DRDM_NATIVE=0"
+    monkeypatch.delenv("NAPARI_DRDM_NATIVE")
+    lib = native_build.load()
+    if lib is None:
+        pytest.skip(f"native kernels not built here: {native_build.status()}")
+    assert "disabled" not in native_build.status()
+    monkeypatch.setenv("NAPARI_DRDM_NATIVE", "0")
+    assert native_build.load() is None

@@ -79,6 +79,8 @@ def _flags(level: int) -> List[str]:
 
 def status() -> str:
     """Why the native kernels are or are not in use (for the benchmark's environment record)."""
+    if environment.flag("NATIVE") is False:
+        return "disabled by NAPARI_DRDM_NATIVE=0"
     return str(_state["reason"])
 
 
@@ -159,16 +161,19 @@ def build_library(simd=None, cache_dir: Optional[Path] = None, cc: Optional[str]
 
 
 def load():
-    """The compiled kernel library (ctypes), or None (see :func:`status`).  Built once per process."""
+    """The compiled kernel library (ctypes), or None (see :func:`status`).  Built once per process.
+
+    ``NAPARI_DRDM_NATIVE=0`` is read at every call and not remembered: a process that sets it for
+    a while (a test, a benchmark's forced path) gets the library again once it is unset.
+    """
+    if environment.flag("NATIVE") is False:
+        return None
     if _state["tried"]:
         return _state["lib"]
     with _lock:
         if _state["tried"]:
             return _state["lib"]
         _state["tried"] = True
-        if environment.flag("NATIVE") is False:
-            _state["reason"] = "disabled by NAPARI_DRDM_NATIVE=0"
-            return None
         if sys.platform == "win32":
             _state["reason"] = "not built on Windows (oneDNN path used)"
             return None

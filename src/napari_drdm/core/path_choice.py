@@ -122,6 +122,8 @@ class PathChoice:
     def _decide(self, x, t):
         from . import autotune
         D = autotune.Decision
+        if _native_env() is False and self.native is not True:   # the kernels are not even loaded then
+            return D("onednn", "forced by NAPARI_DRDM_NATIVE=0", "forced")
         if not self._native_wanted(x.device):
             return D("onednn", f"native kernels not used: {self._native_why}", "single candidate")
         if self.native is True:
