@@ -398,7 +398,7 @@ def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
     log.parent.mkdir()
     rows = [{"step": s, "ang": -0.5 - s / 1000} for s in range(10, 210, 10)]
     rows += [{"event": "validation", "step": 100, "val/T45/reference/folding_pct": 3.0,
-              "val/T45/forward/folding_pct": 9.0}]
+              "val/T45/forward/folding_pct": 9.0, "val/T45/reference/max_disp_pct": 12.0}]
     log.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 2')
     assert main(["plot", "--run", str(log.parent)]) == 0
     png = log.parent / "learning_curves.png"

@@ -4,9 +4,10 @@
 
 Left: the training cosine loss ``ang`` per logged interval (faint) and its moving average against
 the step (-1 = the predicted step fields point exactly along the true ones, 0 = uninformed).
-Right: the held-out validation that the run logged (``"event": "validation"`` rows): the
-recovered field's folding at each validated T' and schedule, with the forward field's folding
-for reference, against the step.  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
+Middle and right: the held-out validation that the run logged (``"event": "validation"`` rows):
+the recovered field's folding and maximum displacement (% of the side) at each validated T' and
+schedule, with the forward field's for reference, against the step (a model that recovers keeps
+folding low while its deformation stays large).  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Pa
     vals = [r for r in rows if r.get("event") == "validation"]
     if not steps:
         raise ValueError(f"{log_path}: no training rows with 'ang' to plot")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
     x = [r["step"] for r in steps]
     y = [r["ang"] for r in steps]
     a1.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="per log interval")
@@ -66,24 +67,27 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Pa
     a1.set_title("training")
     a1.grid(alpha=0.3)
     a1.legend(loc="upper right", fontsize=8)
-    series: Dict[str, List] = {}
-    for r in vals:
-        for k, v in r.items():
-            if k.startswith("val/T") and k.endswith("/folding_pct"):
-                series.setdefault(k[4:-len("/folding_pct")], []).append((r["step"], v))
-    for name, pts in sorted(series.items()):
-        xs, ys = zip(*sorted(pts))
-        forward = "/forward" in name
-        a2.plot(xs, ys, "o--" if forward else "o-", ms=3, lw=1.2, alpha=0.6 if forward else 1.0,
-                label=name.replace("/", " "))
-    a2.set_xlabel("step")
-    a2.set_ylabel("folding, % of pixels with det <= 0")
-    a2.set_title("held-out validation (recovered vs forward)")
-    a2.grid(alpha=0.3)
-    if series:
-        a2.legend(fontsize=8)
-    else:
-        a2.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=a2.transAxes)
+    for ax, metric, ylabel, what in (
+            (a2, "folding_pct", "folding, % of pixels with det <= 0", "folding"),
+            (a3, "max_disp_pct", "maximum displacement, % of the side", "maximum displacement")):
+        series: Dict[str, List] = {}
+        for r in vals:
+            for k, v in r.items():
+                if k.startswith("val/T") and k.endswith("/" + metric):
+                    series.setdefault(k[4:-len("/" + metric)], []).append((r["step"], v))
+        for name, pts in sorted(series.items()):
+            xs, ys = zip(*sorted(pts))
+            forward = "/forward" in name
+            ax.plot(xs, ys, "o--" if forward else "o-", ms=3, lw=1.2, alpha=0.6 if forward else 1.0,
+                    label=name.replace("/", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"held-out validation: {what}")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title or Path(log_path).parent.name)
     fig.tight_layout()
     out = Path(out)
