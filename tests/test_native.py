@@ -276,6 +276,19 @@ def test_failed_build_falls_back_to_onednn(tmp_path):
     assert not any(p.suffix == ".so" for p in tmp_path.iterdir())           # no half-written library
 
 
+def test_compiler_without_avx512_falls_back_to_the_avx2_build(tmp_path):
+    """On an AVX-512 CPU, a compiler that refuses -mavx512f still gives the AVX2 kernels."""
+    if native_build.simd_level() < 2:
+        pytest.skip("this CPU's build is not the AVX-512 one")
+    real = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    cc = tmp_path / "cc-no-avx512"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512f ] && exit 1; done\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    probe = "from napari_drdm.core import native_build as nb\nlib = nb.load()\nprint(lib.drdm_kernels_simd(), nb.status())"
+    out = _in_subprocess(probe, CC=str(cc), NAPARI_DRDM_CACHE=str(tmp_path / "cache")).splitlines()
+    assert out[0].startswith("1 native kernels built (AVX2/FMA"), out
+
+
 def test_flag_rule_without_autotuning(monkeypatch):
     """With measuring off (NAPARI_DRDM_AUTOTUNE=0) the CPU-flag rule decides: the kernels only on
     AVX2 CPUs; native=True and NAPARI_DRDM_NATIVE=1 override."""

@@ -181,10 +181,15 @@ def load():
         if cc is None:
             _state["reason"] = "no C compiler found (set CC); oneDNN path used"
             return None
-        try:
-            lib = build_library(cc=cc)
-        except Exception as exc:  # compiler without OpenMP, read-only cache, ...
-            _state["reason"] = f"build failed ({exc}); oneDNN path used"
+        lib, errors = None, []
+        for level in range(simd_level(), -1, -1):      # a compiler too old for AVX-512: the AVX2 build
+            try:
+                lib = build_library(simd=level, cc=cc)
+                break
+            except Exception as exc:  # compiler without OpenMP or the ISA flags, read-only cache, ...
+                errors.append(f"{SIMD_LEVELS[level][2]}: {exc}")
+        if lib is None:
+            _state["reason"] = f"build failed ({'; '.join(errors)}); oneDNN path used"
             return None
         _state["lib"], _state["path"] = lib, lib._name
         _state["reason"] = (f"native kernels built ({SIMD_LEVELS[lib.drdm_kernels_simd()][2]}; "
