@@ -17,7 +17,7 @@ def _channels_last(value, device: torch.device) -> bool:
     """``train.channels_last``: True/False, or "auto" = on for CPU training.
 
     On the CPU, oneDNN's convolution backward is about twice as fast with channels-last
-    (NHWC / NDHWC) tensors (measured on a 3D S = 64 step, training/README.md "CPU"); on CUDA it
+    (NHWC / NDHWC) tensors (measured on a 3D S = 64 step, training/README.md "CPU layout"); on CUDA it
     has not been measured, so "auto" leaves the default layout there.
     """
     if value in (True, False):
