@@ -405,3 +405,78 @@ def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
     assert main(["plot", "--run", str(tmp_path / "missing")]) == 2
     assert "training log not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ weight average (EMA)
+def test_weight_average_update_rule_and_state_round_trip():
+    from training.ema import WeightAverage, half_life
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer("count", torch.tensor(0))
+    avg = WeightAverage(net, 0.75)
+    w0 = net.weight.detach().clone()
+    assert not any(p.requires_grad for p in avg.module.parameters()) and not avg.module.training
+    with torch.no_grad():
+        net.weight.add_(1.0)
+        net.count.fill_(5)
+    avg.update(net)
+    assert torch.allclose(avg.module.weight, w0 + 0.25) and int(avg.module.count) == 5 and avg.updates == 1
+    assert torch.allclose(net.weight, w0 + 1.0)                   # the trained weights are untouched
+    other = torch.nn.Linear(3, 2)
+    other.register_buffer("count", torch.tensor(0))
+    again = WeightAverage(other, 0.75)
+    again.load_state_dict(avg.state_dict())
+    assert torch.equal(again.module.weight, avg.module.weight) and again.updates == 1
+    assert half_life(0.99) == pytest.approx(68.97, abs=0.01)
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            WeightAverage(net, bad)
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny(**{"train.ema_decay": 1.0})
+
+
+def test_weight_average_trains_resumes_validates_and_exports(tmp_path):
+    """With ``train.ema_decay`` the average is updated once per step, saved, resumed exactly,
+    validated beside the trained weights and exported by default."""
+    ema = {"train.ema_decay": 0.5}
+    ref = tmp_path / "straight"
+    train(tiny(**ema, **{"validation.at_end": "false"}), ref, echo=lambda *a: None)
+    run = tmp_path / "split"
+    train(tiny(**ema, **{"train.steps": 2}), run, echo=lambda *a: None)
+    train(tiny(**ema, **{"validation.at_end": "false"}), run, resume=True, echo=lambda *a: None)
+    a = load_training_checkpoint(latest_checkpoint(ref))
+    b = load_training_checkpoint(latest_checkpoint(run))
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4 and b["ema"]["decay"] == 0.5
+    for k, v in a["ema"]["state"].items():
+        assert torch.equal(v, b["ema"]["state"][k]), k
+    assert any(not torch.equal(v, a["model"][k]) for k, v in a["ema"]["state"].items())
+    vals = [r for r in _log(run) if r.get("event") == "validation"]
+    assert [r["weights"] for r in vals] == ["raw", "ema"] and vals[1]["ema_updates"] == 2
+    assert any(k.startswith("val/T5/") for k in vals[0]) and any(k.startswith("val_ema/T5/") for k in vals[1])
+    assert np.isfinite(vals[1]["val_ema/T5/reference/folding_pct"])
+    out, _ = export_run(ref, tmp_path / "avg.safetensors")
+    state, _, prov = read_checkpoint(out)
+    assert prov["weights"] == "ema" and prov["ema"] == {"decay": 0.5, "updates": 4}
+    assert all(torch.equal(state[k], a["ema"]["state"][k]) for k in state)
+    out, _ = export_run(ref, tmp_path / "raw.safetensors", weights="raw")
+    state, _, prov = read_checkpoint(out)
+    assert prov["weights"] == "raw" and prov["ema"] is None
+    assert all(torch.equal(state[k], a["model"][k]) for k in state)
+
+
+def test_weight_average_switched_on_at_resume_and_export_errors(tmp_path, capsys):
+    from training.__main__ import main
+    run = tmp_path / "late"
+    train(tiny(**{"train.steps": 2, "validation.at_end": "false"}), run, echo=lambda *a: None)
+    said = []
+    train(tiny(**{"train.ema_decay": 0.9, "validation.at_end": "false"}), run, resume=True,
+          echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("weight average starts at step 2" in m for m in said), said
+    assert load_training_checkpoint(latest_checkpoint(run))["ema"]["updates"] == 2
+    plain_run = tmp_path / "plain"
+    train(tiny(**{"train.steps": 1, "validation.at_end": "false"}), plain_run, echo=lambda *a: None)
+    capsys.readouterr()
+    assert main(["export", "--run", str(plain_run), "--out", str(tmp_path / "x.safetensors"),
+                 "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no weight average" in err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -86,7 +86,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_export(args) -> int:
     from .export import main_export
-    return main_export(args)
+    try:
+        return main_export(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--validate", action="store_true",
                    help="run the configured validation on these weights now and record it")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="the weight average (ema) or the trained weights (raw); auto: the average when "
+                        "the checkpoint holds one (train.ema_decay > 0)")
     p.set_defaults(func=_cmd_export)
     return ap
 

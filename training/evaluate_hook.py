@@ -37,6 +37,7 @@ VALIDATION_DEFAULTS: Dict[str, Any] = {
     "schedules": ["paper", "reference"],
     "loss_t": [10, 40, 70],  # t values of the validation loss
     "seed": 1234,
+    "weights": "auto",      # raw | ema | both (auto: both when train.ema_decay > 0), training/ema.py
 }
 
 

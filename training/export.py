@@ -27,14 +27,30 @@ from napari_drdm.checkpoint import write_checkpoint  # noqa: E402
 __all__ = ["export_run", "provenance_of"]
 
 
-def provenance_of(ck: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:
+def pick_weights(ck: Dict[str, Any], weights: str = "auto") -> Tuple[str, Dict[str, Any]]:
+    """The state dict to export: ``raw`` (trained), ``ema`` (the weight average), ``auto`` (ema if saved)."""
+    if weights not in ("auto", "raw", "ema"):
+        raise ValueError(f"weights must be auto, raw or ema, got {weights!r}")
+    avg = ck.get("ema")
+    if weights == "ema" and not avg:
+        raise ValueError(f"the checkpoint of step {ck['step']} holds no weight average "
+                         "(train with --set train.ema_decay=0.995, or export --weights raw)")
+    if weights == "raw" or not avg:
+        return "raw", ck["model"]
+    return "ema", avg["state"]
+
+
+def provenance_of(ck: Dict[str, Any], ckpt_path: Path, weights: str = "raw") -> Dict[str, Any]:
     hist = list(ck.get("history", []))
+    avg = ck.get("ema") or {}
     data = dict(ck.get("data") or {})
     kit = data.pop("kit", None) or {}
     return {
         "trainer": "napari-drdm training (python -m training)",
         "checkpoint": ckpt_path.name,
         "steps": int(ck["step"]),
+        "weights": weights,
+        "ema": ({"decay": float(avg["decay"]), "updates": int(avg["updates"])} if weights == "ema" else None),
         "wall_time_s": float(ck.get("wall_s_total", 0.0)),
         "commands": [" ".join(h.get("argv", [])) for h in hist],
         "sessions": hist,
@@ -57,7 +73,8 @@ def provenance_of(ck: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:
     }
 
 
-def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=print) -> Dict[str, float]:
+def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=print,
+                        weights: str = "auto") -> Dict[str, float]:
     """Run the configured validation on a training checkpoint's weights (on ``device``, default auto)."""
     from napari_drdm.core.network import DRDMNet
 
@@ -65,7 +82,7 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
     cfg, mcfg = ck["config"], model_config(ck["config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = DRDMNet.from_config(mcfg)
-    net.load_state_dict(ck["model"])
+    net.load_state_dict(pick_weights(ck, weights)[1])
     val = Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
                     torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
     res = val.run(net.to(dev))
@@ -75,22 +92,31 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
 
 
 def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool = False,
-               name: Optional[str] = None, validate: bool = False) -> Tuple[str, str]:
+               name: Optional[str] = None, validate: bool = False, weights: str = "auto") -> Tuple[str, str]:
     """Write ``out`` from a run directory; returns (path, sha256).
 
-    ``validate``: run the validation now (useful when the run stopped on its time budget
-    before a scheduled validation) and record it as the final validation.
+    Args:
+        run_dir: the run folder (its latest checkpoint unless ``checkpoint`` is given).
+        out: the ``.safetensors`` file to write.
+        checkpoint: a particular ``step_*.pt`` instead of the latest.
+        overwrite: replace an existing ``out``.
+        name: the model name recorded in the file (default: the run's ``name``).
+        validate: run the validation now (useful when the run stopped on its time budget
+            before a scheduled validation) and record it as the final validation.
+        weights: ``auto`` (the weight average when the checkpoint holds one, training/ema.py),
+            ``ema`` or ``raw`` (the trained weights).
     """
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None or not Path(path).exists():
         raise FileNotFoundError(f"no training checkpoint in {Path(run_dir) / 'checkpoints'}")
     ck = load_training_checkpoint(path)
     cfg = model_config(ck["config"])
+    which, chosen = pick_weights(ck, weights)
     if validate:
-        ck["last_val"] = validate_checkpoint(ck)
-    prov = provenance_of(ck, Path(path))
+        ck["last_val"] = validate_checkpoint(ck, weights=which)
+    prov = provenance_of(ck, Path(path), which)
     cfg.extra = dict(cfg.extra, name=name or ck["config"].get("name"), trained_steps=int(ck["step"]))
-    state = {k: v for k, v in ck["model"].items()}
+    state = dict(chosen)
     sha = write_checkpoint(out, state, cfg, prov, overwrite=overwrite)
     return str(out), sha
 
@@ -106,9 +132,11 @@ def _check_loadable(path: str):
 
 
 def main_export(args) -> int:
-    out, sha = export_run(args.run, args.out, args.checkpoint, args.overwrite, args.name, args.validate)
+    out, sha = export_run(args.run, args.out, args.checkpoint, args.overwrite, args.name, args.validate,
+                          getattr(args, "weights", "auto"))
     cfg, prov, n = _check_loadable(out)
     size_kb = Path(out).stat().st_size / 1024
     print(f"wrote {out} ({size_kb:.0f} KB, sha256 {sha}); {n} parameters, ndim={cfg.ndim}, S={cfg.size}, "
-          f"field_scale={cfg.field_scale}, {prov['steps']} steps, {prov['wall_time_s'] / 3600:.2f} h")
+          f"field_scale={cfg.field_scale}, {prov['steps']} steps, {prov['wall_time_s'] / 3600:.2f} h, "
+          f"{'weight average' if prov['weights'] == 'ema' else 'trained'} weights")
     return 0

@@ -7,7 +7,8 @@ the step (-1 = the predicted step fields point exactly along the true ones, 0 = 
 Middle and right: the held-out validation that the run logged (``"event": "validation"`` rows):
 the recovered field's folding and maximum displacement (% of the side) at each validated T' and
 schedule, with the forward field's for reference, against the step (a model that recovers keeps
-folding low while its deformation stays large).  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
+folding low while its deformation stays large); with ``train.ema_decay`` also the weight
+average's (``val_ema/`` rows, training/ema.py).  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
 """
 from __future__ import annotations
 
@@ -73,8 +74,12 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Pa
         series: Dict[str, List] = {}
         for r in vals:
             for k, v in r.items():
-                if k.startswith("val/T") and k.endswith("/" + metric):
-                    series.setdefault(k[4:-len("/" + metric)], []).append((r["step"], v))
+                if k.startswith(("val/T", "val_ema/T")) and k.endswith("/" + metric):
+                    avg = k.startswith("val_ema/")
+                    if avg and "/forward/" in k:
+                        continue        # the forward field does not depend on the weights
+                    name = k.split("/", 1)[1][:-len("/" + metric)]
+                    series.setdefault(name + (" (weight average)" if avg else ""), []).append((r["step"], v))
         for name, pts in sorted(series.items()):
             xs, ys = zip(*sorted(pts))
             forward = "/forward" in name

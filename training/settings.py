@@ -36,7 +36,7 @@ DEFAULTS: Dict[str, Any] = {
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,
-              "channels_last": "auto", "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 10,
+              "channels_last": "auto", "ema_decay": 0.0, "checkpoint_every": 500, "keep_checkpoints": 3, "log_every": 10,
               "overfit_batch": False},
     "validation": dict(VALIDATION_DEFAULTS),
     "budget": {"max_minutes": None},
@@ -71,6 +71,9 @@ def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Opti
     user = base if base is not None else (yaml.safe_load(Path(path).read_text()) if path else {})
     cfg = apply_overrides(_merge(DEFAULTS, user or {}), sets)
     model_config(cfg)  # validates the model part
+    ema = cfg["train"].get("ema_decay") or 0.0
+    if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
+        raise ValueError(f"train.ema_decay must be a number in [0, 1) (0: no weight average), got {ema!r}")
     if cfg["data"]["kind"] not in ("kit", "synthetic"):
         raise ValueError(f"data.kind must be 'kit' or 'synthetic', got {cfg['data']['kind']!r}")
     return cfg

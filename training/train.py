@@ -33,6 +33,7 @@ from .checkpointing import CKPT_FORMAT, git_commit, latest_checkpoint, load_trai
 from .classic_augment import augment
 from .data import SliceBank, dataset, ensure_core, prepared_info
 from .distributed import Env
+from .ema import WeightAverage, half_life
 from .evaluate_hook import Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
@@ -124,6 +125,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
             say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
         say(f"resumed {ckpt_path} at step {step}")
+    ema = _weight_average(tcfg, model, ck, step, env, say)
     net = model
     if env.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -133,7 +135,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     log = _Log(run_dir / "train_log.jsonl" if env.main else None)
     entry = {"argv": list(argv if argv is not None else sys.argv), "start_step": step, "device": env.describe(),
              "world_size": env.world, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_commit(),
-             "torch": torch.__version__, "prepared_sha256": data["sha256"]}
+             "torch": torch.__version__, "prepared_sha256": data["sha256"],
+             "ema_decay": ema.decay if ema is not None else None}
     say(f"training {cfg.get('name')} on {entry['device']}: S={S} ndim={mcfg.ndim} batch {tcfg['batch_size']}"
         f"/rank, steps {step}->{tcfg['steps']}, {len(bank)} train images, {model.n_trainable()} parameters")
 
@@ -168,6 +171,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                    "batch_size": int(tcfg["batch_size"]), "config": plain(cfg), "model_config": plain(mcfg.to_dict()),
                    "history": plain(history + [now]), "data": plain(prepared_info(data)),
                    "last_val": plain(last_val), "init": plain(init_info),
+                   "ema": ema.state_dict() if ema is not None else None,
                    "wall_s_total": wall_before + time.time() - t_start}
             save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
         env.barrier()
@@ -219,6 +223,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             n_skip += 1
         else:
             opt.step()
+            if ema is not None:
+                ema.update(model)
         step += 1
         keys = keys or sorted(terms) + ["grad_norm"]
         row = torch.stack([terms[k].detach() for k in keys[:-1]] + [gnorm.detach()]).to(torch.float64)
@@ -238,7 +244,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                 bar.set_postfix(loss=f"{rec['total']:.4g}", refresh=False)
             acc, n_acc, t_int = None, 0, time.time()
         if (v_every and step % v_every == 0) or (step == target and cfg["validation"].get("at_end")):
-            last_val = _validate(validator, model, step, log, say, env)
+            last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"])
         over = max_min is not None and (time.time() - t_start) / 60.0 >= float(max_min)
         if env.any_flag(over or stop["signal"] is not None) and step < target:
             reason = "signal" if stop["signal"] is not None else "budget"
@@ -263,15 +269,57 @@ class _StepAborted(Exception):
     """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
 
 
-def _validate(validator, model, step, log, say, env):
+def _weight_average(tcfg, model, ck, step, env, say) -> Optional[WeightAverage]:
+    """The run's :class:`WeightAverage` (main process, ``train.ema_decay`` > 0), restored or started."""
+    decay = float(tcfg.get("ema_decay") or 0.0)
+    saved = ck.get("ema") if ck is not None else None
+    if decay <= 0.0:
+        if saved:
+            say(f"note: the checkpoint's weight average ({saved['updates']} updates) is not continued "
+                "(train.ema_decay is 0)")
+        return None
+    if not env.main:
+        return None
+    ema = WeightAverage(model, decay)
+    if saved:
+        ema.load_state_dict(saved)
+        if float(saved["decay"]) != decay:
+            say(f"weight average: decay {float(saved['decay']):g} -> {decay:g} (train.ema_decay)")
+        say(f"weight average resumed ({ema.updates} updates, decay {decay:g})")
+    else:
+        say(f"weight average starts at step {step} (decay {decay:g}, half-life {half_life(decay):.0f} steps)")
+    return ema
+
+
+def validation_weights(vcfg, ema) -> List[str]:
+    """Which weights a validation runs on: ``validation.weights`` (``auto``: both when averaging)."""
+    want = vcfg.get("weights", "auto")
+    if want in (None, "auto"):
+        return ["raw", "ema"] if ema is not None else ["raw"]
+    want = [want] if isinstance(want, str) else list(want)
+    bad = sorted(set(want) - {"raw", "ema"})
+    if bad:
+        raise ValueError(f"validation.weights must be auto, raw, ema or a list of them, got {bad}")
+    return [w for w in want if w == "raw" or ema is not None]
+
+
+def _validate(validator, model, step, log, say, env, ema=None, vcfg=None):
+    """Validate the trained weights (``val/...``) and/or their average (``val_ema/...``)."""
     res = None
     if validator is not None and validator:
-        t0 = time.time()
-        res = validator.run(model)
-        res["step"] = step
-        log.write(dict(res, event="validation", seconds=time.time() - t0))
-        say("val @%d: " % step + ", ".join(f"{k[4:]}={v:.3g}" for k, v in res.items()
-                                           if k.endswith(("total", "folding_pct", "mean_disp_pct"))))
+        res = {}
+        for which in validation_weights(vcfg or {}, ema):
+            t0 = time.time()
+            out = validator.run(ema.module if which == "ema" else model)
+            if which == "ema":
+                out = {"val_ema/" + k[4:]: v for k, v in out.items()}
+                out["ema_updates"] = ema.updates
+            out["step"] = step
+            log.write(dict(out, event="validation", weights=which, seconds=time.time() - t0))
+            say(f"val ({which}) @{step}: " + ", ".join(
+                f"{k.split('/', 1)[1]}={v:.3g}" for k, v in out.items()
+                if k.endswith(("total", "folding_pct", "mean_disp_pct"))))
+            res.update(out)
     env.barrier()
     return res
 
