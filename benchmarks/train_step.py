@@ -1,6 +1,7 @@
 """Time one training step by part, in the default (NCHW / NCDHW) and channels-last layouts.
 
-Builds the batch the way ``training/train.py`` does (augmentation, forward sampler, warp), then
+Builds the batch with ``training/train.py``'s own ``training_batch`` (augmentation, forward sampler,
+warp) and scores it with its ``loss_terms``, then
 times the network's forward pass, the losses and the backward pass on the same batch in both
 layouts, alternating which goes first, so that a drift in the machine's speed hits both alike.
 Prints the median of each part per layout and the ratio of the medians.
@@ -27,14 +28,12 @@ for p in (ROOT, ROOT / "src"):
         sys.path.insert(0, str(p))
 
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
-from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
-from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
-from training.classic_augment import augment  # noqa: E402
 from training.data import SliceBank, dataset  # noqa: E402
 from training.distributed import Env  # noqa: E402
 from training.settings import load_config, model_config  # noqa: E402
-from training.streams import draws, generators  # noqa: E402
+from training.streams import generators  # noqa: E402
+from training.train import loss_terms, training_batch  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, OSError) as e:
         raise SystemExit(f"{args.config}: its prepared data cannot be read ({e}); run "
                          f"`python -m training prepare --config {args.config}` first") from None
-    S, T, K = mcfg.size, mcfg.n_steps, mcfg.k_recursions
+    S, K = mcfg.size, mcfg.k_recursions
     lcfg = cfg["loss"]
     dev = torch.device("cpu")
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
@@ -73,18 +72,12 @@ def main(argv=None) -> int:
     times = {name: {p: [] for p in ("forward", "losses", "backward", "step")} for name in nets}
 
     def make_batch(record):
-        t0 = time.perf_counter()
-        x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
-        t1 = time.perf_counter()
-        t = torch.randint(0, T, (batch,), generator=gens["field"])
-        fs = sampler.sample(t, draws=draws(mcfg, batch, gens["field"], dev), device=dev)
-        t2 = time.perf_counter()
-        img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
-        t3 = time.perf_counter()
+        marks = [time.perf_counter()]
+        _, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev, marks)
         if record:
-            for p, v in zip(batch_parts, (t1 - t0, t2 - t1, t3 - t2)):
-                batch_parts[p].append(v)
-        return img_t, t, fs, t3 - t0
+            for p, a, b in zip(batch_parts, marks, marks[1:]):
+                batch_parts[p].append(b - a)
+        return img_t, t, fs, marks[-1] - marks[0]
 
     def net_step(name, img_t, t, fs, prep_s, record):
         net = nets[name]
@@ -92,9 +85,7 @@ def main(argv=None) -> int:
         x = img_t.contiguous(memory_format=layout) if name == "channels_last" else img_t
         psi = net(x, t, k=K)
         t1 = time.perf_counter()
-        terms = drdm_losses(psi.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
-                            w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
-                            w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
+        terms = loss_terms(psi, fs, S, lcfg)
         t2 = time.perf_counter()
         net.zero_grad(set_to_none=True)
         terms["total"].backward()

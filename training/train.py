@@ -47,7 +47,7 @@ from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 
 __all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "latest_checkpoint",
-           "load_training_checkpoint"]
+           "load_training_checkpoint", "training_batch", "loss_terms"]
 
 
 class _Log:
@@ -83,7 +83,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     mcfg = model_config(cfg)
-    S, T, K, dev = mcfg.size, mcfg.n_steps, mcfg.k_recursions, env.device
+    S, K, dev = mcfg.size, mcfg.k_recursions, env.device
 
     data = dataset(cfg, env)
     bank = SliceBank(data["train"], int(tcfg["batch_size"]), device=dev, seed=int(tcfg["seed"]),
@@ -182,18 +182,13 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if fixed:
             x0, t, fs, img_t = fixed["batch"]
         else:
-            x0 = augment(bank.next_batch(), cfg["augment"], gens["aug"])
-            t = torch.randint(0, T, (x0.shape[0],), generator=gens.get("t", gens["field"]))      # host tensor
-            fs = sampler.sample(t, draws=draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
-            img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+            x0, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev)
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
         net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
             psi_hat = net(net_in, t.to(dev, non_blocking=True), k=K)
-        terms = drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, S), padding=lcfg["padding"],
-                            w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
-                            w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
+        terms = loss_terms(psi_hat, fs, S, lcfg)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         return terms, x0.shape[0]
@@ -263,6 +258,44 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     log.close()
     say(f"stopped at step {step} ({reason}) after {(time.time() - t_start) / 60:.1f} min")
     return {"step": step, "reason": reason, "last_val": last_val, "run_dir": str(run_dir)}
+
+
+def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None):
+    """One batch of Algorithm 1: ``(x0, t, fs, I_t)``.
+
+    Args:
+        bank: the :class:`SliceBank` to draw the clean images from.
+        sampler: the :class:`ForwardSampler` of the model configuration ``mcfg``.
+        aug_cfg: the ``augment`` section.
+        gens: the run's generators (``aug``, ``field`` and, when present, ``t``).
+        mcfg: the model configuration.
+        dev: the device of the batch.
+        marks: if given, ``time.perf_counter()`` is appended after the augmentation, the forward
+            sampler and the warp (for benchmarks/train_step.py).
+
+    Returns:
+        the augmented clean images, t ~ U{0..T-1} per sample (host tensor), the forward sampler's
+        fields (``forward_ddf`` psi_{t:1}, ``step_ddf`` psi_t, pixels) and I_t = warp(x0, psi_{t:1}).
+    """
+    x0 = augment(bank.next_batch(), aug_cfg, gens["aug"])
+    if marks is not None:
+        marks.append(time.perf_counter())
+    t = torch.randint(0, mcfg.n_steps, (x0.shape[0],), generator=gens.get("t", gens["field"]))
+    fs = sampler.sample(t, draws=draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
+    if marks is not None:
+        marks.append(time.perf_counter())
+    img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+    if marks is not None:
+        marks.append(time.perf_counter())
+    return x0, t, fs, img_t
+
+
+def loss_terms(psi_hat, fs, size: int, lcfg: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The training loss of ``psi_hat`` against the forward sampler's step ``fs.step_ddf``, with the
+    ``loss`` section's padding and weights (``drdm_losses``; ``total`` is what is minimised)."""
+    return drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, size), padding=lcfg["padding"],
+                       w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
+                       w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
 
 
 class _StepAborted(Exception):
