@@ -451,6 +451,10 @@ def test_weight_average_trains_resumes_validates_and_exports(tmp_path):
     assert any(not torch.equal(v, a["model"][k]) for k, v in a["ema"]["state"].items())
     vals = [r for r in _log(run) if r.get("event") == "validation"]
     assert [r["weights"] for r in vals] == ["raw", "ema"] and vals[1]["ema_updates"] == 2
+    start = tmp_path / "start"
+    train(tiny(**ema, **{"train.steps": 1, "validation.at_start": "true", "validation.weights": "raw",
+                         "validation.at_end": "false"}), start, echo=lambda *a: None)
+    assert [(r["step"], r["weights"]) for r in _log(start) if r.get("event") == "validation"] == [(0, "raw")]
     assert any(k.startswith("val/T5/") for k in vals[0]) and any(k.startswith("val_ema/T5/") for k in vals[1])
     assert np.isfinite(vals[1]["val_ema/T5/reference/folding_pct"])
     out, _ = export_run(ref, tmp_path / "avg.safetensors")

@@ -32,6 +32,7 @@ __all__ = ["VALIDATION_DEFAULTS", "Validator"]
 VALIDATION_DEFAULTS: Dict[str, Any] = {
     "every": 1000,          # steps between validations (0 = never)
     "at_end": True,         # also validate when train.steps is reached
+    "at_start": False,      # also validate the starting weights (step 0 of a new run, e.g. fine-tuning)
     "n_images": 2,          # validation images (centres of n equal parts of the val split)
     "t_primes": [30, 45],   # T' of the Table-1 metrics
     "schedules": ["paper", "reference"],

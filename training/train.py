@@ -193,6 +193,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         terms["total"].backward()
         return terms, x0.shape[0]
 
+    if ck is None and cfg["validation"].get("at_start"):     # the starting weights, for reference
+        last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"])
     while step < target:
         if stop["signal"] is not None and not env.distributed:
             reason = "signal"
