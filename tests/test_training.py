@@ -484,3 +484,28 @@ def test_weight_average_switched_on_at_resume_and_export_errors(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no weight average" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, capsys):
+    """``python -m training validate``: a run's checkpoint or other weights on the run's validation,
+    appended to its log when asked; bad input is one line."""
+    import shutil
+    from training.__main__ import main
+    from training.plot import read_log
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    before = len(read_log(run / "train_log.jsonl"))
+    export_run(run, tmp_path / "w.safetensors")
+    assert main(["validate", "--run", str(run), "--weights-file", str(tmp_path / "w.safetensors"),
+                 "--append", "--threads", "1", "--device", "cpu"]) == 0
+    assert main(["validate", "--run", str(run), "--device", "cpu"]) == 0          # printed, not appended
+    rows = read_log(run / "train_log.jsonl")
+    assert len(rows) == before + 1
+    row = rows[-1]
+    assert (row["event"], row["weights"], row["step"], row["added_by"]) == ("validation", "external", 0, "validate")
+    assert len(row["sha256"]) == 64 and np.isfinite(row["val/T5/reference/folding_pct"])
+    capsys.readouterr()
+    assert main(["validate", "--run", str(tmp_path / "nothing")]) == 2
+    assert main(["validate", "--run", str(run), "--weights-file", "no_such_model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a training run" in err[0] and "no_such_model" in err[1]

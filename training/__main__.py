@@ -1,4 +1,4 @@
-"""``python -m training {kit,prepare,train,export}``: the DRDM training command line.
+"""``python -m training {kit,prepare,train,export,validate,plot,convert-upstream}``: the DRDM training command line.
 
     python -m training kit --out cache/kit
     python -m training prepare --config training/configs/brain2d.yaml
@@ -6,6 +6,8 @@
     python -m training train   --run runs/brain2d --resume [--set budget.max_minutes=100]
     torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run-dir runs/b2d
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
+    python -m training validate --run runs/general2d --weights-file cmr2d --append     # a step-0 reference
+    python -m training plot    --run runs/brain2d
 
 See training/README.md.
 """
@@ -93,6 +95,23 @@ def _cmd_export(args) -> int:
         return 2
 
 
+def _cmd_validate(args) -> int:
+    from .export import validate_run
+    from .init_weights import InitError
+    if args.weights_file and args.checkpoint:
+        print("error: give --weights-file or --checkpoint, not both", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        validate_run(args.run, args.weights_file, args.checkpoint, args.weights, args.append, args.step, args.device)
+    except (FileNotFoundError, ValueError, InitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weight average (ema) or the trained weights (raw); auto: the average when "
                         "the checkpoint holds one (train.ema_decay > 0)")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("validate", help="run a run's validation on its checkpoint or on other weights")
+    p.add_argument("--run", required=True, help="run directory (its config.yaml gives the images and settings)")
+    p.add_argument("--checkpoint", default=None, help="a specific checkpoint of the run (default: the latest)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="for a checkpoint: the weight average (ema), the trained weights (raw), auto: ema if saved")
+    p.add_argument("--weights-file", default=None, metavar="WEIGHTS",
+                   help="validate these weights instead (a file or a bundled name, loaded like init), "
+                        "e.g. the starting weights of a fine-tuning run")
+    p.add_argument("--append", action="store_true", help="add the result to the run's train_log.jsonl")
+    p.add_argument("--step", type=int, default=None, help="step to record (default: the checkpoint's; 0 for --weights-file)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.set_defaults(func=_cmd_validate)
     return ap
 
 

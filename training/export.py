@@ -24,7 +24,7 @@ ensure_core()
 
 from napari_drdm.checkpoint import write_checkpoint  # noqa: E402
 
-__all__ = ["export_run", "provenance_of"]
+__all__ = ["export_run", "provenance_of", "pick_weights", "validate_run"]
 
 
 def pick_weights(ck: Dict[str, Any], weights: str = "auto") -> Tuple[str, Dict[str, Any]]:
@@ -89,6 +89,68 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
     res["step"] = int(ck["step"])
     log("validation: " + ", ".join(f"{k[4:]}={v:.4g}" for k, v in res.items() if k.startswith("val/")))
     return res
+
+
+def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str] = None, weights: str = "auto",
+                 append: bool = False, step: Optional[int] = None, device: Optional[str] = None,
+                 log=print) -> Dict[str, Any]:
+    """Run a run's configured validation on some weights; optionally append the row to its log.
+
+    Args:
+        run_dir: the run folder (its ``config.yaml`` and checkpoints).
+        source: other weights to validate on the run's images and settings (a file or a bundled
+            name, loaded like ``init``: e.g. the starting weights of a fine-tuning run that was
+            begun without ``validation.at_start``); None: a checkpoint of the run.
+        checkpoint: a particular ``step_*.pt`` of the run (default: the latest).
+        weights: for a checkpoint, ``auto``, ``ema`` or ``raw`` (see :func:`pick_weights`).
+        append: add the row to ``train_log.jsonl`` (``"event": "validation"``, so the learning
+            curves show it), marked with ``"added_by": "validate"`` and the weights' origin.
+        step: the step to record (default: the checkpoint's, 0 for ``source``).
+        device: ``cpu``/``cuda`` (default: CUDA when present).
+    """
+    import json
+
+    import yaml
+
+    from napari_drdm.core.network import DRDMNet
+
+    from .evaluate_hook import Validator
+    from .init_weights import load_init
+    from .settings import load_config
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
+    if source is not None:
+        cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
+        mcfg = model_config(cfg)
+        net = DRDMNet.from_config(mcfg)
+        info = load_init(net, source, str(cfg.get("init_inflate") or "centre"))
+        which, origin, at = "external", {"source": str(source), "sha256": info["sha256"]}, 0
+    else:
+        path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+        if path is None or not Path(path).exists():
+            raise FileNotFoundError(f"no training checkpoint in {run_dir / 'checkpoints'}")
+        ck = load_training_checkpoint(path)
+        cfg, mcfg = ck["config"], model_config(ck["config"])
+        which, state = pick_weights(ck, weights)
+        net = DRDMNet.from_config(mcfg)
+        net.load_state_dict(state)
+        origin, at = {"checkpoint": Path(path).name}, int(ck["step"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    val = Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
+                    torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
+    t0 = time.time()
+    res = val.run(net.to(dev))
+    if which == "ema":
+        res = {"val_ema/" + k[4:]: v for k, v in res.items()}
+    row = dict(res, event="validation", weights=which, step=at if step is None else int(step),
+               seconds=time.time() - t0, added_by="validate", **origin)
+    log(f"validation ({which}, step {row['step']}): " + ", ".join(
+        f"{k.split('/', 1)[1]}={v:.4g}" for k, v in res.items() if k.endswith(("folding_pct", "max_disp_pct", "ang"))))
+    if append:
+        with open(run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    return row
 
 
 def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool = False,
