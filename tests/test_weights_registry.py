@@ -166,3 +166,21 @@ def test_user_weights_folders_from_drdm_weights_dir(tmp_path, monkeypatch, tiny_
     assert "user" in line and line.endswith(mine)
     with pytest.raises(LookupError, match="unknown weights 'nobody'"):
         resolve_weights("nobody")
+
+
+def test_fold_locations_finds_a_planted_border_fold_and_runs(tmp_path, tiny_ckpt2d, capsys):
+    from benchmarks import fold_locations as fl
+    img = np.zeros((32, 32), np.float32)
+    img[8:24, 8:24] = 1.0                                  # foreground in the middle
+    phi = np.zeros((2, 32, 32), np.float32)
+    phi[0, 0:2, 10:14] = np.array([0.0, -3.0])[:, None]    # rows 0-1 swap order: folds at the top border
+    phi[1, 16, 16] = 0.4                                    # the largest displacement elsewhere is small
+    r = fl.locate(phi, img, band=4)
+    assert r["folding_pct"] > 0 and r["folding_fg_pct"] == 0.0
+    assert r["folds_in_band_pct"] == 100.0 and r["band_share_pct"] < 50.0
+    assert r["max_disp_to_border"] <= 1 and not r["max_disp_in_fg"] and r["max_disp_fg_pct"] == pytest.approx(0.4 / 32 * 100)
+    np.savez(tmp_path / "imgs.npz", images=np.stack([img, img.T]))
+    assert fl.main(["--weights", str(tiny_ckpt2d), "--images", str(tmp_path / "imgs.npz"), "--max-images", "1",
+                    "--seeds", "0", "--t-prime", "3", "--json", str(tmp_path / "out.json")]) == 0
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["seed"] == 0 and "folding" in capsys.readouterr().out
