@@ -490,6 +490,7 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     """``python -m training validate``: a run's checkpoint or other weights on the run's validation,
     appended to its log when asked; bad input is one line."""
     import shutil
+
     from training.__main__ import main
     from training.plot import read_log
     run = tmp_path / "run"
