@@ -200,5 +200,5 @@ def main_export(args) -> int:
     size_kb = Path(out).stat().st_size / 1024
     print(f"wrote {out} ({size_kb:.0f} KB, sha256 {sha}); {n} parameters, ndim={cfg.ndim}, S={cfg.size}, "
           f"field_scale={cfg.field_scale}, {prov['steps']} steps, {prov['wall_time_s'] / 3600:.2f} h, "
-          f"{'weight average' if prov['weights'] == 'ema' else 'trained'} weights")
+          f"{'the weight average' if prov['weights'] == 'ema' else 'the trained weights'}")
     return 0
