@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["WeightAverage", "half_life"]
+__all__ = ["WeightAverage", "half_life", "start_average", "validation_weights"]
 
 
 def half_life(decay: float) -> float:
@@ -73,3 +73,38 @@ class WeightAverage:
         """Restore a saved average (its own decay is kept only if none was configured)."""
         self.module.load_state_dict(sd["state"])
         self.updates = self.start_updates = int(sd.get("updates", 0))
+
+
+def start_average(tcfg, model, ck, step: int, main: bool, say) -> Optional[WeightAverage]:
+    """The run's :class:`WeightAverage` (main process, ``train.ema_decay`` > 0), restored from the
+    checkpoint ``ck`` or started from ``model``'s weights at ``step``; None otherwise."""
+    decay = float(tcfg.get("ema_decay") or 0.0)
+    saved = ck.get("ema") if ck is not None else None
+    if decay <= 0.0:
+        if saved:
+            say(f"note: the checkpoint's weight average ({saved['updates']} updates) is not continued "
+                "(train.ema_decay is 0)")
+        return None
+    if not main:
+        return None
+    ema = WeightAverage(model, decay)
+    if saved:
+        ema.load_state_dict(saved)
+        if float(saved["decay"]) != decay:
+            say(f"weight average: decay {float(saved['decay']):g} -> {decay:g} (train.ema_decay)")
+        say(f"weight average resumed ({ema.updates} updates, decay {decay:g})")
+    else:
+        say(f"weight average starts at step {step} (decay {decay:g}, half-life {half_life(decay):.0f} steps)")
+    return ema
+
+
+def validation_weights(vcfg, ema) -> List[str]:
+    """Which weights a validation runs on: ``validation.weights`` (``auto``: both when averaging)."""
+    want = vcfg.get("weights", "auto")
+    if want in (None, "auto"):
+        return ["raw", "ema"] if ema is not None else ["raw"]
+    want = [want] if isinstance(want, str) else list(want)
+    bad = sorted(set(want) - {"raw", "ema"})
+    if bad:
+        raise ValueError(f"validation.weights must be auto, raw, ema or a list of them, got {bad}")
+    return [w for w in want if w == "raw" or ema is not None]

@@ -73,18 +73,22 @@ def provenance_of(ck: Dict[str, Any], ckpt_path: Path, weights: str = "raw") -> 
     }
 
 
+def _validator(cfg: Dict[str, Any], mcfg, device: Optional[str] = None):
+    """The run's :class:`Validator` on ``device`` (default: CUDA when present) and that device."""
+    from .evaluate_hook import Validator
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None
+    return Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev, amp), dev
+
+
 def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=print,
                         weights: str = "auto") -> Dict[str, float]:
     """Run the configured validation on a training checkpoint's weights (on ``device``, default auto)."""
     from napari_drdm.core.network import DRDMNet
-
-    from .evaluate_hook import Validator
     cfg, mcfg = ck["config"], model_config(ck["config"])
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = DRDMNet.from_config(mcfg)
     net.load_state_dict(pick_weights(ck, weights)[1])
-    val = Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
-                    torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
+    val, dev = _validator(cfg, mcfg, device)
     res = val.run(net.to(dev))
     res["step"] = int(ck["step"])
     log("validation: " + ", ".join(f"{k[4:]}={v:.4g}" for k, v in res.items() if k.startswith("val/")))
@@ -114,7 +118,6 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
 
     from napari_drdm.core.network import DRDMNet
 
-    from .evaluate_hook import Validator
     from .init_weights import load_init
     from .settings import load_config
     run_dir = Path(run_dir)
@@ -136,9 +139,7 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         net = DRDMNet.from_config(mcfg)
         net.load_state_dict(state)
         origin, at = {"checkpoint": Path(path).name}, int(ck["step"])
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    val = Validator(mcfg, dataset(cfg)["val"], cfg["validation"], cfg["loss"], dev,
-                    torch.bfloat16 if dev.type == "cuda" and cfg["train"].get("amp") in ("auto", "bf16") else None)
+    val, dev = _validator(cfg, mcfg, device)
     t0 = time.time()
     res = val.run(net.to(dev))
     if which == "ema":

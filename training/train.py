@@ -33,7 +33,7 @@ from .checkpointing import CKPT_FORMAT, git_commit, latest_checkpoint, load_trai
 from .classic_augment import augment
 from .data import SliceBank, dataset, ensure_core, prepared_info
 from .distributed import Env
-from .ema import WeightAverage, half_life
+from .ema import start_average, validation_weights
 from .evaluate_hook import Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
@@ -125,7 +125,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
             say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
         say(f"resumed {ckpt_path} at step {step}")
-    ema = _weight_average(tcfg, model, ck, step, env, say)
+    ema = start_average(tcfg, model, ck, step, env.main, say)
     net = model
     if env.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -302,40 +302,6 @@ def loss_terms(psi_hat, fs, size: int, lcfg: Dict[str, Any]) -> Dict[str, torch.
 
 class _StepAborted(Exception):
     """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
-
-
-def _weight_average(tcfg, model, ck, step, env, say) -> Optional[WeightAverage]:
-    """The run's :class:`WeightAverage` (main process, ``train.ema_decay`` > 0), restored or started."""
-    decay = float(tcfg.get("ema_decay") or 0.0)
-    saved = ck.get("ema") if ck is not None else None
-    if decay <= 0.0:
-        if saved:
-            say(f"note: the checkpoint's weight average ({saved['updates']} updates) is not continued "
-                "(train.ema_decay is 0)")
-        return None
-    if not env.main:
-        return None
-    ema = WeightAverage(model, decay)
-    if saved:
-        ema.load_state_dict(saved)
-        if float(saved["decay"]) != decay:
-            say(f"weight average: decay {float(saved['decay']):g} -> {decay:g} (train.ema_decay)")
-        say(f"weight average resumed ({ema.updates} updates, decay {decay:g})")
-    else:
-        say(f"weight average starts at step {step} (decay {decay:g}, half-life {half_life(decay):.0f} steps)")
-    return ema
-
-
-def validation_weights(vcfg, ema) -> List[str]:
-    """Which weights a validation runs on: ``validation.weights`` (``auto``: both when averaging)."""
-    want = vcfg.get("weights", "auto")
-    if want in (None, "auto"):
-        return ["raw", "ema"] if ema is not None else ["raw"]
-    want = [want] if isinstance(want, str) else list(want)
-    bad = sorted(set(want) - {"raw", "ema"})
-    if bad:
-        raise ValueError(f"validation.weights must be auto, raw, ema or a list of them, got {bad}")
-    return [w for w in want if w == "raw" or ema is not None]
 
 
 def _validate(validator, model, step, log, say, env, ema=None, vcfg=None):
