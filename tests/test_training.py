@@ -407,6 +407,35 @@ def test_plot_writes_learning_curves_and_skips_a_torn_line(tmp_path, capsys):
     assert "training log not found" in capsys.readouterr().err
 
 
+def test_plot_draws_targets_on_a_log_folding_axis(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from training.__main__ import main
+    log = tmp_path / "run" / "train_log.jsonl"
+    log.parent.mkdir()
+    rows = [{"step": s, "ang": -0.5} for s in range(10, 60, 10)]
+    rows += [{"event": "validation", "step": 50, "val/T45/reference/folding_pct": 3.0,
+              "val/T45/forward/folding_pct": 0.0, "val/T45/reference/max_disp_pct": 12.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    seen = {}
+
+    def savefig(fig, *a, **k):          # look at the axes instead of the pixels
+        seen["axes"] = [(ax.get_yscale(), sorted(round(ln.get_ydata()[0], 3) for ln in ax.get_lines()
+                                                  if ln.get_linestyle() == ":")) for ax in fig.axes]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    args = ["plot", "--run", str(log.parent), "--folding-target", "0.5", "--displacement-target", "8,16"]
+    assert main(args) == 0
+    # a zero (the 3D forward field) cannot sit on a log axis: symlog, linear below 0.1 %
+    assert seen["axes"][1:] == [("symlog", [0.5]), ("linear", [8.0, 16.0])]
+    assert main(args[:3] + ["--linear-folding"]) == 0
+    assert seen["axes"][1][0] == "linear"
+    capsys.readouterr()
+    assert main(args[:3] + ["--displacement-target", "8,x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --displacement-target '8,x'") and "\n" not in err
+
+
 # ------------------------------------------------------------------------ weight average (EMA)
 def test_weight_average_update_rule_and_state_round_trip():
     from training.ema import WeightAverage, half_life

@@ -7,7 +7,8 @@ the step (-1 = the predicted step fields point exactly along the true ones, 0 = 
 Middle and right: the held-out validation that the run logged (``"event": "validation"`` rows):
 the recovered field's folding and maximum displacement (% of the side) at each validated T' and
 schedule, with the forward field's for reference, against the step (a model that recovers keeps
-folding low while its deformation stays large); with ``train.ema_decay`` also the weight
+folding low while its deformation stays large; the folding axis is logarithmic unless
+``--linear-folding``, and ``--folding-target PCT`` draws the target as a dotted line); with ``train.ema_decay`` also the weight
 average's (``val_ema/`` rows, training/ema.py).  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["read_log", "plot_run"]
 
@@ -40,18 +41,28 @@ def _moving(values, n):
     return np.concatenate([np.full(n - 1, np.nan), c])
 
 
-def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Path:
-    """Write the two-panel learning-curve PNG of a run's log; returns the output path.
+def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
+             folding_target: Optional[float] = None, log_folding: bool = True,
+             displacement_target: Optional[Sequence[float]] = None) -> Path:
+    """Write the three-panel learning-curve PNG of a run's log; returns the output path.
 
     Args:
         log_path: the run's ``train_log.jsonl``.
         out: the PNG to write (its folder is created).
         title: figure title (default: the run folder's name).
         window: moving-average length, in logged intervals.
+        folding_target: draw this folding percentage as a dotted "target" line (e.g. 0.5 for the
+            3D target of the weights issue); None draws none.
+        log_folding: draw the folding axis on a logarithmic scale (the folding falls by orders of
+            magnitude from a fresh start to the target; a zero value switches to a scale that is
+            linear below 0.1 %).
+        displacement_target: ``(low,)`` or ``(low, high)``, the wanted maximum displacement in % of
+            the side (e.g. ``(8, 16)`` for 2D, ``(6,)`` for 3D), drawn as dotted lines.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = read_log(log_path)
     steps = [r for r in rows if "ang" in r and "step" in r and "event" not in r]
@@ -85,11 +96,29 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10) -> Pa
             forward = "/forward" in name
             ax.plot(xs, ys, "o--" if forward else "o-", ms=3, lw=1.2, alpha=0.6 if forward else 1.0,
                     label=name.replace("/", " "))
+        if metric == "max_disp_pct" and displacement_target:
+            for i, bound in enumerate(displacement_target):
+                ax.axhline(float(bound), color="tab:red", ls=":", lw=1.2,
+                           label="target range" if i == 0 and len(displacement_target) > 1
+                           else (f"target >= {float(bound):g} %" if i == 0 else None))
+        if metric == "folding_pct":
+            if folding_target is not None:
+                ax.axhline(float(folding_target), color="tab:red", ls=":", lw=1.2,
+                           label=f"target {float(folding_target):g} %")
+            values = [v for pts in series.values() for _, v in pts]
+            if log_folding and values:
+                if min(values) > 0:
+                    ax.set_yscale("log")
+                else:
+                    ax.set_yscale("symlog", linthresh=0.1)
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"held-out validation: {what}")
         ax.grid(alpha=0.3)
         if series:
+            ax.legend(fontsize=8)
+        elif folding_target is not None or displacement_target:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
@@ -108,6 +137,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/learning_curves.png)")
     p.add_argument("--title", default=None)
     p.add_argument("--window", type=int, default=10, help="moving average over this many log rows")
+    p.add_argument("--folding-target", type=float, default=None, metavar="PCT",
+                   help="draw this folding percentage as a dotted target line")
+    p.add_argument("--displacement-target", default=None, metavar="LOW[,HIGH]",
+                   help="draw the wanted maximum displacement (%% of the side) as dotted lines")
+    p.add_argument("--linear-folding", action="store_true",
+                   help="a linear folding axis (default: logarithmic)")
 
 
 def run(args) -> int:
@@ -118,8 +153,20 @@ def run(args) -> int:
     if not log.exists():
         print(f"error: training log not found: {log}", file=sys.stderr)
         return 2
+    disp = None
+    if args.displacement_target:
+        try:
+            disp = [float(v) for v in args.displacement_target.split(",")]
+        except ValueError:
+            disp = []
+        if not 1 <= len(disp) <= 2:
+            print(f"error: --displacement-target {args.displacement_target!r}: expected LOW or LOW,HIGH "
+                  "(percent of the side)", file=sys.stderr)
+            return 2
     try:
-        out = plot_run(log, args.out or log.parent / "learning_curves.png", args.title, args.window)
+        out = plot_run(log, args.out or log.parent / "learning_curves.png", args.title, args.window,
+                       folding_target=args.folding_target, log_folding=not args.linear_folding,
+                       displacement_target=disp)
     except ImportError:
         print("error: plotting needs matplotlib (pip install 'napari-drdm[plots]')", file=sys.stderr)
         return 2
