@@ -5,7 +5,9 @@ before it is bundled) and each unseen set of its dimensionality, ``drdm evaluate
 (mean +- SD over generations, the model's default reverse loop) at each T': recovered and forward
 folding, the share of the forward folding removed, maximum and mean displacement (% of the side),
 and the plausibility figures (share of the field explained by one global affine map, its zoom and
-rotation, the non-affine residual, foreground pushed out of view), and the seconds per generation.
+rotation, the non-affine residual, foreground pushed out of view), the folding and maximum
+displacement inside the anatomy (the pixels that show the foreground after warping; the whole-grid
+figures also count the empty background), and the seconds per generation.
 
     python benchmarks/make_eval_sets.py --kit cache/kit --out cache/eval     # once
     python benchmarks/weights_table.py --t-prime 30 45 70 --samples 8 \\
@@ -75,12 +77,15 @@ def _pm(s, digits=2):
 
 
 def markdown(record) -> str:
-    """Two Markdown tables: Table-1 figures, then plausibility."""
+    """Markdown tables: Table-1 figures, plausibility, then (records that have them) folding and
+    maximum displacement inside the anatomy."""
     head1 = ("| model | set | T' | folding % | forward folding % | removed % | max disp % | mean disp % | s/gen |\n"
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     head2 = ("| model | set | T' | affine share % | zoom | rotation ° | non-affine max % | non-affine mean % "
              "| foreground out of view % |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    l1, l2 = [head1], [head2]
+    head3 = ("| model | set | T' | folding in the anatomy % | folding, whole grid % | max disp in the anatomy % "
+             "| max disp, whole grid % | anatomy share of the grid % |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    l1, l2, l3 = [head1], [head2], [head3]
     for row in record["rows"]:
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']})"
         for r in row["results"]:
@@ -95,7 +100,13 @@ def markdown(record) -> str:
                           f"{_pm(p['affine_zoom'], 3)} | {_pm(p['affine_rotation_deg'], 1)} | "
                           f"{_pm(p['affine_residual_max_pct'], 1)} | {_pm(p['affine_residual_mean_pct'], 1)} | "
                           f"{_pm(p['fg_out_of_view_pct'], 2)} |")
-    return "\n".join(l1) + "\n\n" + "\n".join(l2)
+            if p and "anatomy_folding_pct" in p:
+                share = r.get("anatomy_share_pct") or p.get("anatomy_share_pct")
+                l3.append(f"| {tag} | {row['set']} | {r['t_prime']} | {_pm(p['anatomy_folding_pct'])} | "
+                          f"{_pm(r['folding_pct'])} | {_pm(p['anatomy_max_disp_pct'], 1)} | "
+                          f"{_pm(r['max_disp_pct'], 1)} | {_pm(share, 0) if share else '–'} |")
+    out = "\n".join(l1) + "\n\n" + "\n".join(l2)
+    return out + ("\n\n" + "\n".join(l3) if len(l3) > 1 else "")
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from napari_drdm.checkpoint import file_sha256, read_checkpoint
 from napari_drdm.cli import main
-from napari_drdm.core.metrics import affine_fit, foreground_out_of_view_pct
+from napari_drdm.core.metrics import affine_fit, anatomy_metrics, foreground_out_of_view_pct, plausibility_metrics
 from napari_drdm.model import load_model
 from napari_drdm.weights import WEIGHTS_DIR, default_weights, list_weights, registry, resolve_weights
 
@@ -92,6 +92,25 @@ def test_foreground_out_of_view_counts_only_content_leaving_the_image():
     assert foreground_out_of_view_pct(img, 0.5 * _grid(64)) == pytest.approx(0.0, abs=0.5)   # zoom out: all kept
 
 
+def test_anatomy_metrics_count_only_the_pixels_that_show_the_foreground():
+    img = np.zeros((64, 64))
+    img[16:48, 16:48] = 1.0
+    u = np.zeros((2, 64, 64))
+    u[0, 56:, :] = 3.0 * np.arange(8)[::-1, None] - 12.0    # rows 56..63: a fold, in the background only
+    assert np.any(np.gradient(u[0], axis=0)[56:] <= -1)
+    m = anatomy_metrics(img, u, side=64)
+    assert m["anatomy_folding_pct"] == 0.0 and m["anatomy_max_disp_pct"] == 0.0
+    assert m["anatomy_share_pct"] == pytest.approx(25.0)
+    v = u.copy()
+    v[1, 20:28, 24:37] = -1.5 * (np.arange(24, 37) - 30.0)[None, :]   # d u/d col = -1.5: det -0.5, a fold
+    m = anatomy_metrics(img, v, side=64)                                  # sampled cols 27..33: foreground
+    assert 5.0 < m["anatomy_folding_pct"] < 15.0 and m["anatomy_max_disp_pct"] == pytest.approx(100 * 9.0 / 64)
+    assert anatomy_metrics(np.zeros((64, 64)), v)["anatomy_share_pct"] == 0.0     # no foreground
+    pm = plausibility_metrics(img, v, side=64)                  # one warp feeds both foreground figures
+    assert pm["anatomy_folding_pct"] == m["anatomy_folding_pct"]
+    assert pm["fg_out_of_view_pct"] == pytest.approx(foreground_out_of_view_pct(img, v))
+
+
 def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
     rng = np.random.default_rng(0)
     npz = tmp_path / "imgs.npz"
@@ -101,7 +120,8 @@ def test_evaluate_reports_plausibility(tmp_path, tiny_ckpt2d, capsys):
     out = json.loads(capsys.readouterr().out)
     pl = out["results"][0]["plausibility"]
     for key in ("affine_share_pct", "affine_zoom", "affine_rotation_deg", "affine_residual_max_pct",
-                "affine_residual_mean_pct", "fg_out_of_view_pct"):
+                "affine_residual_mean_pct", "fg_out_of_view_pct", "anatomy_folding_pct", "anatomy_max_disp_pct",
+                "anatomy_share_pct"):
         assert np.isfinite(pl[key]["mean"]), key
     assert 0.0 <= pl["affine_share_pct"]["mean"] <= 100.0
 
@@ -113,7 +133,14 @@ def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
     rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 2, log=lambda m: None)
     assert [(r["model"], r["set"]) for r in rec["rows"]] == [("tiny", "brain")]   # other sets absent: skipped
     md = wt.markdown(rec)
-    assert md.count("| tiny (2D, S=32) | brain | 3 |") == 2 and "foreground out of view" in md
+    assert md.count("| tiny (2D, S=32) | brain | 3 |") == 3 and "foreground out of view" in md
+    assert "folding in the anatomy" in md
+    old = json.loads(json.dumps(rec))                 # a record saved before the anatomy figures
+    for row in old["rows"]:
+        for r in row["results"]:
+            for key in ("anatomy_folding_pct", "anatomy_max_disp_pct", "anatomy_share_pct"):
+                del r["plausibility"][key]
+    assert wt.markdown(old).count("| tiny (2D, S=32) | brain | 3 |") == 2
     (tmp_path / "rec.json").write_text(json.dumps(rec))
     assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0
 

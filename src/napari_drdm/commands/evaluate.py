@@ -86,7 +86,8 @@ def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
 
 
 PLAUSIBILITY_KEYS = ("affine_share_pct", "affine_zoom", "affine_rotation_deg", "affine_residual_max_pct",
-                     "affine_residual_mean_pct", "fg_out_of_view_pct")
+                     "affine_residual_mean_pct", "fg_out_of_view_pct", "anatomy_folding_pct",
+                     "anatomy_max_disp_pct", "anatomy_share_pct")
 
 
 def _stats(values):
@@ -174,7 +175,9 @@ def run(args) -> int:
                      "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "
                                      "global affine map; affine_zoom: apparent size of the anatomy (1 = unchanged); "
                                      "affine_rotation_deg; affine_residual_*_pct: the non-affine part, % of side; "
-                                     "fg_out_of_view_pct: % of the image's foreground pushed out of view"},
+                                     "fg_out_of_view_pct: % of the image's foreground pushed out of view; "
+                                     "anatomy_folding_pct / anatomy_max_disp_pct: folding and maximum "
+                                     "displacement over the pixels that show the foreground after warping"},
            "results": results}
     if guard is not None:
         out["fold_guard"] = guard.results()

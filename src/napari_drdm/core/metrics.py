@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 __all__ = ["jacobian_determinant", "folding_pct", "displacement_pct", "field_metrics", "strict_folding_pct",
-           "affine_fit", "foreground_out_of_view_pct", "plausibility_metrics"]
+           "affine_fit", "foreground_out_of_view_pct", "anatomy_metrics", "plausibility_metrics"]
 
 
 def _as_field(phi) -> np.ndarray:
@@ -156,7 +156,24 @@ def affine_fit(phi_px, side: Optional[float] = None) -> Dict[str, float]:
             "affine_residual_mean_pct": 100.0 * float(rmag.mean())}
 
 
-def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Optional[np.ndarray] = None) -> float:
+def _warped_foreground(image, u: np.ndarray, threshold: float):
+    """The input's foreground mask F (above min + threshold * range) and F pulled back by ``u``
+    (bilinear, zero outside the image): what each output pixel shows of the foreground."""
+    import torch
+
+    from .spatial import warp
+    img = np.asarray(image, dtype=np.float64)
+    if img.shape != u.shape[1:]:
+        raise ValueError(f"image shape {img.shape} does not match the field's grid {u.shape[1:]}")
+    lo, hi = float(img.min()), float(img.max())
+    fg = (img > lo + threshold * (hi - lo)).astype(np.float32)
+    warped = warp(torch.from_numpy(fg)[None, None], torch.from_numpy(u.astype(np.float32))[None],
+                  mode="linear", padding="zeros")[0, 0].numpy().astype(np.float64)
+    return fg, warped
+
+
+def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Optional[np.ndarray] = None,
+                               _warped=None) -> float:
     """% of the image's foreground that the deformation pushes out of the field of view.
 
     With pull-back warping, output pixel x shows the input at x + u(x) and covers det(I + grad u)(x)
@@ -175,29 +192,63 @@ def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Opti
     Returns:
         The lost share in percent, clipped to [0, 100].
     """
-    import torch
-
-    from .spatial import warp
     u = _as_field(phi_px)
-    img = np.asarray(image, dtype=np.float64)
-    if img.shape != u.shape[1:]:
-        raise ValueError(f"image shape {img.shape} does not match the field's grid {u.shape[1:]}")
-    lo, hi = float(img.min()), float(img.max())
-    fg = (img > lo + threshold * (hi - lo)).astype(np.float32)
+    fg, warped = _warped if _warped is not None else _warped_foreground(image, u, threshold)
     total = float(fg.sum())
     if total == 0:
         return 0.0
     if det is None:
         det = jacobian_determinant(u)
-    warped = warp(torch.from_numpy(fg)[None, None], torch.from_numpy(u.astype(np.float32))[None],
-                  mode="linear", padding="zeros")[0, 0].numpy().astype(np.float64)
     visible = float(np.sum(warped * np.clip(det, 0.0, None)))
     return float(np.clip(100.0 * (1.0 - visible / total), 0.0, 100.0))
 
 
+def anatomy_metrics(image, phi_px, side: Optional[float] = None, threshold: float = 0.05,
+                    det: Optional[np.ndarray] = None, _warped=None) -> Dict[str, float]:
+    """Folding and displacement where the deformed image shows anatomy, not over the whole grid.
+
+    The whole-grid figures (:func:`field_metrics`) also count the empty background, where the image
+    carries nothing that a recovery network could read and where most of a recovered field's folds
+    lie (``benchmarks/fold_locations.py``).  Here only the output pixels that show the input's
+    foreground count: x with F(x + u(x)) >= 0.5 (F as in :func:`foreground_out_of_view_pct`), i.e.
+    the anatomy as the user sees it after warping.
+
+    Args:
+        image: the input image (*spatial), same grid as the field.
+        phi_px: displacement field (d, *spatial) in pixels.
+        side: the side for the percentages (default: the largest axis).
+        threshold: foreground = pixels above min + threshold * (max - min) of the image.
+        det: the field's Jacobian determinant, if already computed.
+
+    Returns:
+        ``anatomy_folding_pct``: % of those pixels with det <= 0; ``anatomy_max_disp_pct``: the
+        largest |u| among them in % of the side; ``anatomy_share_pct``: their share of the grid.
+        With no foreground all three are 0.
+    """
+    u = _as_field(phi_px)
+    _, warped = _warped if _warped is not None else _warped_foreground(image, u, threshold)
+    mask = warped >= 0.5
+    n = int(mask.sum())
+    if n == 0:
+        return {"anatomy_folding_pct": 0.0, "anatomy_max_disp_pct": 0.0, "anatomy_share_pct": 0.0}
+    if det is None:
+        det = jacobian_determinant(u)
+    side = float(side or max(u.shape[1:]))
+    mag = np.sqrt(np.sum(u * u, axis=0))
+    return {"anatomy_folding_pct": 100.0 * float(np.sum(det[mask] <= 0)) / n,
+            "anatomy_max_disp_pct": 100.0 * float(mag[mask].max()) / side,
+            "anatomy_share_pct": 100.0 * n / mask.size}
+
+
 def plausibility_metrics(image, phi_px, side: Optional[float] = None,
                          det: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """:func:`affine_fit` plus ``fg_out_of_view_pct`` (:func:`foreground_out_of_view_pct`)."""
-    out = affine_fit(phi_px, side=side)
-    out["fg_out_of_view_pct"] = foreground_out_of_view_pct(image, phi_px, det=det)
+    """:func:`affine_fit`, ``fg_out_of_view_pct`` (:func:`foreground_out_of_view_pct`) and the
+    folding and maximum displacement inside the anatomy (:func:`anatomy_metrics`)."""
+    u = _as_field(phi_px)
+    if det is None:
+        det = jacobian_determinant(u)
+    out = affine_fit(u, side=side)
+    warped = _warped_foreground(image, u, 0.05)
+    out["fg_out_of_view_pct"] = foreground_out_of_view_pct(image, u, det=det, _warped=warped)
+    out.update(anatomy_metrics(image, u, side=side, det=det, _warped=warped))
     return out
