@@ -539,3 +539,16 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     assert main(["validate", "--run", str(run), "--weights-file", "no_such_model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not a training run" in err[0] and "no_such_model" in err[1]
+    # --set changes how the weights are judged (here: which loops), for this validation only
+    config_before = (run / "config.yaml").read_bytes()
+    assert main(["validate", "--run", str(run), "--append", "--device", "cpu", "--threads", "1",
+                 "--set", "validation.schedules=[paper]", "--set", "validation.t_primes=[3]"]) == 0
+    row = read_log(run / "train_log.jsonl")[-1]
+    assert row["overrides"] == ["validation.schedules=[paper]", "validation.t_primes=[3]"]
+    assert row["weights"] == "raw" and np.isfinite(row["val/T3/paper/folding_pct"])
+    assert not any(k.startswith("val/T5/") or "/reference/" in k for k in row)
+    assert (run / "config.yaml").read_bytes() == config_before
+    capsys.readouterr()
+    assert main(["validate", "--run", str(run), "--set", "optim.lr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "optim.lr=1" in err and "validation." in err

@@ -105,7 +105,8 @@ def _cmd_validate(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     try:
-        validate_run(args.run, args.weights_file, args.checkpoint, args.weights, args.append, args.step, args.device)
+        validate_run(args.run, args.weights_file, args.checkpoint, args.weights, args.append, args.step, args.device,
+                     sets=args.set)
     except (FileNotFoundError, ValueError, InitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="step to record (default: the checkpoint's; 0 for --weights-file)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change how this validation judges the weights, e.g. validation.schedules=[paper] "
+                        "or validation.t_primes=[30,45,70] (keys under validation., model.compose_padding, "
+                        "model.image_interp); repeatable")
     p.set_defaults(func=_cmd_validate)
     return ap
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,9 +95,13 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
     return res
 
 
+#: what ``validate --set`` may change: how the weights are judged, never the weights or their data
+VALIDATE_OVERRIDABLE = ("validation.", "model.compose_padding", "model.image_interp")
+
+
 def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str] = None, weights: str = "auto",
                  append: bool = False, step: Optional[int] = None, device: Optional[str] = None,
-                 log=print) -> Dict[str, Any]:
+                 log=print, sets: Sequence[str] = ()) -> Dict[str, Any]:
     """Run a run's configured validation on some weights; optionally append the row to its log.
 
     Args:
@@ -111,6 +115,10 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
             curves show it), marked with ``"added_by": "validate"`` and the weights' origin.
         step: the step to record (default: the checkpoint's, 0 for ``source``).
         device: ``cpu``/``cuda`` (default: CUDA when present).
+        sets: ``KEY=VALUE`` overrides of the validation settings for this validation only, e.g.
+            ``["validation.schedules=[paper, reference]", "validation.t_primes=[30, 45, 70]"]``;
+            keys under ``validation.``, ``model.compose_padding`` and ``model.image_interp`` (see
+            :data:`VALIDATE_OVERRIDABLE`).  An appended row records them as ``"overrides"``.
     """
     import json
 
@@ -120,11 +128,18 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
 
     from .init_weights import load_init
     from .settings import load_config
+    sets = list(sets or ())
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not any(key.startswith(k) if k.endswith(".") else key == k
+                                      for k in VALIDATE_OVERRIDABLE):
+            raise ValueError(f"--set {item!r}: validate takes KEY=VALUE with KEY under validation., "
+                             "or model.compose_padding / model.image_interp")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
     if source is not None:
-        cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()), sets=sets)
         mcfg = model_config(cfg)
         net = DRDMNet.from_config(mcfg)
         info = load_init(net, source, str(cfg.get("init_inflate") or "centre"))
@@ -134,7 +149,8 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         if path is None or not Path(path).exists():
             raise FileNotFoundError(f"no training checkpoint in {run_dir / 'checkpoints'}")
         ck = load_training_checkpoint(path)
-        cfg, mcfg = ck["config"], model_config(ck["config"])
+        cfg = load_config(base=ck["config"], sets=sets) if sets else ck["config"]
+        mcfg = model_config(cfg)
         which, state = pick_weights(ck, weights)
         net = DRDMNet.from_config(mcfg)
         net.load_state_dict(state)
@@ -146,6 +162,8 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         res = {"val_ema/" + k[4:]: v for k, v in res.items()}
     row = dict(res, event="validation", weights=which, step=at if step is None else int(step),
                seconds=time.time() - t0, added_by="validate", **origin)
+    if sets:
+        row["overrides"] = sets
     log(f"validation ({which}, step {row['step']}): " + ", ".join(
         f"{k.split('/', 1)[1]}={v:.4g}" for k, v in res.items() if k.endswith(("folding_pct", "max_disp_pct", "ang"))))
     if append:
