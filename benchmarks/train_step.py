@@ -8,6 +8,7 @@ Prints the median of each part per layout and the ratio of the medians.
 
     python -m training prepare --config training/configs/general3d.yaml      # once
     python benchmarks/train_step.py --config training/configs/general3d.yaml --steps 4 --threads 1
+    python benchmarks/train_step.py --config training/configs/general3d.yaml --steps 3 --bf16   # + bf16 autocast
 
 Needs the configuration's prepared data (``data.prepared``); ``--batch`` overrides
 ``train.batch_size``.
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per layout (after one warm-up each)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the configuration's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true",
+                    help="add a third arm: channels-last under CPU bf16 autocast (train.amp: bf16), "
+                         "which oneDNN runs on AMX / AVX-512-BF16 units where the CPU has them")
     args = ap.parse_args(argv)
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
@@ -62,9 +66,11 @@ def main(argv=None) -> int:
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
     torch.manual_seed(0)
     base = DRDMNet.from_config(mcfg)
-    nets = {"default": base, "channels_last": DRDMNet.from_config(mcfg)}
-    nets["channels_last"].load_state_dict(base.state_dict())
-    nets["channels_last"] = nets["channels_last"].to(memory_format=layout)
+    nets = {"default": base}
+    for name in ["channels_last"] + (["channels_last_bf16"] if args.bf16 else []):
+        nets[name] = DRDMNet.from_config(mcfg)
+        nets[name].load_state_dict(base.state_dict())
+        nets[name] = nets[name].to(memory_format=layout)
     sampler = ForwardSampler(mcfg)
     bank = SliceBank(data["train"], batch, device=dev, seed=0)
     gens = generators(0, 0, dev)
@@ -82,8 +88,10 @@ def main(argv=None) -> int:
     def net_step(name, img_t, t, fs, prep_s, record):
         net = nets[name]
         t0 = time.perf_counter()
-        x = img_t.contiguous(memory_format=layout) if name == "channels_last" else img_t
-        psi = net(x, t, k=K)
+        x = img_t.contiguous(memory_format=layout) if name.startswith("channels_last") else img_t
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=name.endswith("bf16")):
+            psi = net(x, t, k=K)
+        psi = psi.float()                    # the losses stay float32, as in training/train.py
         t1 = time.perf_counter()
         terms = loss_terms(psi, fs, S, lcfg)
         t2 = time.perf_counter()
@@ -95,19 +103,24 @@ def main(argv=None) -> int:
                 times[name][p].append(v)
 
     print(f"{args.config}: {mcfg.ndim}D S={S} batch {batch}, {args.threads} thread(s), "
-          f"{args.steps} timed steps, each batch through both layouts in turn", flush=True)
+          f"{args.steps} timed steps, each batch through every arm in turn ({', '.join(nets)})", flush=True)
     for i in range(args.steps + 1):           # the first round warms up
         img_t, t, fs, prep_s = make_batch(i > 0)
         order = list(nets) if i % 2 == 0 else list(nets)[::-1]
         for name in order:
             net_step(name, img_t, t, fs, prep_s, i > 0)
-    print("| part | default s | channels-last s | default / channels-last |")
-    print("| --- | --- | --- | --- |")
+    others = list(nets)[1:]
+    print("| part | " + " | ".join(f"{n} s" for n in nets) + " | "
+          + " | ".join(f"default / {n}" for n in others) + " |")
+    print("| --- " * (1 + len(nets) + len(others)) + "|")
     for p, v in batch_parts.items():
-        print(f"| {p} (batch, shared) | {statistics.median(v):.3f} | {statistics.median(v):.3f} | 1.00 |")
+        m = statistics.median(v)
+        print(f"| {p} (batch, shared) | " + " | ".join(f"{m:.3f}" for _ in nets) + " | "
+              + " | ".join("1.00" for _ in others) + " |")
     for p in ("forward", "losses", "backward", "step"):
-        a, b = statistics.median(times["default"][p]), statistics.median(times["channels_last"][p])
-        print(f"| {p} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+        med = {n: statistics.median(times[n][p]) for n in nets}
+        print(f"| {p} | " + " | ".join(f"{med[n]:.3f}" for n in nets) + " | "
+              + " | ".join(f"{med['default'] / med[n]:.2f}" for n in others) + " |")
     print("step = batch preparation + forward + losses + backward (medians over the timed steps)")
     return 0
 
