@@ -109,6 +109,7 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
             if log_folding and values:
                 if min(values) > 0:
                     ax.set_yscale("log")
+                    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                 else:
                     ax.set_yscale("symlog", linthresh=0.1)
                 ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
