@@ -552,3 +552,18 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     assert main(["validate", "--run", str(run), "--set", "optim.lr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "optim.lr=1" in err and "validation." in err
+
+
+def test_train_step_benchmark_times_every_arm(capsys):
+    """benchmarks/train_step.py on the tiny configuration: one table row per part, one column per
+    arm (float32 default, channels-last, channels-last under CPU bf16 autocast)."""
+    from benchmarks.train_step import main as bench
+    assert bench(["--config", str(CONFIGS / "tiny.yaml"), "--steps", "1", "--bf16"]) == 0
+    out = capsys.readouterr().out
+    head = next(ln for ln in out.splitlines() if ln.startswith("| part |"))
+    assert "channels_last_bf16 s" in head and "default / channels_last_bf16" in head
+    step = next(ln for ln in out.splitlines() if ln.startswith("| step |"))
+    cells = [c.strip() for c in step.strip("|").split("|")]
+    assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
+    with pytest.raises(SystemExit):
+        bench(["--config", str(CONFIGS / "tiny.yaml"), "--steps", "0"])
