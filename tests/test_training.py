@@ -567,3 +567,45 @@ def test_train_step_benchmark_times_every_arm(capsys):
     assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
     with pytest.raises(SystemExit):
         bench(["--config", str(CONFIGS / "tiny.yaml"), "--steps", "0"])
+
+
+def test_compact_checkpoint_keeps_the_run_resumable_with_its_average(tmp_path, capsys):
+    """``python -m training compact``: the average in float16, everything else exact; a run resumed
+    from the compact copy trains the same weights and continues its average (rounded once)."""
+    import shutil
+
+    from training.__main__ import main
+    ema = {"train.ema_decay": 0.5, "validation.at_end": "false"}
+    ref = tmp_path / "straight"
+    train(tiny(**ema), ref, echo=lambda *a: None)
+    run = tmp_path / "run"
+    train(tiny(**ema, **{"train.steps": 2}), run, echo=lambda *a: None)
+    src = latest_checkpoint(run)
+    packed = tmp_path / "repo" / src.name
+    assert main(["compact", "--checkpoint", str(src), "--out", str(packed)]) == 0
+    assert "stored in float16" in capsys.readouterr().out
+    assert packed.stat().st_size < src.stat().st_size
+    small, full = load_training_checkpoint(packed), load_training_checkpoint(src)
+    assert small["ema"]["stored_dtype"] == "float16" and small["ema"]["updates"] == 2
+    assert all(v.dtype == torch.float16 for v in small["ema"]["state"].values() if v.is_floating_point())
+    assert all(torch.equal(v, full["model"][k]) for k, v in small["model"].items())
+    # a fresh machine: only the committed copy
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", fresh / "config.yaml")
+    shutil.copy(packed, fresh / "checkpoints" / packed.name)
+    said = []
+    train(tiny(**ema), fresh, resume=True, echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("from its float16 copy" in m for m in said), said
+    a, b = load_training_checkpoint(latest_checkpoint(ref)), load_training_checkpoint(latest_checkpoint(fresh))
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())      # training: bit for bit
+    assert b["ema"]["updates"] == 4 and "stored_dtype" not in b["ema"]
+    for k, v in a["ema"]["state"].items():
+        if v.is_floating_point():
+            assert b["ema"]["state"][k].dtype == torch.float32
+            assert torch.allclose(v, b["ema"]["state"][k], rtol=2e-3, atol=1e-6), k
+    capsys.readouterr()
+    assert main(["compact", "--checkpoint", str(src), "--out", str(packed)]) == 2      # never overwritten silently
+    assert main(["compact", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "exists" in err[0] and "none.pt" in err[1]

@@ -1,4 +1,4 @@
-"""``python -m training {kit,prepare,train,export,validate,plot,convert-upstream}``: the DRDM training command line.
+"""``python -m training {kit,prepare,train,export,validate,compact,plot,convert-upstream}``: the DRDM training command line.
 
     python -m training kit --out cache/kit
     python -m training prepare --config training/configs/brain2d.yaml
@@ -7,6 +7,7 @@
     torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run-dir runs/b2d
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
     python -m training validate --run runs/general2d --weights-file cmr2d --append     # a step-0 reference
+    python -m training compact --checkpoint runs/b/checkpoints/step_00001000.pt --out training/checkpoints/b/step_00001000.pt
     python -m training plot    --run runs/brain2d
 
 See training/README.md.
@@ -95,6 +96,19 @@ def _cmd_export(args) -> int:
         return 2
 
 
+def _cmd_compact(args) -> int:
+    from .checkpointing import compact_checkpoint
+    try:
+        info = compact_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    avg = (f"weight average ({info['ema_updates']} updates) stored in float16" if info["ema_updates"] is not None
+           else "no weight average in it: the copy equals the source")
+    print(f"wrote {args.out}: {info['src_bytes'] / 1e6:.1f} MB -> {info['dst_bytes'] / 1e6:.1f} MB; {avg}")
+    return 0
+
+
 def _cmd_validate(args) -> int:
     from .export import validate_run
     from .init_weights import InitError
@@ -152,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weight average (ema) or the trained weights (raw); auto: the average when "
                         "the checkpoint holds one (train.ema_decay > 0)")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("compact", help="a copy of a training checkpoint with its weight average in float16 "
+                                       "(to commit a resumable run under a file-size limit)")
+    p.add_argument("--checkpoint", required=True, help="a step_*.pt of a run")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_compact)
     p = sub.add_parser("validate", help="run a run's validation on its checkpoint or on other weights")
     p.add_argument("--run", required=True, help="run directory (its config.yaml gives the images and settings)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint of the run (default: the latest)")

@@ -92,7 +92,8 @@ def start_average(tcfg, model, ck, step: int, main: bool, say) -> Optional[Weigh
         ema.load_state_dict(saved)
         if float(saved["decay"]) != decay:
             say(f"weight average: decay {float(saved['decay']):g} -> {decay:g} (train.ema_decay)")
-        say(f"weight average resumed ({ema.updates} updates, decay {decay:g})")
+        stored = f", from its {saved['stored_dtype']} copy" if saved.get("stored_dtype") else ""
+        say(f"weight average resumed ({ema.updates} updates, decay {decay:g}{stored})")
     else:
         say(f"weight average starts at step {step} (decay {decay:g}, half-life {half_life(decay):.0f} steps)")
     return ema
