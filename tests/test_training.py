@@ -416,18 +416,23 @@ def test_plot_draws_targets_on_a_log_folding_axis(tmp_path, capsys, monkeypatch)
     log.parent.mkdir()
     rows = [{"step": s, "ang": -0.5} for s in range(10, 60, 10)]
     rows += [{"event": "validation", "step": 50, "val/T45/reference/folding_pct": 3.0,
-              "val/T45/forward/folding_pct": 0.0, "val/T45/reference/max_disp_pct": 12.0}]
+              "val/T45/forward/folding_pct": 0.0, "val/T45/reference/max_disp_pct": 12.0},
+             {"event": "validation", "step": 60, "val_ema/T45/reference/folding_pct": 2.0,   # average only
+              "val_ema/T45/forward/folding_pct": 0.0}]
     log.write_text("\n".join(json.dumps(r) for r in rows))
     seen = {}
 
     def savefig(fig, *a, **k):          # look at the axes instead of the pixels
         seen["axes"] = [(ax.get_yscale(), sorted(round(ln.get_ydata()[0], 3) for ln in ax.get_lines()
                                                   if ln.get_linestyle() == ":")) for ax in fig.axes]
+        seen["lines"] = {ln.get_label(): list(ln.get_xdata()) for ln in fig.axes[1].get_lines()}
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     args = ["plot", "--run", str(log.parent), "--folding-target", "0.5", "--displacement-target", "8,16"]
     assert main(args) == 0
     # a zero (the 3D forward field) cannot sit on a log axis: symlog, linear below 0.1 %
     assert seen["axes"][1:] == [("symlog", [0.5]), ("linear", [8.0, 16.0])]
+    # the forward field is one series, also at steps where only the average was validated
+    assert seen["lines"]["T45 forward"] == [50, 60] and seen["lines"]["T45 reference (weight average)"] == [60]
     assert main(args[:3] + ["--linear-folding"]) == 0
     assert seen["axes"][1][0] == "linear"
     capsys.readouterr()

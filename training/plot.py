@@ -87,9 +87,13 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
             for k, v in r.items():
                 if k.startswith(("val/T", "val_ema/T")) and k.endswith("/" + metric):
                     avg = k.startswith("val_ema/")
-                    if avg and "/forward/" in k:
-                        continue        # the forward field does not depend on the weights
                     name = k.split("/", 1)[1][:-len("/" + metric)]
+                    if avg and "/forward/" in k:
+                        # the forward field does not depend on the weights: one series, whichever
+                        # weights were validated at that step
+                        if ("val/" + k[len("val_ema/"):]) in r:
+                            continue
+                        avg = False
                     series.setdefault(name + (" (weight average)" if avg else ""), []).append((r["step"], v))
         for name, pts in sorted(series.items()):
             xs, ys = zip(*sorted(pts))
