@@ -101,10 +101,9 @@ def markdown(record) -> str:
                           f"{_pm(p['affine_residual_max_pct'], 1)} | {_pm(p['affine_residual_mean_pct'], 1)} | "
                           f"{_pm(p['fg_out_of_view_pct'], 2)} |")
             if p and "anatomy_folding_pct" in p:
-                share = r.get("anatomy_share_pct") or p.get("anatomy_share_pct")
                 l3.append(f"| {tag} | {row['set']} | {r['t_prime']} | {_pm(p['anatomy_folding_pct'])} | "
                           f"{_pm(r['folding_pct'])} | {_pm(p['anatomy_max_disp_pct'], 1)} | "
-                          f"{_pm(r['max_disp_pct'], 1)} | {_pm(share, 0) if share else '–'} |")
+                          f"{_pm(r['max_disp_pct'], 1)} | {_pm(p['anatomy_share_pct'], 0)} |")
     out = "\n".join(l1) + "\n\n" + "\n".join(l2)
     return out + ("\n\n" + "\n".join(l3) if len(l3) > 1 else "")
 

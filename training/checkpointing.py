@@ -33,12 +33,17 @@ def load_training_checkpoint(path) -> Dict[str, Any]:
     return ck
 
 
-def save_atomic(obj: Dict[str, Any], path: Path, keep: int):
-    """Write ``obj`` to ``path`` through a temporary file, then keep only the newest ``keep`` checkpoints."""
+def _write_atomic(obj: Dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file beside it (its folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, str(tmp))
     os.replace(tmp, path)
+
+
+def save_atomic(obj: Dict[str, Any], path: Path, keep: int):
+    """Write ``obj`` to ``path`` through a temporary file, then keep only the newest ``keep`` checkpoints."""
+    _write_atomic(obj, path)
     for old in sorted(path.parent.glob("step_*.pt"))[:-max(int(keep), 1)]:
         old.unlink()
 
@@ -73,10 +78,7 @@ def compact_checkpoint(src, dst, overwrite: bool = False) -> Dict[str, Any]:
         ema["state"] = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in ema["state"].items()}
         ema["stored_dtype"] = "float16"
         ck["ema"] = ema
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(ck, str(tmp))
-    os.replace(tmp, dst)
+    _write_atomic(ck, dst)
     return {"src_bytes": src.stat().st_size, "dst_bytes": dst.stat().st_size,
             "ema_updates": int(ema["updates"]) if ema else None}
 

@@ -121,11 +121,9 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
         ax.set_ylabel(ylabel)
         ax.set_title(f"held-out validation: {what}")
         ax.grid(alpha=0.3)
-        if series:
+        if ax.get_legend_handles_labels()[0]:         # validation series or target lines
             ax.legend(fontsize=8)
-        elif folding_target is not None or displacement_target:
-            ax.legend(fontsize=8)
-        else:
+        if not series:
             ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title or Path(log_path).parent.name)
     fig.tight_layout()

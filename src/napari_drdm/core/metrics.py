@@ -156,6 +156,10 @@ def affine_fit(phi_px, side: Optional[float] = None) -> Dict[str, float]:
             "affine_residual_mean_pct": 100.0 * float(rmag.mean())}
 
 
+#: foreground = pixels above min + FG_THRESHOLD * (max - min) of the image (the plausibility figures)
+FG_THRESHOLD = 0.05
+
+
 def _warped_foreground(image, u: np.ndarray, threshold: float):
     """The input's foreground mask F (above min + threshold * range) and F pulled back by ``u``
     (bilinear, zero outside the image): what each output pixel shows of the foreground."""
@@ -172,7 +176,7 @@ def _warped_foreground(image, u: np.ndarray, threshold: float):
     return fg, warped
 
 
-def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Optional[np.ndarray] = None,
+def foreground_out_of_view_pct(image, phi_px, threshold: float = FG_THRESHOLD, det: Optional[np.ndarray] = None,
                                _warped=None) -> float:
     """% of the image's foreground that the deformation pushes out of the field of view.
 
@@ -203,7 +207,7 @@ def foreground_out_of_view_pct(image, phi_px, threshold: float = 0.05, det: Opti
     return float(np.clip(100.0 * (1.0 - visible / total), 0.0, 100.0))
 
 
-def anatomy_metrics(image, phi_px, side: Optional[float] = None, threshold: float = 0.05,
+def anatomy_metrics(image, phi_px, side: Optional[float] = None, threshold: float = FG_THRESHOLD,
                     det: Optional[np.ndarray] = None, _warped=None) -> Dict[str, float]:
     """Folding and displacement where the deformed image shows anatomy, not over the whole grid.
 
@@ -248,7 +252,7 @@ def plausibility_metrics(image, phi_px, side: Optional[float] = None,
     if det is None:
         det = jacobian_determinant(u)
     out = affine_fit(u, side=side)
-    warped = _warped_foreground(image, u, 0.05)
+    warped = _warped_foreground(image, u, FG_THRESHOLD)
     out["fg_out_of_view_pct"] = foreground_out_of_view_pct(image, u, det=det, _warped=warped)
     out.update(anatomy_metrics(image, u, side=side, det=det, _warped=warped))
     return out
