@@ -614,3 +614,44 @@ def test_compact_checkpoint_keeps_the_run_resumable_with_its_average(tmp_path, c
     assert main(["compact", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "exists" in err[0] and "none.pt" in err[1]
+
+
+def test_bundle_registers_an_export_moves_the_default_and_refuses_clashes(straight_run, tmp_path, tiny_checkpoint,
+                                                                           capsys):
+    """`python -m training bundle`: copies an export into a weights folder, writes its registry
+    entry from the file's own provenance, moves the default of its dimensionality only when asked,
+    and refuses (one line, nothing changed) a taken name or alias, a bad name, a missing file."""
+    from napari_drdm.checkpoint import file_sha256 as sha
+    from training.__main__ import main
+    from training.bundle import bundle_weights
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    old = tiny_checkpoint(2, 32, path=wdir / "old2d.safetensors")
+    reg0 = {"old2d": {"file": "old2d.safetensors", "sha256": sha(old), "ndim": 2, "size": 32,
+                      "description": "x", "aliases": ["legacy"], "provenance": {}, "default_for_ndim": 2}}
+    (wdir / "registry.json").write_text(json.dumps(reg0))
+    out, _ = export_run(straight_run, tmp_path / "exp.safetensors")
+    e = bundle_weights(out, "new2d", "a tiny model", aliases=["fresh"], weights_dir=wdir, log=lambda *a: None)
+    reg = json.loads((wdir / "registry.json").read_text())
+    assert list(reg) == ["old2d", "new2d"] and reg["new2d"] == e and reg["old2d"]["default_for_ndim"] == 2
+    assert e["sha256"] == sha(out) == sha(wdir / "new2d.safetensors") and (e["ndim"], e["size"]) == (2, 32)
+    p = e["provenance"]
+    assert p["steps"] == 4 and p["command"] == "test straight" and len(p["data_sha256"]) == 64
+    assert "default_for_ndim" not in e
+    before = (wdir / "registry.json").read_text()
+    for kw, msg in ((dict(name="new2d"), "already bundled.*--replace"),
+                    (dict(name="other", aliases=["legacy"]), "'legacy' is already a name or alias of .*'old2d'"),
+                    (dict(name="Bad-Name"), "lower case letters"),
+                    (dict(name="x", description=" "), "--description")):
+        args = dict(dict(weights=out, name="z", description="d", weights_dir=wdir, log=lambda *a: None), **kw)
+        with pytest.raises(ValueError, match=msg):
+            bundle_weights(**args)
+    assert (wdir / "registry.json").read_text() == before and not (wdir / "other.safetensors").exists()
+    bundle_weights(out, "new2d", "again", default=True, replace=True, weights_dir=wdir, log=lambda *a: None)
+    reg = json.loads((wdir / "registry.json").read_text())
+    assert reg["new2d"]["default_for_ndim"] == 2 and "default_for_ndim" not in reg["old2d"]
+    assert reg["new2d"]["description"] == "again" and reg["new2d"]["aliases"] == []
+    assert main(["bundle", "--weights", str(tmp_path / "none.safetensors"), "--name", "q", "--description", "d",
+                 "--weights-dir", str(wdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file" in err

@@ -1,4 +1,4 @@
-"""``python -m training {kit,prepare,train,export,validate,compact,plot,convert-upstream}``: the DRDM training command line.
+"""``python -m training {kit,prepare,train,export,validate,compact,bundle,plot,convert-upstream}``: the DRDM training command line.
 
     python -m training kit --out cache/kit
     python -m training prepare --config training/configs/brain2d.yaml
@@ -8,6 +8,7 @@
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
     python -m training validate --run runs/general2d --weights-file cmr2d --append     # a step-0 reference
     python -m training compact --checkpoint runs/b/checkpoints/step_00001000.pt --out training/checkpoints/b/step_00001000.pt
+    python -m training bundle  --weights general3d.safetensors --name general3d --description "..." --default
     python -m training plot    --run runs/brain2d
 
 See training/README.md.
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_compact)
+    from . import bundle as _bundle
+    p = sub.add_parser("bundle", help="register an exported model as bundled weights of the plugin")
+    _bundle.add_arguments(p)
+    p.set_defaults(func=_bundle.run)
     p = sub.add_parser("validate", help="run a run's validation on its checkpoint or on other weights")
     p.add_argument("--run", required=True, help="run directory (its config.yaml gives the images and settings)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint of the run (default: the latest)")
