@@ -441,6 +441,30 @@ def test_plot_draws_targets_on_a_log_folding_axis(tmp_path, capsys, monkeypatch)
     assert err.startswith("error: --displacement-target '8,x'") and "\n" not in err
 
 
+def test_plot_marks_a_learning_rate_change_but_not_the_warmup(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from training.plot import lr_changes, plot_run
+    warm = [{"step": s, "ang": -0.1, "lr": 1e-4 * s / 20} for s in (5, 10, 15)]       # warm-up: rises
+    flat = [{"step": s, "ang": -0.3, "lr": 1e-4} for s in range(20, 70, 5)]
+    lower = [{"step": s, "ang": -0.4, "lr": 5e-5} for s in range(70, 100, 5)]
+    rows = warm + flat + [{"event": "stop", "step": 67}] + lower
+    assert lr_changes(rows) == [(70, 1e-4, 5e-5)]
+    assert lr_changes(warm + flat) == [] and lr_changes(flat[:1] + lower) == []      # one row is no plateau
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    seen = {}
+
+    def savefig(fig, *a, **k):
+        seen["v"] = [[ln.get_xdata()[0] for ln in ax.get_lines() if list(ln.get_xdata()) == [70, 70]]
+                     for ax in fig.axes]
+        seen["text"] = [t.get_text() for t in fig.axes[0].texts]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    plot_run(log, tmp_path / "c.png")
+    assert seen["v"] == [[70], [70], [70]] and seen["text"] == ["lr 0.0001 -> 5e-05"]
+
+
 # ------------------------------------------------------------------------ weight average (EMA)
 def test_weight_average_update_rule_and_state_round_trip():
     from training.ema import WeightAverage, half_life

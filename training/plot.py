@@ -9,7 +9,9 @@ the recovered field's folding and maximum displacement (% of the side) at each v
 schedule, with the forward field's for reference, against the step (a model that recovers keeps
 folding low while its deformation stays large; the folding axis is logarithmic unless
 ``--linear-folding``, and ``--folding-target PCT`` draws the target as a dotted line); with ``train.ema_decay`` also the weight
-average's (``val_ema/`` rows, training/ema.py).  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
+average's (``val_ema/`` rows, training/ema.py).  A change of the learning rate after its warm-up
+(a resume with ``--set optim.lr=...``) is a grey vertical line on every panel, labelled on the
+left one.  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["read_log", "plot_run"]
+__all__ = ["read_log", "plot_run", "lr_changes"]
 
 
 def read_log(path) -> List[Dict[str, Any]]:
@@ -39,6 +41,24 @@ def _moving(values, n):
         return v
     c = np.convolve(v, np.ones(n) / n, mode="valid")
     return np.concatenate([np.full(n - 1, np.nan), c])
+
+
+def lr_changes(rows: Sequence[Dict[str, Any]]) -> List[tuple]:
+    """``(step, old_lr, new_lr)`` where the learning rate of the training rows settles at a new value.
+
+    A value counts once two consecutive logged rows hold it (a plateau), so the warm-up, whose
+    rate rises at every row, marks nothing; the first plateau is the starting rate.
+    """
+    pts = sorted((int(r["step"]), float(r["lr"])) for r in rows
+                 if "lr" in r and "step" in r and "event" not in r)
+    out: List[tuple] = []
+    current = None
+    for (s0, a), (_, b) in zip(pts, pts[1:]):
+        if a == b and a != current:
+            if current is not None:
+                out.append((s0, current, a))
+            current = a
+    return out
 
 
 def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
@@ -78,6 +98,13 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     a1.set_ylabel("cosine loss 'ang' (lower is better)")
     a1.set_title("training")
     a1.grid(alpha=0.3)
+    changes = lr_changes(steps)
+    for ax in (a1, a2, a3):
+        for at, _, _ in changes:
+            ax.axvline(at, color="0.45", ls=":", lw=1.0)
+    for at, old, new in changes:
+        a1.annotate(f"lr {old:g} -> {new:g}", (at, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=7, color="0.3")
     a1.legend(loc="upper right", fontsize=8)
     for ax, metric, ylabel, what in (
             (a2, "folding_pct", "folding, % of pixels with det <= 0", "folding"),
