@@ -103,9 +103,11 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
         for at, _, _ in changes:
             ax.axvline(at, color="0.45", ls=":", lw=1.0)
     for at, old, new in changes:
+        right = at > x[0] + 0.75 * (x[-1] - x[0])        # near the right edge: the label goes left of the line
         a1.annotate(f"lr {old:g} -> {new:g}", (at, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=7, color="0.3")
-    a1.legend(loc="upper right", fontsize=8)
+                    xytext=(-3 if right else 3, -3), textcoords="offset points", va="top",
+                    ha="right" if right else "left", fontsize=7, color="0.3")
+    a1.legend(loc="lower left" if changes else "upper right", fontsize=8)   # the labels sit at the top
     for ax, metric, ylabel, what in (
             (a2, "folding_pct", "folding, % of pixels with det <= 0", "folding"),
             (a3, "max_disp_pct", "maximum displacement, % of the side", "maximum displacement")):
