@@ -146,7 +146,8 @@ def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
 
 
 # the names users type (README, `drdm weights`): renaming or dropping one breaks their commands
-BUNDLED = {"cmr2d": {"published2d", "upstream2d"}, "general2d": set(), "brain2d": {"drdm2d"}, "brain3d": {"drdm3d"}}
+BUNDLED = {"cmr2d": {"published2d", "upstream2d"}, "general2d": set(), "brain2d": {"drdm2d"}, "brain3d": {"drdm3d"},
+           "general3d": set()}
 
 
 def test_bundled_names_aliases_and_files():

@@ -35,8 +35,10 @@ def registry_provenance(prov: Dict[str, Any]) -> Dict[str, Any]:
     init = prov.get("init") or {}
     out: Dict[str, Any] = {}
     counts = data.get("counts") or {}
-    out["trained_on"] = (f"napari-drdm data kit ({data.get('kind') or '?'}), {counts.get('train', '?')} training "
-                         f"subjects; prepared data sha256 {str(data.get('prepared_sha256') or '?')[:12]}")
+    kind = data.get("kind") or "?"
+    out["trained_on"] = (("napari-drdm data kit" if kind == "kit" else f"{kind} data")
+                         + f", {counts.get('train', '?')} training images; prepared data sha256 "
+                         + str(data.get("prepared_sha256") or "?")[:12])
     if init:
         out["init"] = f"{init.get('source', '?')} (sha256 {str(init.get('sha256') or '?')[:12]})"
     out["steps"] = int(prov.get("steps", 0))
