@@ -21,7 +21,7 @@ from .data import ensure_core
 
 ensure_core()
 
-from napari_drdm.checkpoint import file_sha256, read_checkpoint  # noqa: E402
+from napari_drdm.checkpoint import file_sha256  # noqa: E402
 from napari_drdm.io import atomic_write  # noqa: E402
 
 __all__ = ["bundle_weights", "registry_provenance"]
@@ -78,8 +78,9 @@ def bundle_weights(weights, name: str, description: str, aliases: Sequence[str] 
         ValueError: a bad name or alias, a name already registered (without ``replace``), an
             empty description, or weights that do not load into their own configuration.
     """
-    from napari_drdm.core.network import DRDMNet
     from napari_drdm.weights import WEIGHTS_DIR
+
+    from .export import check_loadable
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     src = Path(weights)
     if not src.is_file():
@@ -98,9 +99,8 @@ def bundle_weights(weights, name: str, description: str, aliases: Sequence[str] 
     for word in (name, *aliases):
         if word in taken:
             raise ValueError(f"{word!r} is already a name or alias of the bundled model {taken[word]!r}")
-    state, cfg, prov = read_checkpoint(src)
     try:
-        DRDMNet.from_config(cfg).load_state_dict(state, strict=True)
+        cfg, prov, _ = check_loadable(src)
     except RuntimeError as e:
         raise ValueError(f"--weights {src}: the weights do not fit their own configuration: "
                          f"{str(e).splitlines()[0]}") from None
@@ -126,9 +126,8 @@ def bundle_weights(weights, name: str, description: str, aliases: Sequence[str] 
         entry["default_for_ndim"] = int(cfg.ndim)
     elif reg.get(name, {}).get("default_for_ndim"):
         entry["default_for_ndim"] = reg[name]["default_for_ndim"]
-    new = dict(reg)
-    new[name] = entry
-    text = json.dumps(new, indent=2) + "\n"
+    reg[name] = entry                                # a replaced entry keeps its place
+    text = json.dumps(reg, indent=2) + "\n"
     atomic_write(reg_file, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     if old_file and old_file != dest.name and (wdir / old_file).exists():
         (wdir / old_file).unlink()

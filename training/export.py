@@ -24,7 +24,7 @@ ensure_core()
 
 from napari_drdm.checkpoint import write_checkpoint  # noqa: E402
 
-__all__ = ["export_run", "provenance_of", "pick_weights", "validate_run"]
+__all__ = ["export_run", "provenance_of", "pick_weights", "validate_run", "check_loadable"]
 
 
 def pick_weights(ck: Dict[str, Any], weights: str = "auto") -> Tuple[str, Dict[str, Any]]:
@@ -202,7 +202,7 @@ def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool =
     return str(out), sha
 
 
-def _check_loadable(path: str):
+def check_loadable(path: str):
     """Reload through the plugin's reader and load strictly into a fresh network."""
     from napari_drdm.checkpoint import read_checkpoint
     from napari_drdm.core.network import DRDMNet
@@ -215,7 +215,7 @@ def _check_loadable(path: str):
 def main_export(args) -> int:
     out, sha = export_run(args.run, args.out, args.checkpoint, args.overwrite, args.name, args.validate,
                           getattr(args, "weights", "auto"))
-    cfg, prov, n = _check_loadable(out)
+    cfg, prov, n = check_loadable(out)
     size_kb = Path(out).stat().st_size / 1024
     print(f"wrote {out} ({size_kb:.0f} KB, sha256 {sha}); {n} parameters, ndim={cfg.ndim}, S={cfg.size}, "
           f"field_scale={cfg.field_scale}, {prov['steps']} steps, {prov['wall_time_s'] / 3600:.2f} h, "

@@ -99,10 +99,9 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     a1.set_title("training")
     a1.grid(alpha=0.3)
     changes = lr_changes(steps)
-    for ax in (a1, a2, a3):
-        for at, _, _ in changes:
-            ax.axvline(at, color="0.45", ls=":", lw=1.0)
     for at, old, new in changes:
+        for ax in (a1, a2, a3):
+            ax.axvline(at, color="0.45", ls=":", lw=1.0)
         right = at > x[0] + 0.75 * (x[-1] - x[0])        # near the right edge: the label goes left of the line
         a1.annotate(f"lr {old:g} -> {new:g}", (at, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(-3 if right else 3, -3), textcoords="offset points", va="top",
