@@ -679,3 +679,26 @@ def test_bundle_registers_an_export_moves_the_default_and_refuses_clashes(straig
                  "--weights-dir", str(wdir)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err
+
+
+def test_prepare_subsamples_training_images_to_max_mb(tmp_path, capsys):
+    cfg = tiny(**{"data.prepared": str(tmp_path / "full.npz"), "data.n_synthetic": 64})
+    full = Path(prepare(cfg, log=lambda *a: None)).stat().st_size
+    cfg = tiny(**{"data.prepared": str(tmp_path / "sub.npz"), "data.n_synthetic": 64, "data.max_mb": full * 0.5e-6})
+    lines = []
+    path = prepare(cfg, log=lines.append)
+    info = json.loads(Path(path + ".json").read_text())
+    assert Path(path).stat().st_size <= full * 0.5 and info["subsample"]["before"] == 64
+    assert 2 <= info["subsample"]["stride"] <= 8 and load_prepared(path)["val"].shape[0] == 8   # val kept whole
+    assert any("subsampled train 64 ->" in line for line in lines)
+    # a limit below what the validation images alone take fails at once, in one line, leaving nothing
+    cfg = tiny(**{"data.prepared": str(tmp_path / "none.npz"), "data.n_synthetic": 64, "data.max_mb": 1e-4})
+    with pytest.raises(ValueError, match=r"data.max_mb=0.0001: the validation images alone take"):
+        prepare(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.npz", "full.npz.json", "sub.npz", "sub.npz.json"]
+    from training.__main__ import main
+    assert main(["prepare", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "cli.npz"),
+                 "--set", "data.n_synthetic=64", "--set", "data.max_mb=0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.max_mb=0.0001") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli.npz").exists()

@@ -209,8 +209,17 @@ def prepare(cfg: Dict[str, Any], out: Optional[str] = None, log=print) -> str:
     limit = float(dcfg.get("max_mb", 40)) * 1e6
     n_tr = int(arrays["train_images"].shape[0])
     if tmp.stat().st_size > limit and n_tr > 1:
-        # subsample the training images with a constant stride until the file fits
-        stride = int(math.ceil(tmp.stat().st_size / limit))
+        # subsample the training images with a constant stride until the file fits; the
+        # validation images and the metadata are kept whole, so measure what they take first
+        full = tmp.stat().st_size
+        _write(tmp, meta, {k: (v[:0] if k.startswith("train_") else v) for k, v in arrays.items()})
+        fixed = tmp.stat().st_size
+        if fixed >= limit:
+            tmp.unlink()
+            raise ValueError(f"data.max_mb={dcfg.get('max_mb', 40)}: the validation images alone take "
+                             f"{fixed / 1e6:.1f} MB of the prepared file; expected a limit above that")
+        per_image = max(full - fixed, 1) / n_tr
+        stride = max(2, int(math.ceil(n_tr * per_image / (limit - fixed))))
         while True:
             sub = {k: (v[::stride] if k.startswith("train_") else v) for k, v in arrays.items()}
             meta["subsample"] = {"stride": stride, "before": n_tr, "after": int(sub["train_images"].shape[0]),
@@ -218,7 +227,7 @@ def prepare(cfg: Dict[str, Any], out: Optional[str] = None, log=print) -> str:
             _write(tmp, meta, sub)
             if tmp.stat().st_size <= limit or stride >= n_tr:
                 break
-            stride += 1
+            stride = max(stride + 1, int(stride * tmp.stat().st_size / limit))
         log(f"subsampled train {n_tr} -> {meta['subsample']['after']} (stride {stride}) to stay under "
             f"{dcfg.get('max_mb', 40)} MB")
     os.replace(tmp, out)
