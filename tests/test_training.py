@@ -114,6 +114,28 @@ def test_resume_applies_the_configured_learning_rate(tmp_path):
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr0 / 4)
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator: the streams are reseeded,
+    said in one line, and the run goes on; a CPU checkpoint records its device type."""
+    run = tmp_path / "moved"
+    train(tiny(**{"train.steps": 2, "validation.at_end": "false"}), run, echo=lambda *a: None)
+    path = latest_checkpoint(run)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["device_type"] == "cpu"
+    # what a CUDA run saves (written before device_type was recorded): CUDA stream states
+    del ck["device_type"]
+    for st in ck["rng"]:
+        st.update(field=torch.zeros(16, dtype=torch.uint8), aug=torch.zeros(16, dtype=torch.uint8),
+                  t=torch.get_rng_state(), cuda=torch.zeros(16, dtype=torch.uint8))
+    torch.save(ck, path)
+    said = []
+    train(tiny(**{"train.steps": 4, "validation.at_end": "false"}), run, resume=True,
+          echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert [m for m in said if m.startswith("note: checkpoint written with another layout")] == [
+        "note: checkpoint written with another layout (device cuda -> cpu): random streams reseeded"]
+    assert load_training_checkpoint(latest_checkpoint(run))["step"] == 4
+
+
 def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
     """SIGTERM mid-run: the step in flight is abandoned (or finished), the state saved; resuming
     reaches exactly the uninterrupted run's parameters."""
@@ -463,6 +485,29 @@ def test_plot_marks_a_learning_rate_change_but_not_the_warmup(tmp_path, monkeypa
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     plot_run(log, tmp_path / "c.png")
     assert seen["v"] == [[70], [70], [70]] and seen["text"] == ["lr 0.0001 -> 5e-05"]
+
+
+def test_plot_marks_a_batch_change_with_the_learning_rate_change_at_the_same_step(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from training.plot import batch_changes, plot_run
+    cpu = [{"step": s, "ang": -0.3, "lr": 1e-4, "it_s": 0.08, "samples_s": 0.16} for s in range(5, 50, 5)]
+    gpu = [{"step": s, "ang": -0.4, "lr": 5e-5, "it_s": 3.4, "samples_s": 27.2} for s in range(50, 80, 5)]
+    bigger = [{"step": s, "ang": -0.4, "lr": 5e-5, "it_s": 1.7, "samples_s": 27.2} for s in range(80, 95, 5)]
+    assert batch_changes(cpu + gpu + bigger) == [(50, 2, 8), (80, 8, 16)]
+    assert batch_changes(cpu) == [] and batch_changes([{"step": 5, "ang": 0.0, "it_s": 0.0, "samples_s": 0.0}]) == []
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in cpu + gpu + bigger))
+    seen = {}
+
+    def savefig(fig, *a, **k):
+        seen["text"] = [t.get_text() for t in fig.axes[0].texts]
+        seen["xlim"] = [ax.get_xlim() for ax in fig.axes]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    plot_run(log, tmp_path / "c.png")
+    assert seen["text"] == ["lr 0.0001 -> 5e-05\nbatch 2 -> 8", "batch 8 -> 16"]
+    assert seen["xlim"][0] == seen["xlim"][1] == seen["xlim"][2]          # the panels share the step axis
 
 
 # ------------------------------------------------------------------------ weight average (EMA)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["read_log", "plot_run", "lr_changes"]
+__all__ = ["read_log", "plot_run", "lr_changes", "batch_changes"]
 
 
 def read_log(path) -> List[Dict[str, Any]]:
@@ -43,14 +43,10 @@ def _moving(values, n):
     return np.concatenate([np.full(n - 1, np.nan), c])
 
 
-def lr_changes(rows: Sequence[Dict[str, Any]]) -> List[tuple]:
-    """``(step, old_lr, new_lr)`` where the learning rate of the training rows settles at a new value.
-
-    A value counts once two consecutive logged rows hold it (a plateau), so the warm-up, whose
-    rate rises at every row, marks nothing; the first plateau is the starting rate.
-    """
-    pts = sorted((int(r["step"]), float(r["lr"])) for r in rows
-                 if "lr" in r and "step" in r and "event" not in r)
+def _plateau_changes(pts) -> List[tuple]:
+    """``(step, old, new)`` where a sorted ``(step, value)`` series settles at a new value: a value
+    counts once two consecutive points hold it, so a ramp marks nothing and the first plateau is
+    the starting value."""
     out: List[tuple] = []
     current = None
     for (s0, a), (_, b) in zip(pts, pts[1:]):
@@ -59,6 +55,28 @@ def lr_changes(rows: Sequence[Dict[str, Any]]) -> List[tuple]:
                 out.append((s0, current, a))
             current = a
     return out
+
+
+def lr_changes(rows: Sequence[Dict[str, Any]]) -> List[tuple]:
+    """``(step, old_lr, new_lr)`` where the learning rate of the training rows settles at a new value.
+
+    A value counts once two consecutive logged rows hold it (a plateau), so the warm-up, whose
+    rate rises at every row, marks nothing; the first plateau is the starting rate.
+    """
+    return _plateau_changes(sorted((int(r["step"]), float(r["lr"])) for r in rows
+                                   if "lr" in r and "step" in r and "event" not in r))
+
+
+def batch_changes(rows: Sequence[Dict[str, Any]]) -> List[tuple]:
+    """``(step, old, new)`` where the global batch (images per optimiser step, over all ranks) of
+    the training rows changes, e.g. a run resumed on a GPU with a larger batch.
+
+    The batch is read off each row as ``samples_s / it_s``; the plateau rule of :func:`lr_changes`
+    applies.
+    """
+    return _plateau_changes(sorted((int(r["step"]), int(round(float(r["samples_s"]) / float(r["it_s"]))))
+                                   for r in rows if "step" in r and "event" not in r
+                                   and float(r.get("it_s") or 0) > 0 and "samples_s" in r))
 
 
 def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
@@ -98,12 +116,17 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     a1.set_ylabel("cosine loss 'ang' (lower is better)")
     a1.set_title("training")
     a1.grid(alpha=0.3)
-    changes = lr_changes(steps)
-    for at, old, new in changes:
+    labels: Dict[int, List[str]] = {}
+    for at, old, new in lr_changes(steps):
+        labels.setdefault(at, []).append(f"lr {old:g} -> {new:g}")
+    for at, old, new in batch_changes(steps):
+        labels.setdefault(at, []).append(f"batch {old} -> {new}")
+    changes = sorted(labels.items())
+    for at, text in changes:
         for ax in (a1, a2, a3):
             ax.axvline(at, color="0.45", ls=":", lw=1.0)
         right = at > x[0] + 0.75 * (x[-1] - x[0])        # near the right edge: the label goes left of the line
-        a1.annotate(f"lr {old:g} -> {new:g}", (at, 1.0), xycoords=("data", "axes fraction"),
+        a1.annotate("\n".join(text), (at, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(-3 if right else 3, -3), textcoords="offset points", va="top",
                     ha="right" if right else "left", fontsize=7, color="0.3")
     a1.legend(loc="lower left" if changes else "upper right", fontsize=8)   # the labels sit at the top
@@ -145,6 +168,7 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
                 else:
                     ax.set_yscale("symlog", linthresh=0.1)
                 ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlim(a1.get_xlim())                    # one step axis for the three panels
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"held-out validation: {what}")

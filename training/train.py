@@ -117,10 +117,17 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         init_info = ck.get("init")
         wall_before = float(ck.get("wall_s_total", 0.0))
         bank.load_state_dict(ck["bank"])
-        if int(ck["world_size"]) == env.world and ck.get("batch_size") == int(tcfg["batch_size"]):
+        # the streams continue only in the layout they were saved in: same world size, batch and
+        # device type (a CUDA generator's state cannot seed a CPU one; checkpoints before
+        # `device_type` was recorded tell it by the CUDA state they carry)
+        saved_dev = ck.get("device_type", "cuda" if "cuda" in ck["rng"][0] else "cpu")
+        moved = [f"{what} {a} -> {b}" for what, a, b in (
+            ("world size", int(ck["world_size"]), env.world), ("batch", ck.get("batch_size"), int(tcfg["batch_size"])),
+            ("device", saved_dev, dev.type)) if a != b]
+        if not moved:
             set_rng_state(gens, ck["rng"][env.rank], dev)
         else:  # a different layout cannot continue the same streams: reseed deterministically
-            say(f"note: checkpoint written with world size {ck['world_size']}, now {env.world}: RNG reseeded")
+            say(f"note: checkpoint written with another layout ({', '.join(moved)}): random streams reseeded")
             gens = generators(int(tcfg["seed"]) + step, env.rank, dev)
         if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
             say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
@@ -167,7 +174,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if env.main:
             now = dict(entry, end_step=step, wall_s=time.time() - t_start, stop_reason=tag)
             obj = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                   "bank": bank.state_dict(), "rng": states, "world_size": env.world,
+                   "bank": bank.state_dict(), "rng": states, "world_size": env.world, "device_type": dev.type,
                    "batch_size": int(tcfg["batch_size"]), "config": plain(cfg), "model_config": plain(mcfg.to_dict()),
                    "history": plain(history + [now]), "data": plain(prepared_info(data)),
                    "last_val": plain(last_val), "init": plain(init_info),
