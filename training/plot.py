@@ -122,13 +122,18 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     for at, old, new in batch_changes(steps):
         labels.setdefault(at, []).append(f"batch {old} -> {new}")
     changes = sorted(labels.items())
+    span = max(x[-1] - x[0], 1)
+    drop, prev = 0, None
     for at, text in changes:
         for ax in (a1, a2, a3):
             ax.axvline(at, color="0.45", ls=":", lw=1.0)
-        right = at > x[0] + 0.75 * (x[-1] - x[0])        # near the right edge: the label goes left of the line
+        right = at > x[0] + 0.75 * span                  # near the right edge: the label goes left of the line
+        # a label close to the previous one goes below it rather than over it
+        drop = drop + 9 * len(labels[prev]) if prev is not None and at - prev < 0.3 * span else 0
         a1.annotate("\n".join(text), (at, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(-3 if right else 3, -3), textcoords="offset points", va="top",
+                    xytext=(-3 if right else 3, -3 - drop), textcoords="offset points", va="top",
                     ha="right" if right else "left", fontsize=7, color="0.3")
+        prev = at
     a1.legend(loc="lower left" if changes else "upper right", fontsize=8)   # the labels sit at the top
     for ax, metric, ylabel, what in (
             (a2, "folding_pct", "folding, % of pixels with det <= 0", "folding"),
