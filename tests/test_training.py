@@ -136,6 +136,36 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
     assert load_training_checkpoint(latest_checkpoint(run))["step"] == 4
 
 
+def test_resume_compares_the_images_not_the_prepared_files_metadata(tmp_path):
+    """A prepared file rebuilt elsewhere from the same images (another kit manifest: other
+    metadata) resumes with a note; other images resume with a warning."""
+    from training.data import _write, images_sha256
+    prep = tmp_path / "prep.npz"
+    cfg = tiny(**{"data.prepared": str(prep), "data.n_synthetic": 8, "train.steps": 2, "validation.at_end": "false"})
+    run = tmp_path / "run"
+    train(cfg, run, echo=lambda *a: None)
+    data = load_prepared(str(prep))
+    assert data["images_sha256"] == images_sha256(data)
+    assert load_training_checkpoint(latest_checkpoint(run))["data"]["images_sha256"] == data["images_sha256"]
+
+    def rewrite(meta_note, train_images):
+        with np.load(prep, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+        arrays["train_images"] = train_images
+        _write(prep, dict(data["meta"], note=meta_note), arrays)
+
+    def resume(steps):
+        said = []
+        train(dict(cfg, train=dict(cfg["train"], steps=steps)), run, resume=True,
+              echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+        return [m for m in said if m.startswith(("note: the prepared", "WARNING"))]
+    rewrite("rebuilt elsewhere", data["train"])
+    assert load_prepared(str(prep))["sha256"] != data["sha256"]
+    assert resume(3) == ["note: the prepared file differs from the checkpoint's in its metadata only (same images)"]
+    rewrite("other images", 255 - data["train"])
+    assert resume(4) == ["WARNING: the training images differ from the checkpoint's (images sha256 mismatch)"]
+
+
 def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
     """SIGTERM mid-run: the step in flight is abandoned (or finished), the state saved; resuming
     reaches exactly the uninterrupted run's parameters."""

@@ -181,7 +181,8 @@ def test_user_weights_folders_from_drdm_weights_dir(tmp_path, monkeypatch, tiny_
     with pytest.raises(LookupError, match="unknown weights 'mine'.*cmr2d"):
         resolve_weights("mine")
     monkeypatch.setenv("DRDM_WEIGHTS_DIR", os.pathsep.join([str(a), str(b)]))
-    assert resolve_weights("mine") == (Path(mine), "mine")
+    with pytest.warns(FutureWarning, match="DRDM_WEIGHTS_DIR is deprecated: set NAPARI_DRDM_WEIGHTS_DIR"):
+        assert resolve_weights("mine") == (Path(mine), "mine")
     assert resolve_weights("theirs") == (Path(theirs), "theirs")
     assert resolve_weights("cmr2d") == (WEIGHTS_DIR / registry()["cmr2d"]["file"], "cmr2d")
     m = load_model("theirs", device="cpu")

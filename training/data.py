@@ -253,19 +253,34 @@ def _write(path: Path, meta: Dict[str, Any], arrays: Dict[str, np.ndarray]):
                 np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
 
 
+def images_sha256(data: Dict[str, Any]) -> str:
+    """The sha256 of the training and validation images alone (shapes, dtypes and pixels, in split
+    order): two prepared files whose metadata differ (another kit manifest, say) but whose images
+    are the same have the same value."""
+    import hashlib
+    h = hashlib.sha256()
+    for s in SPLITS:
+        a = np.ascontiguousarray(data[s])
+        h.update(f"{s}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def load_prepared(path: str) -> Dict[str, Any]:
-    """{'train': uint8 array, 'val': uint8 array, 'meta': dict, 'sha256': str} from a prepared file."""
+    """{'train': uint8 array, 'val': uint8 array, 'meta': dict, 'sha256': str (the file's),
+    'images_sha256': str (the images')} from a prepared file."""
     with np.load(path, allow_pickle=False) as z:
         out = {s: z[f"{s}_images"] for s in SPLITS}
         out["meta"] = json.loads(str(z["meta"].reshape(-1)[0]))
     out["sha256"] = file_sha256(path)
+    out["images_sha256"] = images_sha256(out)
     return out
 
 
 def prepared_info(data: Dict[str, Any]) -> Dict[str, Any]:
     """The provenance part of a prepared dataset (what a checkpoint should remember)."""
     m = data["meta"]
-    return {"prepared_sha256": data["sha256"], "kind": m.get("kind"), "counts": m.get("counts"),
+    return {"prepared_sha256": data["sha256"], "images_sha256": data.get("images_sha256"), "kind": m.get("kind"), "counts": m.get("counts"),
             "subsample": m.get("subsample"), "kit": m.get("kit"), "synthetic": m.get("sources"),
             "train_sources": m.get("train_sources"), "val_sources": m.get("val_sources")}
 
@@ -297,5 +312,5 @@ def dataset(cfg: Dict[str, Any], env=None) -> Dict[str, Any]:
     tr = synthetic_images(n, int(m["size"]), int(m["ndim"]), seed=seed * 7)
     va = synthetic_images(max(2, n // 8), int(m["size"]), int(m["ndim"]), seed=seed * 7 + 1)
     sha = hashlib.sha256(tr.tobytes() + va.tobytes()).hexdigest()
-    return {"train": tr, "val": va, "sha256": sha, "meta": {"kind": "synthetic", "counts": {"train": n},
+    return {"train": tr, "val": va, "sha256": sha, "images_sha256": images_sha256({"train": tr, "val": va}), "meta": {"kind": "synthetic", "counts": {"train": n},
                                                             "sources": {"synthetic": {"seed": seed, "n": n}}}}

@@ -59,6 +59,7 @@ def provenance_of(ck: Dict[str, Any], ckpt_path: Path, weights: str = "raw") -> 
         "torch": sorted({h.get("torch", "?") for h in hist}),
         "data": {
             "prepared_sha256": data.get("prepared_sha256"),
+            "images_sha256": data.get("images_sha256"),
             "kind": data.get("kind"),
             "counts": data.get("counts"),
             "subsample": data.get("subsample"),

@@ -129,8 +129,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         else:  # a different layout cannot continue the same streams: reseed deterministically
             say(f"note: checkpoint written with another layout ({', '.join(moved)}): random streams reseeded")
             gens = generators(int(tcfg["seed"]) + step, env.rank, dev)
-        if ck.get("data", {}).get("prepared_sha256") != data["sha256"]:
-            say("WARNING: the prepared data differ from the checkpoint's (sha256 mismatch)")
+        _compare_data(ck.get("data") or {}, data, say)
         say(f"resumed {ckpt_path} at step {step}")
     ema = start_average(tcfg, model, ck, step, env.main, say)
     net = model
@@ -267,6 +266,20 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     log.close()
     say(f"stopped at step {step} ({reason}) after {(time.time() - t_start) / 60:.1f} min")
     return {"step": step, "reason": reason, "last_val": last_val, "run_dir": str(run_dir)}
+
+
+def _compare_data(saved: Dict[str, Any], data: Dict[str, Any], say):
+    """Say whether a resumed run trains on the images its checkpoint was trained on.  The images'
+    own hash decides where both sides have one (a prepared file rebuilt from the same kit on
+    another machine may differ in its metadata only); older checkpoints have only the file's."""
+    if saved.get("images_sha256") and data.get("images_sha256"):
+        if saved["images_sha256"] != data["images_sha256"]:
+            say("WARNING: the training images differ from the checkpoint's (images sha256 mismatch)")
+        elif saved.get("prepared_sha256") != data["sha256"]:
+            say("note: the prepared file differs from the checkpoint's in its metadata only (same images)")
+    elif saved.get("prepared_sha256") != data["sha256"]:
+        say("WARNING: the prepared data differ from the checkpoint's (file sha256 mismatch; the checkpoint "
+            "predates the images' own hash, so the images were not compared)")
 
 
 def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None):
