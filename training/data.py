@@ -280,7 +280,8 @@ def load_prepared(path: str) -> Dict[str, Any]:
 def prepared_info(data: Dict[str, Any]) -> Dict[str, Any]:
     """The provenance part of a prepared dataset (what a checkpoint should remember)."""
     m = data["meta"]
-    return {"prepared_sha256": data["sha256"], "images_sha256": data.get("images_sha256"), "kind": m.get("kind"), "counts": m.get("counts"),
+    return {"prepared_sha256": data["sha256"], "images_sha256": data.get("images_sha256"),
+            "kind": m.get("kind"), "counts": m.get("counts"),
             "subsample": m.get("subsample"), "kit": m.get("kit"), "synthetic": m.get("sources"),
             "train_sources": m.get("train_sources"), "val_sources": m.get("val_sources")}
 
@@ -312,5 +313,5 @@ def dataset(cfg: Dict[str, Any], env=None) -> Dict[str, Any]:
     tr = synthetic_images(n, int(m["size"]), int(m["ndim"]), seed=seed * 7)
     va = synthetic_images(max(2, n // 8), int(m["size"]), int(m["ndim"]), seed=seed * 7 + 1)
     sha = hashlib.sha256(tr.tobytes() + va.tobytes()).hexdigest()
-    return {"train": tr, "val": va, "sha256": sha, "images_sha256": images_sha256({"train": tr, "val": va}), "meta": {"kind": "synthetic", "counts": {"train": n},
-                                                            "sources": {"synthetic": {"seed": seed, "n": n}}}}
+    return {"train": tr, "val": va, "sha256": sha, "images_sha256": images_sha256({"train": tr, "val": va}),
+            "meta": {"kind": "synthetic", "counts": {"train": n}, "sources": {"synthetic": {"seed": seed, "n": n}}}}
