@@ -673,6 +673,29 @@ def test_train_step_benchmark_times_every_arm(capsys):
         bench(["--config", str(CONFIGS / "tiny.yaml"), "--steps", "0"])
 
 
+def test_train_step_benchmark_profiles_by_operator_and_names_a_bad_device(capsys):
+    """``--profile N`` prints the operators of N whole steps, the convolutions among the costliest;
+    an unusable ``--device`` is one line naming it."""
+    from benchmarks.train_step import main as bench
+    tiny_cfg = str(CONFIGS / "tiny.yaml")
+    assert bench(["--config", tiny_cfg, "--steps", "1", "--profile", "1", "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU thread(s)" in out.splitlines()[0]
+    prof = out[out.index("profile: 1 step(s)"):]
+    top = [ln.split()[0] for ln in prof.splitlines() if ln.startswith(" ") and "aten::" in ln][:5]
+    assert any("convolution" in name for name in top), prof
+    for device, expected in (("tpu", "expected cpu, cuda"), ("cuda:x", "expected cpu, cuda")):
+        with pytest.raises(SystemExit) as e:
+            bench(["--config", tiny_cfg, "--device", device])
+        assert expected in str(e.value) and device in str(e.value) and "\n" not in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench(["--config", tiny_cfg, "--device", "cuda"])
+        assert "no CUDA device" in str(e.value)
+    with pytest.raises(SystemExit):
+        bench(["--config", tiny_cfg, "--profile", "-1"])
+
+
 def test_compact_checkpoint_keeps_the_run_resumable_with_its_average(tmp_path, capsys):
     """``python -m training compact``: the average in float16, everything else exact; a run resumed
     from the compact copy trains the same weights and continues its average (rounded once)."""

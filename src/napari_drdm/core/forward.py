@@ -158,7 +158,12 @@ class ForwardSampler:
 
         * the sampling grid of ``field`` is built once: every composition resamples the running
           field at x + field(x), the same grid each time (plain ``warp`` rebuilt it n times);
-        * the first composition, of the zero field, is ``field + 0``: skipped (``field`` itself).
+        * the first composition, of the zero field, is ``field + 0``: skipped (``field`` itself);
+        * the samples are taken in descending order of their counts, so the ones still running
+          are always the first k: each composition reads and writes that prefix in place, with no
+          gather, scatter or mask of the whole batch, and a batch costs the sum of its counts,
+          not its size times the largest (a permutation at the start and at the end when the
+          counts are not already in that order).
         Repeated squaring would need only log2(n) compositions but is not the same computation
         with bilinear resampling (benchmarks/README.md quantifies it); it is not used.
         """
@@ -171,40 +176,43 @@ class ForwardSampler:
 
     def _iter_integrate_fast(self, field: torch.Tensor, counts: torch.Tensor, keep_at: Optional[Sequence[int]] = None):
         """Generator behind :meth:`_integrate_fast`: yields ``(n, state)`` as soon as the state after
-        ``n`` compositions (``n`` in ``keep_at``) exists, then ``(None, final state)``."""
+        ``n`` compositions (``n`` in ``keep_at``) exists, then ``(None, final state)``.  Every
+        yielded state is a tensor of its own (later compositions do not change it)."""
         cfg = self.config
         counts = counts.to(torch.int64).cpu()
         total = int(counts.max()) if counts.numel() else 0
         want = set(int(k) for k in keep_at) if keep_at is not None else set()
-        acc = torch.zeros_like(field)
         if 0 in want:
-            yield 0, acc.clone()
+            yield 0, torch.zeros_like(field)
         if total == 0:
-            yield None, acc
+            yield None, torch.zeros_like(field)
             return
+        # descending counts (stable): the samples still running at composition j are a prefix
+        order = torch.argsort(-counts, stable=True)
+        permuted = not bool(torch.equal(order, torch.arange(counts.numel())))
+        if permuted:
+            dev_order = order.to(field.device)
+            field = field.index_select(0, dev_order)
+            counts = counts[order]
+            back = torch.argsort(order).to(field.device)
         grid = sampling_grid(frac_to_px(field, cfg.control_grid)).to(field.dtype)
-        on_cpu = field.device.type == "cpu"
-        bshape = (-1,) + (1,) * (field.dim() - 1)
-        for j in range(total):
-            active = counts > j
-            all_active = bool(active.all())
-            if j == 0:
-                new = field.clone()
-            elif all_active or not on_cpu:
-                new = field + F.grid_sample(acc, grid, mode="bilinear", padding_mode=cfg.sampler_padding,
-                                            align_corners=True)
-            else:   # CPU: update only the samples still running
-                idx = torch.nonzero(active).flatten()
-                upd = field[idx] + F.grid_sample(acc[idx], grid[idx], mode="bilinear",
-                                                 padding_mode=cfg.sampler_padding, align_corners=True)
-                new = acc.index_copy(0, idx, upd)
-            if not all_active and (j == 0 or not on_cpu):
-                # finished samples keep their state (no host sync per step on accelerators)
-                new = torch.where(active.to(field.device).view(bshape), new, acc)
-            acc = new
+        running = [int((counts > j).sum()) for j in range(total)]   # host counts: no device sync
+
+        def state(x: torch.Tensor) -> torch.Tensor:
+            return x.index_select(0, back) if permuted else x.clone()
+
+        acc = field.clone()                 # composition 1: field + field(x + 0) = field
+        acc[running[0]:] = 0                # samples with no composition stay at zero
+        if 1 in want:
+            yield 1, state(acc)
+        for j in range(1, total):           # composition j + 1, for the samples whose count is > j
+            k = running[j]
+            head = acc[:k]
+            head.copy_(field[:k] + F.grid_sample(head, grid[:k], mode="bilinear",
+                                                 padding_mode=cfg.sampler_padding, align_corners=True))
             if (j + 1) in want:
-                yield j + 1, acc
-        yield None, acc
+                yield j + 1, state(acc)
+        yield None, (acc.index_select(0, back) if permuted else acc)
 
     def _to_image_crop(self, grid_field: torch.Tensor, S: int) -> torch.Tensor:
         """:meth:`to_image` without building the 2S^d upsampled field.
