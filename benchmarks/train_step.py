@@ -112,7 +112,8 @@ def main(argv=None) -> int:
 
     def make_batch(record):
         marks = Marks([now()])
-        _, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev, marks)
+        _, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev, marks,
+                                        image_padding=lcfg.get("image_padding", "zeros"))
         if record:
             for p, a, b in zip(batch_parts, marks, marks[1:]):
                 batch_parts[p].append(b - a)

@@ -250,6 +250,62 @@ def test_augment_shapes_ranges_and_seeding():
     assert torch.allclose(augment(x3, dict(ident, p_rotate3d=0.0, p_crop3d=0.0), g), x3, atol=1e-5)
 
 
+def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
+    """augment.p_zoom_out: the content shrinks by U(zoom_out_min, 1) into a zero frame, in 2D and
+    3D; at 0 (the default) it draws nothing, so earlier configurations keep their streams; a bad
+    value is one line naming the key."""
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
+             "p_rotate3d": 0.0, "p_crop3d": 0.0}
+    x2 = torch.rand(5, 1, 32, 32)
+    for cfg in (None, {"p_zoom_out": 0.0}):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        a = augment(x2, cfg, g1)
+        b = augment(x2, None, g2)
+        assert torch.equal(a, b) and torch.equal(g1.get_state(), g2.get_state())
+    ones2, ones3 = torch.ones(16, 1, 64, 64), torch.ones(4, 1, 24, 24, 24)
+    for ones in (ones2, ones3):
+        nd = ones.dim() - 2
+        y = augment(ones, dict(ident, p_zoom_out=1.0, zoom_out_min=0.5), torch.Generator().manual_seed(1))
+        kept = (y > 0.5).flatten(1).float().mean(1)          # share of the frame the content fills
+        assert (kept < 0.999).all() and (kept > 0.5 ** nd - 0.05).all(), kept
+        centre = (slice(None), 0) + (ones.shape[-1] // 2,) * nd
+        assert torch.allclose(y[centre], torch.ones(ones.shape[0]), atol=1e-5)
+        corner = (slice(None), 0) + (0,) * nd
+        assert (y[corner] < 0.5).all()                       # the frame is dark
+    none = augment(ones2, dict(ident, p_zoom_out=1.0, zoom_out_min=1.0), torch.Generator().manual_seed(1))
+    assert torch.allclose(none, ones2, atol=1e-5)
+    for key, bad in (("augment.p_zoom_out", "1.5"), ("augment.zoom_out_min", "0"), ("augment.p_zoom_out", "yes")):
+        with pytest.raises(ValueError) as e:
+            tiny(**{key: bad})
+        assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_image_padding_border_leaves_no_dark_band_where_the_field_reaches_outside():
+    """loss.image_padding: I_t = I_0 o psi read with zeros (SPEC) shows a dark band where the
+    forward field pulls content in from outside the image; border does not.  Bad values are one
+    line naming the key."""
+    from training.streams import generators
+    from training.train import training_batch
+    cfg = tiny(**{"augment.enabled": "false", "model.field_scale": "4.0"})
+    mcfg = model_config(cfg)
+    sampler = ForwardSampler(mcfg)
+    ones = (torch.ones(8, 32, 32) * 255).to(torch.uint8)
+    out = {}
+    for padding in ("zeros", "border"):
+        bank = SliceBank(ones, 8, seed=0)
+        gens = generators(0, 0, "cpu")
+        gens["t"] = torch.Generator().manual_seed(2)
+        x0, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, torch.device("cpu"),
+                                          image_padding=padding)
+        out[padding] = img_t
+    assert torch.equal(x0, torch.ones_like(x0))
+    assert out["zeros"].min() < 0.5                          # content pulled in from outside: dark
+    assert torch.allclose(out["border"], torch.ones_like(out["border"]))
+    with pytest.raises(ValueError) as e:
+        tiny(**{"loss.image_padding": "reflection"})
+    assert "loss.image_padding" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_true_negdet_zero_when_smooth_positive_when_folded():
     S = 32
     assert float(true_negdet(torch.zeros(1, 2, S, S))) == 0.0

@@ -145,6 +145,33 @@ def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
     assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0
 
 
+def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_ckpt2d, capsys):
+    """benchmarks/dark_frame.py: shrinking puts the content in a zero frame, magnifying crops it;
+    one row per model, set and framing, with the zoom and folding of every generation."""
+    import torch
+
+    from benchmarks import dark_frame as df
+    x = torch.ones(1, 1, 32, 32)
+    shrunk, big = df.reframe(x, 0.5), df.reframe(x, 1.5)
+    assert shrunk[0, 0, 16, 16] == 1.0 and shrunk[0, 0, 0, 0] == 0.0
+    assert 0.2 < float(shrunk.mean()) < 0.3                  # about 0.5^2 of the area
+    assert torch.allclose(big, x) and torch.equal(df.reframe(x, 1.0), x)
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "unseen2d_ct.npz", images=rng.random((3, 32, 32)).astype(np.float32))
+    out = tmp_path / "df.json"
+    assert df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
+                    "--images", "2", "--t-prime", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["framing"] for r in rows] == ["as is", "shrunk 0.7 in a dark frame", "magnified 1.3"]
+    assert all(r["generations"] == 2 and np.isfinite(r["affine_zoom"]["mean"]) for r in rows)
+    assert printed.count("| tiny | ct |") == 3
+    for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"]):
+        with pytest.raises(SystemExit) as e:
+            df.main(["--models", "--eval-dir", str(tmp_path)] + bad)
+        assert bad[0] in str(e.value)
+
+
 # the names users type (README, `drdm weights`): renaming or dropping one breaks their commands
 BUNDLED = {"cmr2d": {"published2d", "upstream2d"}, "general2d": set(), "brain2d": {"drdm2d"}, "brain3d": {"drdm3d"},
            "general3d": set()}

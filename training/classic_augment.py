@@ -15,7 +15,11 @@ max_translation) of the side per axis, together with probability ``p_affine``.
 3D: rotation about a random axis (uniform on the sphere) with probability ``p_rotate3d``;
 isotropic crop of ratio U(crop_min, 1) at a random position, resized back, with probability
 ``p_crop3d``.
-Both: flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
+Both: zoom-out with probability ``p_zoom_out`` (default 0: off, and then nothing is drawn for
+it, so the streams of configurations without it are unchanged): the content shrinks by a factor
+U(zoom_out_min, 1) about the centre into an empty (zero) frame, so that a dark frame around the
+anatomy also occurs in images that are not deformed (see training/README.md "Dark frames");
+flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
 [0, 1]); intensity (``p_intensity``): subtract a threshold U(0, threshold_max), clamp at 0,
 multiply by a gain N(1, gain_std) and add an offset N(0, offset_std).
 """
@@ -27,7 +31,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d"]
+__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "check_augment"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -35,7 +39,32 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_rotate3d": 0.6, "p_crop3d": 0.8, "crop_min": 0.6,                    # 3D
     "p_flip": 0.5, "p_autocontrast": 0.5,
     "p_intensity": 1.0, "threshold_max": 0.2, "gain_std": 0.1, "offset_std": 0.1,
+    "p_zoom_out": 0.0, "zoom_out_min": 0.6,
 }
+
+
+def check_augment(cfg: Dict[str, Any]) -> None:
+    """Raise ValueError naming the key when a zoom-out setting is out of range."""
+    p, lo = cfg.get("p_zoom_out", 0.0), cfg.get("zoom_out_min", 0.6)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"augment.p_zoom_out must be a probability in [0, 1], got {p!r}")
+    if not isinstance(lo, (int, float)) or isinstance(lo, bool) or not 0.0 < float(lo) <= 1.0:
+        raise ValueError(f"augment.zoom_out_min must be a number in (0, 1], got {lo!r}")
+
+
+def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
+    """Shrink the content of the affine maps ``theta`` (B, d, d+1) by U(zoom_out_min, 1) with
+    probability ``p_zoom_out`` (affine_grid maps output to input coordinates: dividing the linear
+    part by s shows the input s times smaller).  Draws nothing when ``p_zoom_out`` is 0."""
+    p = float(cfg.get("p_zoom_out", 0.0))
+    if p <= 0.0:
+        return theta
+    B, nd, dev = theta.shape[0], theta.shape[1], theta.device
+    sel = (_u(B, g, dev) < p).to(theta.dtype)
+    s = 1.0 - (1.0 - _u(B, g, dev, float(cfg["zoom_out_min"]), 1.0)) * sel
+    out = theta.clone()
+    out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
+    return out
 
 
 def _u(n, g, device, lo=0.0, hi=1.0, *shape):
@@ -82,6 +111,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     x = x.to(torch.float32)
     B, nd, dev, g = x.shape[0], x.dim() - 2, x.device, generator
     theta = affine_2d(B, cfg, g, dev) if nd == 2 else affine_3d(B, cfg, g, dev)
+    theta = zoom_out(theta, cfg, g)
     flips = _u(B, g, dev, 0.0, 1.0, nd) < cfg["p_flip"]
     sel_ac = _u(B, g, dev) < cfg["p_autocontrast"]
     sel_in = (_u(B, g, dev) < cfg["p_intensity"]).to(torch.float32)

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from .classic_augment import AUGMENT_DEFAULTS
+from .classic_augment import AUGMENT_DEFAULTS, check_augment
 from .data import ensure_core
 from .evaluate_hook import VALIDATION_DEFAULTS
 
@@ -32,7 +32,7 @@ DEFAULTS: Dict[str, Any] = {
              "min_foreground": 0.15, "bg_threshold": 0.08, "max_mb": 40, "max_upsample": 2.0,
              "n_synthetic": 64, "seed": 0},
     "augment": dict(AUGMENT_DEFAULTS),
-    "loss": {"padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1},
+    "loss": {"padding": "zeros", "image_padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1},
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,
@@ -66,6 +66,10 @@ def apply_overrides(cfg: Dict[str, Any], sets: Sequence[str]) -> Dict[str, Any]:
     return cfg
 
 
+#: ``loss.image_padding``: how I_t = I_0 o psi_{t:1} is sampled outside the image in training
+IMAGE_PADDINGS = ("zeros", "border")
+
+
 def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Optional[Dict] = None) -> Dict[str, Any]:
     """DEFAULTS <- YAML file (or ``base``) <- ``--set`` overrides; validated."""
     user = base if base is not None else (yaml.safe_load(Path(path).read_text()) if path else {})
@@ -76,6 +80,10 @@ def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Opti
         raise ValueError(f"train.ema_decay must be a number in [0, 1) (0: no weight average), got {ema!r}")
     if cfg["data"]["kind"] not in ("kit", "synthetic"):
         raise ValueError(f"data.kind must be 'kit' or 'synthetic', got {cfg['data']['kind']!r}")
+    if cfg["loss"].get("image_padding") not in IMAGE_PADDINGS:
+        raise ValueError(f"loss.image_padding must be one of {list(IMAGE_PADDINGS)}, "
+                         f"got {cfg['loss'].get('image_padding')!r}")
+    check_augment(cfg["augment"])
     return cfg
 
 

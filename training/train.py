@@ -188,7 +188,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         if fixed:
             x0, t, fs, img_t = fixed["batch"]
         else:
-            x0, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev)
+            x0, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev,
+                                              image_padding=lcfg.get("image_padding", "zeros"))
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
         net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
@@ -282,7 +283,8 @@ def _compare_data(saved: Dict[str, Any], data: Dict[str, Any], say):
             "predates the images' own hash, so the images were not compared)")
 
 
-def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None):
+def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None,
+                   image_padding: str = "zeros"):
     """One batch of Algorithm 1: ``(x0, t, fs, I_t)``.
 
     Args:
@@ -294,6 +296,9 @@ def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List
         dev: the device of the batch.
         marks: if given, ``time.perf_counter()`` is appended after the augmentation, the forward
             sampler and the warp (for benchmarks/train_step.py).
+        image_padding: ``loss.image_padding``: what the warp of I_0 reads outside the image,
+            ``zeros`` (SPEC, the reference) or ``border`` (the edge values: no dark band where the
+            field pulls content in from outside; training/README.md "Dark frames").
 
     Returns:
         the augmented clean images, t ~ U{0..T-1} per sample (host tensor), the forward sampler's
@@ -306,7 +311,7 @@ def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List
     fs = sampler.sample(t, draws=draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
     if marks is not None:
         marks.append(time.perf_counter())
-    img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+    img_t = warp(x0, fs.forward_ddf, "linear", image_padding)
     if marks is not None:
         marks.append(time.perf_counter())
     return x0, t, fs, img_t

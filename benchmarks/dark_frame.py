@@ -1,0 +1,140 @@
+"""Does a model inflate whatever sits in a dark frame?  The same slices, framed differently.
+
+For each model and each unseen 2D set, every image is prepared as ``drdm evaluate`` prepares it
+(normalised, on the model grid) and generated three ways with the same seeds: as it is; shrunk
+about its centre into a dark (zero) frame (``--shrink``, default 0.7: the anatomy fills 70 % of
+the side); and magnified about its centre (``--magnify``, default 1.3: less of any dark margin
+is left).  Printed per model, set and framing: the zoom of the least-squares affine part of the
+recovered field (``affine_zoom``: 1 = the anatomy keeps its size), the share of the field that
+affine map explains, the folding and the maximum displacement (% of the side), mean +- SD over
+the generations.  A model that reads a dark frame as "content pulled in from outside" expands
+the shrunk images (zoom well above 1) and the magnified ones less.
+
+    python benchmarks/make_eval_sets.py --kit cache/kit --out cache/eval     # once
+    python benchmarks/dark_frame.py --models cmr2d --sets ct brain --images 2 --threads 1 \\
+        --json benchmarks/results/dark_frame_cmr2d.json
+    python benchmarks/dark_frame.py --models --extra new=runs/x/export.safetensors ...   # a run's export
+
+Generation i uses image i of the set and seed i (as ``drdm evaluate``), T' = ``--t-prime`` (45),
+each model's default reverse loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "src", ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from weights_table import SETS_2D, _models  # noqa: E402
+
+
+def reframe(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, 1, S, S) images scaled by ``factor`` about the centre on the same grid: below 1 the
+    content shrinks into a zero frame, above 1 it is magnified and its edges leave the view."""
+    if factor == 1.0:
+        return x.clone()
+    B = x.shape[0]
+    theta = torch.zeros(B, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / factor
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _stats(values):
+    return {"mean": float(statistics.fmean(values)),
+            "sd": float(statistics.stdev(values)) if len(values) > 1 else 0.0}
+
+
+def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float, magnify: float, log=print):
+    from napari_drdm.commands.evaluate import collect_images
+    from napari_drdm.core.metrics import affine_fit, field_metrics
+    from napari_drdm.model import load_model
+    framings = {"as is": 1.0, f"shrunk {shrink:g} in a dark frame": shrink, f"magnified {magnify:g}": magnify}
+    rows = []
+    for name, src in models:
+        model = load_model(src)
+        if model.ndim != 2:
+            log(f"  skip {name}: a {model.ndim}D model (the framings are 2D)")
+            continue
+        for set_name in sets:
+            path = eval_dir / SETS_2D[set_name]
+            if not path.exists():
+                raise SystemExit(f"{path}: not found; run benchmarks/make_eval_sets.py --kit cache/kit --out {eval_dir}")
+            images = collect_images([str(path)], 2)[:n_images]
+            prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
+            for framing, factor in framings.items():
+                per = []
+                for i, x in enumerate(prepared):
+                    t0 = time.perf_counter()
+                    phi, _ = model.generate_model_grid(reframe(x, factor), t_prime, seeds=[i])
+                    u = phi[0].cpu().numpy()
+                    fm, af = field_metrics(u), affine_fit(u)
+                    per.append({"affine_zoom": af["affine_zoom"], "affine_share_pct": af["affine_share_pct"],
+                                "folding_pct": fm["folding_pct"], "max_disp_pct": fm["max_disp_pct"],
+                                "seconds": time.perf_counter() - t0})
+                    log(f"  {name} {set_name} {framing} image {i}: zoom {per[-1]['affine_zoom']:.3f}, "
+                        f"folding {per[-1]['folding_pct']:.2f} %")
+                row = {"model": name, "set": set_name, "framing": framing, "factor": factor,
+                       "generations": len(per), "per_generation": per}
+                for key in ("affine_zoom", "affine_share_pct", "folding_pct", "max_disp_pct"):
+                    row[key] = _stats([p[key] for p in per])
+                rows.append(row)
+    return rows
+
+
+def table(rows) -> str:
+    out = ["| model | set | framing | zoom | affine share % | folding % | max disp % | generations |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def f(r, key, nd):
+        return f"{r[key]['mean']:.{nd}f} ± {r[key]['sd']:.{nd}f}"
+    for r in rows:
+        out.append(f"| {r['model']} | {r['set']} | {r['framing']} | {f(r, 'affine_zoom', 3)} | "
+                   f"{f(r, 'affine_share_pct', 0)} | {f(r, 'folding_pct', 2)} | {f(r, 'max_disp_pct', 1)} | "
+                   f"{r['generations']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=None, help="bundled names (default: every 2D model; alone: none)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="checkpoints not (yet) bundled")
+    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
+    ap.add_argument("--sets", nargs="+", default=["ct", "brain"], choices=sorted(SETS_2D))
+    ap.add_argument("--images", type=int, default=2, help="images per set (generation i: image i, seed i)")
+    ap.add_argument("--t-prime", type=int, default=45)
+    ap.add_argument("--shrink", type=float, default=0.7, help="scale of the dark-frame variant, in (0, 1)")
+    ap.add_argument("--magnify", type=float, default=1.3, help="scale of the magnified variant, > 1")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write every figure here")
+    args = ap.parse_args(argv)
+    if not 0.0 < args.shrink < 1.0:
+        raise SystemExit(f"--shrink must lie in (0, 1), got {args.shrink}")
+    if args.magnify <= 1.0:
+        raise SystemExit(f"--magnify must be above 1, got {args.magnify}")
+    if args.images < 1:
+        raise SystemExit(f"--images must be at least 1, got {args.images}")
+    torch.set_num_threads(args.threads)
+    rows = run(_models(args.models, args.extra), Path(args.eval_dir), args.sets, args.images, args.t_prime,
+               args.shrink, args.magnify)
+    print(table(rows))
+    if args.json:
+        rec = {"command": " ".join(["python", "benchmarks/dark_frame.py"] + list(argv if argv is not None else sys.argv[1:])),
+               "torch": torch.__version__, "machine": platform.machine(), "t_prime": args.t_prime, "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
