@@ -4,11 +4,13 @@ For each model and each unseen 2D set, every image is prepared as ``drdm evaluat
 (normalised, on the model grid) and generated three ways with the same seeds: as it is; shrunk
 about its centre into a dark (zero) frame (``--shrink``, default 0.7: the anatomy fills 70 % of
 the side); and magnified about its centre (``--magnify``, default 1.3: less of any dark margin
-is left).  Printed per model, set and framing: the zoom of the least-squares affine part of the
-recovered field (``affine_zoom``: 1 = the anatomy keeps its size), the share of the field that
-affine map explains, the folding and the maximum displacement (% of the side), mean +- SD over
-the generations.  A model that reads a dark frame as "content pulled in from outside" expands
-the shrunk images (zoom well above 1) and the magnified ones less.
+is left); with ``--fit-margin m``, also fitted to the anatomy (the foreground's box, made square
+and widened by m of its side on each side, fills the grid).  Printed per model, set and framing:
+the zoom of the least-squares affine part of the recovered field (``affine_zoom``: 1 = the
+anatomy keeps its size), the share of the field that affine map explains, the folding and the
+maximum displacement (% of the side), mean +- SD over the generations.  A model that reads a
+dark frame as "content pulled in from outside" expands the shrunk images (zoom well above 1)
+and the magnified ones less.
 
     python benchmarks/make_eval_sets.py --kit cache/kit --out cache/eval     # once
     python benchmarks/dark_frame.py --models cmr2d --sets ct brain --images 2 --threads 1 \\
@@ -27,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +54,41 @@ def reframe(x: torch.Tensor, factor: float) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def fit_to_anatomy(x: torch.Tensor, margin: float, threshold: float) -> torch.Tensor:
+    """(B, 1, S, S) images with their foreground (> ``threshold``) box, made square and widened by
+    ``margin`` of its side on each side, resampled to the whole grid (zero outside the image)."""
+    out = []
+    S = x.shape[-1]
+    for img in x:
+        fg = torch.nonzero(img[0] > threshold)
+        if fg.numel() == 0:
+            out.append(img.clone())
+            continue
+        lo, hi = fg.min(0).values.float(), fg.max(0).values.float()
+        centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 + 0.5
+        half = half * (1.0 + 2.0 * margin)
+        theta = torch.zeros(1, 2, 3, dtype=x.dtype)
+        theta[0, 0, 0] = theta[0, 1, 1] = half / (S / 2)
+        theta[0, 0, 2] = (float(centre[1]) + 0.5) / (S / 2) - 1.0     # x <- columns
+        theta[0, 1, 2] = (float(centre[0]) + 0.5) / (S / 2) - 1.0     # y <- rows
+        grid = F.affine_grid(theta, [1, 1, S, S], align_corners=False)
+        out.append(F.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0])
+    return torch.stack(out)
+
+
 def _stats(values):
     return {"mean": float(statistics.fmean(values)),
             "sd": float(statistics.stdev(values)) if len(values) > 1 else 0.0}
 
 
-def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float, magnify: float, log=print):
+def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float, magnify: float, log=print,
+        fit_margin: Optional[float] = None):
     from napari_drdm.commands.evaluate import collect_images
-    from napari_drdm.core.metrics import affine_fit, field_metrics
+    from napari_drdm.core.metrics import FG_THRESHOLD, affine_fit, field_metrics
     from napari_drdm.model import load_model
     framings = {"as is": 1.0, f"shrunk {shrink:g} in a dark frame": shrink, f"magnified {magnify:g}": magnify}
+    if fit_margin is not None:
+        framings[f"fitted to the anatomy, margin {fit_margin:g}"] = ("fit", fit_margin, FG_THRESHOLD)
     rows = []
     for name, src in models:
         model = load_model(src)
@@ -77,7 +105,9 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
                 per = []
                 for i, x in enumerate(prepared):
                     t0 = time.perf_counter()
-                    phi, _ = model.generate_model_grid(reframe(x, factor), t_prime, seeds=[i])
+                    framed = fit_to_anatomy(x, factor[1], factor[2]) if isinstance(factor, tuple) \
+                        else reframe(x, factor)
+                    phi, _ = model.generate_model_grid(framed, t_prime, seeds=[i])
                     u = phi[0].cpu().numpy()
                     fm, af = field_metrics(u), affine_fit(u)
                     per.append({"affine_zoom": af["affine_zoom"], "affine_share_pct": af["affine_share_pct"],
@@ -85,7 +115,8 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
                                 "seconds": time.perf_counter() - t0})
                     log(f"  {name} {set_name} {framing} image {i}: zoom {per[-1]['affine_zoom']:.3f}, "
                         f"folding {per[-1]['folding_pct']:.2f} %")
-                row = {"model": name, "set": set_name, "framing": framing, "factor": factor,
+                row = {"model": name, "set": set_name, "framing": framing,
+                       "factor": factor if not isinstance(factor, tuple) else None,
                        "generations": len(per), "per_generation": per}
                 for key in ("affine_zoom", "affine_share_pct", "folding_pct", "max_disp_pct"):
                     row[key] = _stats([p[key] for p in per])
@@ -115,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--shrink", type=float, default=0.7, help="scale of the dark-frame variant, in (0, 1)")
     ap.add_argument("--magnify", type=float, default=1.3, help="scale of the magnified variant, > 1")
+    ap.add_argument("--fit-margin", type=float, default=None,
+                    help="add a framing: the foreground's box, made square and widened by this share of "
+                         "its side on each side, resampled to the grid (e.g. 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every figure here")
     args = ap.parse_args(argv)
@@ -122,11 +156,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--shrink must lie in (0, 1), got {args.shrink}")
     if args.magnify <= 1.0:
         raise SystemExit(f"--magnify must be above 1, got {args.magnify}")
+    if args.fit_margin is not None and not 0.0 <= args.fit_margin <= 0.5:
+        raise SystemExit(f"--fit-margin must lie in [0, 0.5], got {args.fit_margin}")
     if args.images < 1:
         raise SystemExit(f"--images must be at least 1, got {args.images}")
     torch.set_num_threads(args.threads)
     rows = run(_models(args.models, args.extra), Path(args.eval_dir), args.sets, args.images, args.t_prime,
-               args.shrink, args.magnify)
+               args.shrink, args.magnify, fit_margin=args.fit_margin)
     print(table(rows))
     if args.json:
         rec = {"command": " ".join(["python", "benchmarks/dark_frame.py"] + list(argv if argv is not None else sys.argv[1:])),

@@ -156,17 +156,24 @@ def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_c
     assert shrunk[0, 0, 16, 16] == 1.0 and shrunk[0, 0, 0, 0] == 0.0
     assert 0.2 < float(shrunk.mean()) < 0.3                  # about 0.5^2 of the area
     assert torch.allclose(big, x) and torch.equal(df.reframe(x, 1.0), x)
+    blob = torch.zeros(1, 1, 64, 64)
+    blob[0, 0, 20:36, 10:30] = 1.0                          # 16 rows x 20 columns, off centre
+    fitted = df.fit_to_anatomy(blob, 0.0, 0.05)
+    rows, cols = torch.nonzero(fitted[0, 0] > 0.5).T
+    assert (int(cols.min()), int(cols.max())) == (0, 63)     # the longer side fills the grid
+    assert abs(float(rows.float().mean()) - 31.5) < 1.0 and 44 <= int(rows.max() - rows.min()) + 1 <= 54
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "unseen2d_ct.npz", images=rng.random((3, 32, 32)).astype(np.float32))
     out = tmp_path / "df.json"
     assert df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
-                    "--images", "2", "--t-prime", "3", "--json", str(out)]) == 0
+                    "--images", "2", "--t-prime", "3", "--fit-margin", "0.05", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert [r["framing"] for r in rows] == ["as is", "shrunk 0.7 in a dark frame", "magnified 1.3"]
+    assert [r["framing"] for r in rows] == ["as is", "shrunk 0.7 in a dark frame", "magnified 1.3",
+                                            "fitted to the anatomy, margin 0.05"]
     assert all(r["generations"] == 2 and np.isfinite(r["affine_zoom"]["mean"]) for r in rows)
-    assert printed.count("| tiny | ct |") == 3
-    for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"]):
+    assert printed.count("| tiny | ct |") == 4
+    for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"], ["--fit-margin", "0.7"]):
         with pytest.raises(SystemExit) as e:
             df.main(["--models", "--eval-dir", str(tmp_path)] + bad)
         assert bad[0] in str(e.value)
