@@ -10,7 +10,15 @@ import pytest
 
 from napari_drdm._widgets._controller import ExplorerState, metrics_text
 from napari_drdm._widgets._inputs import Inputs, read_inputs, spatial_ndim
-from napari_drdm._widgets._layers import FrameStore, clip_to_image, field_summary, outline_mask, plan_frames
+from napari_drdm._widgets._layers import (
+    FrameStore,
+    affine_text,
+    clip_to_image,
+    field_affine,
+    field_summary,
+    outline_mask,
+    plan_frames,
+)
 
 
 def test_state_imports_without_qt_or_napari():
@@ -82,6 +90,35 @@ def test_series_and_done_text_use_the_same_metrics():
     done = st.done_text(run)
     assert metrics_text(last, (8, 6)) in done                  # one grid: the readout's last frame == the status
     assert "first frame on screen" in done and "image grid" in done
+
+
+@pytest.mark.parametrize("shape", [(300, 280), (40, 36, 30)])
+def test_the_recovered_fields_affine_part_in_the_status(shape):
+    """The status after a run names the recovered field's global affine part, fitted on a
+    subsample (the same figures as the whole field), and warns when it is mostly one zoom."""
+    from napari_drdm.core.metrics import affine_fit
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in shape], indexing="ij")
+    zoom = 1.25                                   # pull-back u(x) = (1/z - 1) x: the anatomy z times larger
+    rng = np.random.default_rng(0)
+    ddf = np.stack([(1 / zoom - 1) * g + 0.3 * np.sin(g / 7 + k) for k, g in enumerate(grids)])
+    ddf += rng.normal(0, 0.05, ddf.shape)
+    a = field_affine(ddf, max_points=4000)
+    whole = affine_fit(ddf)
+    assert abs(a["affine_zoom"] - zoom) < 0.03 and abs(a["affine_zoom"] - whole["affine_zoom"]) < 0.005
+    assert abs(a["affine_share_pct"] - whole["affine_share_pct"]) < 2.0 and a["affine_share_pct"] > 90
+    st = ExplorerState()
+    run = _run(st, n_frames=3)
+    st.mark(run, "end")
+    assert "Global affine part" not in st.done_text(run)
+    run.final_affine = a
+    done = st.done_text(run)
+    assert f"Global affine part: zoom {a['affine_zoom']:.3f}" in done and "inflates the whole image" in done
+    small = affine_text({"affine_zoom": 1.03, "affine_rotation_deg": 2.0, "affine_share_pct": 80.0})
+    assert "zoom 1.030" in small and "inflates" not in small
+    shrink = affine_text({"affine_zoom": 0.85, "affine_rotation_deg": 0.0, "affine_share_pct": 70.0})
+    assert "shrinks the whole image" in shrink
+    local = affine_text({"affine_zoom": 1.2, "affine_rotation_deg": 0.0, "affine_share_pct": 30.0})
+    assert "inflates" not in local                # a zoom that explains little of the field
 
 
 def test_vectors_stay_in_the_image_and_outline_mask():

@@ -116,6 +116,7 @@ def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
     widget.step(-1)
     assert widget.readout_metrics()["index"] == 2
     assert "done" in widget.status_label.text()
+    assert "Global affine part: zoom" in widget.status_label.text()     # the recovered field's
     assert widget.run_btn.isEnabled()
     # the result records the composition padding used; another one is a variant of the run
     assert viewer.layers[run.layer_name("recovered image")].metadata["drdm"]["compose_padding"] == "zeros"

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._inputs import Inputs
-from ._layers import FrameStore
+from ._layers import FrameStore, affine_text
 
 __all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text"]
 
@@ -66,6 +66,7 @@ class Run:
     result: Any = None
     last_info: Optional[dict] = None
     final_metrics: Optional[dict] = None
+    final_affine: Optional[dict] = None                            # the recovered field's affine part
 
     @property
     def title(self) -> str:
@@ -237,6 +238,8 @@ class ExplorerState:
         txt = ", ".join(parts) + "."
         if run.final_metrics is not None:
             txt += " Recovered field: " + metrics_text(run.final_metrics, run.store.plan.shape)
+        if run.final_affine is not None:
+            txt += " " + affine_text(run.final_affine)
         guard = getattr(run.result, "guard", None)
         if guard:
             txt += (f" Fold guard: {guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before, "

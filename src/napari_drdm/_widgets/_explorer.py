@@ -28,7 +28,7 @@ from ._controller import ExplorerState, Run
 from ._form import CONTROLS, SCHEDULES, ExplorerForm, scrolled
 from ._input_choice import InputChoice
 from ._inputs import spatial_ndim
-from ._layers import FrameStore, field_summary
+from ._layers import FrameStore, field_affine, field_summary
 from ._lifetime import Connections, Lifetime, if_alive, stop_workers
 from ._model_choice import ModelChoice, bundled_models
 from ._paint import on_next_paint
@@ -309,6 +309,7 @@ class ExplorerWidget(QWidget):
     def _on_returned(self, run: Run, result):
         run.result = result
         run.final_metrics = field_summary(result.ddf, run.inputs.spacing)
+        run.final_affine = field_affine(result.ddf)
         self._flush(complete=True)
         self.layers.add_final(run, result)
 
