@@ -121,7 +121,7 @@ def _nifti(path, data, affine):
     return str(path)
 
 
-def test_cli_generate_3d_nifti_with_labels(tmp_path, tiny_ckpt3d):
+def test_cli_generate_3d_nifti_with_labels(tmp_path, tiny_ckpt3d, capsys):
     img, lab = blob_image((20, 24, 18))
     aff = np.diag([1.2, 1.0, 2.0, 1.0])
     aff[:3, 3] = [10, -20, 5]
@@ -142,6 +142,12 @@ def test_cli_generate_3d_nifti_with_labels(tmp_path, tiny_ckpt3d):
     side = json.loads((out / "vol.json").read_text())
     assert side["seed"] == 4 and side["t_prime"] == 3 and side["schedule"] == "paper"
     assert len(side["weights_sha256"]) == 64 and "folding_pct" in side["metrics"]
+    # the written field's global affine part, in the sidecar and on the screen
+    from napari_drdm.core.metrics import affine_fit
+    u_px = np.moveaxis(np.asanyarray(dd.dataobj)[..., 0, :], -1, 0) / np.array([1.2, 1.0, 2.0])[:, None, None, None]
+    assert set(side["affine"]) == {"affine_zoom", "affine_rotation_deg", "affine_share_pct"}
+    assert abs(side["affine"]["affine_zoom"] - affine_fit(u_px)["affine_zoom"]) < 1e-3
+    assert f"Global affine part: zoom {side['affine']['affine_zoom']:.3f}" in capsys.readouterr().out
     # refuses to overwrite
     rc = main(["generate", ip, "--labels", lp, "--weights", str(tiny_ckpt3d), "--t-prime", "3", "--out", str(out)])
     assert rc == 1

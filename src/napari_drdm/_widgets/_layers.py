@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.metrics import affine_text, field_affine
+
 __all__ = ["FramePlan", "plan_frames", "FrameStore", "grid_lines", "jacobian_det", "vector_lattice",
            "label_dtype", "pack_frame", "fmt_bytes", "field_summary", "field_affine", "affine_text",
            "clip_to_image", "outline_mask"]
@@ -214,38 +216,6 @@ def field_summary(ddf: np.ndarray, spacing: Sequence[float], det: Optional[np.nd
     mx, mn = displacement_pct(ddf, spacing=spacing)
     return {"max_disp_pct": mx, "mean_disp_pct": mn, "folding_pct": 100.0 * float(np.mean(det <= 0)),
             "min_jacobian": float(det.min())}
-
-
-def field_affine(ddf: np.ndarray, max_points: int = 65536) -> Dict[str, float]:
-    """The global affine part of a field (:func:`~napari_drdm.core.metrics.affine_fit`: zoom,
-    rotation, share of the field explained), fitted on at most ``max_points`` pixels: every s-th
-    pixel along each axis, with the displacements divided by s, so that the figures are those of
-    the whole field up to the sampling (a few milliseconds on the UI thread, whatever the size).
-
-    Args:
-        ddf: pull-back displacement field in pixels, (d, *shape).
-        max_points: the most pixels the least-squares fit uses.
-    """
-    from ..core.metrics import affine_fit
-
-    shape = ddf.shape[1:]
-    s = 1
-    while int(np.prod([-(-n // s) for n in shape])) > max_points:
-        s += 1
-    sub = ddf[(slice(None),) + (slice(None, None, s),) * len(shape)]
-    fit = affine_fit(np.asarray(sub, np.float64) / s)
-    return {k: fit[k] for k in ("affine_zoom", "affine_rotation_deg", "affine_share_pct")}
-
-
-def affine_text(a: Dict[str, float]) -> str:
-    """One sentence on the field's global affine part, and a warning when it is mostly one zoom."""
-    txt = (f"Global affine part: zoom {a['affine_zoom']:.3f}, rotation {a['affine_rotation_deg']:.1f} deg, "
-           f"{a['affine_share_pct']:.0f} % of the field.")
-    if abs(a["affine_zoom"] - 1.0) >= 0.1 and a["affine_share_pct"] >= 50.0:
-        what = "inflates" if a["affine_zoom"] > 1.0 else "shrinks"
-        txt += (f" It mostly {what} the whole image, not a local variation (models inflate anatomy "
-                f"in a dark margin: README, 'Why the brain is inflated').")
-    return txt
 
 
 def clip_to_image(pos: np.ndarray, vec: np.ndarray, shape: Sequence[int]) -> np.ndarray:

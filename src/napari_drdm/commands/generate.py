@@ -44,6 +44,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..checks import check_image, check_labels
+    from ..core.metrics import affine_text, field_affine
     from ..io import read_image, squeeze_trailing, stem_of
     from ..memory import available_memory, check_memory, estimate_export_bytes
     from ..output_lock import OutputLock
@@ -86,11 +87,13 @@ def run(args) -> int:
                              k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
                              fold_guard=args.fold_guard, compose_padding=args.compose_padding)
         secs = time.perf_counter() - t0
+        affine = field_affine(res.ddf)             # the written field's global affine part
         vol.spacing = tuple(vol.spacing[: data.ndim])
         extra = {"input": str(Path(args.image).resolve()),
                  "labels_input": str(Path(args.labels).resolve()) if args.labels else None,
                  "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
                  "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
+                 "affine": {k: round(float(v), 4) for k, v in affine.items()},
                  "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
         paths = write_result(args.out, stem, res, vol, lab_vol, overwrite=args.overwrite,
                              extra=extra, write_forward=args.forward_ddf)
@@ -98,6 +101,7 @@ def run(args) -> int:
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
+    print(affine_text(affine))
     if res.guard is not None:
         print(f"fold guard: {res.guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before "
               f"(central or strict check), {res.guard['changed_pct'][0]:.3f} % changed; the written field is fold-free")

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 __all__ = ["jacobian_determinant", "folding_pct", "displacement_pct", "field_metrics", "strict_folding_pct",
-           "affine_fit", "foreground_out_of_view_pct", "anatomy_metrics", "plausibility_metrics"]
+           "affine_fit", "field_affine", "affine_text", "foreground_out_of_view_pct", "anatomy_metrics",
+           "plausibility_metrics"]
 
 
 def _as_field(phi) -> np.ndarray:
@@ -155,6 +156,36 @@ def affine_fit(phi_px, side: Optional[float] = None) -> Dict[str, float]:
             "affine_rotation_deg": float(abs(angle)), "affine_residual_max_pct": 100.0 * float(rmag.max()),
             "affine_residual_mean_pct": 100.0 * float(rmag.mean())}
 
+
+
+def field_affine(ddf: np.ndarray, max_points: int = 65536) -> Dict[str, float]:
+    """The global affine part of a field (:func:`~napari_drdm.core.metrics.affine_fit`: zoom,
+    rotation, share of the field explained), fitted on at most ``max_points`` pixels: every s-th
+    pixel along each axis, with the displacements divided by s, so that the figures are those of
+    the whole field up to the sampling (a few milliseconds on the UI thread, whatever the size).
+
+    Args:
+        ddf: pull-back displacement field in pixels, (d, *shape).
+        max_points: the most pixels the least-squares fit uses.
+    """
+    shape = ddf.shape[1:]
+    s = 1
+    while int(np.prod([-(-n // s) for n in shape])) > max_points:
+        s += 1
+    sub = ddf[(slice(None),) + (slice(None, None, s),) * len(shape)]
+    fit = affine_fit(np.asarray(sub, np.float64) / s)
+    return {k: fit[k] for k in ("affine_zoom", "affine_rotation_deg", "affine_share_pct")}
+
+
+def affine_text(a: Dict[str, float]) -> str:
+    """One sentence on the field's global affine part, and a warning when it is mostly one zoom."""
+    txt = (f"Global affine part: zoom {a['affine_zoom']:.3f}, rotation {a['affine_rotation_deg']:.1f} deg, "
+           f"{a['affine_share_pct']:.0f} % of the field.")
+    if abs(a["affine_zoom"] - 1.0) >= 0.1 and a["affine_share_pct"] >= 50.0:
+        what = "inflates" if a["affine_zoom"] > 1.0 else "shrinks"
+        txt += (f" It mostly {what} the whole image, not a local variation (models inflate anatomy "
+                f"in a dark margin: README, 'Why the brain is inflated').")
+    return txt
 
 #: foreground = pixels above min + FG_THRESHOLD * (max - min) of the image (the plausibility figures)
 FG_THRESHOLD = 0.05
