@@ -86,9 +86,12 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
     from napari_drdm.commands.evaluate import collect_images
     from napari_drdm.core.metrics import FG_THRESHOLD, affine_fit, field_metrics
     from napari_drdm.model import load_model
-    framings = {"as is": 1.0, f"shrunk {shrink:g} in a dark frame": shrink, f"magnified {magnify:g}": magnify}
+    # name: (the scale factor recorded in the JSON, or None; the framing itself)
+    framings = {name: (f, lambda x, f=f: reframe(x, f)) for name, f in (
+        ("as is", 1.0), (f"shrunk {shrink:g} in a dark frame", shrink), (f"magnified {magnify:g}", magnify))}
     if fit_margin is not None:
-        framings[f"fitted to the anatomy, margin {fit_margin:g}"] = ("fit", fit_margin, FG_THRESHOLD)
+        framings[f"fitted to the anatomy, margin {fit_margin:g}"] = (
+            None, lambda x: fit_to_anatomy(x, fit_margin, FG_THRESHOLD))
     rows = []
     for name, src in models:
         model = load_model(src)
@@ -101,13 +104,11 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
                 raise SystemExit(f"{path}: not found; run benchmarks/make_eval_sets.py --kit cache/kit --out {eval_dir}")
             images = collect_images([str(path)], 2)[:n_images]
             prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
-            for framing, factor in framings.items():
+            for framing, (factor, frame) in framings.items():
                 per = []
                 for i, x in enumerate(prepared):
                     t0 = time.perf_counter()
-                    framed = fit_to_anatomy(x, factor[1], factor[2]) if isinstance(factor, tuple) \
-                        else reframe(x, factor)
-                    phi, _ = model.generate_model_grid(framed, t_prime, seeds=[i])
+                    phi, _ = model.generate_model_grid(frame(x), t_prime, seeds=[i])
                     u = phi[0].cpu().numpy()
                     fm, af = field_metrics(u), affine_fit(u)
                     per.append({"affine_zoom": af["affine_zoom"], "affine_share_pct": af["affine_share_pct"],
@@ -115,8 +116,7 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
                                 "seconds": time.perf_counter() - t0})
                     log(f"  {name} {set_name} {framing} image {i}: zoom {per[-1]['affine_zoom']:.3f}, "
                         f"folding {per[-1]['folding_pct']:.2f} %")
-                row = {"model": name, "set": set_name, "framing": framing,
-                       "factor": factor if not isinstance(factor, tuple) else None,
+                row = {"model": name, "set": set_name, "framing": framing, "factor": factor,
                        "generations": len(per), "per_generation": per}
                 for key in ("affine_zoom", "affine_share_pct", "folding_pct", "max_disp_pct"):
                     row[key] = _stats([p[key] for p in per])

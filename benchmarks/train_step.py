@@ -59,24 +59,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
     if args.profile < 0:
         raise SystemExit(f"--profile must be 0 or more, got {args.profile}")
-    want = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
-    try:
-        dev = torch.device(want)
-    except RuntimeError:
-        raise SystemExit(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this PyTorch sees no CUDA device")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if args.device != "auto":                # "auto" is resolved by the training's own Env below
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise SystemExit(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: this PyTorch sees no CUDA device")
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     cfg["train"]["threads"] = args.threads
     batch = int(args.batch or cfg["train"]["batch_size"])
     mcfg = model_config(cfg)
-    env = Env(dict(cfg["train"], device=str(dev)))
+    env = Env(dict(cfg["train"], device=args.device))
+    dev = env.device
     try:
         data = dataset(cfg, env)
     except (FileNotFoundError, OSError) as e:
@@ -113,7 +111,7 @@ def main(argv=None) -> int:
     def make_batch(record):
         marks = Marks([now()])
         _, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev, marks,
-                                        image_padding=lcfg.get("image_padding", "zeros"))
+                                        image_padding=lcfg["image_padding"])
         if record:
             for p, a, b in zip(batch_parts, marks, marks[1:]):
                 batch_parts[p].append(b - a)

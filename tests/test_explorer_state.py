@@ -10,15 +10,8 @@ import pytest
 
 from napari_drdm._widgets._controller import ExplorerState, metrics_text
 from napari_drdm._widgets._inputs import Inputs, read_inputs, spatial_ndim
-from napari_drdm._widgets._layers import (
-    FrameStore,
-    affine_text,
-    clip_to_image,
-    field_affine,
-    field_summary,
-    outline_mask,
-    plan_frames,
-)
+from napari_drdm._widgets._layers import FrameStore, clip_to_image, field_summary, outline_mask, plan_frames
+from napari_drdm.core.metrics import affine_text, field_affine
 
 
 def test_state_imports_without_qt_or_napari():

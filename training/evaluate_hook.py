@@ -84,7 +84,7 @@ class Validator:
         for t in ts:
             g = torch.Generator().manual_seed(int(self.v["seed"]) * 101 + t)
             fs = self.sampler.sample(t, batch=B, generator=g, device=self.device)
-            img_t = warp(self.images, fs.forward_ddf, "linear", self.loss_cfg.get("image_padding", "zeros"))
+            img_t = warp(self.images, fs.forward_ddf, "linear", self.loss_cfg["image_padding"])
             tt = torch.full((B,), t, dtype=torch.int64, device=self.device)
             psi_hat = fn(img_t, tt, cfg.k_recursions)
             terms = drdm_losses(psi_hat, px_to_frac(fs.step_ddf, S), padding=self.loss_cfg["padding"],

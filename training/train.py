@@ -189,7 +189,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             x0, t, fs, img_t = fixed["batch"]
         else:
             x0, t, fs, img_t = training_batch(bank, sampler, cfg["augment"], gens, mcfg, dev,
-                                              image_padding=lcfg.get("image_padding", "zeros"))
+                                              image_padding=lcfg["image_padding"])
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
         net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t

@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.metrics import affine_text
 from ._inputs import Inputs
-from ._layers import FrameStore, affine_text
+from ._layers import FrameStore
 
 __all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text"]
 

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Dict, Optional
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
+from ..core.metrics import field_affine
 from ._controller import ExplorerState, Run
 from ._form import CONTROLS, SCHEDULES, ExplorerForm, scrolled
 from ._input_choice import InputChoice
 from ._inputs import spatial_ndim
-from ._layers import FrameStore, field_affine, field_summary
+from ._layers import FrameStore, field_summary
 from ._lifetime import Connections, Lifetime, if_alive, stop_workers
 from ._model_choice import ModelChoice, bundled_models
 from ._paint import on_next_paint

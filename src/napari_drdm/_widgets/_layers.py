@@ -23,11 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.metrics import affine_text, field_affine
-
 __all__ = ["FramePlan", "plan_frames", "FrameStore", "grid_lines", "jacobian_det", "vector_lattice",
-           "label_dtype", "pack_frame", "fmt_bytes", "field_summary", "field_affine", "affine_text",
-           "clip_to_image", "outline_mask"]
+           "label_dtype", "pack_frame", "fmt_bytes", "field_summary", "clip_to_image", "outline_mask"]
 
 DEFAULT_BUDGET_MIB = 1024
 

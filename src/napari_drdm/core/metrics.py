@@ -157,9 +157,8 @@ def affine_fit(phi_px, side: Optional[float] = None) -> Dict[str, float]:
             "affine_residual_mean_pct": 100.0 * float(rmag.mean())}
 
 
-
 def field_affine(ddf: np.ndarray, max_points: int = 65536) -> Dict[str, float]:
-    """The global affine part of a field (:func:`~napari_drdm.core.metrics.affine_fit`: zoom,
+    """The global affine part of a field (:func:`affine_fit`: zoom,
     rotation, share of the field explained), fitted on at most ``max_points`` pixels: every s-th
     pixel along each axis, with the displacements divided by s, so that the figures are those of
     the whole field up to the sampling (a few milliseconds on the UI thread, whatever the size).
@@ -186,6 +185,7 @@ def affine_text(a: Dict[str, float]) -> str:
         txt += (f" It mostly {what} the whole image, not a local variation (models inflate anatomy "
                 f"in a dark margin: README, 'Why the brain is inflated').")
     return txt
+
 
 #: foreground = pixels above min + FG_THRESHOLD * (max - min) of the image (the plausibility figures)
 FG_THRESHOLD = 0.05
