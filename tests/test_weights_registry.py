@@ -179,6 +179,36 @@ def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_c
         assert bad[0] in str(e.value)
 
 
+def test_generalisation_gap_benchmark_scores_both_splits_and_names_bad_input(tmp_path, tiny_ckpt2d, capsys):
+    """benchmarks/generalisation_gap.py: the chosen training images and every validation image of
+    a prepared file, one table row per split; bad input is one line naming the option."""
+    from benchmarks import generalisation_gap as gg
+    rng = np.random.default_rng(3)
+    prep = tmp_path / "prep.npz"
+    np.savez(prep, train_images=(rng.random((4, 32, 32)) * 255).astype(np.uint8),
+             val_images=(rng.random((2, 32, 32)) * 255).astype(np.uint8),
+             train_source=np.array([0, 1, 2, 3], np.int16), val_source=np.array([4, 5], np.int16))
+    out = tmp_path / "gap.json"
+    assert gg.main(["--weights", str(tiny_ckpt2d), "--prepared", str(prep), "--train-images", "1", "3",
+                    "--samples", "2", "--t-prime", "3", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["splits"]["train"]["indices"] == [1, 3] and rec["splits"]["train"]["sources"] == [1, 3]
+    assert rec["splits"]["val"]["indices"] == [0, 1]
+    assert all(row["results"]["n"] == 2 and np.isfinite(row["results"]["folding_pct"]["mean"])
+               for row in rec["splits"].values())
+    printed = capsys.readouterr().out
+    assert "| train | 2 |" in printed and "| val | 2 |" in printed
+    np.savez(tmp_path / "wrong.npz", train_images=np.zeros((2, 16, 16), np.uint8),
+             val_images=np.zeros((1, 16, 16), np.uint8))
+    for bad, word in ((["--prepared", str(tmp_path / "none.npz")], "--prepared"),
+                      (["--prepared", str(prep), "--train-images", "9"], "--train-images"),
+                      (["--prepared", str(prep), "--samples", "0"], "--samples"),
+                      (["--prepared", str(tmp_path / "wrong.npz")], "--prepared")):
+        with pytest.raises(SystemExit) as e:
+            gg.main(["--weights", str(tiny_ckpt2d)] + bad)
+        assert str(e.value).startswith(word) and "\n" not in str(e.value)
+
+
 # the names users type (README, `drdm weights`): renaming or dropping one breaks their commands
 BUNDLED = {"cmr2d": {"published2d", "upstream2d"}, "general2d": set(), "brain2d": {"drdm2d"}, "brain3d": {"drdm3d"},
            "general3d": set()}
