@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from napari_drdm.checkpoint import file_sha256, read_checkpoint
 from napari_drdm.cli import main
@@ -207,6 +208,40 @@ def test_generalisation_gap_benchmark_scores_both_splits_and_names_bad_input(tmp
         with pytest.raises(SystemExit) as e:
             gg.main(["--weights", str(tiny_ckpt2d)] + bad)
         assert str(e.value).startswith(word) and "\n" not in str(e.value)
+
+
+def test_reverse_trace_benchmark_records_every_step_and_names_bad_input(tmp_path, tiny_ckpt2d, capsys):
+    """benchmarks/reverse_trace.py: one row per reverse step of the model's default loop (mean
+    over the generations), consistent with the generation itself; the forward steps never fold."""
+    from benchmarks import reverse_trace as rt
+    from napari_drdm.commands.evaluate import collect_images
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "unseen2d_ct.npz", images=rng.random((2, 32, 32)).astype(np.float32))
+    out = tmp_path / "trace.json"
+    assert rt.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--set", "ct",
+                    "--t-prime", "3", "--samples", "2", "--every", "2", "--targets", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    model = load_model(str(tiny_ckpt2d))
+    steps = rec["models"][0]["steps"]
+    ts = [r["t"] for r in steps]
+    assert ts == sorted(ts, reverse=True) and ts[-1] == 0
+    images = collect_images([str(tmp_path / "unseen2d_ct.npz")], 2)
+    x = torch.cat([model.prepare(a, sp)[1] for _, a, sp in images], 0)
+    phi, _ = model.generate_model_grid(x, 3, [0, 1])
+    from napari_drdm.core.metrics import folding_pct
+    final = np.mean([folding_pct(phi[b].numpy()) for b in range(2)])
+    assert abs(steps[-1]["phi_folding_pct"] - final) < 1e-6          # the last row is the generation
+    for r in steps:
+        assert 0 <= r["step_folding_pct"] <= 100 and r["step_mean_abs_px"] >= 0
+        if r["step_folded_px"]:
+            assert 0 <= r["step_folds_near_border_pct"] <= 100
+    assert [r["step_folding_pct"] for r in rec["targets"]] == [0.0] * len(rec["targets"])
+    assert "| t | phi folding % |" in capsys.readouterr().out
+    for bad, word in ((["--samples", "0"], "--samples"), (["--extra", "nope"], "--extra"),
+                      (["--eval-dir", str(tmp_path / "none")], "--eval-dir")):
+        with pytest.raises(SystemExit) as e:
+            rt.main(["--models", "--eval-dir", str(tmp_path), "--set", "ct"] + bad)
+        assert str(e.value).startswith(word)
 
 
 # the names users type (README, `drdm weights`): renaming or dropping one breaks their commands
