@@ -45,7 +45,7 @@ def _models(names, extra):
     return out
 
 
-def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print):
+def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print, input_padding=None):
     """Evaluate every model on every unseen set of its dimensionality; returns the JSON record."""
     from napari_drdm.commands.evaluate import collect_images, evaluate
     from napari_drdm.model import load_model
@@ -61,10 +61,11 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
                 continue
             images = collect_images([str(path)], model.ndim)
             t0 = time.perf_counter()
-            res = evaluate(model, images, t_primes, samples, batch=batch)
+            res = evaluate(model, images, t_primes, samples, batch=batch, input_padding=input_padding)
             log(f"  {name} on {set_name}: {len(images)} images, {time.perf_counter() - t0:.0f} s")
             rows.append({"model": name, "source": str(src), "ndim": model.ndim, "size": model.size,
                          "sha256": model.sha256, "set": set_name, "set_file": str(path),
+                         "input_padding": model.config.input_padding if input_padding is None else input_padding,
                          "n_images": len(images), "results": res})
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -87,7 +88,8 @@ def markdown(record) -> str:
              "| max disp, whole grid % | anatomy share of the grid % |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     l1, l2, l3 = [head1], [head2], [head3]
     for row in record["rows"]:
-        tag = f"{row['model']} ({row['ndim']}D, S={row['size']})"
+        pad = f", input padding {row['input_padding']}" if row.get("input_padding") else ""
+        tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]
             removed = 100.0 * (1.0 - r["folding_pct"]["mean"] / fwd) if fwd > 0 else float("nan")
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
     ap.add_argument("--samples", type=int, default=8, help="generations per set and T' (default 8)")
+    ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
+                    help="pixels of mirrored image around the network's input (default: each model's own)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     np.seterr(all="ignore")
     rec = run_table(_models(a.models, a.extra), a.eval_dir, a.kit, a.t_prime, a.samples, a.batch, a.device,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), input_padding=a.input_padding)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rec, indent=1))

@@ -106,7 +106,7 @@ class Validator:
                 last = None
                 for last in recover(fn, self.images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
                                     n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
-                                    image_interp=cfg.image_interp):
+                                    image_interp=cfg.image_interp, input_padding=cfg.input_padding):
                     pass
                 fields[sched] = last.ddf if last is not None else fwd
             for name, f in fields.items():

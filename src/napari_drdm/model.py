@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_c
 from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
 from .checks import check_image as _check_image
 from .checks import check_labels as _check_labels
-from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
+from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule, check_input_padding
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -153,6 +153,14 @@ class DRDM:
             return self.net.engine()(x, t, k)
         return self.net.forward_plain(x, t, k)
 
+    def _input_padding(self, value):
+        if value is None:
+            return None
+        try:
+            return check_input_padding(value, self.size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
     def _seeded_draws(self, seeds: Sequence[int]):
         per = [self.sampler.draw(1, torch.Generator().manual_seed(int(s))) for s in seeds]
         return [torch.cat([p[i] for p in per], 0).to(self.device) for i in range(len(per[0]))]
@@ -276,7 +284,8 @@ class DRDM:
     @torch.inference_mode()
     def generate_model_grid(self, x_model: torch.Tensor, t_prime: int, seeds: Sequence[int],
                             schedule: Optional[str] = None, k: Optional[int] = None, fold_guard=False,
-                            guard_report: Optional[dict] = None, compose_padding: Optional[str] = None):
+                            guard_report: Optional[dict] = None, compose_padding: Optional[str] = None,
+                            input_padding: Optional[int] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
@@ -284,7 +293,8 @@ class DRDM:
         (up to float rounding).  ``fold_guard``: phi is fold-free on the model grid (resize it with
         ``ModelGrid.field_to_original(..., fold_guard=True)``); ``guard_report``, a dict, receives
         what the guard did (see :class:`~napari_drdm.guard_modes.GuardHooks`); ``compose_padding``:
-        "border" or "zeros", None the model's (see :meth:`iter_generate`).
+        "border" or "zeros", None the model's (see :meth:`iter_generate`); ``input_padding``: pixels of
+        mirrored image around the network's input (``DRDMConfig.input_padding``), None the model's.
         """
         gmode = guard_mode(fold_guard)
         hooks = GuardHooks(gmode)
@@ -300,7 +310,8 @@ class DRDM:
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
         for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime),
-                          **cfg.recover_options(schedule, k, padding), **hooks.kwargs()):
+                          **cfg.recover_options(schedule, k, padding, self._input_padding(input_padding)),
+                          **hooks.kwargs()):
             phi = fr.ddf
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)

@@ -98,7 +98,7 @@ def _stats(values):
 
 
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
-             on_batch=None, compose_padding=None):
+             on_batch=None, compose_padding=None, input_padding=None):
     import torch
 
     from ..core.metrics import field_metrics, jacobian_determinant, plausibility_metrics
@@ -114,7 +114,8 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             x = torch.cat([prepared[i % len(prepared)] for i in ids], 0)
             seeds = [seed_offset + i for i in ids]
             tb = time.perf_counter()
-            phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k, compose_padding=compose_padding)
+            phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k, compose_padding=compose_padding,
+                                                 input_padding=input_padding)
             if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
                 on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):

@@ -11,7 +11,8 @@ from typing import Any, Dict, Tuple
 
 from ..errors import InputError
 
-__all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS"]
+__all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
+           "check_input_padding"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
 T = 80
@@ -63,6 +64,21 @@ DEFAULT_SCHEDULE = Schedule.REFERENCE
 COMPOSE_PADDINGS = ("border", "zeros")
 
 
+def check_input_padding(value, size: int) -> int:
+    """A valid ``input_padding`` for a model of side ``size``: a whole number of pixels >= 0, a
+    multiple of 4 (the padded side, S + 2 * padding, stays divisible by 8), below S / 2.
+
+    Raises:
+        ValueError: one line naming the value and what was expected.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"input_padding must be a whole number of pixels, got {value!r}")
+    v = int(value)
+    if v < 0 or v % 4 or v >= size // 2:
+        raise ValueError(f"input_padding must be a multiple of 4 from 0 to below S/2 = {size // 2} pixels, got {v}")
+    return v
+
+
 @dataclass
 class DRDMConfig:
     """Everything needed to rebuild a model and reproduce its generations.
@@ -92,6 +108,7 @@ class DRDMConfig:
     compose_padding: str = "zeros"          # reverse-loop composition: zeros (2D cardiac) / border (3D)
     image_interp: str = "cubic"             # image fed to the network each step: cubic (2D) / linear (3D)
     schedule: str = DEFAULT_SCHEDULE.value  # default loop: 'reference' (all T steps) or 'paper' (T' steps)
+    input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
     extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
 
     def __post_init__(self):
@@ -104,6 +121,7 @@ class DRDMConfig:
         if self.ndim == 3 and self.image_interp == "cubic":
             self.image_interp = "linear"
         self.schedule = Schedule.parse(self.schedule).value
+        self.input_padding = check_input_padding(self.input_padding, self.size)
 
     @classmethod
     def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":
@@ -120,18 +138,22 @@ class DRDMConfig:
             return 2.0
         return float(self.field_scale)
 
-    def recover_options(self, schedule=None, k=None, compose_padding=None) -> Dict[str, Any]:
+    def recover_options(self, schedule=None, k=None, compose_padding=None, input_padding=None) -> Dict[str, Any]:
         """The keyword options of :func:`~napari_drdm.core.recovery.recover` for this model.
 
         Args:
             schedule: the loop (a :class:`Schedule` or its name); default: the model's.
             k: K, the network's internal recursions; default: the model's.
             compose_padding: one of :data:`COMPOSE_PADDINGS`; default: the model's.
+            input_padding: pixels of mirrored image around the network's input
+                (:func:`check_input_padding`); default: the model's.
         """
         return {"schedule": Schedule.parse(self.schedule if schedule is None else schedule),
                 "k": int(self.k_recursions if k is None else k), "n_steps": self.n_steps,
                 "compose_padding": self.compose_padding if compose_padding is None else compose_padding,
-                "image_interp": self.image_interp}
+                "image_interp": self.image_interp,
+                "input_padding": self.input_padding if input_padding is None
+                else check_input_padding(input_padding, self.size)}
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from .config import DEFAULT_SCHEDULE, Schedule, T
 from .network import DRDMNet
 from .spatial import compose, frac_to_px, warp, warp_labels
 
-__all__ = ["RecoveryFrame", "reverse_timesteps", "recover"]
+__all__ = ["RecoveryFrame", "reverse_timesteps", "recover", "padded_estimate"]
 
 
 @dataclass
@@ -51,13 +52,42 @@ def reverse_timesteps(t_prime: int, n_steps: int = T,
     return list(range(first, -1, -1))
 
 
+def padded_estimate(net: Callable, x: torch.Tensor, t: torch.Tensor, k: int, padding: int) -> torch.Tensor:
+    """The network's K-recursion estimate (paper eq. 12) with its input surrounded by ``padding``
+    pixels of mirrored image, cropped back to the input's grid.
+
+    The network then never sees the edge of the field of view as the edge of its canvas: no dark
+    frame where the anatomy touches the border (it inflates content in a dark frame), and the
+    convolutions' zero padding lies outside the image.  The recursion runs here, with single passes
+    (``net(x, t, 1)``), so that fractions convert to pixels with the image's own side S, as in
+    training, not the padded side.  ``padding=0`` is exactly ``net(x, t, k)``'s recursion.
+
+    Args:
+        net: ``net(x, t, k)`` returning the estimate as a fraction of the side (a DRDMNet, its
+            engine or the model's network call).
+        x: the input (B, C, *[S]*d); t: int64 diffusion times (B,); k: K (>= 1).
+        padding: pixels added on each side (reflection; S + 2 * padding divisible by 8).
+    """
+    S = x.shape[2]
+    nd = x.dim() - 2
+    xp = F.pad(x, [int(padding)] * (2 * nd), mode="reflect") if padding else x
+    running = net(xp, t, 1)
+    for _ in range(int(k) - 1):
+        xk = warp(xp, frac_to_px(running, S), "linear", "zeros")
+        step = net(xk, t, 1)
+        running = step + warp(running, frac_to_px(step, S), "linear", "border")
+    if padding:
+        running = running[(slice(None), slice(None)) + (slice(padding, -padding),) * nd]
+    return running
+
+
 def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_prime: int, *,
             labels0: Optional[torch.Tensor] = None, schedule: Union[Schedule, str] = DEFAULT_SCHEDULE,
             k: int = 2, n_steps: int = T, compose_padding: str = "zeros", image_interp: str = "cubic",
             label_interp: str = "nearest", net_input: Optional[torch.Tensor] = None,
             labels_every_step: bool = True, fast: Optional[bool] = None,
             step_guard: Optional[Callable] = None, field_guard: Optional[Callable] = None,
-            ) -> Iterator[RecoveryFrame]:
+            input_padding: int = 0) -> Iterator[RecoveryFrame]:
     """Yield one :class:`RecoveryFrame` per reverse step.
 
     Args:
@@ -81,6 +111,8 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
             core/foldguard.py), applied to each step's psi_hat before it is composed.
         field_guard: the same for the accumulated field after each composition (what the next
             step sees).
+        input_padding: pixels of mirrored image around the network's input each step
+            (:func:`padded_estimate`); 0, the reference, feeds the image as it is.
     """
     if fast is not None and isinstance(net, DRDMNet):
         net = net.engine() if fast else net.forward_plain
@@ -92,7 +124,8 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
     B = current.shape[0]
     for i, t in enumerate(steps, start=1):
         tt = torch.full((B,), t, dtype=torch.int64, device=image0.device)
-        u = frac_to_px(net(current, tt, k), S)
+        est = padded_estimate(net, current, tt, k, input_padding) if input_padding else net(current, tt, k)
+        u = frac_to_px(est, S)
         if step_guard is not None:
             u = step_guard(u)
         phi = compose(u, phi, compose_padding)
