@@ -34,29 +34,33 @@ def _split(data, split: str, picks):
     idx = list(range(len(imgs))) if picks is None else list(picks)
     bad = [i for i in idx if not 0 <= i < len(imgs)]
     if bad:
-        raise SystemExit(f"--train-images: index {bad[0]} out of range; the file has {len(imgs)} {split} images")
+        raise SystemExit(f"--{split}-images: index {bad[0]} out of range; the file has {len(imgs)} {split} images")
     return [(f"{split}[{i}]", imgs[i].astype(np.float32), (1.0,) * (imgs.ndim - 1)) for i in idx], idx
 
 
-def run(weights, prepared, train_picks, samples, t_prime, log=print):
+def run(weights, prepared, train_picks, samples, t_prime, log=print, val_picks=None, splits=("train", "val"),
+        input_padding=None):
     from napari_drdm.commands.evaluate import evaluate
     from napari_drdm.model import load_model
     model = load_model(weights, device="cpu")
     data = np.load(prepared, allow_pickle=False)
     rows = {}
-    for split, picks in (("train", train_picks), ("val", None)):
+    for split, picks in (("train", train_picks), ("val", val_picks)):
+        if split not in splits:
+            continue
         images, idx = _split(data, split, picks)
         if images[0][1].ndim != model.ndim or images[0][1].shape[0] != model.size:
             raise SystemExit(f"--prepared: {split} images of shape {images[0][1].shape} do not match the "
                              f"model ({model.ndim}D, S = {model.size})")
         t0 = time.perf_counter()
-        res = evaluate(model, images, [t_prime], samples)[0]
+        res = evaluate(model, images, [t_prime], samples, input_padding=input_padding)[0]
         rows[split] = {"indices": idx, "sources": data[f"{split}_source"][idx].tolist()
                        if f"{split}_source" in data.files else None,
                        "seconds": time.perf_counter() - t0, "results": res}
         log(f"  {split}: {len(images)} images, {samples} generations, {rows[split]['seconds']:.0f} s")
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": str(weights), "sha256": model.sha256,
             "prepared": str(prepared), "t_prime": t_prime, "samples": samples,
+            "input_padding": model.config.input_padding if input_padding is None else input_padding,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                         "torch": torch.__version__},
             "command": " ".join(["python"] + sys.argv), "splits": rows}
@@ -81,6 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prepared", required=True, help="the run's prepared .npz (python -m training prepare)")
     ap.add_argument("--train-images", type=int, nargs="*", default=None,
                     help="indices of the training images to use (default: all)")
+    ap.add_argument("--val-images", type=int, nargs="*", default=None,
+                    help="indices of the validation images to use (default: all)")
+    ap.add_argument("--splits", nargs="+", choices=["train", "val"], default=["train", "val"])
+    ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
+                    help="pixels of mirrored image around the network's input (default: the model's own)")
     ap.add_argument("--samples", type=int, default=4, help="generations per split (default 4)")
     ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--threads", type=int, default=None)
@@ -94,7 +103,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     np.seterr(all="ignore")
     rec = run(a.weights, a.prepared, a.train_images, a.samples, a.t_prime,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), val_picks=a.val_images, splits=a.splits,
+              input_padding=a.input_padding)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rec, indent=1))

@@ -453,8 +453,9 @@ def test_convert_upstream_compose_padding(tmp_path, capsys):
     assert c_b.replace(compose_padding="zeros").to_dict() == c_z.to_dict()
     assert p_b["compose_padding"] == "border" and p_b["authors_compose_padding"] == "zeros"
     assert "weights_table_t45_cmr2d_border.json" in p_b["compose_padding_change"]
-    assert "one inference setting changed" in p_b["change"]
-    assert "compose_padding_change" not in p_z and "inference setting" not in p_z["change"]
+    assert "2 inference settings changed" in p_b["change"]                 # and the input padding
+    assert "compose_padding_change" not in p_z and "one inference setting changed" in p_z["change"]
+    assert "composition padding" not in p_z["change"]
     bundled, _ = resolve_weights("cmr2d")
     s_c, c_c, p_c = read_checkpoint(bundled)
     assert c_c.to_dict() == c_b.to_dict() and p_c == p_b
@@ -465,6 +466,31 @@ def test_convert_upstream_compose_padding(tmp_path, capsys):
     assert e.value.code == 2 and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ValueError, match="--compose-padding: expected border or zeros"):
         convert_upstream(pth, tmp_path / "y.safetensors", compose_padding="reflect")
+
+
+def test_convert_upstream_input_padding(tmp_path, capsys):
+    """The converter stores 16 px of mirrored input by default, recorded in the provenance as a
+    change from the authors' setting; ``--input-padding 0`` writes theirs; a bad value is one line."""
+    from conftest import ref_path
+
+    from training.__main__ import main as training_main
+    from training.convert_upstream import convert_upstream
+    pth = ref_path("upstream_cmr2d.pth")
+    convert_upstream(pth, tmp_path / "default.safetensors")
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "none.safetensors"),
+                          "--input-padding", "0", "--compose-padding", "zeros"]) == 0
+    assert "input padding 0 px" in capsys.readouterr().out
+    _, c_d, p_d = read_checkpoint(tmp_path / "default.safetensors")
+    _, c_0, p_0 = read_checkpoint(tmp_path / "none.safetensors")
+    assert (c_d.input_padding, c_0.input_padding) == (16, 0)
+    assert "weights_table_t45_cmr2d_pad16.json" in p_d["input_padding_change"]
+    assert "2 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
+    assert "input_padding_change" not in p_0 and "inference setting" not in p_0["change"]
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
+                          "--input-padding", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --input-padding: input_padding must be a multiple of 4") and err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_inflated_2d_weights_reproduce_the_2d_network_on_depth_constant_volumes():

@@ -199,10 +199,15 @@ def test_generalisation_gap_benchmark_scores_both_splits_and_names_bad_input(tmp
                for row in rec["splits"].values())
     printed = capsys.readouterr().out
     assert "| train | 2 |" in printed and "| val | 2 |" in printed
+    assert gg.main(["--weights", str(tiny_ckpt2d), "--prepared", str(prep), "--splits", "val", "--val-images", "1",
+                    "--samples", "1", "--t-prime", "3", "--input-padding", "4", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert list(rec["splits"]) == ["val"] and rec["splits"]["val"]["indices"] == [1] and rec["input_padding"] == 4
     np.savez(tmp_path / "wrong.npz", train_images=np.zeros((2, 16, 16), np.uint8),
              val_images=np.zeros((1, 16, 16), np.uint8))
     for bad, word in ((["--prepared", str(tmp_path / "none.npz")], "--prepared"),
                       (["--prepared", str(prep), "--train-images", "9"], "--train-images"),
+                      (["--prepared", str(prep), "--val-images", "2"], "--val-images"),
                       (["--prepared", str(prep), "--samples", "0"], "--samples"),
                       (["--prepared", str(tmp_path / "wrong.npz")], "--prepared")):
         with pytest.raises(SystemExit) as e:

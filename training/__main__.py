@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change how this validation judges the weights, e.g. validation.schedules=[paper] "
                         "or validation.t_primes=[30,45,70] (keys under validation., model.compose_padding, "
-                        "model.image_interp); repeatable")
+                        "model.image_interp, model.input_padding); repeatable")
     p.set_defaults(func=_cmd_validate)
     return ap
 
