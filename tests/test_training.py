@@ -469,7 +469,7 @@ def test_convert_upstream_compose_padding(tmp_path, capsys):
 
 
 def test_convert_upstream_input_padding(tmp_path, capsys):
-    """The converter stores 16 px of mirrored input by default, recorded in the provenance as a
+    """The converter stores 8 px of mirrored input by default, recorded in the provenance as a
     change from the authors' setting; ``--input-padding 0`` writes theirs; a bad value is one line."""
     from conftest import ref_path
 
@@ -482,8 +482,8 @@ def test_convert_upstream_input_padding(tmp_path, capsys):
     assert "input padding 0 px" in capsys.readouterr().out
     _, c_d, p_d = read_checkpoint(tmp_path / "default.safetensors")
     _, c_0, p_0 = read_checkpoint(tmp_path / "none.safetensors")
-    assert (c_d.input_padding, c_0.input_padding) == (16, 0)
-    assert "weights_table_t45_cmr2d_pad16.json" in p_d["input_padding_change"]
+    assert (c_d.input_padding, c_0.input_padding) == (8, 0)
+    assert "weights_table_t45_cmr2d_pad8.json" in p_d["input_padding_change"]
     assert "2 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
     assert "input_padding_change" not in p_0 and "inference setting" not in p_0["change"]
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
