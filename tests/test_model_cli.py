@@ -257,6 +257,18 @@ def test_compose_padding_override_reaches_recover(tiny_ckpt2d, monkeypatch):
         model.generate(img, t_prime=2, compose_padding="reflection")
 
 
+def test_cli_reports_and_records_the_models_input_padding(tmp_path, tiny_checkpoint, capsys):
+    img, _ = blob_image((32, 32))
+    np.save(tmp_path / "im.npy", img.astype(np.float32))
+    for pad, shown in ((8, "input_padding=8px"), (0, None)):
+        ckpt = tiny_checkpoint(2, 32, input_padding=pad)
+        out = tmp_path / f"p{pad}"
+        assert main(["generate", str(tmp_path / "im.npy"), "--weights", ckpt, "--t-prime", "2", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert (shown in printed) if shown else ("input_padding" not in printed)
+        assert json.loads((out / "im.json").read_text())["input_padding"] == pad
+
+
 def test_cli_compose_padding_option(tmp_path, tiny_ckpt2d, capsys):
     img, _ = blob_image((32, 32))
     np.save(tmp_path / "im.npy", img.astype(np.float32))

@@ -93,12 +93,14 @@ def run(args) -> int:
                  "labels_input": str(Path(args.labels).resolve()) if args.labels else None,
                  "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
                  "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
+                 "input_padding": model.config.input_padding,
                  "affine": {k: round(float(v), 4) for k, v in affine.items()},
                  "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
         paths = write_result(args.out, stem, res, vol, lab_vol, overwrite=args.overwrite,
                              extra=extra, write_forward=args.forward_ddf)
     m = res.metrics
-    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}: "
+    pad_in = f" input_padding={model.config.input_padding}px" if model.config.input_padding else ""
+    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
     print(affine_text(affine))
