@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_c
 from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
 from .checks import check_image as _check_image
 from .checks import check_labels as _check_labels
-from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule, check_input_padding
+from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -152,14 +152,6 @@ class DRDM:
         if self._fast:
             return self.net.engine()(x, t, k)
         return self.net.forward_plain(x, t, k)
-
-    def _input_padding(self, value):
-        if value is None:
-            return None
-        try:
-            return check_input_padding(value, self.size)
-        except ValueError as e:
-            raise InputError(str(e)) from None
 
     def _seeded_draws(self, seeds: Sequence[int]):
         per = [self.sampler.draw(1, torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -310,7 +302,7 @@ class DRDM:
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
         for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime),
-                          **cfg.recover_options(schedule, k, padding, self._input_padding(input_padding)),
+                          **cfg.recover_options(schedule, k, padding, input_padding),
                           **hooks.kwargs()):
             phi = fr.ddf
         if gmode is not None:

@@ -69,13 +69,13 @@ def check_input_padding(value, size: int) -> int:
     multiple of 4 (the padded side, S + 2 * padding, stays divisible by 8), below S / 2.
 
     Raises:
-        ValueError: one line naming the value and what was expected.
+        InputError: (a ValueError) one line naming the value and what was expected.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"input_padding must be a whole number of pixels, got {value!r}")
+        raise InputError(f"input_padding must be a whole number of pixels, got {value!r}")
     v = int(value)
     if v < 0 or v % 4 or v >= size // 2:
-        raise ValueError(f"input_padding must be a multiple of 4 from 0 to below S/2 = {size // 2} pixels, got {v}")
+        raise InputError(f"input_padding must be a multiple of 4 from 0 to below S/2 = {size // 2} pixels, got {v}")
     return v
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .config import DEFAULT_SCHEDULE, Schedule, T
 from .network import DRDMNet
 from .spatial import compose, frac_to_px, warp, warp_labels
+from .unet import recursive_estimate
 
 __all__ = ["RecoveryFrame", "reverse_timesteps", "recover", "padded_estimate"]
 
@@ -60,7 +61,8 @@ def padded_estimate(net: Callable, x: torch.Tensor, t: torch.Tensor, k: int, pad
     frame where the anatomy touches the border (it inflates content in a dark frame), and the
     convolutions' zero padding lies outside the image.  The recursion runs here, with single passes
     (``net(x, t, 1)``), so that fractions convert to pixels with the image's own side S, as in
-    training, not the padded side.  ``padding=0`` is exactly ``net(x, t, k)``'s recursion.
+    training, not the padded side (:func:`~napari_drdm.core.unet.recursive_estimate`).  ``padding=0``
+    is exactly ``net(x, t, k)``'s recursion.
 
     Args:
         net: ``net(x, t, k)`` returning the estimate as a fraction of the side (a DRDMNet, its
@@ -68,14 +70,9 @@ def padded_estimate(net: Callable, x: torch.Tensor, t: torch.Tensor, k: int, pad
         x: the input (B, C, *[S]*d); t: int64 diffusion times (B,); k: K (>= 1).
         padding: pixels added on each side (reflection; S + 2 * padding divisible by 8).
     """
-    S = x.shape[2]
     nd = x.dim() - 2
     xp = F.pad(x, [int(padding)] * (2 * nd), mode="reflect") if padding else x
-    running = net(xp, t, 1)
-    for _ in range(int(k) - 1):
-        xk = warp(xp, frac_to_px(running, S), "linear", "zeros")
-        step = net(xk, t, 1)
-        running = step + warp(running, frac_to_px(step, S), "linear", "border")
+    running = recursive_estimate(lambda xi, ti: net(xi, ti, 1), xp, t, k, side=x.shape[2])
     if padding:
         running = running[(slice(None), slice(None)) + (slice(padding, -padding),) * nd]
     return running

@@ -190,7 +190,7 @@ def to_fraction(u: torch.Tensor, S: int) -> torch.Tensor:
 
 
 def recursive_estimate(single_pass: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, t,
-                       k: int = 2) -> torch.Tensor:
+                       k: int = 2, side: Optional[int] = None) -> torch.Tensor:
     """The paper's eq. 12: K passes, each on the *input* warped by the running estimate.
 
     ``running = pass(x)``; then K-1 times ``step = pass(warp(x, running))`` and
@@ -201,8 +201,10 @@ def recursive_estimate(single_pass: Callable[[torch.Tensor, Any], torch.Tensor],
         x: the network input (B, C, *spatial).
         t: the diffusion times, passed through to ``single_pass``.
         k: K, the number of passes (>= 1).
+        side: the S that converts fractions to pixels (default: the input's first spatial side;
+            a padded input passes the side of the image inside it).
     """
-    S = x.shape[2]
+    S = x.shape[2] if side is None else int(side)
     running = single_pass(x, t)
     for _ in range(int(k) - 1):
         xk = warp(x, frac_to_px(running, S), "linear", "zeros")
