@@ -36,15 +36,17 @@ def _border_distance(shape) -> np.ndarray:
     return np.min([np.minimum(i, n - 1 - i) for i, n in zip(idx, shape)], axis=0)
 
 
-def trace(model, images, t_prime: int, samples: int, band: int = 8, fg_threshold: float = 0.05):
+def trace(model, images, t_prime: int, samples: int, band: int = 8, fg_threshold: float = 0.05,
+          input_padding=None):
     """One row per reverse step (mean over the generations): t, folding of phi and of the step (%),
     the step's mean |u| and |grad u|, and the shares (%) of the step's folded pixels within ``band``
-    pixels of the border and on the foreground."""
+    pixels of the border and on the foreground.  ``input_padding``: pixels of mirrored image around
+    the network's input (None: the model's own)."""
     from napari_drdm.core.config import Schedule
     from napari_drdm.core.metrics import jacobian_determinant
     from napari_drdm.core.recovery import recover
     cfg = model.config
-    opts = cfg.recover_options(Schedule.parse(cfg.schedule), int(cfg.k_recursions), None)
+    opts = cfg.recover_options(Schedule.parse(cfg.schedule), int(cfg.k_recursions), None, input_padding)
     near = None
     per_gen = []
     for i in range(samples):
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--samples", type=int, default=4, help="generations per model (default 4)")
     ap.add_argument("--band", type=int, default=8, help="border band in pixels (default 8)")
+    ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
+                    help="pixels of mirrored image around the network's input (default: each model's own)")
     ap.add_argument("--targets", action="store_true", help="also tabulate the forward steps psi_t")
     ap.add_argument("--every", type=int, default=8, help="print every N-th step (default 8; the JSON has all)")
     ap.add_argument("--threads", type=int, default=None)
@@ -157,9 +161,11 @@ def main(argv=None) -> int:
         if model.ndim != 2:
             raise SystemExit(f"--models/--extra: {name} is a {model.ndim}D model; this trace takes 2D models")
         t0 = time.perf_counter()
-        steps = trace(model, images, a.t_prime, a.samples, a.band)
+        steps = trace(model, images, a.t_prime, a.samples, a.band, input_padding=a.input_padding)
         print(f"  {name}: {a.samples} generations, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        rec["models"].append({"name": name, "source": str(src), "sha256": model.sha256, "steps": steps})
+        rec["models"].append({"name": name, "source": str(src), "sha256": model.sha256, "steps": steps,
+                              "input_padding": model.config.input_padding if a.input_padding is None
+                              else a.input_padding})
         if a.targets and "targets" not in rec:
             rec["targets"] = target_rows(model, sorted({int(r["t"]) for r in steps[::a.every]} | {0}))
     if a.json:
