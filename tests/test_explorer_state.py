@@ -185,6 +185,16 @@ def test_run_request_says_why_not_or_what_run_starts():
     assert req.params["variant"] == "paper K2 guard"
     scale, translate, affine = req.geometry
     assert scale == (1.0, 0.5, 2.0) and translate == (3.0, 0.0, 0.0) and affine is None
+    # input padding: passed on, a variant when not the model's own, one line when the model cannot take it
+    model = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference", input_padding=8), device="cpu")
+    req = prepare_run(cine, None, model, "", dict(gen, input_padding=0), (3, 0, 0))
+    assert req.params["input_padding"] == 0 and req.params["variant"] == "paper K2 0px-input-padding guard"
+    for own in (None, 8):
+        assert prepare_run(cine, None, model, "", dict(gen, input_padding=own), (3, 0, 0)).params["variant"] == \
+            "paper K2 guard"
+    with pytest.raises(InputError, match=r"^Input padding: expected a multiple of 4 pixels from 0 to below S/2 = 16 "
+                                         r"\(the model's side S = 32\), got 16$"):
+        prepare_run(cine, None, model, "", dict(gen, input_padding=16), (3, 0, 0))
 
 
 def test_default_threads_uses_idle_cores(monkeypatch):

@@ -79,8 +79,8 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     form.schedule_combo.setCurrentText("paper")
     form.guard_check.setChecked(True)
     g = form.generation()
-    assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "compose_padding": None, "k": 2,
-                 "budget_mib": g["budget_mib"], "fold_guard": True}
+    assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "compose_padding": None, "input_padding": None,
+                 "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
     # composition padding: the model's own by default (named once a model is loaded), or border / zeros
     assert [form.padding_combo.itemText(i) for i in range(3)] == ["model default", "border", "zeros"]
     form.padding_combo.setCurrentText("zeros")
@@ -88,6 +88,20 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     assert form.padding_combo.itemText(0) == "model default (border)" and form.generation()["compose_padding"] == "zeros"
     form.padding_combo.setCurrentIndex(0)
     assert form.generation()["compose_padding"] is None
+    # input padding, next to it: the model's own by default (named once a model is loaded), or pixels
+    combo = form.input_padding_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "0", "4", "8", "16", "32"]
+    assert "mirrored image" in form.gen.input_padding.tooltip and "authors" in form.gen.input_padding.tooltip
+    combo.setCurrentText("0")
+    assert form.generation()["input_padding"] == 0
+    form.set_model_padding("border", 8)
+    assert combo.itemText(0) == "model default (8)" and form.generation()["input_padding"] == 0
+    form.set_model_padding("zeros", 0)
+    assert combo.itemText(0) == "model default (0)" and form.padding_combo.itemText(0) == "model default (zeros)"
+    combo.setCurrentText("16")
+    assert form.generation()["input_padding"] == 16
+    combo.setCurrentIndex(0)
+    assert form.generation()["input_padding"] is None
     accepted = set(inspect.signature(explore).parameters)
     assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
     assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."

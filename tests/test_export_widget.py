@@ -106,6 +106,36 @@ def test_export_options_are_a_magicgui_form(qtbot):
     assert kw["compose_padding"] is None                                      # "model default"
     form.padding.setCurrentText("zeros")
     assert form.option_values()["compose_padding"] == "zeros"
+    assert kw["input_padding"] is None                                        # "model default"
+    assert [form.input_padding.itemText(i) for i in range(form.input_padding.count())] == \
+        ["model default", "0", "4", "8", "16", "32"]
+    form.input_padding.setCurrentText("0")
+    assert form.option_values()["input_padding"] == 0 and ExportOptions(**form.option_values()).validate()
+
+
+def test_export_input_padding_is_used_and_recorded(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """The export dock's input padding reaches the rows; one the model cannot take stops the export
+    before any work, saying why in one line."""
+    pad8 = tiny_checkpoint(2, 32, name="pad8", input_padding=8)
+    viewer = make_napari_viewer()
+    _layers(viewer)
+    out = tmp_path / "export"
+    w = _widget(viewer, pad8, out, n=1)
+    w.preview_spin.setValue(0)
+    w.input_padding.setCurrentText("16")                  # >= S/2 for S = 32
+    assert w.options().input_padding == 16 and w.run_btn.isEnabled()
+    w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=120000)
+    assert w.summary["status"] == "error"
+    assert w.status.text() == ("export stopped: --input-padding: expected a multiple of 4 pixels from 0 to below "
+                               "S/2 = 16 (the model's side S = 32), got 16")
+    assert not (out / "run.json").exists()
+    w.input_padding.setCurrentText("0")
+    w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=120000)
+    assert w.summary["status"] == "complete", w.summary
+    m = json.loads((out / "manifest.json").read_text())
+    assert [r["input_padding"] for r in m["rows"]] == [0] and m["run"]["input_padding"] == 0
 
 
 def test_export_cancel_and_refusal(make_napari_viewer, qtbot, tiny2d, tmp_path):

@@ -127,6 +127,43 @@ def test_run_2d_makes_layers(make_napari_viewer, qtbot, tiny2d):
     assert viewer.layers[run2.layer_name("recovered image")].metadata["drdm"]["compose_padding"] == "border"
 
 
+def test_input_padding_option_reaches_the_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    """The form's input padding: "model default (8)" names the model's own; another value is a
+    variant of the run, recorded in the results and equal to the Python API's generation; one the
+    model cannot take disables Run with one line."""
+    from napari_drdm.model import load_model
+    pad8 = tiny_checkpoint(2, 32, name="pad8", input_padding=8)
+    viewer = make_napari_viewer()
+    img, _ = _image((32, 32))
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, pad8)
+    assert widget.input_padding_combo.currentText() == "model default (8)"
+    widget.seed_spin.setValue(5)
+    assert not widget.guard_check.isChecked()
+    widget.input_padding_combo.setCurrentText("16")                 # 16 >= S/2 for S = 32
+    assert not widget.run_btn.isEnabled()
+    assert widget.reason == ("Input padding: expected a multiple of 4 pixels from 0 to below S/2 = 16 "
+                             "(the model's side S = 32), got 16")
+    widget.input_padding_combo.setCurrentText("0")
+    assert widget.run_btn.isEnabled() and widget.reason == ""
+    _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+    run = widget.state.current
+    assert run.title == "#1 pad8 s5 T'2 paper K2 0px-input-padding" and run.params["input_padding"] == 0
+    md = viewer.layers[run.layer_name("recovered image")].metadata["drdm"]
+    assert md["input_padding"] == 0 and md["compose_padding"] == "zeros"
+    ddf = viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"]
+    res = load_model(pad8, device="cpu").generate(img, t_prime=2, seed=5, schedule="paper", spacing=(1.0, 1.0),
+                                                  input_padding=0)
+    np.testing.assert_allclose(ddf, res.ddf, rtol=1e-4, atol=1e-4)
+    widget.input_padding_combo.setCurrentIndex(0)                     # the model's own: no variant
+    _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+    run2 = widget.state.current
+    assert run2.title == "#2 pad8 s5 T'2 paper K2"
+    assert viewer.layers[run2.layer_name("recovered image")].metadata["drdm"]["input_padding"] == 8
+    assert np.abs(viewer.layers[run2.layer_name("|u| mm")].metadata["drdm_ddf"] - ddf).max() > 1e-3
+
+
 def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):
     viewer = make_napari_viewer()
     img, _ = _image((32, 32))

@@ -42,7 +42,8 @@ def field_row(phi_px, side: int, inverse_iterations: int = 50) -> Dict[str, floa
 
 def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: str = "final",
                   schedule: Optional[str] = None, k: Optional[int] = None,
-                  inverse_iterations: int = 50, compose_padding: Optional[str] = None) -> List[dict]:
+                  inverse_iterations: int = 50, compose_padding: Optional[str] = None,
+                  input_padding: Optional[int] = None) -> List[dict]:
     """Generate ``x_model`` (B, 1, S...) with and without the fold guard; one dict per sample.
 
     Args:
@@ -54,6 +55,8 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
         schedule, k: reverse loop options (None: the model's).
         inverse_iterations: fixed-point iterations of the inverse field.
         compose_padding: reverse-loop composition padding, "border" or "zeros" (None: the model's).
+        input_padding: pixels of mirrored image around the network's input at every reverse step
+            (None: the model's).
 
     Returns:
         ``[{"off": row, "on": row, "seconds_off": s, "seconds_on": s, "guard": {...}}]``, the
@@ -66,14 +69,15 @@ def compare_guard(model, x_model, t_prime: int, seeds: Sequence[int], method: st
     n = len(seeds)
     t0 = time.perf_counter()
     phi_off, _ = model.generate_model_grid(x_model, t_prime, seeds, schedule=schedule, k=k,
-                                           compose_padding=compose_padding)
+                                           compose_padding=compose_padding, input_padding=input_padding)
     t_off = (time.perf_counter() - t0) / n
     if method == "final":
         return guard_rows(phi_off, model.size, seeds, t_off, inverse_iterations)
     t0 = time.perf_counter()
     info: dict = {}
     phi_on, _ = model.generate_model_grid(x_model, t_prime, seeds, schedule=schedule, k=k,
-                                          fold_guard=method, guard_report=info, compose_padding=compose_padding)
+                                          fold_guard=method, guard_report=info, compose_padding=compose_padding,
+                                          input_padding=input_padding)
     t_on = (time.perf_counter() - t0) / n
     return _rows(phi_off, phi_on, model.size, seeds, t_off, t_on, info, inverse_iterations)
 

@@ -36,7 +36,15 @@ from .core.spatial import warp, warp_labels
 from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
 from .model_grid import ModelGrid
-from .validate import check_compose_padding, check_device, check_k, check_model_size, check_seed, check_t_prime
+from .validate import (
+    check_compose_padding,
+    check_device,
+    check_input_padding_option,
+    check_k,
+    check_model_size,
+    check_seed,
+    check_t_prime,
+)
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
            "guard_mode"]
@@ -91,6 +99,7 @@ class GenerationResult:
     schedule: str = DEFAULT_SCHEDULE.value
     k: int = 2
     compose_padding: str = "zeros"         # how each reverse step was composed into the field
+    input_padding: int = 0                 # px of mirrored image around the network's input at each step
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
@@ -180,7 +189,8 @@ class DRDM:
                       seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                       frames: bool = True, render: bool = True, frame_metrics: bool = False,
                       image_interp: Optional[str] = None, label_interp: str = "nearest",
-                      fold_guard=False, compose_padding: Optional[str] = None) -> Iterator[Frame]:
+                      fold_guard=False, compose_padding: Optional[str] = None,
+                      input_padding: Optional[int] = None) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
@@ -189,6 +199,9 @@ class DRDM:
         unless the checkpoint says otherwise).
         ``compose_padding``: how each reverse step is composed into the accumulated field, "border"
         or "zeros" (the authors' 2D code); None: the model's (``config.compose_padding``).
+        ``input_padding``: pixels of mirrored image around the network's input at every reverse
+        step, a multiple of 4 below S/2 (0: the authors' behaviour); None: the model's
+        (``config.input_padding``).
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -198,6 +211,7 @@ class DRDM:
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding") or cfg.compose_padding
+        pad_in = _input_padding(input_padding, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
         image_interp = image_interp or cfg.image_interp
@@ -232,7 +246,7 @@ class DRDM:
         phi = psi
         hooks = GuardHooks(gmode)
         if t_prime > 0 or schedule is Schedule.REFERENCE:
-            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k, padding),
+            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k, padding, pad_in),
                             **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
@@ -252,22 +266,24 @@ class DRDM:
             image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
-            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, guard=guard_info)
+            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, input_padding=pad_in,
+            guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                  return_frames: bool = False, label_interp: str = "nearest",
                  image_interp: Optional[str] = None, fold_guard=False,
-                 compose_padding: Optional[str] = None) -> GenerationResult:
+                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
 
-        ``fold_guard``, ``compose_padding``: see :meth:`iter_generate` (fold guard on: ``res.ddf`` is
-        fold-free on the image's grid; ``res.compose_padding`` says which padding was used).
+        ``fold_guard``, ``compose_padding``, ``input_padding``: see :meth:`iter_generate` (fold guard
+        on: ``res.ddf`` is fold-free on the image's grid; ``res.compose_padding`` and
+        ``res.input_padding`` say which paddings were used).
         """
         gen = Returning(self.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                            spacing=spacing, frames=return_frames, label_interp=label_interp,
                                            image_interp=image_interp, fold_guard=fold_guard,
-                                           compose_padding=compose_padding))
+                                           compose_padding=compose_padding, input_padding=input_padding))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -294,6 +310,7 @@ class DRDM:
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding")
+        pad_in = _input_padding(input_padding, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
@@ -302,7 +319,7 @@ class DRDM:
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
         for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime),
-                          **cfg.recover_options(schedule, k, padding, input_padding),
+                          **cfg.recover_options(schedule, k, padding, pad_in),
                           **hooks.kwargs()):
             phi = fr.ddf
         if gmode is not None:
@@ -310,6 +327,13 @@ class DRDM:
             if guard_report is not None:
                 guard_report.update(info)
         return phi, psi
+
+
+def _input_padding(value, cfg: DRDMConfig) -> int:
+    """The input padding a generation uses: ``value`` (checked against the model's side; a bad one is
+    one :class:`InputError` line) or, for None, the model's own."""
+    v = check_input_padding_option(value, cfg.size, "input_padding")
+    return cfg.input_padding if v is None else v
 
 
 def load_model(name_or_path: Union[str, Path, None] = None, device=None, size: Optional[int] = None,

@@ -108,7 +108,8 @@ def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwri
         write_ddf(paths["forward_ddf"], result.forward_ddf, volume.spacing, volume.affine, overwrite=overwrite,
                   root=out)
     side = {"t_prime": result.t_prime, "seed": result.seed, "schedule": result.schedule, "k": result.k,
-            "compose_padding": result.compose_padding, "metrics": result.metrics, "forward_metrics": result.forward_metrics,
+            "compose_padding": result.compose_padding, "input_padding": result.input_padding,
+            "metrics": result.metrics, "forward_metrics": result.forward_metrics,
             "ddf_convention": "pull-back; component c = displacement along array axis c in mm; shape (*spatial, 1, d)",
             "outputs": {k: p.name for k, p in paths.items()}}
     side.update(extra or {})

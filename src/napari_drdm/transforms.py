@@ -11,8 +11,10 @@ arrays without a channel axis.  Every channel of every image key is warped by th
 (image interpolation), label keys by nearest neighbour (values preserved).  The network sees the
 first channel of the first image key.  ``ddf_key`` stores the field, (d, *spatial) in pixels.
 ``fold_guard=True`` makes that field fold-free (det(I + grad phi) > 0 everywhere; README "Fold-free
-deformations"); it is off by default, like ``DRDM.generate``.  ``schedule``, ``k`` and
-``compose_padding`` ("border" or "zeros") are the reverse loop's options; None: the model's.
+deformations"); it is off by default, like ``DRDM.generate``.  ``schedule``, ``k``,
+``compose_padding`` ("border" or "zeros") and ``input_padding`` (pixels of mirrored image around the
+network's input, a multiple of 4 below S/2; 0: the authors' behaviour) are the reverse loop's
+options; None: the model's.
 
 Randomness: ``set_random_state(seed)`` (MONAI's ``Randomizable`` API) makes a run repeatable; with
 no seed, draws come from torch's global generator, which ``DataLoader`` seeds differently in
@@ -27,7 +29,7 @@ import numpy as np
 
 from .errors import InputError
 from .export.jobspec import parse_t_prime
-from .validate import check_compose_padding
+from .validate import check_compose_padding, check_input_padding_option
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
 
@@ -41,7 +43,7 @@ class DRDMTransform:
                  spacing: Optional[Sequence[float]] = None, channel_dim: Optional[int] = 0,
                  label_interp: str = "nearest", ddf_key: Optional[str] = None, device: str = "cpu",
                  allow_missing_keys: bool = False, seed: Optional[int] = None, fold_guard: bool = False,
-                 compose_padding: Optional[str] = None):
+                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None):
         self.weights = weights
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
         self.t_values = sorted(set(parse_t_prime(t_prime, 1000)))
@@ -52,6 +54,9 @@ class DRDMTransform:
         self.fold_guard = fold_guard
         self.compose_padding = check_compose_padding(compose_padding, "compose_padding")
         self._model = weights if (weights is not None and not isinstance(weights, str)) else None
+        # checked now as far as it can be (the bound S/2 needs the model: a named one is loaded lazily)
+        self.input_padding = check_input_padding_option(input_padding, getattr(self._model, "size", None),
+                                                        "input_padding")
         self._rng: Optional[np.random.Generator] = None
         self._worker = None
         self._seed = seed
@@ -142,7 +147,7 @@ class DRDMTransform:
         spacing = [float(s) for s in spacing][: first.ndim - 1] if spacing is not None else None
         res = model.generate(first[0], None, t_prime=t_prime, seed=seed, schedule=self.schedule, k=self.k,
                              spacing=spacing, label_interp=self.label_interp, fold_guard=self.fold_guard,
-                             compose_padding=self.compose_padding)
+                             compose_padding=self.compose_padding, input_padding=self.input_padding)
         ddf = torch.as_tensor(res.ddf, device=model.device)[None]
         out = dict(data)
         for key in keys:

@@ -15,7 +15,8 @@ from .core.config import COMPOSE_PADDINGS, SCHEDULE_NAMES
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
-           "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_label_interp",
+           "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_input_padding_option",
+           "check_label_interp",
            "check_positive", "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "COMPOSE_PADDINGS", "LABEL_INTERPS"]
 
 #: reverse-loop schedules (core/recovery.py): "paper" runs T' steps, "reference" all T steps
@@ -194,6 +195,32 @@ def check_compose_padding(value, name: str = "--compose-padding") -> Optional[st
         name: option name for the message.
     """
     return check_choice(value, COMPOSE_PADDINGS, name, allow_none=True)
+
+
+def check_input_padding_option(value, size: Optional[int] = None, name: str = "--input-padding") -> Optional[int]:
+    """The reverse loop's input padding (pixels of mirrored image around the network's input at
+    every step, ``DRDMConfig.input_padding``), or None for the model's own.
+
+    A whole number of pixels, a multiple of 4, from 0 to below S/2 (the rule of
+    :func:`~napari_drdm.core.config.check_input_padding`); the S/2 bound is checked only when
+    the model's side ``size`` is known.
+
+    Args:
+        value: the padding (an int, an integral float or a string of digits) or None.
+        size: the model's side S, or None (not known yet: the bound is checked later).
+        name: option name for the message.
+    """
+    if value is None:
+        return None
+    bound = f"below S/2 = {size // 2} (the model's side S = {size})" if size else "below half the model's side S"
+    expected = f"{name}: expected a multiple of 4 pixels from 0 to {bound}, got "
+    try:
+        v = check_int(name, value)
+    except InputError:
+        raise InputError(expected + repr(value)) from None
+    if v < 0 or v % 4 or (size and v >= size // 2):
+        raise InputError(expected + str(v))
+    return v
 
 
 def check_label_interp(value, name: str = "--label-interp") -> str:

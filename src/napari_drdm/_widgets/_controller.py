@@ -115,8 +115,8 @@ class ExplorerState:
         Args:
             model: the model's name (goes into every layer name).
             inputs: what :func:`read_inputs` returned.
-            params: t_prime, seed, schedule, compose_padding, k, fold_guard (and a ``variant`` string when not the
-                model's default, e.g. "paper K2 guard").
+            params: t_prime, seed, schedule, compose_padding, input_padding, k, fold_guard (and a ``variant``
+                string when not the model's default, e.g. "paper K2 guard").
             store: the frame store the worker fills.
             out_scale, out_translate, out_affine: geometry of the output layers (without the frame axis).
         """

@@ -156,13 +156,13 @@ class ExplorerWidget(QWidget):
 
     def _on_model(self, model, new_source: bool):
         """The model changed (loading, loaded, failed): a new model brings its T, schedule and K, and the
-        composition padding menu names its own padding."""
+        composition padding and input padding menus name its own settings."""
         if self._closed:
             return
         if model is not None:
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
-            self.form.set_model_padding(cfg.compose_padding)
+            self.form.set_model_padding(cfg.compose_padding, cfg.input_padding)
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)
@@ -245,6 +245,7 @@ class ExplorerWidget(QWidget):
                                params["seed"], params["schedule"], params["k"], store,
                                threads=f.threads_spin.value() if model.device.type == "cpu" else None,
                                fold_guard=params["fold_guard"], compose_padding=params.get("compose_padding"),
+                               input_padding=params.get("input_padding"),
                                _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))

@@ -35,20 +35,28 @@ from ..core.config import COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
-__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT"]
+__all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT",
+           "INPUT_PADDINGS", "INPUT_PADDING_TIP"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
 #: the schedule menu: the default first
 SCHEDULES = tuple(sorted(SCHEDULE_NAMES, key=lambda name: name != DEFAULT_SCHEDULE))
 
-#: the first entry of the composition padding menu (value None: the model's own padding)
+#: the first entry of the composition and input padding menus (value None: the model's own padding)
 MODEL_DEFAULT = "model default"
+#: the input padding menu's values after "model default" (pixels; a model takes those below S/2)
+INPUT_PADDINGS = (0, 4, 8, 16, 32)
+#: the input padding menu's tooltip (the explorer's and the export dock's)
+INPUT_PADDING_TIP = ("Pixels of mirrored image around the network's input at every reverse step (the estimate is "
+                     "cropped back); 0 = the authors' behaviour. A multiple of 4 below S/2. model default: the "
+                     "model's own (the bundled cmr2d: 8).")
 
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
 CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
             "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
-            "schedule_combo", "padding_combo", "k_spin", "budget_spin", "guard_check", "reason_label", "plan_label", "run_btn",
+            "schedule_combo", "padding_combo", "input_padding_combo", "k_spin", "budget_spin", "guard_check",
+            "reason_label", "plan_label", "run_btn",
             "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
             "follow_check", "readout", "plot")
 
@@ -167,7 +175,8 @@ class ExplorerForm(QWidget):
         return box
 
     def _generation_box(self) -> QGroupBox:
-        """T', seed, schedule, composition padding, K, frame memory and the fold guard, as a magicgui container whose
+        """T', seed, schedule, composition and input padding, K, frame memory and the fold guard, as a magicgui
+        container whose
         values (:meth:`generation`) are the generation's options: a new option is one more widget."""
         box = QGroupBox("Generation")
         self.new_seed_btn = PushButton(text="new seed", name="new_seed")
@@ -185,6 +194,9 @@ class ExplorerForm(QWidget):
                      tooltip="How each reverse step is composed into the field where it samples outside the image: "
                              "border repeats the edge displacement, zeros takes none there (the authors' 2D code). "
                              "model default: the model's own (the bundled cmr2d: border)."),
+            ComboBox(name="input_padding", label="Input padding (px)", value=None,
+                     choices=[(MODEL_DEFAULT, None), *((str(v), v) for v in INPUT_PADDINGS)],
+                     tooltip=INPUT_PADDING_TIP),
             SpinBox(name="k", label="K", min=1, max=10, value=2,
                     tooltip="K: internal recursions of the network per reverse step."),
             SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
@@ -205,23 +217,27 @@ class ExplorerForm(QWidget):
         self.seed_spin = seed.native
         self.schedule_combo = self.gen.schedule.native
         self.padding_combo = self.gen.compose_padding.native
+        self.input_padding_combo = self.gen.input_padding.native
         self.k_spin = self.gen.k.native
         self.budget_spin = self.gen.budget_mib.native
         self.guard_check = self.gen.fold_guard.native
         return box
 
-    def set_model_padding(self, model_padding: Optional[str]) -> None:
-        """Name the loaded model's own composition padding in the menu's first entry ("model default
-        (border)"); the choice made stays.
+    def set_model_padding(self, model_padding: Optional[str], input_padding: Optional[int] = None) -> None:
+        """Name the loaded model's own composition and input padding in the menus' first entries
+        ("model default (border)", "model default (8)"); the choices made stay.
 
         Args:
             model_padding: the loaded model's ``config.compose_padding``, or None (no model).
+            input_padding: the loaded model's ``config.input_padding`` (pixels), or None (no model).
         """
         self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
+        self.input_padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({input_padding})" if input_padding is not None
+                                                                  else ""))
 
     def generation(self) -> Dict[str, Any]:
-        """t_prime, seed, schedule, compose_padding (None: the model's), k, budget_mib and fold_guard
-        as set in the form."""
+        """t_prime, seed, schedule, compose_padding and input_padding (None: the model's), k, budget_mib
+        and fold_guard as set in the form."""
         vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
         vals["seed"] = self._seed.value
         return vals

@@ -171,7 +171,8 @@ class RunLayers:
         shape1 = (1,) * lead
         md = {"drdm_run": run.id, "drdm": dict(run.params, model=run.model, metrics=res.metrics,
                                                forward_metrics=res.forward_metrics,
-                                               compose_padding=res.compose_padding),   # the one used
+                                               compose_padding=res.compose_padding,    # the ones used
+                                               input_padding=res.input_padding),
               "spacing": run.inputs.spacing}
         if run.out_affine is not None:
             md["affine"] = run.out_affine

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.config import Schedule
 from ..errors import InputError
+from ..validate import check_input_padding_option
 from ._inputs import Inputs, output_geometry, read_inputs
 from ._layers import FramePlan, label_dtype, plan_frames
 
@@ -31,7 +32,8 @@ class RunRequest:
 
     inputs: Inputs
     plan: FramePlan
-    params: Dict[str, Any]                  # t_prime, seed, schedule, compose_padding, k, fold_guard, device (+ variant)
+    params: Dict[str, Any]                  # t_prime, seed, schedule, compose_padding, input_padding, k, fold_guard,
+                                            # device (+ variant)
     out_scale: Tuple[float, ...]            # geometry of the output layers, frame axis left out
     out_translate: Tuple[float, ...]
     out_affine: Optional[np.ndarray]
@@ -45,10 +47,11 @@ class RunRequest:
 def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, Any]:
     """The generation's arguments: the form's options without the frame budget, the model's device,
     and a ``variant`` naming what departs from the model's defaults (e.g. "paper K2 zeros-padding guard").
+    InputError (one line) when the input padding does not suit the model (a multiple of 4 below S/2).
 
     Args:
-        generation: the form's generation options (t_prime, seed, schedule, compose_padding, k,
-            budget_mib, fold_guard).
+        generation: the form's generation options (t_prime, seed, schedule, compose_padding,
+            input_padding, k, budget_mib, fold_guard).
         config: the model's :class:`~napari_drdm.core.config.DRDMConfig`.
         device: the model's device.
     """
@@ -61,6 +64,9 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     padding = p.get("compose_padding")
     if padding is not None and padding != config.compose_padding:
         variant.append(f"{padding}-padding")
+    pad_in = check_input_padding_option(p.get("input_padding"), config.size, "Input padding")
+    if pad_in is not None and pad_in != config.input_padding:
+        variant.append(f"{pad_in}px-input-padding")
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

@@ -82,13 +82,16 @@ def default_threads() -> int:
 
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,
             seed: int, schedule: str, k: int, store: FrameStore, threads: Optional[int] = None,
-            fold_guard: bool = False, compose_padding: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+            fold_guard: bool = False, compose_padding: Optional[str] = None,
+            input_padding: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult.
 
     ``threads``: torch CPU threads for this (worker) thread; None leaves torch's setting alone.
     ``fold_guard``: every recovery frame's field is made fold-free; its metrics then carry
     ``guard_folded_px`` (pixels folded before the correction, model grid) and ``guard_changed_px``.
     ``compose_padding``: "border" or "zeros"; None: the model's own.
+    ``input_padding``: pixels of mirrored image around the network's input at every reverse step;
+    None: the model's own.
     """
     import torch
 
@@ -101,7 +104,7 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     t0 = time.perf_counter()
     gen = Returning(model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                         spacing=spacing, frames=True, render=True, fold_guard=fold_guard,
-                                        compose_padding=compose_padding))
+                                        compose_padding=compose_padding, input_padding=input_padding))
     grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
     lattice = vector_lattice(shape)
     n_forward = store.plan.n_forward

@@ -7,6 +7,7 @@ from ..validate import (
     LABEL_INTERPS,
     arg_type,
     check_device,
+    check_input_padding_option,
     check_k,
     check_model_size,
     check_seed,
@@ -61,6 +62,21 @@ def compose_padding_arg(p):
                    help="how the reverse loop composes each step into the field where it samples outside the "
                         "image: 'border' repeats the edge displacement, 'zeros' takes none there and reproduces "
                         "the authors' 2D code (default: the model's; the bundled cmr2d uses border)")
+
+
+def input_padding_arg(p):
+    """--input-padding PX, checked while parsing (a multiple of 4 >= 0; the bound S/2 once the model
+    is loaded: :func:`checked_input_padding`); default None, the model's own."""
+    p.add_argument("--input-padding", type=arg_type(check_input_padding_option, "--input-padding"), default=None,
+                   metavar="PX",
+                   help="pixels of mirrored image around the network's input at every reverse step, a multiple of "
+                        "4 below S/2; 0 is the authors' behaviour (default: the model's; the bundled cmr2d uses 8)")
+
+
+def checked_input_padding(args, model):
+    """``--input-padding`` checked against the loaded model's side (one line naming the option), or
+    None when not given (the model's own)."""
+    return check_input_padding_option(getattr(args, "input_padding", None), model.size, "--input-padding")
 
 
 def label_interp_arg(p):

@@ -16,7 +16,16 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_positive
-from . import add_fold_guard_arg, add_model_args, compose_padding_arg, k_arg, label_interp_arg, schedule_arg, seed_arg
+from . import (
+    add_fold_guard_arg,
+    add_model_args,
+    compose_padding_arg,
+    input_padding_arg,
+    k_arg,
+    label_interp_arg,
+    schedule_arg,
+    seed_arg,
+)
 
 EPILOG = ("T' SPEC: a value (45), a list (40,45,50), a range start:stop[:step] with stop included (40:52:2), "
           "or 'reference' (48, 50, 50, 52, 52, ...: the authors' schedule); lists and ranges are cycled over the "
@@ -39,6 +48,7 @@ def add_common(p):
              "output index (default 0)")
     schedule_arg(p)
     compose_padding_arg(p)
+    input_padding_arg(p)
     k_arg(p)
     p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
                    help="samples per network pass (default 4)")
@@ -146,7 +156,7 @@ def run_mode(args, opts_kw: dict) -> int:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     opts = ExportOptions(per_image=args.per_image, seed=args.seed, schedule=args.schedule,
-                         compose_padding=args.compose_padding, k=args.k,
+                         compose_padding=args.compose_padding, input_padding=args.input_padding, k=args.k,
                          batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
                          label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
                          resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict,

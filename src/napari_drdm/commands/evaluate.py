@@ -14,7 +14,15 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..validate import arg_type, check_int, check_seed
-from . import add_model_args, compose_padding_arg, k_arg, load_from_args, schedule_arg
+from . import (
+    add_model_args,
+    checked_input_padding,
+    compose_padding_arg,
+    input_padding_arg,
+    k_arg,
+    load_from_args,
+    schedule_arg,
+)
 
 
 def add_parser(sub):
@@ -27,6 +35,7 @@ def add_parser(sub):
                    help="generations per T' (default 40)")
     schedule_arg(p)
     compose_padding_arg(p)
+    input_padding_arg(p)
     k_arg(p)
     p.add_argument("--slices", type=arg_type(check_int, "--slices", lo=1), default=5,
                    help="for a 2D model given 3D volumes: this many evenly spaced foreground slices per volume, "
@@ -162,15 +171,18 @@ def run(args) -> int:
     model = load_from_args(args, ndim=_input_ndim(args.images) if args.weights is None else 2)
     for tp in args.t_prime:
         check_t_prime(tp, model.config.n_steps, name="--t-prime")
+    input_padding = checked_input_padding(args, model)
     images = collect_images(args.images, model.ndim, args.slices, axes)
     guard = None
     if args.fold_guard:
         from ..fold_report import GuardCollector
         guard = GuardCollector(model.size)
     results = evaluate(model, images, args.t_prime, args.samples, args.schedule, args.k, args.batch,
-                       args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding)
+                       args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding,
+                       input_padding=input_padding)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
            "compose_padding": args.compose_padding or model.config.compose_padding,
+           "input_padding": model.config.input_padding if input_padding is None else input_padding,
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
            "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0",
                      "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "

@@ -35,7 +35,7 @@ from .manifest import Journal, journal_rows, kept_records, write_manifest
 from .outdir import check_out_vs_inputs, prepare_output_folder
 from .sample import LoadedSample, ModelProvider, load_sample, weights_sha
 
-__all__ = ["ExportOptions", "ExportEvent", "iter_export", "run_export", "write_row"]
+__all__ = ["ExportOptions", "ExportEvent", "iter_export", "run_export", "write_row", "check_model_options"]
 
 
 class _Cancelled(Exception):
@@ -51,6 +51,7 @@ class ExportOptions:
     seed: int = 0
     schedule: Optional[str] = None        # None: the model's default
     compose_padding: Optional[str] = None  # reverse-loop composition, "border" or "zeros"; None: the model's
+    input_padding: Optional[int] = None    # px of mirrored image around the network's input; None: the model's
     k: Optional[int] = None
     batch: int = 4
     inverse: bool = False
@@ -75,6 +76,7 @@ class ExportOptions:
             check_choice,
             check_compose_padding,
             check_device,
+            check_input_padding_option,
             check_int,
             check_k,
             check_label_interp,
@@ -93,6 +95,7 @@ class ExportOptions:
         self.device = check_device(self.device)
         check_schedule(self.schedule)
         check_compose_padding(self.compose_padding)
+        self.input_padding = check_input_padding_option(self.input_padding)   # S/2: per model, see check_model_options
         check_label_interp(self.label_interp)
         self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
         self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
@@ -110,6 +113,13 @@ class ExportOptions:
         if self.mode != "pairs":
             d["t_prime_syn"] = None
         return d
+
+
+def check_model_options(model, opts: ExportOptions) -> None:
+    """The options a model's side S bounds (``input_padding`` < S/2): InputError, one line naming
+    the option, when ``model`` cannot use them."""
+    from ..validate import check_input_padding_option
+    check_input_padding_option(opts.input_padding, model.size, "--input-padding")
 
 
 @dataclass
@@ -136,6 +146,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "labels_source_sha256": ls.labels_source_sha256,
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
            "compose_padding": opts.compose_padding or model.config.compose_padding,
+           "input_padding": model.config.input_padding if opts.input_padding is None else int(opts.input_padding),
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
@@ -228,6 +239,9 @@ def iter_export(inputs, out_dir, opts: ExportOptions, model=None, preview: int =
 def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should_stop, lock):
     mode = opts.mode
     i_shard, n_shard = opts.shard
+    provider = ModelProvider(opts.weights, opts.device, opts.size, model)
+    if opts.input_padding is not None and (model is not None or opts.weights):
+        check_model_options(provider.get(0), opts)     # one model for every input: refused before any work
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")
     if not samples:
@@ -272,7 +286,6 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
         counts[j.key] = counts.get(j.key, 0) + 1
     # enough images per window that each T' group can fill a batch (bounded, for memory)
     window_n = max(1, min(8, math.ceil(opts.batch / min(counts.values()))))
-    provider = ModelProvider(opts.weights, opts.device, opts.size, model)
     budget = int(float(opts.max_memory) * 1e9) if opts.max_memory else available_memory()
     n_done, status, err = 0, "complete", None
     bad: Dict[str, str] = {}
@@ -307,7 +320,12 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
                 if not jobs:
                     continue
                 try:
-                    window.append((load_sample(s, provider, memory=(budget, opts.batch, opts)), jobs))
+                    ls = load_sample(s, provider, memory=(budget, opts.batch, opts))
+                    try:                  # the bundled model of this input's dimension may not take it
+                        check_model_options(ls.model, opts)
+                    except InputError as e:
+                        raise InputError(f"{s.image}: {e}") from None
+                    window.append((ls, jobs))
                 except InputError as e:
                     yield skip(s, str(e), len(jobs))
             queue = list(_batches(window, opts.batch))

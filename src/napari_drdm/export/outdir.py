@@ -22,10 +22,11 @@ __all__ = ["IDENTITY_KEYS", "check_out_vs_inputs", "prepare_output_folder", "cle
 _SIDE_FILES = (RUN_FILE, MANIFEST_JSON, MANIFEST_CSV, ".manifest.lock")
 
 
-IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "compose_padding", "k",
-                 "weights", "inverse", "label_interp", "inverse_iterations", "fold_guard")
-#: what a setting was before it was recorded (a run.json written by an older version lacks the key)
-IDENTITY_DEFAULTS = {"fold_guard": False, "compose_padding": None}
+IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "compose_padding",
+                 "input_padding", "k", "weights", "inverse", "label_interp", "inverse_iterations", "fold_guard")
+#: what a setting was before it was recorded (a run.json written by an older version lacks the key;
+#: None: the model's own, which is what those runs used)
+IDENTITY_DEFAULTS = {"fold_guard": False, "compose_padding": None, "input_padding": None}
 
 
 def _setting(rec: dict, key: str):

@@ -49,10 +49,13 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     if batch is None:
         raise InputError(f"the manifest has no record of batch {row['batch_id']!r} for row {row_id}")
     run = m["run"]
-    # the padding the row was made with; rows written before it was recorded have none: the model's own
+    # the paddings the row was made with; rows written before they were recorded have none: the model's own
     padding = row.get("compose_padding")
+    pad_in = row.get("input_padding")
+    pad_in = pad_in if isinstance(pad_in, int) and not isinstance(pad_in, bool) else None
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
-                         compose_padding=padding if padding in COMPOSE_PADDINGS else None, k=row["k"],
+                         compose_padding=padding if padding in COMPOSE_PADDINGS else None,
+                         input_padding=pad_in, k=row["k"],
                          label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
                          per_image=1, device=device, fold_guard=bool(row.get("fold_guard", False)))
