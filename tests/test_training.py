@@ -49,6 +49,29 @@ def test_tiny_trains_with_finite_losses(straight_run):
     assert (_log(straight_run)[-1]["event"], _log(straight_run)[-1]["reason"]) == ("stop", "steps")
 
 
+def test_input_padding_is_what_the_network_reads_in_training(straight_run, tmp_path, monkeypatch):
+    """``model.input_padding``: the training step reads I_t through the reverse loop's mirrored
+    frame (``padded_estimate``), so the first step's loss differs from the plain run's (same data,
+    same draws); the run's export records the padding, which generation then uses."""
+    import training.train as tt
+    seen = []
+    real = tt.padded_estimate
+
+    def spy(net, x, t, k, padding):
+        seen.append((tuple(x.shape), padding))
+        return real(net, x, t, k, padding)
+    monkeypatch.setattr(tt, "padded_estimate", spy)
+    run = tmp_path / "run"
+    train(tiny(**{"model.input_padding": 4, "train.steps": 2, "validation.at_end": "false"}), run,
+          argv=["test"], echo=lambda *a: None)
+    assert seen and all(p == 4 and s[2:] == (32, 32) for s, p in seen)
+    first = [r for r in _log(run) if "total" in r][0]
+    plain = [r for r in _log(straight_run) if "total" in r][0]
+    assert np.isfinite(first["total"]) and first["total"] != plain["total"]
+    out, _ = export_run(run, tmp_path / "padded.safetensors")
+    assert read_checkpoint(out)[1].input_padding == 4
+
+
 def test_overfit_batch_learns(tmp_path):
     """The gradients reach the network: on one fixed batch (``train.overfit_batch``, small head
     at initialisation) the cosine loss falls well below 0 within 60 steps."""

@@ -3,7 +3,9 @@
 Per step and sample: t ~ U{0..T-1}; (psi_{t:1}, psi_t) from the forward sampler (pixels, float32);
 I_t = warp(I0, psi_{t:1}) (bilinear, zeros); psi_hat = net(I_t, t, K); loss =
 drdm_losses(psi_hat, psi_t / S) = dist + ang + 10 reg (+ true_negdet_weight * relu(-det(I + grad)))
-and an Adam step.  CPU or CUDA (bf16 autocast on the network only); several processes with
+and an Adam step.  With ``model.input_padding`` > 0 the network reads I_t as the reverse loop then
+feeds it, surrounded by that many pixels of mirrored image, its estimate cropped back
+(core/recovery.py ``padded_estimate``).  CPU or CUDA (bf16 autocast on the network only); several processes with
 ``torchrun`` (DistributedDataParallel, nccl on CUDA, gloo on CPU).  Each rank has its own RNG
 streams; rank 0 logs and checkpoints.  A checkpoint holds everything needed to continue exactly
 (model, optimiser, step, every rank's generator states, the data sampler position).
@@ -44,6 +46,7 @@ ensure_core()
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
+from napari_drdm.core.recovery import padded_estimate  # noqa: E402
 from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 
 __all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "latest_checkpoint",
@@ -84,6 +87,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     mcfg = model_config(cfg)
     S, K, dev = mcfg.size, mcfg.k_recursions, env.device
+    pad_in = int(mcfg.input_padding)      # the reverse loop's mirrored frame, seen in training too
 
     data = dataset(cfg, env)
     bank = SliceBank(data["train"], int(tcfg["batch_size"]), device=dev, seed=int(tcfg["seed"]),
@@ -194,7 +198,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                 fixed["batch"] = (x0, t, fs, img_t)
         net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-            psi_hat = net(net_in, t.to(dev, non_blocking=True), k=K)
+            tt = t.to(dev, non_blocking=True)
+            psi_hat = padded_estimate(net, net_in, tt, K, pad_in) if pad_in else net(net_in, tt, k=K)
         terms = loss_terms(psi_hat, fs, S, lcfg)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
