@@ -4,10 +4,14 @@ Needs a display with OpenGL; on a headless machine run it under Xvfb:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_explorer.py
 
-Model: the bundled ``brain2d`` weights when installed; otherwise ``--checkpoint`` (default: the
-reference checkpoint ``../shared/reference/upstream_cmr2d.pth`` with S=256 if present); otherwise a
-randomly initialised tiny model (only to show the interface).  The model used is printed and
-written next to the PNG as ``<png>.txt``.
+Model: the plugin's default bundled 2D model (``napari_drdm.weights.default_weights(2)``, now
+``cmr2d``), or another bundled one with ``--weights NAME``; ``--checkpoint PATH`` uses a checkpoint
+file instead.  Without ``--checkpoint``, when no bundled 2D model is installed, the reference
+checkpoint ``../shared/reference/upstream_cmr2d.pth`` (S=256) is used if present; otherwise (and
+for a ``--checkpoint`` that does not exist) a randomly initialised tiny model (only to show the
+interface).  The run uses the model's own default loop (its T, schedule and K) unless
+``--schedule`` names one.  The model used is printed and written, with the run's settings and
+result, next to the PNG as ``<png>.txt``.
 """
 from __future__ import annotations
 
@@ -21,14 +25,22 @@ DEFAULT_REF = ROOT.parent / "shared" / "reference" / "upstream_cmr2d.pth"
 
 
 def _pick_model(args):
-    from napari_drdm.weights import list_weights
-    names = [e["name"] for e in list_weights()]
-    if args.checkpoint is None and "brain2d" in names:
-        return "brain2d", None, "bundled brain2d weights"
+    """(bundled, source, size, description): a bundled model's name, or a checkpoint file (a random model's)."""
+    from napari_drdm.weights import WeightsNotFoundError, default_weights, resolve_weights
+    if args.checkpoint is None:
+        try:
+            default = default_weights(2)
+        except WeightsNotFoundError:
+            default = None
+        name = args.weights or default
+        if name is not None:
+            _path, name = resolve_weights(name)      # an alias -> its bundled name; unknown: an error
+            tag = " (the default 2D model)" if name == default else ""
+            return True, name, None, f"bundled {name} weights{tag}"
     ck = Path(args.checkpoint) if args.checkpoint else DEFAULT_REF
     if ck.exists():
         size = args.size if ck.suffix in (".pth", ".pt") else None
-        return str(ck), size, f"checkpoint {ck.name}" + (f" (S={size})" if size else "")
+        return False, str(ck), size, f"checkpoint {ck.name}" + (f" (S={size})" if size else "")
     import tempfile
 
     from napari_drdm.checkpoint import write_checkpoint
@@ -36,22 +48,27 @@ def _pick_model(args):
     from napari_drdm.core.network import DRDMNet
     path = Path(tempfile.mkdtemp()) / "random2d.safetensors"
     write_checkpoint(path, DRDMNet(2).state_dict(), DRDMConfig.default(2, size=64), {"note": "random"})
-    return str(path), None, "a randomly initialised model (S=64): interface only"
+    return False, str(path), None, "a randomly initialised model (S=64): interface only"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshot_explorer.png"))
-    ap.add_argument("--checkpoint", default=None)
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--weights", default=None, metavar="NAME",
+                       help="a bundled 2D model (name or alias; default: the plugin's default 2D model)")
+    which.add_argument("--checkpoint", default=None, metavar="PATH", help="a checkpoint file instead")
     ap.add_argument("--size", type=int, default=256, help="S for a reference .pth checkpoint")
     ap.add_argument("--t-prime", type=int, default=45)
-    ap.add_argument("--schedule", default="paper", choices=["paper", "reference", "model"],
-                    help="'model' keeps the model's own default")
+    ap.add_argument("--schedule", default="model", choices=["model", "reference", "paper"],
+                    help="the reverse loop; 'model' (default) keeps the model's own")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--frame", default="folds",
                     help="'folds' (the last frame with folding >= --min-folding %%), 'last', 'last-forward' "
                          "or a frame number (0-based)")
     ap.add_argument("--min-folding", type=float, default=0.2)
+    ap.add_argument("--dock-width", type=int, default=440,
+                    help="the explorer dock's width in pixels (wide enough for its menus and a shorter readout)")
     args = ap.parse_args(argv)
 
     import napari
@@ -60,7 +77,7 @@ def main(argv=None) -> int:
     viewer = napari.Viewer(show=True, title="napari-drdm: DRDM explorer")
     viewer.window.resize(1600, 1000)
     viewer.open_sample("napari-drdm", "brain2d")
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM explorer")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-drdm", "DRDM explorer")
     app = QApplication.instance()
 
     def wait(cond, timeout):
@@ -71,10 +88,10 @@ def main(argv=None) -> int:
             if time.time() - t0 > timeout:
                 raise TimeoutError("timed out")
 
-    source, size, what = _pick_model(args)
+    bundled, source, size, what = _pick_model(args)
     print(f"model: {what}")
-    if source == "brain2d":
-        widget.set_model("brain2d")
+    if bundled:
+        widget.set_model(source)
     else:
         widget.set_checkpoint(source, size=size)
     wait(lambda: widget.model_ready() or bool(widget._model_error), 120)
@@ -105,12 +122,23 @@ def main(argv=None) -> int:
     widget.set_frame(j)
     viewer.layers.selection.active = run.layers["frames"]
     viewer.reset_view()
-    from qtpy.QtWidgets import QScrollArea
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtWidgets import QGroupBox, QScrollArea
+    viewer.window._qt_window.resizeDocks([dock], [args.dock_width], Qt.Horizontal)
     for _ in range(10):
         app.processEvents()
         time.sleep(0.05)
     for area in widget.findChildren(QScrollArea):   # the readout and the plot are at the dock's bottom
         area.ensureWidgetVisible(widget.plot, 0, 0)
+        app.processEvents()
+        # then down to the nearest section or model row (as far as the scroll range allows: the top row uncut)
+        bar, inner = area.verticalScrollBar(), area.widget()
+        tops = [w.mapTo(inner, QPoint(0, 0)).y() for w in inner.findChildren(QGroupBox)]
+        tops += [w.mapTo(inner, QPoint(0, 0)).y() - 1 for w in (widget.model_combo, widget.size_spin,
+                 widget.device_combo, widget.threads_spin, widget.model_info)]
+        below = [t for t in tops if t >= bar.value()]
+        if below:
+            bar.setValue(min(below))
     for _ in range(20):
         app.processEvents()
         time.sleep(0.05)
