@@ -7,7 +7,9 @@ folding, the share of the forward folding removed, maximum and mean displacement
 and the plausibility figures (share of the field explained by one global affine map, its zoom and
 rotation, the non-affine residual, foreground pushed out of view), the folding and maximum
 displacement inside the anatomy (the pixels that show the foreground after warping; the whole-grid
-figures also count the empty background), and the seconds per generation.
+figures also count the empty background), and the seconds per generation.  A last table splits
+each set's figures by the source volume of the images behind them (the brain set mixes slices of
+two heads; records saved before evaluate kept its generations have no split).
 
     python benchmarks/make_eval_sets.py --kit cache/kit --out cache/eval     # once
     python benchmarks/weights_table.py --t-prime 30 45 70 --samples 8 \\
@@ -73,6 +75,41 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
             "command": " ".join(["python"] + sys.argv), "rows": rows}
 
 
+def _sources(eval_dir) -> dict:
+    """Image name -> its source volume for the 2D sets (``unseen2d.json`` of make_eval_sets.py)."""
+    path = Path(eval_dir) / "unseen2d.json"
+    if not path.is_file():
+        return {}
+    out = {}
+    for set_name, rel in SETS_2D.items():
+        for i, (src, _) in enumerate(json.loads(path.read_text()).get(set_name, {}).get("slices", [])):
+            out[f"{Path(eval_dir) / rel}[{i}]"] = src
+    return out
+
+
+def by_source(record, sources=None) -> str:
+    """Markdown: the T' rows split by the source volume of each generation's image (records written
+    since evaluate keeps its generations), so that a set's mean can be traced to what it mixes."""
+    lines = ["| model | set | T' | source | generations | folding % | max disp % | zoom | "
+             "folding in the anatomy % | max disp in the anatomy % |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sources = sources or {}
+    for row in record["rows"]:
+        for r in row["results"]:
+            groups = {}
+            for g in r.get("generations") or []:
+                src = sources.get(g["image"], Path(g["image"].split("[")[0]).name)
+                groups.setdefault(src, []).append(g)
+            if len(groups) < 2:
+                continue
+            for src, gs in sorted(groups.items()):
+                mean = {k: float(np.mean([g[k] for g in gs])) for k in gs[0] if k not in ("image", "seed")}
+                lines.append(f"| {row['model']} | {row['set']} | {r['t_prime']} | {src} | {len(gs)} | "
+                             f"{mean['folding_pct']:.2f} | {mean['max_disp_pct']:.1f} | {mean['affine_zoom']:.3f} | "
+                             f"{mean['anatomy_folding_pct']:.2f} | {mean['anatomy_max_disp_pct']:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _pm(s, digits=2):
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
@@ -127,7 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, help="print the tables of a saved record and exit")
     a = ap.parse_args(argv)
     if a.from_json:
-        print(markdown(json.loads(Path(a.from_json).read_text())))
+        rec = json.loads(Path(a.from_json).read_text())
+        split = by_source(rec, _sources(a.eval_dir))
+        print(markdown(rec) + ("\n\n" + split if split else ""))
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -137,7 +176,8 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rec, indent=1))
-    print(markdown(rec))
+    split = by_source(rec, _sources(a.eval_dir))
+    print(markdown(rec) + ("\n\n" + split if split else ""))
     return 0
 
 

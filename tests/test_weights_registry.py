@@ -146,6 +146,28 @@ def test_weights_table_runs_and_prints_both_tables(tmp_path, tiny_ckpt2d):
     assert wt.main(["--from-json", str(tmp_path / "rec.json")]) == 0
 
 
+def test_weights_table_traces_a_mean_to_the_source_volumes(tmp_path, tiny_ckpt2d, capsys):
+    """Every generation is kept with its image and seed; the last table splits a set by the source
+    volume of its images (make_eval_sets.py's unseen2d.json), generation i on image i mod n."""
+    from benchmarks import weights_table as wt
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((3, 32, 32)).astype(np.float32))
+    (tmp_path / "unseen2d.json").write_text(json.dumps(
+        {"brain": {"slices": [["head_a.nii.gz", 4], ["head_a.nii.gz", 9], ["head_b.nii.gz", 2]]}}))
+    rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 4, log=lambda m: None)
+    gens = rec["rows"][0]["results"][0]["generations"]
+    assert [(g["image"].rsplit("[", 1)[1], g["seed"]) for g in gens] == [("0]", 0), ("1]", 1), ("2]", 2), ("0]", 3)]
+    assert all(np.isfinite(g[k]) for g in gens for k in ("folding_pct", "max_disp_pct", "affine_zoom"))
+    assert rec["rows"][0]["results"][0]["folding_pct"]["mean"] == pytest.approx(
+        np.mean([g["folding_pct"] for g in gens]))
+    split = wt.by_source(rec, wt._sources(tmp_path))
+    assert "| tiny | brain | 3 | head_a.nii.gz | 3 |" in split and "| tiny | brain | 3 | head_b.nii.gz | 1 |" in split
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    assert wt.main(["--from-json", str(tmp_path / "rec.json"), "--eval-dir", str(tmp_path)]) == 0
+    assert "head_b.nii.gz" in capsys.readouterr().out
+    assert wt.by_source(json.loads(json.dumps(rec).replace('"generations"', '"old"'))) == ""
+
+
 def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_ckpt2d, capsys):
     """benchmarks/dark_frame.py: shrinking puts the content in a zero frame, magnifying crops it;
     one row per model, set and framing, with the zoom and folding of every generation."""

@@ -94,6 +94,10 @@ def collect_images(paths, ndim: int, slices: int = 5, slice_axes=(2,)):
     return out
 
 
+#: the figures kept per generation (``results[i]["generations"]``), to tell which images a mean hides
+GENERATION_KEYS = ("folding_pct", "max_disp_pct", "mean_disp_pct", "affine_zoom", "affine_rotation_deg",
+                   "fg_out_of_view_pct", "anatomy_folding_pct", "anatomy_max_disp_pct")
+
 PLAUSIBILITY_KEYS = ("affine_share_pct", "affine_zoom", "affine_rotation_deg", "affine_residual_max_pct",
                      "affine_residual_mean_pct", "fg_out_of_view_pct", "anatomy_folding_pct",
                      "anatomy_max_disp_pct", "anatomy_share_pct")
@@ -108,6 +112,20 @@ def _stats(values):
 
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
              on_batch=None, compose_padding=None, input_padding=None):
+    """Generation ``i`` (0 <= i < ``samples``) of each T' runs on image ``i mod len(images)`` with seed
+    ``seed_offset + i``.  Returns one record per T': mean/SD/min/max of the recovered field's figures,
+    the plausibility figures and the forward field's, and ``generations`` (one dict per generation:
+    ``image`` (its name), ``seed`` and the figures of :data:`GENERATION_KEYS`), so that a mean can be
+    traced to the images behind it.
+
+    Args:
+        model: a :class:`~napari_drdm.model.DRDM`.
+        images: (name, array, spacing) triples (:func:`collect_images`).
+        t_primes: the T' values.  samples: generations per T'.
+        schedule, k, compose_padding, input_padding: the reverse loop's options (None: the model's).
+        batch: generations per network pass.  seed_offset: the first seed.
+        progress: a counter on stderr.  on_batch: called as ``on_batch(t_prime, phi, seeds, seconds)``.
+    """
     import torch
 
     from ..core.metrics import field_metrics, jacobian_determinant, plausibility_metrics
@@ -131,7 +149,10 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
                 det = jacobian_determinant(phi[b])
                 rec = field_metrics(phi[b], side=model.size, det=det)
                 rec.update(plausibility_metrics(x[b, 0].cpu().numpy(), phi[b], side=model.size, det=det))
-                rows.append((rec, field_metrics(psi[b], side=model.size)))
+                fwd = field_metrics(psi[b], side=model.size)
+                rows.append((rec, fwd, {"image": images[ids[b] % len(images)][0], "seed": seeds[b],
+                                        **{key: float(rec[key]) for key in GENERATION_KEYS},
+                                        "forward_folding_pct": float(fwd["folding_pct"])}))
             done += len(ids)
             if progress:
                 print(f"\r[evaluate] {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -145,6 +166,7 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             "forward": {"max_disp_pct": _stats([r[1]["max_disp_pct"] for r in rows]),
                         "mean_disp_pct": _stats([r[1]["mean_disp_pct"] for r in rows]),
                         "folding_pct": _stats([r[1]["folding_pct"] for r in rows])},
+            "generations": [r[2] for r in rows],
             "seconds_per_image": secs})
     if progress:
         print(file=sys.stderr)
