@@ -1,0 +1,153 @@
+"""How large are a model's steps against the steps they should undo?  Per diffusion time t.
+
+For each model, held-out image and t: a forward draw gives I_t = I_0 o psi_{t:1} and the last
+forward step b = psi_t (pixels); the network's estimate psi_hat(I_t, t) (K recursions, the model's
+input padding unless ``--input-padding``) is read where the training loss reads it,
+a(x) = psi_hat(x + b(x)), which undoes the step perfectly when a = -b.  Printed per set (the
+brain set split by source volume) and t:
+
+* ``slope``: the least-squares slope of a onto -b over every pixel, sum(-a . b) / sum(b . b);
+  1 is a calibrated step size, below 1 a model that undoes each step only partly;
+* ``fg`` / ``bg``: the same over the pixels of I_t that show anatomy (> 0.05) and the rest;
+* ``cos``: the mean cosine between a and -b (direction agreement, 1 = perfect);
+* ``ratio``: mean |a| / mean |b|.
+
+Every 2D fine-tune so far lowered the slope (README "Bundled weights"); this measures it in a
+few minutes where the held-out tables take an hour.
+
+    python benchmarks/step_calibration.py --models cmr2d --extra run=runs/x/export.safetensors \\
+        --threads 1 --json benchmarks/results/step_calibration.json
+
+2D: the unseen slices of ``benchmarks/make_eval_sets.py`` (``--eval-dir``); 3D: the kit's
+held-out volumes (``--kit``).  Generation ``i`` of time t uses seed ``100 t + i``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.weights_table import SETS_2D, SETS_3D, _sources  # noqa: E402
+
+
+def _groups(model, eval_dir, kit, per_group):
+    """{group name: [model-grid image tensors]}: the 2D sets (brain split by source) or the 3D volumes."""
+    from napari_drdm.commands.evaluate import collect_images
+    sets = SETS_2D if model.ndim == 2 else SETS_3D
+    base = Path(eval_dir) if model.ndim == 2 else Path(kit)
+    sources = _sources(eval_dir) if model.ndim == 2 else {}
+    out = {}
+    for set_name, rel in sets.items():
+        path = base / rel
+        if not path.exists():
+            continue
+        for name, arr, spacing in collect_images([str(path)], model.ndim):
+            src = sources.get(name)
+            group = set_name if src is None or set_name != "brain" else f"brain: {Path(src).parts[0]}"
+            bucket = out.setdefault(group, [])
+            if len(bucket) < per_group:
+                bucket.append(model.prepare(arr, spacing)[1])
+    return out
+
+
+def calibration(model, images, t: int, input_padding=None, seed0: int = 0):
+    """Slope (all / anatomy / background), mean cosine and size ratio of the model's estimates at
+    time ``t`` on ``images`` (model-grid tensors (1, 1, S...)), one forward draw per image."""
+    from napari_drdm.core.recovery import padded_estimate
+    from napari_drdm.core.spatial import frac_to_px, warp
+    cfg = model.config
+    pad = cfg.input_padding if input_padding is None else int(input_padding)
+    sums = np.zeros(6)
+    cosines, sizes_a, sizes_b = [], [], []
+    for i, x0 in enumerate(images):
+        tt = torch.tensor([int(t)])
+        fs = model.sampler.sample(tt, draws=model._seeded_draws([seed0 + 100 * int(t) + i]))
+        b = fs.step_ddf
+        img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
+        with torch.inference_mode():
+            est = padded_estimate(model._net, img_t, tt, int(cfg.k_recursions), pad)
+        a = warp(frac_to_px(est, model.size), b, "linear", "border")
+        fg = (img_t[:, 0] > 0.05).double()
+        dot, bb = -(a * b).sum(1).double(), (b * b).sum(1).double()
+        sums += [float(dot.sum()), float(bb.sum()), float((dot * fg).sum()), float((bb * fg).sum()),
+                 float((dot * (1 - fg)).sum()), float((bb * (1 - fg)).sum())]
+        na, nb = a.norm(dim=1), b.norm(dim=1)
+        keep = nb > 1e-6
+        cosines.append(float((dot[keep] / (na[keep] * nb[keep] + 1e-12)).mean()))
+        sizes_a.append(float(na.mean()))
+        sizes_b.append(float(nb.mean()))
+
+    def _div(p, q):
+        return p / q if q > 0 else float("nan")
+    return {"t": int(t), "n": len(images), "slope": _div(sums[0], sums[1]), "slope_fg": _div(sums[2], sums[3]),
+            "slope_bg": _div(sums[4], sums[5]), "cos": float(np.mean(cosines)),
+            "ratio": _div(float(np.mean(sizes_a)), float(np.mean(sizes_b)))}
+
+
+def table(rec) -> str:
+    lines = ["| model | set | t | slope | in the anatomy | background | cos | size ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in rec["models"]:
+        for group, rows in m["groups"].items():
+            for r in rows:
+                lines.append(f"| {m['name']} | {group} | {r['t']} | {r['slope']:.2f} | {r['slope_fg']:.2f} | "
+                             f"{r['slope_bg']:.2f} | {r['cos']:.2f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["cmr2d"], help="bundled names (default: cmr2d)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="other weights files")
+    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
+    ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
+    ap.add_argument("--t", type=int, nargs="+", default=[5, 20, 40, 60, 79], help="diffusion times")
+    ap.add_argument("--images", type=int, default=5, help="images per set (or brain source) (default 5)")
+    ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
+                    help="pixels of mirrored image around the network's input (default: each model's own)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="save the record here")
+    a = ap.parse_args(argv)
+    if a.images < 1:
+        raise SystemExit(f"--images: expected a positive number, got {a.images}")
+    models = [(n, n) for n in a.models]
+    for item in a.extra:
+        if "=" not in item:
+            raise SystemExit(f"--extra: expected NAME=PATH, got {item!r}")
+        models.append(tuple(item.split("=", 1)))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from napari_drdm.model import load_model
+    rec = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t": a.t, "images": a.images,
+           "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__},
+           "command": " ".join(["python"] + sys.argv), "models": []}
+    for name, src in models:
+        model = load_model(src, device="cpu")
+        groups = _groups(model, a.eval_dir, a.kit, a.images)
+        if not groups:
+            raise SystemExit(f"{name}: no evaluation images found (--eval-dir {a.eval_dir} / --kit {a.kit})")
+        t0 = time.perf_counter()
+        res = {g: [calibration(model, imgs, t, a.input_padding) for t in a.t] for g, imgs in groups.items()}
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        rec["models"].append({"name": name, "source": str(src), "sha256": model.sha256, "ndim": model.ndim,
+                              "input_padding": model.config.input_padding if a.input_padding is None
+                              else a.input_padding, "groups": res})
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rec, indent=1))
+    print(table(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
