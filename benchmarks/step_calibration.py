@@ -24,7 +24,6 @@ held-out volumes (``--kit``).  Generation ``i`` of time t uses seed ``100 t + i`
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.weights_table import SETS_2D, SETS_3D, _sources  # noqa: E402
+from benchmarks.weights_table import SETS_2D, SETS_3D, _models, _sources, add_source_args, save_record  # noqa: E402
 
 
 def _groups(model, eval_dir, kit, per_group):
@@ -106,10 +105,7 @@ def table(rec) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=["cmr2d"], help="bundled names (default: cmr2d)")
-    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="other weights files")
-    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
-    ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
+    add_source_args(ap, ["cmr2d"], "bundled names (default: cmr2d)")
     ap.add_argument("--t", type=int, nargs="+", default=[5, 20, 40, 60, 79], help="diffusion times")
     ap.add_argument("--images", type=int, default=5, help="images per set (or brain source) (default 5)")
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
@@ -119,11 +115,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number, got {a.images}")
-    models = [(n, n) for n in a.models]
-    for item in a.extra:
-        if "=" not in item:
-            raise SystemExit(f"--extra: expected NAME=PATH, got {item!r}")
-        models.append(tuple(item.split("=", 1)))
+    models = _models(a.models, a.extra)
     if a.threads:
         torch.set_num_threads(a.threads)
     from napari_drdm.model import load_model
@@ -142,9 +134,7 @@ def main(argv=None) -> int:
         rec["models"].append({"name": name, "source": str(src), "sha256": model.sha256, "ndim": model.ndim,
                               "input_padding": model.config.input_padding if a.input_padding is None
                               else a.input_padding, "groups": res})
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rec, indent=1))
+    save_record(a.json, rec)
     print(table(rec))
     return 0
 

@@ -47,6 +47,22 @@ def _models(names, extra):
     return out
 
 
+def add_source_args(ap, default_models=None, help_models="bundled names (default: every bundled model)"):
+    """The options that say which weights a benchmark measures and where its held-out images are:
+    ``--models``, ``--extra NAME=PATH``, ``--eval-dir`` (2D sets), ``--kit`` (3D volumes)."""
+    ap.add_argument("--models", nargs="*", default=default_models, help=help_models)
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="checkpoints not (yet) bundled")
+    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
+    ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
+
+
+def save_record(path, rec) -> None:
+    """Write a benchmark's JSON record (``--json``), creating its folder."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rec, indent=1))
+
+
 def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print, input_padding=None):
     """Evaluate every model on every unseen set of its dimensionality; returns the JSON record."""
     from napari_drdm.commands.evaluate import collect_images, evaluate
@@ -149,10 +165,7 @@ def markdown(record) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=None, help="bundled names (default: every bundled model)")
-    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="checkpoints not (yet) bundled")
-    ap.add_argument("--eval-dir", default="cache/eval", help="2D sets from benchmarks/make_eval_sets.py")
-    ap.add_argument("--kit", default="cache/kit", help="the data kit (3D held-out volumes)")
+    add_source_args(ap)
     ap.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
     ap.add_argument("--samples", type=int, default=8, help="generations per set and T' (default 8)")
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
@@ -173,9 +186,7 @@ def main(argv=None) -> int:
     np.seterr(all="ignore")
     rec = run_table(_models(a.models, a.extra), a.eval_dir, a.kit, a.t_prime, a.samples, a.batch, a.device,
                     log=lambda m: print(m, file=sys.stderr, flush=True), input_padding=a.input_padding)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rec, indent=1))
+    save_record(a.json, rec)
     split = by_source(rec, _sources(a.eval_dir))
     print(markdown(rec) + ("\n\n" + split if split else ""))
     return 0
