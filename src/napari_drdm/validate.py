@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional, Sequence
 
-from .core.config import COMPOSE_PADDINGS, SCHEDULE_NAMES
+from .core.config import COMPOSE_PADDINGS, SCHEDULE_NAMES, input_padding_fits
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
@@ -218,7 +218,7 @@ def check_input_padding_option(value, size: Optional[int] = None, name: str = "-
         v = check_int(name, value)
     except InputError:
         raise InputError(expected + repr(value)) from None
-    if v < 0 or v % 4 or (size and v >= size // 2):
+    if not input_padding_fits(v, size):
         raise InputError(expected + str(v))
     return v
 

@@ -175,9 +175,9 @@ class ExplorerForm(QWidget):
         return box
 
     def _generation_box(self) -> QGroupBox:
-        """T', seed, schedule, composition and input padding, K, frame memory and the fold guard, as a magicgui
-        container whose
-        values (:meth:`generation`) are the generation's options: a new option is one more widget."""
+        """T', seed, schedule, composition and input padding, K, frame memory and the fold guard, as a
+        magicgui container whose values (:meth:`generation`) are the generation's options: a new option
+        is one more widget."""
         box = QGroupBox("Generation")
         self.new_seed_btn = PushButton(text="new seed", name="new_seed")
         seed = SpinBox(name="seed", label="Seed", min=0, max=2 ** 31 - 1, value=0)

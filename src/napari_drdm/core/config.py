@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import InputError
 
@@ -64,6 +64,12 @@ DEFAULT_SCHEDULE = Schedule.REFERENCE
 COMPOSE_PADDINGS = ("border", "zeros")
 
 
+def input_padding_fits(value: int, size: Optional[int] = None) -> bool:
+    """The rule of ``input_padding``: >= 0, a multiple of 4 (the padded side, S + 2 * padding, stays
+    divisible by 8) and, when the model's side ``size`` is known, below S / 2."""
+    return value >= 0 and value % 4 == 0 and (not size or value < size // 2)
+
+
 def check_input_padding(value, size: int) -> int:
     """A valid ``input_padding`` for a model of side ``size``: a whole number of pixels >= 0, a
     multiple of 4 (the padded side, S + 2 * padding, stays divisible by 8), below S / 2.
@@ -74,7 +80,7 @@ def check_input_padding(value, size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise InputError(f"input_padding must be a whole number of pixels, got {value!r}")
     v = int(value)
-    if v < 0 or v % 4 or v >= size // 2:
+    if not input_padding_fits(v, size):
         raise InputError(f"input_padding must be a multiple of 4 from 0 to below S/2 = {size // 2} pixels, got {v}")
     return v
 
