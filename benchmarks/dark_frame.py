@@ -5,7 +5,11 @@ For each model and each unseen 2D set, every image is prepared as ``drdm evaluat
 about its centre into a dark (zero) frame (``--shrink``, default 0.7: the anatomy fills 70 % of
 the side); and magnified about its centre (``--magnify``, default 1.3: less of any dark margin
 is left); with ``--fit-margin m``, also fitted to the anatomy (the foreground's box, made square
-and widened by m of its side on each side, fills the grid).  Printed per model, set and framing:
+and widened by m of its side on each side, fills the grid); with ``--coarsen FY FX``, also
+resampled as if acquired with pixels FY x FX times larger (averaged down per axis and
+interpolated back, training/classic_augment.coarse_resample: what the ITK KmeansTest head's
+2 x 3 mm voxels look like next to the 1 mm brainbrowser head).  ``--only`` keeps some framings,
+``--indices`` picks the images.  Printed per model, set and framing:
 the zoom of the least-squares affine part of the recovered field (``affine_zoom``: 1 = the
 anatomy keeps its size), the share of the field that affine map explains, the folding and the
 maximum displacement (% of the side), mean +- SD over the generations.  A model that reads a
@@ -16,6 +20,8 @@ and the magnified ones less.
     python benchmarks/dark_frame.py --models cmr2d --sets ct brain --images 2 --threads 1 \\
         --json benchmarks/results/dark_frame_cmr2d.json
     python benchmarks/dark_frame.py --models --extra new=runs/x/export.safetensors ...   # a run's export
+    python benchmarks/dark_frame.py --models cmr2d --sets brain --indices 5 6 7 8 9 --coarsen 2 3 \
+        --only "as is" coarsened --threads 1 --json benchmarks/results/coarse_brainbrowser_cmr2d.json
 
 Generation i uses image i of the set and seed i (as ``drdm evaluate``), T' = ``--t-prime`` (45),
 each model's default reverse loop.
@@ -40,6 +46,8 @@ for p in (ROOT, ROOT / "src", ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from weights_table import SETS_2D, _models  # noqa: E402
+
+from training.classic_augment import coarse_resample  # noqa: E402
 
 
 def reframe(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -82,7 +90,9 @@ def _stats(values):
 
 
 def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float, magnify: float, log=print,
-        fit_margin: Optional[float] = None):
+        fit_margin: Optional[float] = None, coarsen=None, only=None, indices=None):
+    """Rows of figures per model, set and framing (``only``: framings whose name starts with one of
+    these; ``indices``: these images of each set, generation i on image i with seed i)."""
     from napari_drdm.commands.evaluate import collect_images
     from napari_drdm.core.metrics import FG_THRESHOLD, affine_fit, field_metrics
     from napari_drdm.model import load_model
@@ -92,6 +102,12 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
     if fit_margin is not None:
         framings[f"fitted to the anatomy, margin {fit_margin:g}"] = (
             None, lambda x: fit_to_anatomy(x, fit_margin, FG_THRESHOLD))
+    if coarsen is not None:
+        framings["coarsened {:g} x {:g}".format(*coarsen)] = (None, lambda x: coarse_resample(x, coarsen))
+    if only:
+        framings = {k: v for k, v in framings.items() if any(k.startswith(o) for o in only)}
+        if not framings:
+            raise SystemExit(f"--only {' '.join(only)}: no framing of this run starts with that")
     rows = []
     for name, src in models:
         model = load_model(src)
@@ -102,16 +118,19 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
             path = eval_dir / SETS_2D[set_name]
             if not path.exists():
                 raise SystemExit(f"{path}: not found; run benchmarks/make_eval_sets.py --kit cache/kit --out {eval_dir}")
-            images = collect_images([str(path)], 2)[:n_images]
-            prepared = [model.prepare(a, sp)[1] for _, a, sp in images]
+            images = collect_images([str(path)], 2)
+            picked = list(indices) if indices else list(range(min(n_images, len(images))))
+            if max(picked) >= len(images):
+                raise SystemExit(f"--indices: {path} has {len(images)} images (0..{len(images) - 1})")
+            prepared = [(i, model.prepare(images[i][1], images[i][2])[1]) for i in picked]
             for framing, (factor, frame) in framings.items():
                 per = []
-                for i, x in enumerate(prepared):
+                for i, x in prepared:
                     t0 = time.perf_counter()
                     phi, _ = model.generate_model_grid(frame(x), t_prime, seeds=[i])
                     u = phi[0].cpu().numpy()
                     fm, af = field_metrics(u), affine_fit(u)
-                    per.append({"affine_zoom": af["affine_zoom"], "affine_share_pct": af["affine_share_pct"],
+                    per.append({"image": i, "affine_zoom": af["affine_zoom"], "affine_share_pct": af["affine_share_pct"],
                                 "folding_pct": fm["folding_pct"], "max_disp_pct": fm["max_disp_pct"],
                                 "seconds": time.perf_counter() - t0})
                     log(f"  {name} {set_name} {framing} image {i}: zoom {per[-1]['affine_zoom']:.3f}, "
@@ -149,6 +168,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-margin", type=float, default=None,
                     help="add a framing: the foreground's box, made square and widened by this share of "
                          "its side on each side, resampled to the grid (e.g. 0.05)")
+    ap.add_argument("--coarsen", type=float, nargs=2, default=None, metavar=("FY", "FX"),
+                    help="add a framing: pixels FY x FX times larger (rows, columns), each >= 1")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="keep the framings whose name starts with these ('as is', shrunk, magnified, "
+                         "fitted, coarsened)")
+    ap.add_argument("--indices", type=int, nargs="+", default=None,
+                    help="these images of each set instead of the first --images")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every figure here")
     args = ap.parse_args(argv)
@@ -160,9 +186,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"--fit-margin must lie in [0, 0.5], got {args.fit_margin}")
     if args.images < 1:
         raise SystemExit(f"--images must be at least 1, got {args.images}")
+    if args.coarsen is not None and min(args.coarsen) < 1.0:
+        raise SystemExit(f"--coarsen factors must be >= 1, got {args.coarsen[0]:g} {args.coarsen[1]:g}")
+    if args.indices is not None and min(args.indices) < 0:
+        raise SystemExit(f"--indices must be >= 0, got {min(args.indices)}")
     torch.set_num_threads(args.threads)
     rows = run(_models(args.models, args.extra), Path(args.eval_dir), args.sets, args.images, args.t_prime,
-               args.shrink, args.magnify, fit_margin=args.fit_margin)
+               args.shrink, args.magnify, fit_margin=args.fit_margin, coarsen=args.coarsen, only=args.only,
+               indices=args.indices)
     print(table(rows))
     if args.json:
         rec = {"command": " ".join(["python", "benchmarks/dark_frame.py"] + list(argv if argv is not None else sys.argv[1:])),

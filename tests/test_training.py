@@ -303,6 +303,44 @@ def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
         assert key in str(e.value) and "\n" not in str(e.value)
 
 
+def test_coarse_resolution_blurs_each_axis_by_its_own_factor_and_is_off_by_default():
+    """augment.p_coarse: an image is averaged down per axis by U(1, coarse_max) and interpolated
+    back, so fine detail goes and smooth content stays; at 0 (the default) nothing is drawn; a bad
+    value is one line naming the key."""
+    from training.classic_augment import coarsen
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
+             "p_rotate3d": 0.0, "p_crop3d": 0.0}
+    x2 = torch.rand(5, 1, 32, 32)
+    for cfg in (None, {"p_coarse": 0.0}):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        assert torch.equal(augment(x2, cfg, g1), augment(x2, None, g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
+    # stripes along axis 0 only: coarsening that axis wipes them out, the other axis keeps them
+    stripes = (torch.arange(64) % 2).float().view(1, 1, 64, 1).expand(8, 1, 64, 64).contiguous()
+    y = augment(stripes, dict(ident, p_coarse=1.0, coarse_max=4.0), torch.Generator().manual_seed(2))
+    assert y.shape == stripes.shape and torch.isfinite(y).all()
+    contrast = (y[:, 0, 1:, :] - y[:, 0, :-1, :]).abs().mean((1, 2))
+    assert (contrast < 0.9).all() and (contrast > 0.0).any()      # 1.0 for the untouched stripes
+    assert torch.allclose(y.mean((1, 2, 3)), stripes.mean((1, 2, 3)), atol=0.05)
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 32, 1, 1).expand(2, 1, 32, 16, 16).contiguous()
+    y3 = coarsen(ramp, {"p_coarse": 1.0, "coarse_max": 2.0}, g)    # smooth content stays
+    assert y3.shape == ramp.shape and (y3 - ramp)[:, :, 2:-2].abs().max() < 0.02
+    kept = coarsen(stripes, {"p_coarse": 1.0, "coarse_max": 1.0}, g)
+    assert torch.equal(kept, stripes)                                 # factor 1: untouched
+    from training.classic_augment import coarse_resample
+    across = coarse_resample(stripes[:1], (1.0, 4.0))                 # the other axis: stripes stay
+    assert torch.allclose(across, stripes[:1], atol=1e-5)
+    assert (coarse_resample(stripes[:1], (2.0, 1.0)) - 0.5).abs().max() < 0.3
+    for bad in ((2.0,), (0.5, 1.0)):
+        with pytest.raises(ValueError, match="factors >= 1"):
+            coarse_resample(stripes[:1], bad)
+    for key, bad in (("augment.p_coarse", "2"), ("augment.coarse_max", "0.5"), ("augment.coarse_max", "x")):
+        with pytest.raises(ValueError) as e:
+            tiny(**{key: bad})
+        assert key in str(e.value) and "\n" not in str(e.value)
+
+
 def test_image_padding_border_leaves_no_dark_band_where_the_field_reaches_outside():
     """loss.image_padding: I_t = I_0 o psi read with zeros (SPEC) shows a dark band where the
     forward field pulls content in from outside the image; border does not.  Bad values are one

@@ -196,10 +196,22 @@ def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_c
                                             "fitted to the anatomy, margin 0.05"]
     assert all(r["generations"] == 2 and np.isfinite(r["affine_zoom"]["mean"]) for r in rows)
     assert printed.count("| tiny | ct |") == 4
-    for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"], ["--fit-margin", "0.7"]):
+    assert df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
+                    "--indices", "2", "0", "--t-prime", "2", "--coarsen", "2", "3", "--only", "as is", "coarsened",
+                    "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["framing"] for r in rows] == ["as is", "coarsened 2 x 3"]
+    assert [p["image"] for p in rows[1]["per_generation"]] == [2, 0]
+    for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"], ["--fit-margin", "0.7"],
+                ["--coarsen", "0.5", "2"], ["--indices", "-1"]):
         with pytest.raises(SystemExit) as e:
             df.main(["--models", "--eval-dir", str(tmp_path)] + bad)
         assert bad[0] in str(e.value)
+    for bad, says in ((["--indices", "7"], "--indices"), (["--only", "rotated"], "--only rotated")):
+        with pytest.raises(SystemExit) as e:
+            df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
+                     "--t-prime", "2"] + bad)
+        assert says in str(e.value)
 
 
 def test_generalisation_gap_benchmark_scores_both_splits_and_names_bad_input(tmp_path, tiny_ckpt2d, capsys):

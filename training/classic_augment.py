@@ -19,7 +19,10 @@ Both: zoom-out with probability ``p_zoom_out`` (default 0: off, and then nothing
 it, so the streams of configurations without it are unchanged): the content shrinks by a factor
 U(zoom_out_min, 1) about the centre into an empty (zero) frame, so that a dark frame around the
 anatomy also occurs in images that are not deformed (see training/README.md "Dark frames");
-flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
+coarse resolution with probability ``p_coarse`` (default 0: off, nothing drawn): each axis is
+averaged down by its own factor U(1, coarse_max) and interpolated back (linear), as an image
+acquired with thicker voxels and resampled to the model's grid looks (see training/README.md
+"Coarse images"); flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
 [0, 1]); intensity (``p_intensity``): subtract a threshold U(0, threshold_max), clamp at 0,
 multiply by a gain N(1, gain_std) and add an offset N(0, offset_std).
 """
@@ -31,7 +34,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "check_augment"]
+__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "coarsen", "coarse_resample",
+           "check_augment"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -40,16 +44,26 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_flip": 0.5, "p_autocontrast": 0.5,
     "p_intensity": 1.0, "threshold_max": 0.2, "gain_std": 0.1, "offset_std": 0.1,
     "p_zoom_out": 0.0, "zoom_out_min": 0.6,
+    "p_coarse": 0.0, "coarse_max": 3.0,
 }
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_augment(cfg: Dict[str, Any]) -> None:
-    """Raise ValueError naming the key when a zoom-out setting is out of range."""
-    p, lo = cfg.get("p_zoom_out", 0.0), cfg.get("zoom_out_min", 0.6)
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"augment.p_zoom_out must be a probability in [0, 1], got {p!r}")
-    if not isinstance(lo, (int, float)) or isinstance(lo, bool) or not 0.0 < float(lo) <= 1.0:
+    """Raise ValueError naming the key when a zoom-out or coarse-resolution setting is out of range."""
+    for key in ("p_zoom_out", "p_coarse"):
+        p = cfg.get(key, 0.0)
+        if not _is_number(p) or not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"augment.{key} must be a probability in [0, 1], got {p!r}")
+    lo = cfg.get("zoom_out_min", 0.6)
+    if not _is_number(lo) or not 0.0 < float(lo) <= 1.0:
         raise ValueError(f"augment.zoom_out_min must be a number in (0, 1], got {lo!r}")
+    hi = cfg.get("coarse_max", 3.0)
+    if not _is_number(hi) or not 1.0 <= float(hi) <= 16.0:
+        raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
 
 
 def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
@@ -64,6 +78,38 @@ def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generat
     s = 1.0 - (1.0 - _u(B, g, dev, float(cfg["zoom_out_min"]), 1.0)) * sel
     out = theta.clone()
     out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
+    return out
+
+
+def coarse_resample(x: torch.Tensor, factors) -> torch.Tensor:
+    """Images (B, C, S^d) as if acquired with voxels ``factors`` times larger per axis (d numbers
+    >= 1): each axis averaged down to round(S / factor) samples (area, i.e. partial-volume
+    averaging) and interpolated back to the side (bilinear / trilinear).  Deterministic: the
+    transform behind :func:`coarsen`, also used by benchmarks/dark_frame.py ``--coarsen``."""
+    nd = x.dim() - 2
+    factors = [float(f) for f in factors]
+    if len(factors) != nd or min(factors) < 1.0:
+        raise ValueError(f"coarse_resample: expected {nd} factors >= 1, got {factors}")
+    size = list(x.shape[2:])
+    small = [max(1, int(round(n / f))) for n, f in zip(size, factors)]
+    if small == size:
+        return x.clone()
+    low = F.interpolate(x, size=small, mode="area")
+    return F.interpolate(low, size=size, mode="bilinear" if nd == 2 else "trilinear", align_corners=False)
+
+
+def coarsen(x: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
+    """Coarsen a batch (B, C, S^d) with probability ``p_coarse`` per image: :func:`coarse_resample`
+    with a factor U(1, coarse_max) per axis and image.  Draws nothing when ``p_coarse`` is 0."""
+    p = float(cfg.get("p_coarse", 0.0))
+    if p <= 0.0:
+        return x
+    B, nd, dev = x.shape[0], x.dim() - 2, x.device
+    sel = _u(B, g, dev) < p
+    factors = _u(B, g, dev, 1.0, float(cfg["coarse_max"]), nd)
+    out = x.clone()
+    for b in torch.nonzero(sel).flatten().tolist():
+        out[b:b + 1] = coarse_resample(x[b:b + 1], factors[b].tolist())
     return out
 
 
@@ -124,6 +170,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     view = (B,) + (1,) * (nd + 1)
     for a in range(nd):
         x = torch.where(flips[:, a].view(view), x.flip(2 + a), x)
+    x = coarsen(x, cfg, g)
     flat = x.reshape(B, -1)
     lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
     stretched = (x - lo) / (hi - lo).clamp_min(1e-6)
