@@ -8,8 +8,11 @@ is left); with ``--fit-margin m``, also fitted to the anatomy (the foreground's 
 and widened by m of its side on each side, fills the grid); with ``--coarsen FY FX``, also
 resampled as if acquired with pixels FY x FX times larger (averaged down per axis and
 interpolated back, training/classic_augment.coarse_resample: what the ITK KmeansTest head's
-2 x 3 mm voxels look like next to the 1 mm brainbrowser head).  ``--only`` keeps some framings,
-``--indices`` picks the images.  Printed per model, set and framing:
+2 x 3 mm voxels look like next to the 1 mm brainbrowser head); with ``--cut k``, also cut as a
+field of view that ends inside the anatomy would (every column beyond k of the foreground's
+width, from its left edge, set to zero: the KmeansTest slices lose the face that way); with
+``--combined``, also all of the requested cut, coarsening and shrinking at once, in that order.
+``--only`` keeps some framings, ``--indices`` picks the images.  Printed per model, set and framing:
 the zoom of the least-squares affine part of the recovered field (``affine_zoom``: 1 = the
 anatomy keeps its size), the share of the field that affine map explains, the folding and the
 maximum displacement (% of the side), mean +- SD over the generations.  A model that reads a
@@ -20,8 +23,8 @@ and the magnified ones less.
     python benchmarks/dark_frame.py --models cmr2d --sets ct brain --images 2 --threads 1 \\
         --json benchmarks/results/dark_frame_cmr2d.json
     python benchmarks/dark_frame.py --models --extra new=runs/x/export.safetensors ...   # a run's export
-    python benchmarks/dark_frame.py --models cmr2d --sets brain --indices 5 6 7 8 9 --coarsen 2 3 \
-        --only "as is" coarsened --threads 1 --json benchmarks/results/coarse_brainbrowser_cmr2d.json
+    python benchmarks/dark_frame.py --models cmr2d --sets brain --indices 5 6 7 8 9 --coarsen 2 3 \\
+        --cut 0.8 --shrink 0.8 --combined --threads 1 --json benchmarks/results/cues_brainbrowser.json
 
 Generation i uses image i of the set and seed i (as ``drdm evaluate``), T' = ``--t-prime`` (45),
 each model's default reverse loop.
@@ -84,13 +87,26 @@ def fit_to_anatomy(x: torch.Tensor, margin: float, threshold: float) -> torch.Te
     return torch.stack(out)
 
 
+def cut_anatomy(x: torch.Tensor, keep: float, threshold: float) -> torch.Tensor:
+    """(B, 1, S, S) images with every column beyond ``keep`` of the foreground's (> ``threshold``)
+    width, from its left edge, set to zero: a field of view that ends inside the anatomy."""
+    out = x.clone()
+    for b in range(x.shape[0]):
+        cols = torch.nonzero(x[b, 0].amax(0) > threshold).flatten()
+        if cols.numel():
+            lo, hi = int(cols.min()), int(cols.max())
+            out[b, :, :, lo + int(round(keep * (hi - lo))) + 1:] = 0
+    return out
+
+
 def _stats(values):
     return {"mean": float(statistics.fmean(values)),
             "sd": float(statistics.stdev(values)) if len(values) > 1 else 0.0}
 
 
 def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float, magnify: float, log=print,
-        fit_margin: Optional[float] = None, coarsen=None, only=None, indices=None):
+        fit_margin: Optional[float] = None, coarsen=None, only=None, indices=None, cut: Optional[float] = None,
+        combined: bool = False):
     """Rows of figures per model, set and framing (``only``: framings whose name starts with one of
     these; ``indices``: these images of each set, generation i on image i with seed i)."""
     from napari_drdm.commands.evaluate import collect_images
@@ -104,6 +120,18 @@ def run(models, eval_dir: Path, sets, n_images: int, t_prime: int, shrink: float
             None, lambda x: fit_to_anatomy(x, fit_margin, FG_THRESHOLD))
     if coarsen is not None:
         framings["coarsened {:g} x {:g}".format(*coarsen)] = (None, lambda x: coarse_resample(x, coarsen))
+    if cut is not None:
+        framings[f"cut at {cut:g} of the anatomy"] = (None, lambda x: cut_anatomy(x, cut, FG_THRESHOLD))
+    if combined:
+        def all_cues(x):
+            if cut is not None:
+                x = cut_anatomy(x, cut, FG_THRESHOLD)
+            if coarsen is not None:
+                x = coarse_resample(x, coarsen)
+            return reframe(x, shrink)
+        parts = ([f"cut {cut:g}"] if cut is not None else []) + (
+            ["coarsened {:g} x {:g}".format(*coarsen)] if coarsen is not None else []) + [f"shrunk {shrink:g}"]
+        framings["combined: " + ", ".join(parts)] = (None, all_cues)
     if only:
         framings = {k: v for k, v in framings.items() if any(k.startswith(o) for o in only)}
         if not framings:
@@ -172,7 +200,11 @@ def main(argv=None) -> int:
                     help="add a framing: pixels FY x FX times larger (rows, columns), each >= 1")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="keep the framings whose name starts with these ('as is', shrunk, magnified, "
-                         "fitted, coarsened)")
+                         "fitted, coarsened, cut, combined)")
+    ap.add_argument("--cut", type=float, default=None, metavar="K",
+                    help="add a framing: every column beyond K of the anatomy's width set to zero, K in (0, 1)")
+    ap.add_argument("--combined", action="store_true",
+                    help="add a framing with the requested cut and coarsening and the shrinking together")
     ap.add_argument("--indices", type=int, nargs="+", default=None,
                     help="these images of each set instead of the first --images")
     ap.add_argument("--threads", type=int, default=1)
@@ -188,12 +220,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"--images must be at least 1, got {args.images}")
     if args.coarsen is not None and min(args.coarsen) < 1.0:
         raise SystemExit(f"--coarsen factors must be >= 1, got {args.coarsen[0]:g} {args.coarsen[1]:g}")
+    if args.cut is not None and not 0.0 < args.cut < 1.0:
+        raise SystemExit(f"--cut must lie in (0, 1), got {args.cut}")
     if args.indices is not None and min(args.indices) < 0:
         raise SystemExit(f"--indices must be >= 0, got {min(args.indices)}")
     torch.set_num_threads(args.threads)
     rows = run(_models(args.models, args.extra), Path(args.eval_dir), args.sets, args.images, args.t_prime,
                args.shrink, args.magnify, fit_margin=args.fit_margin, coarsen=args.coarsen, only=args.only,
-               indices=args.indices)
+               indices=args.indices, cut=args.cut, combined=args.combined)
     print(table(rows))
     if args.json:
         rec = {"command": " ".join(["python", "benchmarks/dark_frame.py"] + list(argv if argv is not None else sys.argv[1:])),

@@ -341,6 +341,42 @@ def test_coarse_resolution_blurs_each_axis_by_its_own_factor_and_is_off_by_defau
         assert key in str(e.value) and "\n" not in str(e.value)
 
 
+def test_field_of_view_cut_zeroes_one_side_beyond_a_line_and_is_off_by_default():
+    """augment.p_cut: everything beyond a line parallel to one side of the grid is zeroed (a field
+    of view that ends there), on a random axis and side; at 0 (the default) nothing is drawn; a bad
+    value is one line naming the key."""
+    from training.classic_augment import field_of_view_cut
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
+             "p_rotate3d": 0.0, "p_crop3d": 0.0}
+    x2 = torch.rand(5, 1, 32, 32)
+    for cfg in (None, {"p_cut": 0.0}):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        assert torch.equal(augment(x2, cfg, g1), augment(x2, None, g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
+    ones = torch.ones(1, 1, 8, 8)
+    right = field_of_view_cut(ones, 1, 1, 0.5)                 # columns beyond +0.5 of the half-side
+    assert right[0, 0, :, :6].eq(1).all() and right[0, 0, :, 6:].eq(0).all()
+    top = field_of_view_cut(ones, 0, -1, 0.0)                  # rows before the centre
+    assert top[0, 0, :4].eq(0).all() and top[0, 0, 4:].eq(1).all()
+    assert torch.equal(field_of_view_cut(ones, 0, 1, 1.0), ones)
+    with pytest.raises(ValueError, match="axis must be"):
+        field_of_view_cut(ones, 2, 1, 0.5)
+    ones3 = torch.ones(64, 1, 8, 8, 8)
+    y = augment(ones3, dict(ident, p_cut=1.0, cut_min=0.0), torch.Generator().manual_seed(3))
+    kept = y.flatten(1).mean(1)
+    assert (kept < 1.0).float().mean() > 0.7 and (kept >= 0.5).all()   # mostly cut, never past the centre
+    cut_axes = set()
+    for b in range(64):                                        # the axis whose profile has a zero slab
+        profiles = [y[b, 0].amax(tuple(e for e in range(3) if e != d)) for d in range(3)]
+        if kept[b] < 1.0:
+            cut_axes.add(tuple(d for d in range(3) if profiles[d].eq(0).any()))
+    assert cut_axes == {(0,), (1,), (2,)}, cut_axes            # one axis at a time, each of them
+    for key, bad in (("augment.p_cut", "-0.1"), ("augment.cut_min", "1.5")):
+        with pytest.raises(ValueError) as e:
+            tiny(**{key: bad})
+        assert key in str(e.value) and "\n" not in str(e.value)
+
+
 def test_image_padding_border_leaves_no_dark_band_where_the_field_reaches_outside():
     """loss.image_padding: I_t = I_0 o psi read with zeros (SPEC) shows a dark band where the
     forward field pulls content in from outside the image; border does not.  Bad values are one

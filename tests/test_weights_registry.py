@@ -197,13 +197,16 @@ def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_c
     assert all(r["generations"] == 2 and np.isfinite(r["affine_zoom"]["mean"]) for r in rows)
     assert printed.count("| tiny | ct |") == 4
     assert df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
-                    "--indices", "2", "0", "--t-prime", "2", "--coarsen", "2", "3", "--only", "as is", "coarsened",
-                    "--json", str(out)]) == 0
+                    "--indices", "2", "0", "--t-prime", "2", "--coarsen", "2", "3", "--cut", "0.8", "--combined",
+                    "--only", "as is", "coarsened", "cut", "combined", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["framing"] for r in rows] == ["as is", "coarsened 2 x 3"]
+    assert [r["framing"] for r in rows] == ["as is", "coarsened 2 x 3", "cut at 0.8 of the anatomy",
+                                            "combined: cut 0.8, coarsened 2 x 3, shrunk 0.7"]
+    head = df.cut_anatomy(blob, 0.5, 0.05)                  # columns 10..29: keeps 10..20
+    assert head[0, 0, 25, 20] == 1.0 and head[0, 0, 25, 21:].eq(0).all() and head[0, 0, 25, 10] == 1.0
     assert [p["image"] for p in rows[1]["per_generation"]] == [2, 0]
     for bad in (["--shrink", "1.2"], ["--magnify", "0.9"], ["--images", "0"], ["--fit-margin", "0.7"],
-                ["--coarsen", "0.5", "2"], ["--indices", "-1"]):
+                ["--coarsen", "0.5", "2"], ["--indices", "-1"], ["--cut", "1.0"]):
         with pytest.raises(SystemExit) as e:
             df.main(["--models", "--eval-dir", str(tmp_path)] + bad)
         assert bad[0] in str(e.value)

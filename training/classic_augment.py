@@ -5,26 +5,31 @@ Not to be confused with DRDM augmentation (deformations recovered by a trained m
 :mod:`napari_drdm.export` writes DRDM-augmented datasets, :mod:`napari_drdm.transforms` applies
 DRDM deformations on the fly in a data loader.
 
-All random numbers of a batch are drawn up front, in a fixed order and always the same amount
-whatever the probabilities decide, so a generator state fully determines the result.  Spatial
-transforms are a single ``affine_grid`` / ``grid_sample`` per batch (bilinear, zeros), so an
-image is interpolated once.
+All random numbers of a batch are drawn in a fixed order and always the same amount whatever the
+probabilities decide (the cut and the coarse resolution draw theirs after the spatial transform),
+so a generator state fully determines the result.  Spatial transforms are a single
+``affine_grid`` / ``grid_sample`` per batch (bilinear, zeros), so an image is interpolated once.
+The options off by default (``p_zoom_out``, ``p_cut``, ``p_coarse`` at 0) draw nothing, so the
+streams of configurations without them are unchanged.  In the order applied:
 
-2D: rotation U(-max_rotation_deg, max_rotation_deg) and translation U(-max_translation,
-max_translation) of the side per axis, together with probability ``p_affine``.
-3D: rotation about a random axis (uniform on the sphere) with probability ``p_rotate3d``;
-isotropic crop of ratio U(crop_min, 1) at a random position, resized back, with probability
-``p_crop3d``.
-Both: zoom-out with probability ``p_zoom_out`` (default 0: off, and then nothing is drawn for
-it, so the streams of configurations without it are unchanged): the content shrinks by a factor
-U(zoom_out_min, 1) about the centre into an empty (zero) frame, so that a dark frame around the
-anatomy also occurs in images that are not deformed (see training/README.md "Dark frames");
-coarse resolution with probability ``p_coarse`` (default 0: off, nothing drawn): each axis is
-averaged down by its own factor U(1, coarse_max) and interpolated back (linear), as an image
-acquired with thicker voxels and resampled to the model's grid looks (see training/README.md
-"Coarse images"); flips per axis (``p_flip``), autocontrast per image (``p_autocontrast``: min-max to
-[0, 1]); intensity (``p_intensity``): subtract a threshold U(0, threshold_max), clamp at 0,
-multiply by a gain N(1, gain_std) and add an offset N(0, offset_std).
+1. spatial.  2D: rotation U(-max_rotation_deg, max_rotation_deg) and translation
+   U(-max_translation, max_translation) of the side per axis, together with probability
+   ``p_affine``.  3D: rotation about a random axis (uniform on the sphere) with probability
+   ``p_rotate3d``; isotropic crop of ratio U(crop_min, 1) at a random position, resized back,
+   with probability ``p_crop3d``.  Both: zoom-out with probability ``p_zoom_out``: the content
+   shrinks by a factor U(zoom_out_min, 1) about the centre into an empty (zero) frame, so that a
+   dark frame around the anatomy also occurs in images that are not deformed (training/README.md
+   "Dark frames").
+2. flips per axis (``p_flip``).
+3. a truncated field of view with probability ``p_cut``: everything beyond a line (plane)
+   parallel to one side of the grid, at U(cut_min, 1) of the half-side from the centre, on a
+   random axis and side, is zeroed, as a head cut by the scanner's field of view looks.
+4. coarse resolution with probability ``p_coarse``: each axis is averaged down by its own factor
+   U(1, coarse_max) and interpolated back (linear), as an image acquired with thicker voxels and
+   resampled to the model's grid looks (training/README.md "Coarse images and cut fields of view").
+5. autocontrast per image (``p_autocontrast``: min-max to [0, 1]); intensity (``p_intensity``):
+   subtract a threshold U(0, threshold_max), clamp at 0, multiply by a gain N(1, gain_std) and
+   add an offset N(0, offset_std).
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "coarsen", "coarse_resample",
-           "check_augment"]
+__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "coarsen", "coarse_resample", "cut",
+           "field_of_view_cut", "check_augment"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -45,6 +50,7 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_intensity": 1.0, "threshold_max": 0.2, "gain_std": 0.1, "offset_std": 0.1,
     "p_zoom_out": 0.0, "zoom_out_min": 0.6,
     "p_coarse": 0.0, "coarse_max": 3.0,
+    "p_cut": 0.0, "cut_min": 0.3,
 }
 
 
@@ -54,13 +60,16 @@ def _is_number(v) -> bool:
 
 def check_augment(cfg: Dict[str, Any]) -> None:
     """Raise ValueError naming the key when a zoom-out or coarse-resolution setting is out of range."""
-    for key in ("p_zoom_out", "p_coarse"):
+    for key in ("p_zoom_out", "p_coarse", "p_cut"):
         p = cfg.get(key, 0.0)
         if not _is_number(p) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"augment.{key} must be a probability in [0, 1], got {p!r}")
     lo = cfg.get("zoom_out_min", 0.6)
     if not _is_number(lo) or not 0.0 < float(lo) <= 1.0:
         raise ValueError(f"augment.zoom_out_min must be a number in (0, 1], got {lo!r}")
+    cut = cfg.get("cut_min", 0.3)
+    if not _is_number(cut) or not 0.0 <= float(cut) <= 1.0:
+        raise ValueError(f"augment.cut_min must be a share of the half-side in [0, 1], got {cut!r}")
     hi = cfg.get("coarse_max", 3.0)
     if not _is_number(hi) or not 1.0 <= float(hi) <= 16.0:
         raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
@@ -110,6 +119,40 @@ def coarsen(x: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) 
     out = x.clone()
     for b in torch.nonzero(sel).flatten().tolist():
         out[b:b + 1] = coarse_resample(x[b:b + 1], factors[b].tolist())
+    return out
+
+
+def field_of_view_cut(x: torch.Tensor, axis: int, side: int, position: float) -> torch.Tensor:
+    """Images (B, C, S^d) with everything beyond ``position`` (a share of the half-side, measured
+    from the centre; 1 keeps everything) on ``side`` (+1 / -1) of ``axis`` (0 = the first spatial
+    axis) set to zero: a field of view that ends there.  Deterministic: the transform behind
+    :func:`cut`."""
+    nd = x.dim() - 2
+    if not 0 <= axis < nd or side not in (1, -1):
+        raise ValueError(f"field_of_view_cut: axis must be in 0..{nd - 1} and side +1 or -1, got {axis}, {side}")
+    n = x.shape[2 + axis]
+    centres = (torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) / (n / 2) - 1.0   # in (-1, 1)
+    keep = (centres * side <= float(position)).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[2 + axis] = n
+    return x * keep.view(shape)
+
+
+def cut(x: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
+    """Truncate the field of view of a batch (B, C, S^d) with probability ``p_cut`` per image:
+    :func:`field_of_view_cut` on a random axis and side at U(cut_min, 1).  Draws nothing when
+    ``p_cut`` is 0."""
+    p = float(cfg.get("p_cut", 0.0))
+    if p <= 0.0:
+        return x
+    B, nd, dev = x.shape[0], x.dim() - 2, x.device
+    sel = _u(B, g, dev) < p
+    axis = (_u(B, g, dev) * nd).long().clamp_max(nd - 1)
+    side = torch.where(_u(B, g, dev) < 0.5, 1, -1)
+    pos = _u(B, g, dev, float(cfg["cut_min"]), 1.0)
+    out = x.clone()
+    for b in torch.nonzero(sel).flatten().tolist():
+        out[b:b + 1] = field_of_view_cut(x[b:b + 1], int(axis[b]), int(side[b]), float(pos[b]))
     return out
 
 
@@ -170,6 +213,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     view = (B,) + (1,) * (nd + 1)
     for a in range(nd):
         x = torch.where(flips[:, a].view(view), x.flip(2 + a), x)
+    x = cut(x, cfg, g)
     x = coarsen(x, cfg, g)
     flat = x.reshape(B, -1)
     lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
