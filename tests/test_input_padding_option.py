@@ -176,6 +176,13 @@ def test_export_records_resumes_and_reproduces_the_input_padding(tmp_path, pad8,
     run_file.write_text(json.dumps(old))                       # (the resumed run wrote its own run.json)
     assert main(["augment", str(src), str(own)] + opts + ["--input-padding", "0", "--resume"]) == 1
     assert "different settings (input_padding)" in capsys.readouterr().err
+    # the model's own value, given explicitly, is the same setting as leaving it to the model (both ways)
+    assert main(["augment", str(src), str(own)] + opts + ["--input-padding", "8", "--compose-padding", "zeros",
+                                                          "--resume"]) == 0
+    assert "0 outputs written (2 already done)" in capsys.readouterr().out
+    assert json.loads(run_file.read_text())["model_defaults"] == {"compose_padding": "zeros", "input_padding": 8}
+    assert main(["augment", str(src), str(own)] + opts + ["--resume"]) == 0
+    assert "0 outputs written (2 already done)" in capsys.readouterr().out
 
 
 def test_export_refuses_an_input_padding_the_model_cannot_take(tmp_path, pad8, capsys):

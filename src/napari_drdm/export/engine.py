@@ -255,6 +255,9 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
                     else model.sha256)
     from .. import __version__
     settings["version"] = __version__
+    if model is not None or opts.weights:      # one model for every input: its own settings resolve "None"
+        own = provider.get(0).config
+        settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding)}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

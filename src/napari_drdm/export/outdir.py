@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from ..errors import InputError
 from ..output_lock import pid_alive
@@ -29,8 +29,22 @@ IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedul
 IDENTITY_DEFAULTS = {"fold_guard": False, "compose_padding": None, "input_padding": None}
 
 
-def _setting(rec: dict, key: str):
-    return rec.get(key, IDENTITY_DEFAULTS.get(key))
+def _setting(rec: dict, key: str, model_defaults: Optional[dict] = None):
+    """``rec``'s value of an identity setting; None (the model's own) resolved to ``model_defaults``
+    when the model's own value is known, so that an explicit value equal to it is the same setting."""
+    value = rec.get(key, IDENTITY_DEFAULTS.get(key))
+    if value is None and model_defaults:
+        value = model_defaults.get(key)
+    return value
+
+
+def _model_defaults(prev: dict, settings: dict) -> Optional[dict]:
+    """The model's own settings (``model_defaults`` in run.json), when both runs used the same
+    weights file by sha256 and one of them recorded them; else None (nothing is resolved)."""
+    a, b = prev.get("weights_sha256"), settings.get("weights_sha256")
+    if a is None or a != b:
+        return None
+    return settings.get("model_defaults") or prev.get("model_defaults")
 
 
 def _is_empty(out: Path) -> bool:
@@ -99,7 +113,8 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
             prev = json.loads(run_file.read_text())
         except ValueError:
             prev = None
-    same = prev is not None and all(_setting(prev, k) == _setting(settings, k) for k in IDENTITY_KEYS) \
+    own = _model_defaults(prev, settings) if prev is not None else None
+    same = prev is not None and all(_setting(prev, k, own) == _setting(settings, k, own) for k in IDENTITY_KEYS) \
         and _same_weights(prev, settings)
     done: List[dict] = []
     if overwrite:
@@ -109,7 +124,7 @@ def prepare_output_folder(out_dir, settings: dict, resume: bool, overwrite: bool
             p.unlink(missing_ok=True)
     elif resume:
         if prev is not None and not same:
-            diff = [k for k in IDENTITY_KEYS if _setting(prev, k) != _setting(settings, k)]
+            diff = [k for k in IDENTITY_KEYS if _setting(prev, k, own) != _setting(settings, k, own)]
             if not _same_weights(prev, settings):
                 diff.append("weights file (sha256)")
             raise FileExistsError(f"{out} holds a run with different settings ({', '.join(diff)}); "
