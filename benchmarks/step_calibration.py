@@ -12,7 +12,7 @@ brain set split by source volume) and t:
 * ``cos``: the mean cosine between a and -b (direction agreement, 1 = perfect);
 * ``ratio``: mean |a| / mean |b|.
 
-Every 2D fine-tune so far lowered the slope (README "Bundled weights"); this measures it in a
+Every 2D fine-tune so far lowered the slope (docs/weights.md); this measures it in a
 few minutes where the held-out tables take an hour.
 
     python benchmarks/step_calibration.py --models cmr2d --extra run=runs/x/export.safetensors \\
