@@ -796,6 +796,11 @@ def test_weight_average_switched_on_at_resume_and_export_errors(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no weight average" in err
     assert not (tmp_path / "x.safetensors").exists()
+    missing = plain_run / "checkpoints" / "step_00000900.pt"
+    for cmd in (["export", "--out", str(tmp_path / "x.safetensors")], ["validate"]):
+        assert main(cmd + ["--run", str(plain_run), "--checkpoint", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--checkpoint {missing}: no such file" in err, err
 
 
 def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, capsys):

@@ -146,9 +146,7 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         info = load_init(net, source, str(cfg.get("init_inflate") or "centre"))
         which, origin, at = "external", {"source": str(source), "sha256": info["sha256"]}, 0
     else:
-        path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-        if path is None or not Path(path).exists():
-            raise FileNotFoundError(f"no training checkpoint in {run_dir / 'checkpoints'}")
+        path = _checkpoint_path(run_dir, checkpoint)
         ck = load_training_checkpoint(path)
         cfg = load_config(base=ck["config"], sets=sets) if sets else ck["config"]
         mcfg = model_config(cfg)
@@ -173,6 +171,18 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
     return row
 
 
+def _checkpoint_path(run_dir, checkpoint: Optional[str]) -> Path:
+    """The checkpoint asked for (it must exist) or the run's latest; one line naming what is missing."""
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+        return Path(checkpoint)
+    path = latest_checkpoint(run_dir)
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"no training checkpoint in {Path(run_dir) / 'checkpoints'}")
+    return Path(path)
+
+
 def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool = False,
                name: Optional[str] = None, validate: bool = False, weights: str = "auto") -> Tuple[str, str]:
     """Write ``out`` from a run directory; returns (path, sha256).
@@ -188,9 +198,7 @@ def export_run(run_dir, out, checkpoint: Optional[str] = None, overwrite: bool =
         weights: ``auto`` (the weight average when the checkpoint holds one, training/ema.py),
             ``ema`` or ``raw`` (the trained weights).
     """
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if path is None or not Path(path).exists():
-        raise FileNotFoundError(f"no training checkpoint in {Path(run_dir) / 'checkpoints'}")
+    path = _checkpoint_path(run_dir, checkpoint)
     ck = load_training_checkpoint(path)
     cfg = model_config(ck["config"])
     which, chosen = pick_weights(ck, weights)
