@@ -87,7 +87,7 @@ def table(rows) -> str:
         if r["set"] == "brain":
             groups.setdefault((r["model"], f"brain: {r['source']}"), []).append(r)
     for (model, group), rs in groups.items():
-        def m(when, key):
+        def m(when, key, rs=rs):
             return statistics.fmean(r[when][key] for r in rs)
         cells = [f"{m('before', k):.2f} -> {m('after', k):.2f}" if k != "max_disp_pct"
                  else f"{m('before', k):.1f} -> {m('after', k):.1f}" for k in KEYS]
