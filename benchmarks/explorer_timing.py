@@ -1,7 +1,7 @@
 """Time the DRDM explorer and the export widget the way a new user meets them (issues 4 and 16).
 
 For each sample (``brain2d`` and/or ``brain3d``): opens napari (a shown window), the sample, the
-explorer dock, picks the bundled model of the sample's dimensionality on the CPU, runs T' with the
+explorer dock, picks the bundled default model of the sample's dimensionality on the CPU, runs T' with the
 model's default schedule, and prints:
 
 * time from Run to the frames layer added to the viewer and to the canvas's next paint after it
@@ -144,6 +144,8 @@ def export_one(viewer, app, sample: str, model: str, n: int, t_prime: int, threa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", default="brain2d,brain3d", help="comma-separated sample names")
+    ap.add_argument("--model-2d", default=None, help="model for 2D samples (default: the bundled 2D default)")
+    ap.add_argument("--model-3d", default=None, help="model for 3D samples (default: the bundled 3D default)")
     ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="default: the explorer's default")
@@ -159,10 +161,12 @@ def main(argv=None) -> int:
     from napari_drdm._widgets._worker import default_threads
     if args.threads is None:
         args.threads = default_threads()
-    models = {"brain2d": "brain2d", "brain3d": "brain3d"}
+    from napari_drdm.weights import default_weights
     results = []
     for sample in [s.strip() for s in args.samples.split(",") if s.strip()]:
-        model = models.get(sample, "brain3d" if "3d" in sample else "brain2d")
+        # the model a new user gets: the default of the sample's dimensionality, unless --model-2d/3d
+        ndim = 3 if "3d" in sample else 2
+        model = (args.model_3d if ndim == 3 else args.model_2d) or default_weights(ndim)
         viewer = napari.Viewer(show=True, title="napari-drdm explorer timing")   # a fresh one per sample
         app = QApplication.instance()
         r = run_one(viewer, app, sample, model, args.t_prime, args.seed, args.threads)

@@ -183,7 +183,7 @@ def affine_text(a: Dict[str, float]) -> str:
     if abs(a["affine_zoom"] - 1.0) >= 0.1 and a["affine_share_pct"] >= 50.0:
         what = "inflates" if a["affine_zoom"] > 1.0 else "shrinks"
         txt += (f" It mostly {what} the whole image, not a local variation (models inflate anatomy "
-                f"in a dark margin: README, 'Why the brain is inflated').")
+                f"that ends in darkness: docs/weights.md).")
     return txt
 
 
