@@ -303,18 +303,26 @@ def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
         assert key in str(e.value) and "\n" not in str(e.value)
 
 
+_AUG_IDENT = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
+              "p_rotate3d": 0.0, "p_crop3d": 0.0}          # every default augmentation off
+
+
+def _assert_off_draws_nothing(key):
+    """At 0 (its default) augmentation ``key`` changes nothing and draws nothing from the generator."""
+    x2 = torch.rand(5, 1, 32, 32)
+    for cfg in (None, {key: 0.0}):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        assert torch.equal(augment(x2, cfg, g1), augment(x2, None, g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_coarse_resolution_blurs_each_axis_by_its_own_factor_and_is_off_by_default():
     """augment.p_coarse: an image is averaged down per axis by U(1, coarse_max) and interpolated
     back, so fine detail goes and smooth content stays; at 0 (the default) nothing is drawn; a bad
     value is one line naming the key."""
     from training.classic_augment import coarsen
-    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
-             "p_rotate3d": 0.0, "p_crop3d": 0.0}
-    x2 = torch.rand(5, 1, 32, 32)
-    for cfg in (None, {"p_coarse": 0.0}):
-        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        assert torch.equal(augment(x2, cfg, g1), augment(x2, None, g2))
-        assert torch.equal(g1.get_state(), g2.get_state())
+    ident = _AUG_IDENT
+    _assert_off_draws_nothing("p_coarse")
     # stripes along axis 0 only: coarsening that axis wipes them out, the other axis keeps them
     stripes = (torch.arange(64) % 2).float().view(1, 1, 64, 1).expand(8, 1, 64, 64).contiguous()
     y = augment(stripes, dict(ident, p_coarse=1.0, coarse_max=4.0), torch.Generator().manual_seed(2))
@@ -346,13 +354,8 @@ def test_field_of_view_cut_zeroes_one_side_beyond_a_line_and_is_off_by_default()
     of view that ends there), on a random axis and side; at 0 (the default) nothing is drawn; a bad
     value is one line naming the key."""
     from training.classic_augment import field_of_view_cut
-    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
-             "p_rotate3d": 0.0, "p_crop3d": 0.0}
-    x2 = torch.rand(5, 1, 32, 32)
-    for cfg in (None, {"p_cut": 0.0}):
-        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        assert torch.equal(augment(x2, cfg, g1), augment(x2, None, g2))
-        assert torch.equal(g1.get_state(), g2.get_state())
+    ident = _AUG_IDENT
+    _assert_off_draws_nothing("p_cut")
     ones = torch.ones(1, 1, 8, 8)
     right = field_of_view_cut(ones, 1, 1, 0.5)                 # columns beyond +0.5 of the half-side
     assert right[0, 0, :, :6].eq(1).all() and right[0, 0, :, 6:].eq(0).all()
