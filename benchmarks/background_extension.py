@@ -34,11 +34,13 @@ KEYS = ("folding_pct", "anatomy_folding_pct", "max_disp_pct", "fg_out_of_view_pc
 
 
 def _figures(image, phi):
-    from napari_drdm.core.metrics import anatomy_metrics, field_metrics, foreground_out_of_view_pct
+    """The figures of :data:`KEYS` for one generation, the Jacobian computed once (as evaluate does)."""
+    from napari_drdm.core.metrics import anatomy_metrics, field_metrics, foreground_out_of_view_pct, jacobian_determinant
     u, img = phi[0].cpu().numpy(), image[0, 0].cpu().numpy()
-    fm, am = field_metrics(u), anatomy_metrics(img, u)
+    det = jacobian_determinant(u)
+    fm, am = field_metrics(u, det=det), anatomy_metrics(img, u, det=det)
     return {"folding_pct": fm["folding_pct"], "anatomy_folding_pct": am["anatomy_folding_pct"],
-            "max_disp_pct": fm["max_disp_pct"], "fg_out_of_view_pct": foreground_out_of_view_pct(img, u)}
+            "max_disp_pct": fm["max_disp_pct"], "fg_out_of_view_pct": foreground_out_of_view_pct(img, u, det=det)}
 
 
 def run(models, eval_dir, samples, t_prime, margin, log=print):
