@@ -2,7 +2,8 @@
 ``core/background.extend_into_background`` (the field there replaced by the harmonic extension of
 the field around it).
 
-For each model and unseen 2D set (``benchmarks/make_eval_sets.py``), generation i uses image i and
+For each model and unseen set of its dimensionality (2D: ``benchmarks/make_eval_sets.py``; 3D: the
+kit's held-out brain and CT volumes, as ``benchmarks/weights_table.py``), generation i uses image i and
 seed i at T' (as ``drdm evaluate`` and ``benchmarks/weights_table.py``, so the "before" figures are
 the weights table's), the model's default loop.  Printed per model, set and (brain) source volume,
 mean over the generations: folding (whole grid and inside the anatomy), maximum displacement (% of
@@ -28,7 +29,7 @@ for p in (ROOT, ROOT / "src"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from benchmarks.weights_table import SETS_2D, _models, _sources, add_source_args, save_record  # noqa: E402
+from benchmarks.weights_table import SETS_2D, SETS_3D, _models, _sources, add_source_args, save_record  # noqa: E402
 
 KEYS = ("folding_pct", "anatomy_folding_pct", "max_disp_pct", "fg_out_of_view_pct")
 
@@ -43,7 +44,7 @@ def _figures(image, phi):
             "max_disp_pct": fm["max_disp_pct"], "fg_out_of_view_pct": foreground_out_of_view_pct(img, u, det=det)}
 
 
-def run(models, eval_dir, samples, t_prime, margin, log=print):
+def run(models, eval_dir, kit_dir, samples, t_prime, margin, log=print):
     from napari_drdm.commands.evaluate import collect_images
     from napari_drdm.core.background import extend_into_background
     from napari_drdm.core.spatial import warp
@@ -52,14 +53,14 @@ def run(models, eval_dir, samples, t_prime, margin, log=print):
     rows = []
     for name, src in models:
         model = load_model(src, device="cpu")
-        if model.ndim != 2:
-            log(f"  skip {name}: a {model.ndim}D model (the held-out sets here are 2D)")
-            continue
-        for set_name, rel in SETS_2D.items():
-            path = Path(eval_dir) / rel
+        sets = SETS_2D if model.ndim == 2 else SETS_3D
+        base = Path(eval_dir) if model.ndim == 2 else Path(kit_dir)
+        for set_name, rel in sets.items():
+            path = base / rel
             if not path.exists():
-                raise SystemExit(f"{path}: not found; run benchmarks/make_eval_sets.py --kit cache/kit --out {eval_dir}")
-            images = collect_images([str(path)], 2)
+                raise SystemExit(f"{path}: not found; run benchmarks/make_eval_sets.py --kit cache/kit "
+                                 f"--out {eval_dir} (2D) or pass --kit (3D)")
+            images = collect_images([str(path)], model.ndim)
             for i in range(samples):
                 img_name, arr, spacing = images[i % len(images)]
                 x = model.prepare(arr, spacing)[1]
@@ -86,7 +87,7 @@ def table(rows) -> str:
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["set"]), []).append(r)
-        if r["set"] == "brain":
+        if r["set"] == "brain" and r["source"] != "brain":
             groups.setdefault((r["model"], f"brain: {r['source']}"), []).append(r)
     for (model, group), rs in groups.items():
         def m(when, key, rs=rs):
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     if a.margin < 0:
         raise SystemExit(f"--margin must be >= 0 pixels, got {a.margin}")
     torch.set_num_threads(a.threads)
-    rows = run(_models(a.models, a.extra), a.eval_dir, a.samples, a.t_prime, a.margin)
+    rows = run(_models(a.models, a.extra), a.eval_dir, a.kit, a.samples, a.t_prime, a.margin)
     print(table(rows))
     save_record(a.json, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_prime": a.t_prime,
                          "margin": a.margin, "samples": a.samples, "torch": torch.__version__,

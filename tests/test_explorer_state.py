@@ -195,6 +195,18 @@ def test_run_request_says_why_not_or_what_run_starts():
     with pytest.raises(InputError, match=r"^Input padding: expected a multiple of 4 pixels from 0 to below S/2 = 16 "
                                          r"\(the model's side S = 32\), got 16$"):
         prepare_run(cine, None, model, "", dict(gen, input_padding=16), (3, 0, 0))
+    # background margin: the same; "off" is the own setting of a model without one
+    model = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference", background_margin=4), device="cpu")
+    for asked, variant in ((None, "paper K2 guard"), (4, "paper K2 guard"), (2, "paper K2 2px-background-margin guard"),
+                           ("off", "paper K2 no-background-extension guard")):
+        req = prepare_run(cine, None, model, "", dict(gen, background_margin=asked), (3, 0, 0))
+        assert req.params["background_margin"] == asked and req.params["variant"] == variant
+    plain = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference"), device="cpu")
+    assert prepare_run(cine, None, plain, "", dict(gen, background_margin="off"), (3, 0, 0)).params["variant"] == \
+        "paper K2 guard"
+    with pytest.raises(InputError, match=r"^Background margin: expected 'off' or a whole number of pixels from 0 to "
+                                         r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
+        prepare_run(cine, None, model, "", dict(gen, background_margin=16), (3, 0, 0))
 
 
 def test_default_threads_uses_idle_cores(monkeypatch):

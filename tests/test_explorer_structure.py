@@ -80,7 +80,7 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     form.guard_check.setChecked(True)
     g = form.generation()
     assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "compose_padding": None, "input_padding": None,
-                 "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
+                 "background_margin": None, "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
     # composition padding: the model's own by default (named once a model is loaded), or border / zeros
     assert [form.padding_combo.itemText(i) for i in range(3)] == ["model default", "border", "zeros"]
     form.padding_combo.setCurrentText("zeros")
@@ -102,6 +102,20 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     assert form.generation()["input_padding"] == 16
     combo.setCurrentIndex(0)
     assert form.generation()["input_padding"] is None
+    # background margin, below it: the model's own by default (named once a model is loaded), off, or pixels
+    combo = form.background_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "off", "0", "2", "4", "8", "16"]
+    assert "harmonic" in form.gen.background_margin.tooltip and "authors" in form.gen.background_margin.tooltip
+    combo.setCurrentText("off")
+    assert form.generation()["background_margin"] == "off"
+    form.set_model_padding("border", 8, 4)
+    assert combo.itemText(0) == "model default (4)" and form.generation()["background_margin"] == "off"
+    form.set_model_padding("border", 8, "off")
+    assert combo.itemText(0) == "model default (off)"
+    combo.setCurrentText("2")
+    assert form.generation()["background_margin"] == 2
+    combo.setCurrentIndex(0)
+    assert form.generation()["background_margin"] is None
     accepted = set(inspect.signature(explore).parameters)
     assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
     assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."

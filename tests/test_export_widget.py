@@ -111,6 +111,11 @@ def test_export_options_are_a_magicgui_form(qtbot):
         ["model default", "0", "4", "8", "16", "32"]
     form.input_padding.setCurrentText("0")
     assert form.option_values()["input_padding"] == 0 and ExportOptions(**form.option_values()).validate()
+    assert kw["background_margin"] is None                                    # "model default"
+    assert [form.background_margin.itemText(i) for i in range(form.background_margin.count())] == \
+        ["model default", "off", "0", "2", "4", "8", "16"]
+    form.background_margin.setCurrentText("off")
+    assert form.option_values()["background_margin"] == "off" and ExportOptions(**form.option_values()).validate()
 
 
 def test_export_input_padding_is_used_and_recorded(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
@@ -136,6 +141,28 @@ def test_export_input_padding_is_used_and_recorded(make_napari_viewer, qtbot, ti
     assert w.summary["status"] == "complete", w.summary
     m = json.loads((out / "manifest.json").read_text())
     assert [r["input_padding"] for r in m["rows"]] == [0] and m["run"]["input_padding"] == 0
+    assert [r["background_margin"] for r in m["rows"]] == ["off"]        # the model has none
+
+
+def test_export_background_margin_is_used_and_recorded(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """The export dock's background margin reaches the rows: the model's own by default, or off."""
+    bg4 = tiny_checkpoint(2, 32, name="bg4", background_margin=4)
+    viewer = make_napari_viewer()
+    _layers(viewer)
+    rows = {}
+    for choice in (None, "off"):
+        out = tmp_path / f"export_{choice}"
+        w = _widget(viewer, bg4, out, n=1)
+        w.preview_spin.setValue(0)
+        if choice is not None:
+            w.background_margin.setCurrentText(choice)
+        w.start()
+        qtbot.waitUntil(lambda w=w: not w.running, timeout=120000)
+        assert w.summary["status"] == "complete", w.summary
+        rows[choice] = json.loads((out / "manifest.json").read_text())["rows"]
+    assert [r["background_margin"] for r in rows[None]] == [4]
+    assert [r["background_margin"] for r in rows["off"]] == ["off"]
+    assert rows[None][0]["ddf_sha256"] != rows["off"][0]["ddf_sha256"]
 
 
 def test_export_cancel_and_refusal(make_napari_viewer, qtbot, tiny2d, tmp_path):

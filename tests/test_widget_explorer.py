@@ -143,6 +143,9 @@ def test_input_padding_option_reaches_the_run(make_napari_viewer, qtbot, tiny_ch
     assert not widget.guard_check.isChecked()
     widget.input_padding_combo.setCurrentText("16")                 # 16 >= S/2 for S = 32
     assert not widget.run_btn.isEnabled()
+    widget.input_padding_combo.setCurrentIndex(0)                   # "model default" (None): Run again
+    assert widget.run_btn.isEnabled() and widget.reason == ""
+    widget.input_padding_combo.setCurrentText("16")
     assert widget.reason == ("Input padding: expected a multiple of 4 pixels from 0 to below S/2 = 16 "
                              "(the model's side S = 32), got 16")
     widget.input_padding_combo.setCurrentText("0")
@@ -162,6 +165,44 @@ def test_input_padding_option_reaches_the_run(make_napari_viewer, qtbot, tiny_ch
     assert run2.title == "#2 pad8 s5 T'2 paper K2"
     assert viewer.layers[run2.layer_name("recovered image")].metadata["drdm"]["input_padding"] == 8
     assert np.abs(viewer.layers[run2.layer_name("|u| mm")].metadata["drdm_ddf"] - ddf).max() > 1e-3
+
+
+def test_background_margin_option_reaches_the_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    """The form's background margin: "model default (4)" names the model's own and the run's field
+    is the Python API's; "off" is a variant of the run, recorded in the results; one the model
+    cannot take disables Run with one line."""
+    from napari_drdm.model import load_model
+    bg4 = tiny_checkpoint(2, 32, name="bg4", background_margin=4)
+    viewer = make_napari_viewer()
+    img, _ = _image((32, 32))
+    img = np.where(img > 50, img, 0.0).astype(np.float32)          # a dark frame: empty background
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, bg4)
+    assert widget.background_combo.currentText() == "model default (4)"
+    widget.seed_spin.setValue(5)
+    widget.background_combo.setCurrentText("16")                    # 16 >= S/2 for S = 32
+    assert not widget.run_btn.isEnabled()
+    assert widget.reason == ("Background margin: expected 'off' or a whole number of pixels from 0 to below S/2 = 16 "
+                             "(the model's side S = 32), got 16")
+    model = load_model(bg4, device="cpu")
+    ddfs = {}
+    for choice, title, recorded in ((0, "#1 bg4 s5 T'2 paper K2", 4),
+                                    ("off", "#2 bg4 s5 T'2 paper K2 no-background-extension", None)):
+        if choice == 0:
+            widget.background_combo.setCurrentIndex(0)
+        else:
+            widget.background_combo.setCurrentText(choice)
+        assert widget.run_btn.isEnabled() and widget.reason == ""   # back to "model default": Run again
+        _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+        run = widget.state.current
+        assert run.title == title
+        assert viewer.layers[run.layer_name("recovered image")].metadata["drdm"]["background_margin"] == recorded
+        ddfs[recorded] = viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"]
+        res = model.generate(img, t_prime=2, seed=5, schedule="paper", spacing=(1.0, 1.0),
+                             background_margin="off" if recorded is None else recorded)
+        np.testing.assert_allclose(ddfs[recorded], res.ddf, rtol=1e-4, atol=1e-4)
+    assert np.abs(ddfs[4] - ddfs[None]).max() > 1e-4
 
 
 def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):

@@ -25,7 +25,8 @@ from .checkpoint import CheckpointError, check_finite_state, file_sha256, read_c
 from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code refers to model.MAX_IMAGE_RANGE)
 from .checks import check_image as _check_image
 from .checks import check_labels as _check_labels
-from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
+from .core.background import extend_into_background
+from .core.config import BACKGROUND_OFF, DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -37,6 +38,7 @@ from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
 from .model_grid import ModelGrid
 from .validate import (
+    check_background_margin_option,
     check_compose_padding,
     check_device,
     check_input_padding_option,
@@ -47,7 +49,7 @@ from .validate import (
 )
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
-           "guard_mode"]
+           "guard_mode", "resolve_background_margin"]
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -100,6 +102,8 @@ class GenerationResult:
     k: int = 2
     compose_padding: str = "zeros"         # how each reverse step was composed into the field
     input_padding: int = 0                 # px of mirrored image around the network's input at each step
+    background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond extended (None: off)
+    background_replaced_pct: float = 0.0   # % of the model grid whose field the background extension replaced
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
@@ -190,7 +194,8 @@ class DRDM:
                       frames: bool = True, render: bool = True, frame_metrics: bool = False,
                       image_interp: Optional[str] = None, label_interp: str = "nearest",
                       fold_guard=False, compose_padding: Optional[str] = None,
-                      input_padding: Optional[int] = None) -> Iterator[Frame]:
+                      input_padding: Optional[int] = None,
+                      background_margin: Union[None, int, str] = None) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
@@ -202,6 +207,10 @@ class DRDM:
         ``input_padding``: pixels of mirrored image around the network's input at every reverse
         step, a multiple of 4 below S/2 (0: the authors' behaviour); None: the model's
         (``config.input_padding``).
+        ``background_margin``: pixels kept around the anatomy; farther out the recovered field is
+        replaced by the harmonic extension of the field around it (core/background.py), "off" for
+        none (the authors' behaviour); None: the model's (``config.background_margin``).  Applied
+        to the final field, so the last recovery frame carries it and the frames before do not.
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -212,6 +221,7 @@ class DRDM:
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding") or cfg.compose_padding
         pad_in = _input_padding(input_padding, cfg)
+        margin = resolve_background_margin(background_margin, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
         image_interp = image_interp or cfg.image_interp
@@ -245,13 +255,22 @@ class DRDM:
             psi = fwd_frames.value
         phi = psi
         hooks = GuardHooks(gmode)
+        last = None                 # the last recovery frame waits for the background extension
         if t_prime > 0 or schedule is Schedule.REFERENCE:
             steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k, padding, pad_in),
                             **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
                 if frames:
-                    yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
+                    if margin is not None and fr.step == fr.n_steps:
+                        last = fr
+                    else:
+                        yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
+        replaced = [0.0]
+        if margin is not None:
+            phi, replaced = _extend_background(phi, x_model, margin, cfg.image_interp)
+            if last is not None:
+                yield make_frame("recovery", last.step, last.n_steps, last.t, phi)
         guard_info = None
         if gmode is not None:
             phi, guard_info = hooks.finish(phi, self.size)
@@ -267,23 +286,26 @@ class DRDM:
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
             t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, input_padding=pad_in,
-            guard=guard_info)
+            background_margin=margin, background_replaced_pct=replaced[0], guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                  return_frames: bool = False, label_interp: str = "nearest",
                  image_interp: Optional[str] = None, fold_guard=False,
-                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None) -> GenerationResult:
+                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None,
+                 background_margin: Union[None, int, str] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
 
-        ``fold_guard``, ``compose_padding``, ``input_padding``: see :meth:`iter_generate` (fold guard
-        on: ``res.ddf`` is fold-free on the image's grid; ``res.compose_padding`` and
-        ``res.input_padding`` say which paddings were used).
+        ``fold_guard``, ``compose_padding``, ``input_padding``, ``background_margin``: see
+        :meth:`iter_generate` (fold guard on: ``res.ddf`` is fold-free on the image's grid;
+        ``res.compose_padding``, ``res.input_padding`` and ``res.background_margin`` say which
+        settings were used).
         """
         gen = Returning(self.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                            spacing=spacing, frames=return_frames, label_interp=label_interp,
                                            image_interp=image_interp, fold_guard=fold_guard,
-                                           compose_padding=compose_padding, input_padding=input_padding))
+                                           compose_padding=compose_padding, input_padding=input_padding,
+                                           background_margin=background_margin))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -293,7 +315,8 @@ class DRDM:
     def generate_model_grid(self, x_model: torch.Tensor, t_prime: int, seeds: Sequence[int],
                             schedule: Optional[str] = None, k: Optional[int] = None, fold_guard=False,
                             guard_report: Optional[dict] = None, compose_padding: Optional[str] = None,
-                            input_padding: Optional[int] = None):
+                            input_padding: Optional[int] = None, background_margin: Union[None, int, str] = None,
+                            background_report: Optional[dict] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
@@ -302,7 +325,10 @@ class DRDM:
         ``ModelGrid.field_to_original(..., fold_guard=True)``); ``guard_report``, a dict, receives
         what the guard did (see :class:`~napari_drdm.guard_modes.GuardHooks`); ``compose_padding``:
         "border" or "zeros", None the model's (see :meth:`iter_generate`); ``input_padding``: pixels of
-        mirrored image around the network's input (``DRDMConfig.input_padding``), None the model's.
+        mirrored image around the network's input (``DRDMConfig.input_padding``), None the model's;
+        ``background_margin``: see :meth:`iter_generate`; ``background_report``, a dict, receives the
+        margin used (``"margin"``, None: off) and each sample's share of the grid replaced
+        (``"replaced_pct"``).
         """
         gmode = guard_mode(fold_guard)
         hooks = GuardHooks(gmode)
@@ -311,6 +337,7 @@ class DRDM:
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding")
         pad_in = _input_padding(input_padding, cfg)
+        margin = resolve_background_margin(background_margin, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
@@ -322,6 +349,11 @@ class DRDM:
                           **cfg.recover_options(schedule, k, padding, pad_in),
                           **hooks.kwargs()):
             phi = fr.ddf
+        replaced = [0.0] * len(seeds)
+        if margin is not None:
+            phi, replaced = _extend_background(phi, x_model.to(self.device), margin, cfg.image_interp)
+        if background_report is not None:
+            background_report.update(margin=margin, replaced_pct=replaced)
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)
             if guard_report is not None:
@@ -334,6 +366,22 @@ def _input_padding(value, cfg: DRDMConfig) -> int:
     one :class:`InputError` line) or, for None, the model's own."""
     v = check_input_padding_option(value, cfg.size, "input_padding")
     return cfg.input_padding if v is None else v
+
+
+def resolve_background_margin(value, cfg: DRDMConfig) -> Optional[int]:
+    """The background margin a generation uses (None: no extension): ``value`` (checked against the
+    model's side; a bad one is one :class:`InputError` line), "off", or for None the model's own."""
+    v = check_background_margin_option(value, cfg.size, "background_margin")
+    if v is None:
+        return cfg.background_margin
+    return None if v == BACKGROUND_OFF else v
+
+
+def _extend_background(phi: torch.Tensor, x_model: torch.Tensor, margin: int, interp: str):
+    """``phi`` with its empty background replaced (core/background.py) and each sample's share of
+    the grid replaced, in %."""
+    new, free = extend_into_background(phi, x_model, margin, image_interp=interp)
+    return new, [100.0 * float(f.float().mean()) for f in free]
 
 
 def load_model(name_or_path: Union[str, Path, None] = None, device=None, size: Optional[int] = None,

@@ -13,8 +13,9 @@ first channel of the first image key.  ``ddf_key`` stores the field, (d, *spatia
 ``fold_guard=True`` makes that field fold-free (det(I + grad phi) > 0 everywhere; README "Fold-free
 deformations"); it is off by default, like ``DRDM.generate``.  ``schedule``, ``k``,
 ``compose_padding`` ("border" or "zeros") and ``input_padding`` (pixels of mirrored image around the
-network's input, a multiple of 4 below S/2; 0: the authors' behaviour) are the reverse loop's
-options; None: the model's.
+network's input, a multiple of 4 below S/2; 0: the authors' behaviour) and ``background_margin``
+(pixels kept around the anatomy, beyond which the field is extended smoothly; "off": the authors'
+behaviour) are the reverse loop's options; None: the model's.
 
 Randomness: ``set_random_state(seed)`` (MONAI's ``Randomizable`` API) makes a run repeatable; with
 no seed, draws come from torch's global generator, which ``DataLoader`` seeds differently in
@@ -29,7 +30,7 @@ import numpy as np
 
 from .errors import InputError
 from .export.jobspec import parse_t_prime
-from .validate import check_compose_padding, check_input_padding_option
+from .validate import check_background_margin_option, check_compose_padding, check_input_padding_option
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
 
@@ -43,7 +44,8 @@ class DRDMTransform:
                  spacing: Optional[Sequence[float]] = None, channel_dim: Optional[int] = 0,
                  label_interp: str = "nearest", ddf_key: Optional[str] = None, device: str = "cpu",
                  allow_missing_keys: bool = False, seed: Optional[int] = None, fold_guard: bool = False,
-                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None):
+                 compose_padding: Optional[str] = None, input_padding: Optional[int] = None,
+                 background_margin: Union[None, int, str] = None):
         self.weights = weights
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
         self.t_values = sorted(set(parse_t_prime(t_prime, 1000)))
@@ -57,6 +59,9 @@ class DRDMTransform:
         # checked now as far as it can be (the bound S/2 needs the model: a named one is loaded lazily)
         self.input_padding = check_input_padding_option(input_padding, getattr(self._model, "size", None),
                                                         "input_padding")
+        self.background_margin = check_background_margin_option(background_margin,
+                                                                 getattr(self._model, "size", None),
+                                                                 "background_margin")
         self._rng: Optional[np.random.Generator] = None
         self._worker = None
         self._seed = seed
@@ -147,7 +152,8 @@ class DRDMTransform:
         spacing = [float(s) for s in spacing][: first.ndim - 1] if spacing is not None else None
         res = model.generate(first[0], None, t_prime=t_prime, seed=seed, schedule=self.schedule, k=self.k,
                              spacing=spacing, label_interp=self.label_interp, fold_guard=self.fold_guard,
-                             compose_padding=self.compose_padding, input_padding=self.input_padding)
+                             compose_padding=self.compose_padding, input_padding=self.input_padding,
+                             background_margin=self.background_margin)
         ddf = torch.as_tensor(res.ddf, device=model.device)[None]
         out = dict(data)
         for key in keys:

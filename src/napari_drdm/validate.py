@@ -9,13 +9,14 @@ any work.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
-from .core.config import COMPOSE_PADDINGS, SCHEDULE_NAMES, input_padding_fits
+from .core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, SCHEDULE_NAMES, background_margin_fits, input_padding_fits
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
            "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_input_padding_option",
+           "check_background_margin_option",
            "check_label_interp",
            "check_positive", "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "COMPOSE_PADDINGS", "LABEL_INTERPS"]
 
@@ -219,6 +220,36 @@ def check_input_padding_option(value, size: Optional[int] = None, name: str = "-
     except InputError:
         raise InputError(expected + repr(value)) from None
     if not input_padding_fits(v, size):
+        raise InputError(expected + str(v))
+    return v
+
+
+def check_background_margin_option(value, size: Optional[int] = None,
+                                   name: str = "--background-margin") -> Union[None, str, int]:
+    """The background extension's margin (``DRDMConfig.background_margin``, core/background.py):
+    pixels kept around the anatomy, beyond which the recovered field is replaced by the harmonic
+    extension of the field around it; ``"off"`` (:data:`~napari_drdm.core.config.BACKGROUND_OFF`)
+    for none; None for the model's own.
+
+    A whole number of pixels from 0 to below S/2; the S/2 bound is checked only when the model's
+    side ``size`` is known.
+
+    Args:
+        value: the margin (an int, an integral float or a string of digits), "off", or None.
+        size: the model's side S, or None (not known yet: the bound is checked later).
+        name: option name for the message.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == BACKGROUND_OFF:
+        return BACKGROUND_OFF
+    bound = f"below S/2 = {size // 2} (the model's side S = {size})" if size else "below half the model's side S"
+    expected = f"{name}: expected '{BACKGROUND_OFF}' or a whole number of pixels from 0 to {bound}, got "
+    try:
+        v = check_int(name, value)
+    except InputError:
+        raise InputError(expected + repr(value)) from None
+    if not background_margin_fits(v, size):
         raise InputError(expected + str(v))
     return v
 

@@ -92,6 +92,9 @@ class ExplorerWidget(QWidget):
         f.slice_check.toggled.connect(lambda _b: self.validate())
         f.new_seed_btn.changed.connect(self.new_seed)
         f.gen.changed.connect(lambda _v: self.validate())
+        # magicgui does not report a menu's return to "model default" (value None) as a change
+        for combo in (f.padding_combo, f.input_padding_combo, f.background_combo):
+            combo.currentIndexChanged.connect(lambda _i: self.validate())
 
     def _connect_viewer(self):
         ev = self.viewer.layers.events
@@ -162,7 +165,8 @@ class ExplorerWidget(QWidget):
         if model is not None:
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
-            self.form.set_model_padding(cfg.compose_padding, cfg.input_padding)
+            self.form.set_model_padding(cfg.compose_padding, cfg.input_padding,
+                                        "off" if cfg.background_margin is None else cfg.background_margin)
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)
@@ -246,6 +250,7 @@ class ExplorerWidget(QWidget):
                                threads=f.threads_spin.value() if model.device.type == "cpu" else None,
                                fold_guard=params["fold_guard"], compose_padding=params.get("compose_padding"),
                                input_padding=params.get("input_padding"),
+                               background_margin=params.get("background_margin"),
                                _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))

@@ -11,7 +11,7 @@ a "Browse..." entry that opens a file dialog and adds the chosen checkpoint to t
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
 from qtpy.QtCore import Qt
@@ -31,12 +31,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.config import COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
+from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
 __all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT",
-           "INPUT_PADDINGS", "INPUT_PADDING_TIP"]
+           "INPUT_PADDINGS", "INPUT_PADDING_TIP", "BACKGROUND_MARGINS", "BACKGROUND_MARGIN_TIP", "background_choices"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
@@ -52,10 +52,24 @@ INPUT_PADDING_TIP = ("Pixels of mirrored image around the network's input at eve
                      "cropped back); 0 = the authors' behaviour. A multiple of 4 below S/2. model default: the "
                      "model's own (the bundled cmr2d: 8).")
 
+#: the background margin menu's values after "model default" ("off", then pixels below S/2)
+BACKGROUND_MARGINS = (BACKGROUND_OFF, 0, 2, 4, 8, 16)
+#: the background margin menu's tooltip (the explorer's and the export dock's)
+BACKGROUND_MARGIN_TIP = ("Pixels kept around the anatomy. Farther out, where the image shows nothing the network "
+                         "could recover, the field is replaced by the smooth (harmonic) extension of the field "
+                         "around it: fewer folds in empty background, the anatomy unchanged. off = the authors' "
+                         "behaviour. model default: the model's own (drdm weights lists it).")
+
+
+def background_choices():
+    """The background margin menu: (text, value) pairs, "model default" (None) first."""
+    return [(MODEL_DEFAULT, None), *((str(v), v) for v in BACKGROUND_MARGINS)]
+
+
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
 CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
             "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
-            "schedule_combo", "padding_combo", "input_padding_combo", "k_spin", "budget_spin", "guard_check",
+            "schedule_combo", "padding_combo", "input_padding_combo", "background_combo", "k_spin", "budget_spin", "guard_check",
             "reason_label", "plan_label", "run_btn",
             "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
             "follow_check", "readout", "plot")
@@ -197,6 +211,8 @@ class ExplorerForm(QWidget):
             ComboBox(name="input_padding", label="Input padding (px)", value=None,
                      choices=[(MODEL_DEFAULT, None), *((str(v), v) for v in INPUT_PADDINGS)],
                      tooltip=INPUT_PADDING_TIP),
+            ComboBox(name="background_margin", label="Background margin (px)", value=None,
+                     choices=background_choices(), tooltip=BACKGROUND_MARGIN_TIP),
             SpinBox(name="k", label="K", min=1, max=10, value=2,
                     tooltip="K: internal recursions of the network per reverse step."),
             SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
@@ -218,26 +234,33 @@ class ExplorerForm(QWidget):
         self.schedule_combo = self.gen.schedule.native
         self.padding_combo = self.gen.compose_padding.native
         self.input_padding_combo = self.gen.input_padding.native
+        self.background_combo = self.gen.background_margin.native
         self.k_spin = self.gen.k.native
         self.budget_spin = self.gen.budget_mib.native
         self.guard_check = self.gen.fold_guard.native
         return box
 
-    def set_model_padding(self, model_padding: Optional[str], input_padding: Optional[int] = None) -> None:
-        """Name the loaded model's own composition and input padding in the menus' first entries
-        ("model default (border)", "model default (8)"); the choices made stay.
+    def set_model_padding(self, model_padding: Optional[str], input_padding: Optional[int] = None,
+                          background_margin: Union[None, int, str] = None) -> None:
+        """Name the loaded model's own composition padding, input padding and background margin in the
+        menus' first entries ("model default (border)", "model default (8)", "model default (off)");
+        the choices made stay.
 
         Args:
             model_padding: the loaded model's ``config.compose_padding``, or None (no model).
             input_padding: the loaded model's ``config.input_padding`` (pixels), or None (no model).
+            background_margin: the loaded model's ``config.background_margin`` (pixels) or "off"; None:
+                no model.
         """
         self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
         self.input_padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({input_padding})" if input_padding is not None
                                                                   else ""))
+        self.background_combo.setItemText(0, MODEL_DEFAULT + (f" ({background_margin})" if background_margin is not None
+                                                               else ""))
 
     def generation(self) -> Dict[str, Any]:
-        """t_prime, seed, schedule, compose_padding and input_padding (None: the model's), k, budget_mib
-        and fold_guard as set in the form."""
+        """t_prime, seed, schedule, compose_padding, input_padding and background_margin (None: the
+        model's), k, budget_mib and fold_guard as set in the form."""
         vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
         vals["seed"] = self._seed.value
         return vals

@@ -172,7 +172,8 @@ class RunLayers:
         md = {"drdm_run": run.id, "drdm": dict(run.params, model=run.model, metrics=res.metrics,
                                                forward_metrics=res.forward_metrics,
                                                compose_padding=res.compose_padding,    # the ones used
-                                               input_padding=res.input_padding),
+                                               input_padding=res.input_padding,
+                                               background_margin=res.background_margin),
               "spacing": run.inputs.spacing}
         if run.out_affine is not None:
             md["affine"] = run.out_affine

@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.config import Schedule
+from ..core.config import BACKGROUND_OFF, Schedule
 from ..errors import InputError
-from ..validate import check_input_padding_option
+from ..validate import check_background_margin_option, check_input_padding_option
 from ._inputs import Inputs, output_geometry, read_inputs
 from ._layers import FramePlan, label_dtype, plan_frames
 
@@ -47,11 +47,11 @@ class RunRequest:
 def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, Any]:
     """The generation's arguments: the form's options without the frame budget, the model's device,
     and a ``variant`` naming what departs from the model's defaults (e.g. "paper K2 zeros-padding guard").
-    InputError (one line) when the input padding does not suit the model (a multiple of 4 below S/2).
+    InputError (one line) when the input padding or background margin does not suit the model (below S/2).
 
     Args:
         generation: the form's generation options (t_prime, seed, schedule, compose_padding,
-            input_padding, k, budget_mib, fold_guard).
+            input_padding, background_margin, k, budget_mib, fold_guard).
         config: the model's :class:`~napari_drdm.core.config.DRDMConfig`.
         device: the model's device.
     """
@@ -67,6 +67,9 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     pad_in = check_input_padding_option(p.get("input_padding"), config.size, "Input padding")
     if pad_in is not None and pad_in != config.input_padding:
         variant.append(f"{pad_in}px-input-padding")
+    margin = check_background_margin_option(p.get("background_margin"), config.size, "Background margin")
+    if margin is not None and margin != (BACKGROUND_OFF if config.background_margin is None else config.background_margin):
+        variant.append("no-background-extension" if margin == BACKGROUND_OFF else f"{margin}px-background-margin")
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

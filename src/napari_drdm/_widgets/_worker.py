@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -83,7 +83,8 @@ def default_threads() -> int:
 def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float], t_prime: int,
             seed: int, schedule: str, k: int, store: FrameStore, threads: Optional[int] = None,
             fold_guard: bool = False, compose_padding: Optional[str] = None,
-            input_padding: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+            input_padding: Optional[int] = None,
+            background_margin: Union[None, int, str] = None) -> Iterator[Dict[str, Any]]:
     """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult.
 
     ``threads``: torch CPU threads for this (worker) thread; None leaves torch's setting alone.
@@ -92,6 +93,8 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     ``compose_padding``: "border" or "zeros"; None: the model's own.
     ``input_padding``: pixels of mirrored image around the network's input at every reverse step;
     None: the model's own.
+    ``background_margin``: pixels kept around the anatomy (the field beyond extended smoothly;
+    the last recovery frame carries it), or "off"; None: the model's own.
     """
     import torch
 
@@ -104,7 +107,8 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     t0 = time.perf_counter()
     gen = Returning(model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                         spacing=spacing, frames=True, render=True, fold_guard=fold_guard,
-                                        compose_padding=compose_padding, input_padding=input_padding))
+                                        compose_padding=compose_padding, input_padding=input_padding,
+                                        background_margin=background_margin))
     grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
     lattice = vector_lattice(shape)
     n_forward = store.plan.n_forward

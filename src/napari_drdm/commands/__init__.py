@@ -6,6 +6,7 @@ from ..validate import (
     COMPOSE_PADDINGS,
     LABEL_INTERPS,
     arg_type,
+    check_background_margin_option,
     check_device,
     check_input_padding_option,
     check_k,
@@ -77,6 +78,24 @@ def checked_input_padding(args, model):
     """``--input-padding`` checked against the loaded model's side (one line naming the option), or
     None when not given (the model's own)."""
     return check_input_padding_option(getattr(args, "input_padding", None), model.size, "--input-padding")
+
+
+def background_margin_arg(p):
+    """--background-margin PX|off, checked while parsing (the bound S/2 once the model is loaded:
+    :func:`checked_background_margin`); default None, the model's own."""
+    p.add_argument("--background-margin", type=arg_type(check_background_margin_option, "--background-margin"),
+                   default=None, metavar="PX|off",
+                   help="pixels kept around the anatomy; farther out the recovered field is replaced by the smooth "
+                        "(harmonic) extension of the field around it, where the image shows nothing for the network "
+                        "to recover; 'off' keeps the loop's field as it is, the authors' behaviour (default: the "
+                        "model's; drdm weights lists each model's)")
+
+
+def checked_background_margin(args, model):
+    """``--background-margin`` checked against the loaded model's side (one line naming the option):
+    None when not given (the model's own), "off", or pixels."""
+    return check_background_margin_option(getattr(args, "background_margin", None), model.size,
+                                          "--background-margin")
 
 
 def label_interp_arg(p):

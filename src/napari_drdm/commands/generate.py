@@ -9,6 +9,8 @@ from ..validate import arg_type, check_int, check_positive
 from . import (
     add_fold_guard_arg,
     add_model_args,
+    background_margin_arg,
+    checked_background_margin,
     checked_input_padding,
     compose_padding_arg,
     input_padding_arg,
@@ -31,6 +33,7 @@ def add_parser(sub):
     schedule_arg(p)
     compose_padding_arg(p)
     input_padding_arg(p)
+    background_margin_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
     label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
@@ -72,6 +75,7 @@ def run(args) -> int:
         model = load_from_args(args, ndim=data.ndim if data.ndim in (2, 3) else 2)
         check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
         input_padding = checked_input_padding(args, model)
+        margin = checked_background_margin(args, model)
         labels = None
         if lab_vol is not None:
             labels = lab_vol.data
@@ -90,7 +94,7 @@ def run(args) -> int:
         res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
                              k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
                              fold_guard=args.fold_guard, compose_padding=args.compose_padding,
-                             input_padding=input_padding)
+                             input_padding=input_padding, background_margin=margin)
         secs = time.perf_counter() - t0
         affine = field_affine(res.ddf)             # the written field's global affine part
         vol.spacing = tuple(vol.spacing[: data.ndim])
@@ -99,6 +103,8 @@ def run(args) -> int:
                  "weights": model.name, "weights_sha256": model.sha256, "device": str(model.device),
                  "seconds": round(secs, 3), "model_size": model.size, "fold_guard": res.guard,
                  "input_padding": res.input_padding,                 # the one used
+                 "background_margin": res.background_margin,         # the one used (None: off)
+                 "background_replaced_pct": round(res.background_replaced_pct, 3),
                  "affine": {k: round(float(v), 4) for k, v in affine.items()},
                  "label_values": sorted(int(v) for v in np.unique(res.labels)) if res.labels is not None else None}
         paths = write_result(args.out, stem, res, vol, lab_vol, overwrite=args.overwrite,
@@ -106,6 +112,9 @@ def run(args) -> int:
     m = res.metrics
     pad_in = (f" input_padding={res.input_padding}px"
               if res.input_padding or res.input_padding != model.config.input_padding else "")
+    if res.background_margin is not None or model.config.background_margin is not None:
+        pad_in += (f" background_margin={res.background_margin}px ({res.background_replaced_pct:.1f} % extended)"
+                   if res.background_margin is not None else " background_margin=off")
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")

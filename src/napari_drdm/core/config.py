@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import InputError
 
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
-           "check_input_padding"]
+           "check_input_padding", "check_background_margin", "BACKGROUND_OFF"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
 T = 80
@@ -85,6 +85,35 @@ def check_input_padding(value, size: int) -> int:
     return v
 
 
+#: the value that turns the background extension off where None means "the model's own" (an
+#: inference option); in a configuration, off is None
+BACKGROUND_OFF = "off"
+
+
+def background_margin_fits(value: int, size: Optional[int] = None) -> bool:
+    """The rule of ``background_margin``: >= 0 and, when the model's side ``size`` is known, below S / 2."""
+    return value >= 0 and (not size or value < size // 2)
+
+
+def check_background_margin(value, size: int) -> Optional[int]:
+    """A valid ``background_margin`` for a model of side ``size``: None (off: the reverse loop's field
+    is returned as it is, the reference's behaviour) or a whole number of pixels from 0 to below S / 2
+    (core/background.py: the field farther than that from anything bright is replaced by the
+    harmonic extension of the field around it).
+
+    Raises:
+        InputError: (a ValueError) one line naming the value and what was expected.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise InputError(f"background_margin must be None (off) or a whole number of pixels, got {value!r}")
+    v = int(value)
+    if not background_margin_fits(v, size):
+        raise InputError(f"background_margin must be None (off) or from 0 to below S/2 = {size // 2} pixels, got {v}")
+    return v
+
+
 @dataclass
 class DRDMConfig:
     """Everything needed to rebuild a model and reproduce its generations.
@@ -115,6 +144,7 @@ class DRDMConfig:
     image_interp: str = "cubic"             # image fed to the network each step: cubic (2D) / linear (3D)
     schedule: str = DEFAULT_SCHEDULE.value  # default loop: 'reference' (all T steps) or 'paper' (T' steps)
     input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
+    background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond is extended (None: off)
     extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
 
     def __post_init__(self):
@@ -128,6 +158,7 @@ class DRDMConfig:
             self.image_interp = "linear"
         self.schedule = Schedule.parse(self.schedule).value
         self.input_padding = check_input_padding(self.input_padding, self.size)
+        self.background_margin = check_background_margin(self.background_margin, self.size)
 
     @classmethod
     def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":

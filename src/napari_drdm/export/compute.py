@@ -51,7 +51,8 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
     key = members[0][1].key
     phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k,
                                          fold_guard=opts.fold_guard, compose_padding=opts.compose_padding,
-                                         input_padding=opts.input_padding)
+                                         input_padding=opts.input_padding,
+                                         background_margin=opts.background_margin)
     outs = []
     for b, (ls, _job) in enumerate(members):
         ddf = ls.grid.field_to_original(phi_m[b:b + 1], opts.fold_guard)
@@ -69,7 +70,8 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
         phi_s, _ = model.generate_model_grid(xs, key[1], [j.seeds[1] for _, j in members],
                                              schedule=opts.schedule, k=opts.k, fold_guard=opts.fold_guard,
                                              compose_padding=opts.compose_padding,
-                                             input_padding=opts.input_padding)
+                                             input_padding=opts.input_padding,
+                                         background_margin=opts.background_margin)
         for b, (o, (ls, _job)) in enumerate(zip(outs, members)):
             syn = ls.grid.field_to_original(phi_s[b:b + 1], opts.fold_guard)
             total = compose(syn, o.pop("phi_aug"), "border")

@@ -18,10 +18,11 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ..core.config import BACKGROUND_OFF
 from ..core.generators import Returning
 from ..errors import InputError, OutputError
 from ..memory import available_memory
@@ -52,6 +53,7 @@ class ExportOptions:
     schedule: Optional[str] = None        # None: the model's default
     compose_padding: Optional[str] = None  # reverse-loop composition, "border" or "zeros"; None: the model's
     input_padding: Optional[int] = None    # px of mirrored image around the network's input; None: the model's
+    background_margin: Union[None, int, str] = None  # px kept around the anatomy, or "off"; None: the model's
     k: Optional[int] = None
     batch: int = 4
     inverse: bool = False
@@ -72,6 +74,7 @@ class ExportOptions:
     def validate(self) -> "ExportOptions":
         """Check every option (one line naming it and what was expected); returns self."""
         from ..validate import (
+            check_background_margin_option,
             check_bool,
             check_choice,
             check_compose_padding,
@@ -96,6 +99,7 @@ class ExportOptions:
         check_schedule(self.schedule)
         check_compose_padding(self.compose_padding)
         self.input_padding = check_input_padding_option(self.input_padding)   # S/2: per model, see check_model_options
+        self.background_margin = check_background_margin_option(self.background_margin)
         check_label_interp(self.label_interp)
         self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
         self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
@@ -116,10 +120,22 @@ class ExportOptions:
 
 
 def check_model_options(model, opts: ExportOptions) -> None:
-    """The options a model's side S bounds (``input_padding`` < S/2): InputError, one line naming
-    the option, when ``model`` cannot use them."""
-    from ..validate import check_input_padding_option
+    """The options a model's side S bounds (``input_padding`` and ``background_margin`` < S/2):
+    InputError, one line naming the option, when ``model`` cannot use them."""
+    from ..validate import check_background_margin_option, check_input_padding_option
     check_input_padding_option(opts.input_padding, model.size, "--input-padding")
+    check_background_margin_option(opts.background_margin, model.size, "--background-margin")
+
+
+def _off(margin: Optional[int]):
+    """A resolved background margin as recorded: pixels, or "off" for none."""
+    return BACKGROUND_OFF if margin is None else int(margin)
+
+
+def _margin_used(model, opts: ExportOptions):
+    """The background margin a row was made with: pixels, or "off"."""
+    from ..model import resolve_background_margin
+    return _off(resolve_background_margin(opts.background_margin, model.config))
 
 
 @dataclass
@@ -147,6 +163,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
            "compose_padding": opts.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if opts.input_padding is None else int(opts.input_padding),
+           "background_margin": _margin_used(model, opts),
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
@@ -240,7 +257,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     mode = opts.mode
     i_shard, n_shard = opts.shard
     provider = ModelProvider(opts.weights, opts.device, opts.size, model)
-    if opts.input_padding is not None and (model is not None or opts.weights):
+    if (opts.input_padding is not None or opts.background_margin is not None) and (model is not None or opts.weights):
         check_model_options(provider.get(0), opts)     # one model for every input: refused before any work
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")
@@ -257,7 +274,8 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     settings["version"] = __version__
     if model is not None or opts.weights:      # one model for every input: its own settings resolve "None"
         own = provider.get(0).config
-        settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding)}
+        settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding),
+                                      "background_margin": _off(own.background_margin)}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

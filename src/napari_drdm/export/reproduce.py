@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.config import COMPOSE_PADDINGS
+from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS
 from ..errors import InputError
 from ..output_lock import OutputLock
 from ..paths import check_output_dir
@@ -53,9 +53,12 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     padding = row.get("compose_padding")
     pad_in = row.get("input_padding")
     pad_in = pad_in if isinstance(pad_in, int) and not isinstance(pad_in, bool) else None
+    # the background margin: rows written before it existed had none
+    margin = row.get("background_margin")
+    margin = margin if isinstance(margin, int) and not isinstance(margin, bool) else BACKGROUND_OFF
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
                          compose_padding=padding if padding in COMPOSE_PADDINGS else None,
-                         input_padding=pad_in, k=row["k"],
+                         input_padding=pad_in, background_margin=margin, k=row["k"],
                          label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
                          per_image=1, device=device, fold_guard=bool(row.get("fold_guard", False)))
