@@ -553,8 +553,8 @@ def test_convert_upstream_compose_padding(tmp_path, capsys):
     assert c_b.replace(compose_padding="zeros").to_dict() == c_z.to_dict()
     assert p_b["compose_padding"] == "border" and p_b["authors_compose_padding"] == "zeros"
     assert "weights_table_t45_cmr2d_border.json" in p_b["compose_padding_change"]
-    assert "2 inference settings changed" in p_b["change"]                 # and the input padding
-    assert "compose_padding_change" not in p_z and "one inference setting changed" in p_z["change"]
+    assert "3 inference settings changed" in p_b["change"]      # and the input padding, the background margin
+    assert "compose_padding_change" not in p_z and "2 inference settings changed" in p_z["change"]
     assert "composition padding" not in p_z["change"]
     bundled, _ = resolve_weights("cmr2d")
     s_c, c_c, p_c = read_checkpoint(bundled)
@@ -578,19 +578,95 @@ def test_convert_upstream_input_padding(tmp_path, capsys):
     pth = ref_path("upstream_cmr2d.pth")
     convert_upstream(pth, tmp_path / "default.safetensors")
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "none.safetensors"),
-                          "--input-padding", "0", "--compose-padding", "zeros"]) == 0
+                          "--input-padding", "0", "--compose-padding", "zeros", "--background-margin", "off"]) == 0
     assert "input padding 0 px" in capsys.readouterr().out
     _, c_d, p_d = read_checkpoint(tmp_path / "default.safetensors")
     _, c_0, p_0 = read_checkpoint(tmp_path / "none.safetensors")
     assert (c_d.input_padding, c_0.input_padding) == (8, 0)
     assert "weights_table_t45_cmr2d_pad8.json" in p_d["input_padding_change"]
-    assert "2 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
+    assert "3 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
     assert "input_padding_change" not in p_0 and "inference setting" not in p_0["change"]
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
                           "--input-padding", "6"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --input-padding: input_padding must be a multiple of 4") and err.count("\n") == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_upstream_background_margin(tmp_path, capsys):
+    """The converter stores a background margin of 8 px by default, recorded in the provenance as a
+    change from the authors' behaviour; ``--background-margin off`` writes theirs; a bad value is
+    one line and writes nothing."""
+    from conftest import ref_path
+
+    from training.__main__ import main as training_main
+    from training.convert_upstream import convert_upstream
+    pth = ref_path("upstream_cmr2d.pth")
+    convert_upstream(pth, tmp_path / "default.safetensors")
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "off.safetensors"),
+                          "--background-margin", "off"]) == 0
+    assert "background margin off" in capsys.readouterr().out
+    s_d, c_d, p_d = read_checkpoint(tmp_path / "default.safetensors")
+    s_o, c_o, p_o = read_checkpoint(tmp_path / "off.safetensors")
+    assert (c_d.background_margin, c_o.background_margin) == (8, None)
+    assert (p_d["background_margin"], p_d["authors_background_margin"]) == (8, None)
+    assert "background_extension.json" in p_d["background_margin_change"]
+    assert "background_margin_change" not in p_o and "2 inference settings changed" in p_o["change"]
+    assert all(torch.equal(s_d[k], s_o[k]) for k in s_d)
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
+                          "--background-margin", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --background-margin: expected 'off' or a whole number of pixels") and \
+        err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_set_inference_changes_settings_not_the_network(tmp_path, tiny_checkpoint, capsys):
+    """set-inference: a file is written to --out with the new settings and an ``inference_changes``
+    record; a bundled name is changed in place with its registry entry; bad requests are one line."""
+    import json
+    import shutil
+
+    from training.__main__ import main as training_main
+    src = tiny_checkpoint(2, 32, name="m")
+    out = tmp_path / "m2.safetensors"
+    assert training_main(["set-inference", "--weights", src, "--out", str(out), "--background-margin", "4",
+                          "--input-padding", "8", "--measured", "a test"]) == 0
+    assert "background_margin off -> 4" in capsys.readouterr().out
+    s0, c0, _ = read_checkpoint(src)
+    s1, c1, p1 = read_checkpoint(out)
+    assert (c1.background_margin, c1.input_padding) == (4, 8) and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert c1.replace(background_margin=None, input_padding=0).to_dict() == c0.to_dict()
+    assert [(r["setting"], r["from"], r["to"], r["measured"]) for r in p1["inference_changes"]] == \
+        [("input_padding", 0, 8, "a test"), ("background_margin", None, 4, "a test")] or \
+        [(r["setting"], r["from"], r["to"], r["measured"]) for r in p1["inference_changes"]] == \
+        [("background_margin", None, 4, "a test"), ("input_padding", 0, 8, "a test")]
+    # refusals: an existing --out, nothing to change, a bad value, no measurement
+    for argv, msg in (([src, "--out", str(out), "--background-margin", "2"], "exists; pass --overwrite"),
+                      ([str(out), "--out", str(tmp_path / "n.safetensors"), "--background-margin", "4"], "already has"),
+                      ([src, "--out", str(tmp_path / "b.safetensors"), "--background-margin", "16"], "below S/2 = 16"),
+                      ([src, "--out", str(tmp_path / "c.safetensors"), "--background-margin", "2", "--measured", " "],
+                       "--measured")):
+        extra = [] if "--measured" in argv else ["--measured", "x"]
+        assert training_main(["set-inference", "--weights", *argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
+    # a bundled name: in place, the registry follows
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    shutil.copyfile(src, wdir / "m.safetensors")
+    (wdir / "registry.json").write_text(json.dumps({"m": {"file": "m.safetensors", "sha256": "old", "ndim": 2,
+                                                          "size": 32, "aliases": ["mm"], "provenance": {}}}))
+    assert training_main(["set-inference", "--weights", "mm", "--background-margin", "2", "--measured", "why",
+                          "--weights-dir", str(wdir)]) == 0
+    entry = json.loads((wdir / "registry.json").read_text())["m"]
+    from napari_drdm.checkpoint import file_sha256
+    assert entry["sha256"] == file_sha256(wdir / "m.safetensors") and entry["provenance"]["background_margin"] == "2 (why)"
+    assert read_checkpoint(wdir / "m.safetensors")[1].background_margin == 2
+    assert training_main(["set-inference", "--weights", "m", "--out", str(tmp_path / "z.safetensors"),
+                          "--background-margin", "off", "--measured", "x", "--weights-dir", str(wdir)]) == 2
+    assert "changed in place" in capsys.readouterr().err
 
 
 def test_inflated_2d_weights_reproduce_the_2d_network_on_depth_constant_volumes():

@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bundle", help="register an exported model as bundled weights of the plugin")
     _bundle.add_arguments(p)
     p.set_defaults(func=_bundle.run)
+    from . import set_inference as _set_inference
+    p = sub.add_parser("set-inference", help="change a weights file's inference settings (background margin, "
+                                             "input or composition padding), keeping its network")
+    _set_inference.add_arguments(p)
+    p.set_defaults(func=_set_inference.run)
     p = sub.add_parser("validate", help="run a run's validation on its checkpoint or on other weights")
     p.add_argument("--run", required=True, help="run directory (its config.yaml gives the images and settings)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint of the run (default: the latest)")

@@ -1,0 +1,135 @@
+"""Change a weights file's inference settings, keeping its network, and record why.
+
+``python -m training set-inference --weights brain3d --background-margin 2 --measured "..."``
+
+The settings a model carries that only change how generation runs, not the network: the reverse
+loop's composition padding, the mirrored frame around the network's input, and the background
+margin (core/background.py).  The weights are strict-loaded into their own configuration with the
+new values first; the file's provenance gets one ``inference_changes`` entry per changed setting
+(from, to, and the measurement that chose it).  A bundled name (``drdm weights``) is changed in
+place and its ``registry.json`` entry follows (sha256, and the setting in its provenance); a file
+is written to ``--out`` (an existing one only with ``--overwrite``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .data import ensure_core
+
+ensure_core()
+
+from napari_drdm.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
+from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS  # noqa: E402
+from napari_drdm.io import atomic_write  # noqa: E402
+from napari_drdm.validate import check_background_margin_option, check_input_padding_option  # noqa: E402
+
+__all__ = ["INFERENCE_SETTINGS", "set_inference"]
+
+#: the configuration fields this command may change (none of them changes the network)
+INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin")
+
+
+def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, overwrite: bool = False,
+                  weights_dir: Optional[Path] = None, log=print) -> Dict[str, Any]:
+    """Write ``weights`` with the inference settings in ``changes``; returns {"path", "sha256", "changed"}.
+
+    Args:
+        weights: a ``.safetensors`` file, or a bundled name (changed in place, registry included).
+        changes: setting -> new value, settings from :data:`INFERENCE_SETTINGS`
+            (``background_margin``: pixels, or None / "off" for none).
+        measured: what chose the new values (a benchmark and its figures), kept in the provenance.
+        out: where to write a file's new version (required for a file, refused for a bundled name).
+        overwrite: replace an existing ``out``.
+        weights_dir: the bundled-weights folder (default: the package's).
+
+    Raises:
+        ValueError: an unknown setting, a bad value, a missing ``measured``, or nothing to change.
+        FileNotFoundError / FileExistsError: the input is missing, or ``out`` exists.
+    """
+    from napari_drdm.weights import WEIGHTS_DIR
+
+    from .export import check_loadable
+    unknown = sorted(set(changes) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ValueError(f"{unknown}: not inference settings; the command changes {list(INFERENCE_SETTINGS)}")
+    if not changes:
+        raise ValueError("nothing to change: give --background-margin, --input-padding or --compose-padding")
+    if not str(measured or "").strip():
+        raise ValueError("--measured: say which measurement chose the new values (it is kept in the file)")
+    wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    reg_file = wdir / "registry.json"
+    reg = json.loads(reg_file.read_text()) if reg_file.exists() else {}
+    name = next((n for n, e in reg.items() if weights in (n, *e.get("aliases", []))), None)
+    if name is not None:
+        if out is not None:
+            raise ValueError(f"{weights!r} is bundled: it is changed in place (no --out)")
+        src = dest = wdir / reg[name]["file"]
+    else:
+        src = Path(weights)
+        if not src.is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such file or bundled name")
+        if out is None:
+            raise ValueError("--out: where to write the new file (only a bundled name is changed in place)")
+        dest = Path(out)
+        if dest.exists() and not overwrite:
+            raise FileExistsError(f"--out {dest} exists; pass --overwrite to replace it")
+    state, cfg, prov = read_checkpoint(src)
+    new = dict(changes)
+    if "background_margin" in new:
+        v = check_background_margin_option(new["background_margin"], cfg.size, "--background-margin")
+        new["background_margin"] = None if v in (None, BACKGROUND_OFF) else v
+    if "input_padding" in new:
+        new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
+    if "compose_padding" in new and new["compose_padding"] not in COMPOSE_PADDINGS:
+        raise ValueError(f"--compose-padding: expected one of {list(COMPOSE_PADDINGS)}, got {new['compose_padding']!r}")
+    changed = {k: (getattr(cfg, k), v) for k, v in new.items() if getattr(cfg, k) != v}
+    if not changed:
+        raise ValueError(f"{weights}: already has " + ", ".join(f"{k}={v}" for k, v in new.items()))
+    cfg = cfg.replace(**{k: v for k, (_, v) in changed.items()})
+    record = list(prov.get("inference_changes") or [])
+    record += [{"setting": k, "from": a, "to": b, "measured": measured.strip(),
+                "by": "napari-drdm training/set_inference.py"} for k, (a, b) in changed.items()]
+    prov = dict(prov, inference_changes=record)
+    sha = write_checkpoint(dest, state, cfg, prov, overwrite=True)
+    try:
+        check_loadable(dest)
+    except RuntimeError as e:            # cannot happen for the fields above; kept as the bundle's guard
+        raise ValueError(f"{dest}: the weights no longer load: {str(e).splitlines()[0]}") from None
+    if name is not None:
+        entry = reg[name]
+        entry["sha256"] = sha
+        entry.setdefault("provenance", {})
+        for k, (_a, b) in changed.items():
+            entry["provenance"][k] = f"{'off' if b is None else b} ({measured.strip()})"
+        text = json.dumps(reg, indent=2) + "\n"
+        atomic_write(reg_file, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    log(f"wrote {dest} (sha256 {sha[:12]}): " + ", ".join(
+        f"{k} {'off' if a is None else a} -> {'off' if b is None else b}" for k, (a, b) in changed.items())
+        + (f"; registry entry {name!r} updated" if name else ""))
+    return {"path": str(dest), "sha256": sha, "changed": changed}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--weights", required=True, help="a .safetensors file, or a bundled name (changed in place)")
+    p.add_argument("--out", default=None, help="the new file (for a file; a bundled name is changed in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--background-margin", default=None, metavar="PX|off",
+                   help="pixels kept around the anatomy before the field is extended, or off")
+    p.add_argument("--input-padding", default=None, metavar="PX", help="mirrored frame around the network's input")
+    p.add_argument("--compose-padding", default=None, choices=COMPOSE_PADDINGS, help="reverse-loop composition padding")
+    p.add_argument("--measured", required=True, help="the measurement that chose the values (kept in the file)")
+    p.add_argument("--weights-dir", default=None, help="the folder with registry.json (default: the package's)")
+
+
+def run(args) -> int:
+    changes = {k: getattr(args, k) for k in INFERENCE_SETTINGS if getattr(args, k) is not None}
+    try:
+        set_inference(args.weights, changes, args.measured, args.out, args.overwrite,
+                      Path(args.weights_dir) if args.weights_dir else None)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
