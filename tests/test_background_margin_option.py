@@ -199,3 +199,19 @@ def test_transform_background_margin(bg4):
         DRDMTransform(bg4, background_margin=-3)
     with pytest.raises(InputError, match=r"S/2 = 16"):                    # a model given: its side bounds it
         DRDMTransform(load_model(bg4, device="cpu"), background_margin=16)
+
+
+def test_3d_model_extends_its_background(tiny_checkpoint):
+    """A 3D model with a margin: the field changes only in the empty background, as in 2D."""
+    ckpt = tiny_checkpoint(3, 16, name="bg3d", background_margin=2)
+    model = load_model(ckpt, device="cpu")
+    zz, yy, xx = np.mgrid[:16, :16, :16]
+    vol = (((zz - 8) ** 2 + (yy - 8) ** 2 + (xx - 8) ** 2) < 16).astype(np.float32) * 50.0
+    x = model.prepare(vol)[1]
+    report = {}
+    own, _ = model.generate_model_grid(x, 2, [1], schedule="paper", background_report=report)
+    off, _ = model.generate_model_grid(x, 2, [1], schedule="paper", background_margin="off")
+    expected, free = extend_into_background(off, x, 2, image_interp=model.config.image_interp)
+    torch.testing.assert_close(own, expected)
+    assert 0 < report["replaced_pct"][0] < 100 and bool(free.any())
+    assert float((own - off).abs()[~free.expand_as(off)].max()) == 0.0
