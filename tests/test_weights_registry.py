@@ -46,6 +46,12 @@ def test_weights_command_marks_the_defaults(capsys):
         assert f"[default {nd}D]" in line
     assert sum("[default" in ln for ln in out.splitlines()) == 2
     assert any(e["name"] == "cmr2d" and e["default"] for e in list_weights())
+    # each model's generation settings, read from its file: cmr2d's three changed ones among them
+    assert sum(ln.startswith("    generates with: ") for ln in out.splitlines()) == len(registry())
+    cmr = next(e for e in list_weights() if e["name"] == "cmr2d")
+    assert cmr["inference"] == {"schedule": "reference", "k_recursions": 2, "compose_padding": "border",
+                                "input_padding": 8, "background_margin": 8}
+    assert "composition padding border, input padding 8 px, background margin 8 px" in out
 
 
 def test_cmr2d_is_the_published_network_with_licence_and_provenance():
@@ -332,8 +338,10 @@ def test_user_weights_folders_from_drdm_weights_dir(tmp_path, monkeypatch, tiny_
     assert [(e["name"], e["path"]) for e in user] == [("mine", mine), ("cmr2d", str(b / "cmr2d.safetensors")),
                                                       ("theirs", theirs)]
     assert main(["weights"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mine "))
+    out = capsys.readouterr().out.splitlines()
+    line = next(ln for ln in out if ln.startswith("mine "))
     assert "user" in line and line.endswith(mine)
+    assert out[out.index(line) + 1].startswith("    generates with: reference loop")   # a user file's too
     with pytest.raises(LookupError, match="unknown weights 'nobody'"):
         resolve_weights("nobody")
 

@@ -27,6 +27,12 @@ def run(args) -> int:
             print(f"    aliases: {', '.join(e['aliases'])}")
         if e.get("description"):
             print(f"    {e['description']}")
+        inf = e.get("inference")
+        if inf:
+            margin = inf["background_margin"]
+            print(f"    generates with: {inf['schedule']} loop, K={inf['k_recursions']}, composition padding "
+                  f"{inf['compose_padding']}, input padding {inf['input_padding']} px, background margin "
+                  + ("off" if margin is None else f"{margin} px"))
         prov = e.get("provenance") or {}
         for key in ("trained_on", "steps", "wall_time_h", "device", "command", "data_sha256"):
             if key in prov:

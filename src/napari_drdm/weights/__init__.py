@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import InputError, WeightsNotFoundError
 
@@ -53,16 +53,36 @@ def default_weights(ndim: int) -> str:
                       f"(see `drdm weights`)")
 
 
+#: the configuration fields that say how a model generates (``drdm weights`` lists them)
+INFERENCE_KEYS = ("schedule", "k_recursions", "compose_padding", "input_padding", "background_margin")
+
+
+def inference_settings(path) -> Optional[Dict[str, object]]:
+    """The generation settings a ``.safetensors`` file stores (:data:`INFERENCE_KEYS`), read from its
+    metadata without loading the tensors; None when the file has none or cannot be read."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        from ..core.config import DRDMConfig
+        cfg = DRDMConfig.from_dict(json.loads(meta["drdm_config"]))
+    except Exception:        # a foreign or damaged file: listed without them (loading it says why)
+        return None
+    return {k: getattr(cfg, k) for k in INFERENCE_KEYS}
+
+
 def list_weights() -> List[dict]:
-    """Bundled and user-folder weights, one dict per model."""
+    """Bundled and user-folder weights, one dict per model (``inference``: the generation settings
+    the file stores, :func:`inference_settings`)."""
     out = []
     for name, entry in registry().items():
-        e = dict(entry, name=name, path=str(WEIGHTS_DIR / entry["file"]), bundled=True,
-                 default=entry.get("default_for_ndim") is not None)
+        path = WEIGHTS_DIR / entry["file"]
+        e = dict(entry, name=name, path=str(path), bundled=True,
+                 default=entry.get("default_for_ndim") is not None, inference=inference_settings(path))
         out.append(e)
     for d in _extra_dirs():
         for p in sorted(d.glob("*.safetensors")):
-            out.append({"name": p.stem, "path": str(p), "bundled": False})
+            out.append({"name": p.stem, "path": str(p), "bundled": False, "inference": inference_settings(p)})
     return out
 
 
