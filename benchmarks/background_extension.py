@@ -5,7 +5,8 @@ the field around it).
 For each model and unseen set of its dimensionality (2D: ``benchmarks/make_eval_sets.py``; 3D: the
 kit's held-out brain and CT volumes, as ``benchmarks/weights_table.py``), generation i uses image i and
 seed i at T' (as ``drdm evaluate`` and ``benchmarks/weights_table.py``, so the "before" figures are
-the weights table's), the model's default loop.  Printed per model, set and (brain) source volume,
+the weights table's with ``--background-margin off``), the model's default loop; "before" is the
+loop's own field whatever margin the model stores, "after" that field extended with ``--margin``.  Printed per model, set and (brain) source volume,
 mean over the generations: folding (whole grid and inside the anatomy), maximum displacement (% of
 the side), the share of the grid replaced, and the largest change of the deformed image (intensity,
 images min-max normalised to [0, 1]).
@@ -65,7 +66,8 @@ def run(models, eval_dir, kit_dir, samples, t_prime, margin, log=print):
                 img_name, arr, spacing = images[i % len(images)]
                 x = model.prepare(arr, spacing)[1]
                 t0 = time.perf_counter()
-                phi, _ = model.generate_model_grid(x, t_prime, seeds=[i])
+                # "before": the loop's own field, whatever margin the model stores
+                phi, _ = model.generate_model_grid(x, t_prime, seeds=[i], background_margin="off")
                 phi = phi.cpu()
                 new, free = extend_into_background(phi, x, margin, image_interp=model.config.image_interp)
                 interp = model.config.image_interp
