@@ -6,10 +6,10 @@ For each model and unseen set of its dimensionality (2D: ``benchmarks/make_eval_
 kit's held-out brain and CT volumes, as ``benchmarks/weights_table.py``), generation i uses image i and
 seed i at T' (as ``drdm evaluate`` and ``benchmarks/weights_table.py``, so the "before" figures are
 the weights table's with ``--background-margin off``), the model's default loop; "before" is the
-loop's own field whatever margin the model stores, "after" that field extended with ``--margin``.  Printed per model, set and (brain) source volume,
-mean over the generations: folding (whole grid and inside the anatomy), maximum displacement (% of
-the side), the share of the grid replaced, and the largest change of the deformed image (intensity,
-images min-max normalised to [0, 1]).
+loop's own field whatever margin the model stores, "after" that field extended with ``--margin``.
+Printed per model, set and (brain) source volume, mean over the generations: folding (whole grid
+and inside the anatomy), maximum displacement (% of the side), the share of the grid replaced, and
+the largest change of the deformed image (intensity, images min-max normalised to [0, 1]).
 
     python benchmarks/background_extension.py --models cmr2d --margin 8 --threads 1 \\
         --json benchmarks/results/background_extension_cmr2d.json
