@@ -145,6 +145,7 @@ def markdown(record) -> str:
     l1, l2, l3 = [head1], [head2], [head3]
     for row in record["rows"]:
         pad = f", input padding {row['input_padding']}" if row.get("input_padding") else ""
+        pad += f", background margin {row['background_margin']}" if row.get("background_margin") is not None else ""
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]
