@@ -89,6 +89,8 @@ def test_python_api_extends_the_final_field_and_its_last_frame(bg4):
     assert own.frames[-1].phase == "recovery"
     np.testing.assert_array_equal(own.frames[-1].ddf, own.ddf)
     assert not np.array_equal(own.frames[-1].ddf, off.frames[-1].ddf)
+    assert own.frames[-1].background == {"margin": 4, "replaced_pct": own.background_replaced_pct}
+    assert all(f.background is None for f in own.frames[:-1] + off.frames)
     # an explicit margin equal to the model's is the model's; a bad one is one line naming it
     np.testing.assert_array_equal(model.generate(img, background_margin=4, **kw).ddf, own.ddf)
     for bad in (16, -1, "none"):

@@ -238,3 +238,19 @@ def test_fold_guard_readout_name_and_done_text():
     assert "Fold guard: 1.500 % of model-grid pixels folded before, 3.250 % changed." in st.done_text(run)
     run.result = SimpleNamespace(guard=None)
     assert "Fold guard" not in st.done_text(run)
+
+
+def test_background_extension_readout_and_done_text():
+    """The last recovery frame says it carries the background extension, the frames before do not;
+    the done status names the margin and the share replaced."""
+    st = ExplorerState()
+    run = _run(st, n_frames=4)
+    run.store.metrics[3].update(background_margin=8, background_replaced_pct=29.84)
+    last = st.readout(run, 3, "")
+    assert "Background beyond 8 px of the anatomy extended smoothly (29.8 % of the field replaced" in last
+    assert "The frames before show the loop's own field." in last
+    assert "Background beyond" not in st.readout(run, 2, "")
+    run.result = SimpleNamespace(guard=None, background_margin=8, background_replaced_pct=29.84)
+    assert "Background beyond 8 px of the anatomy extended smoothly (29.8 %" in st.done_text(run)
+    run.result = SimpleNamespace(guard=None, background_margin=None, background_replaced_pct=0.0)
+    assert "Background beyond" not in st.done_text(run)

@@ -199,6 +199,9 @@ def test_background_margin_option_reaches_the_run(make_napari_viewer, qtbot, tin
         assert run.title == title
         assert viewer.layers[run.layer_name("recovered image")].metadata["drdm"]["background_margin"] == recorded
         ddfs[recorded] = viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"]
+        last = run.store.metrics[run.store.n - 1]                      # the last recovery frame says so
+        assert last.get("background_margin") == recorded and ("Background beyond" in widget.status_label.text()) \
+            == (recorded is not None)
         res = model.generate(img, t_prime=2, seed=5, schedule="paper", spacing=(1.0, 1.0),
                              background_margin="off" if recorded is None else recorded)
         np.testing.assert_allclose(ddfs[recorded], res.ddf, rtol=1e-4, atol=1e-4)

@@ -86,6 +86,7 @@ class Frame:
     labels: Optional[np.ndarray] = None
     metrics: Optional[Dict[str, float]] = None
     guard: Optional[Dict[str, Any]] = None   # fold guard on this frame: pixels folded before / changed
+    background: Optional[Dict[str, Any]] = None  # the background extension (last recovery frame): margin, % replaced
 
 
 @dataclass
@@ -235,7 +236,7 @@ class DRDM:
         if not frames:
             psi = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False).forward_ddf
 
-        def make_frame(phase, idx, total, t, ddf_m):
+        def make_frame(phase, idx, total, t, ddf_m, background=None):
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
@@ -246,7 +247,7 @@ class DRDM:
             met = field_metrics(ddf_m[0], side=self.size) if frame_metrics else None
             return Frame(phase, idx, total, t, ddf[0].cpu().numpy(),
                          img[0, 0].cpu().numpy() if img is not None else None,
-                         labs[0, 0].cpu().numpy() if labs is not None else None, met, ginfo)
+                         labs[0, 0].cpu().numpy() if labs is not None else None, met, ginfo, background)
 
         if frames:          # frames as the forward pass integrates them: the first one comes at once
             fwd_frames = Returning(self.sampler.iter_frames(t_prime, draws))
@@ -270,7 +271,8 @@ class DRDM:
         if margin is not None:
             phi, replaced = _extend_background(phi, x_model, margin, cfg.image_interp)
             if last is not None:
-                yield make_frame("recovery", last.step, last.n_steps, last.t, phi)
+                yield make_frame("recovery", last.step, last.n_steps, last.t, phi,
+                                 {"margin": margin, "replaced_pct": replaced[0]})
         guard_info = None
         if gmode is not None:
             phi, guard_info = hooks.finish(phi, self.size)

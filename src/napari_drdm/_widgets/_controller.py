@@ -22,7 +22,7 @@ from ..core.metrics import affine_text
 from ._inputs import Inputs
 from ._layers import FrameStore
 
-__all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text"]
+__all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text", "background_text"]
 
 GRID_NOTE = "image grid"
 
@@ -36,6 +36,12 @@ def metrics_text(m: dict, shape: Sequence[int]) -> str:
     return (f"displacement max {m['max_disp_pct']:.2f} %, mean {m['mean_disp_pct']:.2f} % of side; "
             f"folding {m['folding_pct']:.3f} % of pixels (min det J {m['min_jacobian']:.3f}) "
             f"[{GRID_NOTE} {grid}]")
+
+
+def background_text(margin: int, replaced_pct: float) -> str:
+    """One sentence on the background extension of a recovered field (README "Units and conventions")."""
+    return (f"Background beyond {margin} px of the anatomy extended smoothly ({replaced_pct:.1f} % of the field "
+            f"replaced; Background margin: off keeps the loop's field).")
 
 
 @dataclass
@@ -216,6 +222,9 @@ class ExplorerState:
         if "guard_folded_px" in m:        # the fold guard corrected this (recovery) frame
             txt += (f"<br>fold guard: {m['guard_folded_px']} px folded before (model grid), "
                     f"{m['guard_changed_px']} px corrected, 0 after")
+        if "background_margin" in m:      # the last recovery frame carries the background extension
+            txt += "<br>" + background_text(m["background_margin"], m["background_replaced_pct"]) + \
+                " The frames before show the loop's own field."
         return txt
 
     # ------------------------------------------------------------------ status lines
@@ -241,6 +250,9 @@ class ExplorerState:
             txt += " Recovered field: " + metrics_text(run.final_metrics, run.store.plan.shape)
         if run.final_affine is not None:
             txt += " " + affine_text(run.final_affine)
+        margin = getattr(run.result, "background_margin", None)
+        if margin is not None:
+            txt += " " + background_text(margin, run.result.background_replaced_pct)
         guard = getattr(run.result, "guard", None)
         if guard:
             txt += (f" Fold guard: {guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before, "

@@ -124,6 +124,9 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
                     "frame": i, "n_total": store.plan.n_total}
             if fr.guard is not None:
                 meta.update(guard_folded_px=fr.guard["folded_px_before"], guard_changed_px=fr.guard["changed_px"])
+            if fr.background is not None:
+                meta.update(background_margin=fr.background["margin"],
+                            background_replaced_pct=fr.background["replaced_pct"])
             store.add(packed, meta)
         i += 1
         store.n_seen = i
