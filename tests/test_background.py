@@ -76,7 +76,19 @@ def test_background_extension_benchmark_reports_before_and_after(tmp_path, tiny_
     assert len(rows) == 6 and {r["set"] for r in rows} == {"brain", "ct", "cardiac"}
     assert all(0 < r["replaced_pct"] < 100 and r["after"]["folding_pct"] <= r["before"]["folding_pct"] + 1e-9
                for r in rows)
-    assert capsys.readouterr().out.count("| tiny |") == 4          # 3 sets + the brain set's one source
+    assert capsys.readouterr().out.count("| tiny |") == 3          # 3 sets (no source record: no per-source rows)
+    # a 3D model: the kit's held-out volumes
+    import nibabel as nib
+    ck3 = tiny_checkpoint(3, 16, name="bg3d")
+    vol = np.zeros((16, 16, 16), np.float32)
+    vol[5:11, 5:11, 5:11] = 1.0 + rng.random((6, 6, 6))
+    for rel in be.SETS_3D.values():
+        (tmp_path / "kit" / rel).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "kit" / rel))
+    assert be.main(["--models", "--extra", f"t3={ck3}", "--kit", str(tmp_path / "kit"), "--samples", "1",
+                    "--t-prime", "1", "--margin", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["set"] for r in rows] == ["brain", "ct"] and all(0 < r["replaced_pct"] < 100 for r in rows)
     for bad in (["--samples", "0"], ["--margin", "-1"]):
         with pytest.raises(SystemExit) as e:
             be.main(["--models", "--eval-dir", str(tmp_path)] + bad)
