@@ -36,6 +36,27 @@ def ref_path(name: str) -> Path:
     return p
 
 
+def one_line(text: str) -> str:
+    """``text`` stripped, asserted to be a single line (what every refusal prints)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def labelled_cases(tmp_path: Path, blob) -> Path:
+    """A folder ``in`` of two 2D NIfTI images with labels (case0, case1: 40 x 36 and 30 x 44,
+    spacing 0.8 x 0.9 mm), made by ``blob(shape, k) -> (image, labels)``; returns the folder."""
+    import nibabel as nib
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, shape in enumerate([(40, 36), (30, 44)]):
+        img, lab = blob(shape, k)
+        aff = np.diag([0.8, 0.9, 1.5, 1.0])
+        nib.save(nib.Nifti1Image(img, aff), str(d / f"case{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, aff), str(d / f"case{k}_label.nii.gz"))
+    return d
+
+
 # A shell that starts a job in the background (`cmd &`, as CI runners and nohup scripts do) makes it
 # ignore SIGINT; the ignore is inherited through exec, and Python then never raises KeyboardInterrupt.
 # The tests that interrupt an export with SIGINT need the default: restore it here, so that this

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_cases, one_line
 
 from napari_drdm.cli import main
 from napari_drdm.core.background import extend_into_background
@@ -34,12 +35,6 @@ def _blob(shape=(32, 32), seed=0):
     return (disc * 100.0 + np.abs(rng.normal(0, 1, shape))).astype(np.float32), disc.astype(np.uint8)
 
 
-def _one_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
-
-
 def test_config_rule_and_option_validator():
     assert check_background_margin(None, 32) is None and check_background_margin(15, 32) == 15
     for bad in (16, -1, 2.5, "4", True):
@@ -55,7 +50,7 @@ def test_config_rule_and_option_validator():
     for bad, size in ((-1, None), ("x", None), (2.5, None), (True, None), (16, 32)):
         with pytest.raises(InputError) as e:
             check_background_margin_option(bad, size)
-        assert _one_line(str(e.value)).startswith("--background-margin: expected 'off' or a whole number of pixels")
+        assert one_line(str(e.value)).startswith("--background-margin: expected 'off' or a whole number of pixels")
     with pytest.raises(InputError, match=r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
         check_background_margin_option(16, 32)
     own = DRDMConfig(size=32, background_margin=4)
@@ -96,7 +91,7 @@ def test_python_api_extends_the_final_field_and_its_last_frame(bg4):
     for bad in (16, -1, "none"):
         with pytest.raises(InputError) as e:
             model.generate(img, t_prime=1, background_margin=bad)
-        assert _one_line(str(e.value)).startswith("background_margin: expected 'off' or a whole number")
+        assert one_line(str(e.value)).startswith("background_margin: expected 'off' or a whole number")
         with pytest.raises(InputError, match="^background_margin: "):
             model.generate_model_grid(x, 1, [0], background_margin=bad)
 
@@ -115,10 +110,10 @@ def test_cli_generate_and_evaluate_record_the_margin_used(tmp_path, bg4, capsys)
     assert side["off"]["background_margin"] is None and side["off"]["background_replaced_pct"] == 0
     with pytest.raises(SystemExit) as e:                      # refused while parsing: nothing written
         main(base + ["--background-margin", "-2", "--out", str(tmp_path / "x")])
-    assert e.value.code == 2 and "--background-margin: expected 'off'" in _one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "--background-margin: expected 'off'" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
     assert main(base + ["--background-margin", "16", "--out", str(tmp_path / "y")]) == 1   # the model's S/2
-    assert "below S/2 = 16" in _one_line(capsys.readouterr().err)
+    assert "below S/2 = 16" in one_line(capsys.readouterr().err)
     npz = tmp_path / "s.npz"
     np.savez(npz, images=img[None])
     ev = ["evaluate", "--weights", bg4, "--images", str(npz), "--t-prime", "2", "--samples", "1",
@@ -132,20 +127,8 @@ def test_cli_generate_and_evaluate_record_the_margin_used(tmp_path, bg4, capsys)
     assert off["results"][0]["generations"][0]["background_replaced_pct"] == 0
 
 
-def _folder(tmp_path):
-    import nibabel as nib
-    d = tmp_path / "in"
-    d.mkdir()
-    for k, shape in enumerate([(40, 36), (30, 44)]):
-        img, lab = _blob(shape, k)
-        aff = np.diag([0.8, 0.9, 1.5, 1.0])
-        nib.save(nib.Nifti1Image(img, aff), str(d / f"case{k}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, aff), str(d / f"case{k}_label.nii.gz"))
-    return d
-
-
 def test_export_records_resumes_and_reproduces_the_margin(tmp_path, bg4, capsys):
-    src = _folder(tmp_path)
+    src = labelled_cases(tmp_path, _blob)
     own, off = tmp_path / "own", tmp_path / "off"
     opts = ["-n", "1", "--t-prime", "2", "--schedule", "paper", "--weights", bg4, "--batch", "1", "--no-progress"]
     assert main(["augment", str(src), str(own)] + opts) == 0
@@ -163,7 +146,7 @@ def test_export_records_resumes_and_reproduces_the_margin(tmp_path, bg4, capsys)
         assert all(res["identical"].values()), res
     capsys.readouterr()
     assert main(["augment", str(src), str(off)] + opts + ["--resume"]) == 1
-    assert "different settings (background_margin)" in _one_line(capsys.readouterr().err)
+    assert "different settings (background_margin)" in one_line(capsys.readouterr().err)
     assert main(["augment", str(src), str(own)] + opts + ["--background-margin", "4", "--resume"]) == 0
     assert "0 outputs written (2 already done)" in capsys.readouterr().out
     assert json.loads((own / "run.json").read_text())["model_defaults"]["background_margin"] == 4
@@ -174,13 +157,13 @@ def test_export_records_resumes_and_reproduces_the_margin(tmp_path, bg4, capsys)
     assert ExportOptions(background_margin="8").validate().background_margin == 8
     out = tmp_path / "refused"
     assert main(["augment", str(src), str(out)] + opts + ["--background-margin", "16"]) == 1
-    assert "below S/2 = 16" in _one_line(capsys.readouterr().err)
+    assert "below S/2 = 16" in one_line(capsys.readouterr().err)
     assert not [f.name for f in out.iterdir() if not f.name.startswith(".drdm")]   # refused before any work
 
 
 def test_export_of_a_model_without_a_margin_treats_off_as_its_own(tmp_path, tiny_checkpoint, capsys):
     plain = tiny_checkpoint(2, 32, name="plain")
-    src = _folder(tmp_path)
+    src = labelled_cases(tmp_path, _blob)
     out = tmp_path / "o"
     opts = ["-n", "1", "--t-prime", "1", "--schedule", "paper", "--weights", plain, "--batch", "2", "--no-progress"]
     assert main(["augment", str(src), str(out)] + opts) == 0

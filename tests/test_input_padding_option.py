@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_cases, one_line
 
 from napari_drdm.cli import main
 from napari_drdm.errors import InputError
@@ -31,19 +32,13 @@ def _blob(shape=(32, 32), seed=0):
     return (disc * 100.0 + rng.normal(0, 5, shape)).astype(np.float32), disc.astype(np.uint8)
 
 
-def _one_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
-
-
 def test_validator_names_the_option_and_what_was_expected():
     assert [check_input_padding_option(v) for v in (None, 0, "8", 12.0, 64)] == [None, 0, 8, 12, 64]
     assert check_input_padding_option(12, 32) == 12
     for bad, size in ((6, None), (-4, None), ("x", None), (2.5, None), (True, None), (16, 32), (20, 32)):
         with pytest.raises(InputError) as e:
             check_input_padding_option(bad, size)
-        msg = _one_line(str(e.value))
+        msg = one_line(str(e.value))
         assert msg.startswith("--input-padding: expected a multiple of 4 pixels from 0 to below"), msg
     with pytest.raises(InputError, match=r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
         check_input_padding_option(16, 32)
@@ -79,7 +74,7 @@ def test_python_api_override_reaches_recover_and_is_recorded(pad8, monkeypatch):
     for bad in (6, 16, -4):
         with pytest.raises(InputError) as e:
             model.generate(img, t_prime=1, input_padding=bad)
-        assert _one_line(str(e.value)).startswith("input_padding: expected a multiple of 4")
+        assert one_line(str(e.value)).startswith("input_padding: expected a multiple of 4")
         with pytest.raises(InputError, match="^input_padding: "):
             model.generate_model_grid(x, 1, [0], input_padding=bad)
 
@@ -103,12 +98,12 @@ def test_cli_generate_input_padding(tmp_path, pad8, capsys):
     # a bad value: one line naming the option, refused while parsing (nothing written) ...
     with pytest.raises(SystemExit) as e:
         main(base + ["--input-padding", "6", "--out", str(tmp_path / "x")])
-    err = _one_line(capsys.readouterr().err)
+    err = one_line(capsys.readouterr().err)
     assert e.value.code == 2 and "--input-padding: expected a multiple of 4" in err and "got 6" in err
     assert not (tmp_path / "x").exists()
     # ... or, out of the loaded model's range, before any generation
     assert main(base + ["--input-padding", "16", "--out", str(tmp_path / "y")]) == 1
-    err = _one_line(capsys.readouterr().err)
+    err = one_line(capsys.readouterr().err)
     assert "--input-padding: expected a multiple of 4 pixels from 0 to below S/2 = 16" in err
     assert not (tmp_path / "y" / "im.json").exists()
 
@@ -126,22 +121,11 @@ def test_cli_evaluate_records_the_input_padding_used(tmp_path, pad8, capsys):
     assert own["input_padding"] == 8 and p0["input_padding"] == 0
     assert own["results"][0]["max_disp_pct"] != p0["results"][0]["max_disp_pct"]
     assert main(base + ["--input-padding", "32"]) == 1
-    assert "--input-padding: expected" in _one_line(capsys.readouterr().err)
-
-
-def _folder(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    for k, shape in enumerate([(40, 36), (30, 44)]):
-        img, lab = _blob(shape, k)
-        aff = np.diag([0.8, 0.9, 1.5, 1.0])
-        nib.save(nib.Nifti1Image(img, aff), str(d / f"case{k}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, aff), str(d / f"case{k}_label.nii.gz"))
-    return d
+    assert "--input-padding: expected" in one_line(capsys.readouterr().err)
 
 
 def test_export_records_resumes_and_reproduces_the_input_padding(tmp_path, pad8, capsys):
-    src = _folder(tmp_path)
+    src = labelled_cases(tmp_path, _blob)
     own, p0 = tmp_path / "own", tmp_path / "p0"
     opts = ["-n", "1", "--t-prime", "2", "--schedule", "paper", "--weights", pad8, "--batch", "1", "--no-progress"]
     assert main(["augment", str(src), str(own)] + opts) == 0
@@ -159,7 +143,7 @@ def test_export_records_resumes_and_reproduces_the_input_padding(tmp_path, pad8,
     capsys.readouterr()
     # another input padding: --resume refuses, naming the setting
     assert main(["augment", str(src), str(p0)] + opts + ["--resume"]) == 1
-    err = _one_line(capsys.readouterr().err)
+    err = one_line(capsys.readouterr().err)
     assert "different settings (input_padding)" in err and "--resume needs the same settings" in err
     assert main(["augment", str(src), str(p0)] + opts + ["--input-padding", "4", "--resume"]) == 1
     assert "different settings (input_padding)" in capsys.readouterr().err
@@ -187,11 +171,11 @@ def test_export_records_resumes_and_reproduces_the_input_padding(tmp_path, pad8,
 
 
 def test_export_refuses_an_input_padding_the_model_cannot_take(tmp_path, pad8, capsys):
-    src = _folder(tmp_path)
+    src = labelled_cases(tmp_path, _blob)
     out = tmp_path / "o"
     assert main(["augment", str(src), str(out), "-n", "1", "--t-prime", "1", "--weights", pad8, "--no-progress",
                  "--input-padding", "16"]) == 1
-    err = _one_line(capsys.readouterr().err)
+    err = one_line(capsys.readouterr().err)
     assert "--input-padding: expected a multiple of 4 pixels from 0 to below S/2 = 16" in err
     assert not [f.name for f in out.iterdir() if not f.name.startswith(".drdm")]   # refused before any work
     with pytest.raises(InputError, match="^--input-padding: expected a multiple of 4"):

@@ -213,13 +213,19 @@ def check_input_padding_option(value, size: Optional[int] = None, name: str = "-
     """
     if value is None:
         return None
+    return _pixels_below_half_side(value, size, name, "a multiple of 4 pixels", input_padding_fits)
+
+
+def _pixels_below_half_side(value, size: Optional[int], name: str, what: str, fits: Callable) -> int:
+    """``value`` as whole pixels that ``fits(v, size)`` (a rule bounded by half the model's side S);
+    else one :class:`InputError` line: "NAME: expected WHAT from 0 to below S/2 ..., got VALUE"."""
     bound = f"below S/2 = {size // 2} (the model's side S = {size})" if size else "below half the model's side S"
-    expected = f"{name}: expected a multiple of 4 pixels from 0 to {bound}, got "
+    expected = f"{name}: expected {what} from 0 to {bound}, got "
     try:
         v = check_int(name, value)
     except InputError:
         raise InputError(expected + repr(value)) from None
-    if not input_padding_fits(v, size):
+    if not fits(v, size):
         raise InputError(expected + str(v))
     return v
 
@@ -243,15 +249,8 @@ def check_background_margin_option(value, size: Optional[int] = None,
         return None
     if isinstance(value, str) and value.strip().lower() == BACKGROUND_OFF:
         return BACKGROUND_OFF
-    bound = f"below S/2 = {size // 2} (the model's side S = {size})" if size else "below half the model's side S"
-    expected = f"{name}: expected '{BACKGROUND_OFF}' or a whole number of pixels from 0 to {bound}, got "
-    try:
-        v = check_int(name, value)
-    except InputError:
-        raise InputError(expected + repr(value)) from None
-    if not background_margin_fits(v, size):
-        raise InputError(expected + str(v))
-    return v
+    return _pixels_below_half_side(value, size, name, f"'{BACKGROUND_OFF}' or a whole number of pixels",
+                                   background_margin_fits)
 
 
 def check_label_interp(value, name: str = "--label-interp") -> str:
