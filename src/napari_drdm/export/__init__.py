@@ -17,16 +17,18 @@ to the original grid before warping or composing.  One module per idea:
 :mod:`.compute`     one batch through the model: fields, warped images and labels, inverses
 :mod:`.manifest`    the crash-safe journal and the manifest built from it
 :mod:`.outdir`      output-folder rules: not among the inputs, empty, resumable or overwritten
-:mod:`.engine`      the run: options, the loop, the files written, events for a progress display
+:mod:`.options`     the run's options: checks, the settings ``run.json`` records, what a model bounds
+:mod:`.engine`      the run: the loop, the files written, events for a progress display
 :mod:`.reproduce`   regenerate one manifest row bit for bit
 ==================  ===============================================================================
 """
 from __future__ import annotations
 
 from .discovery import ArrayInput, Sample, Skipped, discover
-from .engine import ExportEvent, ExportOptions, iter_export, run_export
+from .engine import ExportEvent, iter_export, run_export
 from .jobspec import derive_seed, parse_t_prime
 from .manifest import load_manifest, verify_row, write_manifest
+from .options import ExportOptions
 from .reproduce import reproduce_row
 from .sample import LoadedSample, ModelProvider, load_sample
 

@@ -17,7 +17,7 @@ from .jobspec import Job
 from .sample import LoadedSample
 
 if TYPE_CHECKING:
-    from .engine import ExportOptions
+    from .options import ExportOptions
 
 __all__ = ["compute_batch"]
 

@@ -15,7 +15,7 @@ from ..errors import InputError
 from .discovery import Sample
 
 if TYPE_CHECKING:
-    from .engine import ExportOptions
+    from .options import ExportOptions
 
 __all__ = ["Job", "parse_t_prime", "derive_seed", "make_jobs"]
 

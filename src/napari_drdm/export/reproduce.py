@@ -9,9 +9,10 @@ from ..output_lock import OutputLock
 from ..paths import check_output_dir
 from .compute import compute_batch
 from .discovery import Sample
-from .engine import ExportOptions, write_row
+from .engine import write_row
 from .jobspec import Job
 from .manifest import load_manifest
+from .options import ExportOptions
 from .sample import ModelProvider, load_sample
 
 __all__ = ["reproduce_row"]
