@@ -14,7 +14,9 @@ The deformed image changes only where a moved background pixel now samples the a
 edge (on the held-out slices by at most a few hundredths of the intensity range,
 ``benchmarks/background_extension.py``).
 
-Measured, not yet a setting of the bundled models (docs/weights.md).
+A model setting and an inference option: ``DRDMConfig.background_margin`` (None: off), applied by
+``DRDM.iter_generate`` / ``generate_model_grid`` after the reverse loop and before the fold guard's
+final check (the bundled ``cmr2d`` stores 8 px, the 3D models 2 px; docs/weights.md).
 """
 from __future__ import annotations
 
