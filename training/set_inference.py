@@ -49,9 +49,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
         ValueError: an unknown setting, a bad value, a missing ``measured``, or nothing to change.
         FileNotFoundError / FileExistsError: the input is missing, or ``out`` exists.
     """
+    from napari_drdm.core.network import DRDMNet
     from napari_drdm.weights import WEIGHTS_DIR
-
-    from .export import check_loadable
     unknown = sorted(set(changes) - set(INFERENCE_SETTINGS))
     if unknown:
         raise ValueError(f"{unknown}: not inference settings; the command changes {list(INFERENCE_SETTINGS)}")
@@ -93,11 +92,12 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     record += [{"setting": k, "from": a, "to": b, "measured": measured.strip(),
                 "by": "napari-drdm training/set_inference.py"} for k, (a, b) in changed.items()]
     prov = dict(prov, inference_changes=record)
+    try:                                  # strict-loaded into the new configuration before anything is written
+        DRDMNet.from_config(cfg).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--weights {weights}: the weights do not fit their configuration: "
+                         f"{str(e).splitlines()[0]}") from None
     sha = write_checkpoint(dest, state, cfg, prov, overwrite=True)
-    try:
-        check_loadable(dest)
-    except RuntimeError as e:            # cannot happen for the fields above; kept as the bundle's guard
-        raise ValueError(f"{dest}: the weights no longer load: {str(e).splitlines()[0]}") from None
     if name is not None:
         entry = reg[name]
         entry["sha256"] = sha
