@@ -77,11 +77,17 @@ def check_input_padding(value, size: int) -> int:
     Raises:
         InputError: (a ValueError) one line naming the value and what was expected.
     """
+    return _checked_pixels(value, size, "input_padding", "", "a multiple of 4 ", input_padding_fits)
+
+
+def _checked_pixels(value, size: int, field: str, alternative: str, what: str, fits) -> int:
+    """``value`` as whole pixels that ``fits(v, size)``; else one :class:`InputError` line naming
+    ``field``, ``alternative`` (e.g. "None (off) or ") and what was expected."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise InputError(f"input_padding must be a whole number of pixels, got {value!r}")
+        raise InputError(f"{field} must be {alternative}a whole number of pixels, got {value!r}")
     v = int(value)
-    if not input_padding_fits(v, size):
-        raise InputError(f"input_padding must be a multiple of 4 from 0 to below S/2 = {size // 2} pixels, got {v}")
+    if not fits(v, size):
+        raise InputError(f"{field} must be {alternative}{what}from 0 to below S/2 = {size // 2} pixels, got {v}")
     return v
 
 
@@ -106,12 +112,7 @@ def check_background_margin(value, size: int) -> Optional[int]:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise InputError(f"background_margin must be None (off) or a whole number of pixels, got {value!r}")
-    v = int(value)
-    if not background_margin_fits(v, size):
-        raise InputError(f"background_margin must be None (off) or from 0 to below S/2 = {size // 2} pixels, got {v}")
-    return v
+    return _checked_pixels(value, size, "background_margin", "None (off) or ", "", background_margin_fits)
 
 
 @dataclass
