@@ -28,7 +28,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: the signal that asked the running command to stop ("interrupted": SIGINT, "terminated":
+#: SIGTERM), kept even where the exception it raised was swallowed: a KeyboardInterrupt raised
+#: inside a finalizer (``__del__``) is only printed, and the work would go on
+_STOP = {"how": None}
+
+
+def stop_requested():
+    """``"interrupted"`` or ``"terminated"`` once Ctrl-C or SIGTERM reached :func:`main`, else None;
+    long loops check it at their safe points (the export between batches)."""
+    return _STOP["how"]
+
+
+def _on_sigint(signum, frame):
+    _STOP["how"] = "interrupted"
+    raise KeyboardInterrupt()
+
+
 def _on_sigterm(signum, frame):
+    _STOP["how"] = "terminated"
     raise Terminated()
 
 
@@ -75,9 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    old = None
+    old = old_int = None
+    _STOP["how"] = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not where Ctrl-C is ignored
+            old_int = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return int(args._run(args) or 0)
     except Terminated:
@@ -106,6 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
 
 
 if __name__ == "__main__":

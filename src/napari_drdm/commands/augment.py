@@ -190,20 +190,27 @@ def run_mode(args, opts_kw: dict) -> int:
         if ev.message:
             say(f"drdm {args.command}: {ev.message}")
 
-    try:
-        summary = run_export(inputs, out, opts, progress=progress)
-    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (cli.Terminated)
+    from ..cli import stop_requested
+
+    def stopped(how: str, s: dict) -> int:
+        """The message and exit status of a run that Ctrl-C or SIGTERM ended."""
         if bar is not None:
             bar.close()
-        s = getattr(e, "export_summary", None)
-        if s is None:                   # stopped before the run began: nothing was written
-            raise
-        how = "terminated (SIGTERM)" if type(e).__name__ == "Terminated" else "interrupted"
+        how = "terminated (SIGTERM)" if how == "terminated" else "interrupted"
         where = (f"every finished output is in {out}/manifest.json ({s.get('n_rows', '?')} rows)"
                  if s.get("manifest_written", True) else s["manifest_error"])
         print(f"drdm {args.command}: {how} after {s['written']} new outputs; {where}. Rerun the same command with "
               f"--resume to complete the set.", file=sys.stderr)
         return 143 if how.startswith("terminated") else 130
+
+    try:
+        # the signal also stops the loop at its next batch where its exception was swallowed
+        summary = run_export(inputs, out, opts, progress=progress, should_stop=lambda: stop_requested() is not None)
+    except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (cli.Terminated)
+        s = getattr(e, "export_summary", None)
+        if s is None:                   # stopped before the run began: nothing was written
+            raise
+        return stopped("terminated" if type(e).__name__ == "Terminated" else "interrupted", s)
     except OSError as e:
         if bar is not None:
             bar.close()
@@ -217,6 +224,8 @@ def run_mode(args, opts_kw: dict) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if stop_requested() is not None and summary.get("status") == "cancelled":
+        return stopped(stop_requested(), summary)
     if dist is not None:
         dist.barrier()                       # every rank has finished its shard: rank 0 merges
         rank = dist.get_rank()
