@@ -22,9 +22,13 @@ from .data import ensure_core
 ensure_core()
 
 from napari_drdm.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
-from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS  # noqa: E402
+from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, margin_as_option  # noqa: E402
 from napari_drdm.io import atomic_write  # noqa: E402
-from napari_drdm.validate import check_background_margin_option, check_input_padding_option  # noqa: E402
+from napari_drdm.validate import (  # noqa: E402
+    check_background_margin_option,
+    check_compose_padding,
+    check_input_padding_option,
+)
 
 __all__ = ["INFERENCE_SETTINGS", "set_inference"]
 
@@ -82,8 +86,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
         new["background_margin"] = None if v in (None, BACKGROUND_OFF) else v
     if "input_padding" in new:
         new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
-    if "compose_padding" in new and new["compose_padding"] not in COMPOSE_PADDINGS:
-        raise ValueError(f"--compose-padding: expected one of {list(COMPOSE_PADDINGS)}, got {new['compose_padding']!r}")
+    if "compose_padding" in new:
+        new["compose_padding"] = check_compose_padding(new["compose_padding"])
     changed = {k: (getattr(cfg, k), v) for k, v in new.items() if getattr(cfg, k) != v}
     if not changed:
         raise ValueError(f"{weights}: already has " + ", ".join(f"{k}={v}" for k, v in new.items()))
@@ -103,13 +107,18 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
         entry["sha256"] = sha
         entry.setdefault("provenance", {})
         for k, (_a, b) in changed.items():
-            entry["provenance"][k] = f"{'off' if b is None else b} ({measured.strip()})"
+            entry["provenance"][k] = f"{_shown(k, b)} ({measured.strip()})"
         text = json.dumps(reg, indent=2) + "\n"
         atomic_write(reg_file, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     log(f"wrote {dest} (sha256 {sha[:12]}): " + ", ".join(
-        f"{k} {'off' if a is None else a} -> {'off' if b is None else b}" for k, (a, b) in changed.items())
+        f"{k} {_shown(k, a)} -> {_shown(k, b)}" for k, (a, b) in changed.items())
         + (f"; registry entry {name!r} updated" if name else ""))
     return {"path": str(dest), "sha256": sha, "changed": changed}
+
+
+def _shown(setting: str, value):
+    """A setting's value as the command line writes it (a background margin of None: off)."""
+    return margin_as_option(value) if setting == "background_margin" else value
 
 
 def add_arguments(p) -> None:

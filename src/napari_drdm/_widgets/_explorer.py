@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
+from ..core.config import margin_as_option
 from ..core.metrics import field_affine
 from ._controller import ExplorerState, Run
 from ._form import CONTROLS, SCHEDULES, ExplorerForm, scrolled
@@ -166,7 +167,7 @@ class ExplorerWidget(QWidget):
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
             self.form.set_model_padding(cfg.compose_padding, cfg.input_padding,
-                                        "off" if cfg.background_margin is None else cfg.background_margin)
+                                        margin_as_option(cfg.background_margin))
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.config import BACKGROUND_OFF, Schedule
+from ..core.config import BACKGROUND_OFF, Schedule, margin_as_option
 from ..errors import InputError
 from ..validate import check_background_margin_option, check_input_padding_option
 from ._inputs import Inputs, output_geometry, read_inputs
@@ -68,7 +68,7 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     if pad_in is not None and pad_in != config.input_padding:
         variant.append(f"{pad_in}px-input-padding")
     margin = check_background_margin_option(p.get("background_margin"), config.size, "Background margin")
-    if margin is not None and margin != (BACKGROUND_OFF if config.background_margin is None else config.background_margin):
+    if margin is not None and margin != margin_as_option(config.background_margin):
         variant.append("no-background-extension" if margin == BACKGROUND_OFF else f"{margin}px-background-margin")
     if p["fold_guard"]:
         variant.append("guard")

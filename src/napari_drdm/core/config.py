@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import InputError
 
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
-           "check_input_padding", "check_background_margin", "BACKGROUND_OFF"]
+           "check_input_padding", "check_background_margin", "BACKGROUND_OFF",
+           "margin_as_option"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
 T = 80
@@ -94,6 +95,12 @@ def _checked_pixels(value, size: int, field: str, alternative: str, what: str, f
 #: the value that turns the background extension off where None means "the model's own" (an
 #: inference option); in a configuration, off is None
 BACKGROUND_OFF = "off"
+
+
+def margin_as_option(margin: Optional[int]):
+    """A configuration's ``background_margin`` as the option that asks for it: pixels, or
+    :data:`BACKGROUND_OFF` for None (as the manifest, the menus and set-inference show it)."""
+    return BACKGROUND_OFF if margin is None else int(margin)
 
 
 def background_margin_fits(value: int, size: Optional[int] = None) -> bool:

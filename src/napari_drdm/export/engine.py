@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..core.config import margin_as_option
 from ..core.generators import Returning
 from ..errors import InputError, OutputError
 from ..memory import available_memory
@@ -32,7 +33,7 @@ from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
 from .jobspec import Job, make_jobs
 from .manifest import Journal, journal_rows, kept_records, write_manifest
-from .options import ExportOptions, check_model_options, margin_recorded, margin_used
+from .options import ExportOptions, check_model_options, margin_used
 from .outdir import check_out_vs_inputs, prepare_output_folder
 from .sample import LoadedSample, ModelProvider, load_sample, weights_sha
 
@@ -180,7 +181,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     if model is not None or opts.weights:      # one model for every input: its own settings resolve "None"
         own = provider.get(0).config
         settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding),
-                                      "background_margin": margin_recorded(own.background_margin)}
+                                      "background_margin": margin_as_option(own.background_margin)}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

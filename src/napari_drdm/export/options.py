@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
-from ..core.config import BACKGROUND_OFF
+from ..core.config import margin_as_option
 from .jobspec import parse_t_prime
 
-__all__ = ["ExportOptions", "check_model_options", "margin_recorded", "margin_used"]
+__all__ = ["ExportOptions", "check_model_options", "margin_used"]
 
 
 @dataclass
@@ -95,12 +95,7 @@ def check_model_options(model, opts: ExportOptions) -> None:
     check_background_margin_option(opts.background_margin, model.size, "--background-margin")
 
 
-def margin_recorded(margin: Optional[int]):
-    """A resolved background margin as recorded: pixels, or "off" for none."""
-    return BACKGROUND_OFF if margin is None else int(margin)
-
-
 def margin_used(model, opts: ExportOptions):
     """The background margin a row was made with: pixels, or "off"."""
     from ..model import resolve_background_margin
-    return margin_recorded(resolve_background_margin(opts.background_margin, model.config))
+    return margin_as_option(resolve_background_margin(opts.background_margin, model.config))
