@@ -34,10 +34,12 @@ from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
 from .core.spatial import warp, warp_labels
+from .core.view import anatomy_views, field_from_view, to_view
 from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
 from .model_grid import ModelGrid
 from .validate import (
+    check_anatomy_fit_option,
     check_background_margin_option,
     check_compose_padding,
     check_device,
@@ -49,7 +51,7 @@ from .validate import (
 )
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
-           "guard_mode", "resolve_background_margin"]
+           "guard_mode", "resolve_background_margin", "resolve_anatomy_fit"]
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -105,6 +107,8 @@ class GenerationResult:
     input_padding: int = 0                 # px of mirrored image around the network's input at each step
     background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond extended (None: off)
     background_replaced_pct: float = 0.0   # % of the model grid whose field the background extension replaced
+    anatomy_fit: Optional[int] = None      # px kept around the anatomy in the fitted view (None: whole image)
+    view_zoom: float = 1.0                 # how much the fitted view enlarged the image for the network
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
@@ -196,7 +200,8 @@ class DRDM:
                       image_interp: Optional[str] = None, label_interp: str = "nearest",
                       fold_guard=False, compose_padding: Optional[str] = None,
                       input_padding: Optional[int] = None,
-                      background_margin: Union[None, int, str] = None) -> Iterator[Frame]:
+                      background_margin: Union[None, int, str] = None,
+                      anatomy_fit: Union[None, int, str] = None) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
@@ -212,6 +217,10 @@ class DRDM:
         replaced by the harmonic extension of the field around it (core/background.py), "off" for
         none (the authors' behaviour); None: the model's (``config.background_margin``).  Applied
         to the final field, so the last recovery frame carries it and the frames before do not.
+        ``anatomy_fit``: pixels kept around the anatomy when the model's view is fitted to it (the
+        reverse loop runs on a square / cube around the anatomy, core/view.py; every field is
+        returned on the whole image), "off" for the whole image (the authors' behaviour); None: the
+        model's (``config.anatomy_fit``).
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -223,12 +232,15 @@ class DRDM:
         padding = check_compose_padding(compose_padding, "compose_padding") or cfg.compose_padding
         pad_in = _input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
+        fit = resolve_anatomy_fit(anatomy_fit, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
         image_interp = image_interp or cfg.image_interp
         a = _check_image(image, self.ndim)
         lab_np = _check_labels(labels, a.shape) if labels is not None else None
         grid, x_model, lo, hi = self.prepare(a, spacing)
+        views = anatomy_views(x_model, fit) if fit is not None else None
+        x_net = to_view(x_model, views) if views else x_model
         x_orig = torch.as_tensor(a.astype(np.float32), device=self.device)[None, None]
         lab = torch.as_tensor(lab_np.astype(np.int64), device=self.device)[None, None] if lab_np is not None else None
 
@@ -237,6 +249,7 @@ class DRDM:
             psi = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False).forward_ddf
 
         def make_frame(phase, idx, total, t, ddf_m, background=None):
+            ddf_m = field_from_view(ddf_m, views) if views else ddf_m
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
@@ -258,7 +271,7 @@ class DRDM:
         hooks = GuardHooks(gmode)
         last = None                 # the last recovery frame waits for the background extension
         if t_prime > 0 or schedule is Schedule.REFERENCE:
-            steps = recover(self._net, x_model, psi, t_prime, **cfg.recover_options(schedule, k, padding, pad_in),
+            steps = recover(self._net, x_net, psi, t_prime, **cfg.recover_options(schedule, k, padding, pad_in),
                             **hooks.kwargs())
             for fr in steps:
                 phi = fr.ddf
@@ -269,10 +282,12 @@ class DRDM:
                         yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
         replaced = [0.0]
         if margin is not None:
-            phi, replaced = _extend_background(phi, x_model, margin, cfg.image_interp)
+            phi, replaced = _extend_background(phi, x_net, margin, cfg.image_interp)
             if last is not None:
                 yield make_frame("recovery", last.step, last.n_steps, last.t, phi,
                                  {"margin": margin, "replaced_pct": replaced[0]})
+        if views:
+            phi, psi = field_from_view(phi, views), field_from_view(psi, views)
         guard_info = None
         if gmode is not None:
             phi, guard_info = hooks.finish(phi, self.size)
@@ -288,17 +303,19 @@ class DRDM:
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
             t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, input_padding=pad_in,
-            background_margin=margin, background_replaced_pct=replaced[0], guard=guard_info)
+            background_margin=margin, background_replaced_pct=replaced[0], anatomy_fit=fit,
+            view_zoom=views[0].zoom if views else 1.0, guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
                  return_frames: bool = False, label_interp: str = "nearest",
                  image_interp: Optional[str] = None, fold_guard=False,
                  compose_padding: Optional[str] = None, input_padding: Optional[int] = None,
-                 background_margin: Union[None, int, str] = None) -> GenerationResult:
+                 background_margin: Union[None, int, str] = None,
+                 anatomy_fit: Union[None, int, str] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
 
-        ``fold_guard``, ``compose_padding``, ``input_padding``, ``background_margin``: see
+        ``fold_guard``, ``compose_padding``, ``input_padding``, ``background_margin``, ``anatomy_fit``: see
         :meth:`iter_generate` (fold guard on: ``res.ddf`` is fold-free on the image's grid;
         ``res.compose_padding``, ``res.input_padding`` and ``res.background_margin`` say which
         settings were used).
@@ -307,7 +324,7 @@ class DRDM:
                                            spacing=spacing, frames=return_frames, label_interp=label_interp,
                                            image_interp=image_interp, fold_guard=fold_guard,
                                            compose_padding=compose_padding, input_padding=input_padding,
-                                           background_margin=background_margin))
+                                           background_margin=background_margin, anatomy_fit=anatomy_fit))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -318,7 +335,8 @@ class DRDM:
                             schedule: Optional[str] = None, k: Optional[int] = None, fold_guard=False,
                             guard_report: Optional[dict] = None, compose_padding: Optional[str] = None,
                             input_padding: Optional[int] = None, background_margin: Union[None, int, str] = None,
-                            background_report: Optional[dict] = None):
+                            background_report: Optional[dict] = None,
+                            anatomy_fit: Union[None, int, str] = None, view_report: Optional[dict] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
@@ -330,7 +348,9 @@ class DRDM:
         mirrored image around the network's input (``DRDMConfig.input_padding``), None the model's;
         ``background_margin``: see :meth:`iter_generate`; ``background_report``, a dict, receives the
         margin used (``"margin"``, None: off) and each sample's share of the grid replaced
-        (``"replaced_pct"``).
+        (``"replaced_pct"``); ``anatomy_fit``: see :meth:`iter_generate` (both fields are returned on
+        the whole grid); ``view_report``, a dict, receives the margin used (``"fit"``, None: off) and
+        each sample's view zoom (``"zoom"``, 1: the whole grid).
         """
         gmode = guard_mode(fold_guard)
         hooks = GuardHooks(gmode)
@@ -340,6 +360,7 @@ class DRDM:
         padding = check_compose_padding(compose_padding, "compose_padding")
         pad_in = _input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
+        fit = resolve_anatomy_fit(anatomy_fit, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
@@ -347,15 +368,22 @@ class DRDM:
         draws = self._seeded_draws(seeds)
         psi = self.sampler.sample(int(t_prime), batch=len(seeds), draws=draws, return_step=False).forward_ddf
         phi = psi
-        for fr in recover(self._net, x_model.to(self.device), psi, int(t_prime),
+        x_model = x_model.to(self.device)
+        views = anatomy_views(x_model, fit) if fit is not None else None
+        x_net = to_view(x_model, views) if views else x_model
+        for fr in recover(self._net, x_net, psi, int(t_prime),
                           **cfg.recover_options(schedule, k, padding, pad_in),
                           **hooks.kwargs()):
             phi = fr.ddf
         replaced = [0.0] * len(seeds)
         if margin is not None:
-            phi, replaced = _extend_background(phi, x_model.to(self.device), margin, cfg.image_interp)
+            phi, replaced = _extend_background(phi, x_net, margin, cfg.image_interp)
         if background_report is not None:
             background_report.update(margin=margin, replaced_pct=replaced)
+        if views:
+            phi, psi = field_from_view(phi, views), field_from_view(psi, views)
+        if view_report is not None:
+            view_report.update(fit=fit, zoom=[v.zoom for v in views] if views else [1.0] * len(seeds))
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)
             if guard_report is not None:
@@ -376,6 +404,15 @@ def resolve_background_margin(value, cfg: DRDMConfig) -> Optional[int]:
     v = check_background_margin_option(value, cfg.size, "background_margin")
     if v is None:
         return cfg.background_margin
+    return None if v == BACKGROUND_OFF else v
+
+
+def resolve_anatomy_fit(value, cfg: DRDMConfig) -> Optional[int]:
+    """The anatomy fit a generation uses (None: the whole image): ``value`` (checked against the
+    model's side; a bad one is one :class:`InputError` line), "off", or for None the model's own."""
+    v = check_anatomy_fit_option(value, cfg.size, "anatomy_fit")
+    if v is None:
+        return cfg.anatomy_fit
     return None if v == BACKGROUND_OFF else v
 
 

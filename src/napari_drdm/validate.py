@@ -16,7 +16,7 @@ from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
            "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_input_padding_option",
-           "check_background_margin_option",
+           "check_background_margin_option", "check_anatomy_fit_option",
            "check_label_interp",
            "check_positive", "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "COMPOSE_PADDINGS", "LABEL_INTERPS"]
 
@@ -245,6 +245,28 @@ def check_background_margin_option(value, size: Optional[int] = None,
         size: the model's side S, or None (not known yet: the bound is checked later).
         name: option name for the message.
     """
+    return _pixels_or_off(value, size, name)
+
+
+def check_anatomy_fit_option(value, size: Optional[int] = None,
+                             name: str = "--anatomy-fit") -> Union[None, str, int]:
+    """The anatomy fit's margin (``DRDMConfig.anatomy_fit``, core/view.py): pixels of the model's
+    view kept around the anatomy when the view is fitted to it; ``"off"``
+    (:data:`~napari_drdm.core.config.BACKGROUND_OFF`) for the whole image; None for the model's own.
+
+    A whole number of pixels from 0 to below S/2; the S/2 bound is checked only when the model's
+    side ``size`` is known.
+
+    Args:
+        value: the margin (an int, an integral float or a string of digits), "off", or None.
+        size: the model's side S, or None (not known yet: the bound is checked later).
+        name: option name for the message.
+    """
+    return _pixels_or_off(value, size, name)
+
+
+def _pixels_or_off(value, size: Optional[int], name: str) -> Union[None, str, int]:
+    """None, "off", or whole pixels from 0 to below S/2 (one :class:`InputError` line otherwise)."""
     if value is None:
         return None
     if isinstance(value, str) and value.strip().lower() == BACKGROUND_OFF:

@@ -6,6 +6,7 @@ from ..validate import (
     COMPOSE_PADDINGS,
     LABEL_INTERPS,
     arg_type,
+    check_anatomy_fit_option,
     check_background_margin_option,
     check_device,
     check_input_padding_option,
@@ -89,6 +90,23 @@ def background_margin_arg(p):
                         "(harmonic) extension of the field around it, where the image shows nothing for the network "
                         "to recover; 'off' keeps the loop's field as it is, the authors' behaviour (default: the "
                         "model's; drdm weights lists each model's)")
+
+
+def anatomy_fit_arg(p):
+    """--anatomy-fit PX|off, checked while parsing (the bound S/2 once the model is loaded:
+    :func:`checked_anatomy_fit`); default None, the model's own."""
+    p.add_argument("--anatomy-fit", type=arg_type(check_anatomy_fit_option, "--anatomy-fit"),
+                   default=None, metavar="PX|off",
+                   help="fit the model's view to the anatomy, keeping this many of its pixels free around it: "
+                        "the reverse loop runs on a square (cube) around everything bright, at most 2x enlarged, "
+                        "and the field is returned on the whole image; 'off' shows the model the whole image, "
+                        "the authors' behaviour (default: the model's; drdm weights lists each model's)")
+
+
+def checked_anatomy_fit(args, model):
+    """``--anatomy-fit`` checked against the loaded model's side (one line naming the option): None
+    when not given (the model's own), "off", or pixels."""
+    return check_anatomy_fit_option(getattr(args, "anatomy_fit", None), model.size, "--anatomy-fit")
 
 
 def checked_background_margin(args, model):

@@ -16,7 +16,9 @@ from ..errors import InputError
 from ..validate import arg_type, check_int, check_seed
 from . import (
     add_model_args,
+    anatomy_fit_arg,
     background_margin_arg,
+    checked_anatomy_fit,
     checked_background_margin,
     checked_input_padding,
     compose_padding_arg,
@@ -39,6 +41,7 @@ def add_parser(sub):
     compose_padding_arg(p)
     input_padding_arg(p)
     background_margin_arg(p)
+    anatomy_fit_arg(p)
     k_arg(p)
     p.add_argument("--slices", type=arg_type(check_int, "--slices", lo=1), default=5,
                    help="for a 2D model given 3D volumes: this many evenly spaced foreground slices per volume, "
@@ -114,7 +117,7 @@ def _stats(values):
 
 
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
-             on_batch=None, compose_padding=None, input_padding=None, background_margin=None):
+             on_batch=None, compose_padding=None, input_padding=None, background_margin=None, anatomy_fit=None):
     """Generation ``i`` (0 <= i < ``samples``) of each T' runs on image ``i mod len(images)`` with seed
     ``seed_offset + i``.  Returns one record per T': mean/SD/min/max of the recovered field's figures,
     the plausibility figures and the forward field's, and ``generations`` (one dict per generation:
@@ -125,7 +128,7 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
         model: a :class:`~napari_drdm.model.DRDM`.
         images: (name, array, spacing) triples (:func:`collect_images`).
         t_primes: the T' values.  samples: generations per T'.
-        schedule, k, compose_padding, input_padding, background_margin: the reverse loop's options
+        schedule, k, compose_padding, input_padding, background_margin, anatomy_fit: the reverse loop's options
             (None: the model's).
         batch: generations per network pass.  seed_offset: the first seed.
         progress: a counter on stderr.  on_batch: called as ``on_batch(t_prime, phi, seeds, seconds)``.
@@ -145,10 +148,10 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             x = torch.cat([prepared[i % len(prepared)] for i in ids], 0)
             seeds = [seed_offset + i for i in ids]
             tb = time.perf_counter()
-            bg = {}
+            bg, view = {}, {}
             phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k, compose_padding=compose_padding,
                                                  input_padding=input_padding, background_margin=background_margin,
-                                                 background_report=bg)
+                                                 background_report=bg, anatomy_fit=anatomy_fit, view_report=view)
             if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
                 on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):
@@ -159,7 +162,8 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
                 rows.append((rec, fwd, {"image": images[ids[b] % len(images)][0], "seed": seeds[b],
                                         **{key: float(rec[key]) for key in GENERATION_KEYS},
                                         "forward_folding_pct": float(fwd["folding_pct"]),
-                                        "background_replaced_pct": float(bg["replaced_pct"][b])}))
+                                        "background_replaced_pct": float(bg["replaced_pct"][b]),
+                                        "view_zoom": float(view["zoom"][b])}))
             done += len(ids)
             if progress:
                 print(f"\r[evaluate] {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -195,7 +199,7 @@ def _input_ndim(paths) -> int:
 
 
 def run(args) -> int:
-    from ..model import resolve_background_margin
+    from ..model import resolve_anatomy_fit, resolve_background_margin
     from ..validate import check_t_prime
     axes = tuple(check_int("--slice-axes", a, 0, 2) for a in str(args.slice_axes).split(",") if a.strip())
     model = load_from_args(args, ndim=_input_ndim(args.images) if args.weights is None else 2)
@@ -203,6 +207,7 @@ def run(args) -> int:
         check_t_prime(tp, model.config.n_steps, name="--t-prime")
     input_padding = checked_input_padding(args, model)
     margin = checked_background_margin(args, model)
+    fit = checked_anatomy_fit(args, model)
     images = collect_images(args.images, model.ndim, args.slices, axes)
     guard = None
     if args.fold_guard:
@@ -210,11 +215,12 @@ def run(args) -> int:
         guard = GuardCollector(model.size)
     results = evaluate(model, images, args.t_prime, args.samples, args.schedule, args.k, args.batch,
                        args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding,
-                       input_padding=input_padding, background_margin=margin)
+                       input_padding=input_padding, background_margin=margin, anatomy_fit=fit)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
            "compose_padding": args.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if input_padding is None else input_padding,
            "background_margin": resolve_background_margin(margin, model.config),
+           "anatomy_fit": resolve_anatomy_fit(fit, model.config),
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
            "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0",
                      "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import InputError
 
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
-           "check_input_padding", "check_background_margin", "BACKGROUND_OFF",
+           "check_input_padding", "check_background_margin", "check_anatomy_fit", "BACKGROUND_OFF",
            "margin_as_option"]
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
@@ -122,6 +122,19 @@ def check_background_margin(value, size: int) -> Optional[int]:
     return _checked_pixels(value, size, "background_margin", "None (off) or ", "", background_margin_fits)
 
 
+def check_anatomy_fit(value, size: int) -> Optional[int]:
+    """A valid ``anatomy_fit`` for a model of side ``size``: None (off: the model sees the whole
+    image, the reference's behaviour) or a whole number of pixels from 0 to below S / 2, the margin
+    kept around the anatomy when the model's view is fitted to it (core/view.py).
+
+    Raises:
+        InputError: (a ValueError) one line naming the value and what was expected.
+    """
+    if value is None:
+        return None
+    return _checked_pixels(value, size, "anatomy_fit", "None (off) or ", "", background_margin_fits)
+
+
 @dataclass
 class DRDMConfig:
     """Everything needed to rebuild a model and reproduce its generations.
@@ -153,6 +166,7 @@ class DRDMConfig:
     schedule: str = DEFAULT_SCHEDULE.value  # default loop: 'reference' (all T steps) or 'paper' (T' steps)
     input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
     background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond is extended (None: off)
+    anatomy_fit: Optional[int] = None       # px around the anatomy when the view is fitted to it (None: whole image)
     extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
 
     def __post_init__(self):
@@ -167,6 +181,7 @@ class DRDMConfig:
         self.schedule = Schedule.parse(self.schedule).value
         self.input_padding = check_input_padding(self.input_padding, self.size)
         self.background_margin = check_background_margin(self.background_margin, self.size)
+        self.anatomy_fit = check_anatomy_fit(self.anatomy_fit, self.size)
 
     @classmethod
     def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":
