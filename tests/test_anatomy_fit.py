@@ -127,3 +127,63 @@ def test_evaluate_records_the_fit_and_each_view(tmp_path, tiny_checkpoint, capsy
     assert e.value.code == 2 and "--anatomy-fit: expected 'off'" in one_line(capsys.readouterr().err)
     assert main(ev + ["--anatomy-fit", "16"]) == 1
     assert "below S/2 = 16" in one_line(capsys.readouterr().err)
+
+
+def _small_disc(shape=(32, 32), seed=0):
+    """A bright disc of radius a fifth of the side in a dark frame (the view zooms in), and its labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    disc = (yy - shape[0] / 2) ** 2 + (xx - shape[1] / 2) ** 2 < (min(shape) / 5) ** 2
+    return (disc * 100.0 + np.abs(rng.normal(0, 0.5, shape))).astype(np.float32), disc.astype(np.uint8)
+
+
+def test_export_records_resumes_and_reproduces_the_fit(tmp_path, tiny_checkpoint, capsys):
+    from conftest import labelled_cases
+
+    from napari_drdm.export import ExportOptions, load_manifest, reproduce_row
+    fit4 = tiny_checkpoint(2, 32, name="fit4", anatomy_fit=4)
+    src = labelled_cases(tmp_path, _small_disc)
+    own, off = tmp_path / "own", tmp_path / "off"
+    opts = ["-n", "1", "--t-prime", "2", "--schedule", "paper", "--weights", fit4, "--batch", "2", "--no-progress"]
+    assert main(["augment", str(src), str(own)] + opts) == 0
+    assert main(["augment", str(src), str(off)] + opts + ["--anatomy-fit", "off"]) == 0
+    a, b = load_manifest(own), load_manifest(off)
+    assert {r["anatomy_fit"] for r in a["rows"]} == {4} and {r["anatomy_fit"] for r in b["rows"]} == {"off"}
+    rows_a, rows_b = ({r["row_id"]: r for r in m["rows"]} for m in (a, b))
+    assert all(rows_a[k]["ddf_sha256"] != rows_b[k]["ddf_sha256"] for k in rows_a)
+    for folder in (own, off):            # a batch of two views of different sizes reproduces one row alone
+        res = reproduce_row(folder / "manifest.json", "case1_aug000", tmp_path / f"again_{folder.name}")
+        assert all(res["identical"].values()), res
+    capsys.readouterr()
+    assert main(["augment", str(src), str(off)] + opts + ["--resume"]) == 1
+    assert "different settings (anatomy_fit)" in one_line(capsys.readouterr().err)
+    assert main(["augment", str(src), str(own)] + opts + ["--anatomy-fit", "4", "--resume"]) == 0
+    assert "0 outputs written (2 already done)" in capsys.readouterr().out
+    with pytest.raises(InputError, match="^--anatomy-fit: expected 'off'"):
+        ExportOptions(anatomy_fit="whole").validate()
+    out = tmp_path / "refused"
+    assert main(["augment", str(src), str(out)] + opts + ["--anatomy-fit", "16"]) == 1
+    assert "below S/2 = 16" in one_line(capsys.readouterr().err)
+
+
+def test_transform_and_set_inference(tmp_path, tiny_checkpoint, capsys):
+    from napari_drdm.checkpoint import read_checkpoint
+    from napari_drdm.transforms import DRDMTransform
+    from training.__main__ import main as training_main
+    plain = tiny_checkpoint(2, 32, name="plain_t")
+    img, _ = _small_disc()
+    data = {"image": img[None]}
+    whole, fitted = (DRDMTransform(plain, label_keys=(), t_prime="2", schedule="paper", ddf_key="ddf", seed=1,
+                                   anatomy_fit=m) for m in (None, 4))
+    assert not np.array_equal(whole(data)["ddf"], fitted(data)["ddf"])
+    with pytest.raises(InputError, match="^anatomy_fit: expected 'off'"):
+        DRDMTransform(plain, anatomy_fit=-3)
+    out = tmp_path / "fit.safetensors"
+    assert training_main(["set-inference", "--weights", plain, "--out", str(out), "--anatomy-fit", "4",
+                          "--measured", "a test"]) == 0
+    assert "anatomy_fit off -> 4" in capsys.readouterr().out
+    _, cfg, prov = read_checkpoint(out)
+    assert cfg.anatomy_fit == 4 and prov["inference_changes"][-1]["setting"] == "anatomy_fit"
+    again = (DRDMTransform(w, label_keys=(), t_prime="2", schedule="paper", ddf_key="ddf", seed=1, anatomy_fit=m)
+             for w, m in ((str(out), None), (plain, 4)))       # the file's own fit = the fit asked for
+    np.testing.assert_array_equal(*(t(data)["ddf"] for t in again))

@@ -207,6 +207,17 @@ def test_run_request_says_why_not_or_what_run_starts():
     with pytest.raises(InputError, match=r"^Background margin: expected 'off' or a whole number of pixels from 0 to "
                                          r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
         prepare_run(cine, None, model, "", dict(gen, background_margin=16), (3, 0, 0))
+    # anatomy fit: the same; "off" is the own setting of a model without one
+    model = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference", anatomy_fit=4), device="cpu")
+    for asked, variant in ((None, "paper K2 guard"), (4, "paper K2 guard"), (8, "paper K2 8px-anatomy-fit guard"),
+                           ("off", "paper K2 whole-image-view guard")):
+        req = prepare_run(cine, None, model, "", dict(gen, anatomy_fit=asked), (3, 0, 0))
+        assert req.params["anatomy_fit"] == asked and req.params["variant"] == variant
+    assert prepare_run(cine, None, plain, "", dict(gen, anatomy_fit="off"), (3, 0, 0)).params["variant"] == \
+        "paper K2 guard"
+    with pytest.raises(InputError, match=r"^Anatomy fit: expected 'off' or a whole number of pixels from 0 to "
+                                         r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
+        prepare_run(cine, None, model, "", dict(gen, anatomy_fit=16), (3, 0, 0))
 
 
 def test_default_threads_uses_idle_cores(monkeypatch):
@@ -254,3 +265,15 @@ def test_background_extension_readout_and_done_text():
     assert "Background beyond 8 px of the anatomy extended smoothly (29.8 %" in st.done_text(run)
     run.result = SimpleNamespace(guard=None, background_margin=None, background_replaced_pct=0.0)
     assert "Background beyond" not in st.done_text(run)
+
+
+def test_anatomy_fit_done_text():
+    """The done status says how much the fitted view enlarged the image, or that it covered it all."""
+    st = ExplorerState()
+    run = _run(st, n_frames=4)
+    run.result = SimpleNamespace(guard=None, background_margin=None, anatomy_fit=16, view_zoom=1.374)
+    assert "Anatomy fit 16 px: the model saw a square around the anatomy, enlarged 1.37x" in st.done_text(run)
+    run.result = SimpleNamespace(guard=None, background_margin=None, anatomy_fit=16, view_zoom=1.0)
+    assert "the anatomy fills the image, the model saw all of it" in st.done_text(run)
+    run.result = SimpleNamespace(guard=None, background_margin=None, anatomy_fit=None, view_zoom=1.0)
+    assert "Anatomy fit" not in st.done_text(run)

@@ -80,7 +80,7 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     form.guard_check.setChecked(True)
     g = form.generation()
     assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "compose_padding": None, "input_padding": None,
-                 "background_margin": None, "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
+                 "background_margin": None, "anatomy_fit": None, "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
     # composition padding: the model's own by default (named once a model is loaded), or border / zeros
     assert [form.padding_combo.itemText(i) for i in range(3)] == ["model default", "border", "zeros"]
     form.padding_combo.setCurrentText("zeros")
@@ -116,6 +116,16 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     assert form.generation()["background_margin"] == 2
     combo.setCurrentIndex(0)
     assert form.generation()["background_margin"] is None
+    # anatomy fit, below it: the same kind of menu
+    combo = form.anatomy_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "off", "0", "4", "8", "16"]
+    assert "at most 2x" in form.gen.anatomy_fit.tooltip and "authors" in form.gen.anatomy_fit.tooltip
+    form.set_model_padding("border", 8, "off", 16)
+    assert combo.itemText(0) == "model default (16)" and form.generation()["anatomy_fit"] is None
+    combo.setCurrentText("off")
+    assert form.generation()["anatomy_fit"] == "off"
+    combo.setCurrentText("4")
+    assert form.generation()["anatomy_fit"] == 4
     accepted = set(inspect.signature(explore).parameters)
     assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
     assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."

@@ -116,6 +116,11 @@ def test_export_options_are_a_magicgui_form(qtbot):
         ["model default", "off", "0", "2", "4", "8", "16"]
     form.background_margin.setCurrentText("off")
     assert form.option_values()["background_margin"] == "off" and ExportOptions(**form.option_values()).validate()
+    assert kw["anatomy_fit"] is None                                          # "model default"
+    assert [form.anatomy_fit.itemText(i) for i in range(form.anatomy_fit.count())] == \
+        ["model default", "off", "0", "4", "8", "16"]
+    form.anatomy_fit.setCurrentText("8")
+    assert form.option_values()["anatomy_fit"] == 8 and ExportOptions(**form.option_values()).validate()
 
 
 def test_export_input_padding_is_used_and_recorded(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):

@@ -460,3 +460,39 @@ def test_export_widget_fold_guard_default_on(make_napari_viewer):
     assert w.options().fold_guard is True
     w.guard_check.setChecked(False)
     assert w.options().fold_guard is False
+
+
+def test_anatomy_fit_option_reaches_the_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    """The form's anatomy fit: "model default (4)" names the model's own; the run's field is the
+    Python API's, its results record the fit and the view's zoom, the status says it; "off" is a
+    variant; going back to "model default" after a value the model cannot take enables Run again."""
+    from napari_drdm.model import load_model
+    fit4 = tiny_checkpoint(2, 32, name="fit4", anatomy_fit=4)
+    viewer = make_napari_viewer()
+    img = np.zeros((40, 40), np.float32)
+    img[14:26, 12:28] = 80.0                                       # a small anatomy in a wide view
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, fit4)
+    assert widget.anatomy_combo.currentText() == "model default (4)"
+    widget.seed_spin.setValue(5)
+    widget.anatomy_combo.setCurrentText("16")                       # 16 >= S/2 for S = 32
+    assert not widget.run_btn.isEnabled() and widget.reason.startswith("Anatomy fit: expected 'off'")
+    model = load_model(fit4, device="cpu")
+    for choice, title, recorded in ((0, "#1 fit4 s5 T'2 paper K2", 4),
+                                    ("off", "#2 fit4 s5 T'2 paper K2 whole-image-view", None)):
+        if choice == 0:
+            widget.anatomy_combo.setCurrentIndex(0)
+        else:
+            widget.anatomy_combo.setCurrentText(choice)
+        assert widget.run_btn.isEnabled() and widget.reason == ""
+        _run_and_wait(qtbot, widget, t_prime=2, schedule="paper")
+        run = widget.state.current
+        assert run.title == title
+        md = viewer.layers[run.layer_name("recovered image")].metadata["drdm"]
+        assert md["anatomy_fit"] == recorded and (md["view_zoom"] > 1.5) == (recorded is not None)
+        assert ("Anatomy fit 4 px: the model saw a square" in widget.status_label.text()) == (recorded is not None)
+        res = model.generate(img, t_prime=2, seed=5, schedule="paper", spacing=(1.0, 1.0),
+                             anatomy_fit="off" if recorded is None else recorded)
+        np.testing.assert_allclose(viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"], res.ddf,
+                                   rtol=1e-4, atol=1e-4)

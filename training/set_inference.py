@@ -3,8 +3,8 @@
 ``python -m training set-inference --weights brain3d --background-margin 2 --measured "..."``
 
 The settings a model carries that only change how generation runs, not the network: the reverse
-loop's composition padding, the mirrored frame around the network's input, and the background
-margin (core/background.py).  The weights are strict-loaded into their own configuration with the
+loop's composition padding, the mirrored frame around the network's input, the background
+margin (core/background.py) and the anatomy fit (core/view.py).  The weights are strict-loaded into their own configuration with the
 new values first; the file's provenance gets one ``inference_changes`` entry per changed setting
 (from, to, and the measurement that chose it).  A bundled name (``drdm weights``) is changed in
 place and its ``registry.json`` entry follows (sha256, and the setting in its provenance); a file
@@ -25,6 +25,7 @@ from napari_drdm.checkpoint import read_checkpoint, write_checkpoint  # noqa: E4
 from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, margin_as_option  # noqa: E402
 from napari_drdm.io import atomic_write  # noqa: E402
 from napari_drdm.validate import (  # noqa: E402
+    check_anatomy_fit_option,
     check_background_margin_option,
     check_compose_padding,
     check_input_padding_option,
@@ -33,7 +34,9 @@ from napari_drdm.validate import (  # noqa: E402
 __all__ = ["INFERENCE_SETTINGS", "set_inference"]
 
 #: the configuration fields this command may change (none of them changes the network)
-INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin")
+INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin", "anatomy_fit")
+#: the settings whose "off" is None in a configuration
+_OFF_IS_NONE = ("background_margin", "anatomy_fit")
 
 
 def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, overwrite: bool = False,
@@ -43,7 +46,7 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     Args:
         weights: a ``.safetensors`` file, or a bundled name (changed in place, registry included).
         changes: setting -> new value, settings from :data:`INFERENCE_SETTINGS`
-            (``background_margin``: pixels, or None / "off" for none).
+            (``background_margin``, ``anatomy_fit``: pixels, or None / "off" for none).
         measured: what chose the new values (a benchmark and its figures), kept in the provenance.
         out: where to write a file's new version (required for a file, refused for a bundled name).
         overwrite: replace an existing ``out``.
@@ -59,7 +62,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if unknown:
         raise ValueError(f"{unknown}: not inference settings; the command changes {list(INFERENCE_SETTINGS)}")
     if not changes:
-        raise ValueError("nothing to change: give --background-margin, --input-padding or --compose-padding")
+        raise ValueError("nothing to change: give --background-margin, --anatomy-fit, --input-padding or "
+                         "--compose-padding")
     if not str(measured or "").strip():
         raise ValueError("--measured: say which measurement chose the new values (it is kept in the file)")
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -84,6 +88,9 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if "background_margin" in new:
         v = check_background_margin_option(new["background_margin"], cfg.size, "--background-margin")
         new["background_margin"] = None if v in (None, BACKGROUND_OFF) else v
+    if "anatomy_fit" in new:
+        v = check_anatomy_fit_option(new["anatomy_fit"], cfg.size, "--anatomy-fit")
+        new["anatomy_fit"] = None if v in (None, BACKGROUND_OFF) else v
     if "input_padding" in new:
         new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
     if "compose_padding" in new:
@@ -117,8 +124,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
 
 
 def _shown(setting: str, value):
-    """A setting's value as the command line writes it (a background margin of None: off)."""
-    return margin_as_option(value) if setting == "background_margin" else value
+    """A setting's value as the command line writes it (a background margin or anatomy fit of None: off)."""
+    return margin_as_option(value) if setting in _OFF_IS_NONE else value
 
 
 def add_arguments(p) -> None:
@@ -127,6 +134,8 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--background-margin", default=None, metavar="PX|off",
                    help="pixels kept around the anatomy before the field is extended, or off")
+    p.add_argument("--anatomy-fit", default=None, metavar="PX|off",
+                   help="pixels kept around the anatomy in the model's fitted view, or off (the whole image)")
     p.add_argument("--input-padding", default=None, metavar="PX", help="mirrored frame around the network's input")
     p.add_argument("--compose-padding", default=None, choices=COMPOSE_PADDINGS, help="reverse-loop composition padding")
     p.add_argument("--measured", required=True, help="the measurement that chose the values (kept in the file)")

@@ -22,7 +22,7 @@ from ..core.metrics import affine_text
 from ._inputs import Inputs
 from ._layers import FrameStore
 
-__all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text", "background_text"]
+__all__ = ["Run", "ExplorerState", "GRID_NOTE", "metrics_text", "background_text", "view_text"]
 
 GRID_NOTE = "image grid"
 
@@ -42,6 +42,14 @@ def background_text(margin: int, replaced_pct: float) -> str:
     """One sentence on the background extension of a recovered field (README "Units and conventions")."""
     return (f"Background beyond {margin} px of the anatomy extended smoothly ({replaced_pct:.1f} % of the field "
             f"replaced; Background margin: off keeps the loop's field).")
+
+
+def view_text(fit: int, zoom: float) -> str:
+    """One sentence on the model's view fitted to the anatomy (README "Units and conventions")."""
+    if zoom <= 1.0 + 1e-6:
+        return f"Anatomy fit {fit} px: the anatomy fills the image, the model saw all of it."
+    return (f"Anatomy fit {fit} px: the model saw a square around the anatomy, enlarged {zoom:.2f}x; the field "
+            f"outside it continues the field at its edge (Anatomy fit: off shows the model the whole image).")
 
 
 @dataclass
@@ -253,6 +261,9 @@ class ExplorerState:
         margin = getattr(run.result, "background_margin", None)
         if margin is not None:
             txt += " " + background_text(margin, run.result.background_replaced_pct)
+        fit = getattr(run.result, "anatomy_fit", None)
+        if fit is not None:
+            txt += " " + view_text(fit, run.result.view_zoom)
         guard = getattr(run.result, "guard", None)
         if guard:
             txt += (f" Fold guard: {guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before, "

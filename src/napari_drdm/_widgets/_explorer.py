@@ -94,7 +94,7 @@ class ExplorerWidget(QWidget):
         f.new_seed_btn.changed.connect(self.new_seed)
         f.gen.changed.connect(lambda _v: self.validate())
         # magicgui does not report a menu's return to "model default" (value None) as a change
-        for combo in (f.padding_combo, f.input_padding_combo, f.background_combo):
+        for combo in (f.padding_combo, f.input_padding_combo, f.background_combo, f.anatomy_combo):
             combo.currentIndexChanged.connect(lambda _i: self.validate())
 
     def _connect_viewer(self):
@@ -167,7 +167,7 @@ class ExplorerWidget(QWidget):
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
             self.form.set_model_padding(cfg.compose_padding, cfg.input_padding,
-                                        margin_as_option(cfg.background_margin))
+                                        margin_as_option(cfg.background_margin), margin_as_option(cfg.anatomy_fit))
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)
@@ -252,6 +252,7 @@ class ExplorerWidget(QWidget):
                                fold_guard=params["fold_guard"], compose_padding=params.get("compose_padding"),
                                input_padding=params.get("input_padding"),
                                background_margin=params.get("background_margin"),
+                               anatomy_fit=params.get("anatomy_fit"),
                                _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))

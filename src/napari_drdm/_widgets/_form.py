@@ -36,7 +36,8 @@ from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
 __all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT",
-           "INPUT_PADDINGS", "INPUT_PADDING_TIP", "BACKGROUND_MARGINS", "BACKGROUND_MARGIN_TIP", "background_choices"]
+           "INPUT_PADDINGS", "INPUT_PADDING_TIP", "BACKGROUND_MARGINS", "BACKGROUND_MARGIN_TIP", "background_choices",
+           "ANATOMY_FITS", "ANATOMY_FIT_TIP", "anatomy_choices"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
@@ -66,13 +67,27 @@ def background_choices():
     return [(MODEL_DEFAULT, None), *((str(v), v) for v in BACKGROUND_MARGINS)]
 
 
+#: the anatomy fit menu's values after "model default" ("off", then pixels below S/2)
+ANATOMY_FITS = (BACKGROUND_OFF, 0, 4, 8, 16)
+#: the anatomy fit menu's tooltip (the explorer's and the export dock's)
+ANATOMY_FIT_TIP = ("Fit the model's view to the anatomy: the network works on a square (cube) around everything "
+                   "bright, with this many of its pixels free around it, enlarged at most 2x, so a small anatomy in "
+                   "a wide field of view is deformed at its own scale. The field is returned on the whole image. "
+                   "off = the whole image, the authors' behaviour. model default: the model's own (drdm weights "
+                   "lists it).")
+
+
+def anatomy_choices():
+    """The anatomy fit menu: (text, value) pairs, "model default" (None) first."""
+    return [(MODEL_DEFAULT, None), *((str(v), v) for v in ANATOMY_FITS)]
+
+
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
-CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin",
-            "device_combo", "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn",
-            "schedule_combo", "padding_combo", "input_padding_combo", "background_combo", "k_spin", "budget_spin", "guard_check",
-            "reason_label", "plan_label", "run_btn",
-            "cancel_btn", "progress", "status_label", "run_combo", "remove_btn", "prev_btn", "next_btn",
-            "follow_check", "readout", "plot")
+CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin", "device_combo",
+            "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn", "schedule_combo",
+            "padding_combo", "input_padding_combo", "background_combo", "anatomy_combo", "k_spin", "budget_spin",
+            "guard_check", "reason_label", "plan_label", "run_btn", "cancel_btn", "progress", "status_label",
+            "run_combo", "remove_btn", "prev_btn", "next_btn", "follow_check", "readout", "plot")
 
 
 def scrolled(inner: QWidget) -> QScrollArea:
@@ -213,6 +228,8 @@ class ExplorerForm(QWidget):
                      tooltip=INPUT_PADDING_TIP),
             ComboBox(name="background_margin", label="Background margin (px)", value=None,
                      choices=background_choices(), tooltip=BACKGROUND_MARGIN_TIP),
+            ComboBox(name="anatomy_fit", label="Anatomy fit (px)", value=None,
+                     choices=anatomy_choices(), tooltip=ANATOMY_FIT_TIP),
             SpinBox(name="k", label="K", min=1, max=10, value=2,
                     tooltip="K: internal recursions of the network per reverse step."),
             SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
@@ -235,32 +252,36 @@ class ExplorerForm(QWidget):
         self.padding_combo = self.gen.compose_padding.native
         self.input_padding_combo = self.gen.input_padding.native
         self.background_combo = self.gen.background_margin.native
+        self.anatomy_combo = self.gen.anatomy_fit.native
         self.k_spin = self.gen.k.native
         self.budget_spin = self.gen.budget_mib.native
         self.guard_check = self.gen.fold_guard.native
         return box
 
     def set_model_padding(self, model_padding: Optional[str], input_padding: Optional[int] = None,
-                          background_margin: Union[None, int, str] = None) -> None:
-        """Name the loaded model's own composition padding, input padding and background margin in the
-        menus' first entries ("model default (border)", "model default (8)", "model default (off)");
-        the choices made stay.
+                          background_margin: Union[None, int, str] = None,
+                          anatomy_fit: Union[None, int, str] = None) -> None:
+        """Name the loaded model's own composition padding, input padding, background margin and
+        anatomy fit in the menus' first entries ("model default (border)", "model default (8)",
+        "model default (off)"); the choices made stay.
 
         Args:
             model_padding: the loaded model's ``config.compose_padding``, or None (no model).
             input_padding: the loaded model's ``config.input_padding`` (pixels), or None (no model).
             background_margin: the loaded model's ``config.background_margin`` (pixels) or "off"; None:
                 no model.
+            anatomy_fit: the loaded model's ``config.anatomy_fit`` (pixels) or "off"; None: no model.
         """
         self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
         self.input_padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({input_padding})" if input_padding is not None
                                                                   else ""))
         self.background_combo.setItemText(0, MODEL_DEFAULT + (f" ({background_margin})" if background_margin is not None
                                                                else ""))
+        self.anatomy_combo.setItemText(0, MODEL_DEFAULT + (f" ({anatomy_fit})" if anatomy_fit is not None else ""))
 
     def generation(self) -> Dict[str, Any]:
-        """t_prime, seed, schedule, compose_padding, input_padding and background_margin (None: the
-        model's), k, budget_mib and fold_guard as set in the form."""
+        """t_prime, seed, schedule, compose_padding, input_padding, background_margin and anatomy_fit
+        (None: the model's), k, budget_mib and fold_guard as set in the form."""
         vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
         vals["seed"] = self._seed.value
         return vals

@@ -173,7 +173,8 @@ class RunLayers:
                                                forward_metrics=res.forward_metrics,
                                                compose_padding=res.compose_padding,    # the ones used
                                                input_padding=res.input_padding,
-                                               background_margin=res.background_margin),
+                                               background_margin=res.background_margin,
+                                               anatomy_fit=res.anatomy_fit, view_zoom=res.view_zoom),
               "spacing": run.inputs.spacing}
         if run.out_affine is not None:
             md["affine"] = run.out_affine

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.config import BACKGROUND_OFF, Schedule, margin_as_option
 from ..errors import InputError
-from ..validate import check_background_margin_option, check_input_padding_option
+from ..validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option
 from ._inputs import Inputs, output_geometry, read_inputs
 from ._layers import FramePlan, label_dtype, plan_frames
 
@@ -47,11 +47,12 @@ class RunRequest:
 def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, Any]:
     """The generation's arguments: the form's options without the frame budget, the model's device,
     and a ``variant`` naming what departs from the model's defaults (e.g. "paper K2 zeros-padding guard").
-    InputError (one line) when the input padding or background margin does not suit the model (below S/2).
+    InputError (one line) when the input padding, background margin or anatomy fit does not suit the
+    model (below S/2).
 
     Args:
         generation: the form's generation options (t_prime, seed, schedule, compose_padding,
-            input_padding, background_margin, k, budget_mib, fold_guard).
+            input_padding, background_margin, anatomy_fit, k, budget_mib, fold_guard).
         config: the model's :class:`~napari_drdm.core.config.DRDMConfig`.
         device: the model's device.
     """
@@ -70,6 +71,9 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     margin = check_background_margin_option(p.get("background_margin"), config.size, "Background margin")
     if margin is not None and margin != margin_as_option(config.background_margin):
         variant.append("no-background-extension" if margin == BACKGROUND_OFF else f"{margin}px-background-margin")
+    fit = check_anatomy_fit_option(p.get("anatomy_fit"), config.size, "Anatomy fit")
+    if fit is not None and fit != margin_as_option(config.anatomy_fit):
+        variant.append("whole-image-view" if fit == BACKGROUND_OFF else f"{fit}px-anatomy-fit")
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

@@ -19,6 +19,7 @@ from ..validate import arg_type, check_int, check_positive
 from . import (
     add_fold_guard_arg,
     add_model_args,
+    anatomy_fit_arg,
     background_margin_arg,
     compose_padding_arg,
     input_padding_arg,
@@ -51,6 +52,7 @@ def add_common(p):
     compose_padding_arg(p)
     input_padding_arg(p)
     background_margin_arg(p)
+    anatomy_fit_arg(p)
     k_arg(p)
     p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
                    help="samples per network pass (default 4)")
@@ -159,7 +161,7 @@ def run_mode(args, opts_kw: dict) -> int:
         torch.backends.cudnn.benchmark = False
     opts = ExportOptions(per_image=args.per_image, seed=args.seed, schedule=args.schedule,
                          compose_padding=args.compose_padding, input_padding=args.input_padding,
-                         background_margin=args.background_margin, k=args.k,
+                         background_margin=args.background_margin, anatomy_fit=args.anatomy_fit, k=args.k,
                          batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
                          label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
                          resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict,

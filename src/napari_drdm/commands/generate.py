@@ -9,7 +9,9 @@ from ..validate import arg_type, check_int, check_positive
 from . import (
     add_fold_guard_arg,
     add_model_args,
+    anatomy_fit_arg,
     background_margin_arg,
+    checked_anatomy_fit,
     checked_background_margin,
     checked_input_padding,
     compose_padding_arg,
@@ -34,6 +36,7 @@ def add_parser(sub):
     compose_padding_arg(p)
     input_padding_arg(p)
     background_margin_arg(p)
+    anatomy_fit_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
     label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
@@ -76,6 +79,7 @@ def run(args) -> int:
         check_t_prime(args.t_prime, model.config.n_steps, name="--t-prime")
         input_padding = checked_input_padding(args, model)
         margin = checked_background_margin(args, model)
+        fit = checked_anatomy_fit(args, model)
         labels = None
         if lab_vol is not None:
             labels = lab_vol.data
@@ -94,7 +98,7 @@ def run(args) -> int:
         res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
                              k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
                              fold_guard=args.fold_guard, compose_padding=args.compose_padding,
-                             input_padding=input_padding, background_margin=margin)
+                             input_padding=input_padding, background_margin=margin, anatomy_fit=fit)
         secs = time.perf_counter() - t0
         affine = field_affine(res.ddf)             # the written field's global affine part
         vol.spacing = tuple(vol.spacing[: data.ndim])
@@ -115,6 +119,9 @@ def run(args) -> int:
     if res.background_margin is not None or model.config.background_margin is not None:
         pad_in += (f" background_margin={res.background_margin}px ({res.background_replaced_pct:.1f} % extended)"
                    if res.background_margin is not None else " background_margin=off")
+    if res.anatomy_fit is not None or model.config.anatomy_fit is not None:
+        pad_in += (f" anatomy_fit={res.anatomy_fit}px (view x{res.view_zoom:.2f})"
+                   if res.anatomy_fit is not None else " anatomy_fit=off")
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")

@@ -29,10 +29,11 @@ def run(args) -> int:
             print(f"    {e['description']}")
         inf = e.get("inference")
         if inf:
-            margin = inf["background_margin"]
+            margin, fit = inf["background_margin"], inf.get("anatomy_fit")
             print(f"    generates with: {inf['schedule']} loop, K={inf['k_recursions']}, composition padding "
                   f"{inf['compose_padding']}, input padding {inf['input_padding']} px, background margin "
-                  + ("off" if margin is None else f"{margin} px"))
+                  + ("off" if margin is None else f"{margin} px")
+                  + ", view " + ("the whole image" if fit is None else f"fitted to the anatomy ({fit} px around it)"))
         prov = e.get("provenance") or {}
         for key in ("trained_on", "steps", "wall_time_h", "device", "command", "data_sha256"):
             if key in prov:

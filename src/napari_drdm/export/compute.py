@@ -52,7 +52,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
     phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k,
                                          fold_guard=opts.fold_guard, compose_padding=opts.compose_padding,
                                          input_padding=opts.input_padding,
-                                         background_margin=opts.background_margin)
+                                         background_margin=opts.background_margin, anatomy_fit=opts.anatomy_fit)
     outs = []
     for b, (ls, _job) in enumerate(members):
         ddf = ls.grid.field_to_original(phi_m[b:b + 1], opts.fold_guard)
@@ -71,7 +71,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
                                              schedule=opts.schedule, k=opts.k, fold_guard=opts.fold_guard,
                                              compose_padding=opts.compose_padding,
                                              input_padding=opts.input_padding,
-                                         background_margin=opts.background_margin)
+                                         background_margin=opts.background_margin, anatomy_fit=opts.anatomy_fit)
         for b, (o, (ls, _job)) in enumerate(zip(outs, members)):
             syn = ls.grid.field_to_original(phi_s[b:b + 1], opts.fold_guard)
             total = compose(syn, o.pop("phi_aug"), "border")

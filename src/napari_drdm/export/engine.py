@@ -33,7 +33,7 @@ from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
 from .jobspec import Job, make_jobs
 from .manifest import Journal, journal_rows, kept_records, write_manifest
-from .options import ExportOptions, check_model_options, margin_used
+from .options import ExportOptions, check_model_options, fit_used, margin_used
 from .outdir import check_out_vs_inputs, prepare_output_folder
 from .sample import LoadedSample, ModelProvider, load_sample, weights_sha
 
@@ -69,7 +69,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "schedule": opts.schedule or model.config.schedule, "k": int(opts.k or model.config.k_recursions),
            "compose_padding": opts.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if opts.input_padding is None else int(opts.input_padding),
-           "background_margin": margin_used(model, opts),
+           "background_margin": margin_used(model, opts), "anatomy_fit": fit_used(model, opts),
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
@@ -163,7 +163,8 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     mode = opts.mode
     i_shard, n_shard = opts.shard
     provider = ModelProvider(opts.weights, opts.device, opts.size, model)
-    if (opts.input_padding is not None or opts.background_margin is not None) and (model is not None or opts.weights):
+    bounded = (opts.input_padding, opts.background_margin, opts.anatomy_fit)      # S/2 bounds them
+    if any(v is not None for v in bounded) and (model is not None or opts.weights):
         check_model_options(provider.get(0), opts)     # one model for every input: refused before any work
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")
@@ -181,7 +182,8 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     if model is not None or opts.weights:      # one model for every input: its own settings resolve "None"
         own = provider.get(0).config
         settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding),
-                                      "background_margin": margin_as_option(own.background_margin)}
+                                      "background_margin": margin_as_option(own.background_margin),
+                                      "anatomy_fit": margin_as_option(own.anatomy_fit)}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 from ..core.config import margin_as_option
 from .jobspec import parse_t_prime
 
-__all__ = ["ExportOptions", "check_model_options", "margin_used"]
+__all__ = ["ExportOptions", "check_model_options", "margin_used", "fit_used"]
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ExportOptions:
     compose_padding: Optional[str] = None  # reverse-loop composition, "border" or "zeros"; None: the model's
     input_padding: Optional[int] = None    # px of mirrored image around the network's input; None: the model's
     background_margin: Union[None, int, str] = None  # px kept around the anatomy, or "off"; None: the model's
+    anatomy_fit: Union[None, int, str] = None  # px around the anatomy in the fitted view, or "off"; None: the model's
     k: Optional[int] = None
     batch: int = 4
     inverse: bool = False
@@ -42,6 +43,7 @@ class ExportOptions:
     def validate(self) -> "ExportOptions":
         """Check every option (one line naming it and what was expected); returns self."""
         from ..validate import (
+            check_anatomy_fit_option,
             check_background_margin_option,
             check_bool,
             check_choice,
@@ -68,6 +70,7 @@ class ExportOptions:
         check_compose_padding(self.compose_padding)
         self.input_padding = check_input_padding_option(self.input_padding)   # S/2: per model, see check_model_options
         self.background_margin = check_background_margin_option(self.background_margin)
+        self.anatomy_fit = check_anatomy_fit_option(self.anatomy_fit)
         check_label_interp(self.label_interp)
         self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
         self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
@@ -88,14 +91,21 @@ class ExportOptions:
 
 
 def check_model_options(model, opts: ExportOptions) -> None:
-    """The options a model's side S bounds (``input_padding`` and ``background_margin`` < S/2):
-    InputError, one line naming the option, when ``model`` cannot use them."""
-    from ..validate import check_background_margin_option, check_input_padding_option
+    """The options a model's side S bounds (``input_padding``, ``background_margin`` and
+    ``anatomy_fit`` < S/2): InputError, one line naming the option, when ``model`` cannot use them."""
+    from ..validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option
     check_input_padding_option(opts.input_padding, model.size, "--input-padding")
     check_background_margin_option(opts.background_margin, model.size, "--background-margin")
+    check_anatomy_fit_option(opts.anatomy_fit, model.size, "--anatomy-fit")
 
 
 def margin_used(model, opts: ExportOptions):
     """The background margin a row was made with: pixels, or "off"."""
     from ..model import resolve_background_margin
     return margin_as_option(resolve_background_margin(opts.background_margin, model.config))
+
+
+def fit_used(model, opts: ExportOptions):
+    """The anatomy fit a row was made with: pixels, or "off" (the whole image)."""
+    from ..model import resolve_anatomy_fit
+    return margin_as_option(resolve_anatomy_fit(opts.anatomy_fit, model.config))
