@@ -553,8 +553,8 @@ def test_convert_upstream_compose_padding(tmp_path, capsys):
     assert c_b.replace(compose_padding="zeros").to_dict() == c_z.to_dict()
     assert p_b["compose_padding"] == "border" and p_b["authors_compose_padding"] == "zeros"
     assert "weights_table_t45_cmr2d_border.json" in p_b["compose_padding_change"]
-    assert "3 inference settings changed" in p_b["change"]      # and the input padding, the background margin
-    assert "compose_padding_change" not in p_z and "2 inference settings changed" in p_z["change"]
+    assert "4 inference settings changed" in p_b["change"]      # and the input padding, background margin, anatomy fit
+    assert "compose_padding_change" not in p_z and "3 inference settings changed" in p_z["change"]
     assert "composition padding" not in p_z["change"]
     bundled, _ = resolve_weights("cmr2d")
     s_c, c_c, p_c = read_checkpoint(bundled)
@@ -578,13 +578,14 @@ def test_convert_upstream_input_padding(tmp_path, capsys):
     pth = ref_path("upstream_cmr2d.pth")
     convert_upstream(pth, tmp_path / "default.safetensors")
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "none.safetensors"),
-                          "--input-padding", "0", "--compose-padding", "zeros", "--background-margin", "off"]) == 0
+                          "--input-padding", "0", "--compose-padding", "zeros", "--background-margin", "off",
+                          "--anatomy-fit", "off"]) == 0
     assert "input padding 0 px" in capsys.readouterr().out
     _, c_d, p_d = read_checkpoint(tmp_path / "default.safetensors")
     _, c_0, p_0 = read_checkpoint(tmp_path / "none.safetensors")
     assert (c_d.input_padding, c_0.input_padding) == (8, 0)
     assert "weights_table_t45_cmr2d_pad8.json" in p_d["input_padding_change"]
-    assert "3 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
+    assert "4 inference settings changed" in p_d["change"] and p_d["authors_input_padding"] == 0
     assert "input_padding_change" not in p_0 and "inference setting" not in p_0["change"]
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
                           "--input-padding", "6"]) == 2
@@ -611,8 +612,16 @@ def test_convert_upstream_background_margin(tmp_path, capsys):
     assert (c_d.background_margin, c_o.background_margin) == (8, None)
     assert (p_d["background_margin"], p_d["authors_background_margin"]) == (8, None)
     assert "background_extension.json" in p_d["background_margin_change"]
-    assert "background_margin_change" not in p_o and "2 inference settings changed" in p_o["change"]
+    assert "background_margin_change" not in p_o and "3 inference settings changed" in p_o["change"]
     assert all(torch.equal(s_d[k], s_o[k]) for k in s_d)
+    # the anatomy fit: 16 px by default, off writes the authors' whole-image view
+    assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "whole.safetensors"),
+                          "--anatomy-fit", "off"]) == 0
+    assert "anatomy fit off" in capsys.readouterr().out
+    _, c_w, p_w = read_checkpoint(tmp_path / "whole.safetensors")
+    assert (c_d.anatomy_fit, c_w.anatomy_fit) == (16, None) and p_d["authors_anatomy_fit"] is None
+    assert "weights_table_t45_cmr2d_bg8_fit16.json" in p_d["anatomy_fit_change"]
+    assert "anatomy_fit_change" not in p_w and "3 inference settings changed" in p_w["change"]
     assert training_main(["convert-upstream", "--pth", str(pth), "--out", str(tmp_path / "x.safetensors"),
                           "--background-margin", "128"]) == 2
     err = capsys.readouterr().err

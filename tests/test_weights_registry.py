@@ -46,12 +46,14 @@ def test_weights_command_marks_the_defaults(capsys):
         assert f"[default {nd}D]" in line
     assert sum("[default" in ln for ln in out.splitlines()) == 2
     assert any(e["name"] == "cmr2d" and e["default"] for e in list_weights())
-    # each model's generation settings, read from its file: cmr2d's three changed ones among them
+    # each model's generation settings, read from its file: cmr2d's four changed ones among them
     assert sum(ln.startswith("    generates with: ") for ln in out.splitlines()) == len(registry())
     cmr = next(e for e in list_weights() if e["name"] == "cmr2d")
     assert cmr["inference"] == {"schedule": "reference", "k_recursions": 2, "compose_padding": "border",
-                                "input_padding": 8, "background_margin": 8}
-    assert "composition padding border, input padding 8 px, background margin 8 px" in out
+                                "input_padding": 8, "background_margin": 8, "anatomy_fit": 16}
+    assert ("composition padding border, input padding 8 px, background margin 8 px, view fitted to the anatomy "
+            "(16 px around it)") in out
+    assert "background margin 2 px, view the whole image" in out                   # the 3D models
 
 
 def test_cmr2d_is_the_published_network_with_licence_and_provenance():
