@@ -26,7 +26,7 @@ from .checks import MAX_IMAGE_RANGE  # noqa: F401  (re-exported: the export code
 from .checks import check_image as _check_image
 from .checks import check_labels as _check_labels
 from .core.background import extend_into_background
-from .core.config import BACKGROUND_OFF, DEFAULT_SCHEDULE, DRDMConfig, Schedule
+from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
@@ -37,13 +37,11 @@ from .core.spatial import warp, warp_labels
 from .core.view import anatomy_views, field_from_view, to_view
 from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
+from .loop_options import resolve_anatomy_fit, resolve_background_margin, resolve_input_padding
 from .model_grid import ModelGrid
 from .validate import (
-    check_anatomy_fit_option,
-    check_background_margin_option,
     check_compose_padding,
     check_device,
-    check_input_padding_option,
     check_k,
     check_model_size,
     check_seed,
@@ -230,7 +228,7 @@ class DRDM:
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding") or cfg.compose_padding
-        pad_in = _input_padding(input_padding, cfg)
+        pad_in = resolve_input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
         fit = resolve_anatomy_fit(anatomy_fit, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
@@ -358,7 +356,7 @@ class DRDM:
         schedule = Schedule.parse(schedule or cfg.schedule)
         k = check_k(k) or int(cfg.k_recursions)
         padding = check_compose_padding(compose_padding, "compose_padding")
-        pad_in = _input_padding(input_padding, cfg)
+        pad_in = resolve_input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
         fit = resolve_anatomy_fit(anatomy_fit, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
@@ -389,31 +387,6 @@ class DRDM:
             if guard_report is not None:
                 guard_report.update(info)
         return phi, psi
-
-
-def _input_padding(value, cfg: DRDMConfig) -> int:
-    """The input padding a generation uses: ``value`` (checked against the model's side; a bad one is
-    one :class:`InputError` line) or, for None, the model's own."""
-    v = check_input_padding_option(value, cfg.size, "input_padding")
-    return cfg.input_padding if v is None else v
-
-
-def resolve_background_margin(value, cfg: DRDMConfig) -> Optional[int]:
-    """The background margin a generation uses (None: no extension): ``value`` (checked against the
-    model's side; a bad one is one :class:`InputError` line), "off", or for None the model's own."""
-    v = check_background_margin_option(value, cfg.size, "background_margin")
-    if v is None:
-        return cfg.background_margin
-    return None if v == BACKGROUND_OFF else v
-
-
-def resolve_anatomy_fit(value, cfg: DRDMConfig) -> Optional[int]:
-    """The anatomy fit a generation uses (None: the whole image): ``value`` (checked against the
-    model's side; a bad one is one :class:`InputError` line), "off", or for None the model's own."""
-    v = check_anatomy_fit_option(value, cfg.size, "anatomy_fit")
-    if v is None:
-        return cfg.anatomy_fit
-    return None if v == BACKGROUND_OFF else v
 
 
 def _extend_background(phi: torch.Tensor, x_model: torch.Tensor, margin: int, interp: str):
