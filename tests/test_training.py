@@ -499,6 +499,28 @@ def test_init_from_bundled_name_starts_from_those_weights_and_records_them(tmp_p
     assert prov["init"]["source"] == "cmr2d" and prov["init"]["sha256"] == sha(cmr)
 
 
+def test_anchor_holds_a_fine_tune_near_its_start(tmp_path):
+    """``loss.w_anchor``: the squared distance to the starting weights is a logged loss term, and a
+    strong one keeps the weights nearer their start than the same steps without it; no weights to
+    stay near is refused."""
+    from napari_drdm.weights import resolve_weights
+    from training.init_weights import InitError
+    ref, _, _ = read_checkpoint(resolve_weights("cmr2d")[0])
+    drift = {}
+    for w in (0.0, 1e4):
+        run = tmp_path / f"anchor{w:g}"
+        cfg = tiny(**{"init": "cmr2d", "train.steps": 4, "validation.at_end": "false", "optim.lr": 1e-3,
+                      "loss.w_anchor": w, "train.log_every": 1})
+        train(cfg, run, argv=["test", "anchor"], echo=lambda *a: None)
+        state = load_training_checkpoint(latest_checkpoint(run))["model"]
+        drift[w] = sum(float(((state[k].float() - ref[k].float()) ** 2).sum()) for k in ref)
+        logged = [r for r in _log(run) if "total" in r]
+        assert logged and all(("anchor" in r) == (w > 0) for r in logged)
+    assert 0 < drift[1e4] < 0.5 * drift[0.0]
+    with pytest.raises(InitError, match="w_anchor > 0 needs loss.anchor or init"):
+        train(tiny(**{"loss.w_anchor": 1.0, "train.steps": 1}), tmp_path / "none", argv=["t"], echo=lambda *a: None)
+
+
 def test_init_refuses_a_network_of_another_shape(tmp_path):
     from training.train import InitError
     cfg = tiny(**{"init": "cmr2d", "model.channels": "[8, 16, 32]"})

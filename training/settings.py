@@ -32,7 +32,8 @@ DEFAULTS: Dict[str, Any] = {
              "min_foreground": 0.15, "bg_threshold": 0.08, "max_mb": 40, "max_upsample": 2.0,
              "n_synthetic": 64, "seed": 0},
     "augment": dict(AUGMENT_DEFAULTS),
-    "loss": {"padding": "zeros", "image_padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1},
+    "loss": {"padding": "zeros", "image_padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1,
+             "w_anchor": 0.0, "anchor": None},       # w_anchor * sum (theta - anchor)^2; anchor None: the init
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,

@@ -100,6 +100,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         say(f"initialised from {init_info['source']} (sha256 {init_info['sha256'][:12]}...)")
     elif ck is None:
         scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
+    anchor = anchor_weights(cfg, mcfg, dev, say)
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
     if env.channels_last:       # before the optimiser: its moments take the parameters' layout
         model = model.to(memory_format=layout)
@@ -201,6 +202,10 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             tt = t.to(dev, non_blocking=True)
             psi_hat = padded_estimate(net, net_in, tt, K, pad_in) if pad_in else net(net_in, tt, k=K)
         terms = loss_terms(psi_hat, fs, S, lcfg)
+        if anchor:
+            terms["anchor"] = float(lcfg["w_anchor"]) * sum(((p.float() - a) ** 2).sum()
+                                                            for p, a in zip(model.parameters(), anchor))
+            terms["total"] = terms["total"] + terms["anchor"]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         return terms, x0.shape[0]
@@ -320,6 +325,28 @@ def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List
     if marks is not None:
         marks.append(time.perf_counter())
     return x0, t, fs, img_t
+
+
+def anchor_weights(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[List[torch.Tensor]]:
+    """The weights a fine-tune is held near (``loss.w_anchor`` > 0): ``loss.anchor`` (a weights file
+    or bundled name), else the run's ``init``; one tensor per parameter, in ``parameters()`` order.
+
+    The term ``w_anchor * sum((theta - anchor)^2)`` is added to the loss (an L2 pull towards the
+    starting point, "L2-SP"): a fine-tune on the kit's brain slices can then learn them without
+    drifting on the modalities the kit has no training images of (chest CT: docs/weights.md).
+    None when ``w_anchor`` is 0.
+    """
+    lcfg = cfg["loss"]
+    w = float(lcfg.get("w_anchor") or 0.0)
+    if w <= 0:
+        return None
+    source = lcfg.get("anchor") or cfg.get("init")
+    if not source:
+        raise InitError("loss.w_anchor > 0 needs loss.anchor or init: the weights to stay near")
+    ref = DRDMNet.from_config(mcfg)
+    info = load_init(ref, source, str(cfg.get("init_inflate") or "centre"))
+    say(f"anchored to {info['source']} (sha256 {info['sha256'][:12]}...), w_anchor {w:g}")
+    return [p.detach().float().to(dev) for p in ref.parameters()]
 
 
 def loss_terms(psi_hat, fs, size: int, lcfg: Dict[str, Any]) -> Dict[str, torch.Tensor]:
