@@ -187,3 +187,19 @@ def test_transform_and_set_inference(tmp_path, tiny_checkpoint, capsys):
     again = (DRDMTransform(w, label_keys=(), t_prime="2", schedule="paper", ddf_key="ddf", seed=1, anatomy_fit=m)
              for w, m in ((str(out), None), (plain, 4)))       # the file's own fit = the fit asked for
     np.testing.assert_array_equal(*(t(data)["ddf"] for t in again))
+
+
+def test_3d_generation_runs_on_a_cube_around_the_anatomy(tiny_checkpoint):
+    """A 3D model with a fit: the loop runs on a cube around the anatomy; its fields come back."""
+    model = load_model(tiny_checkpoint(3, 16, name="fit3d", anatomy_fit=2), device="cpu")
+    vol = np.zeros((20, 16, 16), np.float32)
+    vol[6:14, 5:11, 4:12] = 30.0
+    x = model.prepare(vol)[1]
+    report = {}
+    phi, _ = model.generate_model_grid(x, 2, [3], schedule="paper", view_report=report)
+    views = anatomy_views(x, 2)
+    assert report["zoom"] == [pytest.approx(views[0].zoom)] and views[0].zoom > 1.2
+    phi_v, _ = model.generate_model_grid(to_view(x, views), 2, [3], schedule="paper", anatomy_fit="off")
+    torch.testing.assert_close(phi, field_from_view(phi_v, views))
+    res = model.generate(vol, t_prime=2, seed=3, schedule="paper")
+    assert res.ddf.shape == (3, 20, 16, 16) and res.view_zoom == pytest.approx(views[0].zoom)
