@@ -251,17 +251,9 @@ def check_background_margin_option(value, size: Optional[int] = None,
 def check_anatomy_fit_option(value, size: Optional[int] = None,
                              name: str = "--anatomy-fit") -> Union[None, str, int]:
     """The anatomy fit's margin (``DRDMConfig.anatomy_fit``, core/view.py): pixels of the model's
-    view kept around the anatomy when the view is fitted to it; ``"off"``
-    (:data:`~napari_drdm.core.config.BACKGROUND_OFF`) for the whole image; None for the model's own.
-
-    A whole number of pixels from 0 to below S/2; the S/2 bound is checked only when the model's
-    side ``size`` is known.
-
-    Args:
-        value: the margin (an int, an integral float or a string of digits), "off", or None.
-        size: the model's side S, or None (not known yet: the bound is checked later).
-        name: option name for the message.
-    """
+    view kept around the anatomy when the view is fitted to it; ``"off"`` for the whole image; None
+    for the model's own.  The values, the S/2 bound and the arguments are those of
+    :func:`check_background_margin_option`."""
     return _pixels_or_off(value, size, name)
 
 
