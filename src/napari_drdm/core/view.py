@@ -4,7 +4,7 @@ A model sees its S^d grid.  When the anatomy fills only part of the image (a hea
 of view, a knee in a long scan), most of that grid is empty and the anatomy gets fewer pixels than
 the network was trained with.  The published 2D network then stretches it to fill the view: on
 the held-out KmeansTest brain slices, whose head spans about three quarters of the view, the
-recovered field's global zoom was 1.21 on average, 1.06 with the view fitted (docs/weights.md).
+recovered field's global zoom was 1.21 on average, 1.09 with the shipped fit (docs/weights.md).
 Fitting the view to the anatomy first gives the network the anatomy at the scale it knows.
 
 :func:`anatomy_views` finds, per sample, the smallest square (cube) of the model grid that holds
