@@ -303,6 +303,32 @@ def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
         assert key in str(e.value) and "\n" not in str(e.value)
 
 
+def test_zoom_in_makes_the_content_overflow_the_grid_and_is_off_by_default():
+    """augment.p_zoom_in: the content grows by U(1, zoom_in_max) about the centre, so a disc that
+    fills part of the grid fills more of it (2D and 3D); at 0 (the default) it draws nothing; a bad
+    value is one line naming the key.  The factor is drawn per image: some grow little."""
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
+             "p_rotate3d": 0.0, "p_crop3d": 0.0}
+    x2 = torch.rand(5, 1, 32, 32)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(augment(x2, {"p_zoom_in": 0.0}, g1), augment(x2, None, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    for nd, side in ((2, 64), (3, 24)):
+        axes = torch.meshgrid(*[torch.linspace(-1, 1, side)] * nd, indexing="ij")
+        ball = (sum(a ** 2 for a in axes) < 0.5 ** 2).float()[None, None].repeat(6, 1, *[1] * nd)
+        y = augment(ball, dict(ident, p_zoom_in=1.0, zoom_in_max=2.0), torch.Generator().manual_seed(3))
+        before = ball.flatten(1).mean(1)
+        after = (y > 0.5).flatten(1).float().mean(1)
+        assert (after > before - 0.005).all() and (after > before + 0.05).sum() >= 2, (before, after)
+        assert (after < before * 2.0 ** nd + 0.05).all(), (before, after)
+        same = augment(ball, dict(ident, p_zoom_in=1.0, zoom_in_max=1.0), torch.Generator().manual_seed(3))
+        assert torch.allclose(same, ball, atol=1e-5)
+    for key, bad in (("augment.p_zoom_in", "2"), ("augment.zoom_in_max", "0.5"), ("augment.zoom_in_max", "yes")):
+        with pytest.raises(ValueError) as e:
+            tiny(**{key: bad})
+        assert key in str(e.value) and "\n" not in str(e.value)
+
+
 _AUG_IDENT = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
               "p_rotate3d": 0.0, "p_crop3d": 0.0}          # every default augmentation off
 

@@ -9,7 +9,7 @@ All random numbers of a batch are drawn in a fixed order and always the same amo
 probabilities decide (the cut and the coarse resolution draw theirs after the spatial transform),
 so a generator state fully determines the result.  Spatial transforms are a single
 ``affine_grid`` / ``grid_sample`` per batch (bilinear, zeros), so an image is interpolated once.
-The options off by default (``p_zoom_out``, ``p_cut``, ``p_coarse`` at 0) draw nothing, so the
+The options off by default (``p_zoom_out``, ``p_zoom_in``, ``p_cut``, ``p_coarse`` at 0) draw nothing, so the
 streams of configurations without them are unchanged.  In the order applied:
 
 1. spatial.  2D: rotation U(-max_rotation_deg, max_rotation_deg) and translation
@@ -19,7 +19,10 @@ streams of configurations without them are unchanged.  In the order applied:
    with probability ``p_crop3d``.  Both: zoom-out with probability ``p_zoom_out``: the content
    shrinks by a factor U(zoom_out_min, 1) about the centre into an empty (zero) frame, so that a
    dark frame around the anatomy also occurs in images that are not deformed (training/README.md
-   "Dark frames").
+   "Dark frames").  Zoom-in with probability ``p_zoom_in``: the content grows by U(1, zoom_in_max)
+   about the centre, so that the anatomy overflows the grid's sides, as in a crop that the anatomy
+   fills (cardiac crops, a chest CT whose body reaches the image's edges); an image drawn for both
+   zooms is scaled by their product.
 2. flips per axis (``p_flip``).
 3. a truncated field of view with probability ``p_cut``: everything beyond a line (plane)
    parallel to one side of the grid, at U(cut_min, 1) of the half-side from the centre, on a
@@ -39,7 +42,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "coarsen", "coarse_resample", "cut",
+__all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "zoom_in", "coarsen", "coarse_resample", "cut",
            "field_of_view_cut", "check_augment"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
@@ -49,6 +52,7 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_flip": 0.5, "p_autocontrast": 0.5,
     "p_intensity": 1.0, "threshold_max": 0.2, "gain_std": 0.1, "offset_std": 0.1,
     "p_zoom_out": 0.0, "zoom_out_min": 0.6,
+    "p_zoom_in": 0.0, "zoom_in_max": 2.0,
     "p_coarse": 0.0, "coarse_max": 3.0,
     "p_cut": 0.0, "cut_min": 0.3,
 }
@@ -60,13 +64,16 @@ def _is_number(v) -> bool:
 
 def check_augment(cfg: Dict[str, Any]) -> None:
     """Raise ValueError naming the key when a zoom-out or coarse-resolution setting is out of range."""
-    for key in ("p_zoom_out", "p_coarse", "p_cut"):
+    for key in ("p_zoom_out", "p_zoom_in", "p_coarse", "p_cut"):
         p = cfg.get(key, 0.0)
         if not _is_number(p) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"augment.{key} must be a probability in [0, 1], got {p!r}")
     lo = cfg.get("zoom_out_min", 0.6)
     if not _is_number(lo) or not 0.0 < float(lo) <= 1.0:
         raise ValueError(f"augment.zoom_out_min must be a number in (0, 1], got {lo!r}")
+    zin = cfg.get("zoom_in_max", 2.0)
+    if not _is_number(zin) or not 1.0 <= float(zin) <= 8.0:
+        raise ValueError(f"augment.zoom_in_max must be an enlargement factor in [1, 8], got {zin!r}")
     cut = cfg.get("cut_min", 0.3)
     if not _is_number(cut) or not 0.0 <= float(cut) <= 1.0:
         raise ValueError(f"augment.cut_min must be a share of the half-side in [0, 1], got {cut!r}")
@@ -85,6 +92,21 @@ def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generat
     B, nd, dev = theta.shape[0], theta.shape[1], theta.device
     sel = (_u(B, g, dev) < p).to(theta.dtype)
     s = 1.0 - (1.0 - _u(B, g, dev, float(cfg["zoom_out_min"]), 1.0)) * sel
+    out = theta.clone()
+    out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
+    return out
+
+
+def zoom_in(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
+    """Enlarge the content of the affine maps ``theta`` (B, d, d+1) by U(1, zoom_in_max) with
+    probability ``p_zoom_in``, so the anatomy overflows the grid (the mirror of :func:`zoom_out`).
+    Draws nothing when ``p_zoom_in`` is 0."""
+    p = float(cfg.get("p_zoom_in", 0.0))
+    if p <= 0.0:
+        return theta
+    B, nd, dev = theta.shape[0], theta.shape[1], theta.device
+    sel = (_u(B, g, dev) < p).to(theta.dtype)
+    s = 1.0 + (_u(B, g, dev, 1.0, float(cfg["zoom_in_max"])) - 1.0) * sel
     out = theta.clone()
     out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
     return out
@@ -201,6 +223,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     B, nd, dev, g = x.shape[0], x.dim() - 2, x.device, generator
     theta = affine_2d(B, cfg, g, dev) if nd == 2 else affine_3d(B, cfg, g, dev)
     theta = zoom_out(theta, cfg, g)
+    theta = zoom_in(theta, cfg, g)
     flips = _u(B, g, dev, 0.0, 1.0, nd) < cfg["p_flip"]
     sel_ac = _u(B, g, dev) < cfg["p_autocontrast"]
     sel_in = (_u(B, g, dev) < cfg["p_intensity"]).to(torch.float32)
