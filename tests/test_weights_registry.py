@@ -364,3 +364,29 @@ def test_fold_locations_finds_a_planted_border_fold_and_runs(tmp_path, tiny_ckpt
                     "--seeds", "0", "--t-prime", "3", "--json", str(tmp_path / "out.json")]) == 0
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["seed"] == 0 and "folding" in capsys.readouterr().out
+
+
+def test_gallery_draws_the_tables_generations(tmp_path, tiny_ckpt2d, capsys):
+    """benchmarks/gallery.py: a drawn generation is the weights table's generation with the same
+    number (image i mod n, seed i), figures included; one PNG and a JSON of every panel; a bad
+    option is one line naming it."""
+    from benchmarks import gallery as ga
+    from benchmarks import weights_table as wt
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "unseen2d_brain.npz", images=rng.random((3, 32, 32)).astype(np.float32))
+    rec = wt.run_table([("tiny", str(tiny_ckpt2d))], tmp_path, tmp_path / "nokit", [3], 5, log=lambda m: None)
+    table = rec["rows"][0]["results"][0]["generations"]
+    png, js = tmp_path / "g.png", tmp_path / "g.json"
+    assert ga.main(["--extra", f"tiny={tiny_ckpt2d}", "--models", "--eval-dir", str(tmp_path), "--kit",
+                    str(tmp_path / "nokit"), "--t-prime", "3", "--generations", "1", "4", "--out", str(png),
+                    "--json", str(js)]) == 0
+    assert png.stat().st_size > 10_000
+    panels = json.loads(js.read_text())["models"][0]["panels"]
+    assert [(p["image"], p["seed"]) for p in panels] == [(table[i]["image"], table[i]["seed"]) for i in (1, 4)]
+    for p, i in zip(panels, (1, 4)):
+        assert p["folding_pct"] == pytest.approx(table[i]["folding_pct"], abs=1e-6)
+        assert p["max_disp_pct"] == pytest.approx(table[i]["max_disp_pct"], abs=1e-6)
+    assert "seed 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        ga.main(["--models", "--out", str(png), "--per-row", "0"])
+    assert "--per-row" in str(e.value) and "\n" not in str(e.value)
