@@ -49,10 +49,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
     seeds = [j.seeds[0] for _, j in members]
     x = torch.cat([ls.x_model for ls, _ in members])
     key = members[0][1].key
-    phi_m, _ = model.generate_model_grid(x, key[0], seeds, schedule=opts.schedule, k=opts.k,
-                                         fold_guard=opts.fold_guard, compose_padding=opts.compose_padding,
-                                         input_padding=opts.input_padding,
-                                         background_margin=opts.background_margin, anatomy_fit=opts.anatomy_fit)
+    phi_m, _ = model.generate_model_grid(x, key[0], seeds, **opts.loop_options())
     outs = []
     for b, (ls, _job) in enumerate(members):
         ddf = ls.grid.field_to_original(phi_m[b:b + 1], opts.fold_guard)
@@ -67,11 +64,7 @@ def compute_batch(members: List[Tuple[LoadedSample, Job]], opts: ExportOptions) 
         outs.append(o)
     if opts.mode == "pairs":
         xs = torch.cat([model.prepare(o["moving"], ls.spacing)[1] for o, (ls, _) in zip(outs, members)])
-        phi_s, _ = model.generate_model_grid(xs, key[1], [j.seeds[1] for _, j in members],
-                                             schedule=opts.schedule, k=opts.k, fold_guard=opts.fold_guard,
-                                             compose_padding=opts.compose_padding,
-                                             input_padding=opts.input_padding,
-                                         background_margin=opts.background_margin, anatomy_fit=opts.anatomy_fit)
+        phi_s, _ = model.generate_model_grid(xs, key[1], [j.seeds[1] for _, j in members], **opts.loop_options())
         for b, (o, (ls, _job)) in enumerate(zip(outs, members)):
             syn = ls.grid.field_to_original(phi_s[b:b + 1], opts.fold_guard)
             total = compose(syn, o.pop("phi_aug"), "border")

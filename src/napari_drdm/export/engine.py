@@ -163,8 +163,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
     mode = opts.mode
     i_shard, n_shard = opts.shard
     provider = ModelProvider(opts.weights, opts.device, opts.size, model)
-    bounded = (opts.input_padding, opts.background_margin, opts.anatomy_fit)      # S/2 bounds them
-    if any(v is not None for v in bounded) and (model is not None or opts.weights):
+    if any(v is not None for v in opts.bounded_options()) and (model is not None or opts.weights):
         check_model_options(provider.get(0), opts)     # one model for every input: refused before any work
     arrays = [a for a in items if isinstance(a, ArrayInput)]
     samples, skipped = discover(items, sources_dir=out / "sources")

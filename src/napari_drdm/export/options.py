@@ -79,6 +79,17 @@ class ExportOptions:
             parse_t_prime(self.t_prime_syn, self.per_image)
         return self
 
+    def loop_options(self) -> dict:
+        """The reverse loop's keyword options of :meth:`napari_drdm.model.DRDM.generate_model_grid`
+        (None: the model's own), in one place for every generation an export makes."""
+        return {"schedule": self.schedule, "k": self.k, "fold_guard": self.fold_guard,
+                "compose_padding": self.compose_padding, "input_padding": self.input_padding,
+                "background_margin": self.background_margin, "anatomy_fit": self.anatomy_fit}
+
+    def bounded_options(self) -> tuple:
+        """The options a model's side bounds (< S/2, :func:`check_model_options`)."""
+        return (self.input_padding, self.background_margin, self.anatomy_fit)
+
     def settings(self) -> dict:
         d = asdict(self)
         for k in ("batch", "device", "resume", "overwrite", "shard", "strict", "retry_skipped", "max_memory",
