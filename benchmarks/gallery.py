@@ -7,8 +7,8 @@ every model and every unseen set of its dimensionality it runs ``drdm evaluate``
 settings unless overridden, so a panel is the same generation as the table's row with that image
 and seed) and draws, per generation, three panels: the input, the deformed image (folded pixels in
 red) and the displacement magnitude in % of the side with the field's arrows and the input's
-foreground outline.  3D generations are drawn through the middle of the volume along the first
-axis (the in-plane components of the field).
+foreground outline.  3D generations are drawn on the middle plane across the last axis (the
+held-out volumes' axial plane; the field's two in-plane components).
 
     python benchmarks/gallery.py --models cmr2d --t-prime 45 --generations 0 2 5 7 --threads 1 \\
         --out docs/gallery_cmr2d_t45.png --json benchmarks/results/gallery_cmr2d_t45.json
@@ -31,8 +31,12 @@ from weights_table import SETS_2D, SETS_3D, _models, add_source_args, save_recor
 
 
 def _middle(a: np.ndarray, nd: int) -> np.ndarray:
-    """A 2D array: ``a`` itself in 2D, its middle plane along the first axis in 3D."""
-    return a if nd == 2 else a[a.shape[0] // 2]
+    """A 2D array: ``a`` itself in 2D, its middle plane across the last spatial axis in 3D (the
+    axial plane of the held-out volumes); extra trailing axes of ``a`` (field components) kept."""
+    if nd == 2:
+        return a
+    k = a.shape[2]
+    return a[:, :, k // 2]
 
 
 def generations(model, images, t_prime, indices, **options):
