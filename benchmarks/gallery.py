@@ -130,6 +130,7 @@ def main(argv=None) -> int:
                     help="which of the table's generations to draw per set (image I mod n, seed I; default 0-3)")
     ap.add_argument("--per-row", type=int, default=2, help="generations drawn side by side (default 2)")
     ap.add_argument("--sets", nargs="*", default=None, help="which sets (default: every set of the model's kind)")
+    ap.add_argument("--input-padding", type=int, default=None, metavar="PX", help="default: each model's own")
     ap.add_argument("--background-margin", default=None, metavar="PX|off", help="default: each model's own")
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off", help="default: each model's own")
     ap.add_argument("--threads", type=int, default=None)
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             gens = generations(model, collect_images([str(path)], model.ndim), a.t_prime, a.generations,
-                               background_margin=a.background_margin, anatomy_fit=a.anatomy_fit)
+                               input_padding=a.input_padding, background_margin=a.background_margin,
+                               anatomy_fit=a.anatomy_fit)
             print(f"{name} on {set_name}: {len(gens)} generations, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             rows.append((set_name, gens))
             panels += [dict(g["figures"], set=set_name) for g in gens]
