@@ -273,6 +273,14 @@ def test_augment_shapes_ranges_and_seeding():
     assert torch.allclose(augment(x3, dict(ident, p_rotate3d=0.0, p_crop3d=0.0), g), x3, atol=1e-5)
 
 
+def _refused_in_one_line(settings):
+    """Each (key, value) setting makes the configuration check raise one line naming the key."""
+    for key, bad in settings:
+        with pytest.raises(ValueError) as e:
+            tiny(**{key: bad})
+        assert key in str(e.value) and "\n" not in str(e.value)
+
+
 def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
     """augment.p_zoom_out: the content shrinks by U(zoom_out_min, 1) into a zero frame, in 2D and
     3D; at 0 (the default) it draws nothing, so earlier configurations keep their streams; a bad
@@ -297,10 +305,7 @@ def test_zoom_out_shrinks_the_content_into_a_dark_frame_and_is_off_by_default():
         assert (y[corner] < 0.5).all()                       # the frame is dark
     none = augment(ones2, dict(ident, p_zoom_out=1.0, zoom_out_min=1.0), torch.Generator().manual_seed(1))
     assert torch.allclose(none, ones2, atol=1e-5)
-    for key, bad in (("augment.p_zoom_out", "1.5"), ("augment.zoom_out_min", "0"), ("augment.p_zoom_out", "yes")):
-        with pytest.raises(ValueError) as e:
-            tiny(**{key: bad})
-        assert key in str(e.value) and "\n" not in str(e.value)
+    _refused_in_one_line((("augment.p_zoom_out", "1.5"), ("augment.zoom_out_min", "0"), ("augment.p_zoom_out", "yes")))
 
 
 def test_zoom_in_makes_the_content_overflow_the_grid_and_is_off_by_default():
@@ -323,10 +328,7 @@ def test_zoom_in_makes_the_content_overflow_the_grid_and_is_off_by_default():
         assert (after < before * 2.0 ** nd + 0.05).all(), (before, after)
         same = augment(ball, dict(ident, p_zoom_in=1.0, zoom_in_max=1.0), torch.Generator().manual_seed(3))
         assert torch.allclose(same, ball, atol=1e-5)
-    for key, bad in (("augment.p_zoom_in", "2"), ("augment.zoom_in_max", "0.5"), ("augment.zoom_in_max", "yes")):
-        with pytest.raises(ValueError) as e:
-            tiny(**{key: bad})
-        assert key in str(e.value) and "\n" not in str(e.value)
+    _refused_in_one_line((("augment.p_zoom_in", "2"), ("augment.zoom_in_max", "0.5"), ("augment.zoom_in_max", "yes")))
 
 
 _AUG_IDENT = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0,
