@@ -82,34 +82,32 @@ def check_augment(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
 
 
-def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
-    """Shrink the content of the affine maps ``theta`` (B, d, d+1) by U(zoom_out_min, 1) with
-    probability ``p_zoom_out`` (affine_grid maps output to input coordinates: dividing the linear
-    part by s shows the input s times smaller).  Draws nothing when ``p_zoom_out`` is 0."""
-    p = float(cfg.get("p_zoom_out", 0.0))
+def _scale_content(theta: torch.Tensor, p: float, lo: float, hi: float, g: Optional[torch.Generator]
+                   ) -> torch.Tensor:
+    """With probability ``p`` per map, show the content of the affine maps ``theta`` (B, d, d+1)
+    U(lo, hi) times larger (affine_grid maps output to input coordinates: dividing the linear part
+    by s shows the input s times larger).  Draws nothing when ``p`` is 0."""
     if p <= 0.0:
         return theta
     B, nd, dev = theta.shape[0], theta.shape[1], theta.device
     sel = (_u(B, g, dev) < p).to(theta.dtype)
-    s = 1.0 - (1.0 - _u(B, g, dev, float(cfg["zoom_out_min"]), 1.0)) * sel
+    s = 1.0 + (_u(B, g, dev, lo, hi) - 1.0) * sel
     out = theta.clone()
     out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
     return out
+
+
+def zoom_out(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
+    """Shrink the content of the affine maps ``theta`` (B, d, d+1) by U(zoom_out_min, 1) with
+    probability ``p_zoom_out``.  Draws nothing when ``p_zoom_out`` is 0."""
+    return _scale_content(theta, float(cfg.get("p_zoom_out", 0.0)), float(cfg.get("zoom_out_min", 0.6)), 1.0, g)
 
 
 def zoom_in(theta: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> torch.Tensor:
     """Enlarge the content of the affine maps ``theta`` (B, d, d+1) by U(1, zoom_in_max) with
     probability ``p_zoom_in``, so the anatomy overflows the grid (the mirror of :func:`zoom_out`).
     Draws nothing when ``p_zoom_in`` is 0."""
-    p = float(cfg.get("p_zoom_in", 0.0))
-    if p <= 0.0:
-        return theta
-    B, nd, dev = theta.shape[0], theta.shape[1], theta.device
-    sel = (_u(B, g, dev) < p).to(theta.dtype)
-    s = 1.0 + (_u(B, g, dev, 1.0, float(cfg["zoom_in_max"])) - 1.0) * sel
-    out = theta.clone()
-    out[:, :, :nd] = theta[:, :, :nd] / s[:, None, None]
-    return out
+    return _scale_content(theta, float(cfg.get("p_zoom_in", 0.0)), 1.0, float(cfg.get("zoom_in_max", 2.0)), g)
 
 
 def coarse_resample(x: torch.Tensor, factors) -> torch.Tensor:
