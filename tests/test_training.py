@@ -549,6 +549,86 @@ def test_anchor_holds_a_fine_tune_near_its_start(tmp_path):
         train(tiny(**{"loss.w_anchor": 1.0, "train.steps": 1}), tmp_path / "none", argv=["t"], echo=lambda *a: None)
 
 
+def _teacher_gap(state, ref_state, cfg) -> float:
+    """|psi - psi_ref|^2 / |psi_ref|^2 of two weight sets on one fixed batch of deformed images."""
+    from training.train import training_batch
+    mcfg = model_config(cfg)
+    nets = []
+    for st in (state, ref_state):
+        n = DRDMNet.from_config(mcfg)
+        n.load_state_dict({k: v.float() for k, v in st.items()})
+        nets.append(n.eval())
+    from training.data import synthetic_images
+    bank = SliceBank(synthetic_images(4, mcfg.size, 2, seed=5), 4, device=torch.device("cpu"), seed=0)
+    gens = {"aug": torch.Generator().manual_seed(1), "field": torch.Generator().manual_seed(2)}
+    _, t, _, img = training_batch(bank, ForwardSampler(mcfg), cfg["augment"], gens, mcfg, torch.device("cpu"))
+    with torch.no_grad():
+        a, b = (n(img, t, k=mcfg.k_recursions) for n in nets)
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def test_teacher_pull_keeps_the_estimates_near_the_reference(tmp_path):
+    """``loss.w_teacher``: a logged term that is 0 where the two networks agree; a strong pull
+    keeps the run's estimates on new deformed images nearer the reference's than the same steps
+    without it, and leaves the reference network untouched."""
+    from napari_drdm.weights import resolve_weights
+    from training.pulls import teacher_term
+    ref, _, _ = read_checkpoint(resolve_weights("cmr2d")[0])
+    gap = {}
+    for w in (0.0, 1e4):
+        run = tmp_path / f"teacher{w:g}"
+        cfg = tiny(**{"init": "cmr2d", "train.steps": 8, "validation.at_end": "false", "optim.lr": 1e-4,
+                      "loss.w_teacher": w, "loss.teacher_batch": 2, "train.log_every": 1})
+        train(cfg, run, argv=["test", "teacher"], echo=lambda *a: None)
+        state = load_training_checkpoint(latest_checkpoint(run))["model"]
+        gap[w] = _teacher_gap(state, ref, cfg)
+        logged = [r for r in _log(run) if "total" in r]
+        assert logged and all(("teacher" in r) == (w > 0) for r in logged)
+    assert 0 < gap[1e4] < 0.25 * gap[0.0]
+    net = DRDMNet.from_config(model_config(cfg))
+    img, t = torch.rand(2, 1, 32, 32), torch.tensor([3, 40])
+    est = lambda n, x, tt: n(x, tt, k=2)  # noqa: E731
+    assert float(teacher_term(est, net, net, img, t, 1.0).detach()) == 0.0
+    other = DRDMNet.from_config(model_config(cfg))
+    term = teacher_term(est, net, other.requires_grad_(False), img, t, 2.0)
+    term.backward()
+    assert float(term.detach()) > 0 and all(p.grad is None for p in other.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("loss.w_teacher", -1, "loss.w_teacher must be a number >= 0"),
+    ("loss.w_teacher", "much", "loss.w_teacher must be a number >= 0"),
+    ("loss.teacher_batch", 0, "loss.teacher_batch must be an integer >= 1"),
+    ("loss.teacher_augment", "[1]", "loss.teacher_augment must be a mapping"),
+    ("loss.teacher_augment", "{p_zoom: 0.5}", "loss.teacher_augment: unknown keys \\['p_zoom'\\]"),
+    ("init_weights", "best", "init_weights must be 'raw' or 'ema'"),
+])
+def test_teacher_and_init_settings_are_checked(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{key: value})
+
+
+def test_init_weights_ema_starts_from_the_checkpoint_average(tmp_path):
+    """``init_weights: ema`` seeds a run from a training checkpoint's weight average (not its raw
+    weights); a checkpoint without one is refused in one line."""
+    from training.init_weights import InitError, load_init
+    src = tmp_path / "src"
+    train(tiny(**{"validation.at_end": "false", "train.ema_decay": 0.5}), src, argv=["t"], echo=lambda *a: None)
+    path = latest_checkpoint(src)
+    ck = load_training_checkpoint(path)
+    net = DRDMNet.from_config(model_config(tiny()))
+    info = load_init(net, path, weights="ema")
+    assert info["provenance"]["weights"] == "ema"
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ck["ema"]["state"][k].to(v.dtype)), k
+    assert any(not torch.equal(ck["ema"]["state"][k].float(), ck["model"][k].float()) for k in ck["model"])
+    plain = tmp_path / "plain"
+    train(tiny(**{"validation.at_end": "false", "train.steps": 2}), plain, argv=["t"], echo=lambda *a: None)
+    with pytest.raises(InitError, match="holds no weight average"):
+        load_init(net, latest_checkpoint(plain), weights="ema")
+
+
 def test_init_refuses_a_network_of_another_shape(tmp_path):
     from training.train import InitError
     cfg = tiny(**{"init": "cmr2d", "model.channels": "[8, 16, 32]"})

@@ -26,7 +26,7 @@ class InitError(ValueError):
     """Starting weights (``init``) that cannot seed the configured network."""
 
 
-def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]:
+def load_init(model: DRDMNet, source, inflate: str = "centre", weights: str = "raw") -> Dict[str, Any]:
     """Load starting weights into ``model`` (strict: every tensor present, same shapes).
 
     Args:
@@ -35,6 +35,8 @@ def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]
             ``step_*.pt``) or the name of a bundled model (``cmr2d``, ``brain2d``...).
         inflate: how 2D weights seed a 3D model (``init_inflate``: ``centre`` or ``spread``,
             training/inflate.py).
+        weights: for a training checkpoint, ``raw`` (the trained weights) or ``ema`` (its weight
+            average; ``init_weights`` in the configuration).  Weights files hold one set.
 
     Returns:
         The provenance of the starting weights (source, sha256, their own config and provenance),
@@ -51,8 +53,11 @@ def load_init(model: DRDMNet, source, inflate: str = "centre") -> Dict[str, Any]
     try:
         if path.suffix == ".pt" and path.name.startswith("step_"):
             ck = load_training_checkpoint(path)
-            state, icfg, iprov = ck["model"], model_config(ck["config"]).to_dict(), {"training_checkpoint": path.name,
-                                                                                     "steps": int(ck["step"])}
+            if weights == "ema" and not ck.get("ema"):
+                raise InitError(f"init: {path} holds no weight average (init_weights: ema); use init_weights: raw")
+            state = ck["ema"]["state"] if weights == "ema" else ck["model"]
+            icfg = model_config(ck["config"]).to_dict()
+            iprov = {"training_checkpoint": path.name, "steps": int(ck["step"]), "weights": weights}
         else:
             state, c, iprov = read_checkpoint(path)
             icfg = c.to_dict()

@@ -26,6 +26,7 @@ __all__ = ["DEFAULTS", "apply_overrides", "load_config", "model_config"]
 DEFAULTS: Dict[str, Any] = {
     "name": "run",
     "init": None,                           # start weights: a checkpoint file or a bundled name (fine-tuning)
+    "init_weights": "raw",                  # init from a training checkpoint: raw | ema (its weight average)
     "init_inflate": "centre",               # 2D init of a 3D model: centre | spread (training/inflate.py)
     "model": {"ndim": 2, "size": 128},     # any DRDMConfig field; the rest are DRDMConfig.default(ndim)
     "data": {"kind": "kit", "kit_dir": "cache/kit", "prepared": None, "axes": [0, 1, 2],
@@ -33,7 +34,9 @@ DEFAULTS: Dict[str, Any] = {
              "n_synthetic": 64, "seed": 0},
     "augment": dict(AUGMENT_DEFAULTS),
     "loss": {"padding": "zeros", "image_padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1,
-             "w_anchor": 0.0, "anchor": None},       # w_anchor * sum (theta - anchor)^2; anchor None: the init
+             "w_anchor": 0.0, "anchor": None,        # w_anchor * sum (theta - anchor)^2; anchor None: the init
+             "w_teacher": 0.0, "teacher": None,      # training/pulls.py: a pull on the estimates; teacher None: the init
+             "teacher_batch": 2, "teacher_augment": {}},
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,
@@ -79,12 +82,16 @@ def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Opti
     ema = cfg["train"].get("ema_decay") or 0.0
     if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
         raise ValueError(f"train.ema_decay must be a number in [0, 1) (0: no weight average), got {ema!r}")
+    if cfg.get("init_weights") not in ("raw", "ema"):
+        raise ValueError(f"init_weights must be 'raw' or 'ema', got {cfg.get('init_weights')!r}")
     if cfg["data"]["kind"] not in ("kit", "synthetic"):
         raise ValueError(f"data.kind must be 'kit' or 'synthetic', got {cfg['data']['kind']!r}")
     if cfg["loss"].get("image_padding") not in IMAGE_PADDINGS:
         raise ValueError(f"loss.image_padding must be one of {list(IMAGE_PADDINGS)}, "
                          f"got {cfg['loss'].get('image_padding')!r}")
     check_augment(cfg["augment"])
+    from .pulls import check_teacher  # not at the top: pulls imports this module (through init_weights)
+    check_teacher(cfg["loss"])
     return cfg
 
 

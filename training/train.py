@@ -38,6 +38,7 @@ from .distributed import Env
 from .ema import start_average, validation_weights
 from .evaluate_hook import Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
+from .pulls import anchor_weights, teacher_augment, teacher_net, teacher_term
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
 from .streams import draws, generators, rng_state, set_rng_state
 
@@ -96,11 +97,14 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     model = DRDMNet.from_config(mcfg).to(dev)
     init_info = None
     if ck is None and cfg.get("init"):
-        init_info = load_init(model, cfg["init"], str(cfg.get("init_inflate") or "centre"))
+        init_info = load_init(model, cfg["init"], str(cfg.get("init_inflate") or "centre"),
+                              str(cfg.get("init_weights") or "raw"))
         say(f"initialised from {init_info['source']} (sha256 {init_info['sha256'][:12]}...)")
     elif ck is None:
         scale_head(model, float(ocfg.get("head_init_scale", 1.0)))
     anchor = anchor_weights(cfg, mcfg, dev, say)
+    teacher = teacher_net(cfg, mcfg, dev, say)
+    t_aug, t_batch = (teacher_augment(cfg), int(lcfg.get("teacher_batch", 2))) if teacher is not None else (None, 0)
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
     if env.channels_last:       # before the optimiser: its moments take the parameters' layout
         model = model.to(memory_format=layout)
@@ -189,6 +193,9 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
 
     fixed: Dict[str, Any] = {}   # train.overfit_batch: the first batch, reused at every step
 
+    def estimate(network, images, t):
+        return padded_estimate(network, images, t, K, pad_in) if pad_in else network(images, t, k=K)
+
     def forward_backward():
         if fixed:
             x0, t, fs, img_t = fixed["batch"]
@@ -200,12 +207,18 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
             tt = t.to(dev, non_blocking=True)
-            psi_hat = padded_estimate(net, net_in, tt, K, pad_in) if pad_in else net(net_in, tt, k=K)
+            psi_hat = estimate(net, net_in, tt)
         terms = loss_terms(psi_hat, fs, S, lcfg)
         if anchor:
             terms["anchor"] = float(lcfg["w_anchor"]) * sum(((p.float() - a) ** 2).sum()
                                                             for p, a in zip(model.parameters(), anchor))
             terms["total"] = terms["total"] + terms["anchor"]
+        if teacher is not None:
+            _, t2, _, img2 = training_batch(bank, sampler, t_aug, gens, mcfg, dev,
+                                            image_padding=lcfg["image_padding"], n=t_batch)
+            with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
+                terms["teacher"] = teacher_term(estimate, net, teacher, img2, t2.to(dev), float(lcfg["w_teacher"]))
+            terms["total"] = terms["total"] + terms["teacher"]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         return terms, x0.shape[0]
@@ -294,7 +307,7 @@ def _compare_data(saved: Dict[str, Any], data: Dict[str, Any], say):
 
 
 def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None,
-                   image_padding: str = "zeros"):
+                   image_padding: str = "zeros", n: Optional[int] = None):
     """One batch of Algorithm 1: ``(x0, t, fs, I_t)``.
 
     Args:
@@ -309,12 +322,15 @@ def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List
         image_padding: ``loss.image_padding``: what the warp of I_0 reads outside the image,
             ``zeros`` (SPEC, the reference) or ``border`` (the edge values: no dark band where the
             field pulls content in from outside; training/README.md "Dark frames").
+        n: if given, only the first ``n`` images of the bank's next batch (the teacher batch,
+            training/pulls.py).
 
     Returns:
         the augmented clean images, t ~ U{0..T-1} per sample (host tensor), the forward sampler's
         fields (``forward_ddf`` psi_{t:1}, ``step_ddf`` psi_t, pixels) and I_t = warp(x0, psi_{t:1}).
     """
-    x0 = augment(bank.next_batch(), aug_cfg, gens["aug"])
+    x0 = bank.next_batch()
+    x0 = augment(x0 if n is None else x0[:n], aug_cfg, gens["aug"])
     if marks is not None:
         marks.append(time.perf_counter())
     t = torch.randint(0, mcfg.n_steps, (x0.shape[0],), generator=gens.get("t", gens["field"]))
@@ -325,28 +341,6 @@ def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List
     if marks is not None:
         marks.append(time.perf_counter())
     return x0, t, fs, img_t
-
-
-def anchor_weights(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[List[torch.Tensor]]:
-    """The weights a fine-tune is held near (``loss.w_anchor`` > 0): ``loss.anchor`` (a weights file
-    or bundled name), else the run's ``init``; one tensor per parameter, in ``parameters()`` order.
-
-    The term ``w_anchor * sum((theta - anchor)^2)`` is added to the loss (an L2 pull towards the
-    starting point, "L2-SP"): a fine-tune on the kit's brain slices can then learn them without
-    drifting on the modalities the kit has no training images of (chest CT: docs/weights.md).
-    None when ``w_anchor`` is 0.
-    """
-    lcfg = cfg["loss"]
-    w = float(lcfg.get("w_anchor") or 0.0)
-    if w <= 0:
-        return None
-    source = lcfg.get("anchor") or cfg.get("init")
-    if not source:
-        raise InitError("loss.w_anchor > 0 needs loss.anchor or init: the weights to stay near")
-    ref = DRDMNet.from_config(mcfg)
-    info = load_init(ref, source, str(cfg.get("init_inflate") or "centre"))
-    say(f"anchored to {info['source']} (sha256 {info['sha256'][:12]}...), w_anchor {w:g}")
-    return [p.detach().float().to(dev) for p in ref.parameters()]
 
 
 def loss_terms(psi_hat, fs, size: int, lcfg: Dict[str, Any]) -> Dict[str, torch.Tensor]:

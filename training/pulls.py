@@ -1,0 +1,121 @@
+"""Pulls that hold a fine-tune near reference weights, so it learns the kit's images without
+drifting on the inputs the kit has no training images of (chest CT: docs/weights.md).
+
+Two kinds, both off by default:
+
+- the **anchor** (``loss.w_anchor``): ``w * sum((theta - theta_ref)^2)``, an L2 pull on the
+  parameters themselves ("L2-SP");
+- the **teacher** (``loss.w_teacher``): a pull on what the network *does*.  Each step draws a
+  second, small batch (``loss.teacher_batch`` images) with its own augmentation
+  (``loss.teacher_augment``: overrides of the ``augment`` section, e.g. anatomy filling the view
+  and no dark frame), deforms it with the forward sampler like the training batch, and adds
+  ``w * |psi - psi_ref|^2 / |psi_ref|^2`` (summed over the batch; the reference network's
+  estimate ``psi_ref`` on the same deformed images).  The parameters may move anywhere that leaves
+  those inputs' estimates alone, which the anchor does not allow.
+
+The reference weights are ``loss.anchor`` / ``loss.teacher`` (a weights file, a training
+checkpoint or a bundled name), else the run's ``init``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .classic_augment import AUGMENT_DEFAULTS, check_augment
+from .data import ensure_core
+from .init_weights import InitError, load_init
+
+ensure_core()
+
+from napari_drdm.core.network import DRDMNet  # noqa: E402
+
+__all__ = ["anchor_weights", "check_teacher", "teacher_augment", "teacher_net", "teacher_term"]
+
+
+def _reference(cfg: Dict[str, Any], key: str, what: str) -> str:
+    source = cfg["loss"].get(key) or cfg.get("init")
+    if not source:
+        raise InitError(f"loss.w_{what} > 0 needs loss.{key} or init: the weights to stay near")
+    return str(source)
+
+
+def anchor_weights(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[List[torch.Tensor]]:
+    """The weights the anchor pulls towards (``loss.w_anchor`` > 0): ``loss.anchor``, else the
+    run's ``init``; one tensor per parameter, in ``parameters()`` order.  None when ``w_anchor`` is 0."""
+    w = float(cfg["loss"].get("w_anchor") or 0.0)
+    if w <= 0:
+        return None
+    ref = DRDMNet.from_config(mcfg)
+    info = load_init(ref, _reference(cfg, "anchor", "anchor"), str(cfg.get("init_inflate") or "centre"))
+    say(f"anchored to {info['source']} (sha256 {info['sha256'][:12]}...), w_anchor {w:g}")
+    return [p.detach().float().to(dev) for p in ref.parameters()]
+
+
+def check_teacher(lcfg: Dict[str, Any]) -> None:
+    """Validate the teacher keys of a ``loss`` section (one clear ``ValueError`` per bad value).
+
+    Args:
+        lcfg: the ``loss`` section: ``w_teacher`` (number >= 0), ``teacher_batch`` (integer >= 1),
+            ``teacher_augment`` (a mapping of ``augment`` keys).
+    """
+    w = lcfg.get("w_teacher", 0.0)
+    if w is None:
+        w = 0.0
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not float(w) >= 0.0:
+        raise ValueError(f"loss.w_teacher must be a number >= 0 (0: off), got {w!r}")
+    n = lcfg.get("teacher_batch", 2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"loss.teacher_batch must be an integer >= 1, got {n!r}")
+    over = lcfg.get("teacher_augment") or {}
+    if not isinstance(over, dict):
+        raise ValueError(f"loss.teacher_augment must be a mapping of augment keys, got {over!r}")
+    unknown = sorted(set(over) - set(AUGMENT_DEFAULTS) - {"enabled"})
+    if unknown:
+        raise ValueError(f"loss.teacher_augment: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
+
+
+def teacher_augment(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher batch's augmentation: the run's ``augment`` section with ``loss.teacher_augment`` on top."""
+    out = dict(cfg["augment"])
+    out.update(cfg["loss"].get("teacher_augment") or {})
+    check_augment(out)
+    return out
+
+
+def teacher_net(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[DRDMNet]:
+    """The frozen reference network of the teacher term, or None when ``loss.w_teacher`` is 0."""
+    w = float(cfg["loss"].get("w_teacher") or 0.0)
+    if w <= 0:
+        return None
+    ref = DRDMNet.from_config(mcfg)
+    info = load_init(ref, _reference(cfg, "teacher", "teacher"), str(cfg.get("init_inflate") or "centre"))
+    ref.to(dev).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    say(f"teacher {info['source']} (sha256 {info['sha256'][:12]}...), w_teacher {w:g}, "
+        f"{int(cfg['loss'].get('teacher_batch', 2))} images a step")
+    return ref
+
+
+def teacher_term(estimate: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                 net: torch.nn.Module, teacher: torch.nn.Module, img_t: torch.Tensor, t: torch.Tensor,
+                 weight: float) -> torch.Tensor:
+    """``weight * |psi - psi_ref|^2 / |psi_ref|^2`` on one batch of deformed images.
+
+    Args:
+        estimate: ``estimate(network, images, t)``: the run's own forward (its input frame and
+            recursions), used for both networks.
+        net: the network being trained (gradients flow).
+        teacher: the frozen reference network.
+        img_t: deformed images (B, 1, S^d).
+        t: their time steps (B,).
+        weight: ``loss.w_teacher``.
+
+    Returns:
+        A scalar; 0 when the two networks agree on these images.
+    """
+    with torch.no_grad():
+        ref = estimate(teacher, img_t, t).float()
+    psi = estimate(net, img_t, t).float()
+    return weight * ((psi - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
