@@ -228,6 +228,17 @@ def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
             assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
 
 
+def test_two_process_teacher_pull_stays_in_sync(tmp_path):
+    """The teacher pull under DDP: the two batches go through one forward pass, so the ranks train
+    and stay identical."""
+    run = tmp_path / "ddp_teacher"
+    spawn_local(2, tiny(**{"init": "cmr2d", "train.steps": 2, "validation.at_end": "false",
+                           "loss.w_teacher": 1.0}), run)
+    stop = _log(run)[-1]
+    assert stop["event"] == "stop" and stop["step"] == 2 and stop["ranks_in_sync"]
+    assert all(r["teacher"] > 0 for r in _log(run) if "total" in r and r["step"] > 1)
+
+
 def test_budget_stops_cleanly_and_saves(tmp_path):
     res = train(tiny(**{"budget.max_minutes": 0, "validation.at_end": "false"}), tmp_path / "b", echo=lambda *a: None)
     assert res["reason"] == "budget" and res["step"] == 1
@@ -585,12 +596,13 @@ def test_teacher_pull_keeps_the_estimates_near_the_reference(tmp_path):
         logged = [r for r in _log(run) if "total" in r]
         assert logged and all(("teacher" in r) == (w > 0) for r in logged)
     assert 0 < gap[1e4] < 0.25 * gap[0.0]
-    net = DRDMNet.from_config(model_config(cfg))
+    net, other = (DRDMNet.from_config(model_config(cfg)) for _ in range(2))
     img, t = torch.rand(2, 1, 32, 32), torch.tensor([3, 40])
-    est = lambda n, x, tt: n(x, tt, k=2)  # noqa: E731
-    assert float(teacher_term(est, net, net, img, t, 1.0).detach()) == 0.0
-    other = DRDMNet.from_config(model_config(cfg))
-    term = teacher_term(est, net, other.requires_grad_(False), img, t, 2.0)
+    psi = net(img, t, k=2)
+    assert float(teacher_term(psi, psi.detach(), 1.0).detach()) == 0.0
+    with torch.no_grad():
+        ref = other(img, t, k=2)
+    term = teacher_term(psi, ref, 2.0)
     term.backward()
     assert float(term.detach()) > 0 and all(p.grad is None for p in other.parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())

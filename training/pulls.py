@@ -18,7 +18,7 @@ checkpoint or a bundled name), else the run's ``init``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -98,24 +98,16 @@ def teacher_net(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[DRDMNet]:
     return ref
 
 
-def teacher_term(estimate: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-                 net: torch.nn.Module, teacher: torch.nn.Module, img_t: torch.Tensor, t: torch.Tensor,
-                 weight: float) -> torch.Tensor:
-    """``weight * |psi - psi_ref|^2 / |psi_ref|^2`` on one batch of deformed images.
+def teacher_term(psi: torch.Tensor, psi_ref: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * |psi - psi_ref|^2 / |psi_ref|^2`` over one batch of deformed images.
 
     Args:
-        estimate: ``estimate(network, images, t)``: the run's own forward (its input frame and
-            recursions), used for both networks.
-        net: the network being trained (gradients flow).
-        teacher: the frozen reference network.
-        img_t: deformed images (B, 1, S^d).
-        t: their time steps (B,).
+        psi: the trained network's estimates on the teacher batch (gradients flow through them).
+        psi_ref: the reference network's estimates on the same images (no gradient).
         weight: ``loss.w_teacher``.
 
     Returns:
         A scalar; 0 when the two networks agree on these images.
     """
-    with torch.no_grad():
-        ref = estimate(teacher, img_t, t).float()
-    psi = estimate(net, img_t, t).float()
-    return weight * ((psi - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
+    psi, psi_ref = psi.float(), psi_ref.detach().float()
+    return weight * ((psi - psi_ref) ** 2).sum() / (psi_ref ** 2).sum().clamp_min(1e-12)

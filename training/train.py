@@ -204,20 +204,27 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                                               image_padding=lcfg["image_padding"])
             if tcfg.get("overfit_batch"):
                 fixed["batch"] = (x0, t, fs, img_t)
-        net_in = img_t.contiguous(memory_format=layout) if env.channels_last else img_t
+        net_in, tt = img_t, t.to(dev, non_blocking=True)
+        if teacher is not None:     # one forward pass over both batches (DDP allows one per backward)
+            _, t2, _, img2 = training_batch(bank, sampler, t_aug, gens, mcfg, dev,
+                                            image_padding=lcfg["image_padding"], n=t_batch)
+            t2 = t2.to(dev, non_blocking=True)
+            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=env.autocast_dtype,
+                                                 enabled=env.autocast_dtype is not None):
+                psi_ref = estimate(teacher, img2, t2)
+            net_in, tt = torch.cat([net_in, img2]), torch.cat([tt, t2])
+        net_in = net_in.contiguous(memory_format=layout) if env.channels_last else net_in
         with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-            tt = t.to(dev, non_blocking=True)
-            psi_hat = estimate(net, net_in, tt)
+            psi_all = estimate(net, net_in, tt)
+        B = img_t.shape[0]
+        psi_hat = psi_all[:B]
         terms = loss_terms(psi_hat, fs, S, lcfg)
         if anchor:
             terms["anchor"] = float(lcfg["w_anchor"]) * sum(((p.float() - a) ** 2).sum()
                                                             for p, a in zip(model.parameters(), anchor))
             terms["total"] = terms["total"] + terms["anchor"]
         if teacher is not None:
-            _, t2, _, img2 = training_batch(bank, sampler, t_aug, gens, mcfg, dev,
-                                            image_padding=lcfg["image_padding"], n=t_batch)
-            with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-                terms["teacher"] = teacher_term(estimate, net, teacher, img2, t2.to(dev), float(lcfg["w_teacher"]))
+            terms["teacher"] = teacher_term(psi_all[B:], psi_ref, float(lcfg["w_teacher"]))
             terms["total"] = terms["total"] + terms["teacher"]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
