@@ -614,6 +614,7 @@ def test_teacher_pull_keeps_the_estimates_near_the_reference(tmp_path):
     ("loss.teacher_batch", 0, "loss.teacher_batch must be an integer >= 1"),
     ("loss.teacher_augment", "[1]", "loss.teacher_augment must be a mapping"),
     ("loss.teacher_augment", "{p_zoom: 0.5}", "loss.teacher_augment: unknown keys \\['p_zoom'\\]"),
+    ("loss.teacher_augment", "{p_zoom_in: 2}", "augment.p_zoom_in must be a probability"),
     ("init_weights", "best", "init_weights must be 'raw' or 'ema'"),
 ])
 def test_teacher_and_init_settings_are_checked(key, value, match):

@@ -60,6 +60,11 @@ class Env:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+    def autocast(self):
+        """The network's autocast context: bf16 when ``train.amp`` asks for it, else disabled."""
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
     @property
     def main(self) -> bool:
         return self.rank == 0

@@ -18,7 +18,7 @@ checkpoint or a bundled name), else the run's ``init``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,11 +33,14 @@ from napari_drdm.core.network import DRDMNet  # noqa: E402
 __all__ = ["anchor_weights", "check_teacher", "teacher_augment", "teacher_net", "teacher_term"]
 
 
-def _reference(cfg: Dict[str, Any], key: str, what: str) -> str:
+def _reference_net(cfg: Dict[str, Any], mcfg, key: str) -> Tuple[DRDMNet, Dict[str, Any]]:
+    """The network a pull holds the run near: ``loss.<key>`` (``anchor`` or ``teacher``), else the
+    run's ``init``, loaded on the host; with its provenance."""
     source = cfg["loss"].get(key) or cfg.get("init")
     if not source:
-        raise InitError(f"loss.w_{what} > 0 needs loss.{key} or init: the weights to stay near")
-    return str(source)
+        raise InitError(f"loss.w_{key} > 0 needs loss.{key} or init: the weights to stay near")
+    ref = DRDMNet.from_config(mcfg)
+    return ref, load_init(ref, str(source), str(cfg.get("init_inflate") or "centre"))
 
 
 def anchor_weights(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[List[torch.Tensor]]:
@@ -46,19 +49,20 @@ def anchor_weights(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[List[t
     w = float(cfg["loss"].get("w_anchor") or 0.0)
     if w <= 0:
         return None
-    ref = DRDMNet.from_config(mcfg)
-    info = load_init(ref, _reference(cfg, "anchor", "anchor"), str(cfg.get("init_inflate") or "centre"))
+    ref, info = _reference_net(cfg, mcfg, "anchor")
     say(f"anchored to {info['source']} (sha256 {info['sha256'][:12]}...), w_anchor {w:g}")
     return [p.detach().float().to(dev) for p in ref.parameters()]
 
 
-def check_teacher(lcfg: Dict[str, Any]) -> None:
-    """Validate the teacher keys of a ``loss`` section (one clear ``ValueError`` per bad value).
+def check_teacher(cfg: Dict[str, Any]) -> None:
+    """Validate the teacher keys of a configuration's ``loss`` section (one clear ``ValueError``
+    per bad value), the teacher batch's merged augmentation included.
 
     Args:
-        lcfg: the ``loss`` section: ``w_teacher`` (number >= 0), ``teacher_batch`` (integer >= 1),
-            ``teacher_augment`` (a mapping of ``augment`` keys).
+        cfg: the configuration; its ``loss`` section holds ``w_teacher`` (number >= 0),
+            ``teacher_batch`` (integer >= 1) and ``teacher_augment`` (a mapping of ``augment`` keys).
     """
+    lcfg = cfg["loss"]
     w = lcfg.get("w_teacher", 0.0)
     if w is None:
         w = 0.0
@@ -73,13 +77,14 @@ def check_teacher(lcfg: Dict[str, Any]) -> None:
     unknown = sorted(set(over) - set(AUGMENT_DEFAULTS) - {"enabled"})
     if unknown:
         raise ValueError(f"loss.teacher_augment: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
+    check_augment(teacher_augment(cfg))
 
 
 def teacher_augment(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The teacher batch's augmentation: the run's ``augment`` section with ``loss.teacher_augment`` on top."""
+    """The teacher batch's augmentation: the run's ``augment`` section with ``loss.teacher_augment``
+    on top (checked by :func:`check_teacher` when the configuration is loaded)."""
     out = dict(cfg["augment"])
     out.update(cfg["loss"].get("teacher_augment") or {})
-    check_augment(out)
     return out
 
 
@@ -88,8 +93,7 @@ def teacher_net(cfg: Dict[str, Any], mcfg, dev, say=print) -> Optional[DRDMNet]:
     w = float(cfg["loss"].get("w_teacher") or 0.0)
     if w <= 0:
         return None
-    ref = DRDMNet.from_config(mcfg)
-    info = load_init(ref, _reference(cfg, "teacher", "teacher"), str(cfg.get("init_inflate") or "centre"))
+    ref, info = _reference_net(cfg, mcfg, "teacher")
     ref.to(dev).eval()
     for p in ref.parameters():
         p.requires_grad_(False)

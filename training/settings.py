@@ -91,7 +91,7 @@ def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Opti
                          f"got {cfg['loss'].get('image_padding')!r}")
     check_augment(cfg["augment"])
     from .pulls import check_teacher  # not at the top: pulls imports this module (through init_weights)
-    check_teacher(cfg["loss"])
+    check_teacher(cfg)
     return cfg
 
 

@@ -209,12 +209,11 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             _, t2, _, img2 = training_batch(bank, sampler, t_aug, gens, mcfg, dev,
                                             image_padding=lcfg["image_padding"], n=t_batch)
             t2 = t2.to(dev, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=env.autocast_dtype,
-                                                 enabled=env.autocast_dtype is not None):
+            with torch.no_grad(), env.autocast():
                 psi_ref = estimate(teacher, img2, t2)
             net_in, tt = torch.cat([net_in, img2]), torch.cat([tt, t2])
         net_in = net_in.contiguous(memory_format=layout) if env.channels_last else net_in
-        with torch.autocast(device_type=dev.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
+        with env.autocast():
             psi_all = estimate(net, net_in, tt)
         B = img_t.shape[0]
         psi_hat = psi_all[:B]
