@@ -1073,6 +1073,44 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     assert "\n" not in err and "optim.lr=1" in err and "validation." in err
 
 
+def test_cued_validation_copy_is_fixed_and_logged_beside_the_clean_images():
+    """``validation.cues``: a cued copy of the validation images (here a dark frame), the same on
+    every construction, recovered from the clean copy's forward fields; the clean figures do not
+    change when it is switched on, and the forward field is logged once."""
+    from training.evaluate_hook import Validator
+    cfg = tiny(**{"validation.schedules": "[reference]"})
+    mcfg = model_config(cfg)
+    rng = np.random.default_rng(0)
+    images = rng.integers(60, 255, (3, 32, 32)).astype(np.uint8)      # anatomy up to the edges
+    torch.manual_seed(0)
+    net = DRDMNet.from_config(mcfg).eval()
+
+    def validator(cues):
+        v = dict(cfg["validation"], cues=cues)
+        return Validator(mcfg, images, v, cfg["loss"], torch.device("cpu"))
+    plain, cued, again = validator({}), validator({"p_zoom_out": 1.0, "zoom_out_min": 0.6}), validator(
+        {"p_zoom_out": 1.0, "zoom_out_min": 0.6})
+    assert plain.cued is None and torch.equal(cued.cued, again.cued)
+    assert torch.equal(cued.images, plain.images)
+    # the shrunk content leaves a dark frame (this seed draws a factor near 0.87: 23 % of the pixels)
+    assert (plain.images == 0).sum() == 0 and (cued.cued == 0).float().mean() > 0.15
+    a, b = plain.run(net), cued.run(net)
+    assert {k: v for k, v in b.items() if "/cues/" not in k} == a
+    extra = sorted(k for k in b if "/cues/" in k)
+    assert extra == [f"val/T5/cues/reference/{m}" for m in ("folding_pct", "max_disp_pct", "mean_disp_pct")]
+    assert all(np.isfinite(b[k]) for k in extra)
+
+
+@pytest.mark.parametrize("value,match", [
+    ("[1]", "validation.cues must be a mapping"),
+    ("{p_dark: 1}", "validation.cues: unknown keys \\['p_dark'\\]"),
+    ("{p_cut: 2}", "validation.cues: augment.p_cut must be a probability"),
+])
+def test_validation_cues_are_checked(value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{"validation.cues": value})
+
+
 def test_train_step_benchmark_times_every_arm(capsys):
     """benchmarks/train_step.py on the tiny configuration: one table row per part, one column per
     arm (float32 default, channels-last, channels-last under CPU bf16 autocast)."""

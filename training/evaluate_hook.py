@@ -7,7 +7,13 @@ validations are comparable:
 * ``val/T{T'}/{forward|paper|reference}/*``: paper Table 1 metrics (``field_metrics``: max and
   mean displacement in % of S, folding in % of pixels with det <= 0) of the forward field
   psi_{T':1} and of the field recovered by the reverse loop (``recover``) with each schedule,
-  averaged over the images.
+  averaged over the images;
+* ``val/T{T'}/cues/{paper|reference}/*`` (only with ``validation.cues``): the same metrics on a
+  copy of those images carrying acquisition cues (a dark frame, a cut field of view, coarse voxels:
+  :mod:`training.classic_augment` with every other augmentation off), drawn once from
+  ``validation.seed`` and recovered from the same forward fields as the clean copy.  A recipe that
+  trains on cued images and pulls clean ones elsewhere (``loss.w_teacher``) can move the two
+  groups in opposite directions; the clean curve alone then says little about cued inputs.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .classic_augment import AUGMENT_DEFAULTS, augment, check_augment
 from .data import ensure_core
 
 ensure_core()
@@ -27,7 +34,7 @@ from napari_drdm.core.metrics import field_metrics  # noqa: E402
 from napari_drdm.core.recovery import recover  # noqa: E402
 from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 
-__all__ = ["VALIDATION_DEFAULTS", "Validator"]
+__all__ = ["VALIDATION_DEFAULTS", "Validator", "check_cues", "cue_augment"]
 
 VALIDATION_DEFAULTS: Dict[str, Any] = {
     "every": 1000,          # steps between validations (0 = never)
@@ -39,7 +46,32 @@ VALIDATION_DEFAULTS: Dict[str, Any] = {
     "loss_t": [10, 40, 70],  # t values of the validation loss
     "seed": 1234,
     "weights": "auto",      # raw | ema | both (auto: both when train.ema_decay > 0), training/ema.py
+    "cues": {},             # augment keys for a cued copy of the images ({}: none), e.g. {p_zoom_out: 1}
 }
+
+#: the augmentation a cued validation copy starts from: nothing but what ``validation.cues`` turns on
+_NO_AUGMENT = dict(AUGMENT_DEFAULTS, p_affine=0.0, p_rotate3d=0.0, p_crop3d=0.0, p_flip=0.0,
+                   p_autocontrast=0.0, p_intensity=0.0)
+
+
+def cue_augment(vcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The augmentation of the cued validation copy: every augmentation off, then ``vcfg["cues"]``."""
+    return dict(_NO_AUGMENT, **(vcfg.get("cues") or {}))
+
+
+def check_cues(vcfg: Dict[str, Any]) -> None:
+    """Raise ValueError naming ``validation.cues`` when it is not a mapping of known augment keys
+    with values in range."""
+    cues = vcfg.get("cues") or {}
+    if not isinstance(cues, dict):
+        raise ValueError(f"validation.cues must be a mapping of augment keys (e.g. {{p_zoom_out: 1.0}}), got {cues!r}")
+    unknown = sorted(set(cues) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"validation.cues: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
+    try:
+        check_augment(cue_augment(vcfg))
+    except ValueError as e:
+        raise ValueError(f"validation.cues: {e}") from None
 
 
 class Validator:
@@ -49,7 +81,12 @@ class Validator:
         self.autocast_dtype = autocast_dtype
         n = min(int(self.v["n_images"]), len(images))
         pick = ((np.arange(n) + 0.5) * len(images) / max(n, 1)).astype(int)   # centres of n equal parts
-        self.images = torch.as_tensor(images[pick]).to(torch.float32).div(255.0).unsqueeze(1).to(device)
+        clean = torch.as_tensor(images[pick]).to(torch.float32).div(255.0).unsqueeze(1)
+        self.images = clean.to(device)
+        self.cued = None
+        if self.v.get("cues") and n > 0:     # drawn on the CPU: the same copy on every device
+            g = torch.Generator().manual_seed(int(self.v["seed"]) * 7919 + 1)
+            self.cued = augment(clean, cue_augment(self.v), generator=g).clamp(0.0, 1.0).to(device)
         self.sampler = ForwardSampler(model_cfg)
 
     def __bool__(self):
@@ -72,7 +109,9 @@ class Validator:
         try:
             fn = self._net(net)
             out.update(self._loss(fn))
-            out.update(self._table1(fn))
+            out.update(self._table1(fn, self.images))
+            if self.cued is not None:
+                out.update(self._table1(fn, self.cued, group="cues/"))
         finally:
             net.train(was_training)
         return out
@@ -94,17 +133,19 @@ class Validator:
                 sums[k] = sums.get(k, 0.0) + float(v) / max(len(ts), 1)
         return {f"val/loss/{k}": v for k, v in sums.items()}
 
-    def _table1(self, fn) -> Dict[str, float]:
-        cfg, S, B = self.mcfg, self.mcfg.size, self.images.shape[0]
+    def _table1(self, fn, images: torch.Tensor, group: str = "") -> Dict[str, float]:
+        """Table-1 metrics of the forward field (clean group only: the cued group's is the same
+        field) and of each schedule's recovered field, keys ``val/T{T'}/{group}{name}/...``."""
+        cfg, S, B = self.mcfg, self.mcfg.size, images.shape[0]
         out: Dict[str, float] = {}
         for tp in self.v["t_primes"]:
             tp = int(tp)
             g = torch.Generator().manual_seed(int(self.v["seed"]) * 977 + tp)
             fwd = self.sampler.sample(tp, batch=B, generator=g, device=self.device, return_step=False).forward_ddf
-            fields: Dict[str, torch.Tensor] = {"forward": fwd}
+            fields: Dict[str, torch.Tensor] = {} if group else {"forward": fwd}
             for sched in self.v["schedules"]:
                 last = None
-                for last in recover(fn, self.images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
+                for last in recover(fn, images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
                                     n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
                                     image_interp=cfg.image_interp, input_padding=cfg.input_padding):
                     pass
@@ -112,5 +153,5 @@ class Validator:
             for name, f in fields.items():
                 per: List[Dict[str, float]] = [field_metrics(f[i], side=S) for i in range(B)]
                 for key in ("max_disp_pct", "mean_disp_pct", "folding_pct"):
-                    out[f"val/T{tp}/{name}/{key}"] = float(np.mean([p[key] for p in per]))
+                    out[f"val/T{tp}/{group}{name}/{key}"] = float(np.mean([p[key] for p in per]))
         return out
