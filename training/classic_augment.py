@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "zoom_in", "coarsen", "coarse_resample", "cut",
-           "field_of_view_cut", "check_augment"]
+           "field_of_view_cut", "check_augment", "check_overrides"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -80,6 +80,17 @@ def check_augment(cfg: Dict[str, Any]) -> None:
     hi = cfg.get("coarse_max", 3.0)
     if not _is_number(hi) or not 1.0 <= float(hi) <= 16.0:
         raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
+
+
+def check_overrides(over: Any, key: str) -> None:
+    """Raise ValueError naming ``key`` when ``over`` (overrides of the ``augment`` section, as in
+    ``loss.teacher_augment`` or ``validation.cues``; None counts as none) is not a mapping of
+    augment keys.  The merged values are checked by :func:`check_augment`."""
+    if not isinstance(over or {}, dict):
+        raise ValueError(f"{key} must be a mapping of augment keys (e.g. {{p_zoom_out: 1.0}}), got {over!r}")
+    unknown = sorted(set(over or {}) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
 
 
 def _scale_content(theta: torch.Tensor, p: float, lo: float, hi: float, g: Optional[torch.Generator]

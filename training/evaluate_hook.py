@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .classic_augment import AUGMENT_DEFAULTS, augment, check_augment
+from .classic_augment import AUGMENT_DEFAULTS, augment, check_augment, check_overrides
 from .data import ensure_core
 
 ensure_core()
@@ -62,12 +62,7 @@ def cue_augment(vcfg: Dict[str, Any]) -> Dict[str, Any]:
 def check_cues(vcfg: Dict[str, Any]) -> None:
     """Raise ValueError naming ``validation.cues`` when it is not a mapping of known augment keys
     with values in range."""
-    cues = vcfg.get("cues") or {}
-    if not isinstance(cues, dict):
-        raise ValueError(f"validation.cues must be a mapping of augment keys (e.g. {{p_zoom_out: 1.0}}), got {cues!r}")
-    unknown = sorted(set(cues) - set(AUGMENT_DEFAULTS))
-    if unknown:
-        raise ValueError(f"validation.cues: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
+    check_overrides(vcfg.get("cues"), "validation.cues")
     try:
         check_augment(cue_augment(vcfg))
     except ValueError as e:
@@ -109,9 +104,7 @@ class Validator:
         try:
             fn = self._net(net)
             out.update(self._loss(fn))
-            out.update(self._table1(fn, self.images))
-            if self.cued is not None:
-                out.update(self._table1(fn, self.cued, group="cues/"))
+            out.update(self._table1(fn))
         finally:
             net.train(was_training)
         return out
@@ -133,25 +126,27 @@ class Validator:
                 sums[k] = sums.get(k, 0.0) + float(v) / max(len(ts), 1)
         return {f"val/loss/{k}": v for k, v in sums.items()}
 
-    def _table1(self, fn, images: torch.Tensor, group: str = "") -> Dict[str, float]:
-        """Table-1 metrics of the forward field (clean group only: the cued group's is the same
-        field) and of each schedule's recovered field, keys ``val/T{T'}/{group}{name}/...``."""
-        cfg, S, B = self.mcfg, self.mcfg.size, images.shape[0]
+    def _table1(self, fn) -> Dict[str, float]:
+        """Table-1 metrics of each T''s forward field and of each schedule's field recovered from
+        it, for the clean images and (``validation.cues``) their cued copy ("cues/")."""
+        cfg, S, B = self.mcfg, self.mcfg.size, self.images.shape[0]
+        groups = [("", self.images)] + ([("cues/", self.cued)] if self.cued is not None else [])
         out: Dict[str, float] = {}
         for tp in self.v["t_primes"]:
             tp = int(tp)
             g = torch.Generator().manual_seed(int(self.v["seed"]) * 977 + tp)
             fwd = self.sampler.sample(tp, batch=B, generator=g, device=self.device, return_step=False).forward_ddf
-            fields: Dict[str, torch.Tensor] = {} if group else {"forward": fwd}
-            for sched in self.v["schedules"]:
-                last = None
-                for last in recover(fn, images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
-                                    n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
-                                    image_interp=cfg.image_interp, input_padding=cfg.input_padding):
-                    pass
-                fields[sched] = last.ddf if last is not None else fwd
+            fields: Dict[str, torch.Tensor] = {"forward": fwd}
+            for group, images in groups:
+                for sched in self.v["schedules"]:
+                    last = None
+                    for last in recover(fn, images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
+                                        n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
+                                        image_interp=cfg.image_interp, input_padding=cfg.input_padding):
+                        pass
+                    fields[group + sched] = last.ddf if last is not None else fwd
             for name, f in fields.items():
                 per: List[Dict[str, float]] = [field_metrics(f[i], side=S) for i in range(B)]
                 for key in ("max_disp_pct", "mean_disp_pct", "folding_pct"):
-                    out[f"val/T{tp}/{group}{name}/{key}"] = float(np.mean([p[key] for p in per]))
+                    out[f"val/T{tp}/{name}/{key}"] = float(np.mean([p[key] for p in per]))
         return out

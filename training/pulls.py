@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .classic_augment import AUGMENT_DEFAULTS, check_augment
+from .classic_augment import check_augment, check_overrides
 from .data import ensure_core
 from .init_weights import InitError, load_init
 
@@ -71,12 +71,7 @@ def check_teacher(cfg: Dict[str, Any]) -> None:
     n = lcfg.get("teacher_batch", 2)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"loss.teacher_batch must be an integer >= 1, got {n!r}")
-    over = lcfg.get("teacher_augment") or {}
-    if not isinstance(over, dict):
-        raise ValueError(f"loss.teacher_augment must be a mapping of augment keys, got {over!r}")
-    unknown = sorted(set(over) - set(AUGMENT_DEFAULTS) - {"enabled"})
-    if unknown:
-        raise ValueError(f"loss.teacher_augment: unknown keys {unknown}; valid: {sorted(AUGMENT_DEFAULTS)}")
+    check_overrides(lcfg.get("teacher_augment"), "loss.teacher_augment")
     check_augment(teacher_augment(cfg))
 
 
