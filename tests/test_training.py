@@ -228,6 +228,29 @@ def test_sigterm_saves_and_resume_stays_bit_identical(straight_run, tmp_path):
             assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
 
 
+def test_sigterm_during_a_validation_abandons_it_and_saves(tmp_path, monkeypatch):
+    """A validation takes minutes on a CPU: a SIGTERM that arrives during one abandons it within a
+    reverse-loop step (a "validation_cancelled" event, no figures logged), and the state is saved
+    as usual."""
+    import os
+    import signal
+
+    from training.evaluate_hook import Validator
+    original, calls = Validator.run, []
+
+    def run_then_signal(self, net, should_stop=None):
+        calls.append(should_stop)
+        os.kill(os.getpid(), signal.SIGTERM)      # the run's handler only records it
+        return original(self, net, should_stop=should_stop)
+    monkeypatch.setattr(Validator, "run", run_then_signal)
+    cfg = tiny(**{"validation.at_start": "true", "train.steps": 3})
+    out = train(cfg, tmp_path / "run", echo=lambda *a: None)
+    assert out["step"] == 0 and out["reason"] == "signal" and len(calls) == 1 and calls[0] is not None
+    events = [e.get("event") for e in _log(tmp_path / "run")]
+    assert "validation_cancelled" in events and "validation" not in events and events[-1] == "stop"
+    assert load_training_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 0
+
+
 def test_two_process_teacher_pull_stays_in_sync(tmp_path):
     """The teacher pull under DDP: the two batches go through one forward pass, so the ranks train
     and stay identical."""
@@ -1099,6 +1122,43 @@ def test_cued_validation_copy_is_fixed_and_logged_beside_the_clean_images():
     extra = sorted(k for k in b if "/cues/" in k)
     assert extra == [f"val/T5/cues/reference/{m}" for m in ("folding_pct", "max_disp_pct", "mean_disp_pct")]
     assert all(np.isfinite(b[k]) for k in extra)
+
+
+def test_validation_recovers_with_the_engines_anatomy_fit_and_background_margin():
+    """``validation.anatomy_fit`` / ``background_margin``: the recovered field is the one the engine
+    returns with the inference options of the same names (``DRDM.generate_model_grid``) from the
+    same forward draw, and both options change it on an anatomy that sits small in a dark view."""
+    from napari_drdm.model import DRDM
+    from training.evaluate_hook import Validator
+    cfg = tiny(**{"validation.schedules": "[reference]"})
+    mcfg = model_config(cfg)
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 14) ** 2 + (xx - 17) ** 2 <= 36) * (170 + 60 * ((yy + xx) % 3 == 0))   # dark around it
+    images = np.stack([disc, np.roll(disc, 5, axis=1)]).astype(np.uint8)
+    torch.manual_seed(0)
+    net = DRDMNet.from_config(mcfg).eval()
+    engine = DRDM(net, mcfg, device="cpu", fast=False)
+    seeds = [3, 4]
+    fwd = engine.sampler.sample(5, batch=2, draws=engine._seeded_draws(seeds), return_step=False).forward_ddf
+    fields = {}
+    for fit, margin in [(None, None), (4, None), (4, 2)]:
+        v = Validator(mcfg, images, dict(cfg["validation"], n_images=2, anatomy_fit=fit, background_margin=margin),
+                      cfg["loss"], torch.device("cpu"))
+        with torch.no_grad():
+            fields[fit, margin] = v._recover(v._net(net), v.images, fwd, 5, "reference")
+        phi, _ = engine.generate_model_grid(v.images, 5, seeds, schedule="reference",
+                                            anatomy_fit=fit if fit is not None else "off",
+                                            background_margin=margin if margin is not None else "off")
+        torch.testing.assert_close(fields[fit, margin], phi, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fields[None, None], fields[4, None], atol=1e-3)
+    assert not torch.allclose(fields[4, None], fields[4, 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("key,value", [("anatomy_fit", "-1"), ("background_margin", "2.5"),
+                                       ("anatomy_fit", "true")])
+def test_validation_view_options_are_checked(key, value):
+    with pytest.raises(ValueError, match=f"validation.{key} must be a whole number of pixels"):
+        tiny(**{f"validation.{key}": value})
 
 
 @pytest.mark.parametrize("value,match", [

@@ -14,10 +14,17 @@ validations are comparable:
   ``validation.seed`` and recovered from the same forward fields as the clean copy.  A recipe that
   trains on cued images and pulls clean ones elsewhere (``loss.w_teacher``) can move the two
   groups in opposite directions; the clean curve alone then says little about cued inputs.
+
+``validation.anatomy_fit`` and ``validation.background_margin`` (pixels, null: off) recover as the
+engine does with the inference options of the same names (``DRDM.generate_model_grid``): the reverse
+loop runs on each image's view fitted to its anatomy, the field's empty background is replaced by
+the extension of the rest, and the field is measured on the whole grid.  They make the recovered
+figures those the held-out table (``benchmarks/weights_table.py``) measures with those options; the
+forward field's figures are the raw draw's either way.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -27,14 +34,17 @@ from .data import ensure_core
 
 ensure_core()
 
+from napari_drdm.core.background import extend_into_background  # noqa: E402
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.metrics import field_metrics  # noqa: E402
 from napari_drdm.core.recovery import recover  # noqa: E402
 from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
+from napari_drdm.core.view import anatomy_views, field_from_view, to_view  # noqa: E402
 
-__all__ = ["VALIDATION_DEFAULTS", "Validator", "check_cues", "cue_augment"]
+__all__ = ["VALIDATION_DEFAULTS", "ValidationCancelled", "Validator", "check_cues", "check_validation",
+           "cue_augment"]
 
 VALIDATION_DEFAULTS: Dict[str, Any] = {
     "every": 1000,          # steps between validations (0 = never)
@@ -47,6 +57,8 @@ VALIDATION_DEFAULTS: Dict[str, Any] = {
     "seed": 1234,
     "weights": "auto",      # raw | ema | both (auto: both when train.ema_decay > 0), training/ema.py
     "cues": {},             # augment keys for a cued copy of the images ({}: none), e.g. {p_zoom_out: 1}
+    "anatomy_fit": None,    # px around the anatomy in the fitted view of the reverse loop (null: whole grid)
+    "background_margin": None,  # px kept around the anatomy; the field beyond extended (null: off)
 }
 
 #: the augmentation a cued validation copy starts from: nothing but what ``validation.cues`` turns on
@@ -69,6 +81,20 @@ def check_cues(vcfg: Dict[str, Any]) -> None:
         raise ValueError(f"validation.cues: {e}") from None
 
 
+class ValidationCancelled(Exception):
+    """Raised by :meth:`Validator.run` when its ``should_stop`` says so (between reverse-loop steps)."""
+
+
+def check_validation(vcfg: Dict[str, Any]) -> None:
+    """Raise ValueError naming the key when ``validation.cues``, ``validation.anatomy_fit`` or
+    ``validation.background_margin`` is not usable."""
+    check_cues(vcfg)
+    for key in ("anatomy_fit", "background_margin"):
+        v = vcfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"validation.{key} must be a whole number of pixels >= 0 or null (off), got {v!r}")
+
+
 class Validator:
     def __init__(self, model_cfg: DRDMConfig, images: np.ndarray, vcfg: Dict[str, Any], loss_cfg: Dict[str, Any],
                  device, autocast_dtype: Optional[torch.dtype] = None):
@@ -83,6 +109,7 @@ class Validator:
             g = torch.Generator().manual_seed(int(self.v["seed"]) * 7919 + 1)
             self.cued = augment(clean, cue_augment(self.v), generator=g).clamp(0.0, 1.0).to(device)
         self.sampler = ForwardSampler(model_cfg)
+        self._should_stop: Optional[Callable[[], bool]] = None
 
     def __bool__(self):
         return self.images.shape[0] > 0
@@ -95,18 +122,27 @@ class Validator:
         return fn
 
     @torch.no_grad()
-    def run(self, net) -> Dict[str, float]:
+    def run(self, net, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+        """The validation figures of ``net``.
+
+        Args:
+            net: the network (put in eval mode for the run, then back).
+            should_stop: called between reverse-loop steps; when it returns True the run raises
+                :class:`ValidationCancelled` within one step (a SIGTERM during a long validation).
+        """
         out: Dict[str, float] = {}
         if not self:
             return out
         was_training = net.training
         net.eval()
+        self._should_stop = should_stop
         try:
             fn = self._net(net)
             out.update(self._loss(fn))
             out.update(self._table1(fn))
         finally:
             net.train(was_training)
+            self._should_stop = None
         return out
 
     def _loss(self, fn) -> Dict[str, float]:
@@ -129,7 +165,7 @@ class Validator:
     def _table1(self, fn) -> Dict[str, float]:
         """Table-1 metrics of each T''s forward field and of each schedule's field recovered from
         it, for the clean images and (``validation.cues``) their cued copy ("cues/")."""
-        cfg, S, B = self.mcfg, self.mcfg.size, self.images.shape[0]
+        S, B = self.mcfg.size, self.images.shape[0]
         groups = [("", self.images)] + ([("cues/", self.cued)] if self.cued is not None else [])
         out: Dict[str, float] = {}
         for tp in self.v["t_primes"]:
@@ -139,14 +175,27 @@ class Validator:
             fields: Dict[str, torch.Tensor] = {"forward": fwd}
             for group, images in groups:
                 for sched in self.v["schedules"]:
-                    last = None
-                    for last in recover(fn, images, fwd, tp, schedule=sched, k=cfg.k_recursions,  # noqa: B007
-                                        n_steps=cfg.n_steps, compose_padding=cfg.compose_padding,
-                                        image_interp=cfg.image_interp, input_padding=cfg.input_padding):
-                        pass
-                    fields[group + sched] = last.ddf if last is not None else fwd
+                    fields[group + sched] = self._recover(fn, images, fwd, tp, sched)
             for name, f in fields.items():
                 per: List[Dict[str, float]] = [field_metrics(f[i], side=S) for i in range(B)]
                 for key in ("max_disp_pct", "mean_disp_pct", "folding_pct"):
                     out[f"val/T{tp}/{name}/{key}"] = float(np.mean([p[key] for p in per]))
         return out
+
+    def _recover(self, fn, images: torch.Tensor, fwd: torch.Tensor, tp: int, sched: str) -> torch.Tensor:
+        """The field recovered from ``fwd`` on the whole grid, with the validation's anatomy fit and
+        background margin (as ``DRDM.generate_model_grid`` applies the inference options)."""
+        cfg = self.mcfg
+        fit, margin = self.v.get("anatomy_fit"), self.v.get("background_margin")
+        views = anatomy_views(images, int(fit)) if fit is not None else None
+        x_net = to_view(images, views) if views else images
+        phi = fwd
+        for fr in recover(fn, x_net, fwd, tp, schedule=sched, k=cfg.k_recursions, n_steps=cfg.n_steps,
+                          compose_padding=cfg.compose_padding, image_interp=cfg.image_interp,
+                          input_padding=cfg.input_padding):
+            phi = fr.ddf
+            if self._should_stop is not None and self._should_stop():
+                raise ValidationCancelled()
+        if margin is not None:
+            phi, _ = extend_into_background(phi, x_net, int(margin), image_interp=cfg.image_interp)
+        return field_from_view(phi, views) if views else phi

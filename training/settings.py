@@ -15,7 +15,7 @@ import yaml
 
 from .classic_augment import AUGMENT_DEFAULTS, check_augment
 from .data import ensure_core
-from .evaluate_hook import VALIDATION_DEFAULTS, check_cues
+from .evaluate_hook import VALIDATION_DEFAULTS, check_validation
 
 ensure_core()
 
@@ -90,7 +90,7 @@ def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Opti
         raise ValueError(f"loss.image_padding must be one of {list(IMAGE_PADDINGS)}, "
                          f"got {cfg['loss'].get('image_padding')!r}")
     check_augment(cfg["augment"])
-    check_cues(cfg["validation"])
+    check_validation(cfg["validation"])
     from .pulls import check_teacher  # not at the top: pulls imports this module (through init_weights)
     check_teacher(cfg)
     return cfg

@@ -36,7 +36,7 @@ from .classic_augment import augment
 from .data import SliceBank, dataset, ensure_core, prepared_info
 from .distributed import Env
 from .ema import start_average, validation_weights
-from .evaluate_hook import Validator
+from .evaluate_hook import ValidationCancelled, Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
 from .pulls import anchor_weights, teacher_augment, teacher_net, teacher_term
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
@@ -167,6 +167,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             stop["abortable"] = False
             raise _StepAborted()
     old_handler = signal.signal(signal.SIGTERM, _on_signal) if _is_main_thread() else None
+    # a validation takes minutes on a CPU: a single process abandons it at once on SIGTERM
+    val_stop = None if env.distributed else (lambda: stop["signal"] is not None)
 
     max_min = cfg["budget"].get("max_minutes")
     target, log_every = int(tcfg["steps"]), max(int(tcfg["log_every"]), 1)
@@ -230,7 +232,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         return terms, x0.shape[0]
 
     if ck is None and cfg["validation"].get("at_start"):     # the starting weights, for reference
-        last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"])
+        last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"], val_stop, last_val)
     while step < target:
         if stop["signal"] is not None and not env.distributed:
             reason = "signal"
@@ -277,7 +279,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                 bar.set_postfix(loss=f"{rec['total']:.4g}", refresh=False)
             acc, n_acc, t_int = None, 0, time.time()
         if (v_every and step % v_every == 0) or (step == target and cfg["validation"].get("at_end")):
-            last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"])
+            last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"], val_stop, last_val)
         over = max_min is not None and (time.time() - t_start) / 60.0 >= float(max_min)
         if env.any_flag(over or stop["signal"] is not None) and step < target:
             reason = "signal" if stop["signal"] is not None else "budget"
@@ -361,14 +363,24 @@ class _StepAborted(Exception):
     """Raised by the SIGTERM handler to abandon the step in flight (single process only)."""
 
 
-def _validate(validator, model, step, log, say, env, ema=None, vcfg=None):
-    """Validate the trained weights (``val/...``) and/or their average (``val_ema/...``)."""
+def _validate(validator, model, step, log, say, env, ema=None, vcfg=None, should_stop=None, last=None):
+    """Validate the trained weights (``val/...``) and/or their average (``val_ema/...``).
+
+    ``should_stop`` (single process): checked between reverse-loop steps; when it turns True the
+    validation is abandoned (a "validation_cancelled" log event, nothing else logged for the
+    weights in flight) and ``last``, the previous result, is returned."""
     res = None
     if validator is not None and validator:
         res = {}
         for which in validation_weights(vcfg or {}, ema):
             t0 = time.time()
-            out = validator.run(ema.module if which == "ema" else model)
+            try:
+                out = validator.run(ema.module if which == "ema" else model, should_stop=should_stop)
+            except ValidationCancelled:
+                log.write({"event": "validation_cancelled", "step": step, "weights": which,
+                           "seconds": time.time() - t0})
+                say(f"validation ({which}) @{step} abandoned: stop requested")
+                return last
             if which == "ema":
                 out = {"val_ema/" + k[4:]: v for k, v in out.items()}
                 out["ema_updates"] = ema.updates
