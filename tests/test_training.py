@@ -378,6 +378,27 @@ def _assert_off_draws_nothing(key):
         assert torch.equal(g1.get_state(), g2.get_state())
 
 
+def test_anatomy_fit_shows_the_view_generation_shows_and_draws_nothing():
+    """augment.anatomy_fit: each image resampled into the view the engine fits to its anatomy for
+    the inference option of that name (a small disc in a dark grid comes out enlarged, an image
+    that fills the grid unchanged); it draws no random numbers, so the other augmentations and the
+    stream are the run without it; a bad value is one line naming the key."""
+    from napari_drdm.core.view import anatomy_views, to_view
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0}
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = (((yy - 12) ** 2 + (xx - 18) ** 2) <= 25).float()[None, None] * 0.8
+    full = torch.rand(1, 1, 32, 32) * 0.5 + 0.4
+    x = torch.cat([disc, full])
+    y = augment(x, dict(ident, anatomy_fit=4), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(y, to_view(x, anatomy_views(x, 4)))
+    assert torch.equal(y[1], full[0]) and (y[0] > 0.05).sum() > 2 * (disc > 0.05).sum()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a, b = augment(x, {"anatomy_fit": 4}, g1), augment(x, None, g2)
+    assert torch.equal(g1.get_state(), g2.get_state()) and not torch.equal(a, b)
+    assert torch.equal(a[1], b[1])          # the grid-filling image: the same draws, the same result
+    _refused_in_one_line((("augment.anatomy_fit", "-2"), ("augment.anatomy_fit", "1.5")))
+
+
 def test_coarse_resolution_blurs_each_axis_by_its_own_factor_and_is_off_by_default():
     """augment.p_coarse: an image is averaged down per axis by U(1, coarse_max) and interpolated
     back, so fine detail goes and smooth content stays; at 0 (the default) nothing is drawn; a bad

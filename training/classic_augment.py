@@ -30,7 +30,13 @@ streams of configurations without them are unchanged.  In the order applied:
 4. coarse resolution with probability ``p_coarse``: each axis is averaged down by its own factor
    U(1, coarse_max) and interpolated back (linear), as an image acquired with thicker voxels and
    resampled to the model's grid looks (training/README.md "Coarse images and cut fields of view").
-5. autocontrast per image (``p_autocontrast``: min-max to [0, 1]); intensity (``p_intensity``):
+5. the view fitted to the anatomy (``anatomy_fit``, pixels; null: off): each image is resampled
+   into the smallest square of the grid that holds everything above the foreground threshold with
+   that many pixels free around it, at most 2x enlarged (``napari_drdm.core.view``), as the engine
+   shows an image to the network when generating with the inference option ``anatomy_fit``.  A
+   model that ships with that option then learns on the views it will be shown; no random numbers
+   are drawn.
+6. autocontrast per image (``p_autocontrast``: min-max to [0, 1]); intensity (``p_intensity``):
    subtract a threshold U(0, threshold_max), clamp at 0, multiply by a gain N(1, gain_std) and
    add an offset N(0, offset_std).
 """
@@ -43,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "zoom_in", "coarsen", "coarse_resample", "cut",
-           "field_of_view_cut", "check_augment", "check_overrides"]
+           "field_of_view_cut", "fit_to_anatomy", "check_augment", "check_overrides"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -55,6 +61,7 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_zoom_in": 0.0, "zoom_in_max": 2.0,
     "p_coarse": 0.0, "coarse_max": 3.0,
     "p_cut": 0.0, "cut_min": 0.3,
+    "anatomy_fit": None,     # px around the anatomy in a view fitted to it (null: the whole grid)
 }
 
 
@@ -77,6 +84,9 @@ def check_augment(cfg: Dict[str, Any]) -> None:
     cut = cfg.get("cut_min", 0.3)
     if not _is_number(cut) or not 0.0 <= float(cut) <= 1.0:
         raise ValueError(f"augment.cut_min must be a share of the half-side in [0, 1], got {cut!r}")
+    fit = cfg.get("anatomy_fit")
+    if fit is not None and (isinstance(fit, bool) or not isinstance(fit, int) or fit < 0):
+        raise ValueError(f"augment.anatomy_fit must be a whole number of pixels >= 0 or null (off), got {fit!r}")
     hi = cfg.get("coarse_max", 3.0)
     if not _is_number(hi) or not 1.0 <= float(hi) <= 16.0:
         raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
@@ -187,6 +197,16 @@ def cut(x: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> t
     return out
 
 
+def fit_to_anatomy(x: torch.Tensor, margin: int) -> torch.Tensor:
+    """Each image of ``x`` (B, 1, S^d, in [0, 1]) resampled into its view fitted to the anatomy
+    (``napari_drdm.core.view.anatomy_views`` with ``margin`` free pixels), as generation with the
+    inference option ``anatomy_fit`` shows it to the network."""
+    from .data import ensure_core
+    ensure_core()
+    from napari_drdm.core.view import anatomy_views, to_view
+    return to_view(x, anatomy_views(x.clamp(0.0, 1.0), margin))
+
+
 def _u(n, g, device, lo=0.0, hi=1.0, *shape):
     return lo + (hi - lo) * torch.rand((n,) + shape, generator=g, device=device)
 
@@ -247,6 +267,8 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
         x = torch.where(flips[:, a].view(view), x.flip(2 + a), x)
     x = cut(x, cfg, g)
     x = coarsen(x, cfg, g)
+    if cfg.get("anatomy_fit") is not None:
+        x = fit_to_anatomy(x, int(cfg["anatomy_fit"]))
     flat = x.reshape(B, -1)
     lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
     stretched = (x - lo) / (hi - lo).clamp_min(1e-6)
