@@ -390,3 +390,28 @@ def test_gallery_draws_the_tables_generations(tmp_path, tiny_ckpt2d, capsys):
     with pytest.raises(SystemExit) as e:
         ga.main(["--models", "--out", str(png), "--per-row", "0"])
     assert "--per-row" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_paired_comparison_of_two_records(tmp_path, capsys):
+    """benchmarks/paired.py: the mean difference over the generations both records hold (same image
+    and seed) with its standard error; a record without generations, or a missing file, is one line."""
+    from benchmarks import paired as pb
+
+    def record(model, values, seeds=(0, 1, 2, 3)):
+        gens = [{"image": f"b.npz[{s % 2}]", "seed": s, "max_disp_pct": v} for s, v in zip(seeds, values)]
+        return {"rows": [{"model": model, "set": "brain", "results": [{"t_prime": 45, "generations": gens}]}]}
+    base, other = record("a", [10.0, 12.0, 14.0, 16.0]), record("b", [11.0, 12.5, 15.0, 16.5, 99.0], (0, 1, 2, 3, 4))
+    rows = pb.table(base, [other], ["max_disp_pct"])
+    assert len(rows) == 1 and rows[0]["n"] == 4 and rows[0]["model"] == "b"
+    assert rows[0]["diff"] == pytest.approx(0.75)                  # 1, 0.5, 1, 0.5: seed 4 is not in the base
+    assert rows[0]["se"] == pytest.approx(np.std([1, 0.5, 1, 0.5], ddof=1) / 2)
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert pb.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--figures", "max_disp_pct"]) == 0
+    assert "| brain | 45 | max_disp_pct | a | 13.00 | b | 13.75 | +0.75 ± 0.14 | 4 |" in capsys.readouterr().out
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [{"model": "a", "set": "brain", "results": [{"t_prime": 45}]}]}))
+    for args, match in (([str(tmp_path / "old.json"), str(tmp_path / "b.json")], "keeps no generations"),
+                        ([str(tmp_path / "none.json"), str(tmp_path / "b.json")], "no such file")):
+        with pytest.raises(SystemExit, match=match) as e:
+            pb.main(args)
+        assert "\n" not in str(e.value)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "zoom_in", "coarsen", "coarse_resample", "cut",
-           "field_of_view_cut", "fit_to_anatomy", "check_augment", "check_overrides"]
+           "field_of_view_cut", "to_anatomy_view", "check_augment", "check_overrides"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -197,7 +197,7 @@ def cut(x: torch.Tensor, cfg: Dict[str, Any], g: Optional[torch.Generator]) -> t
     return out
 
 
-def fit_to_anatomy(x: torch.Tensor, margin: int) -> torch.Tensor:
+def to_anatomy_view(x: torch.Tensor, margin: int) -> torch.Tensor:
     """Each image of ``x`` (B, 1, S^d, in [0, 1]) resampled into its view fitted to the anatomy
     (``napari_drdm.core.view.anatomy_views`` with ``margin`` free pixels), as generation with the
     inference option ``anatomy_fit`` shows it to the network."""
@@ -268,7 +268,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     x = cut(x, cfg, g)
     x = coarsen(x, cfg, g)
     if cfg.get("anatomy_fit") is not None:
-        x = fit_to_anatomy(x, int(cfg["anatomy_fit"]))
+        x = to_anatomy_view(x, int(cfg["anatomy_fit"]))
     flat = x.reshape(B, -1)
     lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
     stretched = (x - lo) / (hi - lo).clamp_min(1e-6)

@@ -1,0 +1,113 @@
+"""Paired differences between weights-table records: is one model's figure really lower?
+
+The held-out tables (``benchmarks/weights_table.py``) measure every model on the same images with
+the same seeds and forward fields (generation i: image i mod n, seed i), so two records can be
+compared generation by generation.  The spread of a figure across generations is large (the 2D
+brain maximum displacement varies by 3-4 points of the side), but most of it is the image and the
+forward draw, which both records share; the paired difference has a much smaller standard error.
+
+    python benchmarks/paired.py benchmarks/results/weights_table_t45_general2d_bundled_16gen.json \\
+        benchmarks/results/weights_table_t45_teacherw4_s2518_bg8_fit16_16gen.json
+
+prints, per set, T' and figure, each model's mean and the mean paired difference (other - base)
+with its standard error (SD of the differences / sqrt(n)) over the generations both records hold.
+Records saved before generations were kept cannot be paired (one line says so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+DEFAULT_FIGURES = ("max_disp_pct", "folding_pct", "fg_out_of_view_pct", "anatomy_max_disp_pct")
+
+Key = Tuple[str, int]
+
+
+def generations(rec: dict) -> Dict[Tuple[str, str, int], Dict[Key, dict]]:
+    """(model, set, T') -> {(image, seed): generation record} of a weights-table record."""
+    out: Dict[Tuple[str, str, int], Dict[Key, dict]] = {}
+    for row in rec.get("rows", []):
+        for res in row.get("results", []):
+            gens = res.get("generations")
+            if gens:
+                out[row["model"], row["set"], int(res["t_prime"])] = {(g["image"], int(g["seed"])): g for g in gens}
+    return out
+
+
+def paired(base: Dict[Key, dict], other: Dict[Key, dict], figure: str) -> Optional[dict]:
+    """The paired comparison of one figure over the generations both hold (None: fewer than 2)."""
+    keys = sorted(k for k in set(base) & set(other) if figure in base[k] and figure in other[k])
+    if len(keys) < 2:
+        return None
+    a = [float(base[k][figure]) for k in keys]
+    b = [float(other[k][figure]) for k in keys]
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    return {"n": n, "base": sum(a) / n, "other": sum(b) / n, "diff": mean, "se": sd / math.sqrt(n)}
+
+
+def table(base_rec: dict, other_recs: List[dict], figures=DEFAULT_FIGURES) -> List[dict]:
+    """One row per (base model, other model, set, T', figure) that both records measured."""
+    base_g = generations(base_rec)
+    rows = []
+    for rec in other_recs:
+        for (model, set_, tp), gens in generations(rec).items():
+            for (bmodel, bset, btp), bgens in base_g.items():
+                if (bset, btp) != (set_, tp) or (bmodel == model and rec is base_rec):
+                    continue
+                for fig in figures:
+                    p = paired(bgens, gens, fig)
+                    if p is not None:
+                        rows.append(dict(p, base_model=bmodel, model=model, set=set_, t_prime=tp, figure=fig))
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| set | T' | figure | base | mean | other | mean | other - base (paired) | n |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['t_prime']} | {r['figure']} | {r['base_model']} | {r['base']:.2f} | "
+                     f"{r['model']} | {r['other']:.2f} | {r['diff']:+.2f} ± {r['se']:.2f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def _load(path: str) -> dict:
+    p = Path(path)
+    try:
+        rec = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file (expected a weights_table.py --json record)") from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable JSON record ({e.__class__.__name__})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("rows"), list):
+        raise SystemExit(f"{path}: not a weights_table.py record (no 'rows')")
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base", help="the record compared against (weights_table.py --json)")
+    ap.add_argument("others", nargs="+", help="records of the models compared with it")
+    ap.add_argument("--figures", nargs="+", default=list(DEFAULT_FIGURES),
+                    help=f"per-generation figures (default: {' '.join(DEFAULT_FIGURES)})")
+    a = ap.parse_args(argv)
+    base = _load(a.base)
+    others = [_load(p) for p in a.others]
+    if not generations(base):
+        raise SystemExit(f"{a.base}: keeps no generations (saved before weights_table.py kept them); cannot pair")
+    rows = table(base, others, a.figures)
+    if not rows:
+        print("no generation in common (different sets, T', images or seeds)", file=sys.stderr)
+        return 1
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
