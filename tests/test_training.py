@@ -1054,6 +1054,27 @@ def test_weight_average_trains_resumes_validates_and_exports(tmp_path):
     assert all(torch.equal(state[k], a["model"][k]) for k in state)
 
 
+def test_validation_at_start_runs_once_while_the_average_is_the_weights(tmp_path, monkeypatch):
+    """At step 0 the weight average is a copy of the weights: the "ema" record repeats the "raw"
+    figures without a second run (minutes on a CPU); after updates both are run."""
+    from training.evaluate_hook import Validator
+    original, calls = Validator.run, []
+
+    def counted(self, net, should_stop=None):
+        calls.append(net)
+        return original(self, net, should_stop=should_stop)
+    monkeypatch.setattr(Validator, "run", counted)
+    cfg = tiny(**{"train.ema_decay": 0.5, "validation.at_start": "true", "validation.weights": "auto",
+                  "train.steps": 1})
+    train(cfg, tmp_path / "run", echo=lambda *a: None)
+    vals = [r for r in _log(tmp_path / "run") if r.get("event") == "validation"]
+    assert [(r["step"], r["weights"]) for r in vals] == [(0, "raw"), (0, "ema"), (1, "raw"), (1, "ema")]
+    assert len(calls) == 3                      # step 0 once, step 1 twice
+    strip = lambda r, p: {k[len(p):]: v for k, v in r.items() if k.startswith(p)}   # noqa: E731
+    assert strip(vals[0], "val/") == strip(vals[1], "val_ema/") and vals[1]["ema_updates"] == 0
+    assert strip(vals[2], "val/") != strip(vals[3], "val_ema/")
+
+
 def test_weight_average_switched_on_at_resume_and_export_errors(tmp_path, capsys):
     from training.__main__ import main
     run = tmp_path / "late"

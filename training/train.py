@@ -372,10 +372,15 @@ def _validate(validator, model, step, log, say, env, ema=None, vcfg=None, should
     res = None
     if validator is not None and validator:
         res = {}
+        raw_out = None
         for which in validation_weights(vcfg or {}, ema):
             t0 = time.time()
             try:
-                out = validator.run(ema.module if which == "ema" else model, should_stop=should_stop)
+                if which == "ema" and raw_out is not None and _same_weights(model, ema.module):
+                    out = dict(raw_out)         # the average still is the weights (step 0): not run twice
+                else:
+                    out = validator.run(ema.module if which == "ema" else model, should_stop=should_stop)
+                    raw_out = dict(out) if which == "raw" else raw_out
             except ValidationCancelled:
                 log.write({"event": "validation_cancelled", "step": step, "weights": which,
                            "seconds": time.time() - t0})
@@ -392,6 +397,12 @@ def _validate(validator, model, step, log, say, env, ema=None, vcfg=None, should
             res.update(out)
     env.barrier()
     return res
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when the two modules hold bit-identical states (same keys, same tensors)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _param_digest(model) -> str:
