@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["AUGMENT_DEFAULTS", "augment", "affine_2d", "affine_3d", "zoom_out", "zoom_in", "coarsen", "coarse_resample", "cut",
-           "field_of_view_cut", "to_anatomy_view", "check_augment", "check_overrides"]
+           "field_of_view_cut", "to_anatomy_view", "check_augment", "check_overrides",
+           "check_pixels"]
 
 AUGMENT_DEFAULTS: Dict[str, Any] = {
     "enabled": True,
@@ -84,12 +85,17 @@ def check_augment(cfg: Dict[str, Any]) -> None:
     cut = cfg.get("cut_min", 0.3)
     if not _is_number(cut) or not 0.0 <= float(cut) <= 1.0:
         raise ValueError(f"augment.cut_min must be a share of the half-side in [0, 1], got {cut!r}")
-    fit = cfg.get("anatomy_fit")
-    if fit is not None and (isinstance(fit, bool) or not isinstance(fit, int) or fit < 0):
-        raise ValueError(f"augment.anatomy_fit must be a whole number of pixels >= 0 or null (off), got {fit!r}")
+    check_pixels(cfg.get("anatomy_fit"), "augment.anatomy_fit")
     hi = cfg.get("coarse_max", 3.0)
     if not _is_number(hi) or not 1.0 <= float(hi) <= 16.0:
         raise ValueError(f"augment.coarse_max must be a downsampling factor in [1, 16], got {hi!r}")
+
+
+def check_pixels(value: Any, key: str) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is None (off) or a whole number of pixels >= 0
+    (``augment.anatomy_fit``, ``validation.anatomy_fit``, ``validation.background_margin``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{key} must be a whole number of pixels >= 0 or null (off), got {value!r}")
 
 
 def check_overrides(over: Any, key: str) -> None:

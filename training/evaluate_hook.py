@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .classic_augment import AUGMENT_DEFAULTS, augment, check_augment, check_overrides
+from .classic_augment import AUGMENT_DEFAULTS, augment, check_augment, check_overrides, check_pixels
 from .data import ensure_core
 
 ensure_core()
@@ -90,9 +90,7 @@ def check_validation(vcfg: Dict[str, Any]) -> None:
     ``validation.background_margin`` is not usable."""
     check_cues(vcfg)
     for key in ("anatomy_fit", "background_margin"):
-        v = vcfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"validation.{key} must be a whole number of pixels >= 0 or null (off), got {v!r}")
+        check_pixels(vcfg.get(key), f"validation.{key}")
 
 
 class Validator:
@@ -109,7 +107,6 @@ class Validator:
             g = torch.Generator().manual_seed(int(self.v["seed"]) * 7919 + 1)
             self.cued = augment(clean, cue_augment(self.v), generator=g).clamp(0.0, 1.0).to(device)
         self.sampler = ForwardSampler(model_cfg)
-        self._should_stop: Optional[Callable[[], bool]] = None
 
     def __bool__(self):
         return self.images.shape[0] > 0
@@ -135,14 +132,12 @@ class Validator:
             return out
         was_training = net.training
         net.eval()
-        self._should_stop = should_stop
         try:
             fn = self._net(net)
             out.update(self._loss(fn))
-            out.update(self._table1(fn))
+            out.update(self._table1(fn, should_stop))
         finally:
             net.train(was_training)
-            self._should_stop = None
         return out
 
     def _loss(self, fn) -> Dict[str, float]:
@@ -162,7 +157,7 @@ class Validator:
                 sums[k] = sums.get(k, 0.0) + float(v) / max(len(ts), 1)
         return {f"val/loss/{k}": v for k, v in sums.items()}
 
-    def _table1(self, fn) -> Dict[str, float]:
+    def _table1(self, fn, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
         """Table-1 metrics of each T''s forward field and of each schedule's field recovered from
         it, for the clean images and (``validation.cues``) their cued copy ("cues/")."""
         S, B = self.mcfg.size, self.images.shape[0]
@@ -175,14 +170,15 @@ class Validator:
             fields: Dict[str, torch.Tensor] = {"forward": fwd}
             for group, images in groups:
                 for sched in self.v["schedules"]:
-                    fields[group + sched] = self._recover(fn, images, fwd, tp, sched)
+                    fields[group + sched] = self._recover(fn, images, fwd, tp, sched, should_stop)
             for name, f in fields.items():
                 per: List[Dict[str, float]] = [field_metrics(f[i], side=S) for i in range(B)]
                 for key in ("max_disp_pct", "mean_disp_pct", "folding_pct"):
                     out[f"val/T{tp}/{name}/{key}"] = float(np.mean([p[key] for p in per]))
         return out
 
-    def _recover(self, fn, images: torch.Tensor, fwd: torch.Tensor, tp: int, sched: str) -> torch.Tensor:
+    def _recover(self, fn, images: torch.Tensor, fwd: torch.Tensor, tp: int, sched: str,
+                 should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """The field recovered from ``fwd`` on the whole grid, with the validation's anatomy fit and
         background margin (as ``DRDM.generate_model_grid`` applies the inference options)."""
         cfg = self.mcfg
@@ -194,7 +190,7 @@ class Validator:
                           compose_padding=cfg.compose_padding, image_interp=cfg.image_interp,
                           input_padding=cfg.input_padding):
             phi = fr.ddf
-            if self._should_stop is not None and self._should_stop():
+            if should_stop is not None and should_stop():
                 raise ValidationCancelled()
         if margin is not None:
             phi, _ = extend_into_background(phi, x_net, int(margin), image_interp=cfg.image_interp)
