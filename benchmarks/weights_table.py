@@ -64,10 +64,10 @@ def save_record(path, rec) -> None:
 
 
 def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print, input_padding=None,
-              background_margin=None, anatomy_fit=None):
+              background_margin=None, anatomy_fit=None, keep_size=None):
     """Evaluate every model on every unseen set of its dimensionality; returns the JSON record."""
     from napari_drdm.commands.evaluate import collect_images, evaluate
-    from napari_drdm.model import load_model, resolve_anatomy_fit, resolve_background_margin
+    from napari_drdm.model import load_model, resolve_anatomy_fit, resolve_background_margin, resolve_keep_size
     rows = []
     for name, src in models:
         model = load_model(src, device=device)
@@ -81,13 +81,14 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
             images = collect_images([str(path)], model.ndim)
             t0 = time.perf_counter()
             res = evaluate(model, images, t_primes, samples, batch=batch, input_padding=input_padding,
-                           background_margin=background_margin, anatomy_fit=anatomy_fit)
+                           background_margin=background_margin, anatomy_fit=anatomy_fit, keep_size=keep_size)
             log(f"  {name} on {set_name}: {len(images)} images, {time.perf_counter() - t0:.0f} s")
             rows.append({"model": name, "source": str(src), "ndim": model.ndim, "size": model.size,
                          "sha256": model.sha256, "set": set_name, "set_file": str(path),
                          "input_padding": model.config.input_padding if input_padding is None else input_padding,
                          "background_margin": resolve_background_margin(background_margin, model.config),
                          "anatomy_fit": resolve_anatomy_fit(anatomy_fit, model.config),
+                         "keep_size": resolve_keep_size(keep_size, model.config),
                          "n_images": len(images), "results": res})
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -148,6 +149,7 @@ def markdown(record) -> str:
         pad = f", input padding {row['input_padding']}" if row.get("input_padding") else ""
         pad += f", background margin {row['background_margin']}" if row.get("background_margin") is not None else ""
         pad += f", anatomy fit {row['anatomy_fit']}" if row.get("anatomy_fit") is not None else ""
+        pad += ", size kept" if row.get("keep_size") else ""
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off",
                     help="fit the model's view to the anatomy with this margin (pixels of the view), or off "
                          "(default: each model's own)")
+    ap.add_argument("--keep-size", default=None, metavar="on|off",
+                    help="take the generated field's global zoom over the anatomy out, or not "
+                         "(default: each model's own)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
     np.seterr(all="ignore")
     rec = run_table(_models(a.models, a.extra), a.eval_dir, a.kit, a.t_prime, a.samples, a.batch, a.device,
                     log=lambda m: print(m, file=sys.stderr, flush=True), input_padding=a.input_padding,
-                    background_margin=a.background_margin, anatomy_fit=a.anatomy_fit)
+                    background_margin=a.background_margin, anatomy_fit=a.anatomy_fit, keep_size=a.keep_size)
     save_record(a.json, rec)
     split = by_source(rec, _sources(a.eval_dir))
     print(markdown(rec) + ("\n\n" + split if split else ""))

@@ -218,6 +218,15 @@ def test_run_request_says_why_not_or_what_run_starts():
     with pytest.raises(InputError, match=r"^Anatomy fit: expected 'off' or a whole number of pixels from 0 to "
                                          r"below S/2 = 16 \(the model's side S = 32\), got 16$"):
         prepare_run(cine, None, model, "", dict(gen, anatomy_fit=16), (3, 0, 0))
+    # keep size: a variant when not the model's own; a bad value is one line naming the menu
+    keep = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference", keep_size=True), device="cpu")
+    for model_, asked, variant in ((keep, None, "paper K2 guard"), (keep, True, "paper K2 guard"),
+                                   (keep, False, "paper K2 zoom-kept guard"), (plain, True, "paper K2 size-kept guard"),
+                                   (plain, False, "paper K2 guard")):
+        req = prepare_run(cine, None, model_, "", dict(gen, keep_size=asked), (3, 0, 0))
+        assert req.params["keep_size"] is asked and req.params["variant"] == variant
+    with pytest.raises(InputError, match=r"^Keep anatomy size must be 'on' or 'off', got 'yes'$"):
+        prepare_run(cine, None, keep, "", dict(gen, keep_size="yes"), (3, 0, 0))
 
 
 def test_default_threads_uses_idle_cores(monkeypatch):

@@ -80,7 +80,8 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     form.guard_check.setChecked(True)
     g = form.generation()
     assert g == {"t_prime": 7, "seed": 123, "schedule": "paper", "compose_padding": None, "input_padding": None,
-                 "background_margin": None, "anatomy_fit": None, "k": 2, "budget_mib": g["budget_mib"], "fold_guard": True}
+                 "background_margin": None, "anatomy_fit": None, "keep_size": None, "k": 2, "budget_mib": g["budget_mib"],
+                 "fold_guard": True}
     # composition padding: the model's own by default (named once a model is loaded), or border / zeros
     assert [form.padding_combo.itemText(i) for i in range(3)] == ["model default", "border", "zeros"]
     form.padding_combo.setCurrentText("zeros")
@@ -126,6 +127,14 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     assert form.generation()["anatomy_fit"] == "off"
     combo.setCurrentText("4")
     assert form.generation()["anatomy_fit"] == 4
+    # keep size, below it: model default (named once a model is loaded), on, off
+    combo = form.keep_size_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "on", "off"]
+    assert "global zoom" in form.gen.keep_size.tooltip and "authors" in form.gen.keep_size.tooltip
+    form.set_model_padding("border", 8, "off", 16, True)
+    assert combo.itemText(0) == "model default (on)" and form.generation()["keep_size"] is None
+    combo.setCurrentText("off")
+    assert form.generation()["keep_size"] is False
     accepted = set(inspect.signature(explore).parameters)
     assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
     assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."

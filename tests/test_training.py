@@ -399,6 +399,24 @@ def test_anatomy_fit_shows_the_view_generation_shows_and_draws_nothing():
     _refused_in_one_line((("augment.anatomy_fit", "-2"), ("augment.anatomy_fit", "1.5")))
 
 
+def test_anatomy_fit_on_a_share_of_the_images():
+    """augment.p_anatomy_fit: only the drawn images are refitted, the others keep the whole grid; at
+    0 every image is the run without the fit; a probability outside [0, 1] is one line naming it."""
+    from napari_drdm.core.view import anatomy_views, to_view
+    ident = {"p_affine": 0.0, "p_flip": 0.0, "p_autocontrast": 0.0, "p_intensity": 0.0}
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = (((yy - 12) ** 2 + (xx - 18) ** 2) <= 25).float()[None, None] * 0.8
+    x = disc.repeat(16, 1, 1, 1)
+    fitted = to_view(disc, anatomy_views(disc, 4))
+    y = augment(x, dict(ident, anatomy_fit=4, p_anatomy_fit=0.5), torch.Generator().manual_seed(3))
+    is_fit = [bool(torch.allclose(y[i], fitted[0])) for i in range(16)]
+    is_grid = [bool(torch.equal(y[i], disc[0])) for i in range(16)]
+    assert all(a != b for a, b in zip(is_fit, is_grid)) and 2 <= sum(is_fit) <= 14
+    z = augment(x, dict(ident, anatomy_fit=4, p_anatomy_fit=0.0), torch.Generator().manual_seed(3))
+    assert torch.equal(z, x)
+    _refused_in_one_line((("augment.p_anatomy_fit", "1.5"),))
+
+
 def test_coarse_resolution_blurs_each_axis_by_its_own_factor_and_is_off_by_default():
     """augment.p_coarse: an image is averaged down per axis by U(1, coarse_max) and interpolated
     back, so fine detail goes and smooth content stays; at 0 (the default) nothing is drawn; a bad

@@ -50,7 +50,7 @@ def test_weights_command_marks_the_defaults(capsys):
     assert sum(ln.startswith("    generates with: ") for ln in out.splitlines()) == len(registry())
     cmr = next(e for e in list_weights() if e["name"] == "cmr2d")
     assert cmr["inference"] == {"schedule": "reference", "k_recursions": 2, "compose_padding": "border",
-                                "input_padding": 8, "background_margin": 8, "anatomy_fit": 16}
+                                "input_padding": 8, "background_margin": 8, "anatomy_fit": 16, "keep_size": False}
     assert ("composition padding border, input padding 8 px, background margin 8 px, view fitted to the anatomy "
             "(16 px around it)") in out
     assert "background margin 2 px, view the whole image" in out                   # the 3D models

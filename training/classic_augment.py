@@ -34,8 +34,9 @@ streams of configurations without them are unchanged.  In the order applied:
    into the smallest square of the grid that holds everything above the foreground threshold with
    that many pixels free around it, at most 2x enlarged (``napari_drdm.core.view``), as the engine
    shows an image to the network when generating with the inference option ``anatomy_fit``.  A
-   model that ships with that option then learns on the views it will be shown; no random numbers
-   are drawn.
+   model that ships with that option then learns on the views it will be shown.  With
+   ``p_anatomy_fit`` < 1 only that share of the images (one draw per image, after every other draw)
+   is refitted and the rest keep the whole grid; at 1 (default) nothing is drawn.
 6. autocontrast per image (``p_autocontrast``: min-max to [0, 1]); intensity (``p_intensity``):
    subtract a threshold U(0, threshold_max), clamp at 0, multiply by a gain N(1, gain_std) and
    add an offset N(0, offset_std).
@@ -63,6 +64,7 @@ AUGMENT_DEFAULTS: Dict[str, Any] = {
     "p_coarse": 0.0, "coarse_max": 3.0,
     "p_cut": 0.0, "cut_min": 0.3,
     "anatomy_fit": None,     # px around the anatomy in a view fitted to it (null: the whole grid)
+    "p_anatomy_fit": 1.0,    # share of the images shown that view when anatomy_fit is set
 }
 
 
@@ -72,7 +74,7 @@ def _is_number(v) -> bool:
 
 def check_augment(cfg: Dict[str, Any]) -> None:
     """Raise ValueError naming the key when a zoom-out or coarse-resolution setting is out of range."""
-    for key in ("p_zoom_out", "p_zoom_in", "p_coarse", "p_cut"):
+    for key in ("p_zoom_out", "p_zoom_in", "p_coarse", "p_cut", "p_anatomy_fit"):
         p = cfg.get(key, 0.0)
         if not _is_number(p) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"augment.{key} must be a probability in [0, 1], got {p!r}")
@@ -213,6 +215,18 @@ def to_anatomy_view(x: torch.Tensor, margin: int) -> torch.Tensor:
     return to_view(x, anatomy_views(x.clamp(0.0, 1.0), margin))
 
 
+def _anatomy_view_some(x: torch.Tensor, margin: int, p: float, g: Optional[torch.Generator]) -> torch.Tensor:
+    """:func:`to_anatomy_view` on a share ``p`` of the images (one draw each; none drawn at p = 1)."""
+    if p >= 1.0:
+        return to_anatomy_view(x, margin)
+    sel = _u(x.shape[0], g, x.device) < p
+    if not bool(sel.any()):
+        return x
+    out = x.clone()
+    out[sel] = to_anatomy_view(x[sel], margin)
+    return out
+
+
 def _u(n, g, device, lo=0.0, hi=1.0, *shape):
     return lo + (hi - lo) * torch.rand((n,) + shape, generator=g, device=device)
 
@@ -274,7 +288,7 @@ def augment(x: torch.Tensor, cfg: Optional[Dict[str, Any]] = None, generator: Op
     x = cut(x, cfg, g)
     x = coarsen(x, cfg, g)
     if cfg.get("anatomy_fit") is not None:
-        x = to_anatomy_view(x, int(cfg["anatomy_fit"]))
+        x = _anatomy_view_some(x, int(cfg["anatomy_fit"]), float(cfg.get("p_anatomy_fit", 1.0)), g)
     flat = x.reshape(B, -1)
     lo, hi = flat.min(1).values.view(view), flat.max(1).values.view(view)
     stretched = (x - lo) / (hi - lo).clamp_min(1e-6)

@@ -29,12 +29,13 @@ from napari_drdm.validate import (  # noqa: E402
     check_background_margin_option,
     check_compose_padding,
     check_input_padding_option,
+    check_keep_size_option,
 )
 
 __all__ = ["INFERENCE_SETTINGS", "set_inference"]
 
 #: the configuration fields this command may change (none of them changes the network)
-INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin", "anatomy_fit")
+INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin", "anatomy_fit", "keep_size")
 #: the settings whose "off" is None in a configuration
 _OFF_IS_NONE = ("background_margin", "anatomy_fit")
 
@@ -46,7 +47,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     Args:
         weights: a ``.safetensors`` file, or a bundled name (changed in place, registry included).
         changes: setting -> new value, settings from :data:`INFERENCE_SETTINGS`
-            (``background_margin``, ``anatomy_fit``: pixels, or None / "off" for none).
+            (``background_margin``, ``anatomy_fit``: pixels, or None / "off" for none; ``keep_size``:
+            "on" / "off" or a bool).
         measured: what chose the new values (a benchmark and its figures), kept in the provenance.
         out: where to write a file's new version (required for a file, refused for a bundled name).
         overwrite: replace an existing ``out``.
@@ -62,8 +64,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if unknown:
         raise ValueError(f"{unknown}: not inference settings; the command changes {list(INFERENCE_SETTINGS)}")
     if not changes:
-        raise ValueError("nothing to change: give --background-margin, --anatomy-fit, --input-padding or "
-                         "--compose-padding")
+        raise ValueError("nothing to change: give --background-margin, --anatomy-fit, --keep-size, --input-padding "
+                         "or --compose-padding")
     if not str(measured or "").strip():
         raise ValueError("--measured: say which measurement chose the new values (it is kept in the file)")
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -91,6 +93,11 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if "anatomy_fit" in new:
         v = check_anatomy_fit_option(new["anatomy_fit"], cfg.size, "--anatomy-fit")
         new["anatomy_fit"] = None if v in (None, BACKGROUND_OFF) else v
+    if "keep_size" in new:
+        v = check_keep_size_option(new["keep_size"], "--keep-size")
+        if v is None:
+            raise ValueError("--keep-size must be 'on' or 'off', got None")
+        new["keep_size"] = v
     if "input_padding" in new:
         new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
     if "compose_padding" in new:
@@ -125,6 +132,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
 
 def _shown(setting: str, value):
     """A setting's value as the command line writes it (a background margin or anatomy fit of None: off)."""
+    if setting == "keep_size":
+        return "on" if value else "off"
     return margin_as_option(value) if setting in _OFF_IS_NONE else value
 
 
@@ -136,6 +145,8 @@ def add_arguments(p) -> None:
                    help="pixels kept around the anatomy before the field is extended, or off")
     p.add_argument("--anatomy-fit", default=None, metavar="PX|off",
                    help="pixels kept around the anatomy in the model's fitted view, or off (the whole image)")
+    p.add_argument("--keep-size", default=None, metavar="on|off",
+                   help="take the generated field's global zoom over the anatomy out (on) or keep it (off)")
     p.add_argument("--input-padding", default=None, metavar="PX", help="mirrored frame around the network's input")
     p.add_argument("--compose-padding", default=None, choices=COMPOSE_PADDINGS, help="reverse-loop composition padding")
     p.add_argument("--measured", required=True, help="the measurement that chose the values (kept in the file)")

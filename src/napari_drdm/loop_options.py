@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .core.config import BACKGROUND_OFF, DRDMConfig
-from .validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option
+from .validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option, check_keep_size_option
 
-__all__ = ["resolve_input_padding", "resolve_background_margin", "resolve_anatomy_fit"]
+__all__ = ["resolve_input_padding", "resolve_background_margin", "resolve_anatomy_fit", "resolve_keep_size"]
 
 
 def resolve_input_padding(value, cfg: DRDMConfig) -> int:
@@ -40,3 +40,10 @@ def resolve_anatomy_fit(value, cfg: DRDMConfig) -> Optional[int]:
     """The anatomy fit a generation uses (None: the whole image): ``value``, "off", or for None the
     model's own."""
     return _own_or_off(check_anatomy_fit_option(value, cfg.size, "anatomy_fit"), cfg.anatomy_fit)
+
+
+def resolve_keep_size(value, cfg: DRDMConfig) -> bool:
+    """Whether a generation removes the final field's global zoom (core/keep_size.py): ``value``
+    (True / False / "on" / "off"), or for None the model's own."""
+    v = check_keep_size_option(value, "keep_size")
+    return bool(cfg.keep_size) if v is None else v

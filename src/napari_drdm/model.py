@@ -30,6 +30,7 @@ from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
+from .core.keep_size import remove_global_scale
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
@@ -37,7 +38,7 @@ from .core.spatial import warp, warp_labels
 from .core.view import anatomy_views, field_from_view, to_view
 from .errors import InputError
 from .guard_modes import GUARD_MODES, GuardHooks, guard_mode
-from .loop_options import resolve_anatomy_fit, resolve_background_margin, resolve_input_padding
+from .loop_options import resolve_anatomy_fit, resolve_background_margin, resolve_input_padding, resolve_keep_size
 from .model_grid import ModelGrid
 from .validate import (
     check_compose_padding,
@@ -49,7 +50,7 @@ from .validate import (
 )
 
 __all__ = ["DRDM", "Frame", "GenerationResult", "ModelGrid", "load_model", "pick_device", "GUARD_MODES",
-           "guard_mode", "resolve_background_margin", "resolve_anatomy_fit"]
+           "guard_mode", "resolve_background_margin", "resolve_anatomy_fit", "resolve_keep_size"]
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -107,6 +108,8 @@ class GenerationResult:
     background_replaced_pct: float = 0.0   # % of the model grid whose field the background extension replaced
     anatomy_fit: Optional[int] = None      # px kept around the anatomy in the fitted view (None: whole image)
     view_zoom: float = 1.0                 # how much the fitted view enlarged the image for the network
+    keep_size: bool = False                # the final field's global zoom removed (core/keep_size.py)
+    zoom_removed: float = 1.0              # the zoom it took out (> 1: the anatomy had been inflated)
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
 
@@ -199,7 +202,8 @@ class DRDM:
                       fold_guard=False, compose_padding: Optional[str] = None,
                       input_padding: Optional[int] = None,
                       background_margin: Union[None, int, str] = None,
-                      anatomy_fit: Union[None, int, str] = None) -> Iterator[Frame]:
+                      anatomy_fit: Union[None, int, str] = None,
+                      keep_size: Union[None, bool, str] = None) -> Iterator[Frame]:
         """Yield forward frames (t' = 1..T') then one frame per reverse step; return a GenerationResult.
 
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
@@ -219,6 +223,10 @@ class DRDM:
         reverse loop runs on a square / cube around the anatomy, core/view.py; every field is
         returned on the whole image), "off" for the whole image (the authors' behaviour); None: the
         model's (``config.anatomy_fit``).
+        ``keep_size``: True ("on") takes the final field's global zoom over the anatomy out (one
+        similarity after the loop, core/keep_size.py: folds nothing), False ("off") keeps it (the
+        authors' behaviour); None: the model's (``config.keep_size``).  Like the background
+        extension it is applied to the final field, so only the last recovery frame carries it.
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -231,6 +239,7 @@ class DRDM:
         pad_in = resolve_input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
         fit = resolve_anatomy_fit(anatomy_fit, cfg)
+        keep = resolve_keep_size(keep_size, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seed = check_seed(seed, "seed")
         image_interp = image_interp or cfg.image_interp
@@ -246,8 +255,8 @@ class DRDM:
         if not frames:
             psi = self.sampler.sample(t_prime, batch=1, draws=draws, return_step=False).forward_ddf
 
-        def make_frame(phase, idx, total, t, ddf_m, background=None):
-            ddf_m = field_from_view(ddf_m, views) if views else ddf_m
+        def make_frame(phase, idx, total, t, ddf_m, background=None, on_grid=False):
+            ddf_m = field_from_view(ddf_m, views) if views and not on_grid else ddf_m
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
@@ -274,18 +283,21 @@ class DRDM:
             for fr in steps:
                 phi = fr.ddf
                 if frames:
-                    if margin is not None and fr.step == fr.n_steps:
+                    if (margin is not None or keep) and fr.step == fr.n_steps:
                         last = fr
                     else:
                         yield make_frame("recovery", fr.step, fr.n_steps, fr.t, phi)
         replaced = [0.0]
         if margin is not None:
             phi, replaced = _extend_background(phi, x_net, margin, cfg.image_interp)
-            if last is not None:
-                yield make_frame("recovery", last.step, last.n_steps, last.t, phi,
-                                 {"margin": margin, "replaced_pct": replaced[0]})
         if views:
             phi, psi = field_from_view(phi, views), field_from_view(psi, views)
+        removed = [1.0]
+        if keep:
+            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp)
+        if last is not None:
+            info = {"margin": margin, "replaced_pct": replaced[0]} if margin is not None else None
+            yield make_frame("recovery", last.step, last.n_steps, last.t, phi, info, on_grid=True)
         guard_info = None
         if gmode is not None:
             phi, guard_info = hooks.finish(phi, self.size)
@@ -302,7 +314,7 @@ class DRDM:
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
             t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, input_padding=pad_in,
             background_margin=margin, background_replaced_pct=replaced[0], anatomy_fit=fit,
-            view_zoom=views[0].zoom if views else 1.0, guard=guard_info)
+            view_zoom=views[0].zoom if views else 1.0, keep_size=keep, zoom_removed=removed[0], guard=guard_info)
 
     def generate(self, image: np.ndarray, labels: Optional[np.ndarray] = None, t_prime: int = 45,
                  seed: int = 0, schedule: Optional[str] = None, k: Optional[int] = None, spacing=None,
@@ -310,10 +322,12 @@ class DRDM:
                  image_interp: Optional[str] = None, fold_guard=False,
                  compose_padding: Optional[str] = None, input_padding: Optional[int] = None,
                  background_margin: Union[None, int, str] = None,
-                 anatomy_fit: Union[None, int, str] = None) -> GenerationResult:
+                 anatomy_fit: Union[None, int, str] = None,
+                 keep_size: Union[None, bool, str] = None) -> GenerationResult:
         """Algorithm 2 on one image (2D or 3D, any size); returns a :class:`GenerationResult`.
 
-        ``fold_guard``, ``compose_padding``, ``input_padding``, ``background_margin``, ``anatomy_fit``: see
+        ``fold_guard``, ``compose_padding``, ``input_padding``, ``background_margin``, ``anatomy_fit``,
+        ``keep_size``: see
         :meth:`iter_generate` (fold guard on: ``res.ddf`` is fold-free on the image's grid;
         ``res.compose_padding``, ``res.input_padding`` and ``res.background_margin`` say which
         settings were used).
@@ -322,7 +336,8 @@ class DRDM:
                                            spacing=spacing, frames=return_frames, label_interp=label_interp,
                                            image_interp=image_interp, fold_guard=fold_guard,
                                            compose_padding=compose_padding, input_padding=input_padding,
-                                           background_margin=background_margin, anatomy_fit=anatomy_fit))
+                                           background_margin=background_margin, anatomy_fit=anatomy_fit,
+                                           keep_size=keep_size))
         collected: List[Frame] = list(gen)
         res = gen.value
         res.frames = collected
@@ -334,7 +349,8 @@ class DRDM:
                             guard_report: Optional[dict] = None, compose_padding: Optional[str] = None,
                             input_padding: Optional[int] = None, background_margin: Union[None, int, str] = None,
                             background_report: Optional[dict] = None,
-                            anatomy_fit: Union[None, int, str] = None, view_report: Optional[dict] = None):
+                            anatomy_fit: Union[None, int, str] = None, view_report: Optional[dict] = None,
+                            keep_size: Union[None, bool, str] = None, size_report: Optional[dict] = None):
         """Batched generation on images already on the model grid: x_model (B, 1, S...) in [0, 1].
 
         Returns (phi, psi) pixel fields on the model grid, (B, d, S...).  Sample b uses seed
@@ -348,7 +364,9 @@ class DRDM:
         margin used (``"margin"``, None: off) and each sample's share of the grid replaced
         (``"replaced_pct"``); ``anatomy_fit``: see :meth:`iter_generate` (both fields are returned on
         the whole grid); ``view_report``, a dict, receives the margin used (``"fit"``, None: off) and
-        each sample's view zoom (``"zoom"``, 1: the whole grid).
+        each sample's view zoom (``"zoom"``, 1: the whole grid); ``keep_size``: see
+        :meth:`iter_generate`; ``size_report``, a dict, receives whether it was on (``"keep_size"``)
+        and each sample's zoom taken out (``"zoom_removed"``, 1.0 when off).
         """
         gmode = guard_mode(fold_guard)
         hooks = GuardHooks(gmode)
@@ -359,6 +377,7 @@ class DRDM:
         pad_in = resolve_input_padding(input_padding, cfg)
         margin = resolve_background_margin(background_margin, cfg)
         fit = resolve_anatomy_fit(anatomy_fit, cfg)
+        keep = resolve_keep_size(keep_size, cfg)
         t_prime = check_t_prime(t_prime, cfg.n_steps)
         seeds = [check_seed(v, "seed") for v in seeds]
         if x_model.shape[0] != len(seeds):
@@ -382,6 +401,11 @@ class DRDM:
             phi, psi = field_from_view(phi, views), field_from_view(psi, views)
         if view_report is not None:
             view_report.update(fit=fit, zoom=[v.zoom for v in views] if views else [1.0] * len(seeds))
+        removed = [1.0] * len(seeds)
+        if keep:
+            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp)
+        if size_report is not None:
+            size_report.update(keep_size=keep, zoom_removed=removed)
         if gmode is not None:
             phi, info = hooks.finish(phi, self.size)
             if guard_report is not None:

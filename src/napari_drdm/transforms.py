@@ -16,7 +16,9 @@ deformations"); it is off by default, like ``DRDM.generate``.  ``schedule``, ``k
 network's input, a multiple of 4 below S/2; 0: the authors' behaviour) and ``background_margin``
 (pixels kept around the anatomy, beyond which the field is extended smoothly; "off": the authors'
 behaviour) and ``anatomy_fit`` (pixels kept around the anatomy when the model's view is fitted to
-it; "off": the whole image, the authors' behaviour) are the reverse loop's options; None: the model's.
+it; "off": the whole image, the authors' behaviour) and ``keep_size`` (True / "on": the field's
+global zoom over the anatomy removed; False / "off": kept, the authors' behaviour) are the reverse
+loop's options; None: the model's.
 
 Randomness: ``set_random_state(seed)`` (MONAI's ``Randomizable`` API) makes a run repeatable; with
 no seed, draws come from torch's global generator, which ``DataLoader`` seeds differently in
@@ -36,6 +38,7 @@ from .validate import (
     check_background_margin_option,
     check_compose_padding,
     check_input_padding_option,
+    check_keep_size_option,
 )
 
 __all__ = ["DRDMTransform", "RandDRDMDeformd"]
@@ -51,7 +54,8 @@ class DRDMTransform:
                  label_interp: str = "nearest", ddf_key: Optional[str] = None, device: str = "cpu",
                  allow_missing_keys: bool = False, seed: Optional[int] = None, fold_guard: bool = False,
                  compose_padding: Optional[str] = None, input_padding: Optional[int] = None,
-                 background_margin: Union[None, int, str] = None, anatomy_fit: Union[None, int, str] = None):
+                 background_margin: Union[None, int, str] = None, anatomy_fit: Union[None, int, str] = None,
+                 keep_size: Union[None, bool, str] = None):
         self.weights = weights
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
         self.t_values = sorted(set(parse_t_prime(t_prime, 1000)))
@@ -69,6 +73,7 @@ class DRDMTransform:
                                                                  getattr(self._model, "size", None),
                                                                  "background_margin")
         self.anatomy_fit = check_anatomy_fit_option(anatomy_fit, getattr(self._model, "size", None), "anatomy_fit")
+        self.keep_size = check_keep_size_option(keep_size, "keep_size")
         self._rng: Optional[np.random.Generator] = None
         self._worker = None
         self._seed = seed
@@ -160,7 +165,8 @@ class DRDMTransform:
         res = model.generate(first[0], None, t_prime=t_prime, seed=seed, schedule=self.schedule, k=self.k,
                              spacing=spacing, label_interp=self.label_interp, fold_guard=self.fold_guard,
                              compose_padding=self.compose_padding, input_padding=self.input_padding,
-                             background_margin=self.background_margin, anatomy_fit=self.anatomy_fit)
+                             background_margin=self.background_margin, anatomy_fit=self.anatomy_fit,
+                             keep_size=self.keep_size)
         ddf = torch.as_tensor(res.ddf, device=model.device)[None]
         out = dict(data)
         for key in keys:

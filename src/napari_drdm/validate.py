@@ -16,7 +16,7 @@ from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
            "check_model_size", "check_choice", "check_schedule", "check_compose_padding", "check_input_padding_option",
-           "check_background_margin_option", "check_anatomy_fit_option",
+           "check_background_margin_option", "check_anatomy_fit_option", "check_keep_size_option",
            "check_label_interp",
            "check_positive", "check_bool", "arg_type", "MAX_SEED", "SCHEDULES", "COMPOSE_PADDINGS", "LABEL_INTERPS"]
 
@@ -255,6 +255,21 @@ def check_anatomy_fit_option(value, size: Optional[int] = None,
     for the model's own.  The values, the S/2 bound and the arguments are those of
     :func:`check_background_margin_option`."""
     return _pixels_or_off(value, size, name)
+
+
+def check_keep_size_option(value, name: str = "--keep-size") -> Optional[bool]:
+    """Whether the final field's global zoom over the anatomy is removed (``DRDMConfig.keep_size``,
+    core/keep_size.py): True / "on", False / "off", or None for the model's own.
+
+    Args:
+        value: a bool, "on" / "off" (any case), or None.
+        name: option name for the message.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("on", "off"):
+        return value.strip().lower() == "on"
+    raise InputError(f"{name} must be 'on' or 'off', got {value!r}")
 
 
 def _pixels_or_off(value, size: Optional[int], name: str) -> Union[None, str, int]:

@@ -264,6 +264,8 @@ class ExplorerState:
         fit = getattr(run.result, "anatomy_fit", None)
         if fit is not None:
             txt += " " + view_text(fit, run.result.view_zoom)
+        if getattr(run.result, "keep_size", False):
+            txt += f" Anatomy size kept: a global zoom of {run.result.zoom_removed:.3f} taken out."
         guard = getattr(run.result, "guard", None)
         if guard:
             txt += (f" Fold guard: {guard['folded_pct_before'][0]:.3f} % of model-grid pixels folded before, "

@@ -167,7 +167,8 @@ class ExplorerWidget(QWidget):
             cfg = model.config
             self.form.gen.t_prime.max = int(cfg.n_steps)
             self.form.set_model_padding(cfg.compose_padding, cfg.input_padding,
-                                        margin_as_option(cfg.background_margin), margin_as_option(cfg.anatomy_fit))
+                                        margin_as_option(cfg.background_margin), margin_as_option(cfg.anatomy_fit),
+                                        bool(cfg.keep_size))
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)
@@ -252,7 +253,7 @@ class ExplorerWidget(QWidget):
                                fold_guard=params["fold_guard"], compose_padding=params.get("compose_padding"),
                                input_padding=params.get("input_padding"),
                                background_margin=params.get("background_margin"),
-                               anatomy_fit=params.get("anatomy_fit"),
+                               anatomy_fit=params.get("anatomy_fit"), keep_size=params.get("keep_size"),
                                _start_thread=False)
         worker.yielded.connect(lambda info, run=run: self._on_yield(run, info))
         worker.returned.connect(lambda res, run=run: self._on_returned(run, res))

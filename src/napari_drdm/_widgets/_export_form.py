@@ -36,9 +36,11 @@ from ._form import (
     BACKGROUND_MARGIN_TIP,
     INPUT_PADDING_TIP,
     INPUT_PADDINGS,
+    KEEP_SIZE_TIP,
     MODEL_DEFAULT,
     anatomy_choices,
     background_choices,
+    keep_size_choices,
 )
 
 __all__ = ["ExportForm", "CONTROLS", "MODES", "NO_LABELS", "OPTION_NAMES", "WEIGHT_FILES"]
@@ -48,13 +50,13 @@ MODES = {"Segmentation set (Algorithm 3)": "augment", "Registration pairs (Algor
 EXISTING = {"refuse if not empty": "refuse", "resume": "resume", "overwrite": "overwrite"}
 #: the options in :attr:`ExportForm.opts` that are ExportOptions fields, under the same names
 OPTION_NAMES = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "compose_padding", "input_padding",
-                "background_margin", "anatomy_fit", "batch", "inverse", "fold_guard")
+                "background_margin", "anatomy_fit", "keep_size", "batch", "inverse", "fold_guard")
 WEIGHT_FILES = "DRDM checkpoints (*.safetensors *.pth *.pt);;All files (*)"
 
 #: the controls, by attribute name (the export dock exposes them as its own attributes)
 CONTROLS = ("source", "image_combo", "labels_combo", "folder_edit", "weights_edit", "out_edit", "opts", "mode",
             "n_spin", "tprime_edit", "tprime_syn_edit", "seed_spin", "schedule", "padding", "input_padding",
-            "background_margin", "anatomy_fit", "batch_spin", "threads_spin",
+            "background_margin", "anatomy_fit", "keep_size", "batch_spin", "threads_spin",
             "inverse_check", "guard_check", "existing", "preview_spin", "run_btn", "cancel_btn", "progress",
             "status")
 
@@ -156,6 +158,8 @@ class ExportForm(QWidget):
                      choices=background_choices(), tooltip=BACKGROUND_MARGIN_TIP),
             ComboBox(name="anatomy_fit", label="Anatomy fit (px)", value=None,
                      choices=anatomy_choices(), tooltip=ANATOMY_FIT_TIP),
+            ComboBox(name="keep_size", label="Keep anatomy size", value=None,
+                     choices=keep_size_choices(), tooltip=KEEP_SIZE_TIP),
             SpinBox(name="batch", label="Batch", min=1, max=256, value=4),
             SpinBox(name="threads", label="CPU threads", min=1, max=max(1, os.cpu_count() or 1), value=threads,
                     tooltip="CPU threads for generation (the explorer's default: the cores not busy now)."),
@@ -176,6 +180,7 @@ class ExportForm(QWidget):
         self.tprime_syn_edit, self.seed_spin, self.schedule = o.t_prime_syn.native, o.seed.native, o.schedule.native
         self.padding, self.input_padding = o.compose_padding.native, o.input_padding.native
         self.background_margin, self.anatomy_fit = o.background_margin.native, o.anatomy_fit.native
+        self.keep_size = o.keep_size.native
         self.batch_spin, self.threads_spin, self.inverse_check = o.batch.native, o.threads.native, o.inverse.native
         self.guard_check, self.existing, self.preview_spin = o.fold_guard.native, o.existing.native, o.preview.native
         return box

@@ -37,7 +37,7 @@ from ._plot import MetricPlot
 
 __all__ = ["ExplorerForm", "scrolled", "BROWSE", "NO_LABELS", "SCHEDULES", "CONTROLS", "MODEL_DEFAULT",
            "INPUT_PADDINGS", "INPUT_PADDING_TIP", "BACKGROUND_MARGINS", "BACKGROUND_MARGIN_TIP", "background_choices",
-           "ANATOMY_FITS", "ANATOMY_FIT_TIP", "anatomy_choices"]
+           "ANATOMY_FITS", "ANATOMY_FIT_TIP", "anatomy_choices", "KEEP_SIZE_TIP", "keep_size_choices"]
 
 BROWSE = "Browse..."
 NO_LABELS = "(none)"
@@ -82,10 +82,22 @@ def anatomy_choices():
     return [(MODEL_DEFAULT, None), *((str(v), v) for v in ANATOMY_FITS)]
 
 
+#: the keep-size menu's tooltip (the explorer's and the export dock's)
+KEEP_SIZE_TIP = ("Keep the anatomy's size: after the reverse loop the generated deformation's global zoom over the "
+                 "anatomy is taken out (one similarity: it folds nothing and leaves the anatomy where the generation "
+                 "put it). off = the deformation as generated, the authors' behaviour. model default: the model's "
+                 "own (drdm weights lists it).")
+
+
+def keep_size_choices():
+    """The keep-size menu: (text, value) pairs, "model default" (None) first."""
+    return [(MODEL_DEFAULT, None), ("on", True), ("off", False)]
+
+
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
 CONTROLS = ("image_combo", "labels_combo", "slice_check", "input_info", "model_combo", "size_spin", "device_combo",
             "threads_spin", "model_info", "tprime_spin", "seed_spin", "new_seed_btn", "schedule_combo",
-            "padding_combo", "input_padding_combo", "background_combo", "anatomy_combo", "k_spin", "budget_spin",
+            "padding_combo", "input_padding_combo", "background_combo", "anatomy_combo", "keep_size_combo", "k_spin", "budget_spin",
             "guard_check", "reason_label", "plan_label", "run_btn", "cancel_btn", "progress", "status_label",
             "run_combo", "remove_btn", "prev_btn", "next_btn", "follow_check", "readout", "plot")
 
@@ -230,6 +242,8 @@ class ExplorerForm(QWidget):
                      choices=background_choices(), tooltip=BACKGROUND_MARGIN_TIP),
             ComboBox(name="anatomy_fit", label="Anatomy fit (px)", value=None,
                      choices=anatomy_choices(), tooltip=ANATOMY_FIT_TIP),
+            ComboBox(name="keep_size", label="Keep anatomy size", value=None,
+                     choices=keep_size_choices(), tooltip=KEEP_SIZE_TIP),
             SpinBox(name="k", label="K", min=1, max=10, value=2,
                     tooltip="K: internal recursions of the network per reverse step."),
             SpinBox(name="budget_mib", label="Frame memory (MiB)", min=16, max=1 << 20, step=256,
@@ -253,6 +267,7 @@ class ExplorerForm(QWidget):
         self.input_padding_combo = self.gen.input_padding.native
         self.background_combo = self.gen.background_margin.native
         self.anatomy_combo = self.gen.anatomy_fit.native
+        self.keep_size_combo = self.gen.keep_size.native
         self.k_spin = self.gen.k.native
         self.budget_spin = self.gen.budget_mib.native
         self.guard_check = self.gen.fold_guard.native
@@ -260,7 +275,7 @@ class ExplorerForm(QWidget):
 
     def set_model_padding(self, model_padding: Optional[str], input_padding: Optional[int] = None,
                           background_margin: Union[None, int, str] = None,
-                          anatomy_fit: Union[None, int, str] = None) -> None:
+                          anatomy_fit: Union[None, int, str] = None, keep_size: Optional[bool] = None) -> None:
         """Name the loaded model's own composition padding, input padding, background margin and
         anatomy fit in the menus' first entries ("model default (border)", "model default (8)",
         "model default (off)"); the choices made stay.
@@ -271,6 +286,7 @@ class ExplorerForm(QWidget):
             background_margin: the loaded model's ``config.background_margin`` (pixels) or "off"; None:
                 no model.
             anatomy_fit: the loaded model's ``config.anatomy_fit`` (pixels) or "off"; None: no model.
+            keep_size: the loaded model's ``config.keep_size``; None: no model.
         """
         self.padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({model_padding})" if model_padding else ""))
         self.input_padding_combo.setItemText(0, MODEL_DEFAULT + (f" ({input_padding})" if input_padding is not None
@@ -278,10 +294,12 @@ class ExplorerForm(QWidget):
         self.background_combo.setItemText(0, MODEL_DEFAULT + (f" ({background_margin})" if background_margin is not None
                                                                else ""))
         self.anatomy_combo.setItemText(0, MODEL_DEFAULT + (f" ({anatomy_fit})" if anatomy_fit is not None else ""))
+        self.keep_size_combo.setItemText(0, MODEL_DEFAULT + (f" ({'on' if keep_size else 'off'})"
+                                                              if keep_size is not None else ""))
 
     def generation(self) -> Dict[str, Any]:
-        """t_prime, seed, schedule, compose_padding, input_padding, background_margin and anatomy_fit
-        (None: the model's), k, budget_mib and fold_guard as set in the form."""
+        """t_prime, seed, schedule, compose_padding, input_padding, background_margin, anatomy_fit and
+        keep_size (None: the model's), k, budget_mib and fold_guard as set in the form."""
         vals = {w.name: w.value for w in self.gen if w.name != "seed_row"}
         vals["seed"] = self._seed.value
         return vals

@@ -174,7 +174,8 @@ class RunLayers:
                                                compose_padding=res.compose_padding,    # the ones used
                                                input_padding=res.input_padding,
                                                background_margin=res.background_margin,
-                                               anatomy_fit=res.anatomy_fit, view_zoom=res.view_zoom),
+                                               anatomy_fit=res.anatomy_fit, view_zoom=res.view_zoom,
+                                               keep_size=res.keep_size, zoom_removed=res.zoom_removed),
               "spacing": run.inputs.spacing}
         if run.out_affine is not None:
             md["affine"] = run.out_affine

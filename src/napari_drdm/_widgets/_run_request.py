@@ -17,7 +17,12 @@ import numpy as np
 
 from ..core.config import BACKGROUND_OFF, Schedule, margin_as_option
 from ..errors import InputError
-from ..validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option
+from ..validate import (
+    check_anatomy_fit_option,
+    check_background_margin_option,
+    check_input_padding_option,
+    check_keep_size_option,
+)
 from ._inputs import Inputs, output_geometry, read_inputs
 from ._layers import FramePlan, label_dtype, plan_frames
 
@@ -52,7 +57,7 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
 
     Args:
         generation: the form's generation options (t_prime, seed, schedule, compose_padding,
-            input_padding, background_margin, anatomy_fit, k, budget_mib, fold_guard).
+            input_padding, background_margin, anatomy_fit, keep_size, k, budget_mib, fold_guard).
         config: the model's :class:`~napari_drdm.core.config.DRDMConfig`.
         device: the model's device.
     """
@@ -74,6 +79,9 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     fit = check_anatomy_fit_option(p.get("anatomy_fit"), config.size, "Anatomy fit")
     if fit is not None and fit != margin_as_option(config.anatomy_fit):
         variant.append("whole-image-view" if fit == BACKGROUND_OFF else f"{fit}px-anatomy-fit")
+    keep = check_keep_size_option(p.get("keep_size"), "Keep anatomy size")
+    if keep is not None and keep != bool(config.keep_size):
+        variant.append("size-kept" if keep else "zoom-kept")
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

@@ -85,7 +85,8 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
             fold_guard: bool = False, compose_padding: Optional[str] = None,
             input_padding: Optional[int] = None,
             background_margin: Union[None, int, str] = None,
-            anatomy_fit: Union[None, int, str] = None) -> Iterator[Dict[str, Any]]:
+            anatomy_fit: Union[None, int, str] = None,
+            keep_size: Union[None, bool, str] = None) -> Iterator[Dict[str, Any]]:
     """Run one generation, filling ``store``; yields progress dicts, returns the GenerationResult.
 
     ``threads``: torch CPU threads for this (worker) thread; None leaves torch's setting alone.
@@ -98,6 +99,8 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     the last recovery frame carries it), or "off"; None: the model's own.
     ``anatomy_fit``: pixels kept around the anatomy in the model's fitted view, or "off" (the whole
     image); None: the model's own.
+    ``keep_size``: True takes the final field's global zoom over the anatomy out (the last recovery
+    frame carries it), False keeps it; None: the model's own.
     """
     import torch
 
@@ -111,7 +114,8 @@ def explore(model, image: np.ndarray, labels: Optional[np.ndarray], spacing: Seq
     gen = Returning(model.iter_generate(image, labels, t_prime=t_prime, seed=seed, schedule=schedule, k=k,
                                         spacing=spacing, frames=True, render=True, fold_guard=fold_guard,
                                         compose_padding=compose_padding, input_padding=input_padding,
-                                        background_margin=background_margin, anatomy_fit=anatomy_fit))
+                                        background_margin=background_margin, anatomy_fit=anatomy_fit,
+                                        keep_size=keep_size))
     grid_t = torch.as_tensor(grid_lines(shape))[None, None] if store.has_grid else None
     lattice = vector_lattice(shape)
     n_forward = store.plan.n_forward

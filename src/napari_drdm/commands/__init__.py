@@ -11,6 +11,7 @@ from ..validate import (
     check_device,
     check_input_padding_option,
     check_k,
+    check_keep_size_option,
     check_model_size,
     check_seed,
     check_threads,
@@ -101,6 +102,15 @@ def anatomy_fit_arg(p):
                         "the reverse loop runs on a square (cube) around everything bright, at most 2x enlarged, "
                         "and the field is returned on the whole image; 'off' shows the model the whole image, "
                         "the authors' behaviour (default: the model's; drdm weights lists each model's)")
+
+
+def keep_size_arg(p):
+    """--keep-size on|off, checked while parsing; default None, the model's own."""
+    p.add_argument("--keep-size", type=arg_type(check_keep_size_option, "--keep-size"), default=None, metavar="on|off",
+                   help="take the generated deformation's global zoom over the anatomy out (one similarity after "
+                        "the loop: it folds nothing, and leaves the anatomy where the generation put it, at its "
+                        "own size); 'off' keeps it, the authors' behaviour (default: the model's; drdm weights "
+                        "lists each model's)")
 
 
 def checked_anatomy_fit(args, model):

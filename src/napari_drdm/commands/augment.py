@@ -24,6 +24,7 @@ from . import (
     compose_padding_arg,
     input_padding_arg,
     k_arg,
+    keep_size_arg,
     label_interp_arg,
     schedule_arg,
     seed_arg,
@@ -53,6 +54,7 @@ def add_common(p):
     input_padding_arg(p)
     background_margin_arg(p)
     anatomy_fit_arg(p)
+    keep_size_arg(p)
     k_arg(p)
     p.add_argument("--batch", type=arg_type(check_int, "--batch", lo=1), default=4,
                    help="samples per network pass (default 4)")
@@ -161,7 +163,8 @@ def run_mode(args, opts_kw: dict) -> int:
         torch.backends.cudnn.benchmark = False
     opts = ExportOptions(per_image=args.per_image, seed=args.seed, schedule=args.schedule,
                          compose_padding=args.compose_padding, input_padding=args.input_padding,
-                         background_margin=args.background_margin, anatomy_fit=args.anatomy_fit, k=args.k,
+                         background_margin=args.background_margin, anatomy_fit=args.anatomy_fit,
+                         keep_size=args.keep_size, k=args.k,
                          batch=args.batch, inverse=args.inverse, inverse_iterations=args.inverse_iterations,
                          label_interp=args.label_interp, weights=args.weights, device=device, size=args.size,
                          resume=args.resume, overwrite=args.overwrite, shard=(i, n), strict=args.strict,

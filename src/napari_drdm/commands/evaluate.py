@@ -24,6 +24,7 @@ from . import (
     compose_padding_arg,
     input_padding_arg,
     k_arg,
+    keep_size_arg,
     load_from_args,
     schedule_arg,
 )
@@ -42,6 +43,7 @@ def add_parser(sub):
     input_padding_arg(p)
     background_margin_arg(p)
     anatomy_fit_arg(p)
+    keep_size_arg(p)
     k_arg(p)
     p.add_argument("--slices", type=arg_type(check_int, "--slices", lo=1), default=5,
                    help="for a 2D model given 3D volumes: this many evenly spaced foreground slices per volume, "
@@ -117,7 +119,8 @@ def _stats(values):
 
 
 def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, seed_offset=0, progress=False,
-             on_batch=None, compose_padding=None, input_padding=None, background_margin=None, anatomy_fit=None):
+             on_batch=None, compose_padding=None, input_padding=None, background_margin=None, anatomy_fit=None,
+             keep_size=None):
     """Generation ``i`` (0 <= i < ``samples``) of each T' runs on image ``i mod len(images)`` with seed
     ``seed_offset + i``.  Returns one record per T': mean/SD/min/max of the recovered field's figures,
     the plausibility figures and the forward field's, and ``generations`` (one dict per generation:
@@ -128,8 +131,8 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
         model: a :class:`~napari_drdm.model.DRDM`.
         images: (name, array, spacing) triples (:func:`collect_images`).
         t_primes: the T' values.  samples: generations per T'.
-        schedule, k, compose_padding, input_padding, background_margin, anatomy_fit: the reverse loop's options
-            (None: the model's).
+        schedule, k, compose_padding, input_padding, background_margin, anatomy_fit, keep_size: the reverse
+            loop's options (None: the model's).
         batch: generations per network pass.  seed_offset: the first seed.
         progress: a counter on stderr.  on_batch: called as ``on_batch(t_prime, phi, seeds, seconds)``.
     """
@@ -148,10 +151,11 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
             x = torch.cat([prepared[i % len(prepared)] for i in ids], 0)
             seeds = [seed_offset + i for i in ids]
             tb = time.perf_counter()
-            bg, view = {}, {}
+            bg, view, kept = {}, {}, {}
             phi, psi = model.generate_model_grid(x, tp, seeds, schedule=schedule, k=k, compose_padding=compose_padding,
                                                  input_padding=input_padding, background_margin=background_margin,
-                                                 background_report=bg, anatomy_fit=anatomy_fit, view_report=view)
+                                                 background_report=bg, anatomy_fit=anatomy_fit, view_report=view,
+                                                 keep_size=keep_size, size_report=kept)
             if on_batch is not None:      # e.g. the fold-guard comparison (fold_report.GuardCollector)
                 on_batch(tp, phi, seeds, time.perf_counter() - tb)
             for b in range(len(ids)):
@@ -163,7 +167,8 @@ def evaluate(model, images, t_primes, samples, schedule=None, k=None, batch=1, s
                                         **{key: float(rec[key]) for key in GENERATION_KEYS},
                                         "forward_folding_pct": float(fwd["folding_pct"]),
                                         "background_replaced_pct": float(bg["replaced_pct"][b]),
-                                        "view_zoom": float(view["zoom"][b])}))
+                                        "view_zoom": float(view["zoom"][b]),
+                                        "zoom_removed": float(kept["zoom_removed"][b])}))
             done += len(ids)
             if progress:
                 print(f"\r[evaluate] {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -199,7 +204,7 @@ def _input_ndim(paths) -> int:
 
 
 def run(args) -> int:
-    from ..model import resolve_anatomy_fit, resolve_background_margin
+    from ..model import resolve_anatomy_fit, resolve_background_margin, resolve_keep_size
     from ..validate import check_t_prime
     axes = tuple(check_int("--slice-axes", a, 0, 2) for a in str(args.slice_axes).split(",") if a.strip())
     model = load_from_args(args, ndim=_input_ndim(args.images) if args.weights is None else 2)
@@ -215,12 +220,14 @@ def run(args) -> int:
         guard = GuardCollector(model.size)
     results = evaluate(model, images, args.t_prime, args.samples, args.schedule, args.k, args.batch,
                        args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding,
-                       input_padding=input_padding, background_margin=margin, anatomy_fit=fit)
+                       input_padding=input_padding, background_margin=margin, anatomy_fit=fit,
+                       keep_size=args.keep_size)
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
            "compose_padding": args.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if input_padding is None else input_padding,
            "background_margin": resolve_background_margin(margin, model.config),
            "anatomy_fit": resolve_anatomy_fit(fit, model.config),
+           "keep_size": resolve_keep_size(args.keep_size, model.config),
            "k": args.k or model.config.k_recursions, "size": model.size, "device": str(model.device),
            "n_images": len(images), "units": {"disp": "% of the model-grid side", "folding": "% of pixels with det(J) <= 0",
                      "plausibility": "affine_share_pct: % of the recovered field's energy explained by one "

@@ -17,6 +17,7 @@ from . import (
     compose_padding_arg,
     input_padding_arg,
     k_arg,
+    keep_size_arg,
     label_interp_arg,
     load_from_args,
     schedule_arg,
@@ -37,6 +38,7 @@ def add_parser(sub):
     input_padding_arg(p)
     background_margin_arg(p)
     anatomy_fit_arg(p)
+    keep_size_arg(p)
     k_arg(p, help="internal recursions K >= 1 (default: the model's, 2)")
     label_interp_arg(p)
     add_fold_guard_arg(p, default=True)
@@ -98,7 +100,8 @@ def run(args) -> int:
         res = model.generate(data, labels, t_prime=args.t_prime, seed=args.seed, schedule=args.schedule,
                              k=args.k, spacing=vol.spacing[: data.ndim], label_interp=args.label_interp,
                              fold_guard=args.fold_guard, compose_padding=args.compose_padding,
-                             input_padding=input_padding, background_margin=margin, anatomy_fit=fit)
+                             input_padding=input_padding, background_margin=margin, anatomy_fit=fit,
+                             keep_size=args.keep_size)
         secs = time.perf_counter() - t0
         affine = field_affine(res.ddf)             # the written field's global affine part
         vol.spacing = tuple(vol.spacing[: data.ndim])
@@ -122,6 +125,8 @@ def run(args) -> int:
     if res.anatomy_fit is not None or model.config.anatomy_fit is not None:
         pad_in += (f" anatomy_fit={res.anatomy_fit}px (view x{res.view_zoom:.2f})"
                    if res.anatomy_fit is not None else " anatomy_fit=off")
+    if res.keep_size or model.config.keep_size:
+        pad_in += f" keep_size=on (zoom {res.zoom_removed:.3f} removed)" if res.keep_size else " keep_size=off"
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")

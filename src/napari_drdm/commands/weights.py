@@ -33,7 +33,8 @@ def run(args) -> int:
             print(f"    generates with: {inf['schedule']} loop, K={inf['k_recursions']}, composition padding "
                   f"{inf['compose_padding']}, input padding {inf['input_padding']} px, background margin "
                   + ("off" if margin is None else f"{margin} px")
-                  + ", view " + ("the whole image" if fit is None else f"fitted to the anatomy ({fit} px around it)"))
+                  + ", view " + ("the whole image" if fit is None else f"fitted to the anatomy ({fit} px around it)")
+                  + (", the anatomy's size kept (global zoom removed)" if inf.get("keep_size") else ""))
         prov = e.get("provenance") or {}
         for key in ("trained_on", "steps", "wall_time_h", "device", "command", "data_sha256"):
             if key in prov:

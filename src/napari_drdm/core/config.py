@@ -167,6 +167,7 @@ class DRDMConfig:
     input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
     background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond is extended (None: off)
     anatomy_fit: Optional[int] = None       # px around the anatomy when the view is fitted to it (None: whole image)
+    keep_size: bool = False                 # the final field's global zoom over the anatomy removed (core/keep_size.py)
     extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
 
     def __post_init__(self):
@@ -182,6 +183,8 @@ class DRDMConfig:
         self.input_padding = check_input_padding(self.input_padding, self.size)
         self.background_margin = check_background_margin(self.background_margin, self.size)
         self.anatomy_fit = check_anatomy_fit(self.anatomy_fit, self.size)
+        if not isinstance(self.keep_size, bool):
+            raise InputError(f"keep_size must be true or false, got {self.keep_size!r}")
 
     @classmethod
     def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":

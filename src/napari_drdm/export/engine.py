@@ -33,7 +33,7 @@ from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
 from .jobspec import Job, make_jobs
 from .manifest import Journal, journal_rows, kept_records, write_manifest
-from .options import ExportOptions, check_model_options, fit_used, margin_used
+from .options import ExportOptions, check_model_options, fit_used, margin_used, size_kept
 from .outdir import check_out_vs_inputs, prepare_output_folder
 from .sample import LoadedSample, ModelProvider, load_sample, weights_sha
 
@@ -70,6 +70,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "compose_padding": opts.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if opts.input_padding is None else int(opts.input_padding),
            "background_margin": margin_used(model, opts), "anatomy_fit": fit_used(model, opts),
+           "keep_size": size_kept(model, opts),
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
            "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
@@ -182,7 +183,8 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
         own = provider.get(0).config
         settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding),
                                       "background_margin": margin_as_option(own.background_margin),
-                                      "anatomy_fit": margin_as_option(own.anatomy_fit)}
+                                      "anatomy_fit": margin_as_option(own.anatomy_fit),
+                                      "keep_size": bool(own.keep_size)}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

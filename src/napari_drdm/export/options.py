@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 from ..core.config import margin_as_option
 from .jobspec import parse_t_prime
 
-__all__ = ["ExportOptions", "check_model_options", "margin_used", "fit_used"]
+__all__ = ["ExportOptions", "check_model_options", "margin_used", "fit_used", "size_kept"]
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ExportOptions:
     input_padding: Optional[int] = None    # px of mirrored image around the network's input; None: the model's
     background_margin: Union[None, int, str] = None  # px kept around the anatomy, or "off"; None: the model's
     anatomy_fit: Union[None, int, str] = None  # px around the anatomy in the fitted view, or "off"; None: the model's
+    keep_size: Union[None, bool, str] = None   # the field's global zoom over the anatomy removed; None: the model's
     k: Optional[int] = None
     batch: int = 4
     inverse: bool = False
@@ -52,6 +53,7 @@ class ExportOptions:
             check_input_padding_option,
             check_int,
             check_k,
+            check_keep_size_option,
             check_label_interp,
             check_model_size,
             check_positive,
@@ -71,6 +73,7 @@ class ExportOptions:
         self.input_padding = check_input_padding_option(self.input_padding)   # S/2: per model, see check_model_options
         self.background_margin = check_background_margin_option(self.background_margin)
         self.anatomy_fit = check_anatomy_fit_option(self.anatomy_fit)
+        self.keep_size = check_keep_size_option(self.keep_size)
         check_label_interp(self.label_interp)
         self.max_memory = check_positive(self.max_memory, "--max-memory (GB)")
         self.fold_guard = check_bool(self.fold_guard, "--fold-guard")
@@ -84,7 +87,8 @@ class ExportOptions:
         (None: the model's own), in one place for every generation an export makes."""
         return {"schedule": self.schedule, "k": self.k, "fold_guard": self.fold_guard,
                 "compose_padding": self.compose_padding, "input_padding": self.input_padding,
-                "background_margin": self.background_margin, "anatomy_fit": self.anatomy_fit}
+                "background_margin": self.background_margin, "anatomy_fit": self.anatomy_fit,
+                "keep_size": self.keep_size}
 
     def bounded_options(self) -> tuple:
         """The options a model's side bounds (< S/2, :func:`check_model_options`)."""
@@ -120,3 +124,9 @@ def fit_used(model, opts: ExportOptions):
     """The anatomy fit a row was made with: pixels, or "off" (the whole image)."""
     from ..model import resolve_anatomy_fit
     return margin_as_option(resolve_anatomy_fit(opts.anatomy_fit, model.config))
+
+
+def size_kept(model, opts: ExportOptions) -> bool:
+    """Whether a row was made with the field's global zoom removed (core/keep_size.py)."""
+    from ..model import resolve_keep_size
+    return resolve_keep_size(opts.keep_size, model.config)

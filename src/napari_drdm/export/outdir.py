@@ -23,12 +23,12 @@ _SIDE_FILES = (RUN_FILE, MANIFEST_JSON, MANIFEST_CSV, ".manifest.lock")
 
 
 IDENTITY_KEYS = ("mode", "per_image", "t_prime", "t_prime_syn", "seed", "schedule", "compose_padding",
-                 "input_padding", "background_margin", "anatomy_fit", "k", "weights", "inverse", "label_interp",
-                 "inverse_iterations", "fold_guard")
+                 "input_padding", "background_margin", "anatomy_fit", "keep_size", "k", "weights", "inverse",
+                 "label_interp", "inverse_iterations", "fold_guard")
 #: what a setting was before it was recorded (a run.json written by an older version lacks the key;
 #: None: the model's own, which is what those runs used)
 IDENTITY_DEFAULTS = {"fold_guard": False, "compose_padding": None, "input_padding": None,
-                     "background_margin": None, "anatomy_fit": None}
+                     "background_margin": None, "anatomy_fit": None, "keep_size": None}
 
 
 def _setting(rec: dict, key: str, model_defaults: Optional[dict] = None):

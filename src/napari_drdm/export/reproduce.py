@@ -59,9 +59,11 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     margin = margin if isinstance(margin, int) and not isinstance(margin, bool) else BACKGROUND_OFF
     fit = row.get("anatomy_fit")             # rows written before the anatomy fit saw the whole image
     fit = fit if isinstance(fit, int) and not isinstance(fit, bool) else BACKGROUND_OFF
+    keep = row.get("keep_size") is True       # rows written before it existed kept the global zoom
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
                          compose_padding=padding if padding in COMPOSE_PADDINGS else None,
-                         input_padding=pad_in, background_margin=margin, anatomy_fit=fit, k=row["k"],
+                         input_padding=pad_in, background_margin=margin, anatomy_fit=fit,
+                         keep_size=keep, k=row["k"],
                          label_interp=row["label_interp"],
                          inverse="inverse_ddf" in row, inverse_iterations=run.get("inverse_iterations", 50),
                          per_image=1, device=device, fold_guard=bool(row.get("fold_guard", False)))

@@ -55,7 +55,7 @@ def default_weights(ndim: int) -> str:
 
 #: the configuration fields that say how a model generates (``drdm weights`` lists them)
 INFERENCE_KEYS = ("schedule", "k_recursions", "compose_padding", "input_padding", "background_margin",
-                  "anatomy_fit")
+                  "anatomy_fit", "keep_size")
 
 
 def inference_settings(path) -> Optional[Dict[str, object]]:

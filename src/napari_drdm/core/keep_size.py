@@ -1,0 +1,79 @@
+"""The anatomy keeps its size: the generated deformation's global zoom taken out.
+
+A recovered deformation is meant to be local, anatomical variation.  Fine-tuned 2D networks
+still inflate brain slices by a few per cent as a whole (``affine_zoom`` in the plausibility
+figures, core/metrics.py: 1.06 for ``general2d`` on the held-out brain slices), and a zoom of the
+whole anatomy moves its rim by more than any local change does.  :func:`remove_global_scale`
+takes that one number out of a generated field and leaves everything else as it was.
+
+With ``y(x) = x + u(x)`` the pull-back map of the field (the output at ``x`` shows the input at
+``y(x)``), a least-squares fit ``y ~ M x + c`` over the output's anatomy (the pixels above
+``threshold`` in the deformed image) gives the global scale ``s = |det M|^(1/d)``; the new map is
+``y'(x) = p + (y(x) - p) / s`` with ``p`` the mean of ``y`` over the same pixels, so the anatomy
+stays where the generation put it.  ``y'`` is ``y`` followed by one similarity, so it folds
+exactly where ``y`` folds (every Jacobian determinant is divided by ``s^d > 0``), its rotation,
+shear and local part are unchanged, and refitting it gives ``|det M'| = 1`` (zoom 1).
+
+A model setting and an inference option: ``DRDMConfig.keep_size`` (False: off), applied by
+``DRDM.iter_generate`` / ``generate_model_grid`` to the final field on the model's whole grid,
+after the background extension and before the fold guard's final check.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from .metrics import FG_THRESHOLD
+from .spatial import warp
+
+__all__ = ["remove_global_scale", "MIN_ANATOMY_PX"]
+
+MIN_ANATOMY_PX = 64     # fewer anatomy pixels than this in the output: the field is left as it is
+
+
+def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float = FG_THRESHOLD,
+                        image_interp: str = "linear") -> Tuple[torch.Tensor, List[float]]:
+    """``phi`` with its global isotropic scale over the output's anatomy removed.
+
+    Args:
+        phi: pull-back displacement fields in pixels, (B, d, *S).
+        image: the images they deform, (B, 1, *S), min-max normalised (the model grid).
+        threshold: intensity above which a pixel of the deformed image is anatomy.
+        image_interp: interpolation of the deformed image that defines the anatomy.
+
+    Returns:
+        The new fields (same shape and dtype) and, per sample, the zoom taken out
+        (``affine_zoom`` before: > 1 where the anatomy had been inflated; 1.0 where the output has
+        fewer than :data:`MIN_ANATOMY_PX` anatomy pixels or the fit is degenerate, and the field is
+        returned unchanged).
+    """
+    nd = phi.dim() - 2
+    if image.shape[0] != phi.shape[0] or tuple(image.shape[2:]) != tuple(phi.shape[2:]):
+        raise ValueError(f"image {tuple(image.shape)} does not match the fields {tuple(phi.shape)}")
+    deformed = warp(image.to(phi.dtype), phi, image_interp if nd == 2 else "linear", "zeros")
+    shape = phi.shape[2:]
+    axes = [torch.arange(n, dtype=torch.float64, device=phi.device) - (n - 1) / 2 for n in shape]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0)               # (d, *S)
+    out = phi.clone()
+    zooms: List[float] = []
+    for b in range(phi.shape[0]):
+        mask = deformed[b, 0] > threshold
+        n = int(mask.sum())
+        if n < max(MIN_ANATOMY_PX, nd + 2):
+            zooms.append(1.0)
+            continue
+        x = coords[:, mask].T                                                    # (N, d)
+        y = x + phi[b][:, mask].T.to(torch.float64)
+        X = torch.cat([x, torch.ones((n, 1), dtype=torch.float64, device=phi.device)], 1)
+        coef = torch.linalg.lstsq(X, y).solution                                 # (d + 1, d)
+        det = float(torch.linalg.det(coef[:nd].T))
+        if not det > 0.0:
+            zooms.append(1.0)
+            continue
+        s = det ** (1.0 / nd)
+        p = y.mean(0).view(nd, *([1] * nd))
+        y_all = coords + phi[b].to(torch.float64)
+        out[b] = (p + (y_all - p) / s - coords).to(phi.dtype)
+        zooms.append(1.0 / s)
+    return out, zooms
