@@ -225,8 +225,9 @@ class DRDM:
         model's (``config.anatomy_fit``).
         ``keep_size``: True ("on") takes the final field's global zoom over the anatomy out (one
         similarity after the loop, core/keep_size.py: folds nothing), False ("off") keeps it (the
-        authors' behaviour); None: the model's (``config.keep_size``).  Like the background
-        extension it is applied to the final field, so only the last recovery frame carries it.
+        authors' behaviour); None: the model's (``config.keep_size``).  Every recovery frame's field
+        gets its own (the explorer shows the anatomy at its size throughout); the forward frames
+        are the forward field's.
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
         recovery frame's field fold-free, on the model grid and on the image's own grid
         (core/foldguard.py); each frame then carries ``guard`` (pixels folded before, changed).
@@ -257,6 +258,8 @@ class DRDM:
 
         def make_frame(phase, idx, total, t, ddf_m, background=None, on_grid=False):
             ddf_m = field_from_view(ddf_m, views) if views and not on_grid else ddf_m
+            if keep and phase == "recovery" and not on_grid:      # each frame at the anatomy's own size
+                ddf_m = remove_global_scale(ddf_m, x_model, image_interp=cfg.image_interp)[0]
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
