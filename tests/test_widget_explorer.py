@@ -208,6 +208,32 @@ def test_background_margin_option_reaches_the_run(make_napari_viewer, qtbot, tin
     assert np.abs(ddfs[4] - ddfs[None]).max() > 1e-4
 
 
+def test_keep_size_option_reaches_the_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    """The form's "Keep anatomy size": "on" is a variant of the run whose field is the Python API's
+    with the option, recorded in the layers' metadata and named in the status line."""
+    from napari_drdm.model import load_model
+    quiet = tiny_checkpoint(2, 32, name="quiet", silent_head=True)      # the field: the forward one
+    viewer = make_napari_viewer()
+    img, _ = _image((32, 32))
+    img = np.where(img > 50, img, 0.0).astype(np.float32)
+    viewer.add_image(img, name="img")
+    widget = _open(viewer)
+    _with_model(qtbot, widget, quiet)
+    assert widget.keep_size_combo.currentText() == "model default (off)"
+    widget.seed_spin.setValue(5)
+    widget.keep_size_combo.setCurrentText("on")
+    _run_and_wait(qtbot, widget, t_prime=3, schedule="paper")
+    run = widget.state.current
+    assert run.title == "#1 quiet s5 T'3 paper K2 size-kept"
+    md = viewer.layers[run.layer_name("recovered image")].metadata["drdm"]
+    assert md["keep_size"] is True and md["zoom_removed"] != 1.0
+    assert "Anatomy size kept: a global zoom of" in widget.status_label.text()
+    res = load_model(quiet, device="cpu").generate(img, t_prime=3, seed=5, schedule="paper", spacing=(1.0, 1.0),
+                                                   keep_size=True)
+    np.testing.assert_allclose(viewer.layers[run.layer_name("|u| mm")].metadata["drdm_ddf"], res.ddf,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_cancel_keeps_computed_frames(make_napari_viewer, qtbot, tiny2d):
     viewer = make_napari_viewer()
     img, _ = _image((32, 32))
