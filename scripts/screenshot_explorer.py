@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", default="model", choices=["model", "reference", "paper"],
                     help="the reverse loop; 'model' (default) keeps the model's own")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--keep-size", default="model", choices=["model", "on", "off"],
+                    help="the explorer's Keep anatomy size menu (default: the model's own)")
     ap.add_argument("--frame", default="folds",
                     help="'folds' (the last frame with folding >= --min-folding %%), 'last', 'last-forward' "
                          "or a frame number (0-based)")
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     widget.seed_spin.setValue(args.seed)
     if args.schedule != "model":
         widget.schedule_combo.setCurrentText(args.schedule)
+    if args.keep_size != "model":
+        widget.keep_size_combo.setCurrentText(args.keep_size)
     if not widget.run_btn.isEnabled():
         print(f"cannot run: {widget.reason}", file=sys.stderr)
         return 1
