@@ -835,6 +835,35 @@ def test_convert_upstream_background_margin(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_soup_averages_one_networks_weights_and_refuses_another(tmp_path, tiny_checkpoint, capsys):
+    """``python -m training soup``: the weighted average tensor by tensor, the first file's
+    configuration, every ingredient in the provenance; two networks that differ, a single file or an
+    existing output are one line each (exit 2)."""
+    from training.__main__ import main as training_main
+    a = tiny_checkpoint(2, 32, seed=1, name="a", background_margin=4)
+    b = tiny_checkpoint(2, 32, seed=2, name="b")
+    out = tmp_path / "soup.safetensors"
+    assert training_main(["soup", "--weights", a, b, "--coef", "3", "1", "--out", str(out), "--note", "test"]) == 0
+    assert "the average of" in capsys.readouterr().out
+    (sa, ca, _), (sb, _, _), (ss, cs, prov) = (read_checkpoint(p) for p in (a, b, out))
+    for k in sa:
+        torch.testing.assert_close(ss[k], 0.75 * sa[k] + 0.25 * sb[k])
+    assert cs.background_margin == 4 and cs.to_dict() == ca.to_dict()
+    assert [i["coef"] for i in prov["soup_of"]] == [0.75, 0.25] and prov["note"] == "test"
+    assert len({i["sha256"] for i in prov["soup_of"]}) == 2
+    other = tiny_checkpoint(2, 64, seed=1, name="c")
+    new = str(tmp_path / "new.safetensors")
+    for args, msg in ((["--weights", a, other, "--out", new], "another network than"),
+                      (["--weights", a, "--out", new], "at least two"),
+                      (["--weights", a, b, "--coef", "1", "-1", "--out", new], "one positive number per weights file"),
+                      (["--weights", a, b, "--out", str(out)], "exists; pass --overwrite"),
+                      (["--weights", a, str(tmp_path / "none.safetensors"), "--out", new], "no such file or bundled")):
+        assert training_main(["soup", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+    assert not Path(new).exists()
+
+
 def test_set_inference_changes_settings_not_the_network(tmp_path, tiny_checkpoint, capsys):
     """set-inference: a file is written to --out with the new settings and an ``inference_changes``
     record; a bundled name is changed in place with its registry entry; bad requests are one line."""

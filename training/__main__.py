@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "input or composition padding), keeping its network")
     _set_inference.add_arguments(p)
     p.set_defaults(func=_set_inference.run)
+    from . import soup as _soup
+    p = sub.add_parser("soup", help="the average of several weights files of one network (a weight soup)")
+    _soup.add_arguments(p)
+    p.set_defaults(func=_soup.run)
     p = sub.add_parser("validate", help="run a run's validation on its checkpoint or on other weights")
     p.add_argument("--run", required=True, help="run directory (its config.yaml gives the images and settings)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint of the run (default: the latest)")
