@@ -165,7 +165,8 @@ def test_export_records_resumes_and_reproduces_the_input_padding(tmp_path, pad8,
                                                           "--resume"]) == 0
     assert "0 outputs written (2 already done)" in capsys.readouterr().out
     assert json.loads(run_file.read_text())["model_defaults"] == {"compose_padding": "zeros", "input_padding": 8,
-                                                            "background_margin": "off", "anatomy_fit": "off"}
+                                                            "background_margin": "off", "anatomy_fit": "off",
+                                                                "keep_size": False}
     assert main(["augment", str(src), str(own)] + opts + ["--resume"]) == 0
     assert "0 outputs written (2 already done)" in capsys.readouterr().out
 

@@ -171,6 +171,15 @@ def test_command_lines_export_and_set_inference(tmp_path, tiny_checkpoint, capsy
     capsys.readouterr()
     assert main(["augment", str(src), str(on)] + opts + ["--resume"]) == 1      # the zoom kept: another setting
     assert "different settings (keep_size)" in one_line(capsys.readouterr().err)
+    plain_out = tmp_path / "aug_plain"                      # a run.json written before keep_size existed resumes
+    assert main(["augment", str(src), str(plain_out)] + opts) == 0
+    run_file = plain_out / "run.json"
+    old = json.loads(run_file.read_text())
+    del old["keep_size"], old["model_defaults"]["keep_size"]
+    run_file.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(["augment", str(src), str(plain_out)] + opts + ["--resume"]) == 0
+    assert "0 outputs written (2 already done)" in capsys.readouterr().out
     out = tmp_path / "keep.safetensors"
     assert training_main(["set-inference", "--weights", plain, "--out", str(out), "--keep-size", "on",
                           "--measured", "a test"]) == 0
