@@ -12,6 +12,10 @@ forward draw, which both records share; the paired difference has a much smaller
 prints, per set, T' and figure, each model's mean and the mean paired difference (other - base)
 with its standard error (SD of the differences / sqrt(n)) over the generations both records hold.
 Records saved before generations were kept cannot be paired (one line says so).
+
+``--plot PNG`` draws one figure of one set (``--plot-set``, ``--plot-figure``) for every model
+compared: its mean over the generations it shares with the base, with the paired standard error as
+the bar, and the base's mean and a ``--target`` as lines (docs/heldout_brain_states.png).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def table(base_rec: dict, other_recs: List[dict], figures=DEFAULT_FIGURES) -> Li
     """One row per (base model, other model, set, T', figure) that both records measured."""
     base_g = generations(base_rec)
     rows = []
-    for rec in other_recs:
+    for i, rec in enumerate(other_recs):
         for (model, set_, tp), gens in generations(rec).items():
             for (bmodel, bset, btp), bgens in base_g.items():
                 if (bset, btp) != (set_, tp) or (bmodel == model and rec is base_rec):
@@ -64,7 +68,8 @@ def table(base_rec: dict, other_recs: List[dict], figures=DEFAULT_FIGURES) -> Li
                 for fig in figures:
                     p = paired(bgens, gens, fig)
                     if p is not None:
-                        rows.append(dict(p, base_model=bmodel, model=model, set=set_, t_prime=tp, figure=fig))
+                        rows.append(dict(p, base_model=bmodel, model=model, set=set_, t_prime=tp, figure=fig,
+                                         record=i))
     return rows
 
 
@@ -75,6 +80,33 @@ def markdown(rows: List[dict]) -> str:
         lines.append(f"| {r['set']} | {r['t_prime']} | {r['figure']} | {r['base_model']} | {r['base']:.2f} | "
                      f"{r['model']} | {r['other']:.2f} | {r['diff']:+.2f} ± {r['se']:.2f} | {r['n']} |")
     return "\n".join(lines)
+
+
+def plot(rows: List[dict], labels: Dict[int, str], out: str, set_: str, figure: str, target=None) -> None:
+    """Each compared model's mean of ``figure`` on ``set_`` (over the generations it shares with the
+    base) with its paired standard error, best at the top, the base's mean and ``target`` as lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sel = sorted((r for r in rows if r["set"] == set_ and r["figure"] == figure), key=lambda r: -r["other"])
+    if not sel:
+        raise SystemExit(f"--plot: no paired {figure} on the {set_} set")
+    fig, ax = plt.subplots(figsize=(8.0, 0.42 * len(sel) + 1.4))
+    y = list(range(len(sel)))
+    ax.errorbar([r["other"] for r in sel], y, xerr=[r["se"] for r in sel], fmt="o", color="tab:blue", capsize=3,
+                label="mean ± paired standard error")
+    ax.set_yticks(y, [f"{labels[id(r)]} (n={r['n']})" for r in sel], fontsize=8)
+    base = sel[0]
+    ax.axvline(base["base"], color="tab:gray", ls="--", label=f"{base['base_model']}: {base['base']:.2f}")
+    if target is not None:
+        ax.axvline(target, color="tab:red", label=f"target {target:g}")
+    ax.set_xlabel(f"{figure} on the {set_} set")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def _load(path: str) -> dict:
@@ -96,6 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("others", nargs="+", help="records of the models compared with it")
     ap.add_argument("--figures", nargs="+", default=list(DEFAULT_FIGURES),
                     help=f"per-generation figures (default: {' '.join(DEFAULT_FIGURES)})")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="draw one set's figure for every model compared")
+    ap.add_argument("--plot-set", default="brain", help="the set drawn (default brain)")
+    ap.add_argument("--plot-figure", default="max_disp_pct", help="the figure drawn (default max_disp_pct)")
+    ap.add_argument("--target", type=float, default=None, help="a target line on the plot")
     a = ap.parse_args(argv)
     base = _load(a.base)
     others = [_load(p) for p in a.others]
@@ -106,7 +142,25 @@ def main(argv=None) -> int:
         print("no generation in common (different sets, T', images or seeds)", file=sys.stderr)
         return 1
     print(markdown(rows))
+    if a.plot:
+        labels = _labels(rows, others, a.others)
+        plot(rows, labels, a.plot, a.plot_set, a.plot_figure, a.target)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0
+
+
+def _labels(rows: List[dict], others: List[dict], paths: List[str]) -> Dict[int, str]:
+    """A label per row: the model's name, with its record's file name where the name alone is
+    ambiguous (the base's model measured another way, or one name in several records)."""
+    records_of: Dict[str, set] = {}
+    for r in rows:
+        records_of.setdefault(r["model"], set()).add(r["record"])
+    out = {}
+    for r in rows:
+        ambiguous = r["model"] == r["base_model"] or len(records_of[r["model"]]) > 1
+        stem = Path(paths[r["record"]]).stem.replace("weights_table_", "")
+        out[id(r)] = f"{r['model']} [{stem}]" if ambiguous else r["model"]
+    return out
 
 
 if __name__ == "__main__":
