@@ -71,11 +71,11 @@ def soup(items: Sequence[str], out, weights: Optional[Sequence[float]] = None, n
     if dest.exists() and not overwrite:
         raise FileExistsError(f"--out {dest} exists; pass --overwrite to replace it")
     paths = [_resolve(i) for i in items]
-    first_state, cfg, _ = read_checkpoint(paths[0])
+    first_state, cfg, first_prov = read_checkpoint(paths[0])
     acc = {k: (v.double() * w[0] if v.is_floating_point() else v.clone()) for k, v in first_state.items()}
     ingredients: List[Dict[str, Any]] = []
     for i, (item, path) in enumerate(zip(items, paths)):
-        state, c, prov = read_checkpoint(path) if i else (first_state, cfg, _)
+        state, c, prov = read_checkpoint(path) if i else (first_state, cfg, first_prov)
         diff = [k for k in NETWORK_KEYS if getattr(c, k) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"--weights {item}: another network than {items[0]} ({', '.join(diff)} differ)")
