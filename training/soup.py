@@ -33,16 +33,12 @@ NETWORK_KEYS = ("ndim", "size", "n_steps", "in_channels", "channels", "time_dim"
 
 
 def _resolve(item: str) -> Path:
-    """A weights file, or a bundled name's file."""
-    p = Path(item)
-    if p.is_file():
-        return p
+    """A weights file, or a bundled name's file (``napari_drdm.weights.resolve_weights``)."""
     from napari_drdm.weights import WeightsNotFoundError, resolve_weights
     try:
-        path, _name = resolve_weights(item)
+        return Path(resolve_weights(item)[0])
     except WeightsNotFoundError:
         raise FileNotFoundError(f"--weights {item}: no such file or bundled name") from None
-    return Path(path)
 
 
 def soup(items: Sequence[str], out, weights: Optional[Sequence[float]] = None, note: str = "",

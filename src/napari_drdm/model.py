@@ -279,7 +279,7 @@ class DRDM:
             psi = fwd_frames.value
         phi = psi
         hooks = GuardHooks(gmode)
-        last = None                 # the last recovery frame waits for the background extension
+        last = None                 # the last recovery frame waits for the background extension and keep_size
         if t_prime > 0 or schedule is Schedule.REFERENCE:
             steps = recover(self._net, x_net, psi, t_prime, **cfg.recover_options(schedule, k, padding, pad_in),
                             **hooks.kwargs())
