@@ -268,6 +268,41 @@ def test_budget_stops_cleanly_and_saves(tmp_path):
     assert load_training_checkpoint(latest_checkpoint(tmp_path / "b"))["step"] == 1
 
 
+class _Clock:
+    """A wall clock for training.train in which only validations take time (40 s each)."""
+
+    def __init__(self, real):
+        self.now, self.real = 1.0e9, real
+        self.perf_counter, self.strftime = real.perf_counter, real.strftime
+
+    def time(self):
+        return self.now
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_budget_keeps_time_for_the_validation_at_the_end(tmp_path, monkeypatch, at_end):
+    """With ``at_end`` the budget holds back the last validation's duration, stops early enough
+    and validates the weights it stops with; without it, the same budget trains to the end."""
+    import training.train as tt
+    clock = _Clock(tt.time)
+    real_validate = tt._validate
+
+    def slow_validate(*a, **k):
+        clock.now += 40.0
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(tt, "time", clock)
+    monkeypatch.setattr(tt, "_validate", slow_validate)
+    run = tmp_path / f"b{at_end}"
+    res = train(tiny(**{"budget.max_minutes": 1, "validation.at_start": "true", "validation.every": 0,
+                        "validation.at_end": str(at_end).lower()}), run, echo=lambda *a: None)
+    vals = sorted({r["step"] for r in _log(run) if r.get("event") == "validation"})
+    if at_end:      # 40 s at the start + 40 s held back > 60 s after step 1: stop, then validate step 1
+        assert (res["reason"], res["step"], vals) == ("budget", 1, [0, 1])
+    else:           # 40 s < 60 s: never over the budget
+        assert (res["reason"], res["step"], vals) == ("steps", 4, [0])
+
+
 def test_two_process_gloo_ranks_stay_in_sync(tmp_path):
     run = tmp_path / "ddp"
     spawn_local(2, tiny(**{"train.steps": 2, "validation.at_end": "false"}), run)

@@ -231,8 +231,17 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
         terms["total"].backward()
         return terms, x0.shape[0]
 
-    if ck is None and cfg["validation"].get("at_start"):     # the starting weights, for reference
+    at_end = bool(cfg["validation"].get("at_end"))
+    val = {"s": 0.0, "step": None}     # the last validation's wall time in this process, and its step
+
+    def validate_now():
+        nonlocal last_val
+        t0 = time.time()
         last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"], val_stop, last_val)
+        val["s"], val["step"] = time.time() - t0, step
+
+    if ck is None and cfg["validation"].get("at_start"):     # the starting weights, for reference
+        validate_now()
     while step < target:
         if stop["signal"] is not None and not env.distributed:
             reason = "signal"
@@ -278,14 +287,18 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['total']:.4g}", refresh=False)
             acc, n_acc, t_int = None, 0, time.time()
-        if (v_every and step % v_every == 0) or (step == target and cfg["validation"].get("at_end")):
-            last_val = _validate(validator, model, step, log, say, env, ema, cfg["validation"], val_stop, last_val)
-        over = max_min is not None and (time.time() - t_start) / 60.0 >= float(max_min)
+        if (v_every and step % v_every == 0) or (step == target and at_end):
+            validate_now()
+        # the budget keeps the last validation's duration for the one at the end (measured in this process)
+        spent = time.time() - t_start + (val["s"] if at_end else 0.0)
+        over = max_min is not None and spent / 60.0 >= float(max_min)
         if env.any_flag(over or stop["signal"] is not None) and step < target:
             reason = "signal" if stop["signal"] is not None else "budget"
             break
         if ck_every and step % ck_every == 0 and step < target:
             save("periodic")
+    if reason == "budget" and at_end and val["step"] != step:     # the curves end where the weights do
+        validate_now()
     digests = env.gather(_param_digest(model))
     entry["ranks_in_sync"] = len(set(digests)) == 1
     save(reason)
