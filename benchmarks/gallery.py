@@ -133,10 +133,16 @@ def main(argv=None) -> int:
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX", help="default: each model's own")
     ap.add_argument("--background-margin", default=None, metavar="PX|off", help="default: each model's own")
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off", help="default: each model's own")
+    ap.add_argument("--keep-size", default=None, metavar="on|off", help="default: each model's own")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="the PNG (one per model: the model's name is appended)")
     ap.add_argument("--json", default=None, help="save every panel's figures here")
     a = ap.parse_args(argv)
+    from napari_drdm.validate import check_keep_size_option
+    try:
+        a.keep_size = check_keep_size_option(a.keep_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if a.per_row < 1:
         raise SystemExit(f"--per-row must be at least 1, got {a.per_row}")
     if min(a.generations) < 0:
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             gens = generations(model, collect_images([str(path)], model.ndim), a.t_prime, a.generations,
                                input_padding=a.input_padding, background_margin=a.background_margin,
-                               anatomy_fit=a.anatomy_fit)
+                               anatomy_fit=a.anatomy_fit, keep_size=a.keep_size)
             print(f"{name} on {set_name}: {len(gens)} generations, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             rows.append((set_name, gens))
             panels += [dict(g["figures"], set=set_name) for g in gens]

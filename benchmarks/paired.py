@@ -82,15 +82,22 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], labels: Dict[int, str], out: str, set_: str, figure: str, target=None) -> None:
-    """Each compared model's mean of ``figure`` on ``set_`` (over the generations it shares with the
-    base) with its paired standard error, best at the top, the base's mean and ``target`` as lines."""
+def plot(rows: List[dict], labels: Dict[int, str], out: str, set_: str, figure: str, target=None,
+         t_prime: Optional[int] = None) -> None:
+    """Each compared model's mean of ``figure`` on ``set_`` at ``t_prime`` (over the generations it
+    shares with the base) with its paired standard error, best at the top, the base's mean and
+    ``target`` as lines.  ``t_prime`` may be left out when the rows hold one T' only."""
+    sel = [r for r in rows if r["set"] == set_ and r["figure"] == figure]
+    t_primes = sorted({int(r["t_prime"]) for r in sel})
+    if t_prime is None and len(t_primes) > 1:
+        raise SystemExit(f"--plot: the records pair at T' = {', '.join(map(str, t_primes))}; choose one with --plot-t-prime")
+    sel = sorted((r for r in sel if t_prime is None or int(r["t_prime"]) == t_prime), key=lambda r: -r["other"])
+    if not sel:
+        raise SystemExit(f"--plot: no paired {figure} on the {set_} set"
+                         + (f" at T' = {t_prime}" if t_prime is not None else ""))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sel = sorted((r for r in rows if r["set"] == set_ and r["figure"] == figure), key=lambda r: -r["other"])
-    if not sel:
-        raise SystemExit(f"--plot: no paired {figure} on the {set_} set")
     fig, ax = plt.subplots(figsize=(8.0, 0.42 * len(sel) + 1.4))
     y = list(range(len(sel)))
     ax.errorbar([r["other"] for r in sel], y, xerr=[r["se"] for r in sel], fmt="o", color="tab:blue", capsize=3,
@@ -100,7 +107,7 @@ def plot(rows: List[dict], labels: Dict[int, str], out: str, set_: str, figure: 
     ax.axvline(base["base"], color="tab:gray", ls="--", label=f"{base['base_model']}: {base['base']:.2f}")
     if target is not None:
         ax.axvline(target, color="tab:red", label=f"target {target:g}")
-    ax.set_xlabel(f"{figure} on the {set_} set")
+    ax.set_xlabel(f"{figure} on the {set_} set, T' = {sel[0]['t_prime']}")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -131,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, metavar="PNG", help="draw one set's figure for every model compared")
     ap.add_argument("--plot-set", default="brain", help="the set drawn (default brain)")
     ap.add_argument("--plot-figure", default="max_disp_pct", help="the figure drawn (default max_disp_pct)")
+    ap.add_argument("--plot-t-prime", type=int, default=None,
+                    help="the T' drawn (needed only when the records pair at several)")
     ap.add_argument("--target", type=float, default=None, help="a target line on the plot")
     a = ap.parse_args(argv)
     base = _load(a.base)
@@ -144,7 +153,7 @@ def main(argv=None) -> int:
     print(markdown(rows))
     if a.plot:
         labels = _labels(rows, others, a.others)
-        plot(rows, labels, a.plot, a.plot_set, a.plot_figure, a.target)
+        plot(rows, labels, a.plot, a.plot_set, a.plot_figure, a.target, a.plot_t_prime)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 

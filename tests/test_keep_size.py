@@ -78,6 +78,19 @@ def test_nothing_to_fit_leaves_the_field_alone():
         remove_global_scale(phi, torch.zeros(1, 1, 32, 32))
 
 
+def test_a_thin_band_is_not_fitted():
+    """A 2 px band: its fitted determinant is noise (0.3 px of random field read as a 7 % zoom
+    before the spread check), so the field stays as it is; a band 12 px thick is fitted."""
+    torch.manual_seed(0)
+    phi = 0.3 * torch.randn(1, 2, 64, 64)
+    for rows, fitted in ((slice(31, 33), False), (slice(26, 38), True)):
+        band = torch.zeros(1, 1, 64, 64)
+        band[0, 0, rows, 4:59] = 1.0
+        new, (zoom,) = remove_global_scale(phi, band)
+        assert (zoom != 1.0) == fitted and torch.equal(new, phi) != fitted
+        assert float((new - phi).abs().max()) < 1.0
+
+
 def test_config_option_and_resolution():
     assert [check_keep_size_option(v) for v in (None, True, False, "on", " OFF")] == [None, True, False, True, False]
     for bad in ("yes", 1, 0.5):

@@ -890,7 +890,8 @@ def test_soup_averages_one_networks_weights_and_refuses_another(tmp_path, tiny_c
     new = str(tmp_path / "new.safetensors")
     for args, msg in ((["--weights", a, other, "--out", new], "another network than"),
                       (["--weights", a, "--out", new], "at least two"),
-                      (["--weights", a, b, "--coef", "1", "-1", "--out", new], "one positive number per weights file"),
+                      (["--weights", a, b, "--coef", "1", "-1", "--out", new], "one positive finite number per weights"),
+                      (["--weights", a, b, "--coef", "1", "inf", "--out", new], "one positive finite number per weights"),
                       (["--weights", a, b, "--out", str(out)], "exists; pass --overwrite"),
                       (["--weights", a, str(tmp_path / "none.safetensors"), "--out", new], "no such file or bundled")):
         assert training_main(["soup", *args]) == 2

@@ -390,6 +390,12 @@ def test_gallery_draws_the_tables_generations(tmp_path, tiny_ckpt2d, capsys):
     with pytest.raises(SystemExit) as e:
         ga.main(["--models", "--out", str(png), "--per-row", "0"])
     assert "--per-row" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        ga.main(["--models", "--out", str(png), "--keep-size", "yes"])
+    assert "--keep-size must be 'on' or 'off'" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:             # refused as the command line is read: no model loads
+        wt.main(["--models", "--keep-size", "yes"])
+    assert e.value.code == 2 and "--keep-size must be 'on' or 'off'" in capsys.readouterr().err
 
 
 def test_paired_comparison_of_two_records(tmp_path, capsys):
@@ -415,3 +421,20 @@ def test_paired_comparison_of_two_records(tmp_path, capsys):
         with pytest.raises(SystemExit, match=match) as e:
             pb.main(args)
         assert "\n" not in str(e.value)
+
+    # --plot: one T' at a time; records pairing at two need --plot-t-prime (one line otherwise)
+    for rec in (base, other):
+        res = rec["rows"][0]["results"]
+        res.append(dict(res[0], t_prime=70))
+    (tmp_path / "a2.json").write_text(json.dumps(base))
+    (tmp_path / "b2.json").write_text(json.dumps(other))
+    png = tmp_path / "p.png"
+    with pytest.raises(SystemExit, match="pair at T' = 45, 70; choose one with --plot-t-prime") as e:
+        pb.main([str(tmp_path / "a2.json"), str(tmp_path / "b2.json"), "--plot", str(png)])
+    assert not png.exists()
+    assert pb.main([str(tmp_path / "a2.json"), str(tmp_path / "b2.json"), "--plot", str(png), "--plot-t-prime", "70",
+                    "--target", "16"]) == 0
+    assert png.stat().st_size > 5_000
+    with pytest.raises(SystemExit, match="no paired max_disp_pct on the brain set at T' = 30"):
+        pb.main([str(tmp_path / "a2.json"), str(tmp_path / "b2.json"), "--plot", str(tmp_path / "q.png"),
+                 "--plot-t-prime", "30"])

@@ -13,6 +13,7 @@ included, is the soup's; its provenance lists every ingredient with its sha256 a
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -59,8 +60,8 @@ def soup(items: Sequence[str], out, weights: Optional[Sequence[float]] = None, n
     if len(items) < 2:
         raise ValueError("--weights: give at least two weights files to average")
     w = [1.0] * len(items) if weights is None else [float(v) for v in weights]
-    if len(w) != len(items) or any(not v > 0 for v in w):
-        raise ValueError(f"--coef: one positive number per weights file ({len(items)}), got {list(weights or [])}")
+    if len(w) != len(items) or any(not 0 < v < math.inf for v in w):
+        raise ValueError(f"--coef: one positive finite number per weights file ({len(items)}), got {list(weights or [])}")
     total = sum(w)
     w = [v / total for v in w]
     dest = Path(out)

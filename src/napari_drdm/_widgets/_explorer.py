@@ -94,7 +94,8 @@ class ExplorerWidget(QWidget):
         f.new_seed_btn.changed.connect(self.new_seed)
         f.gen.changed.connect(lambda _v: self.validate())
         # magicgui does not report a menu's return to "model default" (value None) as a change
-        for combo in (f.padding_combo, f.input_padding_combo, f.background_combo, f.anatomy_combo):
+        for combo in (f.padding_combo, f.input_padding_combo, f.background_combo, f.anatomy_combo,
+                      f.keep_size_combo):
             combo.currentIndexChanged.connect(lambda _i: self.validate())
 
     def _connect_viewer(self):

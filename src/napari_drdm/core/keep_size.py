@@ -12,7 +12,9 @@ With ``y(x) = x + u(x)`` the pull-back map of the field (the output at ``x`` sho
 ``y'(x) = p + (y(x) - p) / s`` with ``p`` the mean of ``y`` over the same pixels, so the anatomy
 stays where the generation put it.  ``y'`` is ``y`` followed by one similarity, so it folds
 exactly where ``y`` folds (every Jacobian determinant is divided by ``s^d > 0``), its rotation,
-shear and local part are unchanged, and refitting it gives ``|det M'| = 1`` (zoom 1).
+shear and local part are unchanged, and refitting it over the same pixels gives ``|det M'| = 1``.
+The fit is over the output's anatomy, not the whole grid, so the whole-grid ``affine_zoom`` of
+the plausibility figures need not come out 1 (1.040 for ``general2d``'s brain slices, docs/weights.md).
 
 A model setting and an inference option: ``DRDMConfig.keep_size`` (False: off), applied by
 ``DRDM.iter_generate`` / ``generate_model_grid`` to the final field on the model's whole grid,
@@ -20,6 +22,7 @@ after the background extension and before the fold guard's final check.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -27,9 +30,11 @@ import torch
 from .metrics import FG_THRESHOLD
 from .spatial import warp
 
-__all__ = ["remove_global_scale", "MIN_ANATOMY_PX"]
+__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX"]
 
 MIN_ANATOMY_PX = 64     # fewer anatomy pixels than this in the output: the field is left as it is
+MIN_SPREAD_PX = 2.0     # anatomy thinner than this (SD along its narrowest direction, pixels): no
+                        # scale is fitted (a thin band's determinant is noise; left as it is)
 
 
 def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float = FG_THRESHOLD,
@@ -43,37 +48,45 @@ def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float
         image_interp: interpolation of the deformed image that defines the anatomy.
 
     Returns:
-        The new fields (same shape and dtype) and, per sample, the zoom taken out
-        (``affine_zoom`` before: > 1 where the anatomy had been inflated; 1.0 where the output has
-        fewer than :data:`MIN_ANATOMY_PX` anatomy pixels or the fit is degenerate, and the field is
-        returned unchanged).
+        The new fields (same shape and dtype) and, per sample, the anatomy's zoom taken out
+        (> 1 where the anatomy had been inflated; 1.0 where the output has fewer than
+        :data:`MIN_ANATOMY_PX` anatomy pixels, is thinner than :data:`MIN_SPREAD_PX` along some
+        direction, or the fit is degenerate, and the field is returned unchanged).
+
+    The fit runs in float64 on the CPU (a (N, d + 1) system; some accelerators have no float64),
+    and the result goes back to the fields' device and dtype.
     """
     nd = phi.dim() - 2
     if image.shape[0] != phi.shape[0] or tuple(image.shape[2:]) != tuple(phi.shape[2:]):
         raise ValueError(f"image {tuple(image.shape)} does not match the fields {tuple(phi.shape)}")
     deformed = warp(image.to(phi.dtype), phi, image_interp if nd == 2 else "linear", "zeros")
     shape = phi.shape[2:]
-    axes = [torch.arange(n, dtype=torch.float64, device=phi.device) - (n - 1) / 2 for n in shape]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0)               # (d, *S)
+    axes = [torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in shape]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0)               # (d, *S), CPU
     out = phi.clone()
     zooms: List[float] = []
     for b in range(phi.shape[0]):
-        mask = deformed[b, 0] > threshold
+        mask = (deformed[b, 0] > threshold).cpu()
         n = int(mask.sum())
         if n < max(MIN_ANATOMY_PX, nd + 2):
             zooms.append(1.0)
             continue
+        phi_b = phi[b].detach().to("cpu", torch.float64)
         x = coords[:, mask].T                                                    # (N, d)
-        y = x + phi[b][:, mask].T.to(torch.float64)
-        X = torch.cat([x, torch.ones((n, 1), dtype=torch.float64, device=phi.device)], 1)
+        spread = torch.linalg.eigvalsh(torch.cov(x.T).reshape(nd, nd))[0]
+        if not float(spread) >= MIN_SPREAD_PX ** 2:
+            zooms.append(1.0)
+            continue
+        y = x + phi_b[:, mask].T
+        X = torch.cat([x, torch.ones((n, 1), dtype=torch.float64)], 1)
         coef = torch.linalg.lstsq(X, y).solution                                 # (d + 1, d)
         det = float(torch.linalg.det(coef[:nd].T))
-        if not det > 0.0:
+        if not (det > 0.0 and math.isfinite(det)):
             zooms.append(1.0)
             continue
         s = det ** (1.0 / nd)
         p = y.mean(0).view(nd, *([1] * nd))
-        y_all = coords + phi[b].to(torch.float64)
-        out[b] = (p + (y_all - p) / s - coords).to(phi.dtype)
+        y_all = coords + phi_b
+        out[b] = (p + (y_all - p) / s - coords).to(phi.device, phi.dtype)
         zooms.append(1.0 / s)
     return out, zooms
