@@ -103,7 +103,7 @@ def plot(rows: List[dict], labels: Dict[int, str], out: str, set_: str, figure: 
     ax.errorbar([r["other"] for r in sel], y, xerr=[r["se"] for r in sel], fmt="o", color="tab:blue", capsize=3,
                 label="mean ± paired standard error")
     ax.set_yticks(y, [f"{labels[id(r)]} (n={r['n']})" for r in sel], fontsize=8)
-    base = sel[0]
+    base = max(sel, key=lambda r: r["n"])          # the base's mean over the most generations paired
     ax.axvline(base["base"], color="tab:gray", ls="--", label=f"{base['base_model']}: {base['base']:.2f}")
     if target is not None:
         ax.axvline(target, color="tab:red", label=f"target {target:g}")
