@@ -171,13 +171,8 @@ def markdown(record) -> str:
     return out + ("\n\n" + "\n".join(l3) if len(l3) > 1 else "")
 
 
-def _keep_size_arg(text: str):
-    """``--keep-size`` checked when the command line is read (one line, before any model loads)."""
-    from napari_drdm.validate import arg_type, check_keep_size_option
-    return arg_type(check_keep_size_option, "--keep-size")(text)
-
-
 def main(argv=None) -> int:
+    from napari_drdm.validate import arg_type, check_keep_size_option
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(ap)
     ap.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
@@ -190,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off",
                     help="fit the model's view to the anatomy with this margin (pixels of the view), or off "
                          "(default: each model's own)")
-    ap.add_argument("--keep-size", default=None, metavar="on|off", type=_keep_size_arg,
+    ap.add_argument("--keep-size", default=None, metavar="on|off", type=arg_type(check_keep_size_option, "--keep-size"),
                     help="take the generated field's global zoom over the anatomy out, or not "
                          "(default: each model's own)")
     ap.add_argument("--batch", type=int, default=1)
