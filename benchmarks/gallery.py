@@ -123,6 +123,8 @@ def _out_path(out: str, name: str, several: bool) -> Path:
 
 
 def main(argv=None) -> int:
+    from napari_drdm.validate import arg_type, check_keep_size_option
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(ap)
     ap.add_argument("--t-prime", type=int, default=45)
@@ -133,16 +135,12 @@ def main(argv=None) -> int:
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX", help="default: each model's own")
     ap.add_argument("--background-margin", default=None, metavar="PX|off", help="default: each model's own")
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off", help="default: each model's own")
-    ap.add_argument("--keep-size", default=None, metavar="on|off", help="default: each model's own")
+    ap.add_argument("--keep-size", default=None, metavar="on|off", type=arg_type(check_keep_size_option, "--keep-size"),
+                    help="default: each model's own")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="the PNG (one per model: the model's name is appended)")
     ap.add_argument("--json", default=None, help="save every panel's figures here")
     a = ap.parse_args(argv)
-    from napari_drdm.validate import check_keep_size_option
-    try:
-        a.keep_size = check_keep_size_option(a.keep_size)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
     if a.per_row < 1:
         raise SystemExit(f"--per-row must be at least 1, got {a.per_row}")
     if min(a.generations) < 0:

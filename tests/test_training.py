@@ -303,6 +303,16 @@ def test_budget_keeps_time_for_the_validation_at_the_end(tmp_path, monkeypatch, 
         assert (res["reason"], res["step"], vals) == ("steps", 4, [0])
 
 
+def test_validation_at_the_end_once_at_the_last_step(tmp_path):
+    """``at_end`` validates the weights at the last step once; resuming a run that has reached its
+    steps trains nothing and validates nothing again."""
+    run = tmp_path / "end"
+    cfg = {"train.steps": 2, "validation.at_start": "false", "validation.every": 0, "validation.at_end": "true"}
+    assert train(tiny(**cfg), run, echo=lambda *a: None)["step"] == 2
+    train(tiny(**cfg), run, resume=True, echo=lambda *a: None)
+    assert [r["step"] for r in _log(run) if r.get("event") == "validation"] == [2]
+
+
 def test_two_process_gloo_ranks_stay_in_sync(tmp_path):
     run = tmp_path / "ddp"
     spawn_local(2, tiny(**{"train.steps": 2, "validation.at_end": "false"}), run)

@@ -178,6 +178,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     keys: List[str] = []
     n_acc, n_skip, t_int, reason = 0, 0, time.time(), "steps"
     bar = _progress(env.main, step, target)
+    first_step = step
 
     def save(tag: str):
         states = env.gather(rng_state(gens, dev))
@@ -287,7 +288,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['total']:.4g}", refresh=False)
             acc, n_acc, t_int = None, 0, time.time()
-        if (v_every and step % v_every == 0) or (step == target and at_end):
+        if v_every and step % v_every == 0:
             validate_now()
         # the budget keeps the last validation's duration for the one at the end (measured in this process)
         spent = time.time() - t_start + (val["s"] if at_end else 0.0)
@@ -297,7 +298,9 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
             break
         if ck_every and step % ck_every == 0 and step < target:
             save("periodic")
-    if reason == "budget" and at_end and val["step"] != step:     # the curves end where the weights do
+    # validation.at_end: the weights the run stops with (at its last step or at its budget) are validated,
+    # so the curves end where the weights do; not on a signal (a prompt stop), nor when no step ran here
+    if at_end and reason != "signal" and step > first_step and val["step"] != step:
         validate_now()
     digests = env.gather(_param_digest(model))
     entry["ranks_in_sync"] = len(set(digests)) == 1
