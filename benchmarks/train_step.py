@@ -1,9 +1,9 @@
 """Time one training step by part, in the default (NCHW / NCDHW) and channels-last layouts.
 
-Builds the batch with ``training/train.py``'s own ``training_batch`` (augmentation, forward sampler,
-warp) and scores it with its ``loss_terms``, then
-times the network's forward pass, the losses and the backward pass on the same batch in both
-layouts, alternating which goes first, so that a drift in the machine's speed hits both alike.
+Builds the batch with ``training_batch`` (augmentation, forward sampler, warp) and scores it with
+``loss_terms``, both from training/objective.py, as training/train.py does; then it times the
+network's forward pass, the losses and the backward pass on the same batch in both layouts,
+alternating which goes first, so that a drift in the machine's speed hits both alike.
 Prints the median of each part per layout and the ratio of the medians.
 
     python -m training prepare --config training/configs/general3d.yaml      # once
@@ -37,9 +37,9 @@ from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from training.data import SliceBank, dataset  # noqa: E402
 from training.distributed import Env  # noqa: E402
+from training.objective import loss_terms, training_batch  # noqa: E402
 from training.settings import load_config, model_config  # noqa: E402
 from training.streams import generators  # noqa: E402
-from training.train import loss_terms, training_batch  # noqa: E402
 
 
 def main(argv=None) -> int:

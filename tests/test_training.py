@@ -530,8 +530,8 @@ def test_image_padding_border_leaves_no_dark_band_where_the_field_reaches_outsid
     """loss.image_padding: I_t = I_0 o psi read with zeros (SPEC) shows a dark band where the
     forward field pulls content in from outside the image; border does not.  Bad values are one
     line naming the key."""
+    from training.objective import training_batch
     from training.streams import generators
-    from training.train import training_batch
     cfg = tiny(**{"augment.enabled": "false", "model.field_scale": "4.0"})
     mcfg = model_config(cfg)
     sampler = ForwardSampler(mcfg)
@@ -669,7 +669,7 @@ def test_anchor_holds_a_fine_tune_near_its_start(tmp_path):
 
 def _teacher_gap(state, ref_state, cfg) -> float:
     """|psi - psi_ref|^2 / |psi_ref|^2 of two weight sets on one fixed batch of deformed images."""
-    from training.train import training_batch
+    from training.objective import training_batch
     mcfg = model_config(cfg)
     nets = []
     for st in (state, ref_state):

@@ -16,7 +16,7 @@ weights_only=True)`` compatible, training/checkpointing.py).
 
 Around the loop: the process placement and collectives (training/distributed.py), the random
 streams (training/streams.py), the starting weights (training/init_weights.py), the data
-(training/data.py, training/batches.py).
+(training/data.py, training/batches.py); one step's batch and loss (training/objective.py).
 """
 from __future__ import annotations
 
@@ -32,26 +32,24 @@ import torch
 import yaml
 
 from .checkpointing import CKPT_FORMAT, git_commit, latest_checkpoint, load_training_checkpoint, plain, save_atomic
-from .classic_augment import augment
 from .data import SliceBank, dataset, ensure_core, prepared_info
 from .distributed import Env
 from .ema import start_average, validation_weights
 from .evaluate_hook import ValidationCancelled, Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
+from .objective import loss_terms, training_batch
 from .pulls import anchor_weights, teacher_augment, teacher_net, teacher_term
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
-from .streams import draws, generators, rng_state, set_rng_state
+from .streams import generators, rng_state, set_rng_state
 
 ensure_core()
 
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
-from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import padded_estimate  # noqa: E402
-from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 
 __all__ = ["DEFAULTS", "load_config", "model_config", "train", "spawn_local", "latest_checkpoint",
-           "load_training_checkpoint", "training_batch", "loss_terms"]
+           "load_training_checkpoint"]
 
 
 class _Log:
@@ -328,51 +326,6 @@ def _compare_data(saved: Dict[str, Any], data: Dict[str, Any], say):
     elif saved.get("prepared_sha256") != data["sha256"]:
         say("WARNING: the prepared data differ from the checkpoint's (file sha256 mismatch; the checkpoint "
             "predates the images' own hash, so the images were not compared)")
-
-
-def training_batch(bank, sampler, aug_cfg, gens, mcfg, dev, marks: Optional[List[float]] = None,
-                   image_padding: str = "zeros", n: Optional[int] = None):
-    """One batch of Algorithm 1: ``(x0, t, fs, I_t)``.
-
-    Args:
-        bank: the :class:`SliceBank` to draw the clean images from.
-        sampler: the :class:`ForwardSampler` of the model configuration ``mcfg``.
-        aug_cfg: the ``augment`` section.
-        gens: the run's generators (``aug``, ``field`` and, when present, ``t``).
-        mcfg: the model configuration.
-        dev: the device of the batch.
-        marks: if given, ``time.perf_counter()`` is appended after the augmentation, the forward
-            sampler and the warp (for benchmarks/train_step.py).
-        image_padding: ``loss.image_padding``: what the warp of I_0 reads outside the image,
-            ``zeros`` (SPEC, the reference) or ``border`` (the edge values: no dark band where the
-            field pulls content in from outside; training/README.md "Dark frames").
-        n: if given, only the first ``n`` images of the bank's next batch (the teacher batch,
-            training/pulls.py).
-
-    Returns:
-        the augmented clean images, t ~ U{0..T-1} per sample (host tensor), the forward sampler's
-        fields (``forward_ddf`` psi_{t:1}, ``step_ddf`` psi_t, pixels) and I_t = warp(x0, psi_{t:1}).
-    """
-    x0 = bank.next_batch()
-    x0 = augment(x0 if n is None else x0[:n], aug_cfg, gens["aug"])
-    if marks is not None:
-        marks.append(time.perf_counter())
-    t = torch.randint(0, mcfg.n_steps, (x0.shape[0],), generator=gens.get("t", gens["field"]))
-    fs = sampler.sample(t, draws=draws(mcfg, x0.shape[0], gens["field"], dev), device=dev)
-    if marks is not None:
-        marks.append(time.perf_counter())
-    img_t = warp(x0, fs.forward_ddf, "linear", image_padding)
-    if marks is not None:
-        marks.append(time.perf_counter())
-    return x0, t, fs, img_t
-
-
-def loss_terms(psi_hat, fs, size: int, lcfg: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The training loss of ``psi_hat`` against the forward sampler's step ``fs.step_ddf``, with the
-    ``loss`` section's padding and weights (``drdm_losses``; ``total`` is what is minimised)."""
-    return drdm_losses(psi_hat.float(), px_to_frac(fs.step_ddf, size), padding=lcfg["padding"],
-                       w_dist=float(lcfg["w_dist"]), w_ang=float(lcfg["w_ang"]), w_reg=float(lcfg["w_reg"]),
-                       w_true_negdet=float(lcfg["true_negdet_weight"] or 0.0))
 
 
 class _StepAborted(Exception):
