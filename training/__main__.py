@@ -1,4 +1,5 @@
-"""``python -m training {kit,prepare,train,export,validate,compact,bundle,plot,convert-upstream}``: the DRDM training command line.
+"""``python -m training {kit,prepare,train,plot,convert-upstream,export,compact,bundle,set-inference,soup,validate}``:
+the DRDM training command line.
 
     python -m training kit --out cache/kit
     python -m training prepare --config training/configs/brain2d.yaml
@@ -8,6 +9,9 @@
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
     python -m training validate --run runs/general2d --weights-file cmr2d --append     # a step-0 reference
     python -m training compact --checkpoint runs/b/checkpoints/step_00001000.pt --out training/checkpoints/b/step_00001000.pt
+    python -m training set-inference --weights cache/g.safetensors --out cache/g8.safetensors --background-margin 8 \
+        --measured "..."
+    python -m training soup    --weights a.safetensors b.safetensors --out soup.safetensors
     python -m training bundle  --weights general3d.safetensors --name general3d --description "..." --default
     python -m training plot    --run runs/brain2d
 
