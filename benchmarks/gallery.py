@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX", help="default: each model's own")
     ap.add_argument("--background-margin", default=None, metavar="PX|off", help="default: each model's own")
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off", help="default: each model's own")
-    ap.add_argument("--keep-size", default=None, metavar="on|off", type=arg_type(check_keep_size_option, "--keep-size"),
+    ap.add_argument("--keep-size", default=None, metavar="on|inflation|off", type=arg_type(check_keep_size_option, "--keep-size"),
                     help="default: each model's own")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="the PNG (one per model: the model's name is appended)")

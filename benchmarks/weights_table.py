@@ -149,7 +149,8 @@ def markdown(record) -> str:
         pad = f", input padding {row['input_padding']}" if row.get("input_padding") else ""
         pad += f", background margin {row['background_margin']}" if row.get("background_margin") is not None else ""
         pad += f", anatomy fit {row['anatomy_fit']}" if row.get("anatomy_fit") is not None else ""
-        pad += ", size kept" if row.get("keep_size") else ""
+        keep = row.get("keep_size")
+        pad += (", size kept where enlarged" if keep == "inflation" else ", size kept") if keep else ""
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--anatomy-fit", default=None, metavar="PX|off",
                     help="fit the model's view to the anatomy with this margin (pixels of the view), or off "
                          "(default: each model's own)")
-    ap.add_argument("--keep-size", default=None, metavar="on|off", type=arg_type(check_keep_size_option, "--keep-size"),
+    ap.add_argument("--keep-size", default=None, metavar="on|inflation|off", type=arg_type(check_keep_size_option, "--keep-size"),
                     help="take the generated field's global zoom over the anatomy out, or not "
                          "(default: each model's own)")
     ap.add_argument("--batch", type=int, default=1)

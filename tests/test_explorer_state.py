@@ -222,10 +222,11 @@ def test_run_request_says_why_not_or_what_run_starts():
     keep = SimpleNamespace(ndim=2, config=DRDMConfig(size=32, schedule="reference", keep_size=True), device="cpu")
     for model_, asked, variant in ((keep, None, "paper K2 guard"), (keep, True, "paper K2 guard"),
                                    (keep, False, "paper K2 zoom-kept guard"), (plain, True, "paper K2 size-kept guard"),
-                                   (plain, False, "paper K2 guard")):
+                                   (plain, False, "paper K2 guard"), (plain, "inflation", "paper K2 inflation-removed guard"),
+                                   (keep, "inflation", "paper K2 inflation-removed guard")):
         req = prepare_run(cine, None, model_, "", dict(gen, keep_size=asked), (3, 0, 0))
-        assert req.params["keep_size"] is asked and req.params["variant"] == variant
-    with pytest.raises(InputError, match=r"^Keep anatomy size must be 'on' or 'off', got 'yes'$"):
+        assert req.params["keep_size"] == asked and req.params["variant"] == variant
+    with pytest.raises(InputError, match=r"^Keep anatomy size must be 'on', 'off' or 'inflation', got 'yes'$"):
         prepare_run(cine, None, keep, "", dict(gen, keep_size="yes"), (3, 0, 0))
 
 

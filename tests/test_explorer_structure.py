@@ -129,12 +129,16 @@ def test_generation_form_is_magicgui_and_feeds_the_run(qtbot):
     assert form.generation()["anatomy_fit"] == 4
     # keep size, below it: model default (named once a model is loaded), on, off
     combo = form.keep_size_combo
-    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "on", "off"]
+    assert [combo.itemText(i) for i in range(combo.count())] == ["model default", "on", "inflation only", "off"]
     assert "global zoom" in form.gen.keep_size.tooltip and "authors" in form.gen.keep_size.tooltip
     form.set_model_padding("border", 8, "off", 16, True)
     assert combo.itemText(0) == "model default (on)" and form.generation()["keep_size"] is None
     combo.setCurrentText("off")
     assert form.generation()["keep_size"] is False
+    combo.setCurrentText("inflation only")
+    assert form.generation()["keep_size"] == "inflation"
+    form.set_model_padding("border", 8, "off", 16, "inflation")
+    assert combo.itemText(0) == "model default (inflation)"
     accepted = set(inspect.signature(explore).parameters)
     assert set(g) - {"budget_mib"} <= accepted       # every option is something the generation takes
     assert form.model_combo.itemData(0) == "m" and form.model_combo.itemText(1) == "Browse..."

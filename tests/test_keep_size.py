@@ -13,7 +13,7 @@ import torch
 from conftest import one_line
 
 from napari_drdm.cli import main
-from napari_drdm.core.config import DRDMConfig
+from napari_drdm.core.config import DRDMConfig, keep_size_name
 from napari_drdm.core.keep_size import remove_global_scale
 from napari_drdm.core.metrics import jacobian_determinant
 from napari_drdm.errors import InputError
@@ -47,6 +47,25 @@ def test_a_zoom_about_the_anatomy_comes_back_as_no_field(shape, centre):
         new, zooms = remove_global_scale(phi, img)
         assert zooms == [pytest.approx(z, abs=1e-6)]
         assert float(new.abs().max()) < 1e-3
+        one, (zoom,) = remove_global_scale(phi, img, inflation_only=True)    # one-sided: only an enlargement
+        if z > 1:
+            torch.testing.assert_close(one, new)
+            assert zoom == pytest.approx(z, abs=1e-6)
+        else:
+            assert zoom == 1.0 and torch.equal(one, phi)
+
+
+def test_one_sided_takes_out_enlargement_sample_by_sample():
+    """A batch with one enlarged and one shrunk anatomy: ``inflation_only`` changes the first as the
+    two-sided option does and returns the second as it came."""
+    img, coords = _disc()
+    c = torch.tensor((20.0, 26.0)).view(2, 1, 1)
+    phi = torch.stack([c + (coords - c) / z - coords for z in (1.1, 0.93)])
+    both, zb = remove_global_scale(phi, img.expand(2, -1, -1, -1))
+    one, zo = remove_global_scale(phi, img.expand(2, -1, -1, -1), inflation_only=True)
+    assert zo == [pytest.approx(zb[0], abs=1e-9), 1.0] and zb[1] == pytest.approx(0.93, abs=1e-6)
+    torch.testing.assert_close(one[0], both[0])
+    assert torch.equal(one[1], phi[1])
 
 
 def test_only_the_scale_goes_folds_rotation_and_local_part_stay():
@@ -92,18 +111,24 @@ def test_a_thin_band_is_not_fitted():
 
 
 def test_config_option_and_resolution():
-    assert [check_keep_size_option(v) for v in (None, True, False, "on", " OFF")] == [None, True, False, True, False]
-    for bad in ("yes", 1, 0.5):
+    assert [check_keep_size_option(v) for v in (None, True, False, "on", " OFF", "Inflation ")] == \
+        [None, True, False, True, False, "inflation"]
+    for bad in ("yes", 1, 0.5, "inflate"):
         with pytest.raises(InputError) as e:
             check_keep_size_option(bad)
-        assert one_line(str(e.value)) == f"--keep-size must be 'on' or 'off', got {bad!r}"
-    with pytest.raises(InputError, match="^keep_size must be true or false"):
+        assert one_line(str(e.value)) == f"--keep-size must be 'on', 'off' or 'inflation', got {bad!r}"
+    with pytest.raises(InputError, match="^keep_size must be true, false or 'inflation'"):
         DRDMConfig(size=32, keep_size="on")
     cfg = DRDMConfig(size=32, keep_size=True)
     assert DRDMConfig.from_dict(json.loads(cfg.to_json())).keep_size is True
+    one = DRDMConfig(size=32, keep_size="inflation")
+    assert DRDMConfig.from_dict(json.loads(one.to_json())).keep_size == "inflation"
     assert DRDMConfig.from_dict({"size": 32}).keep_size is False          # older files: the zoom kept
-    assert [resolve_keep_size(v, cfg) for v in (None, "off", False, True)] == [True, False, False, True]
+    assert [resolve_keep_size(v, cfg) for v in (None, "off", False, True, "inflation")] == \
+        [True, False, False, True, "inflation"]
     assert resolve_keep_size(None, DRDMConfig(size=32)) is False
+    assert resolve_keep_size(None, one) == "inflation" and resolve_keep_size("on", one) is True
+    assert [keep_size_name(v) for v in (True, False, None, "inflation")] == ["on", "off", "off", "inflation"]
 
 
 def _blob(shape=(40, 36)):
@@ -139,7 +164,14 @@ def test_generation_takes_the_zoom_out_of_the_final_field(tiny_checkpoint):
     expected, zooms = remove_global_scale(phi_off, x, image_interp=model.config.image_interp)
     torch.testing.assert_close(phi_on, expected)
     assert rep == {"keep_size": True, "zoom_removed": zooms}
-    with pytest.raises(InputError, match="^keep_size must be 'on' or 'off'"):
+    rep = {}
+    phi_one, _ = model.generate_model_grid(x, 3, [4], schedule="paper", keep_size="inflation", size_report=rep)
+    expected, zooms = remove_global_scale(phi_off, x, image_interp=model.config.image_interp, inflation_only=True)
+    torch.testing.assert_close(phi_one, expected)
+    assert rep == {"keep_size": "inflation", "zoom_removed": zooms} and zooms[0] >= 1.0
+    res = model.generate(img, keep_size="inflation", **kw)
+    assert res.keep_size == "inflation" and res.zoom_removed >= 1.0
+    with pytest.raises(InputError, match="^keep_size must be 'on', 'off' or 'inflation'"):
         model.generate(img, t_prime=1, keep_size="maybe")
 
 
@@ -159,7 +191,10 @@ def test_command_lines_export_and_set_inference(tmp_path, tiny_checkpoint, capsy
     assert side["keep_size"] is True and side["zoom_removed"] != 1.0
     with pytest.raises(SystemExit) as e:                      # refused while parsing: nothing written
         main(base + ["--keep-size", "yes", "--out", str(tmp_path / "x")])
-    assert e.value.code == 2 and "--keep-size must be 'on' or 'off'" in one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "--keep-size must be 'on', 'off' or 'inflation'" in one_line(capsys.readouterr().err)
+    assert main(base + ["--keep-size", "inflation", "--out", str(tmp_path / "infl")]) == 0
+    assert "keep_size=" in capsys.readouterr().out
+    assert json.loads((tmp_path / "infl" / "im.json").read_text())["keep_size"] == "inflation"
     assert not (tmp_path / "x").exists()
     npz = tmp_path / "s.npz"
     np.savez(npz, images=_blob()[None])
@@ -181,6 +216,12 @@ def test_command_lines_export_and_set_inference(tmp_path, tiny_checkpoint, capsy
     assert {r["keep_size"] for r in rows} == {True}
     res = reproduce_row(on / "manifest.json", rows[0]["row_id"], tmp_path / "again")
     assert all(res["identical"].values()), res
+    infl = tmp_path / "aug_infl"
+    assert main(["augment", str(src), str(infl)] + opts + ["--keep-size", "inflation"]) == 0
+    rows_i = load_manifest(infl)["rows"]
+    assert {r["keep_size"] for r in rows_i} == {"inflation"}
+    res = reproduce_row(infl / "manifest.json", rows_i[0]["row_id"], tmp_path / "again_i")
+    assert all(res["identical"].values()), res
     capsys.readouterr()
     assert main(["augment", str(src), str(on)] + opts + ["--resume"]) == 1      # the zoom kept: another setting
     assert "different settings (keep_size)" in one_line(capsys.readouterr().err)
@@ -199,6 +240,10 @@ def test_command_lines_export_and_set_inference(tmp_path, tiny_checkpoint, capsy
     assert "keep_size off -> on" in capsys.readouterr().out
     _, cfg, prov = read_checkpoint(out)
     assert cfg.keep_size is True and prov["inference_changes"][-1]["setting"] == "keep_size"
+    assert training_main(["set-inference", "--weights", str(out), "--out", str(tmp_path / "infl.safetensors"),
+                          "--keep-size", "inflation", "--measured", "a test"]) == 0
+    assert "keep_size on -> inflation" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "infl.safetensors")[1].keep_size == "inflation"
     assert training_main(["set-inference", "--weights", plain, "--out", str(tmp_path / "bad.safetensors"),
                           "--keep-size", "perhaps", "--measured", "a test"]) == 2
-    assert "--keep-size must be 'on' or 'off'" in one_line(capsys.readouterr().err)
+    assert "--keep-size must be 'on', 'off' or 'inflation'" in one_line(capsys.readouterr().err)

@@ -1294,6 +1294,31 @@ def test_validation_recovers_with_the_engines_anatomy_fit_and_background_margin(
 def test_validation_view_options_are_checked(key, value):
     with pytest.raises(ValueError, match=f"validation.{key} must be a whole number of pixels"):
         tiny(**{f"validation.{key}": value})
+    with pytest.raises(ValueError, match="^validation.keep_size must be 'on', 'off' or 'inflation', got 'maybe'$"):
+        tiny(**{"validation.keep_size": "maybe"})
+
+
+def test_validation_takes_the_zoom_out_as_the_engine_does():
+    """``validation.keep_size``: the recovered field is the engine's with the option of that name."""
+    from napari_drdm.model import DRDM
+    from training.evaluate_hook import Validator
+    cfg = tiny(**{"validation.schedules": "[reference]"})
+    mcfg = model_config(cfg)
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 14) ** 2 + (xx - 17) ** 2 <= 49) * (170 + 60 * ((yy + xx) % 3 == 0))
+    images = disc[None].astype(np.uint8)
+    torch.manual_seed(0)
+    net = DRDMNet.from_config(mcfg).eval()
+    engine = DRDM(net, mcfg, device="cpu", fast=False)
+    fwd = engine.sampler.sample(5, batch=1, draws=engine._seeded_draws([3]), return_step=False).forward_ddf
+    for keep in (True, "inflation"):
+        v = Validator(mcfg, images, dict(cfg["validation"], n_images=1, anatomy_fit=4, keep_size=keep),
+                      cfg["loss"], torch.device("cpu"))
+        with torch.no_grad():
+            got = v._recover(v._net(net), v.images, fwd, 5, "reference")
+        phi, _ = engine.generate_model_grid(v.images, 5, [3], schedule="reference", anatomy_fit=4,
+                                            background_margin="off", keep_size=keep)
+        torch.testing.assert_close(got, phi, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("value,match", [

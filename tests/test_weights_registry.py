@@ -394,7 +394,7 @@ def test_gallery_draws_the_tables_generations(tmp_path, tiny_ckpt2d, capsys):
         with pytest.raises(SystemExit) as e:
             script.main(["--models", "--keep-size", "yes"] + extra)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and "--keep-size must be 'on' or 'off'" in err and "Traceback" not in err
+        assert e.value.code == 2 and "--keep-size must be 'on', 'off' or 'inflation'" in err and "Traceback" not in err
 
 
 def test_paired_comparison_of_two_records(tmp_path, capsys):

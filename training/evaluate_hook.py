@@ -18,7 +18,9 @@ validations are comparable:
 ``validation.anatomy_fit`` and ``validation.background_margin`` (pixels, null: off) recover as the
 engine does with the inference options of the same names (``DRDM.generate_model_grid``): the reverse
 loop runs on each image's view fitted to its anatomy, the field's empty background is replaced by
-the extension of the rest, and the field is measured on the whole grid.  They make the recovered
+the extension of the rest, and the field is measured on the whole grid.  ``validation.keep_size``
+(false, true or "inflation") then takes the recovered field's global zoom out as the inference
+option of that name does (core/keep_size.py).  They make the recovered
 figures those the held-out table (``benchmarks/weights_table.py``) measures with those options; the
 forward field's figures are the raw draw's either way.
 """
@@ -37,11 +39,14 @@ ensure_core()
 from napari_drdm.core.background import extend_into_background  # noqa: E402
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 from napari_drdm.core.forward import ForwardSampler  # noqa: E402
+from napari_drdm.core.keep_size import KEEP_SIZE_INFLATION, remove_global_scale  # noqa: E402
 from napari_drdm.core.losses import drdm_losses  # noqa: E402
 from napari_drdm.core.metrics import field_metrics  # noqa: E402
 from napari_drdm.core.recovery import recover  # noqa: E402
 from napari_drdm.core.spatial import px_to_frac, warp  # noqa: E402
 from napari_drdm.core.view import anatomy_views, field_from_view, to_view  # noqa: E402
+from napari_drdm.errors import InputError  # noqa: E402
+from napari_drdm.validate import check_keep_size_option  # noqa: E402
 
 __all__ = ["VALIDATION_DEFAULTS", "ValidationCancelled", "Validator", "check_cues", "check_validation",
            "cue_augment"]
@@ -59,6 +64,7 @@ VALIDATION_DEFAULTS: Dict[str, Any] = {
     "cues": {},             # augment keys for a cued copy of the images ({}: none), e.g. {p_zoom_out: 1}
     "anatomy_fit": None,    # px around the anatomy in the fitted view of the reverse loop (null: whole grid)
     "background_margin": None,  # px kept around the anatomy; the field beyond extended (null: off)
+    "keep_size": False,     # the recovered field's global zoom over the anatomy removed: false, true, "inflation"
 }
 
 #: the augmentation a cued validation copy starts from: nothing but what ``validation.cues`` turns on
@@ -86,11 +92,15 @@ class ValidationCancelled(Exception):
 
 
 def check_validation(vcfg: Dict[str, Any]) -> None:
-    """Raise ValueError naming the key when ``validation.cues``, ``validation.anatomy_fit`` or
-    ``validation.background_margin`` is not usable."""
+    """Raise ValueError naming the key when ``validation.cues``, ``validation.anatomy_fit``,
+    ``validation.background_margin`` or ``validation.keep_size`` is not usable."""
     check_cues(vcfg)
     for key in ("anatomy_fit", "background_margin"):
         check_pixels(vcfg.get(key), f"validation.{key}")
+    try:
+        check_keep_size_option(vcfg.get("keep_size"), "validation.keep_size")
+    except InputError as e:
+        raise ValueError(str(e)) from None
 
 
 class Validator:
@@ -194,4 +204,9 @@ class Validator:
                 raise ValidationCancelled()
         if margin is not None:
             phi, _ = extend_into_background(phi, x_net, int(margin), image_interp=cfg.image_interp)
-        return field_from_view(phi, views) if views else phi
+        phi = field_from_view(phi, views) if views else phi
+        keep = check_keep_size_option(self.v.get("keep_size"), "validation.keep_size")
+        if keep:
+            phi, _ = remove_global_scale(phi, images, image_interp=cfg.image_interp,
+                                         inflation_only=keep == KEEP_SIZE_INFLATION)
+        return phi

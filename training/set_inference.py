@@ -22,7 +22,7 @@ from .data import ensure_core
 ensure_core()
 
 from napari_drdm.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
-from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, margin_as_option  # noqa: E402
+from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, keep_size_name, margin_as_option  # noqa: E402
 from napari_drdm.io import atomic_write  # noqa: E402
 from napari_drdm.validate import (  # noqa: E402
     check_anatomy_fit_option,
@@ -96,7 +96,7 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if "keep_size" in new:
         v = check_keep_size_option(new["keep_size"], "--keep-size")
         if v is None:
-            raise ValueError("--keep-size must be 'on' or 'off', got None")
+            raise ValueError("--keep-size must be 'on', 'off' or 'inflation', got None")
         new["keep_size"] = v
     if "input_padding" in new:
         new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
@@ -133,7 +133,7 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
 def _shown(setting: str, value):
     """A setting's value as the command line writes it (a background margin or anatomy fit of None: off)."""
     if setting == "keep_size":
-        return "on" if value else "off"
+        return keep_size_name(value)
     return margin_as_option(value) if setting in _OFF_IS_NONE else value
 
 
@@ -145,7 +145,7 @@ def add_arguments(p) -> None:
                    help="pixels kept around the anatomy before the field is extended, or off")
     p.add_argument("--anatomy-fit", default=None, metavar="PX|off",
                    help="pixels kept around the anatomy in the model's fitted view, or off (the whole image)")
-    p.add_argument("--keep-size", default=None, metavar="on|off",
+    p.add_argument("--keep-size", default=None, metavar="on|inflation|off",
                    help="take the generated field's global zoom over the anatomy out (on) or keep it (off)")
     p.add_argument("--input-padding", default=None, metavar="PX", help="mirrored frame around the network's input")
     p.add_argument("--compose-padding", default=None, choices=COMPOSE_PADDINGS, help="reverse-loop composition padding")

@@ -9,7 +9,7 @@ bounds them all below S/2).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from .core.config import BACKGROUND_OFF, DRDMConfig
 from .validate import check_anatomy_fit_option, check_background_margin_option, check_input_padding_option, check_keep_size_option
@@ -42,8 +42,9 @@ def resolve_anatomy_fit(value, cfg: DRDMConfig) -> Optional[int]:
     return _own_or_off(check_anatomy_fit_option(value, cfg.size, "anatomy_fit"), cfg.anatomy_fit)
 
 
-def resolve_keep_size(value, cfg: DRDMConfig) -> bool:
+def resolve_keep_size(value, cfg: DRDMConfig) -> Union[bool, str]:
     """Whether a generation removes the final field's global zoom (core/keep_size.py): ``value``
-    (True / False / "on" / "off"), or for None the model's own."""
+    (True / False / "on" / "off" / "inflation"), or for None the model's own.  Returns True, False
+    or ``"inflation"`` (truthy: only an enlargement is taken out)."""
     v = check_keep_size_option(value, "keep_size")
-    return bool(cfg.keep_size) if v is None else v
+    return check_keep_size_option(cfg.keep_size, "keep_size") or False if v is None else v

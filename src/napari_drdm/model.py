@@ -30,7 +30,7 @@ from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
-from .core.keep_size import remove_global_scale
+from .core.keep_size import KEEP_SIZE_INFLATION, remove_global_scale
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
@@ -108,7 +108,7 @@ class GenerationResult:
     background_replaced_pct: float = 0.0   # % of the model grid whose field the background extension replaced
     anatomy_fit: Optional[int] = None      # px kept around the anatomy in the fitted view (None: whole image)
     view_zoom: float = 1.0                 # how much the fitted view enlarged the image for the network
-    keep_size: bool = False                # the final field's global zoom removed (core/keep_size.py)
+    keep_size: Union[bool, str] = False    # the final field's global zoom removed (core/keep_size.py): False, True, "inflation"
     zoom_removed: float = 1.0              # the zoom it took out (> 1: the anatomy had been inflated)
     frames: List[Frame] = field(default_factory=list)
     guard: Optional[Dict[str, Any]] = None  # fold guard: method, folds before, pixels changed (None: off)
@@ -224,8 +224,9 @@ class DRDM:
         returned on the whole image), "off" for the whole image (the authors' behaviour); None: the
         model's (``config.anatomy_fit``).
         ``keep_size``: True ("on") takes the final field's global zoom over the anatomy out (one
-        similarity after the loop, core/keep_size.py: folds nothing), False ("off") keeps it (the
-        authors' behaviour); None: the model's (``config.keep_size``).  Every recovery frame's field
+        similarity after the loop, core/keep_size.py: folds nothing), "inflation" only where the
+        anatomy came out enlarged, False ("off") keeps it (the authors' behaviour); None: the
+        model's (``config.keep_size``).  Every recovery frame's field
         gets its own (the explorer shows the anatomy at its size throughout); the forward frames
         are the forward field's.
         ``fold_guard``: True (or a method of :data:`GUARD_MODES`) makes the returned field and every
@@ -259,7 +260,8 @@ class DRDM:
         def make_frame(phase, idx, total, t, ddf_m, background=None, on_grid=False):
             ddf_m = field_from_view(ddf_m, views) if views and not on_grid else ddf_m
             if keep and phase == "recovery" and not on_grid:      # each frame at the anatomy's own size
-                ddf_m = remove_global_scale(ddf_m, x_model, image_interp=cfg.image_interp)[0]
+                ddf_m = remove_global_scale(ddf_m, x_model, image_interp=cfg.image_interp,
+                                            inflation_only=keep == KEEP_SIZE_INFLATION)[0]
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
@@ -297,7 +299,8 @@ class DRDM:
             phi, psi = field_from_view(phi, views), field_from_view(psi, views)
         removed = [1.0]
         if keep:
-            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp)
+            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp,
+                                                inflation_only=keep == KEEP_SIZE_INFLATION)
         if last is not None:
             info = {"margin": margin, "replaced_pct": replaced[0]} if margin is not None else None
             yield make_frame("recovery", last.step, last.n_steps, last.t, phi, info, on_grid=True)
@@ -406,7 +409,8 @@ class DRDM:
             view_report.update(fit=fit, zoom=[v.zoom for v in views] if views else [1.0] * len(seeds))
         removed = [1.0] * len(seeds)
         if keep:
-            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp)
+            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp,
+                                                inflation_only=keep == KEEP_SIZE_INFLATION)
         if size_report is not None:
             size_report.update(keep_size=keep, zoom_removed=removed)
         if gmode is not None:

@@ -112,7 +112,7 @@ def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwri
             "background_margin": result.background_margin,
             "background_replaced_pct": round(float(result.background_replaced_pct), 3),
             "anatomy_fit": result.anatomy_fit, "view_zoom": round(float(result.view_zoom), 4),
-            "keep_size": bool(result.keep_size), "zoom_removed": round(float(result.zoom_removed), 4),
+            "keep_size": result.keep_size or False, "zoom_removed": round(float(result.zoom_removed), 4),
             "metrics": result.metrics, "forward_metrics": result.forward_metrics,
             "ddf_convention": "pull-back; component c = displacement along array axis c in mm; shape (*spatial, 1, d)",
             "outputs": {k: p.name for k, p in paths.items()}}

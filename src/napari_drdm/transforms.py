@@ -17,7 +17,8 @@ network's input, a multiple of 4 below S/2; 0: the authors' behaviour) and ``bac
 (pixels kept around the anatomy, beyond which the field is extended smoothly; "off": the authors'
 behaviour) and ``anatomy_fit`` (pixels kept around the anatomy when the model's view is fitted to
 it; "off": the whole image, the authors' behaviour) and ``keep_size`` (True / "on": the field's
-global zoom over the anatomy removed; False / "off": kept, the authors' behaviour) are the reverse
+global zoom over the anatomy removed; "inflation": removed only where the anatomy came out enlarged;
+False / "off": kept, the authors' behaviour) are the reverse
 loop's options; None: the model's.
 
 Randomness: ``set_random_state(seed)`` (MONAI's ``Randomizable`` API) makes a run repeatable; with

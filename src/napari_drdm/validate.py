@@ -11,7 +11,14 @@ from __future__ import annotations
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
-from .core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, SCHEDULE_NAMES, background_margin_fits, input_padding_fits
+from .core.config import (
+    BACKGROUND_OFF,
+    COMPOSE_PADDINGS,
+    KEEP_SIZE_INFLATION,
+    SCHEDULE_NAMES,
+    background_margin_fits,
+    input_padding_fits,
+)
 from .errors import DeviceError, DRDMError, InputError
 
 __all__ = ["check_int", "check_seed", "check_t_prime", "check_k", "check_threads", "check_device",
@@ -257,19 +264,24 @@ def check_anatomy_fit_option(value, size: Optional[int] = None,
     return _pixels_or_off(value, size, name)
 
 
-def check_keep_size_option(value, name: str = "--keep-size") -> Optional[bool]:
+def check_keep_size_option(value, name: str = "--keep-size") -> Union[None, bool, str]:
     """Whether the final field's global zoom over the anatomy is removed (``DRDMConfig.keep_size``,
-    core/keep_size.py): True / "on", False / "off", or None for the model's own.
+    core/keep_size.py): True / "on" (both ways), "inflation" (only an enlargement is taken out),
+    False / "off", or None for the model's own.
 
     Args:
-        value: a bool, "on" / "off" (any case), or None.
+        value: a bool, "on" / "off" / "inflation" (any case), or None.
         name: option name for the message.
+
+    Returns:
+        None, True, False or ``"inflation"``.
     """
     if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("on", "off"):
-        return value.strip().lower() == "on"
-    raise InputError(f"{name} must be 'on' or 'off', got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in ("on", "off", KEEP_SIZE_INFLATION):
+        v = value.strip().lower()
+        return KEEP_SIZE_INFLATION if v == KEEP_SIZE_INFLATION else v == "on"
+    raise InputError(f"{name} must be 'on', 'off' or '{KEEP_SIZE_INFLATION}', got {value!r}")
 
 
 def _pixels_or_off(value, size: Optional[int], name: str) -> Union[None, str, int]:

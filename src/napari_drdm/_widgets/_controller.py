@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.config import KEEP_SIZE_INFLATION
 from ..core.metrics import affine_text
 from ._inputs import Inputs
 from ._layers import FrameStore
@@ -264,7 +265,10 @@ class ExplorerState:
         fit = getattr(run.result, "anatomy_fit", None)
         if fit is not None:
             txt += " " + view_text(fit, run.result.view_zoom)
-        if getattr(run.result, "keep_size", False):
+        keep = getattr(run.result, "keep_size", False)
+        if keep == KEEP_SIZE_INFLATION and run.result.zoom_removed == 1.0:
+            txt += " Anatomy size kept (inflation only): the anatomy was not enlarged, nothing taken out."
+        elif keep:
             txt += f" Anatomy size kept: a global zoom of {run.result.zoom_removed:.3f} taken out."
         guard = getattr(run.result, "guard", None)
         if guard:

@@ -169,7 +169,7 @@ class ExplorerWidget(QWidget):
             self.form.gen.t_prime.max = int(cfg.n_steps)
             self.form.set_model_padding(cfg.compose_padding, cfg.input_padding,
                                         margin_as_option(cfg.background_margin), margin_as_option(cfg.anatomy_fit),
-                                        bool(cfg.keep_size))
+                                        cfg.keep_size or False)
             if new_source and cfg.schedule in SCHEDULES:     # a new model (not just a new device)
                 self.form.gen.schedule.value = cfg.schedule
                 self.form.gen.k.value = int(cfg.k_recursions)

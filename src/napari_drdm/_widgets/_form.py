@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, DEFAULT_SCHEDULE, SCHEDULE_NAMES
+from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, DEFAULT_SCHEDULE, KEEP_SIZE_INFLATION, SCHEDULE_NAMES, keep_size_name
 from ._layers import DEFAULT_BUDGET_MIB
 from ._plot import MetricPlot
 
@@ -85,13 +85,15 @@ def anatomy_choices():
 #: the keep-size menu's tooltip (the explorer's and the export dock's)
 KEEP_SIZE_TIP = ("Keep the anatomy's size: after the reverse loop the generated deformation's global zoom over the "
                  "anatomy is taken out (one similarity: it folds nothing and leaves the anatomy where the generation "
-                 "put it). off = the deformation as generated, the authors' behaviour. model default: the model's "
+                 "put it). inflation only = taken out only where the anatomy came out enlarged (an anatomy that "
+                 "fills the view is never pushed out of it). off = the deformation as generated, the authors' "
+                 "behaviour. model default: the model's "
                  "own (drdm weights lists it).")
 
 
 def keep_size_choices():
     """The keep-size menu: (text, value) pairs, "model default" (None) first."""
-    return [(MODEL_DEFAULT, None), ("on", True), ("off", False)]
+    return [(MODEL_DEFAULT, None), ("on", True), ("inflation only", KEEP_SIZE_INFLATION), ("off", False)]
 
 
 #: the controls, by attribute name (the explorer dock exposes them as its own attributes)
@@ -294,7 +296,7 @@ class ExplorerForm(QWidget):
         self.background_combo.setItemText(0, MODEL_DEFAULT + (f" ({background_margin})" if background_margin is not None
                                                                else ""))
         self.anatomy_combo.setItemText(0, MODEL_DEFAULT + (f" ({anatomy_fit})" if anatomy_fit is not None else ""))
-        self.keep_size_combo.setItemText(0, MODEL_DEFAULT + (f" ({'on' if keep_size else 'off'})"
+        self.keep_size_combo.setItemText(0, MODEL_DEFAULT + (f" ({keep_size_name(keep_size)})"
                                                               if keep_size is not None else ""))
 
     def generation(self) -> Dict[str, Any]:

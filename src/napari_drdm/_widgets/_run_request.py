@@ -80,8 +80,8 @@ def generation_params(generation: Dict[str, Any], config, device) -> Dict[str, A
     if fit is not None and fit != margin_as_option(config.anatomy_fit):
         variant.append("whole-image-view" if fit == BACKGROUND_OFF else f"{fit}px-anatomy-fit")
     keep = check_keep_size_option(p.get("keep_size"), "Keep anatomy size")
-    if keep is not None and keep != bool(config.keep_size):
-        variant.append("size-kept" if keep else "zoom-kept")
+    if keep is not None and keep != (config.keep_size or False):
+        variant.append({True: "size-kept", False: "zoom-kept"}.get(keep, "inflation-removed"))
     if p["fold_guard"]:
         variant.append("guard")
     if variant:

@@ -105,11 +105,13 @@ def anatomy_fit_arg(p):
 
 
 def keep_size_arg(p):
-    """--keep-size on|off, checked while parsing; default None, the model's own."""
-    p.add_argument("--keep-size", type=arg_type(check_keep_size_option, "--keep-size"), default=None, metavar="on|off",
+    """--keep-size on|inflation|off, checked while parsing; default None, the model's own."""
+    p.add_argument("--keep-size", type=arg_type(check_keep_size_option, "--keep-size"), default=None,
+                   metavar="on|inflation|off",
                    help="take the generated deformation's global zoom over the anatomy out (one similarity after "
                         "the loop: it folds nothing, and leaves the anatomy where the generation put it, at its "
-                        "own size); 'off' keeps it, the authors' behaviour (default: the model's; drdm weights "
+                        "own size); 'inflation' takes it out only where the anatomy came out enlarged; 'off' keeps "
+                        "it, the authors' behaviour (default: the model's; drdm weights "
                         "lists each model's)")
 
 

@@ -55,6 +55,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..checks import check_image, check_labels
+    from ..core.config import keep_size_name
     from ..core.metrics import affine_text, field_affine
     from ..io import read_image, squeeze_trailing, stem_of
     from ..memory import available_memory, check_memory, estimate_export_bytes
@@ -126,7 +127,8 @@ def run(args) -> int:
         pad_in += (f" anatomy_fit={res.anatomy_fit}px (view x{res.view_zoom:.2f})"
                    if res.anatomy_fit is not None else " anatomy_fit=off")
     if res.keep_size or model.config.keep_size:
-        pad_in += f" keep_size=on (zoom {res.zoom_removed:.3f} removed)" if res.keep_size else " keep_size=off"
+        pad_in += (f" keep_size={keep_size_name(res.keep_size)} (zoom {res.zoom_removed:.3f} removed)"
+                   if res.keep_size else " keep_size=off")
     print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")

@@ -11,6 +11,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..core.config import KEEP_SIZE_INFLATION
     from ..weights import list_weights
     items = list_weights()
     if args.json:
@@ -34,7 +35,9 @@ def run(args) -> int:
                   f"{inf['compose_padding']}, input padding {inf['input_padding']} px, background margin "
                   + ("off" if margin is None else f"{margin} px")
                   + ", view " + ("the whole image" if fit is None else f"fitted to the anatomy ({fit} px around it)")
-                  + (", the anatomy's size kept (global zoom removed)" if inf.get("keep_size") else ""))
+                  + (", the anatomy's size kept (global zoom removed"
+                     + (" where it was enlarged)" if inf.get("keep_size") == KEEP_SIZE_INFLATION else ")")
+                     if inf.get("keep_size") else ""))
         prov = e.get("provenance") or {}
         for key in ("trained_on", "steps", "wall_time_h", "device", "command", "data_sha256"):
             if key in prov:

@@ -12,8 +12,19 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import InputError
 
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
-           "check_input_padding", "check_background_margin", "check_anatomy_fit", "BACKGROUND_OFF",
-           "margin_as_option"]
+           "check_input_padding", "check_background_margin", "check_anatomy_fit", "BACKGROUND_OFF", "KEEP_SIZE_INFLATION",
+           "keep_size_name", "margin_as_option"]
+
+KEEP_SIZE_INFLATION = "inflation"   # DRDMConfig.keep_size: only an enlargement of the anatomy is taken out
+
+
+def keep_size_name(value) -> str:
+    """A keep-size setting as the command line writes it: "on" (True), "inflation", or "off"
+    (False, None)."""
+    if value == KEEP_SIZE_INFLATION:
+        return KEEP_SIZE_INFLATION
+    return "on" if value is True else "off"
+
 
 #: T, the number of diffusion times of the reference model (t is 0-based, 0..T-1)
 T = 80
@@ -167,7 +178,8 @@ class DRDMConfig:
     input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
     background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond is extended (None: off)
     anatomy_fit: Optional[int] = None       # px around the anatomy when the view is fitted to it (None: whole image)
-    keep_size: bool = False                 # the final field's global zoom over the anatomy removed (core/keep_size.py)
+    keep_size: Any = False                  # the final field's global zoom over the anatomy removed (core/keep_size.py):
+                                            # False, True (both ways) or "inflation" (only an enlargement)
     extra: Dict[str, Any] = field(default_factory=dict)  # provenance, free-form
 
     def __post_init__(self):
@@ -183,8 +195,8 @@ class DRDMConfig:
         self.input_padding = check_input_padding(self.input_padding, self.size)
         self.background_margin = check_background_margin(self.background_margin, self.size)
         self.anatomy_fit = check_anatomy_fit(self.anatomy_fit, self.size)
-        if not isinstance(self.keep_size, bool):
-            raise InputError(f"keep_size must be true or false, got {self.keep_size!r}")
+        if not (isinstance(self.keep_size, bool) or self.keep_size == KEEP_SIZE_INFLATION):
+            raise InputError(f"keep_size must be true, false or '{KEEP_SIZE_INFLATION}', got {self.keep_size!r}")
 
     @classmethod
     def default(cls, ndim: int, size: int | None = None, **kw) -> "DRDMConfig":

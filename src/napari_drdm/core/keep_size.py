@@ -16,6 +16,12 @@ shear and local part are unchanged, and refitting it over the same pixels gives 
 The fit is over the output's anatomy, not the whole grid, so the whole-grid ``affine_zoom`` of
 the plausibility figures need not come out 1 (1.040 for ``general2d``'s brain slices, docs/weights.md).
 
+One-sided (``inflation_only``, the setting ``"inflation"``): the scale is taken out only where the
+anatomy came out enlarged (zoom > 1); an anatomy the generation shrank is left as it is.  Taking a
+shrink out enlarges the anatomy, and on images whose anatomy fills the view that pushes it out of
+the field of view (docs/weights.md, session 20: CT 0.26 -> 1.27 % out of view with the two-sided
+option); taking an enlargement out moves the anatomy towards its centre and cannot do that.
+
 A model setting and an inference option: ``DRDMConfig.keep_size`` (False: off), applied by
 ``DRDM.iter_generate`` / ``generate_model_grid`` to the final field on the model's whole grid,
 after the background extension and before the fold guard's final check.
@@ -27,10 +33,11 @@ from typing import List, Tuple
 
 import torch
 
+from .config import KEEP_SIZE_INFLATION, keep_size_name
 from .metrics import FG_THRESHOLD
 from .spatial import warp
 
-__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX"]
+__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX", "KEEP_SIZE_INFLATION", "keep_size_name"]
 
 MIN_ANATOMY_PX = 64     # fewer anatomy pixels than this in the output: the field is left as it is
 MIN_SPREAD_PX = 2.0     # anatomy thinner than this (SD along its narrowest direction, pixels): no
@@ -38,7 +45,7 @@ MIN_SPREAD_PX = 2.0     # anatomy thinner than this (SD along its narrowest dire
 
 
 def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float = FG_THRESHOLD,
-                        image_interp: str = "linear") -> Tuple[torch.Tensor, List[float]]:
+                        image_interp: str = "linear", inflation_only: bool = False) -> Tuple[torch.Tensor, List[float]]:
     """``phi`` with its global isotropic scale over the output's anatomy removed.
 
     Args:
@@ -46,10 +53,13 @@ def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float
         image: the images they deform, (B, 1, *S), min-max normalised (the model grid).
         threshold: intensity above which a pixel of the deformed image is anatomy.
         image_interp: interpolation of the deformed image that defines the anatomy.
+        inflation_only: take the scale out only where the anatomy came out enlarged (zoom > 1);
+            a sample whose anatomy was shrunk (or kept its size) is returned unchanged.
 
     Returns:
         The new fields (same shape and dtype) and, per sample, the anatomy's zoom taken out
-        (> 1 where the anatomy had been inflated; 1.0 where the output has fewer than
+        (> 1 where the anatomy had been inflated; 1.0 where ``inflation_only`` left a shrunk
+        anatomy as it was, where the output has fewer than
         :data:`MIN_ANATOMY_PX` anatomy pixels, is thinner than :data:`MIN_SPREAD_PX` along some
         direction, or the fit is degenerate, and the field is returned unchanged).
 
@@ -85,6 +95,9 @@ def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float
             zooms.append(1.0)
             continue
         s = det ** (1.0 / nd)
+        if inflation_only and s >= 1.0:     # y spreads the output over more of the input: shrunk, kept
+            zooms.append(1.0)
+            continue
         p = y.mean(0).view(nd, *([1] * nd))
         y_all = coords + phi_b
         out[b] = (p + (y_all - p) / s - coords).to(phi.device, phi.dtype)

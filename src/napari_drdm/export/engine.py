@@ -184,7 +184,7 @@ def _export_locked(items, out: Path, opts: ExportOptions, model, preview, should
         settings["model_defaults"] = {"compose_padding": own.compose_padding, "input_padding": int(own.input_padding),
                                       "background_margin": margin_as_option(own.background_margin),
                                       "anatomy_fit": margin_as_option(own.anatomy_fit),
-                                      "keep_size": bool(own.keep_size)}
+                                      "keep_size": own.keep_size or False}
     done_rows = prepare_output_folder(out, settings, opts.resume, opts.overwrite, opts.shard)
     done = {r["row_id"]: r for r in done_rows}
     for a in arrays:

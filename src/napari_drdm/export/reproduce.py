@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS
+from ..core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, KEEP_SIZE_INFLATION
 from ..errors import InputError
 from ..output_lock import OutputLock
 from ..paths import check_output_dir
@@ -59,7 +59,8 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     margin = margin if isinstance(margin, int) and not isinstance(margin, bool) else BACKGROUND_OFF
     fit = row.get("anatomy_fit")             # rows written before the anatomy fit saw the whole image
     fit = fit if isinstance(fit, int) and not isinstance(fit, bool) else BACKGROUND_OFF
-    keep = row.get("keep_size") is True       # rows written before it existed kept the global zoom
+    keep = row.get("keep_size")              # rows written before it existed kept the global zoom
+    keep = keep if keep is True or keep == KEEP_SIZE_INFLATION else False
     opts = ExportOptions(mode=row["mode"], schedule=row["schedule"],
                          compose_padding=padding if padding in COMPOSE_PADDINGS else None,
                          input_padding=pad_in, background_margin=margin, anatomy_fit=fit,
