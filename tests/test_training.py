@@ -1087,6 +1087,34 @@ def test_plot_marks_a_batch_change_with_the_learning_rate_change_at_the_same_ste
     assert seen["xlim"][0] == seen["xlim"][1] == seen["xlim"][2]          # the panels share the step axis
 
 
+
+def test_plot_keeps_validations_with_other_settings_apart_and_legends_off_the_data(tmp_path, monkeypatch):
+    """A validation appended with ``--set`` overrides is its own series, labelled with them, and the
+    validation legends sit below their panels (outside the plotted area)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from training.plot import plot_run
+    rows = [{"step": s, "ang": -0.3, "lr": 1e-4} for s in range(10, 60, 10)]
+    rows += [{"event": "validation", "step": s, "val/T45/reference/max_disp_pct": 20.0 + s / 10,
+              "val/T45/reference/folding_pct": 0.5} for s in (0, 50)]
+    rows += [{"event": "validation", "step": 50, "val_ema/T45/reference/max_disp_pct": 17.0,
+              "val_ema/T45/reference/folding_pct": 0.4, "added_by": "validate",
+              "overrides": ["validation.n_images=8", "validation.anatomy_fit=16"]}]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    seen = {}
+
+    def savefig(fig, *a, **k):
+        ax = fig.axes[2]
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["anchor_y"] = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y0
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    plot_run(log, tmp_path / "c.png", displacement_target=[8, 16])
+    assert seen["labels"] == ["T45 reference", "T45 reference (weight average) [n_images=8 anatomy_fit=16]",
+                              "target range"]
+    assert seen["anchor_y"] < 0
+
 # ------------------------------------------------------------------------ weight average (EMA)
 def test_weight_average_update_rule_and_state_round_trip():
     from training.ema import WeightAverage, half_life

@@ -11,7 +11,9 @@ folding low while its deformation stays large; the folding axis is logarithmic u
 ``--linear-folding``, and ``--folding-target PCT`` draws the target as a dotted line); with ``train.ema_decay`` also the weight
 average's (``val_ema/`` rows, training/ema.py).  A change of the learning rate after its warm-up
 (a resume with ``--set optim.lr=...``) is a grey vertical line on every panel, labelled on the
-left one.  Reads ``train_log.jsonl`` of the run folder (or ``--log``).
+left one.  A validation added afterwards with other settings (``python -m training validate --set
+... --append``) is its own series, labelled with those settings.  Reads ``train_log.jsonl`` of the run
+folder (or ``--log``).
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     vals = [r for r in rows if r.get("event") == "validation"]
     if not steps:
         raise ValueError(f"{log_path}: no training rows with 'ang' to plot")
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 5.6), dpi=110)
     x = [r["step"] for r in steps]
     y = [r["ang"] for r in steps]
     a1.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="per log interval")
@@ -150,7 +152,8 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
                         if ("val/" + k[len("val_ema/"):]) in r:
                             continue
                         avg = False
-                    series.setdefault(name + (" (weight average)" if avg else ""), []).append((r["step"], v))
+                    series.setdefault(name + (" (weight average)" if avg else "") + _settings_tag(r),
+                                      []).append((r["step"], v))
         for name, pts in sorted(series.items()):
             xs, ys = zip(*sorted(pts))
             forward = "/forward" in name
@@ -178,8 +181,8 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
         ax.set_ylabel(ylabel)
         ax.set_title(f"held-out validation: {what}")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:         # validation series or target lines
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:         # validation series or target lines, below the panel
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         if not series:
             ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title or Path(log_path).parent.name)
@@ -189,6 +192,13 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _settings_tag(row: Dict) -> str:
+    """A validation row added afterwards with other settings (``validate --set``, recorded as
+    ``overrides``) is its own series: " [n_images=8 anatomy_fit=16 ...]"; "" for the run's own."""
+    sets = [str(o).split("validation.", 1)[-1] for o in row.get("overrides") or []]
+    return f" [{' '.join(sets)}]" if sets else ""
 
 
 def add_arguments(p) -> None:
