@@ -1040,6 +1040,39 @@ def test_plot_draws_targets_on_a_log_folding_axis(tmp_path, capsys, monkeypatch)
     assert err.startswith("error: --displacement-target '8,x'") and "\n" not in err
 
 
+def test_a_config_file_starts_from_its_base(tmp_path):
+    """``base:``: the named file (relative to this one, itself resolved) and then this file's keys,
+    mapping by mapping; the resolved configuration carries no ``base``."""
+    from training.settings import read_config_file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\nmodel: {ndim: 2, size: 32}\ntrain: {steps: 7, batch_size: 3}\n"
+                                        "validation: {t_primes: [30, 45]}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nname: mid\ntrain: {steps: 9}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nvalidation: {t_primes: [70]}\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml", ["train.seed=5"])
+    assert cfg["name"] == "mid" and cfg["model"]["size"] == 32 and "base" not in cfg
+    assert cfg["train"]["steps"] == 9 and cfg["train"]["batch_size"] == 3 and cfg["train"]["seed"] == 5
+    assert cfg["validation"]["t_primes"] == [70]                      # a list is replaced whole
+    bad = {"loop.yaml": "base: loop2.yaml\n", "loop2.yaml": "base: loop.yaml\n", "gone.yaml": "base: nowhere.yaml\n",
+           "num.yaml": "base: 3\n", "list.yaml": "- 1\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    for name, msg in (("loop.yaml", "the chain of 'base' files loops back to loop.yaml"),
+                      ("gone.yaml", "base 'nowhere.yaml' not found"),
+                      ("num.yaml", "base must be the file name of another config, got 3"),
+                      ("list.yaml", "expected a mapping of config sections, got list")):
+        with pytest.raises(ValueError) as e:
+            read_config_file(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name)) and msg in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="read from a config file only"):
+        load_config(base={"base": "root.yaml"})
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg["name"] == path.stem and "base" not in cfg
+
 def test_plot_marks_a_learning_rate_change_but_not_the_warmup(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.figure

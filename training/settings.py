@@ -4,6 +4,12 @@ Sections (every key is described in training/README.md): ``name``, ``model`` (an
 :class:`~napari_drdm.core.config.DRDMConfig` field; unspecified ones take
 ``DRDMConfig.default(ndim)``), ``data``, ``augment``, ``loss``, ``optim``, ``train``,
 ``validation``, ``budget``.
+
+A config file may start from another: ``base: general2d_s256_teacher.yaml`` (a path relative to
+the file) takes that file, itself resolved the same way, and the keys given here replace its
+keys.  A mapping replaces key by key (a key not given keeps the base's value; a list or value is
+replaced whole), so a variant lists only what it changes.  The run folder's ``config.yaml`` is
+always the resolved configuration, without ``base``.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ ensure_core()
 
 from napari_drdm.core.config import DRDMConfig  # noqa: E402
 
-__all__ = ["DEFAULTS", "apply_overrides", "load_config", "model_config"]
+__all__ = ["DEFAULTS", "apply_overrides", "load_config", "model_config", "read_config_file"]
 
 DEFAULTS: Dict[str, Any] = {
     "name": "run",
@@ -74,9 +80,41 @@ def apply_overrides(cfg: Dict[str, Any], sets: Sequence[str]) -> Dict[str, Any]:
 IMAGE_PADDINGS = ("zeros", "border")
 
 
+def read_config_file(path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
+    """The mapping of a YAML config file with its ``base:`` chain resolved (see the module docstring).
+
+    Args:
+        path: the YAML file.
+
+    Raises:
+        ValueError: one line naming the file, when it is not a mapping, its ``base`` is not a
+            file name, the base file does not exist, or the chain of bases loops.
+    """
+    p = Path(path)
+    key = p.resolve()
+    if key in _chain:
+        raise ValueError(f"{path}: the chain of 'base' files loops back to {p.name}")
+    user = yaml.safe_load(p.read_text())
+    if user is None:
+        return {}
+    if not isinstance(user, dict):
+        raise ValueError(f"{path}: expected a mapping of config sections, got {type(user).__name__}")
+    parent = user.pop("base", None)
+    if parent is None:
+        return user
+    if not isinstance(parent, str) or not parent.strip():
+        raise ValueError(f"{path}: base must be the file name of another config, got {parent!r}")
+    bp = p.parent / parent
+    if not bp.is_file():
+        raise ValueError(f"{path}: base {parent!r} not found (looked for {bp})")
+    return _merge(read_config_file(bp, tuple(_chain) + (key,)), user)
+
+
 def load_config(path: Optional[str] = None, sets: Sequence[str] = (), base: Optional[Dict] = None) -> Dict[str, Any]:
-    """DEFAULTS <- YAML file (or ``base``) <- ``--set`` overrides; validated."""
-    user = base if base is not None else (yaml.safe_load(Path(path).read_text()) if path else {})
+    """DEFAULTS <- YAML file (its ``base:`` chain first) or ``base`` <- ``--set`` overrides; validated."""
+    user = base if base is not None else (read_config_file(path) if path else {})
+    if isinstance(user, dict) and "base" in user:
+        raise ValueError("'base' names another config file; it is read from a config file only")
     cfg = apply_overrides(_merge(DEFAULTS, user or {}), sets)
     model_config(cfg)  # validates the model part
     ema = cfg["train"].get("ema_decay") or 0.0
