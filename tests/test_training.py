@@ -1292,6 +1292,39 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     assert "\n" not in err and "optim.lr=1" in err and "validation." in err
 
 
+def test_select_ranks_checkpoints_on_the_validation(straight_run, tmp_path, capsys):
+    """``python -m training select``: each checkpoint validated (its weights, with the --set
+    overrides), ranked by one figure, lowest first; bad input is one line, nothing overwritten."""
+    import shutil
+
+    from training.__main__ import main
+    from training.export import validate_run
+    from training.plot import read_log
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt"))
+    assert len(steps) >= 2
+    before = len(read_log(run / "train_log.jsonl"))
+    out = tmp_path / "rank.json"
+    sets = ["--set", "validation.t_primes=[3]", "--set", "validation.schedules=[paper]"]
+    assert main(["select", "--run", str(run), "--steps", *map(str, steps), "--by", "T3/paper/max_disp_pct",
+                 "--weights", "raw", "--device", "cpu", "--threads", "1", "--append", "--json", str(out), *sets]) == 0
+    res = json.loads(out.read_text())
+    values = [r["value"] for r in res["ranking"]]
+    assert values == sorted(values) and sorted(r["step"] for r in res["ranking"]) == steps
+    assert res["best"] == res["ranking"][0]["checkpoint"] and res["overrides"] == sets[1::2]
+    one = validate_run(run, None, res["best"], "raw", sets=sets[1::2], device="cpu", log=lambda m: None)
+    assert one["val/T3/paper/max_disp_pct"] == pytest.approx(values[0], abs=1e-9)
+    assert len(read_log(run / "train_log.jsonl")) == before + len(steps)
+    assert "ranked by T3/paper/max_disp_pct" in capsys.readouterr().out
+    for argv, msg in ((["--steps", "999"], "step_00000999.pt: no such checkpoint"),
+                      ([], "select needs --steps or --checkpoints"),
+                      (["--steps", str(steps[0]), "--by", "nope"], "--by 'nope' is not a validation figure here"),
+                      (["--steps", str(steps[0]), "--json", str(out)], "exists")):
+        assert main(["select", "--run", str(run), "--device", "cpu", "--weights", "raw", *argv, *sets]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "Traceback" not in err
+
 def test_cued_validation_copy_is_fixed_and_logged_beside_the_clean_images():
     """``validation.cues``: a cued copy of the validation images (here a dark frame), the same on
     every construction, recovered from the clean copy's forward fields; the clean figures do not

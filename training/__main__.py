@@ -1,4 +1,4 @@
-"""``python -m training {kit,prepare,train,plot,convert-upstream,export,compact,bundle,set-inference,soup,validate}``:
+"""``python -m training {kit,prepare,train,plot,convert-upstream,export,compact,bundle,set-inference,soup,validate,select}``:
 the DRDM training command line.
 
     python -m training kit --out cache/kit
@@ -8,6 +8,7 @@ the DRDM training command line.
     torchrun --nproc-per-node 4 -m training train --config training/configs/brain2d.yaml --run-dir runs/b2d
     python -m training export  --run runs/brain2d --out src/napari_drdm/weights/brain2d_s128.safetensors
     python -m training validate --run runs/general2d --weights-file cmr2d --append     # a step-0 reference
+    python -m training select  --run runs/general2d --steps 1050 1350 --by T45/reference/max_disp_pct
     python -m training compact --checkpoint runs/b/checkpoints/step_00001000.pt --out training/checkpoints/b/step_00001000.pt
     python -m training set-inference --weights cache/g.safetensors --out cache/g8.safetensors --background-margin 8 \
         --measured "..."
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or validation.t_primes=[30,45,70] (keys under validation., model.compose_padding, "
                         "model.image_interp, model.input_padding); repeatable")
     p.set_defaults(func=_cmd_validate)
+    from . import select as _select
+    p = sub.add_parser("select", help="rank a run's checkpoints on its validation, lowest figure first")
+    _select.add_arguments(p)
+    p.set_defaults(func=_select.run)
     return ap
 
 
