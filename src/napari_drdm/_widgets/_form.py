@@ -85,8 +85,8 @@ def anatomy_choices():
 #: the keep-size menu's tooltip (the explorer's and the export dock's)
 KEEP_SIZE_TIP = ("Keep the anatomy's size: after the reverse loop the generated deformation's global zoom over the "
                  "anatomy is taken out (one similarity: it folds nothing and leaves the anatomy where the generation "
-                 "put it). inflation only = taken out only where the anatomy came out enlarged (an anatomy that "
-                 "fills the view is never pushed out of it). off = the deformation as generated, the authors' "
+                 "put it). inflation only = taken out only where the anatomy came out enlarged (an anatomy the "
+                 "network shrank is not enlarged back past the image's edges). off = the deformation as generated, the authors' "
                  "behaviour. model default: the model's "
                  "own (drdm weights lists it).")
 
