@@ -20,7 +20,8 @@ One-sided (``inflation_only``, the setting ``"inflation"``): the scale is taken 
 anatomy came out enlarged (zoom > 1); an anatomy the generation shrank is left as it is.  Taking a
 shrink out enlarges the anatomy, and on images whose anatomy fills the view that pushes it out of
 the field of view (docs/weights.md, session 20: CT 0.26 -> 1.27 % out of view with the two-sided
-option); taking an enlargement out moves the anatomy towards its centre and cannot do that.
+option); taking an enlargement out shrinks the anatomy towards its centre, which shows more of the
+image, not less.
 
 A model setting and an inference option: ``DRDMConfig.keep_size`` (False: off), applied by
 ``DRDM.iter_generate`` / ``generate_model_grid`` to the final field on the model's whole grid,
