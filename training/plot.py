@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -137,6 +138,7 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
                     ha="right" if right else "left", fontsize=7, color="0.3")
         prev = at
     a1.legend(loc="lower left" if changes else "upper right", fontsize=8)   # the labels sit at the top
+    legend_lines = 0
     for ax, metric, ylabel, what in (
             (a2, "folding_pct", "folding, % of pixels with det <= 0", "folding"),
             (a3, "max_disp_pct", "maximum displacement, % of the side", "maximum displacement")):
@@ -181,10 +183,15 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
         ax.set_ylabel(ylabel)
         ax.set_title(f"held-out validation: {what}")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:         # validation series or target lines, below the panel
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        handles, texts = ax.get_legend_handles_labels()
+        if handles:                                   # validation series or target lines, below the panel
+            texts = [textwrap.fill(t, 58, subsequent_indent="  ") for t in texts]
+            ax.legend(handles, texts, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1,
+                      frameon=False)
+            legend_lines = max(legend_lines, sum(t.count("\n") + 1 for t in texts))
         if not series:
             ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
+    fig.set_size_inches(15, 4.6 + 0.15 * legend_lines)   # room for the legends below the panels
     fig.suptitle(title or Path(log_path).parent.name)
     fig.tight_layout()
     out = Path(out)
