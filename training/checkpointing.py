@@ -13,10 +13,15 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["CKPT_FORMAT", "latest_checkpoint", "load_training_checkpoint", "save_atomic", "plain", "git_commit",
+__all__ = ["CKPT_FORMAT", "checkpoint_path", "latest_checkpoint", "load_training_checkpoint", "save_atomic", "plain", "git_commit",
            "compact_checkpoint"]
 
 CKPT_FORMAT = "napari-drdm-train/1"
+
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in a run: ``run_dir/checkpoints/step_XXXXXXXX.pt``."""
+    return Path(run_dir) / "checkpoints" / f"step_{int(step):08d}.pt"
 
 
 def latest_checkpoint(run_dir) -> Optional[Path]:

@@ -26,8 +26,8 @@ __all__ = ["select_checkpoints", "checkpoint_paths"]
 def checkpoint_paths(run_dir, steps: Sequence[int] = (), checkpoints: Sequence[str] = ()) -> List[Path]:
     """The checkpoint files asked for: ``steps`` of the run (``checkpoints/step_XXXXXXXX.pt``) and
     ``checkpoints`` given as paths; every one must exist (one line naming the first missing)."""
-    run_dir = Path(run_dir)
-    paths = [run_dir / "checkpoints" / f"step_{int(s):08d}.pt" for s in steps] + [Path(c) for c in checkpoints]
+    from .checkpointing import checkpoint_path
+    paths = [checkpoint_path(run_dir, s) for s in steps] + [Path(c) for c in checkpoints]
     if not paths:
         raise ValueError("select needs --steps or --checkpoints (at least one checkpoint)")
     for p in paths:

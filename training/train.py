@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from .checkpointing import CKPT_FORMAT, git_commit, latest_checkpoint, load_training_checkpoint, plain, save_atomic
+from .checkpointing import CKPT_FORMAT, checkpoint_path, git_commit, latest_checkpoint, load_training_checkpoint, plain, save_atomic
 from .data import SliceBank, dataset, ensure_core, prepared_info
 from .distributed import Env
 from .ema import start_average, validation_weights
@@ -189,7 +189,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                    "last_val": plain(last_val), "init": plain(init_info),
                    "ema": ema.state_dict() if ema is not None else None,
                    "wall_s_total": wall_before + time.time() - t_start}
-            save_atomic(obj, run_dir / "checkpoints" / f"step_{step:08d}.pt", int(tcfg["keep_checkpoints"]))
+            save_atomic(obj, checkpoint_path(run_dir, step), int(tcfg["keep_checkpoints"]))
         env.barrier()
 
     fixed: Dict[str, Any] = {}   # train.overfit_batch: the first batch, reused at every step

@@ -47,4 +47,4 @@ def resolve_keep_size(value, cfg: DRDMConfig) -> Union[bool, str]:
     (True / False / "on" / "off" / "inflation"), or for None the model's own.  Returns True, False
     or ``"inflation"`` (truthy: only an enlargement is taken out)."""
     v = check_keep_size_option(value, "keep_size")
-    return (check_keep_size_option(cfg.keep_size, "keep_size") or False) if v is None else v
+    return cfg.keep_size if v is None else v          # DRDMConfig checked it: False, True or "inflation"

@@ -34,11 +34,11 @@ from typing import List, Tuple
 
 import torch
 
-from .config import KEEP_SIZE_INFLATION, keep_size_name
+from .config import KEEP_SIZE_INFLATION
 from .metrics import FG_THRESHOLD
 from .spatial import warp
 
-__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX", "KEEP_SIZE_INFLATION", "keep_size_name"]
+__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX", "KEEP_SIZE_INFLATION"]
 
 MIN_ANATOMY_PX = 64     # fewer anatomy pixels than this in the output: the field is left as it is
 MIN_SPREAD_PX = 2.0     # anatomy thinner than this (SD along its narrowest direction, pixels): no
