@@ -667,8 +667,9 @@ def test_anchor_holds_a_fine_tune_near_its_start(tmp_path):
         train(tiny(**{"loss.w_anchor": 1.0, "train.steps": 1}), tmp_path / "none", argv=["t"], echo=lambda *a: None)
 
 
-def _teacher_gap(state, ref_state, cfg) -> float:
-    """|psi - psi_ref|^2 / |psi_ref|^2 of two weight sets on one fixed batch of deformed images."""
+def _teacher_gap(state, ref_state, cfg, window=None) -> float:
+    """|psi - target|^2 / |target|^2 of two weight sets on one fixed batch of deformed images, the
+    target being psi_ref (times ``window`` when one is given)."""
     from training.objective import training_batch
     mcfg = model_config(cfg)
     nets = []
@@ -682,6 +683,8 @@ def _teacher_gap(state, ref_state, cfg) -> float:
     _, t, _, img = training_batch(bank, ForwardSampler(mcfg), cfg["augment"], gens, mcfg, torch.device("cpu"))
     with torch.no_grad():
         a, b = (n(img, t, k=mcfg.k_recursions) for n in nets)
+    if window is not None:
+        b = b * window
     return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
@@ -715,6 +718,43 @@ def test_teacher_pull_keeps_the_estimates_near_the_reference(tmp_path):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())
 
 
+def test_edge_window_falls_to_its_floor_on_the_border():
+    """``edge_window``: 1 from ``px`` pixels inwards, linear down to ``floor`` on every border, in 2D and 3D."""
+    from training.pulls import edge_window
+    w = edge_window((8, 10), 2, 0.5)
+    assert w.shape == (8, 10)
+    assert float(w[0, 5]) == 0.5 and float(w[7, 5]) == 0.5 and float(w[4, 0]) == 0.5 and float(w[4, 9]) == 0.5
+    assert float(w[1, 5]) == 0.75 and float(w[4, 1]) == 0.75 and float(w[1, 1]) == 0.75
+    assert torch.all(w[2:6, 2:8] == 1.0) and float(w.min()) == 0.5
+    assert torch.equal(edge_window((4, 4), 0, 0.2), torch.ones(4, 4))
+    w3 = edge_window((7, 7, 7), 3, 0.0)
+    assert float(w3[0, 3, 3]) == 0.0 and float(w3[3, 3, 3]) == 1.0 and float(w3[3, 1, 3]) == pytest.approx(1 / 3)
+
+
+def test_teacher_edge_taper_pulls_the_border_estimates_down(tmp_path):
+    """``loss.teacher_edge_px``: the run's estimates come nearer the tapered reference than those of
+    the same strong pull without the taper; the term is 0 where the estimates equal the tapered target."""
+    from napari_drdm.weights import resolve_weights
+    from training.pulls import edge_window, teacher_term
+    ref, _, _ = read_checkpoint(resolve_weights("cmr2d")[0])
+    gap = {}
+    for px in (0, 8):
+        cfg = tiny(**{"init": "cmr2d", "train.steps": 8, "validation.at_end": "false", "optim.lr": 1e-4,
+                      "loss.w_teacher": 1e4, "loss.teacher_batch": 2, "loss.teacher_edge_px": px,
+                      "loss.teacher_edge_floor": 0.0})
+        run = tmp_path / f"edge{px}"
+        train(cfg, run, argv=["test", "edge"], echo=lambda *a: None)
+        size = model_config(cfg).size
+        window = edge_window((size, size), 8, 0.0)
+        gap[px] = _teacher_gap(load_training_checkpoint(latest_checkpoint(run))["model"], ref, cfg, window)
+    assert gap[8] < gap[0]
+    psi = torch.randn(2, 2, 16, 16)
+    window = edge_window((16, 16), 4, 0.5)
+    assert float(teacher_term(psi * window, psi, 1.0, window)) == 0.0
+    assert float(teacher_term(psi, psi, 1.0, torch.ones(16, 16))) == 0.0
+    assert float(teacher_term(psi, psi, 1.0, window)) > 0.0
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("loss.w_teacher", -1, "loss.w_teacher must be a number >= 0"),
     ("loss.w_teacher", "much", "loss.w_teacher must be a number >= 0"),
@@ -723,6 +763,10 @@ def test_teacher_pull_keeps_the_estimates_near_the_reference(tmp_path):
     ("loss.teacher_augment", "{p_zoom: 0.5}", "loss.teacher_augment: unknown keys \\['p_zoom'\\]"),
     ("loss.teacher_augment", "{p_zoom_in: 2}", "augment.p_zoom_in must be a probability"),
     ("init_weights", "best", "init_weights must be 'raw' or 'ema'"),
+    ("loss.teacher_edge_px", -2, "loss.teacher_edge_px must be a whole number of pixels >= 0"),
+    ("loss.teacher_edge_px", 2.5, "loss.teacher_edge_px must be a whole number of pixels >= 0"),
+    ("loss.teacher_edge_floor", 1.5, "loss.teacher_edge_floor must be a number from 0 to 1"),
+    ("loss.teacher_edge_floor", "low", "loss.teacher_edge_floor must be a number from 0 to 1"),
 ])
 def test_teacher_and_init_settings_are_checked(key, value, match):
     with pytest.raises(ValueError, match=match):

@@ -42,7 +42,8 @@ DEFAULTS: Dict[str, Any] = {
     "loss": {"padding": "zeros", "image_padding": "zeros", "w_dist": 1.0, "w_ang": 1.0, "w_reg": 10.0, "true_negdet_weight": 0.1,
              "w_anchor": 0.0, "anchor": None,        # w_anchor * sum (theta - anchor)^2; anchor None: the init
              "w_teacher": 0.0, "teacher": None,      # training/pulls.py: a pull on the estimates; teacher None: the init
-             "teacher_batch": 2, "teacher_augment": {}},
+             "teacher_batch": 2, "teacher_augment": {},
+             "teacher_edge_px": 0, "teacher_edge_floor": 0.5},  # the teacher's estimates tapered at the border
     "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0,
               "head_init_scale": 1.0},
     "train": {"steps": 100000, "batch_size": 16, "seed": 0, "device": "auto", "amp": "auto", "threads": 0,

@@ -38,7 +38,7 @@ from .ema import start_average, validation_weights
 from .evaluate_hook import ValidationCancelled, Validator
 from .init_weights import InitError, load_init, scale_head  # noqa: F401  (InitError re-exported)
 from .objective import loss_terms, training_batch
-from .pulls import anchor_weights, teacher_augment, teacher_net, teacher_term
+from .pulls import anchor_weights, edge_window, teacher_augment, teacher_net, teacher_term
 from .settings import DEFAULTS, load_config, model_config  # noqa: F401  (re-exported)
 from .streams import generators, rng_state, set_rng_state
 
@@ -103,6 +103,7 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     anchor = anchor_weights(cfg, mcfg, dev, say)
     teacher = teacher_net(cfg, mcfg, dev, say)
     t_aug, t_batch = (teacher_augment(cfg), int(lcfg.get("teacher_batch", 2))) if teacher is not None else (None, 0)
+    t_edge = (int(lcfg.get("teacher_edge_px") or 0), float(lcfg.get("teacher_edge_floor", 0.5)))
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
     if env.channels_last:       # before the optimiser: its moments take the parameters' layout
         model = model.to(memory_format=layout)
@@ -224,7 +225,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                                                             for p, a in zip(model.parameters(), anchor))
             terms["total"] = terms["total"] + terms["anchor"]
         if teacher is not None:
-            terms["teacher"] = teacher_term(psi_all[B:], psi_ref, float(lcfg["w_teacher"]))
+            t_window = edge_window(psi_ref.shape[2:], *t_edge, device=psi_ref.device) if t_edge[0] else None
+            terms["teacher"] = teacher_term(psi_all[B:], psi_ref, float(lcfg["w_teacher"]), t_window)
             terms["total"] = terms["total"] + terms["teacher"]
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
