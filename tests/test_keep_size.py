@@ -14,7 +14,7 @@ from conftest import one_line
 
 from napari_drdm.cli import main
 from napari_drdm.core.config import DRDMConfig, keep_size_name
-from napari_drdm.core.keep_size import remove_global_scale
+from napari_drdm.core.keep_size import apply_keep_size, remove_global_scale
 from napari_drdm.core.metrics import jacobian_determinant
 from napari_drdm.errors import InputError
 from napari_drdm.model import load_model, resolve_keep_size
@@ -66,6 +66,12 @@ def test_one_sided_takes_out_enlargement_sample_by_sample():
     assert zo == [pytest.approx(zb[0], abs=1e-9), 1.0] and zb[1] == pytest.approx(0.93, abs=1e-6)
     torch.testing.assert_close(one[0], both[0])
     assert torch.equal(one[1], phi[1])
+    batch = img.expand(2, -1, -1, -1)          # the model's setting, as generation applies it
+    for keep, (want, zooms) in ((True, (both, zb)), ("inflation", (one, zo)), (False, (phi, [1.0, 1.0])),
+                                (None, (phi, [1.0, 1.0]))):
+        got, z = apply_keep_size(phi, batch, keep)
+        torch.testing.assert_close(got, want)
+        assert z == pytest.approx(zooms)
 
 
 def test_only_the_scale_goes_folds_rotation_and_local_part_stay():

@@ -30,7 +30,7 @@ from .core.config import DEFAULT_SCHEDULE, DRDMConfig, Schedule
 from .core.foldguard import guard_field
 from .core.forward import ForwardSampler
 from .core.generators import Returning
-from .core.keep_size import KEEP_SIZE_INFLATION, remove_global_scale
+from .core.keep_size import apply_keep_size
 from .core.metrics import field_metrics
 from .core.network import DRDMNet
 from .core.recovery import recover
@@ -259,9 +259,8 @@ class DRDM:
 
         def make_frame(phase, idx, total, t, ddf_m, background=None, on_grid=False):
             ddf_m = field_from_view(ddf_m, views) if views and not on_grid else ddf_m
-            if keep and phase == "recovery" and not on_grid:      # each frame at the anatomy's own size
-                ddf_m = remove_global_scale(ddf_m, x_model, image_interp=cfg.image_interp,
-                                            inflation_only=keep == KEEP_SIZE_INFLATION)[0]
+            if phase == "recovery" and not on_grid:      # each frame at the anatomy's own size
+                ddf_m = apply_keep_size(ddf_m, x_model, keep, cfg.image_interp)[0]
             ginfo = None
             if gmode is not None and phase == "recovery":
                 ddf_m, rep = guard_field(ddf_m)
@@ -297,10 +296,7 @@ class DRDM:
             phi, replaced = _extend_background(phi, x_net, margin, cfg.image_interp)
         if views:
             phi, psi = field_from_view(phi, views), field_from_view(psi, views)
-        removed = [1.0]
-        if keep:
-            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp,
-                                                inflation_only=keep == KEEP_SIZE_INFLATION)
+        phi, removed = apply_keep_size(phi, x_model, keep, cfg.image_interp)
         if last is not None:
             info = {"margin": margin, "replaced_pct": replaced[0]} if margin is not None else None
             yield make_frame("recovery", last.step, last.n_steps, last.t, phi, info, on_grid=True)
@@ -407,10 +403,7 @@ class DRDM:
             phi, psi = field_from_view(phi, views), field_from_view(psi, views)
         if view_report is not None:
             view_report.update(fit=fit, zoom=[v.zoom for v in views] if views else [1.0] * len(seeds))
-        removed = [1.0] * len(seeds)
-        if keep:
-            phi, removed = remove_global_scale(phi, x_model, image_interp=cfg.image_interp,
-                                                inflation_only=keep == KEEP_SIZE_INFLATION)
+        phi, removed = apply_keep_size(phi, x_model, keep, cfg.image_interp)
         if size_report is not None:
             size_report.update(keep_size=keep, zoom_removed=removed)
         if gmode is not None:

@@ -38,11 +38,31 @@ from .config import KEEP_SIZE_INFLATION
 from .metrics import FG_THRESHOLD
 from .spatial import warp
 
-__all__ = ["remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX", "KEEP_SIZE_INFLATION"]
+__all__ = ["apply_keep_size", "remove_global_scale", "MIN_ANATOMY_PX", "MIN_SPREAD_PX", "KEEP_SIZE_INFLATION"]
 
 MIN_ANATOMY_PX = 64     # fewer anatomy pixels than this in the output: the field is left as it is
 MIN_SPREAD_PX = 2.0     # anatomy thinner than this (SD along its narrowest direction, pixels): no
                         # scale is fitted (a thin band's determinant is noise; left as it is)
+
+
+def apply_keep_size(phi: torch.Tensor, image: torch.Tensor, keep, image_interp: str = "linear"
+                    ) -> Tuple[torch.Tensor, List[float]]:
+    """A model's ``keep_size`` setting applied to its final fields.
+
+    Args:
+        phi: pull-back displacement fields in pixels, (B, d, *S).
+        image: the images they deform, (B, 1, *S), min-max normalised (the model grid).
+        keep: a resolved ``DRDMConfig.keep_size``: falsy (off: the fields as they are), True (the
+            global zoom taken out) or :data:`KEEP_SIZE_INFLATION` (only an enlargement taken out).
+        image_interp: interpolation of the deformed image that defines the anatomy.
+
+    Returns:
+        The fields and, per sample, the zoom taken out (1.0 where none was), as
+        :func:`remove_global_scale`.
+    """
+    if not keep:
+        return phi, [1.0] * phi.shape[0]
+    return remove_global_scale(phi, image, image_interp=image_interp, inflation_only=keep == KEEP_SIZE_INFLATION)
 
 
 def remove_global_scale(phi: torch.Tensor, image: torch.Tensor, threshold: float = FG_THRESHOLD,
