@@ -1,0 +1,143 @@
+"""How long the reverse loop runs, between the paper's and the authors' (issue 12, session 24).
+
+The paper's Algorithm 2 runs T' network steps (t = T'-1 .. 0); the authors' code, the engine's
+default (``Schedule.REFERENCE``), runs all T = 80 whatever T' is.  This diagnostic runs a training
+run's validation (``training.export.validate_run``, what ``python -m training validate`` runs)
+with the loop started ``k`` steps above the paper's first time, t = min(T-1, T'-1+k) .. 0, for each
+``k`` given (``k = 0``: the paper loop), and once with the reference loop.  The engine has no such
+setting: the validator's paper loop is lengthened here, in this process only, by replacing
+``napari_drdm.core.recovery.reverse_timesteps``.
+
+Usage (the session-24 figures, docs/weights.md; 6-14 min per loop on one thread)::
+
+    python benchmarks/loop_length.py --run runs/general2d_s256_teacher_self2 --weights-file general2d \\
+        --k 0 12 24 --threads 1 --set validation.n_images=8 --set validation.anatomy_fit=16 \\
+        --set validation.background_margin=8 --set "validation.t_primes=[45]" --set "validation.loss_t=[40]" \\
+        --json benchmarks/results/loop_length_general2d_validation.json --plot docs/loop_length_general2d.png
+    python benchmarks/loop_length.py --from-json benchmarks/results/loop_length_general2d_validation.json \\
+        --plot docs/loop_length_general2d.png       # redraw, and print the table, from a saved record
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import napari_drdm.core.recovery as recovery  # noqa: E402
+from napari_drdm.core.config import Schedule, T  # noqa: E402
+
+_AS_SHIPPED = recovery.reverse_timesteps
+FIGURES = ("max_disp_pct", "folding_pct")
+
+
+def lengthened(k: int):
+    """``reverse_timesteps`` whose paper loop starts ``k`` steps higher (the reference loop unchanged)."""
+    def timesteps(t_prime, n_steps=T, schedule=Schedule.REFERENCE):
+        if Schedule.parse(schedule) is not Schedule.PAPER:
+            return _AS_SHIPPED(t_prime, n_steps, schedule)
+        if not 0 <= int(t_prime) <= n_steps:
+            raise ValueError(f"T' must lie in 0..{n_steps}, got {t_prime}")
+        return list(range(min(n_steps - 1, int(t_prime) - 1 + k), -1, -1))
+    return timesteps
+
+
+def rows_of(result: dict, t_prime: int, schedule: str, steps: int, k) -> dict:
+    """One loop's figures from a validation result (keys like ``val/T45/cues/paper/max_disp_pct``)."""
+    row = {"k": k, "steps": steps, "schedule": schedule}
+    for key, value in result.items():
+        for copy, tag in (("clean", f"T{t_prime}/{schedule}/"), ("cued", f"T{t_prime}/cues/{schedule}/")):
+            for fig in FIGURES:
+                if key.endswith(tag + fig):
+                    row[f"{copy}_{fig}"] = float(value)
+    return row
+
+
+def measure(a) -> dict:
+    import torch
+
+    from training.export import validate_run
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_prime = 45
+    for item in a.set:
+        if item.replace(" ", "").startswith("validation.t_primes=["):
+            t_prime = int(item.split("[", 1)[1].split(",")[0].rstrip("]"))
+    loops = [(k, Schedule.PAPER) for k in a.k] + [(None, Schedule.REFERENCE)]
+    rows = []
+    for k, schedule in loops:
+        recovery.reverse_timesteps = lengthened(k or 0)
+        steps = len(recovery.reverse_timesteps(t_prime, T, schedule))
+        print(f"loop of {steps} steps (k = {k}, {schedule})", file=sys.stderr, flush=True)
+        res = validate_run(a.run, a.weights_file, sets=[*a.set, f"validation.schedules=[{schedule.value}]"],
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+        rows.append(rows_of(res, t_prime, schedule.value, steps, k))
+    recovery.reverse_timesteps = _AS_SHIPPED
+    return {"run": a.run, "weights": a.weights_file, "t_prime": t_prime, "sets": a.set, "rows": rows}
+
+
+def table(record: dict) -> str:
+    lines = [f"T' = {record['t_prime']}, {record['weights']} on {record['run']}'s validation images",
+             "| loop steps | k | clean max disp % | cued max disp % | clean folding % | cued folding % |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(record["rows"], key=lambda r: r["steps"]):
+        k = "reference" if r["k"] is None else r["k"]
+        lines.append(f"| {r['steps']} | {k} | {r['clean_max_disp_pct']:.2f} | {r['cued_max_disp_pct']:.2f} | "
+                     f"{r['clean_folding_pct']:.3f} | {r['cued_folding_pct']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(record["rows"], key=lambda r: r["steps"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for copy, marker in (("clean", "o"), ("cued", "s")):
+        x = [r[f"{copy}_folding_pct"] for r in rows]
+        y = [r[f"{copy}_max_disp_pct"] for r in rows]
+        ax.plot(x, y, marker=marker, label=f"{copy} copy")
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(f"{r['steps']}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("recovered folding, % of pixels")
+    ax.set_ylabel("maximum displacement, % of the side")
+    ax.set_title(f"Reverse-loop length at T' = {record['t_prime']} ({record['weights']}, validation images)\n"
+                 "labels: network steps (T' = paper loop, 80 = reference loop)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", help="the training run whose validation images and settings are used")
+    ap.add_argument("--weights-file", default=None, help="weights to validate (a file or bundled name)")
+    ap.add_argument("--k", type=int, nargs="+", default=[0], help="extra steps above the paper loop's first time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="validation overrides")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="save the record here")
+    ap.add_argument("--from-json", default=None, help="read a saved record instead of measuring")
+    ap.add_argument("--plot", default=None, help="draw maximum displacement against folding here (PNG)")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        record = json.loads(open(a.from_json).read())
+    else:
+        if not a.run:
+            ap.error("--run is required unless --from-json is given")
+        if any(k < 0 for k in a.k):
+            ap.error(f"--k must be >= 0, got {a.k}")
+        record = measure(a)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(record, f, indent=1)
+    print(table(record))
+    if a.plot:
+        plot(record, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
