@@ -16,6 +16,14 @@ Usage (the session-24 figures, docs/weights.md; 6-14 min per loop on one thread)
         --json benchmarks/results/loop_length_general2d_validation.json --plot docs/loop_length_general2d.png
     python benchmarks/loop_length.py --from-json benchmarks/results/loop_length_general2d_validation.json \\
         --plot docs/loop_length_general2d.png       # redraw, and print the table, from a saved record
+
+With ``--weights-table`` it runs ``benchmarks/weights_table.py`` instead, on the held-out sets, with
+the one ``k`` given and ``--schedule paper`` (everything after ``--`` goes to that script; its
+record's rows carry ``loop_extra_steps``)::
+
+    python benchmarks/loop_length.py --k 12 --weights-table -- --models general2d --t-prime 45 --samples 16 \\
+        --threads 1 --background-margin 8 --anatomy-fit 16 \\
+        --json benchmarks/results/weights_table_t45_general2d_loop57_bg8_fit16_16gen.json
 """
 from __future__ import annotations
 
@@ -111,7 +119,31 @@ def plot(record: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def weights_table(k: int, rest) -> int:
+    """``benchmarks/weights_table.py`` with the paper loop lengthened by ``k`` (``--schedule paper``)."""
+    from benchmarks import weights_table as wt
+    recovery.reverse_timesteps = lengthened(k)
+    try:
+        rc = wt.main([*rest, "--schedule", "paper"])
+    finally:
+        recovery.reverse_timesteps = _AS_SHIPPED
+    if rc == 0:
+        print(f"(every 'paper loop' above ran k = {k} steps more: T' + {k} network steps, at most T)")
+    if rc == 0 and "--json" in rest:
+        path = rest[rest.index("--json") + 1]
+        record = json.loads(open(path).read())
+        for row in record["rows"]:
+            row["loop_extra_steps"] = k
+        record["loop"] = f"paper loop lengthened by k = {k} steps (benchmarks/loop_length.py)"
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    return rc
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="the training run whose validation images and settings are used")
     ap.add_argument("--weights-file", default=None, help="weights to validate (a file or bundled name)")
@@ -121,7 +153,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="save the record here")
     ap.add_argument("--from-json", default=None, help="read a saved record instead of measuring")
     ap.add_argument("--plot", default=None, help="draw maximum displacement against folding here (PNG)")
+    ap.add_argument("--weights-table", action="store_true",
+                    help="run benchmarks/weights_table.py (the arguments after --) with the one k given")
     a = ap.parse_args(argv)
+    if a.weights_table:
+        if len(a.k) != 1 or a.k[0] < 0:
+            ap.error(f"--weights-table takes one --k >= 0, got {a.k}")
+        return weights_table(a.k[0], rest)
     if a.from_json:
         record = json.loads(open(a.from_json).read())
     else:

@@ -64,7 +64,7 @@ def save_record(path, rec) -> None:
 
 
 def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu", log=print, input_padding=None,
-              background_margin=None, anatomy_fit=None, keep_size=None):
+              background_margin=None, anatomy_fit=None, keep_size=None, schedule=None):
     """Evaluate every model on every unseen set of its dimensionality; returns the JSON record."""
     from napari_drdm.commands.evaluate import collect_images, evaluate
     from napari_drdm.model import load_model, resolve_anatomy_fit, resolve_background_margin, resolve_keep_size
@@ -80,7 +80,7 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
                 continue
             images = collect_images([str(path)], model.ndim)
             t0 = time.perf_counter()
-            res = evaluate(model, images, t_primes, samples, batch=batch, input_padding=input_padding,
+            res = evaluate(model, images, t_primes, samples, schedule=schedule, batch=batch, input_padding=input_padding,
                            background_margin=background_margin, anatomy_fit=anatomy_fit, keep_size=keep_size)
             log(f"  {name} on {set_name}: {len(images)} images, {time.perf_counter() - t0:.0f} s")
             rows.append({"model": name, "source": str(src), "ndim": model.ndim, "size": model.size,
@@ -89,6 +89,7 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
                          "background_margin": resolve_background_margin(background_margin, model.config),
                          "anatomy_fit": resolve_anatomy_fit(anatomy_fit, model.config),
                          "keep_size": resolve_keep_size(keep_size, model.config),
+                         "schedule": str(schedule or model.config.schedule),
                          "n_images": len(images), "results": res})
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -151,6 +152,9 @@ def markdown(record) -> str:
         pad += f", anatomy fit {row['anatomy_fit']}" if row.get("anatomy_fit") is not None else ""
         keep = row.get("keep_size")
         pad += (", size kept where enlarged" if keep == "inflation" else ", size kept") if keep else ""
+        loop = row.get("schedule")
+        if loop and loop != "reference":
+            pad += f", {loop} loop" + (f" + {row['loop_extra_steps']} steps" if row.get("loop_extra_steps") else "")
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]
@@ -173,6 +177,7 @@ def markdown(record) -> str:
 
 
 def main(argv=None) -> int:
+    from napari_drdm.core.config import SCHEDULE_NAMES
     from napari_drdm.validate import arg_type, check_keep_size_option
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(ap)
@@ -189,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-size", default=None, metavar="on|inflation|off", type=arg_type(check_keep_size_option, "--keep-size"),
                     help="take the generated field's global zoom over the anatomy out, or not "
                          "(default: each model's own)")
+    ap.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES,
+                    help="the reverse loop (default: each model's own)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -205,7 +212,8 @@ def main(argv=None) -> int:
     np.seterr(all="ignore")
     rec = run_table(_models(a.models, a.extra), a.eval_dir, a.kit, a.t_prime, a.samples, a.batch, a.device,
                     log=lambda m: print(m, file=sys.stderr, flush=True), input_padding=a.input_padding,
-                    background_margin=a.background_margin, anatomy_fit=a.anatomy_fit, keep_size=a.keep_size)
+                    background_margin=a.background_margin, anatomy_fit=a.anatomy_fit, keep_size=a.keep_size,
+                    schedule=a.schedule)
     save_record(a.json, rec)
     split = by_source(rec, _sources(a.eval_dir))
     print(markdown(rec) + ("\n\n" + split if split else ""))
