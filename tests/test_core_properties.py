@@ -241,7 +241,7 @@ def test_schedules_and_their_default():
     assert reverse_timesteps(10, schedule="paper") == list(range(9, -1, -1))
     assert DRDMConfig().recover_options(k=3) == {"schedule": DEFAULT_SCHEDULE, "k": 3, "n_steps": T,
                                                  "compose_padding": "zeros", "image_interp": "cubic",
-                                                 "input_padding": 0}
+                                                 "input_padding": 0, "loop_extra": 0}
     # the composition padding: the model's unless asked (border / zeros)
     assert DRDMConfig.default(3).recover_options()["compose_padding"] == "border"
     assert DRDMConfig().recover_options(compose_padding="border")["compose_padding"] == "border"

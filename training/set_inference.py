@@ -3,12 +3,13 @@
 ``python -m training set-inference --weights brain3d --background-margin 2 --measured "..."``
 
 The settings a model carries that only change how generation runs, not the network: the reverse
-loop's composition padding, the mirrored frame around the network's input, the background
-margin (core/background.py) and the anatomy fit (core/view.py).  The weights are strict-loaded into their own configuration with the
-new values first; the file's provenance gets one ``inference_changes`` entry per changed setting
-(from, to, and the measurement that chose it).  A bundled name (``drdm weights``) is changed in
-place and its ``registry.json`` entry follows (sha256, and the setting in its provenance); a file
-is written to ``--out`` (an existing one only with ``--overwrite``).
+loop (its schedule, and where the paper loop starts), its composition padding, the mirrored frame
+around the network's input, the background margin (core/background.py), the anatomy fit
+(core/view.py) and the keep-size step (core/keep_size.py).  The weights are strict-loaded into their
+own configuration with the new values first; the file's provenance gets one ``inference_changes``
+entry per changed setting (from, to, and the measurement that chose it).  A bundled name (``drdm
+weights``) is changed in place and its ``registry.json`` entry follows (sha256, and the setting in
+its provenance); a file is written to ``--out`` (an existing one only with ``--overwrite``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,15 @@ from .data import ensure_core
 ensure_core()
 
 from napari_drdm.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
-from napari_drdm.core.config import BACKGROUND_OFF, COMPOSE_PADDINGS, keep_size_name, margin_as_option  # noqa: E402
+from napari_drdm.core.config import (  # noqa: E402
+    BACKGROUND_OFF,
+    COMPOSE_PADDINGS,
+    SCHEDULE_NAMES,
+    Schedule,
+    check_loop_extra,
+    keep_size_name,
+    margin_as_option,
+)
 from napari_drdm.io import atomic_write  # noqa: E402
 from napari_drdm.validate import (  # noqa: E402
     check_anatomy_fit_option,
@@ -35,7 +44,8 @@ from napari_drdm.validate import (  # noqa: E402
 __all__ = ["INFERENCE_SETTINGS", "set_inference"]
 
 #: the configuration fields this command may change (none of them changes the network)
-INFERENCE_SETTINGS = ("compose_padding", "input_padding", "background_margin", "anatomy_fit", "keep_size")
+INFERENCE_SETTINGS = ("schedule", "loop_extra", "compose_padding", "input_padding", "background_margin", "anatomy_fit",
+                      "keep_size")
 #: the settings whose "off" is None in a configuration
 _OFF_IS_NONE = ("background_margin", "anatomy_fit")
 
@@ -48,7 +58,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
         weights: a ``.safetensors`` file, or a bundled name (changed in place, registry included).
         changes: setting -> new value, settings from :data:`INFERENCE_SETTINGS`
             (``background_margin``, ``anatomy_fit``: pixels, or None / "off" for none; ``keep_size``:
-            "on" / "off" or a bool).
+            "on" / "off" or a bool; ``schedule``: "paper" / "reference"; ``loop_extra``: steps the
+            paper loop starts above T', 0 to T).
         measured: what chose the new values (a benchmark and its figures), kept in the provenance.
         out: where to write a file's new version (required for a file, refused for a bundled name).
         overwrite: replace an existing ``out``.
@@ -64,8 +75,8 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     if unknown:
         raise ValueError(f"{unknown}: not inference settings; the command changes {list(INFERENCE_SETTINGS)}")
     if not changes:
-        raise ValueError("nothing to change: give --background-margin, --anatomy-fit, --keep-size, --input-padding "
-                         "or --compose-padding")
+        raise ValueError("nothing to change: give --background-margin, --anatomy-fit, --keep-size, --input-padding, "
+                         "--compose-padding, --schedule or --loop-extra")
     if not str(measured or "").strip():
         raise ValueError("--measured: say which measurement chose the new values (it is kept in the file)")
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -102,6 +113,13 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
         new["input_padding"] = check_input_padding_option(new["input_padding"], cfg.size, "--input-padding")
     if "compose_padding" in new:
         new["compose_padding"] = check_compose_padding(new["compose_padding"])
+    if "schedule" in new:
+        new["schedule"] = Schedule.parse(new["schedule"], "--schedule").value
+    if "loop_extra" in new:
+        try:
+            new["loop_extra"] = check_loop_extra(_whole(new["loop_extra"]), cfg.n_steps)
+        except ValueError as e:
+            raise ValueError(f"--loop-extra: {e}") from None
     changed = {k: (getattr(cfg, k), v) for k, v in new.items() if getattr(cfg, k) != v}
     if not changed:
         raise ValueError(f"{weights}: already has " + ", ".join(f"{k}={v}" for k, v in new.items()))
@@ -130,6 +148,16 @@ def set_inference(weights, changes: Dict[str, Any], measured: str, out=None, ove
     return {"path": str(dest), "sha256": sha, "changed": changed}
 
 
+def _whole(value):
+    """A number given on the command line as text, as an int where it is one (else as given)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _shown(setting: str, value):
     """A setting's value as the command line writes it (a background margin or anatomy fit of None: off)."""
     if setting == "keep_size":
@@ -149,6 +177,10 @@ def add_arguments(p) -> None:
                    help="take the generated field's global zoom over the anatomy out (on) or keep it (off)")
     p.add_argument("--input-padding", default=None, metavar="PX", help="mirrored frame around the network's input")
     p.add_argument("--compose-padding", default=None, choices=COMPOSE_PADDINGS, help="reverse-loop composition padding")
+    p.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES,
+                   help="the model's reverse loop: paper (T' steps) or reference (all T)")
+    p.add_argument("--loop-extra", default=None, metavar="STEPS",
+                   help="steps the paper loop starts above T' (0: the paper's Algorithm 2)")
     p.add_argument("--measured", required=True, help="the measurement that chose the values (kept in the file)")
     p.add_argument("--weights-dir", default=None, help="the folder with registry.json (default: the package's)")
 

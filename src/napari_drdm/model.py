@@ -101,6 +101,7 @@ class GenerationResult:
     t_prime: int = 0
     seed: Optional[int] = None
     schedule: str = DEFAULT_SCHEDULE.value
+    loop_extra: int = 0                    # steps the paper loop started above T' (the model's; 0: Algorithm 2)
     k: int = 2
     compose_padding: str = "zeros"         # how each reverse step was composed into the field
     input_padding: int = 0                 # px of mirrored image around the network's input at each step
@@ -209,7 +210,8 @@ class DRDM:
         With ``frames=False`` only the final result is computed (use :meth:`generate`).
         ``schedule``: the reverse loop, "paper" (T' steps) or "reference" (all T steps); None: the
         model's (``config.schedule``; :data:`~napari_drdm.core.config.DEFAULT_SCHEDULE`, "reference",
-        unless the checkpoint says otherwise).
+        unless the checkpoint says otherwise).  A model's paper loop starts ``config.loop_extra``
+        steps above T' (0 unless the checkpoint says otherwise).
         ``compose_padding``: how each reverse step is composed into the accumulated field, "border"
         or "zeros" (the authors' 2D code); None: the model's (``config.compose_padding``).
         ``input_padding``: pixels of mirrored image around the network's input at every reverse
@@ -314,7 +316,8 @@ class DRDM:
             image=out_img, labels=out_lab, ddf=ddf[0].cpu().numpy(),
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
-            t_prime=t_prime, seed=seed, schedule=schedule.value, k=k, compose_padding=padding, input_padding=pad_in,
+            t_prime=t_prime, seed=seed, schedule=schedule.value,
+            loop_extra=cfg.loop_extra if schedule is Schedule.PAPER else 0, k=k, compose_padding=padding, input_padding=pad_in,
             background_margin=margin, background_replaced_pct=replaced[0], anatomy_fit=fit,
             view_zoom=views[0].zoom if views else 1.0, keep_size=keep, zoom_removed=removed[0], guard=guard_info)
 

@@ -107,7 +107,8 @@ def write_result(out_dir, stem: str, result, volume, labels_volume=None, overwri
     if write_forward:
         write_ddf(paths["forward_ddf"], result.forward_ddf, volume.spacing, volume.affine, overwrite=overwrite,
                   root=out)
-    side = {"t_prime": result.t_prime, "seed": result.seed, "schedule": result.schedule, "k": result.k,
+    side = {"t_prime": result.t_prime, "seed": result.seed, "schedule": result.schedule,
+            "loop_extra": result.loop_extra, "k": result.k,
             "compose_padding": result.compose_padding, "input_padding": result.input_padding,
             "background_margin": result.background_margin,
             "background_replaced_pct": round(float(result.background_replaced_pct), 3),

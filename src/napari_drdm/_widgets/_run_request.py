@@ -93,7 +93,7 @@ def _plan(inp: Inputs, config, generation: Dict[str, Any]) -> FramePlan:
     """How the run's frames are stored: T' forward frames, then one per reverse step, within the budget."""
     from ..core.recovery import reverse_timesteps
     t_prime, schedule = generation["t_prime"], generation["schedule"]
-    n_rec = len(reverse_timesteps(t_prime, config.n_steps, schedule)) \
+    n_rec = len(reverse_timesteps(t_prime, config.n_steps, schedule, config.loop_extra)) \
         if (t_prime > 0 or schedule == Schedule.REFERENCE) else 0
     lo, hi = float(np.min(inp.image)), float(np.max(inp.image))
     return plan_frames(inp.image.shape, t_prime, n_rec, label_dtype(inp.labels), (lo, hi),

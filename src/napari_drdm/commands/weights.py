@@ -31,7 +31,8 @@ def run(args) -> int:
         inf = e.get("inference")
         if inf:
             margin, fit = inf["background_margin"], inf.get("anatomy_fit")
-            print(f"    generates with: {inf['schedule']} loop, K={inf['k_recursions']}, composition padding "
+            extra = f" started {inf['loop_extra']} steps above T'" if inf.get("loop_extra") and inf["schedule"] == "paper" else ""
+            print(f"    generates with: {inf['schedule']} loop{extra}, K={inf['k_recursions']}, composition padding "
                   f"{inf['compose_padding']}, input padding {inf['input_padding']} px, background margin "
                   + ("off" if margin is None else f"{margin} px")
                   + ", view " + ("the whole image" if fit is None else f"fitted to the anatomy ({fit} px around it)")

@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import InputError
 
 __all__ = ["DRDMConfig", "T", "Schedule", "SCHEDULE_NAMES", "DEFAULT_SCHEDULE", "COMPOSE_PADDINGS",
-           "check_input_padding", "check_background_margin", "check_anatomy_fit", "BACKGROUND_OFF", "KEEP_SIZE_INFLATION",
+           "check_input_padding", "check_loop_extra",
+           "check_background_margin", "check_anatomy_fit", "BACKGROUND_OFF", "KEEP_SIZE_INFLATION",
            "keep_size_name", "margin_as_option"]
 
 KEEP_SIZE_INFLATION = "inflation"   # DRDMConfig.keep_size: only an enlargement of the anatomy is taken out
@@ -74,6 +75,18 @@ DEFAULT_SCHEDULE = Schedule.REFERENCE
 #: ``compose_padding``): "border" repeats the edge displacement for points that leave the image,
 #: "zeros" takes none there (the authors' 2D code).  A model records its own; a user may override it.
 COMPOSE_PADDINGS = ("border", "zeros")
+
+
+def check_loop_extra(value, n_steps: int = T) -> int:
+    """A valid ``loop_extra``: a whole number of steps from 0 to T.
+
+    Raises:
+        InputError: (a ValueError) one line naming the value and what was expected.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+            or not 0 <= int(value) <= n_steps:
+        raise InputError(f"loop_extra must be a whole number of steps from 0 to T = {n_steps}, got {value!r}")
+    return int(value)
 
 
 def input_padding_fits(value: int, size: Optional[int] = None) -> bool:
@@ -175,6 +188,7 @@ class DRDMConfig:
     compose_padding: str = "zeros"          # reverse-loop composition: zeros (2D cardiac) / border (3D)
     image_interp: str = "cubic"             # image fed to the network each step: cubic (2D) / linear (3D)
     schedule: str = DEFAULT_SCHEDULE.value  # default loop: 'reference' (all T steps) or 'paper' (T' steps)
+    loop_extra: int = 0                     # the paper loop starts this many steps above T' (0: Algorithm 2)
     input_padding: int = 0                  # px of mirrored image around the network's input (0: the reference)
     background_margin: Optional[int] = None  # px kept around the anatomy; the field beyond is extended (None: off)
     anatomy_fit: Optional[int] = None       # px around the anatomy when the view is fitted to it (None: whole image)
@@ -192,6 +206,7 @@ class DRDMConfig:
         if self.ndim == 3 and self.image_interp == "cubic":
             self.image_interp = "linear"
         self.schedule = Schedule.parse(self.schedule).value
+        self.loop_extra = check_loop_extra(self.loop_extra, self.n_steps)
         self.input_padding = check_input_padding(self.input_padding, self.size)
         self.background_margin = check_background_margin(self.background_margin, self.size)
         self.anatomy_fit = check_anatomy_fit(self.anatomy_fit, self.size)
@@ -216,6 +231,9 @@ class DRDMConfig:
     def recover_options(self, schedule=None, k=None, compose_padding=None, input_padding=None) -> Dict[str, Any]:
         """The keyword options of :func:`~napari_drdm.core.recovery.recover` for this model.
 
+        The model's ``loop_extra`` goes with them: a model's paper loop is its own, whichever way
+        the paper loop was asked for (the reference loop ignores it).
+
         Args:
             schedule: the loop (a :class:`Schedule` or its name); default: the model's.
             k: K, the network's internal recursions; default: the model's.
@@ -226,7 +244,7 @@ class DRDMConfig:
         return {"schedule": Schedule.parse(self.schedule if schedule is None else schedule),
                 "k": int(self.k_recursions if k is None else k), "n_steps": self.n_steps,
                 "compose_padding": self.compose_padding if compose_padding is None else compose_padding,
-                "image_interp": self.image_interp,
+                "image_interp": self.image_interp, "loop_extra": self.loop_extra,
                 "input_padding": self.input_padding if input_padding is None
                 else check_input_padding(input_padding, self.size)}
 

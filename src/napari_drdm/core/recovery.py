@@ -38,18 +38,23 @@ class RecoveryFrame:
 
 
 def reverse_timesteps(t_prime: int, n_steps: int = T,
-                      schedule: Union[Schedule, str] = DEFAULT_SCHEDULE):
+                      schedule: Union[Schedule, str] = DEFAULT_SCHEDULE, loop_extra: int = 0):
     """The diffusion times visited by the reverse loop, first to last.
 
     Args:
         t_prime: T', the forward time the generation starts from (0..n_steps).
         n_steps: T.
         schedule: a :class:`~napari_drdm.core.config.Schedule` or its name.
+        loop_extra: steps the paper loop starts above T' (t = T'-1+loop_extra .. 0, at most
+            T-1; none at T' = 0); 0 is the paper's Algorithm 2.  The reference loop ignores it.
     """
     schedule = Schedule.parse(schedule)
     if not 0 <= int(t_prime) <= n_steps:
         raise ValueError(f"T' must lie in 0..{n_steps}, got {t_prime}")
-    first = int(t_prime) - 1 if schedule is Schedule.PAPER else n_steps - 1
+    if schedule is Schedule.PAPER:
+        first = min(n_steps - 1, int(t_prime) - 1 + int(loop_extra)) if int(t_prime) > 0 else -1
+    else:
+        first = n_steps - 1
     return list(range(first, -1, -1))
 
 
@@ -84,7 +89,7 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
             label_interp: str = "nearest", net_input: Optional[torch.Tensor] = None,
             labels_every_step: bool = True, fast: Optional[bool] = None,
             step_guard: Optional[Callable] = None, field_guard: Optional[Callable] = None,
-            input_padding: int = 0) -> Iterator[RecoveryFrame]:
+            input_padding: int = 0, loop_extra: int = 0) -> Iterator[RecoveryFrame]:
     """Yield one :class:`RecoveryFrame` per reverse step.
 
     Args:
@@ -110,11 +115,12 @@ def recover(net: Callable, image0: torch.Tensor, forward_ddf: torch.Tensor, t_pr
             step sees).
         input_padding: pixels of mirrored image around the network's input each step
             (:func:`padded_estimate`); 0, the reference, feeds the image as it is.
+        loop_extra: steps the paper loop starts above T' (:func:`reverse_timesteps`).
     """
     if fast is not None and isinstance(net, DRDMNet):
         net = net.engine() if fast else net.forward_plain
     S = image0.shape[2]
-    steps = reverse_timesteps(t_prime, n_steps, schedule)
+    steps = reverse_timesteps(t_prime, n_steps, schedule, loop_extra)
     phi = forward_ddf
     net_img0 = image0 if net_input is None else net_input
     current = warp(net_img0, phi, image_interp, "zeros")

@@ -54,7 +54,7 @@ def default_weights(ndim: int) -> str:
 
 
 #: the configuration fields that say how a model generates (``drdm weights`` lists them)
-INFERENCE_KEYS = ("schedule", "k_recursions", "compose_padding", "input_padding", "background_margin",
+INFERENCE_KEYS = ("schedule", "loop_extra", "k_recursions", "compose_padding", "input_padding", "background_margin",
                   "anatomy_fit", "keep_size")
 
 
