@@ -5,8 +5,9 @@ default (``Schedule.REFERENCE``), runs all T = 80 whatever T' is.  This diagnost
 run's validation (``training.export.validate_run``, what ``python -m training validate`` runs)
 with the loop started ``k`` steps above the paper's first time, t = min(T-1, T'-1+k) .. 0, for each
 ``k`` given (``k = 0``: the paper loop), and once with the reference loop.  The engine has no such
-setting: the validator's paper loop is lengthened here, in this process only, by replacing
-``napari_drdm.core.recovery.reverse_timesteps``.
+setting the validator could take (a model's ``loop_extra``, set by ``python -m training
+set-inference --loop-extra``, came after this diagnostic): the validator's paper loop is lengthened
+here, in this process only, by replacing ``napari_drdm.core.recovery.reverse_timesteps``.
 
 Usage (the session-24 figures, docs/weights.md; 6-14 min per loop on one thread)::
 
@@ -42,13 +43,10 @@ FIGURES = ("max_disp_pct", "folding_pct")
 
 
 def lengthened(k: int):
-    """``reverse_timesteps`` whose paper loop starts ``k`` steps higher (the reference loop unchanged)."""
-    def timesteps(t_prime, n_steps=T, schedule=Schedule.REFERENCE):
-        if Schedule.parse(schedule) is not Schedule.PAPER:
-            return _AS_SHIPPED(t_prime, n_steps, schedule)
-        if not 0 <= int(t_prime) <= n_steps:
-            raise ValueError(f"T' must lie in 0..{n_steps}, got {t_prime}")
-        return list(range(min(n_steps - 1, int(t_prime) - 1 + k), -1, -1))
+    """``reverse_timesteps`` whose paper loop starts ``k`` steps above T' whatever the model's own
+    ``loop_extra`` (the reference loop unchanged)."""
+    def timesteps(t_prime, n_steps=T, schedule=Schedule.REFERENCE, loop_extra=0):
+        return _AS_SHIPPED(t_prime, n_steps, schedule, k)
     return timesteps
 
 

@@ -90,6 +90,7 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
                          "anatomy_fit": resolve_anatomy_fit(anatomy_fit, model.config),
                          "keep_size": resolve_keep_size(keep_size, model.config),
                          "schedule": str(schedule or model.config.schedule),
+                         "loop_extra": model.config.loop_extra if str(schedule or model.config.schedule) == "paper" else 0,
                          "n_images": len(images), "results": res})
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -154,7 +155,8 @@ def markdown(record) -> str:
         pad += (", size kept where enlarged" if keep == "inflation" else ", size kept") if keep else ""
         loop = row.get("schedule")
         if loop and loop != "reference":
-            pad += f", {loop} loop" + (f" + {row['loop_extra_steps']} steps" if row.get("loop_extra_steps") else "")
+            extra = row.get("loop_extra") or row.get("loop_extra_steps")
+            pad += f", {loop} loop" + (f" from T'+{extra}" if extra else "")
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
             fwd = r["forward"]["folding_pct"]["mean"]

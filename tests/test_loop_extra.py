@@ -67,6 +67,13 @@ def test_generation_runs_and_records_the_longer_loop(tmp_path, tiny_checkpoint, 
                  "--no-fold-guard", "--out", str(tmp_path / "out")]) == 0
     side = json.loads((tmp_path / "out" / "im.json").read_text())
     assert side["schedule"] == "paper" and side["loop_extra"] == 3
+    assert "schedule=paper (from T'+3)" in capsys.readouterr().out
+    np.savez(tmp_path / "s.npz", images=img[None])
+    for extra, want in (([], 3), (["--schedule", "reference"], 0)):
+        assert main(["evaluate", "--weights", str(longer), "--images", str(tmp_path / "s.npz"), "--t-prime", "2",
+                     "--samples", "1", "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["loop_extra"] == want
+    assert main(["weights"]) == 0
     capsys.readouterr()
     assert training_main(["set-inference", "--weights", plain, "--out", str(tmp_path / "x.safetensors"),
                           "--loop-extra", "-2", "--measured", "a test"]) == 2

@@ -58,7 +58,7 @@ def test_weights_table_with_a_lengthened_paper_loop(tmp_path, tiny_ckpt2d, capsy
         assert recovery.reverse_timesteps is ll._AS_SHIPPED
     assert "every 'paper loop' above ran k = 5 steps more" in capsys.readouterr().out
     assert wt.main(["--from-json", str(tmp_path / "k5.json")]) == 0
-    assert "tiny (2D, S=32, paper loop + 5 steps)" in capsys.readouterr().out
+    assert "tiny (2D, S=32, paper loop from T'+5)" in capsys.readouterr().out
     assert disp[0] != disp[5]
     with pytest.raises(SystemExit):
         ll.main(["--k", "1", "2", "--weights-table", "--", "--models"])

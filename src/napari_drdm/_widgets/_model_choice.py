@@ -164,7 +164,9 @@ class ModelChoice:
         src = self.source()[:2]
         new_source = self._defaults_from != src
         self._defaults_from = src
-        f.model_info.setText(f"{model.name}: {model.ndim}D, S={model.size}, T={model.config.n_steps}, "
+        loop = (f", its paper loop from T'+{model.config.loop_extra}"
+                if model.config.loop_extra and model.config.schedule == "paper" else "")
+        f.model_info.setText(f"{model.name}: {model.ndim}D, S={model.size}, T={model.config.n_steps}{loop}, "
                              f"on {model.device}")
         self._on_change(model, new_source)
 

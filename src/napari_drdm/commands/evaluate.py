@@ -222,7 +222,9 @@ def run(args) -> int:
                        args.seed_offset, args.progress, on_batch=guard, compose_padding=args.compose_padding,
                        input_padding=input_padding, background_margin=margin, anatomy_fit=fit,
                        keep_size=args.keep_size)
-    out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": args.schedule or model.config.schedule,
+    schedule = args.schedule or model.config.schedule
+    out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": schedule,
+           "loop_extra": model.config.loop_extra if schedule == "paper" else 0,
            "compose_padding": args.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if input_padding is None else input_padding,
            "background_margin": resolve_background_margin(margin, model.config),

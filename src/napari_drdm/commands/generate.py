@@ -129,7 +129,8 @@ def run(args) -> int:
     if res.keep_size or model.config.keep_size:
         pad_in += (f" keep_size={keep_size_name(res.keep_size)} (zoom {res.zoom_removed:.3f} removed)"
                    if res.keep_size else " keep_size=off")
-    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule} padding={res.compose_padding}{pad_in}: "
+    loop = f" (from T'+{res.loop_extra})" if res.loop_extra else ""
+    print(f"T'={args.t_prime} seed={args.seed} schedule={res.schedule}{loop} padding={res.compose_padding}{pad_in}: "
           f"max {m['max_disp_pct']:.2f} % / mean {m['mean_disp_pct']:.2f} % of side, "
           f"folding {m['folding_pct']:.3f} % ({secs:.1f} s)")
     print(affine_text(affine))
