@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_drdm.core.config import T, DRDMConfig, check_loop_extra
+from napari_drdm.core.config import DRDMConfig, T, check_loop_extra
 from napari_drdm.core.recovery import reverse_timesteps
 from napari_drdm.errors import InputError
 
