@@ -45,14 +45,17 @@ def test_weights_command_marks_the_defaults(capsys):
         line = next(ln for ln in out.splitlines() if ln.startswith(default_weights(nd) + " "))
         assert f"[default {nd}D]" in line
     assert sum("[default" in ln for ln in out.splitlines()) == 2
-    assert any(e["name"] == "cmr2d" and e["default"] for e in list_weights())
+    assert any(e["name"] == "general2d" and e["default"] for e in list_weights())
     # each model's generation settings, read from its file: cmr2d's four changed ones among them
     assert sum(ln.startswith("    generates with: ") for ln in out.splitlines()) == len(registry())
     cmr = next(e for e in list_weights() if e["name"] == "cmr2d")
-    assert cmr["inference"] == {"schedule": "reference", "k_recursions": 2, "compose_padding": "border",
+    assert cmr["inference"] == {"schedule": "reference", "loop_extra": 0, "k_recursions": 2, "compose_padding": "border",
                                 "input_padding": 8, "background_margin": 8, "anatomy_fit": 16, "keep_size": False}
-    assert ("composition padding border, input padding 8 px, background margin 8 px, view fitted to the anatomy "
-            "(16 px around it)") in out
+    assert ("generates with: reference loop, K=2, composition padding border, input padding 8 px, background margin "
+            "8 px, view fitted to the anatomy (16 px around it)") in out
+    gen = next(e for e in list_weights() if e["name"] == "general2d")      # session 24: its loop from T'+12
+    assert gen["inference"] == dict(cmr["inference"], schedule="paper", loop_extra=12)
+    assert "generates with: paper loop started 12 steps above T', K=2" in out
     assert "background margin 2 px, view the whole image" in out                   # the 3D models
 
 
