@@ -4,8 +4,8 @@ Needs a display with OpenGL; on a headless machine run it under Xvfb:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_explorer.py
 
-Model: the plugin's default bundled 2D model (``napari_drdm.weights.default_weights(2)``, now
-``cmr2d``), or another bundled one with ``--weights NAME``; ``--checkpoint PATH`` uses a checkpoint
+Model: the plugin's default bundled 2D model (``napari_drdm.weights.default_weights(2)``, since
+session 24 ``general2d``), or another bundled one with ``--weights NAME``; ``--checkpoint PATH`` uses a checkpoint
 file instead.  Without ``--checkpoint``, when no bundled 2D model is installed, the reference
 checkpoint ``../shared/reference/upstream_cmr2d.pth`` (S=256) is used if present; otherwise (and
 for a ``--checkpoint`` that does not exist) a randomly initialised tiny model (only to show the
