@@ -75,6 +75,18 @@ def test_generation_runs_and_records_the_longer_loop(tmp_path, tiny_checkpoint, 
         assert json.loads(capsys.readouterr().out)["loop_extra"] == want
     assert main(["weights"]) == 0
     capsys.readouterr()
+    from conftest import labelled_cases
+
+    from napari_drdm.export import load_manifest
+
+    def blob(shape, k):
+        im = np.zeros(shape, np.float32)
+        im[8:22, 7:25] = 50.0 + k
+        return im, (im > 0).astype(np.uint8)
+    src = labelled_cases(tmp_path, blob)
+    assert main(["augment", str(src), str(tmp_path / "aug"), "-n", "1", "--t-prime", "2", "--weights", str(longer),
+                 "--no-progress"]) == 0
+    assert {(r["schedule"], r["loop_extra"]) for r in load_manifest(tmp_path / "aug")["rows"]} == {("paper", 3)}
     assert training_main(["set-inference", "--weights", plain, "--out", str(tmp_path / "x.safetensors"),
                           "--loop-extra", "-2", "--measured", "a test"]) == 2
     assert "--loop-extra: loop_extra must be a whole number of steps from 0 to T = 80, got -2" in capsys.readouterr().err
