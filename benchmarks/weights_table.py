@@ -90,7 +90,7 @@ def run_table(models, eval_dir, kit_dir, t_primes, samples, batch=1, device="cpu
                          "anatomy_fit": resolve_anatomy_fit(anatomy_fit, model.config),
                          "keep_size": resolve_keep_size(keep_size, model.config),
                          "schedule": str(schedule or model.config.schedule),
-                         "loop_extra": model.config.loop_extra if str(schedule or model.config.schedule) == "paper" else 0,
+                         "loop_extra": model.config.loop_extra_for(schedule),
                          "n_images": len(images), "results": res})
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_primes": list(t_primes), "samples": samples,
             "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -33,6 +33,8 @@ def test_config_carries_it_to_the_loop_and_round_trips():
     cfg = DRDMConfig(schedule="paper", loop_extra=12.0)
     assert cfg.loop_extra == 12 and type(cfg.loop_extra) is int
     assert cfg.recover_options()["loop_extra"] == 12
+    assert (cfg.loop_extra_for(), cfg.loop_extra_for("paper"), cfg.loop_extra_for("reference")) == (12, 12, 0)
+    assert DRDMConfig(loop_extra=5).loop_extra_for() == 0         # the model's own loop is the reference one
     assert DRDMConfig.from_dict(json.loads(cfg.to_json())).loop_extra == 12
     assert DRDMConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "loop_extra"}).loop_extra == 0
 

@@ -317,7 +317,7 @@ class DRDM:
             forward_ddf=grid.field_to_original(psi)[0].cpu().numpy(),
             metrics=field_metrics(phi[0], side=self.size), forward_metrics=field_metrics(psi[0], side=self.size),
             t_prime=t_prime, seed=seed, schedule=schedule.value,
-            loop_extra=cfg.loop_extra if schedule is Schedule.PAPER else 0, k=k, compose_padding=padding, input_padding=pad_in,
+            loop_extra=cfg.loop_extra_for(schedule), k=k, compose_padding=padding, input_padding=pad_in,
             background_margin=margin, background_replaced_pct=replaced[0], anatomy_fit=fit,
             view_zoom=views[0].zoom if views else 1.0, keep_size=keep, zoom_removed=removed[0], guard=guard_info)
 

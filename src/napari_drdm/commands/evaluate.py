@@ -224,7 +224,7 @@ def run(args) -> int:
                        keep_size=args.keep_size)
     schedule = args.schedule or model.config.schedule
     out = {"weights": model.name, "weights_sha256": model.sha256, "schedule": schedule,
-           "loop_extra": model.config.loop_extra if schedule == "paper" else 0,
+           "loop_extra": model.config.loop_extra_for(schedule),
            "compose_padding": args.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if input_padding is None else input_padding,
            "background_margin": resolve_background_margin(margin, model.config),

@@ -228,6 +228,11 @@ class DRDMConfig:
             return 2.0
         return float(self.field_scale)
 
+    def loop_extra_for(self, schedule=None) -> int:
+        """The steps above T' the loop ``schedule`` (default: the model's) starts with: the model's
+        ``loop_extra`` for the paper loop, 0 for the reference loop (what a record writes)."""
+        return self.loop_extra if Schedule.parse(self.schedule if schedule is None else schedule) is Schedule.PAPER else 0
+
     def recover_options(self, schedule=None, k=None, compose_padding=None, input_padding=None) -> Dict[str, Any]:
         """The keyword options of :func:`~napari_drdm.core.recovery.recover` for this model.
 

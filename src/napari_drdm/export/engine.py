@@ -67,7 +67,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "source": s.image, "source_sha256": ls.source_sha256, "labels_source": s.labels,
            "labels_source_sha256": ls.labels_source_sha256,
            "schedule": opts.schedule or model.config.schedule,
-           "loop_extra": model.config.loop_extra if (opts.schedule or model.config.schedule) == "paper" else 0,
+           "loop_extra": model.config.loop_extra_for(opts.schedule),
            "k": int(opts.k or model.config.k_recursions),
            "compose_padding": opts.compose_padding or model.config.compose_padding,
            "input_padding": model.config.input_padding if opts.input_padding is None else int(opts.input_padding),
