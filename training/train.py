@@ -104,6 +104,8 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
     teacher = teacher_net(cfg, mcfg, dev, say)
     t_aug, t_batch = (teacher_augment(cfg), int(lcfg.get("teacher_batch", 2))) if teacher is not None else (None, 0)
     t_edge = (int(lcfg.get("teacher_edge_px") or 0), float(lcfg.get("teacher_edge_floor", 0.5)))
+    t_window = (edge_window((mcfg.size,) * mcfg.ndim, *t_edge, device=dev)      # the same for every step
+                if teacher is not None and t_edge[0] else None)
     layout = torch.channels_last_3d if mcfg.ndim == 3 else torch.channels_last
     if env.channels_last:       # before the optimiser: its moments take the parameters' layout
         model = model.to(memory_format=layout)
@@ -225,7 +227,6 @@ def train(cfg: Dict[str, Any], run_dir, resume: bool = False, argv: Optional[Seq
                                                             for p, a in zip(model.parameters(), anchor))
             terms["total"] = terms["total"] + terms["anchor"]
         if teacher is not None:
-            t_window = edge_window(psi_ref.shape[2:], *t_edge, device=psi_ref.device) if t_edge[0] else None
             terms["teacher"] = teacher_term(psi_all[B:], psi_ref, float(lcfg["w_teacher"]), t_window)
             terms["total"] = terms["total"] + terms["teacher"]
         opt.zero_grad(set_to_none=True)

@@ -164,8 +164,8 @@ class ModelChoice:
         src = self.source()[:2]
         new_source = self._defaults_from != src
         self._defaults_from = src
-        loop = (f", its paper loop from T'+{model.config.loop_extra}"
-                if model.config.loop_extra and model.config.schedule == "paper" else "")
+        extra = model.config.loop_extra_for()
+        loop = f", its paper loop from T'+{extra}" if extra else ""
         f.model_info.setText(f"{model.name}: {model.ndim}D, S={model.size}, T={model.config.n_steps}{loop}, "
                              f"on {model.device}")
         self._on_change(model, new_source)
