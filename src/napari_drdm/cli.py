@@ -100,7 +100,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not where Ctrl-C is ignored
             old_int = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        if _STOP["how"] is None:
+            return rc
+        # the signal came, but its exception was swallowed where Python ignores exceptions (a
+        # finaliser, e.g. nibabel's OrderedSet.__del__): report it as if it had propagated
+        raise Terminated() if _STOP["how"] == "terminated" else KeyboardInterrupt()
     except Terminated:
         print(f"drdm {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 143
