@@ -155,7 +155,7 @@ def markdown(record) -> str:
         pad += (", size kept where enlarged" if keep == "inflation" else ", size kept") if keep else ""
         loop = row.get("schedule")
         if loop and loop != "reference":
-            extra = row.get("loop_extra") or row.get("loop_extra_steps")
+            extra = row.get("loop_extra") or row.get("loop_extra_steps")   # the latter: records before session 25
             pad += f", {loop} loop" + (f" from T'+{extra}" if extra else "")
         tag = f"{row['model']} ({row['ndim']}D, S={row['size']}{pad})"
         for r in row["results"]:
