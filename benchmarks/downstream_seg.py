@@ -701,6 +701,36 @@ def paired_tests(runs: list, baseline: str = "elastic") -> list:
     return out
 
 
+def merge_results(results: list, baselines=("elastic",)) -> dict:
+    """Finished runs' records as one: the same datasets and splits (else :class:`BenchError`), their
+    runs together (a (dataset, arm, K, seed) cell in two records is refused), the summary recomputed
+    and each DRDM arm tested against every arm named in ``baselines`` that the records hold."""
+    first = results[0]["config"]
+    for r in results[1:]:
+        for key in ("steps", "batch", "size", "width", "lr", "pool", "t_prime", "p_aug"):
+            if r["config"].get(key) != first.get(key):
+                raise BenchError(f"the records trained with different {key}: {first.get(key)} and {r['config'].get(key)}")
+    merged = {"config": dict(first, n_seeds=max(r["config"].get("n_seeds", 0) for r in results)),
+              "configs": [r["config"] for r in results], "datasets": {}, "runs": [], "skipped": {}}
+    seen = set()
+    for r in results:
+        for name, info in r["datasets"].items():
+            have = merged["datasets"].setdefault(name, info)
+            if have["split"] != info["split"]:
+                raise BenchError(f"{name}: the records were run on different splits")
+        for run_ in r["runs"]:
+            cell = (run_["dataset"], run_["arm"], run_["k"], run_["seed"])
+            if cell in seen:
+                raise BenchError(f"{cell[0]} {cell[1]} K={cell[2]} seed {cell[3]}: in more than one record")
+            seen.add(cell)
+            merged["runs"].append(run_)
+    merged["summary"] = summarise(merged["runs"])
+    arms = {r["arm"] for r in merged["runs"]}
+    merged["paired_tests"] = [t for b in baselines if b in arms for t in paired_tests(merged["runs"], b)
+                              if t["arm"] != b]
+    return merged
+
+
 def _f(ms, scale=100.0, digits=1) -> str:
     m, s = (np.nan if v is None else v for v in ms)
     return "—" if not np.isfinite(m) else f"{m * scale:.{digits}f}±{s * scale:.{digits}f}"
@@ -800,8 +830,12 @@ def parse_args(argv):
     ap.add_argument("--kit", default=str(ROOT / "cache" / "kit"), help="the data kit folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "downstream_seg"))
     ap.add_argument("--work", help="where the exported DRDM pools go (default OUT/pools)")
-    ap.add_argument("--replot", metavar="JSON", help="only print the table of a finished run's JSON and plot it "
-                                                     "into --out (a .png path)")
+    ap.add_argument("--replot", metavar="JSON", nargs="+",
+                    help="only print the table of a finished run's JSON and plot it into --out (a .png path); "
+                         "several JSONs (runs with the same splits, e.g. one model each) are merged, and the "
+                         "merged record is written beside the plot (.json)")
+    ap.add_argument("--baselines", default="elastic",
+                    help="with --replot: comma list of arms each DRDM arm is tested against (default elastic)")
     ap.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -969,10 +1003,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.replot:
-            result = json.loads(Path(args.replot).read_text())
+            records = [json.loads(Path(p).read_text()) for p in args.replot]
+            baselines = [b for b in args.baselines.split(",") if b]
+            result = records[0] if len(records) == 1 and baselines == ["elastic"] else merge_results(records, baselines)
             print(format_table(result))
             plot(result, Path(args.out))
-            print(f"wrote {args.out}")
+            written = [args.out]
+            if len(records) > 1:
+                merged = Path(args.out).with_suffix(".json")
+                merged.write_text(json.dumps(_json_safe(dict(result, merged_from=list(args.replot))), indent=1))
+                written.append(str(merged))
+            print(f"wrote {', '.join(map(str, written))}")
             return 0
         result = run(args)
         if not result["runs"]:

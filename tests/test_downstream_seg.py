@@ -129,3 +129,54 @@ def test_missing_reference_data_is_skipped(tmp_path, capsys):
     res = json.loads((out / "downstream_seg.json").read_text())
     assert rc == 0 and list(res["datasets"]) == ["syn"] and "acdc" in res["skipped"]
     assert "[acdc] skipped" in capsys.readouterr().out
+
+
+def _record(arms, seeds=(0, 1), split=None, steps=200, offset=0.0):
+    """A finished run's record with hand-made scores: arm i scores 0.5 + 0.1 i (+ offset) on every slice."""
+    split = split or {"kind": "index", "train": [0, 1], "test": [3, 4]}
+    runs = []
+    for i, arm in enumerate(arms):
+        for seed in seeds:
+            v = 0.5 + 0.1 * i + offset + 0.01 * seed
+            per_slice = [{"slice": s, "mean_dsc": v + 0.001 * s, "dsc": [v]} for s in split["test"]]
+            metrics = {"per_class": {m: [v] for m in ("dsc", "sensitivity", "precision")},
+                       "mean": {m: v for m in ("dsc", "sensitivity", "precision")}, "per_slice": per_slice}
+            runs.append({"dataset": "syn", "arm": arm, "base_arm": arm.split("[")[0], "k": 2, "seed": seed,
+                         "train_s": 1.0, "metrics": metrics})
+    config = {"steps": steps, "batch": 8, "size": 128, "width": 8, "lr": 0.01, "pool": 6, "t_prime": "45",
+              "p_aug": 0.8, "n_seeds": len(seeds)}
+    return {"config": config, "datasets": {"syn": {"class_names": {"1": "a"}, "split": split}}, "runs": runs}
+
+
+def test_records_of_two_models_merge_into_one_table_with_tests_against_named_arms(tmp_path, capsys):
+    """``--replot A.json B.json --baselines ...``: one table, one plot, the merged record beside it;
+    every DRDM arm tested against each named arm the records hold, never against itself."""
+    a = _record(["none", "elastic", "drdm-export[m1]"])
+    b = _record(["drdm-export[m2]"], offset=0.3)
+    merged = ds.merge_results([a, b], ["elastic", "drdm-export[m1]", "affine"])
+    assert {s["arm"] for s in merged["summary"]} == {"none", "elastic", "drdm-export[m1]", "drdm-export[m2]"}
+    pairs = {(t["arm"], t["baseline"]): t for t in merged["paired_tests"]}
+    assert set(pairs) == {("drdm-export[m1]", "elastic"), ("drdm-export[m2]", "elastic"),
+                          ("drdm-export[m2]", "drdm-export[m1]")}            # no affine arm, no self-test
+    t = pairs[("drdm-export[m2]", "drdm-export[m1]")]
+    assert t["n_pairs"] == 4 and t["wins"] == 4 and t["mean_difference"] == pytest.approx(0.1)
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    out = tmp_path / "m.png"
+    assert ds.main(["--replot", str(pa), str(pb), "--baselines", "elastic,none", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "drdm-export[m2] - none, K=2: mean DSC difference +30.0 points" in text
+    assert out.stat().st_size > 1000
+    assert json.loads(out.with_suffix(".json").read_text())["merged_from"] == [str(pa), str(pb)]
+
+
+@pytest.mark.parametrize("other, msg", [
+    (dict(split={"kind": "index", "train": [0], "test": [3, 4]}), "syn: the records were run on different splits"),
+    (dict(steps=100), "the records trained with different steps: 200 and 100"),
+    (dict(), "syn drdm-export\\[m1\\] K=2 seed 0: in more than one record"),
+])
+def test_records_that_do_not_belong_together_are_refused(other, msg):
+    a = _record(["drdm-export[m1]"])
+    with pytest.raises(ds.BenchError, match=msg):
+        ds.merge_results([a, _record(["drdm-export[m1]"] if not other else ["drdm-export[m2]"], **other)])
