@@ -710,7 +710,7 @@ def merge_results(results: list, baselines=("elastic",)) -> dict:
         for key in ("steps", "batch", "size", "width", "lr", "pool", "t_prime", "p_aug"):
             if r["config"].get(key) != first.get(key):
                 raise BenchError(f"the records trained with different {key}: {first.get(key)} and {r['config'].get(key)}")
-    merged = {"config": dict(first, n_seeds=max(r["config"].get("n_seeds", 0) for r in results)),
+    merged = {"config": dict(first, n_seeds=None),          # per cell in the summary
               "configs": [r["config"] for r in results], "datasets": {}, "runs": [], "skipped": {}}
     seen = set()
     for r in results:
@@ -782,7 +782,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_xlabel("K labelled training slices")
         ax.set_ylabel("mean DSC (%)")
-        ax.set_title(f"{dname} ({result['config']['steps']} steps, {result['config']['n_seeds']} seeds)")
+        seeds = sorted({s["n_seeds"] for s in result["summary"] if s["dataset"] == dname})
+        n_seeds = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        ax.set_title(f"{dname} ({result['config']['steps']} steps, {n_seeds} seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
