@@ -22,10 +22,15 @@ Usage (the session-24 figures, docs/weights.md; 6-14 min per loop on one thread)
 (t = R-1 .. 0), a second pass over the smallest times (session 25, 3D; ``--k`` with no value runs
 no paper loop; 3D validations have no cued copy, shown as "-")::
 
-    python benchmarks/loop_length.py --run runs/general3d --weights-file general3d --k --tail 0 10 20 \
-        --threads 1 --set validation.anatomy_fit=4 --set validation.background_margin=2 \
-        --set "validation.t_primes=[45]" --set "validation.loss_t=[40]" \
+    python benchmarks/loop_length.py --run runs/general3d --weights-file general3d --k --tail 0 10 20 \\
+        --threads 1 --set validation.anatomy_fit=4 --set validation.background_margin=2 \\
+        --set "validation.t_primes=[45]" --set "validation.loss_t=[40]" \\
         --json benchmarks/results/loop_tail_general3d_validation.json
+
+``--step-sigma S ...`` runs the reference loop once per S with every step's estimate smoothed by a
+Gaussian of S pixels before it is composed (session 25; ``--tail`` with no value then runs no plain
+loop): the same command with ``--tail --step-sigma 0.5 1.0 --json
+benchmarks/results/step_sigma_general3d_validation.json``.
 
 With ``--weights-table`` it runs ``benchmarks/weights_table.py`` instead, on the held-out sets, with
 the one ``k`` given and ``--schedule paper`` (everything after ``--`` goes to that script; its
