@@ -4,6 +4,7 @@ input with one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,13 +133,15 @@ def test_missing_reference_data_is_skipped(tmp_path, capsys):
 
 
 def _record(arms, seeds=(0, 1), split=None, steps=200, offset=0.0):
-    """A finished run's record with hand-made scores: arm i scores 0.5 + 0.1 i (+ offset) on every slice."""
+    """A finished run's record with hand-made scores: arm i scores 0.5 + 0.1 i (+ offset) on every
+    slice, give or take a little noise (differences that never vary make the tests' statistics warn)."""
     split = split or {"kind": "index", "train": [0, 1], "test": [3, 4]}
+    rng = np.random.default_rng(len(arms) + int(100 * offset))
     runs = []
     for i, arm in enumerate(arms):
         for seed in seeds:
             v = 0.5 + 0.1 * i + offset + 0.01 * seed
-            per_slice = [{"slice": s, "mean_dsc": v + 0.001 * s, "dsc": [v]} for s in split["test"]]
+            per_slice = [{"slice": s, "mean_dsc": v + rng.normal(0, 0.005), "dsc": [v]} for s in split["test"]]
             metrics = {"per_class": {m: [v] for m in ("dsc", "sensitivity", "precision")},
                        "mean": {m: v for m in ("dsc", "sensitivity", "precision")}, "per_slice": per_slice}
             runs.append({"dataset": "syn", "arm": arm, "base_arm": arm.split("[")[0], "k": 2, "seed": seed,
@@ -159,14 +162,14 @@ def test_records_of_two_models_merge_into_one_table_with_tests_against_named_arm
     assert set(pairs) == {("drdm-export[m1]", "elastic"), ("drdm-export[m2]", "elastic"),
                           ("drdm-export[m2]", "drdm-export[m1]")}            # no affine arm, no self-test
     t = pairs[("drdm-export[m2]", "drdm-export[m1]")]
-    assert t["n_pairs"] == 4 and t["wins"] == 4 and t["mean_difference"] == pytest.approx(0.1)
+    assert t["n_pairs"] == 4 and t["wins"] == 4 and t["mean_difference"] == pytest.approx(0.1, abs=0.02)
     pa, pb = tmp_path / "a.json", tmp_path / "b.json"
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(b))
     out = tmp_path / "m.png"
     assert ds.main(["--replot", str(pa), str(pb), "--baselines", "elastic,none", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "drdm-export[m2] - none, K=2: mean DSC difference +30.0 points" in text
+    assert re.search(r"drdm-export\[m2\] - none, K=2: mean DSC difference \+(29|30|31)\.\d points", text)
     assert out.stat().st_size > 1000
     assert json.loads(out.with_suffix(".json").read_text())["merged_from"] == [str(pa), str(pb)]
 
