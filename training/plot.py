@@ -131,8 +131,10 @@ def plot_run(log_path, out, title: Optional[str] = None, window: int = 10,
         for ax in (a1, a2, a3):
             ax.axvline(at, color="0.45", ls=":", lw=1.0)
         right = at > x[0] + 0.75 * span                  # near the right edge: the label goes left of the line
-        # a label close to the previous one goes below it rather than over it
-        drop = drop + 9 * len(labels[prev]) if prev is not None and at - prev < 0.3 * span else 0
+        # a label close to the previous one goes below it rather than over it (a label drawn to the
+        # left of its line reaches back about twice as far)
+        near = (0.6 if right else 0.3) * span
+        drop = drop + 9 * len(labels[prev]) if prev is not None and at - prev < near else 0
         a1.annotate("\n".join(text), (at, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(-3 if right else 3, -3 - drop), textcoords="offset points", va="top",
                     ha="right" if right else "left", fontsize=7, color="0.3")
