@@ -376,7 +376,8 @@ def intensity(img, rng):
     return torch.stack(out)
 
 
-def _gauss_kernel(sigma: float):
+def gauss_kernel(sigma: float):
+    """A normalised 1D Gaussian of ``sigma`` pixels, radius ceil(3 sigma) (at least 1), float32."""
     import torch
     r = max(1, int(math.ceil(3 * sigma)))
     t = torch.arange(-r, r + 1, dtype=torch.float32)
@@ -395,7 +396,7 @@ def elastic_field(n: int, size: int, rng, sigma_range, magnitude_range):
         mag = rng.uniform(*magnitude_range)
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         u = torch.rand((2, 1, size, size), generator=g) * 2 - 1
-        k = _gauss_kernel(sigma)
+        k = gauss_kernel(sigma)
         r = (len(k) - 1) // 2
         u = F.conv2d(F.pad(u, (r, r, 0, 0), mode="reflect" if r < size else "replicate"), k.view(1, 1, 1, -1))
         u = F.conv2d(F.pad(u, (0, 0, r, r), mode="reflect" if r < size else "replicate"), k.view(1, 1, -1, 1))

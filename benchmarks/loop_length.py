@@ -71,16 +71,13 @@ def lengthened(k: int, tail: int = 0):
 def gaussian_field(u, sigma: float):
     """``u`` (B, d, *spatial) smoothed by a separable Gaussian of ``sigma`` pixels per spatial axis
     (radius ceil(3 sigma), replicate padding: a constant field stays constant, also at the border)."""
-    import math
-
-    import torch
     import torch.nn.functional as F
+
+    from benchmarks.downstream_seg import gauss_kernel
     if sigma <= 0:
         return u
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=u.dtype, device=u.device)
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    w = w / w.sum()
+    w = gauss_kernel(sigma).to(u)
+    r = (len(w) - 1) // 2
     nd = u.dim() - 2
     B, C = u.shape[:2]
     out = u.reshape(B * C, 1, *u.shape[2:])
