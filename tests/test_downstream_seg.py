@@ -174,6 +174,31 @@ def test_records_of_two_models_merge_into_one_table_with_tests_against_named_arm
     assert json.loads(out.with_suffix(".json").read_text())["merged_from"] == [str(pa), str(pb)]
 
 
+def test_seeds_are_the_independent_pairs_of_the_trusted_test(capsys):
+    """Beside the optimistic (seed, slice) pairs, each DRDM arm is tested over seeds: one difference
+    of the pooled mean DSC per seed.  Six positive differences of distinct size: the exact
+    two-sided Wilcoxon p is 2 / 2^6; one negative seed and it is no longer the smallest."""
+    rec = _record(["elastic", "drdm-export[m]"], seeds=range(6))
+    gains = [0.05, 0.03, 0.04, 0.06, 0.01, 0.02]
+    for r in rec["runs"]:
+        if r["arm"] == "elastic":
+            r["metrics"]["mean"]["dsc"] = 0.6
+        else:
+            r["metrics"]["mean"]["dsc"] = 0.6 + gains[r["seed"]]
+    t = ds.paired_tests(rec["runs"])[0]
+    assert t["n_pairs"] == 12 and t["seeds"] == 6 and (t["seed_wins"], t["seed_losses"]) == (6, 0)
+    assert t["seed_mean_difference"] == pytest.approx(np.mean(gains))
+    assert t["seed_wilcoxon_p"] == pytest.approx(2 / 64) and t["seed_t_p"] < 0.01
+    text = ds.format_table({"datasets": rec["datasets"], "summary": ds.summarise(rec["runs"]), "paired_tests": [t]})
+    assert "per seed: +3.5 points over 6 seeds (6 better, 0 worse); Wilcoxon p = 0.0312" in text
+    gains[4] = -0.01
+    for r in rec["runs"]:
+        if r["arm"] != "elastic":
+            r["metrics"]["mean"]["dsc"] = 0.6 + gains[r["seed"]]
+    t = ds.paired_tests(rec["runs"])[0]
+    assert (t["seed_wins"], t["seed_losses"]) == (5, 1) and t["seed_wilcoxon_p"] == pytest.approx(4 / 64)
+
+
 @pytest.mark.parametrize("other, msg", [
     (dict(split={"kind": "index", "train": [0], "test": [3, 4]}), "syn: the records were run on different splits"),
     (dict(steps=100), "the records trained with different steps: 200 and 100"),

@@ -1336,6 +1336,30 @@ def test_validate_command_appends_rows_the_plot_reads(straight_run, tmp_path, ca
     assert "\n" not in err and "optim.lr=1" in err and "validation." in err
 
 
+def test_validate_can_judge_the_weights_with_more_recursions(straight_run, monkeypatch):
+    """``--set model.k_recursions=3``: the same weights, each estimate (reverse steps and loss)
+    made of three single passes instead of two; recorded as an override."""
+    from training.export import validate_run
+    calls = []
+    original = DRDMNet.forward
+
+    def counting(self, x, t, k=2):
+        calls.append(int(k))
+        return original(self, x, t, k)
+    monkeypatch.setattr(DRDMNet, "forward", counting)
+    sets = ["validation.t_primes=[3]", "validation.schedules=[paper]"]
+    rows = {}
+    for k in (2, 3):
+        calls.clear()
+        rows[k] = validate_run(straight_run, None, None, "raw", sets=[*sets, f"model.k_recursions={k}"],
+                               device="cpu", log=lambda m: None)
+        rows[k]["passes"] = sum(calls)
+    assert rows[2]["passes"] > 0 and rows[3]["passes"] * 2 == rows[2]["passes"] * 3
+    assert rows[3]["overrides"][-1] == "model.k_recursions=3"
+    assert rows[2]["val/T3/paper/folding_pct"] >= 0 and rows[3]["val/T3/paper/max_disp_pct"] != \
+        rows[2]["val/T3/paper/max_disp_pct"]
+
+
 def test_select_ranks_checkpoints_on_the_validation(straight_run, tmp_path, capsys):
     """``python -m training select``: each checkpoint validated (its weights, with the --set
     overrides), ranked by one figure, lowest first; bad input is one line, nothing overwritten."""

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change how this validation judges the weights, e.g. validation.schedules=[paper] "
                         "or validation.t_primes=[30,45,70] (keys under validation., model.compose_padding, "
-                        "model.image_interp, model.input_padding); repeatable")
+                        "model.image_interp, model.input_padding, model.k_recursions); repeatable")
     p.set_defaults(func=_cmd_validate)
     from . import select as _select
     p = sub.add_parser("select", help="rank a run's checkpoints on its validation, lowest figure first")

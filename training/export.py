@@ -97,7 +97,8 @@ def validate_checkpoint(ck: Dict[str, Any], device: Optional[str] = None, log=pr
 
 
 #: what ``validate --set`` may change: how the weights are judged, never the weights or their data
-VALIDATE_OVERRIDABLE = ("validation.", "model.compose_padding", "model.image_interp", "model.input_padding")
+VALIDATE_OVERRIDABLE = ("validation.", "model.compose_padding", "model.image_interp", "model.input_padding",
+                        "model.k_recursions")
 
 
 def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str] = None, weights: str = "auto",
@@ -118,8 +119,9 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         device: ``cpu``/``cuda`` (default: CUDA when present).
         sets: ``KEY=VALUE`` overrides of the validation settings for this validation only, e.g.
             ``["validation.schedules=[paper, reference]", "validation.t_primes=[30, 45, 70]"]``;
-            keys under ``validation.``, ``model.compose_padding``, ``model.image_interp`` and
-            ``model.input_padding`` (see :data:`VALIDATE_OVERRIDABLE`).  An appended row records them as ``"overrides"``.
+            keys under ``validation.``, ``model.compose_padding``, ``model.image_interp``,
+            ``model.input_padding`` and ``model.k_recursions`` (inference settings: the weights are the
+            same; see :data:`VALIDATE_OVERRIDABLE`).  An appended row records them as ``"overrides"``.
     """
     import json
 
@@ -135,7 +137,7 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         if "=" not in item or not any(key.startswith(k) if k.endswith(".") else key == k
                                       for k in VALIDATE_OVERRIDABLE):
             raise ValueError(f"--set {item!r}: validate takes KEY=VALUE with KEY under validation., "
-                             "or model.compose_padding / model.image_interp / model.input_padding")
+                             "or model.compose_padding / model.image_interp / model.input_padding / model.k_recursions")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
