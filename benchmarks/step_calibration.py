@@ -20,6 +20,12 @@ few minutes where the held-out tables take an hour.
 
 2D: the unseen slices of ``benchmarks/make_eval_sets.py`` (``--eval-dir``); 3D: the kit's
 held-out volumes (``--kit``).  Generation ``i`` of time t uses seed ``100 t + i``.
+
+``--triplanar NAME ...`` (3D models only) also scores each 2D model's *tri-planar* estimate on the same
+draws: the 2D network run on every slice along each of the three axes (optionally upsampled by
+``--triplanar-upsample``), each 3D component the mean of the two slice directions that contain it.
+It asks whether the 2D networks could teach the 3D one (docs/weights.md, session 26: they cannot,
+as a slice never shows the through-plane part of a step).
 """
 from __future__ import annotations
 
@@ -58,9 +64,37 @@ def _groups(model, eval_dir, kit, per_group):
     return out
 
 
-def calibration(model, images, t: int, input_padding=None, seed0: int = 0):
+def triplanar_estimator(net2d, k: int, padding: int, upsample: int = 1, chunk: int = 64):
+    """A 3D step estimate from a 2D network: ``fn(img (1, 1, S, S, S), t (1,)) -> (1, 3, S, S, S)``
+    as a fraction of the side.  The network runs on the slices along each axis (K recursions,
+    ``padding`` px of mirrored image); the slice's two in-plane components go to their 3D axes, so
+    every component is estimated by two slice directions and averaged."""
+    import torch.nn.functional as F
+
+    from napari_drdm.core.recovery import padded_estimate
+
+    def fn(img, t):
+        x = img[0, 0]
+        S = x.shape[0]
+        acc = torch.zeros((3,) + tuple(x.shape), dtype=img.dtype, device=img.device)
+        for ax in range(3):
+            sl = x.movedim(ax, 0).unsqueeze(1)                      # (S, 1, a, b): slice index first
+            if upsample != 1:
+                sl = F.interpolate(sl, scale_factor=upsample, mode="bilinear", align_corners=True)
+            est = torch.cat([padded_estimate(net2d, sl[i:i + chunk], t.expand(len(sl[i:i + chunk])), k, padding)
+                             for i in range(0, len(sl), chunk)])
+            if upsample != 1:
+                est = F.interpolate(est, size=(S, S), mode="bilinear", align_corners=True)
+            for c, d in enumerate(d for d in range(3) if d != ax):
+                acc[d] += est[:, c].movedim(0, ax)
+        return (acc / 2).unsqueeze(0)
+    return fn
+
+
+def calibration(model, images, t: int, input_padding=None, seed0: int = 0, estimator=None):
     """Slope (all / anatomy / background), mean cosine and size ratio of the model's estimates at
-    time ``t`` on ``images`` (model-grid tensors (1, 1, S...)), one forward draw per image."""
+    time ``t`` on ``images`` (model-grid tensors (1, 1, S...)), one forward draw per image.
+    ``estimator(img_t, t)``, when given, replaces the model's network (the draws stay the model's)."""
     from napari_drdm.core.recovery import padded_estimate
     from napari_drdm.core.spatial import frac_to_px, warp
     cfg = model.config
@@ -73,7 +107,8 @@ def calibration(model, images, t: int, input_padding=None, seed0: int = 0):
         b = fs.step_ddf
         img_t = warp(x0, fs.forward_ddf, "linear", "zeros")
         with torch.inference_mode():
-            est = padded_estimate(model._net, img_t, tt, int(cfg.k_recursions), pad)
+            est = (estimator(img_t, tt) if estimator is not None
+                   else padded_estimate(model._net, img_t, tt, int(cfg.k_recursions), pad))
         a = warp(frac_to_px(est, model.size), b, "linear", "border")
         fg = (img_t[:, 0] > 0.05).double()
         dot, bb = -(a * b).sum(1).double(), (b * b).sum(1).double()
@@ -90,6 +125,20 @@ def calibration(model, images, t: int, input_padding=None, seed0: int = 0):
     return {"t": int(t), "n": len(images), "slope": _div(sums[0], sums[1]), "slope_fg": _div(sums[2], sums[3]),
             "slope_bg": _div(sums[4], sums[5]), "cos": float(np.mean(cosines)),
             "ratio": _div(float(np.mean(sizes_a)), float(np.mean(sizes_b)))}
+
+
+def _triplanar_row(model, name: str, groups: dict, two: str, upsample: int, ts) -> dict:
+    """The 2D model ``two`` scored tri-planar on ``model``'s draws (same images, times and seeds)."""
+    from napari_drdm.model import load_model
+    m2 = load_model(two, device="cpu")
+    if m2.ndim != 2:
+        raise SystemExit(f"--triplanar {two}: expected a 2D model, got a {m2.ndim}D one")
+    fn = triplanar_estimator(m2._net, int(m2.config.k_recursions), int(m2.config.input_padding), upsample)
+    t0 = time.perf_counter()
+    res = {g: [calibration(model, imgs, t, estimator=fn) for t in ts] for g, imgs in groups.items()}
+    print(f"  {two} tri-planar on {name}'s draws: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return {"name": f"{Path(two).stem} tri-planar (x{upsample}) on {name}'s draws", "source": str(two),
+            "sha256": m2.sha256, "ndim": 3, "triplanar_of": name, "upsample": upsample, "groups": res}
 
 
 def table(rec) -> str:
@@ -110,11 +159,17 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=5, help="images per set (or brain source) (default 5)")
     ap.add_argument("--input-padding", type=int, default=None, metavar="PX",
                     help="pixels of mirrored image around the network's input (default: each model's own)")
+    ap.add_argument("--triplanar", nargs="+", default=[], metavar="NAME",
+                    help="for each 3D model, also score these 2D models' tri-planar estimates (bundled names or files)")
+    ap.add_argument("--triplanar-upsample", type=int, default=1, metavar="N",
+                    help="upsample the slices N times for the 2D model (default 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="save the record here")
     a = ap.parse_args(argv)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number, got {a.images}")
+    if a.triplanar_upsample < 1:
+        raise SystemExit(f"--triplanar-upsample: expected a positive number, got {a.triplanar_upsample}")
     models = _models(a.models, a.extra)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -134,6 +189,8 @@ def main(argv=None) -> int:
         rec["models"].append({"name": name, "source": str(src), "sha256": model.sha256, "ndim": model.ndim,
                               "input_padding": model.config.input_padding if a.input_padding is None
                               else a.input_padding, "groups": res})
+        if model.ndim == 3:
+            rec["models"] += [_triplanar_row(model, name, groups, two, a.triplanar_upsample, a.t) for two in a.triplanar]
     save_record(a.json, rec)
     print(table(rec))
     return 0
