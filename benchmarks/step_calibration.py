@@ -127,12 +127,21 @@ def calibration(model, images, t: int, input_padding=None, seed0: int = 0, estim
             "ratio": _div(float(np.mean(sizes_a)), float(np.mean(sizes_b)))}
 
 
-def _triplanar_row(model, name: str, groups: dict, two: str, upsample: int, ts) -> dict:
-    """The 2D model ``two`` scored tri-planar on ``model``'s draws (same images, times and seeds)."""
+def _load_2d(two: str):
+    """A ``--triplanar`` model, loaded before anything is measured; bad input is one line."""
+    from napari_drdm.errors import DRDMError
     from napari_drdm.model import load_model
-    m2 = load_model(two, device="cpu")
+    try:
+        m2 = load_model(two, device="cpu")
+    except (DRDMError, OSError, ValueError) as e:
+        raise SystemExit(f"--triplanar {two}: {e}") from None
     if m2.ndim != 2:
         raise SystemExit(f"--triplanar {two}: expected a 2D model, got a {m2.ndim}D one")
+    return m2
+
+
+def _triplanar_row(model, name: str, groups: dict, two: str, m2, upsample: int, ts) -> dict:
+    """The 2D model ``m2`` (named ``two``) scored tri-planar on ``model``'s draws (same images, times, seeds)."""
     fn = triplanar_estimator(m2._net, int(m2.config.k_recursions), int(m2.config.input_padding), upsample)
     t0 = time.perf_counter()
     res = {g: [calibration(model, imgs, t, estimator=fn) for t in ts] for g, imgs in groups.items()}
@@ -171,6 +180,7 @@ def main(argv=None) -> int:
     if a.triplanar_upsample < 1:
         raise SystemExit(f"--triplanar-upsample: expected a positive number, got {a.triplanar_upsample}")
     models = _models(a.models, a.extra)
+    twos = [(two, _load_2d(two)) for two in a.triplanar]
     if a.threads:
         torch.set_num_threads(a.threads)
     from napari_drdm.model import load_model
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
                               "input_padding": model.config.input_padding if a.input_padding is None
                               else a.input_padding, "groups": res})
         if model.ndim == 3:
-            rec["models"] += [_triplanar_row(model, name, groups, two, a.triplanar_upsample, a.t) for two in a.triplanar]
+            rec["models"] += [_triplanar_row(model, name, groups, two, m2, a.triplanar_upsample, a.t)
+                              for two, m2 in twos]
     save_record(a.json, rec)
     print(table(rec))
     return 0

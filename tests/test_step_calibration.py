@@ -88,5 +88,8 @@ def test_triplanar_rows_score_a_2d_model_on_the_3d_models_draws(tmp_path, tiny_c
     assert "m2 tri-planar (x1) on m3's draws | ct | 3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected a 2D model"):
         sc.main(["--models", "--extra", f"m3={m3}", "--kit", str(kit), "--t", "3", "--images", "1", "--triplanar", m3])
+    with pytest.raises(SystemExit, match="--triplanar no_such_model: ") as e:
+        sc.main(["--models", "--extra", f"m3={m3}", "--kit", str(kit), "--triplanar", "no_such_model"])
+    assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="--triplanar-upsample: expected a positive number"):
         sc.main(["--models", "--extra", f"m3={m3}", "--triplanar", m2, "--triplanar-upsample", "0"])
