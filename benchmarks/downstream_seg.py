@@ -723,7 +723,8 @@ def _seed_test(by_seed: dict, base: dict) -> dict:
            "seed_wilcoxon_p": 1.0, "seed_t_p": 1.0}
     if len(d) >= 2 and np.any(d != 0):
         res["seed_wilcoxon_p"] = float(stats.wilcoxon(d).pvalue)
-        res["seed_t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue) if np.std(d) > 0 else 0.0
+        # the same difference in every seed leaves no t statistic: reported as nan, not as 0
+        res["seed_t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue) if np.std(d) > 0 else float("nan")
     return res
 
 
