@@ -81,8 +81,8 @@ def triplanar_estimator(net2d, k: int, padding: int, upsample: int = 1, chunk: i
             sl = x.movedim(ax, 0).unsqueeze(1)                      # (S, 1, a, b): slice index first
             if upsample != 1:
                 sl = F.interpolate(sl, scale_factor=upsample, mode="bilinear", align_corners=True)
-            est = torch.cat([padded_estimate(net2d, sl[i:i + chunk], t.expand(len(sl[i:i + chunk])), k, padding)
-                             for i in range(0, len(sl), chunk)])
+            est = torch.cat([padded_estimate(net2d, part, t.expand(len(part)), k, padding)
+                             for part in sl.split(chunk)])
             if upsample != 1:
                 est = F.interpolate(est, size=(S, S), mode="bilinear", align_corners=True)
             for c, d in enumerate(d for d in range(3) if d != ax):

@@ -137,7 +137,7 @@ def validate_run(run_dir, source: Optional[str] = None, checkpoint: Optional[str
         if "=" not in item or not any(key.startswith(k) if k.endswith(".") else key == k
                                       for k in VALIDATE_OVERRIDABLE):
             raise ValueError(f"--set {item!r}: validate takes KEY=VALUE with KEY under validation., "
-                             "or model.compose_padding / model.image_interp / model.input_padding / model.k_recursions")
+                             f"or {' / '.join(k for k in VALIDATE_OVERRIDABLE if not k.endswith('.'))}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
