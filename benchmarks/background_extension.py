@@ -30,6 +30,7 @@ for p in (ROOT, ROOT / "src"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 from benchmarks.weights_table import SETS_2D, SETS_3D, _models, _sources, add_source_args, save_record  # noqa: E402
 
 KEYS = ("folding_pct", "anatomy_folding_pct", "max_disp_pct", "fg_out_of_view_pct")
@@ -110,7 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--margin", type=int, default=8, help="pixels kept around the anatomy (default 8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="save every generation's figures here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     if a.samples < 1:
         raise SystemExit(f"--samples must be at least 1, got {a.samples}")
     if a.margin < 0:

@@ -50,6 +50,7 @@ for p in (ROOT, ROOT / "src", ROOT / "benchmarks"):
 
 from weights_table import SETS_2D, _models  # noqa: E402
 
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 from training.classic_augment import coarse_resample  # noqa: E402
 
 
@@ -209,7 +210,9 @@ def main(argv=None) -> int:
                     help="these images of each set instead of the first --images")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every figure here")
+    add_force_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args.force, args.json)
     if not 0.0 < args.shrink < 1.0:
         raise SystemExit(f"--shrink must lie in (0, 1), got {args.shrink}")
     if args.magnify <= 1.0:

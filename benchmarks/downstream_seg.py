@@ -95,8 +95,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+for _p in (ROOT / "src", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 
 DEFAULT_REFERENCE = Path(os.environ.get("DRDM_REFERENCE_DIR", str(ROOT.parent / "shared" / "reference")))
 ALL_ARMS = ("none", "affine", "elastic", "drdm-export", "drdm-otf", "drdm-export+affine")
@@ -870,7 +873,13 @@ def parse_args(argv):
     ap.add_argument("--baselines", default="elastic",
                     help="with --replot: comma list of arms each DRDM arm is tested against (default elastic)")
     ap.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    add_force_arg(ap)
     args = ap.parse_args(argv)
+    if args.replot:
+        plot_out = Path(args.out)
+        check_outputs(ap, args.force, plot_out, plot_out.with_suffix(".json") if len(args.replot) > 1 else None)
+    else:
+        check_outputs(ap, args.force, *(Path(args.out) / f"downstream_seg.{ext}" for ext in ("json", "txt", "png")))
     base = QUICK if args.quick else FULL
     for k, v in base.items():
         if getattr(args, k) is None:

@@ -30,6 +30,10 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 
 
 def _wait(app, cond, timeout, what):
@@ -152,7 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--export", type=int, default=0, help="also time N outputs of the export dock and drdm augment")
     ap.add_argument("--export-t-prime", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the results here")
+    add_force_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args.force, args.json)
 
     import napari
     import torch

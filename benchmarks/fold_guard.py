@@ -31,6 +31,9 @@ import torch
 from napari_drdm import load_model
 from napari_drdm.fold_report import compare_guard, guard_rows, summarise_rows
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 SETS_2D = ("cardiac", "brain", "ct")
 VOLUMES_3D = ("itk_kmeans_head/itk_kmeans_t1.nii.gz", "brainbrowser_head/brainbrowser_structural1.nii.gz",
               "lung1/lung1_ct.nii.gz")
@@ -178,7 +181,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="--frames: interleaved off/on runs")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
                     help="instead: print the README table of these result files")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    if not a.table:
+        check_outputs(ap, a.force, a.json)
     if a.table:
         print(table(a.table))
         return 0

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 
 def locate(phi: np.ndarray, image: np.ndarray, band: int) -> dict:
     """The location figures of one recovered field ``phi`` (d, *S) in pixels on ``image``'s grid."""
@@ -71,7 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--band", type=int, default=8, help="border band and foreground distance, in pixels")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every row here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     torch.set_num_threads(a.threads)
     from napari_drdm.commands.evaluate import collect_images
     from napari_drdm.model import load_model

@@ -24,6 +24,9 @@ from napari_drdm.core.config import DRDMConfig
 from napari_drdm.core.forward import ForwardSampler
 from napari_drdm.core.metrics import field_metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 
 def measure(ndim, size, scale, t_primes, seeds):
     cfg = DRDMConfig.default(ndim, size=size, field_scale=scale)
@@ -48,7 +51,9 @@ def main(argv=None):
     ap.add_argument("--t-prime", type=int, nargs="+", default=[30, 45, 70])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--json", default=None)
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     torch.set_grad_enabled(False)
     rec = {"t_primes": a.t_prime, "seeds": a.seeds, "rows": []}
     print("| dim, S | field_scale | T' | max disp % | mean disp % | folding % |\n| --- | --- | --- | --- | --- | --- |")

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
 from weights_table import SETS_2D, SETS_3D, _models, add_source_args, save_record  # noqa: E402
+
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 
 
 def _middle(a: np.ndarray, nd: int) -> np.ndarray:
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="the PNG (one per model: the model's name is appended)")
     ap.add_argument("--json", default=None, help="save every panel's figures here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
     if a.per_row < 1:
         raise SystemExit(f"--per-row must be at least 1, got {a.per_row}")
@@ -152,6 +156,7 @@ def main(argv=None) -> int:
     from napari_drdm.model import load_model
 
     models = _models(a.models, a.extra)
+    check_outputs(ap, a.force, a.json, *(_out_path(a.out, name, len(models) > 1) for name, _ in models))
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "t_prime": a.t_prime, "generations": a.generations,
               "command": " ".join(["python"] + sys.argv), "models": []}
     for name, src in models:

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 
 def _split(data, split: str, picks):
     key = f"{split}_images"
@@ -94,7 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t-prime", type=int, default=45)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="save the record here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     if not Path(a.prepared).is_file():
         raise SystemExit(f"--prepared: {a.prepared} not found (run `python -m training prepare --config ...`)")
     if a.samples < 1:

@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from training.data import dataset  # noqa: E402
 from training.evaluate_hook import Validator  # noqa: E402
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
                     help="also recovered folding at these T'")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config)
     mcfg = model_config(cfg)

@@ -51,6 +51,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import napari_drdm.core.recovery as recovery  # noqa: E402
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 from napari_drdm.core.config import Schedule, T  # noqa: E402
 
 _AS_SHIPPED = recovery.reverse_timesteps
@@ -222,7 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="draw maximum displacement against folding here (PNG)")
     ap.add_argument("--weights-table", action="store_true",
                     help="run benchmarks/weights_table.py (the arguments after --) with the one k given")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    if not a.weights_table:
+        check_outputs(ap, a.force, a.json, a.plot)
     if a.weights_table:
         if len(a.k) != 1 or a.k[0] < 0:
             ap.error(f"--weights-table takes one --k >= 0, got {a.k}")

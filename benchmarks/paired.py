@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 DEFAULT_FIGURES = ("max_disp_pct", "folding_pct", "fg_out_of_view_pct", "anatomy_max_disp_pct")
 
 Key = Tuple[str, int]
@@ -141,7 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-t-prime", type=int, default=None,
                     help="the T' drawn (needed only when the records pair at several)")
     ap.add_argument("--target", type=float, default=None, help="a target line on the plot")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.plot)
     base = _load(a.base)
     others = [_load(p) for p in a.others]
     if not generations(base):

@@ -51,6 +51,9 @@ from napari_drdm.core import environment  # noqa: E402
 from napari_drdm.core.metrics import field_metrics  # noqa: E402
 from napari_drdm.core.spatial import warp  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 T_PRIME = 45
 METRICS = ("max_disp_pct", "mean_disp_pct", "folding_pct")
 
@@ -224,7 +227,9 @@ def main(argv=None):
                     help="folder with upstream_cmr2d.pth and acdc_slices256.npz (adds a cardiac case; "
                          "default: $NAPARI_DRDM_REFERENCE_DIR or ../shared/reference when present; '' to skip)")
     ap.add_argument("--json", default=None, metavar="PATH")
+    add_force_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args.force, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731

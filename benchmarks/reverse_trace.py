@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 SETS = {"brain": "unseen2d_brain.npz", "ct": "unseen2d_ct.npz", "cardiac": "unseen2d_cardiac.npz"}
 
 
@@ -133,7 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=8, help="print every N-th step (default 8; the JSON has all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="save the record here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     for opt, v in (("--samples", a.samples), ("--band", a.band), ("--every", a.every)):
         if v < 1:
             raise SystemExit(f"{opt}: expected a positive number, got {v}")

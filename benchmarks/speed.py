@@ -61,6 +61,9 @@ from napari_drdm.core.forward import ForwardSampler  # noqa: E402
 from napari_drdm.core.network import DRDMNet  # noqa: E402
 from napari_drdm.core.recovery import recover, reverse_timesteps  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 T_PRIME = 45
 DEFAULT_SIZES = "2d128,2d256,3d64,3d128"
 
@@ -655,7 +658,10 @@ def main(argv=None):
                          "its activations on every pass and looks 10-20 %% slower")
     ap.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the peak-memory subprocess")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    add_force_arg(ap)
     args = ap.parse_args(argv)
+    if not args._probe:
+        check_outputs(ap, args.force, args.json)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
 from benchmarks.weights_table import SETS_2D, SETS_3D, _models, _sources, add_source_args, save_record  # noqa: E402
 
 
@@ -174,7 +175,9 @@ def main(argv=None) -> int:
                     help="upsample the slices N times for the 2D model (default 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="save the record here")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    check_outputs(ap, a.force, a.json)
     if a.images < 1:
         raise SystemExit(f"--images: expected a positive number, got {a.images}")
     if a.triplanar_upsample < 1:

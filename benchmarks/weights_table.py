@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks._outputs import add_force_arg, check_outputs  # noqa: E402
+
 SETS_2D = {"brain": "unseen2d_brain.npz", "ct": "unseen2d_ct.npz", "cardiac": "unseen2d_cardiac.npz"}
 SETS_3D = {"brain": "itk_kmeans_head/itk_kmeans_t1.nii.gz", "ct": "lung1/lung1_ct.nii.gz"}
 
@@ -203,7 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="save the record here")
     ap.add_argument("--from-json", default=None, help="print the tables of a saved record and exit")
+    add_force_arg(ap)
     a = ap.parse_args(argv)
+    if not a.from_json:
+        check_outputs(ap, a.force, a.json)
     if a.from_json:
         rec = json.loads(Path(a.from_json).read_text())
         split = by_source(rec, _sources(a.eval_dir))

@@ -85,8 +85,14 @@ def test_background_extension_benchmark_reports_before_and_after(tmp_path, tiny_
     for rel in be.SETS_3D.values():
         (tmp_path / "kit" / rel).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "kit" / rel))
-    assert be.main(["--models", "--extra", f"t3={ck3}", "--kit", str(tmp_path / "kit"), "--samples", "1",
-                    "--t-prime", "1", "--margin", "1", "--json", str(out)]) == 0
+    argv3 = ["--models", "--extra", f"t3={ck3}", "--kit", str(tmp_path / "kit"), "--samples", "1",
+             "--t-prime", "1", "--margin", "1", "--json", str(out)]
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as e:                  # the 2D record is not overwritten without --force
+        be.main(argv3)
+    assert e.value.code == 2 and out.read_bytes() == before
+    assert f"{out} already exists" in capsys.readouterr().err
+    assert be.main(argv3 + ["--force"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["set"] for r in rows] == ["brain", "ct"] and all(0 < r["replaced_pct"] < 100 for r in rows)
     for bad in (["--samples", "0"], ["--margin", "-1"]):

@@ -209,7 +209,7 @@ def test_dark_frame_benchmark_reframes_and_reports_each_framing(tmp_path, tiny_c
     assert printed.count("| tiny | ct |") == 4
     assert df.main(["--models", "--extra", f"tiny={tiny_ckpt2d}", "--eval-dir", str(tmp_path), "--sets", "ct",
                     "--indices", "2", "0", "--t-prime", "2", "--coarsen", "2", "3", "--cut", "0.8", "--combined",
-                    "--only", "as is", "coarsened", "cut", "combined", "--json", str(out)]) == 0
+                    "--only", "as is", "coarsened", "cut", "combined", "--json", str(out), "--force"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["framing"] for r in rows] == ["as is", "coarsened 2 x 3", "cut at 0.8 of the anatomy",
                                             "combined: cut 0.8, coarsened 2 x 3, shrunk 0.7"]
@@ -248,7 +248,7 @@ def test_generalisation_gap_benchmark_scores_both_splits_and_names_bad_input(tmp
     printed = capsys.readouterr().out
     assert "| train | 2 |" in printed and "| val | 2 |" in printed
     assert gg.main(["--weights", str(tiny_ckpt2d), "--prepared", str(prep), "--splits", "val", "--val-images", "1",
-                    "--samples", "1", "--t-prime", "3", "--input-padding", "4", "--json", str(out)]) == 0
+                    "--samples", "1", "--t-prime", "3", "--input-padding", "4", "--json", str(out), "--force"]) == 0
     rec = json.loads(out.read_text())
     assert list(rec["splits"]) == ["val"] and rec["splits"]["val"]["indices"] == [1] and rec["input_padding"] == 4
     np.savez(tmp_path / "wrong.npz", train_images=np.zeros((2, 16, 16), np.uint8),
