@@ -331,6 +331,40 @@ def test_compose_padding_is_used_recorded_and_reproduced(tmp_path, folder2d, ckp
         _opts(compose_padding="reflection").validate()
 
 
+def test_rows_record_their_environment_and_a_differing_reproduction_names_it(tmp_path, folder2d, ckpts, capsys):
+    """Every row records the torch version and the CPU kernels' instruction set beside the device and
+    threads; when a reproduction differs, --reproduce names what differs from the row's environment."""
+    import json
+
+    import torch
+    out = tmp_path / "out"
+    assert main(["augment", str(folder2d), str(out), "-n", "1", "--t-prime", "2", "--schedule", "paper",
+                 "--weights", ckpts["2d"], "--batch", "1", "--no-progress"]) == 0
+    m = load_manifest(out)
+    row = m["rows"][0]
+    assert row["torch"] == torch.__version__ and row["device"] == "cpu"
+    assert row["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    header = (out / "manifest.csv").read_text().splitlines()[0].split(",")
+    assert header.index("threads") < header.index("torch") < header.index("cpu_capability") < header.index("batch_id")
+    res = reproduce_row(out / "manifest.json", row["row_id"], tmp_path / "same")
+    assert all(res["identical"].values()) and res["environment"] == {}
+    # a manifest written elsewhere: another instruction set, and an image that came out different there
+    mj = json.loads((out / "manifest.json").read_text())
+    mj["rows"][0].update(cpu_capability="ELSEWHERE", image_sha256="0" * 64)
+    (out / "manifest.json").write_text(json.dumps(mj))
+    capsys.readouterr()
+    assert main(["augment", "--reproduce", str(out / "manifest.json"), row["row_id"], str(tmp_path / "other")]) == 1
+    printed = capsys.readouterr().out
+    assert "image:" in printed and "DIFFERS" in printed
+    assert f"written with cpu_capability ELSEWHERE; reproduced with cpu_capability {row['cpu_capability']}" in printed
+    # rows written before the keys were recorded are silent on them
+    from napari_drdm.export.environment import environment_differences, run_environment
+    now = run_environment("cpu")
+    assert environment_differences({"device": "cpu", "threads": now["threads"]}, now) == {}
+    assert environment_differences({"threads": now["threads"] + 1, "torch": None}, now) == {
+        "threads": (now["threads"] + 1, now["threads"])}
+
+
 def test_bad_inputs_are_reported_and_skipped(tmp_path, folder2d, ckpts, capsys):
     (folder2d / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     img, _ = _phantom((40, 36))

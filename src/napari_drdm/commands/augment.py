@@ -132,6 +132,10 @@ def run_mode(args, opts_kw: dict) -> int:
         res = reproduce_row(manifest, row_id, out, device=args.device, overwrite=args.overwrite)
         for k, p in res["paths"].items():
             print(f"  {k}: {p}  {'identical' if res['identical'][k] else 'DIFFERS from the manifest'}")
+        if not all(res["identical"].values()) and res["environment"]:
+            print("  written with " + ", ".join(f"{k} {was}" for k, (was, _) in res["environment"].items())
+                  + "; reproduced with " + ", ".join(f"{k} {now}" for k, (_, now) in res["environment"].items())
+                  + ": float rounding differs between these, and the reverse loop amplifies it")
         return 0 if all(res["identical"].values()) else 1
     if args.merge:
         if len(args.paths) != 1:

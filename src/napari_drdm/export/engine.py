@@ -31,6 +31,7 @@ from ..output_lock import OutputLock
 from ..paths import check_output_dir, shown
 from .compute import compute_batch
 from .discovery import ArrayInput, Sample, discover, fingerprint, path_sha256
+from .environment import run_environment
 from .jobspec import Job, make_jobs
 from .manifest import Journal, journal_rows, kept_records, write_manifest
 from .options import ExportOptions, check_model_options, fit_used, margin_used, size_kept
@@ -56,8 +57,6 @@ class ExportEvent:
 
 def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOptions, overwrite: bool) -> dict:
     """Write one output's files (atomically) and return its manifest row."""
-    import torch
-
     from ..checkpoint import file_sha256
     from ..io import write_nifti
     from ..outputs import write_ddf
@@ -75,7 +74,7 @@ def write_row(out: Path, ls: LoadedSample, job: Job, o: dict, opts: ExportOption
            "keep_size": size_kept(model, opts),
            "label_interp": opts.label_interp, "fold_guard": bool(opts.fold_guard), "model": model.name,
            "model_sha256": model.sha256,
-           "model_size": model.size, "device": str(model.device), "threads": torch.get_num_threads()}
+           "model_size": model.size, **run_environment(model.device)}
     if opts.mode == "pairs":
         row.update(t_prime_aug=job.key[0], t_prime_syn=job.key[1], seed_aug=job.seeds[0], seed_syn=job.seeds[1])
         row.update({f"aug_{k}": v for k, v in o["aug_metrics"].items()})

@@ -112,7 +112,7 @@ def verify_row(out_dir, row: dict) -> bool:
 _FIRST = ["row_id", "name", "index", "source", "source_sha256", "labels_source", "labels_source_sha256",
           "mode", "seed", "t_prime", "seed_aug", "t_prime_aug", "seed_syn", "t_prime_syn", "schedule", "loop_extra",
           "compose_padding", "input_padding", "background_margin", "anatomy_fit", "keep_size", "k", "label_interp", "model",
-          "model_sha256", "model_size", "device", "threads", "batch_id",
+          "model_sha256", "model_size", "device", "threads", "torch", "cpu_capability", "batch_id",
           "batch_index", "batch_size", "max_disp_pct", "mean_disp_pct", "folding_pct", "min_jacobian"]
 
 

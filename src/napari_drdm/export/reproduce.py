@@ -10,6 +10,7 @@ from ..paths import check_output_dir
 from .compute import compute_batch
 from .discovery import Sample
 from .engine import write_row
+from .environment import environment_differences, run_environment
 from .jobspec import Job
 from .manifest import load_manifest
 from .options import ExportOptions
@@ -98,4 +99,5 @@ def _reproduce_locked(m, manifest, row, row_id, keys, out_dir, model, device, ov
     job.paths = {k: row[k] for k in keys}
     new = write_row(Path(out_dir), ls, job, o, opts, overwrite=overwrite)
     return {"row_id": row_id, "paths": {k: str(Path(out_dir) / row[k]) for k in keys},
-            "identical": {k: new[f"{k}_sha256"] == row[f"{k}_sha256"] for k in keys}}
+            "identical": {k: new[f"{k}_sha256"] == row[f"{k}_sha256"] for k in keys},
+            "environment": environment_differences(row, run_environment(ls.model.device))}
