@@ -163,7 +163,7 @@ def environment(device, args):
         "cpu_count": os.cpu_count(),
         "cpu_model": autotune.cpu_model(),
         "openmp_wait": napari_drdm.OPENMP_WAIT,
-        "cpu_capability": _cpu_capability(),
+        "cpu_capability": native_kernels.cpu_capability() or None,
         "onednn": _onednn_version(),
         "mkldnn_fusion_available": mkldnn_fusion_available(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -177,13 +177,6 @@ def environment(device, args):
                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return env
-
-
-def _cpu_capability():
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - old torch
-        return None
 
 
 def _onednn_version():

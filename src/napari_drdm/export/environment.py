@@ -16,8 +16,10 @@ def run_environment(device) -> Dict[str, object]:
     """The environment of a computation on ``device``: its name, torch's thread count, the torch
     version and, on a CPU, the instruction set its kernels use (``AVX512``, ``AVX2``, ``DEFAULT``...)."""
     import torch
+
+    from ..core.native_build import cpu_capability
     dev = str(device)
-    cap = torch.backends.cpu.get_cpu_capability() if torch.device(dev).type == "cpu" else None
+    cap = (cpu_capability() or None) if torch.device(dev).type == "cpu" else None
     return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_capability": cap}
 
 
